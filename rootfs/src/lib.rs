@@ -1,1 +1,20 @@
-//! Filled by issue 2.
+//! Bulkhead's build side: provisioning (QEMU and the Debian cloud kernel), initramfs
+//! images (newc cpio), kernel module closures, and running images under QEMU.
+
+pub mod cpio;
+pub mod image;
+pub mod kernel;
+pub mod modules;
+pub mod provision;
+pub mod qemu;
+
+use std::path::PathBuf;
+
+/// The workspace this crate was built in (images are built from it).
+pub fn workspace_dir() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(PathBuf::from).unwrap_or(here)
+}
+
+/// The kernel command line every Bulkhead host boots with under QEMU.
+pub const HOST_CMDLINE: &str = "console=ttyS0 panic=-1 quiet intel_iommu=on printk.devkmsg=on";

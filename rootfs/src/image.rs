@@ -1,0 +1,246 @@
+//! The host initramfs: our static init as `/init`, our binaries in `/bin`, `dev/console`,
+//! the kernel modules the system needs (with their dependency closure and a depmod-format
+//! `modules.dep`), and the system's configuration and policy files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::cpio::{Archive, ArchiveError};
+use crate::kernel::Kernel;
+use crate::modules::{self, ModuleError, ModuleIndex};
+
+/// The target our image binaries are built for (static, see `.cargo/config.toml`).
+pub const IMAGE_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The cargo profile for image binaries.
+pub const IMAGE_PROFILE: &str = "image";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    System { path: PathBuf, reason: String },
+    #[error("building image binaries failed: {0}")]
+    Cargo(String),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Module(#[from] ModuleError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the image builder needs to know about a system directory
+/// (`system.toml` + `policy.d/`), read without interpreting the rest: init owns the schema.
+#[derive(Debug, Clone)]
+pub struct SystemDir {
+    pub dir: PathBuf,
+    pub system_toml: String,
+    /// Kernel modules the host loads at boot (`[host] modules`).
+    pub modules: Vec<String>,
+    /// Workspace binaries the services run from `/bin/` (besides init itself).
+    pub binaries: Vec<String>,
+    /// `policy.d/*` files: (name, contents).
+    pub policy_files: Vec<(String, Vec<u8>)>,
+}
+
+impl SystemDir {
+    pub fn load(dir: &Path) -> Result<Self, ImageError> {
+        let path = dir.join("system.toml");
+        let system_toml = std::fs::read_to_string(&path).map_err(io(&path))?;
+        let value: toml::Table =
+            system_toml
+                .parse()
+                .map_err(|e: toml::de::Error| ImageError::System {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+        let bad = |reason: &str| ImageError::System {
+            path: path.clone(),
+            reason: reason.to_string(),
+        };
+        let mut modules = Vec::new();
+        if let Some(list) = value.get("host").and_then(|h| h.get("modules")) {
+            for m in list
+                .as_array()
+                .ok_or_else(|| bad("host.modules must be a list"))?
+            {
+                modules.push(
+                    m.as_str()
+                        .ok_or_else(|| bad("host.modules entries must be strings"))?
+                        .to_string(),
+                );
+            }
+        }
+        let mut binaries = Vec::new();
+        let services = value.get("service").and_then(|s| s.as_array());
+        for svc in services.into_iter().flatten() {
+            let exec0 = svc
+                .get("exec")
+                .and_then(|e| e.as_array())
+                .and_then(|e| e.first())
+                .and_then(|e| e.as_str());
+            if let Some(bin) = exec0.and_then(|e| e.strip_prefix("/bin/")) {
+                if bin != "bulkhead-init" && !binaries.iter().any(|b| b == bin) {
+                    binaries.push(bin.to_string());
+                }
+            }
+        }
+        let mut policy_files = Vec::new();
+        let pdir = dir.join("policy.d");
+        if pdir.is_dir() {
+            let mut names: Vec<PathBuf> = std::fs::read_dir(&pdir)
+                .map_err(io(&pdir))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            names.sort();
+            for p in names {
+                let data = std::fs::read(&p).map_err(io(&p))?;
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                policy_files.push((name, data));
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            system_toml,
+            modules,
+            binaries,
+            policy_files,
+        })
+    }
+}
+
+/// Builds the named workspace binaries statically and returns their paths.
+pub fn build_binaries(
+    workspace: &Path,
+    bins: &[String],
+) -> Result<Vec<(String, PathBuf)>, ImageError> {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace)
+        .args([
+            "build",
+            "--profile",
+            IMAGE_PROFILE,
+            "--target",
+            IMAGE_TARGET,
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    for b in bins {
+        cmd.args(["--bin", b]);
+    }
+    log::info!("building static binaries: {}", bins.join(" "));
+    let status = cmd.status().map_err(|e| ImageError::Cargo(e.to_string()))?;
+    if !status.success() {
+        return Err(ImageError::Cargo(format!("cargo exited with {status}")));
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let out = target_dir.join(IMAGE_TARGET).join(IMAGE_PROFILE);
+    Ok(bins.iter().map(|b| (b.clone(), out.join(b))).collect())
+}
+
+/// Everything that goes into a host image.
+#[derive(Debug, Clone)]
+pub struct HostImage<'a> {
+    pub kernel: &'a Kernel,
+    pub system: &'a SystemDir,
+    /// (name, path) of every binary; `bulkhead-init` becomes `/init`.
+    pub binaries: Vec<(String, PathBuf)>,
+    /// Extra files (image path, mode, contents), e.g. guest images for VMs.
+    pub extra_files: Vec<(String, u32, Vec<u8>)>,
+}
+
+impl HostImage<'_> {
+    /// Assembles the archive.
+    pub fn archive(&self) -> Result<Archive, ImageError> {
+        let mut a = Archive::new();
+        for d in ["proc", "sys", "dev", "run", "tmp", "mnt", "var/log"] {
+            a.dir(d, 0o755)?;
+        }
+        a.dir("tmp", 0o1777)?;
+        a.char_dev("dev/console", 0o600, 5, 1)?;
+        a.char_dev("dev/null", 0o666, 1, 3)?;
+        for (name, path) in &self.binaries {
+            if name == "bulkhead-init" {
+                a.file_from("init", 0o755, path)?;
+                a.symlink("bin/bulkhead-init", "/init")?;
+            } else {
+                a.file_from(&format!("bin/{name}"), 0o755, path)?;
+            }
+        }
+        a.file(
+            "etc/bulkhead/system.toml",
+            0o644,
+            self.system.system_toml.clone().into_bytes(),
+        )?;
+        a.dir("etc/bulkhead/policy.d", 0o755)?;
+        for (name, data) in &self.system.policy_files {
+            a.file(
+                &format!("etc/bulkhead/policy.d/{name}"),
+                0o644,
+                data.clone(),
+            )?;
+        }
+        let index = ModuleIndex::scan(&self.kernel.modules_dir)?;
+        let chosen = index.closure(&self.system.modules)?;
+        let base = format!("lib/modules/{}", self.kernel.abi);
+        for m in &chosen {
+            a.file_from(
+                &format!("{base}/{}", m.rel_path),
+                0o644,
+                &self.kernel.modules_dir.join(&m.rel_path),
+            )?;
+        }
+        a.file(
+            &format!("{base}/modules.dep"),
+            0o644,
+            modules::modules_dep(&chosen).into_bytes(),
+        )?;
+        a.file(
+            &format!("{base}/modules.softdep"),
+            0o644,
+            modules::modules_softdep(&chosen).into_bytes(),
+        )?;
+        let builtin = self.kernel.modules_dir.join("modules.builtin");
+        if builtin.exists() {
+            a.file_from(&format!("{base}/modules.builtin"), 0o644, &builtin)?;
+        }
+        for (path, mode, data) in &self.extra_files {
+            a.file(path, *mode, data.clone())?;
+        }
+        Ok(a)
+    }
+
+    /// Writes the gzip'd newc image to `out`.
+    pub fn write(&self, out: &Path) -> Result<(), ImageError> {
+        let archive = self.archive()?;
+        if let Some(parent) = out.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        let tmp = out.with_extension("tmp");
+        let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let f = archive.write_gz(std::io::BufWriter::new(f))?;
+        f.into_inner()
+            .map_err(|e| ImageError::Io {
+                path: tmp.clone(),
+                source: e.into_error(),
+            })?
+            .sync_all()
+            .map_err(io(&tmp))?;
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+        Ok(())
+    }
+}

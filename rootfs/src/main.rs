@@ -1,0 +1,179 @@
+//! `bulkhead-rootfs`: provision a machine, build a host image, boot it under QEMU.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bulkhead_rootfs::image::{build_binaries, HostImage, SystemDir};
+use bulkhead_rootfs::kernel::{Cache, Kernel};
+use bulkhead_rootfs::qemu::{Machine, Outcome, QemuConfig};
+use bulkhead_rootfs::{provision, workspace_dir, HOST_CMDLINE};
+use clap::{Parser, Subcommand};
+
+/// Exit statuses of `boot`.
+mod status {
+    pub const POWERED_OFF: u8 = 0;
+    pub const ERROR: u8 = 1;
+    pub const KERNEL_PANIC: u8 = 2;
+    pub const REBOOTED: u8 = 3;
+    pub const TIMEOUT: u8 = 4;
+    pub const QEMU_DIED: u8 = 5;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "bulkhead-rootfs",
+    about = "Provision a machine, build Bulkhead host images, and boot them under QEMU",
+    after_help = "`boot` exit statuses: 0 the host powered off cleanly; 1 error; 2 kernel panic; \
+                  3 the host rebooted; 4 timeout; 5 QEMU ended otherwise."
+)]
+struct Cli {
+    /// Cache for kernels (default $BULKHEAD_CACHE, $XDG_CACHE_HOME/bulkhead or ~/.cache/bulkhead).
+    #[arg(long, global = true)]
+    cache: Option<PathBuf>,
+    /// The Cargo workspace to build binaries from.
+    #[arg(long, global = true)]
+    workspace: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install QEMU from Debian's packages (as root) and download the current Debian cloud
+    /// kernel and its modules into the cache. Idempotent.
+    Provision,
+    /// Build the host initramfs for a system directory (system.toml + policy.d/).
+    Build {
+        /// The system directory.
+        #[arg(long, default_value_os_t = default_system())]
+        system: PathBuf,
+        /// Output file (default target/bulkhead/<system>/host.cpio.gz).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Build a system's host image and boot it under QEMU (TCG, q35, intel-iommu, edu);
+    /// the console is shown; exits 0 only if the host powered off cleanly.
+    Boot {
+        /// The system directory.
+        #[arg(long, default_value_os_t = default_system())]
+        system: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Extra kernel command line arguments (e.g. `bulkhead.loglevel=debug`).
+        #[arg(long, default_value = "")]
+        append: String,
+    },
+}
+
+fn default_system() -> PathBuf {
+    workspace_dir().join("rootfs/examples/demo")
+}
+
+fn system_name(system: &std::path::Path) -> String {
+    system
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "system".into())
+}
+
+fn build(
+    cache: &Cache,
+    workspace: &std::path::Path,
+    system: &std::path::Path,
+    out: Option<PathBuf>,
+) -> Result<(Kernel, PathBuf), String> {
+    let kernel = Kernel::current(cache).map_err(|e| e.to_string())?;
+    let sys = SystemDir::load(system).map_err(|e| e.to_string())?;
+    let mut bins = vec!["bulkhead-init".to_string()];
+    bins.extend(sys.binaries.iter().cloned());
+    let binaries = build_binaries(workspace, &bins).map_err(|e| e.to_string())?;
+    let out = out.unwrap_or_else(|| {
+        workspace
+            .join("target/bulkhead")
+            .join(system_name(system))
+            .join("host.cpio.gz")
+    });
+    HostImage {
+        kernel: &kernel,
+        system: &sys,
+        binaries,
+        extra_files: Vec::new(),
+    }
+    .write(&out)
+    .map_err(|e| e.to_string())?;
+    eprintln!(
+        "bulkhead-rootfs: wrote {} (kernel {})",
+        out.display(),
+        kernel.abi
+    );
+    Ok((kernel, out))
+}
+
+fn run(cli: Cli) -> Result<u8, String> {
+    let cache = cli
+        .cache
+        .map(Cache::new)
+        .unwrap_or_else(Cache::default_location);
+    let workspace = cli.workspace.unwrap_or_else(workspace_dir);
+    match cli.command {
+        Cmd::Provision => {
+            let k = provision::provision(&cache).map_err(|e| e.to_string())?;
+            eprintln!(
+                "bulkhead-rootfs: ready: kernel {} at {}",
+                k.abi,
+                k.vmlinuz.display()
+            );
+            Ok(0)
+        }
+        Cmd::Build { system, out } => build(&cache, &workspace, &system, out).map(|_| 0),
+        Cmd::Boot {
+            system,
+            timeout,
+            append,
+        } => {
+            let (kernel, image) = build(&cache, &workspace, &system, None)?;
+            let cmdline = format!("{HOST_CMDLINE} {append}");
+            let cfg = QemuConfig::host(&kernel.vmlinuz, &image, cmdline.trim());
+            eprintln!("bulkhead-rootfs: {}", cfg.command_line());
+            let mut m = Machine::spawn(&cfg, true).map_err(|e| e.to_string())?;
+            let outcome = m.wait_end(Duration::from_secs(timeout));
+            Ok(match outcome {
+                Ok(Outcome::PowerOff) => {
+                    eprintln!("bulkhead-rootfs: the host powered off cleanly");
+                    status::POWERED_OFF
+                }
+                Ok(Outcome::Reboot) => {
+                    eprintln!("bulkhead-rootfs: the host rebooted (QEMU runs with -no-reboot)");
+                    status::REBOOTED
+                }
+                Ok(Outcome::Panic(line)) => {
+                    eprintln!("bulkhead-rootfs: kernel panic: {line}");
+                    status::KERNEL_PANIC
+                }
+                Ok(Outcome::Other(code)) => {
+                    eprintln!(
+                        "bulkhead-rootfs: QEMU ended without a clean power-off (status {code:?})"
+                    );
+                    status::QEMU_DIED
+                }
+                Err(e) => {
+                    eprintln!("bulkhead-rootfs: {e}");
+                    status::TIMEOUT
+                }
+            })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse()) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("bulkhead-rootfs: error: {e}");
+            ExitCode::from(status::ERROR)
+        }
+    }
+}
