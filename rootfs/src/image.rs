@@ -122,11 +122,19 @@ impl SystemDir {
     }
 }
 
+/// Where image binaries are built: a target directory of their own, so the static
+/// RUSTFLAGS never invalidate ordinary builds and a build started from inside `cargo test`
+/// does not wait on the outer cargo's lock.
+pub fn image_target_dir(workspace: &Path) -> PathBuf {
+    workspace.join("target/image")
+}
+
 /// Builds the named workspace binaries statically and returns their paths.
 pub fn build_binaries(
     workspace: &Path,
     bins: &[String],
 ) -> Result<Vec<(String, PathBuf)>, ImageError> {
+    let target_dir = image_target_dir(workspace);
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace)
         .args([
@@ -136,6 +144,7 @@ pub fn build_binaries(
             "--target",
             IMAGE_TARGET,
         ])
+        .env("CARGO_TARGET_DIR", &target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static");
     for b in bins {
         cmd.args(["--bin", b]);
@@ -145,9 +154,6 @@ pub fn build_binaries(
     if !status.success() {
         return Err(ImageError::Cargo(format!("cargo exited with {status}")));
     }
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
     let out = target_dir.join(IMAGE_TARGET).join(IMAGE_PROFILE);
     Ok(bins.iter().map(|b| (b.clone(), out.join(b))).collect())
 }

@@ -1,0 +1,45 @@
+//! `bulkhead-rootfs boot` as a user runs it: the exit status says how the host ended.
+//! Each test boots the Debian cloud kernel under QEMU (needs `bulkhead-rootfs provision`).
+
+use std::process::Command;
+
+fn rootfs() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bulkhead-rootfs"))
+}
+
+fn system(name: &str) -> String {
+    format!("{}/../tests/systems/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn boot_exits_0_after_a_clean_power_off() {
+    let out = rootfs()
+        .args(["boot", "--system", &system("supervise"), "--timeout", "300"])
+        .output()
+        .expect("run bulkhead-rootfs");
+    let console = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{console}\nstderr:\n{err}");
+    assert!(console.contains("bulkhead-init: ready"), "init's progress is shown:\n{console}");
+    assert!(console.contains("reboot: Power down"));
+}
+
+#[test]
+fn boot_exits_2_on_a_kernel_panic() {
+    // No init at that path: the kernel panics ("No working init found").
+    let out = rootfs()
+        .args([
+            "boot",
+            "--system",
+            &system("supervise"),
+            "--timeout",
+            "300",
+            "--append",
+            "rdinit=/does-not-exist init=/does-not-exist",
+        ])
+        .output()
+        .expect("run bulkhead-rootfs");
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "console:\n{console}");
+    assert!(console.contains("Kernel panic"));
+}

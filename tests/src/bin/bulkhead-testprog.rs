@@ -1,0 +1,130 @@
+//! A small program the end-to-end tests run as a service inside a booted host. It prints
+//! what it sees on stdout (init relays it to the console as `<service>: <line>`), and can
+//! misbehave on purpose: crash, or ignore SIGTERM.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .and_then(|s| s.parse::<f64>().ok())
+        .map(|s| (s * 1000.0) as u64)
+        .unwrap_or(0)
+}
+
+fn say(msg: &str) {
+    println!("testprog: {msg}");
+}
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: bulkhead-testprog crash [CODE] | ignore-term | sleep SECS | exit CODE | \
+         check-kvm | check-vfio BDF | run-after MS PROGRAM [ARGS...]"
+    );
+    ExitCode::from(2)
+}
+
+fn check_kvm() -> ExitCode {
+    use std::os::fd::AsRawFd;
+    let f = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(f) => f,
+        Err(e) => {
+            say(&format!("/dev/kvm missing: {e}"));
+            return ExitCode::from(1);
+        }
+    };
+    // KVM_GET_API_VERSION = _IO(0xAE, 0x00)
+    // SAFETY: the fd is open for the call's duration; this ioctl takes no argument.
+    let v = unsafe { libc::ioctl(f.as_raw_fd(), 0xAE00, 0) };
+    if v < 0 {
+        say(&format!("/dev/kvm ioctl failed: {}", std::io::Error::last_os_error()));
+        return ExitCode::from(1);
+    }
+    say(&format!("/dev/kvm api {v}"));
+    ExitCode::SUCCESS
+}
+
+fn check_vfio(bdf: &str) -> ExitCode {
+    let dev = format!("/sys/bus/pci/devices/{bdf}");
+    let link = |name: &str| {
+        std::fs::read_link(format!("{dev}/{name}"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "none".into())
+    };
+    let (driver, group) = (link("driver"), link("iommu_group"));
+    let node = format!("/dev/vfio/{group}");
+    let present = std::path::Path::new(&node).exists();
+    say(&format!(
+        "{bdf} driver={driver} group={group} {node} {}",
+        if present { "present" } else { "absent" }
+    ));
+    if driver == "vfio-pci" && present {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(mode) = args.first() else {
+        return usage();
+    };
+    match mode.as_str() {
+        "crash" => {
+            let code = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(1u8);
+            say(&format!("start uptime_ms={}", uptime_ms()));
+            ExitCode::from(code)
+        }
+        "ignore-term" => {
+            // SAFETY: SIG_IGN is a valid disposition; no handler code runs.
+            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            say("ignoring SIGTERM");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        "sleep" => {
+            let secs = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(3600u64);
+            say("sleeping");
+            std::thread::sleep(Duration::from_secs(secs));
+            ExitCode::SUCCESS
+        }
+        "exit" => {
+            let code = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(0u8);
+            say(&format!("exiting with {code}"));
+            ExitCode::from(code)
+        }
+        "check-kvm" => check_kvm(),
+        "check-vfio" => match args.get(1) {
+            Some(bdf) => check_vfio(bdf),
+            None => usage(),
+        },
+        "run-after" => {
+            let (Some(ms), Some(prog)) = (args.get(1).and_then(|m| m.parse().ok()), args.get(2))
+            else {
+                return usage();
+            };
+            std::thread::sleep(Duration::from_millis(ms));
+            say(&format!("running {prog}"));
+            match std::process::Command::new(prog).args(&args[3..]).status() {
+                Ok(s) => {
+                    say(&format!("{prog} ended: {s}"));
+                    if s.success() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    say(&format!("{prog} failed to start: {e}"));
+                    ExitCode::from(1)
+                }
+            }
+        }
+        _ => usage(),
+    }
+}
