@@ -41,8 +41,8 @@ fn root_disk_function() -> Option<(Bdf, String)> {
     let real = fs::canonicalize(Path::new("/sys/dev/block").join(&dev)).ok()?;
     let bdf = real
         .components()
-        .filter_map(|c| c.as_os_str().to_str()?.parse::<Bdf>().ok())
-        .last()?;
+        .rev()
+        .find_map(|c| c.as_os_str().to_str()?.parse::<Bdf>().ok())?;
     Some((bdf, dev))
 }
 
