@@ -50,6 +50,16 @@ pub struct SystemDir {
     pub binaries: Vec<String>,
     /// `policy.d/*` files: (name, contents).
     pub policy_files: Vec<(String, Vec<u8>)>,
+    /// Guest systems (`guests/<name>/`), each shipped as
+    /// `/var/lib/bulkhead/guests/<name>.cpio.gz` next to the kernel at `GUEST_KERNEL`.
+    pub guests: Vec<(String, SystemDir)>,
+}
+
+/// Where a host image carries the kernel its VMs boot.
+pub const GUEST_KERNEL: &str = "var/lib/bulkhead/vmlinuz";
+/// Where a host image carries guest image `<name>`.
+pub fn guest_image_path(name: &str) -> String {
+    format!("var/lib/bulkhead/guests/{name}.cpio.gz")
 }
 
 impl SystemDir {
@@ -80,17 +90,17 @@ impl SystemDir {
                 );
             }
         }
+        // Every `/bin/<name>` a service runs (as the program or as an argument, e.g. a
+        // wrapper) is one of our binaries.
         let mut binaries = Vec::new();
         let services = value.get("service").and_then(|s| s.as_array());
         for svc in services.into_iter().flatten() {
-            let exec0 = svc
-                .get("exec")
-                .and_then(|e| e.as_array())
-                .and_then(|e| e.first())
-                .and_then(|e| e.as_str());
-            if let Some(bin) = exec0.and_then(|e| e.strip_prefix("/bin/")) {
-                if bin != "bulkhead-init" && !binaries.iter().any(|b| b == bin) {
-                    binaries.push(bin.to_string());
+            let args = svc.get("exec").and_then(|e| e.as_array());
+            for arg in args.into_iter().flatten().filter_map(|a| a.as_str()) {
+                if let Some(bin) = arg.strip_prefix("/bin/") {
+                    if bin != "bulkhead-init" && !binaries.iter().any(|b| b == bin) {
+                        binaries.push(bin.to_string());
+                    }
                 }
             }
         }
@@ -112,13 +122,55 @@ impl SystemDir {
                 policy_files.push((name, data));
             }
         }
+        // Guest systems: `guests/<name>/` holds a system of the same shape, booted by
+        // bulkhead-vmm inside this host; its image is built and shipped in ours.
+        let mut guests = Vec::new();
+        let gdir = dir.join("guests");
+        if gdir.is_dir() {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir(&gdir)
+                .map_err(io(&gdir))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("system.toml").is_file())
+                .collect();
+            dirs.sort();
+            for d in dirs {
+                let name = d
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let g = SystemDir::load(&d)?;
+                if !g.guests.is_empty() {
+                    return Err(ImageError::System {
+                        path: d,
+                        reason: "guests cannot have guests of their own".into(),
+                    });
+                }
+                guests.push((name, g));
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             system_toml,
             modules,
             binaries,
             policy_files,
+            guests,
         })
+    }
+
+    /// Every workspace binary this system and its guests need, init first.
+    pub fn all_binaries(&self) -> Vec<String> {
+        let mut all = vec!["bulkhead-init".to_string()];
+        for b in self
+            .binaries
+            .iter()
+            .chain(self.guests.iter().flat_map(|(_, g)| g.binaries.iter()))
+        {
+            if !all.contains(b) {
+                all.push(b.clone());
+            }
+        }
+        all
     }
 }
 
@@ -180,6 +232,9 @@ impl HostImage<'_> {
         a.char_dev("dev/console", 0o600, 5, 1)?;
         a.char_dev("dev/null", 0o666, 1, 3)?;
         for (name, path) in &self.binaries {
+            if name != "bulkhead-init" && !self.system.binaries.contains(name) {
+                continue; // a guest's binary only
+            }
             if name == "bulkhead-init" {
                 a.file_from("init", 0o755, path)?;
                 a.symlink("bin/bulkhead-init", "/init")?;
@@ -223,6 +278,20 @@ impl HostImage<'_> {
         let builtin = self.kernel.modules_dir.join("modules.builtin");
         if builtin.exists() {
             a.file_from(&format!("{base}/modules.builtin"), 0o644, &builtin)?;
+        }
+        if !self.system.guests.is_empty() {
+            a.file_from(GUEST_KERNEL, 0o644, &self.kernel.vmlinuz)?;
+        }
+        for (name, guest) in &self.system.guests {
+            let img = HostImage {
+                kernel: self.kernel,
+                system: guest,
+                binaries: self.binaries.clone(),
+                extra_files: Vec::new(),
+            }
+            .archive()?
+            .write_gz(Vec::new())?;
+            a.file(&guest_image_path(name), 0o644, img)?;
         }
         for (path, mode, data) in &self.extra_files {
             a.file(path, *mode, data.clone())?;

@@ -86,8 +86,7 @@ fn build(
 ) -> Result<(Kernel, PathBuf), String> {
     let kernel = Kernel::current(cache).map_err(|e| e.to_string())?;
     let sys = SystemDir::load(system).map_err(|e| e.to_string())?;
-    let mut bins = vec!["bulkhead-init".to_string()];
-    bins.extend(sys.binaries.iter().cloned());
+    let bins = sys.all_binaries();
     let binaries = build_binaries(workspace, &bins).map_err(|e| e.to_string())?;
     let out = out.unwrap_or_else(|| {
         workspace

@@ -19,8 +19,15 @@ fn boot_exits_0_after_a_clean_power_off() {
         .expect("run bulkhead-rootfs");
     let console = String::from_utf8_lossy(&out.stdout);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{console}\nstderr:\n{err}");
-    assert!(console.contains("bulkhead-init: ready"), "init's progress is shown:\n{console}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{console}\nstderr:\n{err}"
+    );
+    assert!(
+        console.contains("bulkhead-init: ready"),
+        "init's progress is shown:\n{console}"
+    );
     assert!(console.contains("reboot: Power down"));
 }
 

@@ -40,8 +40,7 @@ pub fn image(name: &str) -> PathBuf {
     }
     let kernel = kernel();
     let sys = SystemDir::load(&systems_dir().join(name)).unwrap_or_else(|e| panic!("{e}"));
-    let mut bins = vec!["bulkhead-init".to_string()];
-    bins.extend(sys.binaries.iter().cloned());
+    let bins = sys.all_binaries();
     let binaries = build_binaries(&workspace_dir(), &bins).unwrap_or_else(|e| panic!("{e}"));
     let out = workspace_dir()
         .join("target/bulkhead-tests")
@@ -85,6 +84,8 @@ impl Drop for TempDir {
 pub struct BootOptions {
     /// Extra kernel command line.
     pub append: String,
+    /// A raw disk image given to the host as a virtio-blk disk (its `/dev/vda`).
+    pub disk: Option<PathBuf>,
 }
 
 impl Host {
@@ -97,16 +98,19 @@ impl Host {
         let image = image(system);
         let kernel = kernel();
         let guard = boot_lock();
-        let dir = std::env::temp_dir().join(format!(
-            "bulkhead-test-{}-{}",
-            std::process::id(),
-            system
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("bulkhead-test-{}-{}", std::process::id(), system));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let append = format!("{HOST_CMDLINE} {}", opts.append);
         let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, append.trim());
         cfg.qmp = Some(dir.join("qmp.sock"));
+        if let Some(disk) = &opts.disk {
+            cfg.extra.extend([
+                "-drive".to_string(),
+                format!("file={},format=raw,if=virtio", disk.display()),
+            ]);
+        }
         let echo = std::env::var_os("BULKHEAD_TEST_ECHO").is_some();
         let machine = Machine::spawn(&cfg, echo).unwrap_or_else(|e| panic!("{e}"));
         Host {
@@ -137,7 +141,12 @@ impl Host {
             .machine
             .wait_end(BOOT_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(got, want, "the machine ended differently\n{}", self.machine.context());
+        assert_eq!(
+            got,
+            want,
+            "the machine ended differently\n{}",
+            self.machine.context()
+        );
     }
 
     /// Every console line seen so far.
@@ -165,7 +174,12 @@ impl Host {
 
 /// The `uptime_ms=<n>` value `bulkhead-testprog crash` prints.
 pub fn uptime_ms(line: &str) -> Option<u64> {
-    line.split("uptime_ms=").nth(1)?.split_whitespace().next()?.parse().ok()
+    line.split("uptime_ms=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A path inside the workspace, for test fixtures.

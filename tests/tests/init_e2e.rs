@@ -49,10 +49,19 @@ fn crashing_service_is_restarted_with_growing_delays_then_given_up() {
     assert_eq!(delays, ["300 ms", "600 ms", "1200 ms"], "announced backoff");
     // Measured inside the guest: each gap is at least its delay and the gaps grow.
     let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
-    assert!(gaps[0] >= 300 && gaps[1] >= 600 && gaps[2] >= 1200, "gaps {gaps:?}");
-    assert!(gaps[0] < gaps[1] && gaps[1] < gaps[2], "gaps must grow: {gaps:?}");
+    assert!(
+        gaps[0] >= 300 && gaps[1] >= 600 && gaps[2] >= 1200,
+        "gaps {gaps:?}"
+    );
+    assert!(
+        gaps[0] < gaps[1] && gaps[1] < gaps[2],
+        "gaps must grow: {gaps:?}"
+    );
     assert_eq!(
-        h.lines().iter().filter(|l| l.contains("crashy: testprog: start")).count(),
+        h.lines()
+            .iter()
+            .filter(|l| l.contains("crashy: testprog: start"))
+            .count(),
         4,
         "no start after the burst limit"
     );
@@ -98,6 +107,7 @@ fn init_panic_powers_off_instead_of_a_kernel_panic() {
         "idle",
         BootOptions {
             append: "bulkhead.test_panic=1".into(),
+            ..Default::default()
         },
     );
     h.expect("bulkhead-init: panic:");

@@ -21,14 +21,18 @@ fn say(msg: &str) {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: bulkhead-testprog crash [CODE] | ignore-term | sleep SECS | exit CODE | \
-         check-kvm | check-vfio BDF | run-after MS PROGRAM [ARGS...]"
+         check-kvm | check-vfio BDF | vm-check | run-after MS PROGRAM [ARGS...]"
     );
     ExitCode::from(2)
 }
 
 fn check_kvm() -> ExitCode {
     use std::os::fd::AsRawFd;
-    let f = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(f) => f,
         Err(e) => {
             say(&format!("/dev/kvm missing: {e}"));
@@ -39,11 +43,62 @@ fn check_kvm() -> ExitCode {
     // SAFETY: the fd is open for the call's duration; this ioctl takes no argument.
     let v = unsafe { libc::ioctl(f.as_raw_fd(), 0xAE00, 0) };
     if v < 0 {
-        say(&format!("/dev/kvm ioctl failed: {}", std::io::Error::last_os_error()));
+        say(&format!(
+            "/dev/kvm ioctl failed: {}",
+            std::io::Error::last_os_error()
+        ));
         return ExitCode::from(1);
     }
     say(&format!("/dev/kvm api {v}"));
     ExitCode::SUCCESS
+}
+
+/// Inside a VM: how many CPUs, bytes from the virtio-rng, and a marker written to the
+/// virtio-blk disk (`/dev/vda`) that the outside reads back after the VM has ended.
+fn vm_check() -> ExitCode {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    say(&format!("cpus online {}", cpus.trim()));
+    let mut rng = [0u8; 16];
+    match std::fs::File::open("/dev/hwrng").and_then(|mut f| f.read_exact(&mut rng)) {
+        Ok(()) => say(&format!("hwrng {}", hex(&rng))),
+        Err(e) => {
+            say(&format!("hwrng failed: {e}"));
+            return ExitCode::from(1);
+        }
+    }
+    let marker = format!("BULKHEAD-DISK-MARKER {}\n", hex(&rng));
+    let written = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vda")
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(0))?;
+            f.write_all(marker.as_bytes())?;
+            f.sync_all()?;
+            let mut back = vec![0u8; marker.len()];
+            f.seek(SeekFrom::Start(0))?;
+            f.read_exact(&mut back)?;
+            Ok(back == marker.as_bytes())
+        });
+    match written {
+        Ok(true) => {
+            say(&format!("disk marker written {}", hex(&rng)));
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            say("disk read back differs");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            say(&format!("disk failed: {e}"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn check_vfio(bdf: &str) -> ExitCode {
@@ -99,6 +154,7 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
         "check-kvm" => check_kvm(),
+        "vm-check" => vm_check(),
         "check-vfio" => match args.get(1) {
             Some(bdf) => check_vfio(bdf),
             None => usage(),
