@@ -52,8 +52,8 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Build a system's host image and boot it under QEMU (TCG, q35, intel-iommu, edu);
-    /// the console is shown; exits 0 only if the host powered off cleanly.
+    /// Provision if needed, build a system's host image and boot it under QEMU (TCG, q35,
+    /// intel-iommu, edu); the console is shown; exits 0 only if the host powered off cleanly.
     Boot {
         /// The system directory.
         #[arg(long, default_value_os_t = default_system())]
@@ -132,6 +132,8 @@ fn run(cli: Cli) -> Result<u8, String> {
             timeout,
             append,
         } => {
+            // Install what is missing (QEMU, the kernel); quick when all is there.
+            provision::provision(&cache).map_err(|e| e.to_string())?;
             let (kernel, image) = build(&cache, &workspace, &system, None)?;
             let cmdline = format!("{HOST_CMDLINE} {append}");
             let cfg = QemuConfig::host(&kernel.vmlinuz, &image, cmdline.trim());
