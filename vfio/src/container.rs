@@ -1,113 +1,304 @@
-//! The VFIO container: one IOMMU address space that a VMM's devices share.
+//! The VFIO container and the groups attached to it: one IOMMU address space that a
+//! VMM's passed-through devices share.
 //!
-//! A thin owner of vfio-ioctls' [`VfioContainer`]. The VMM opens one container, opens
-//! its passed-through devices into it ([`crate::Device::open`], which attaches each
-//! device's group and, with the first group, selects the type1 IOMMU), and then maps
-//! all guest memory for DMA with IOVA = guest-physical address, as cloud-hypervisor
-//! does. Mapping pins the memory: see [`check_memlock`].
+//! Order of use, as in cloud-hypervisor: open (or adopt) the container, attach each
+//! device's group (the first attach selects the type1 IOMMU), open the devices, then
+//! map all guest memory with IOVA = guest-physical address.
 //!
-//! vfio-ioctls 0.10 opens `/dev/vfio/vfio` and `/dev/vfio/<group>` by those fixed
-//! paths; it has no way to adopt descriptors opened elsewhere in the legacy
-//! container/group mode. A VMM in a jail therefore needs those two nodes in its own
-//! `/dev/vfio` (made by init like `/dev/kvm`), not passed fds.
+//! Both forms are supported: opening `<dev>/vfio/vfio` and `<dev>/vfio/<group>`
+//! by path, or adopting descriptors that init opened and passed to the VMM
+//! ([`Container::from_fd`], [`Container::adopt_group`]), so that the VMM needs no
+//! path on the host. A group's character device can be open only once at a time:
+//! a second opener gets EBUSY, reported as [`VfioError::DeviceInUse`].
 
-use std::sync::Arc;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
-use vfio_ioctls::{VfioContainer, VfioDeviceFd, VfioOps};
-use vm_memory::GuestMemoryBackend;
+use vfio_bindings::bindings::vfio::{
+    VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION, VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE,
+};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+use crate::bdf::Bdf;
+use crate::device::Device;
 use crate::error::{Result, VfioError};
+use crate::group::group_viable;
+use crate::ioctls;
+use crate::sysfs::SysfsRoot;
 
-/// An open VFIO container (`/dev/vfio/vfio`).
+/// An attached IOMMU group.
+struct Group {
+    id: u32,
+    file: File,
+}
+
+/// An open VFIO container with its attached groups. Dropping it closes the groups,
+/// which detaches them (devices still open keep their group alive in the kernel).
 pub struct Container {
-    inner: Arc<VfioContainer>,
+    file: File,
+    groups: Vec<Group>,
+}
+
+fn ioctl_err(op: &'static str) -> impl FnOnce(io::Error) -> VfioError {
+    move |source| VfioError::Ioctl { op, source }
 }
 
 impl Container {
-    /// Opens `/dev/vfio/vfio` and checks the API version and type1v2 IOMMU support.
-    ///
-    /// `kvm_vfio` is KVM's VFIO pseudo-device (`VmFd::create_device` with
-    /// `KVM_DEV_TYPE_VFIO`, wrapped by [`VfioDeviceFd::new_from_kvm`]). With it, every
-    /// group attached to this container is also registered with KVM, which KVM uses
-    /// to handle non-coherent DMA correctly; `None` skips that.
-    pub fn open(kvm_vfio: Option<Arc<VfioDeviceFd>>) -> Result<Self> {
-        let inner = VfioContainer::new(kvm_vfio).map_err(|source| VfioError::Ioctl {
-            op: "opening the container /dev/vfio/vfio",
-            source,
-        })?;
+    /// Opens `<dev>/vfio/vfio` (see [`SysfsRoot::with_dev_root`]).
+    pub fn open(root: &SysfsRoot) -> Result<Self> {
+        let path = root.vfio_container_node();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| VfioError::io(&path, e))?;
+        Self::from_file(file)
+    }
+
+    /// Adopts an open `/dev/vfio/vfio` descriptor (passed by init).
+    pub fn from_fd(fd: OwnedFd) -> Result<Self> {
+        Self::from_file(File::from(fd))
+    }
+
+    fn from_file(file: File) -> Result<Self> {
+        let version = ioctls::get_api_version(&file).map_err(ioctl_err("VFIO_GET_API_VERSION"))?;
+        if version != VFIO_API_VERSION as i32 {
+            return Err(VfioError::Ioctl {
+                op: "VFIO_GET_API_VERSION",
+                source: io::Error::other(format!(
+                    "kernel VFIO API version {version}, expected {VFIO_API_VERSION}"
+                )),
+            });
+        }
+        let type1v2 = ioctls::check_extension(&file, VFIO_TYPE1v2_IOMMU)
+            .map_err(ioctl_err("VFIO_CHECK_EXTENSION"))?;
+        if !type1v2 {
+            return Err(VfioError::Ioctl {
+                op: "VFIO_CHECK_EXTENSION",
+                source: io::Error::other(
+                    "the kernel lacks the type1v2 IOMMU backend (load vfio_iommu_type1)",
+                ),
+            });
+        }
         Ok(Container {
-            inner: Arc::new(inner),
+            file,
+            groups: Vec::new(),
+        })
+    }
+
+    /// Opens `<dev>/vfio/<group>` and attaches it. EBUSY (another process holds the
+    /// group) is [`VfioError::DeviceInUse`]; a group that is not viable is
+    /// [`VfioError::GroupNotViable`] naming the members on host drivers.
+    pub fn open_group(&mut self, root: &SysfsRoot, group: u32) -> Result<()> {
+        if self.groups.iter().any(|g| g.id == group) {
+            return Ok(());
+        }
+        let path = root.vfio_group_node(group);
+        let file = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(VfioError::DeviceInUse {
+                    what: path.display().to_string(),
+                    detail: format!("another process (a VMM) holds IOMMU group {group}"),
+                })
+            }
+            Err(e) => return Err(VfioError::io(&path, e)),
+        };
+        match self.attach(group, file) {
+            Err(VfioError::GroupNotViable { .. }) => {
+                // Name the offending members if sysfs can tell.
+                group_viable(root, group)?;
+                Err(VfioError::GroupNotViable {
+                    group,
+                    members: Vec::new(),
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// Adopts an open `/dev/vfio/<group>` descriptor (passed by init) and attaches
+    /// it. The group must not be attached to a container yet.
+    pub fn adopt_group(&mut self, group: u32, fd: OwnedFd) -> Result<()> {
+        if self.groups.iter().any(|g| g.id == group) {
+            return Err(VfioError::DeviceInUse {
+                what: format!("IOMMU group {group}"),
+                detail: "this container already holds it".to_string(),
+            });
+        }
+        self.attach(group, File::from(fd))
+    }
+
+    fn attach(&mut self, id: u32, file: File) -> Result<()> {
+        let flags = ioctls::group_status(&file).map_err(ioctl_err("VFIO_GROUP_GET_STATUS"))?;
+        if flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
+            return Err(VfioError::GroupNotViable {
+                group: id,
+                members: Vec::new(),
+            });
+        }
+        if flags & VFIO_GROUP_FLAGS_CONTAINER_SET != 0 {
+            return Err(VfioError::DeviceInUse {
+                what: format!("IOMMU group {id}"),
+                detail: "it is already attached to a container".to_string(),
+            });
+        }
+        ioctls::group_set_container(&file, self.file.as_raw_fd())
+            .map_err(ioctl_err("VFIO_GROUP_SET_CONTAINER"))?;
+        if self.groups.is_empty() {
+            // The IOMMU model is chosen once, after the first group is attached.
+            // On failure `file` is dropped, which detaches the group again.
+            ioctls::set_iommu(&self.file, VFIO_TYPE1v2_IOMMU).map_err(|source| {
+                VfioError::Ioctl {
+                    op: "VFIO_SET_IOMMU (type1v2; EPERM here usually means no interrupt \
+                         remapping: see docs/vfio.md)",
+                    source,
+                }
+            })?;
+        }
+        log::debug!("attached IOMMU group {id} to the container");
+        self.groups.push(Group { id, file });
+        Ok(())
+    }
+
+    /// The attached groups and their descriptors. A VMM registers each with KVM's
+    /// VFIO pseudo-device (`KVM_DEV_VFIO_GROUP_ADD`) so KVM can handle
+    /// non-coherent DMA.
+    pub fn groups(&self) -> Vec<(u32, BorrowedFd<'_>)> {
+        self.groups.iter().map(|g| (g.id, g.file.as_fd())).collect()
+    }
+
+    /// The path form in one call: checks that `bdf` is bound to vfio-pci and that its
+    /// group is viable, opens and attaches the group (if not yet attached), and opens
+    /// the device.
+    pub fn attach_device(&mut self, root: &SysfsRoot, bdf: Bdf) -> Result<Device> {
+        let func = root.function(bdf)?;
+        let group = func.iommu_group.ok_or_else(|| VfioError::NoGroup {
+            bdf,
+            path: func.path.join("iommu_group"),
+        })?;
+        if !func.is_bound_to_vfio_pci() {
+            return Err(VfioError::BindFailed {
+                bdf,
+                detail: format!(
+                    "it is bound to {} instead of vfio-pci; bind it first",
+                    func.driver.as_deref().unwrap_or("no driver")
+                ),
+            });
+        }
+        group_viable(root, group)?;
+        self.open_group(root, group)?;
+        self.open_device(bdf)
+    }
+
+    /// Opens device `bdf` from whichever attached group holds it.
+    pub fn open_device(&self, bdf: Bdf) -> Result<Device> {
+        let name = CString::new(bdf.to_string()).map_err(|_| VfioError::InvalidBdf {
+            input: bdf.to_string(),
+            reason: "contains NUL",
+        })?;
+        for group in &self.groups {
+            match ioctls::group_get_device_fd(&group.file, &name) {
+                Ok(fd) => return Device::from_fd(bdf, fd),
+                // Not in this group.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV)) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    return Err(VfioError::DeviceInUse {
+                        what: bdf.to_string(),
+                        detail: "the device is already open".to_string(),
+                    })
+                }
+                Err(source) => {
+                    return Err(VfioError::Ioctl {
+                        op: "VFIO_GROUP_GET_DEVICE_FD",
+                        source,
+                    })
+                }
+            }
+        }
+        Err(VfioError::NotInContainer {
+            bdf,
+            groups: self.groups.iter().map(|g| g.id).collect(),
         })
     }
 
     /// Maps `size` bytes of this process's memory at `host_addr` into the IOMMU at
-    /// `iova`, readable and writable by the devices in this container. Needs at
-    /// least one device opened first (the IOMMU type is chosen when the first group
-    /// is attached).
+    /// `iova`, readable and writable by the devices. Needs a group attached first.
     ///
     /// # Safety
     ///
     /// Devices may read and write the range at any time until [`Self::unmap_dma`]
     /// is called with the same `iova` and `size`: until then the range must stay
-    /// mapped, and the caller must not hold Rust references into it (only raw or
-    /// volatile access, as for guest memory). This is vfio-ioctls'
-    /// `VfioContainer::vfio_dma_map` contract.
-    pub unsafe fn map_dma(&self, iova: u64, size: usize, host_addr: *mut u8) -> Result<()> {
-        // SAFETY: the caller upholds vfio_dma_map's contract, which is this
-        // function's documented contract.
-        unsafe { self.inner.vfio_dma_map(iova, size, host_addr) }.map_err(|source| {
-            VfioError::Ioctl {
+    /// mapped, and it must only be accessed the way guest memory is (raw or volatile
+    /// access, never Rust references).
+    pub unsafe fn map_dma(&self, iova: u64, size: u64, host_addr: *mut u8) -> Result<()> {
+        if self.groups.is_empty() {
+            return Err(VfioError::Ioctl {
                 op: "VFIO_IOMMU_MAP_DMA",
+                source: io::Error::other("no IOMMU group attached to the container yet"),
+            });
+        }
+        // SAFETY: the caller upholds this function's contract, which is map_dma's.
+        unsafe { ioctls::map_dma(&self.file, iova, size, host_addr as u64) }.map_err(|source| {
+            VfioError::Ioctl {
+                op: if source.raw_os_error() == Some(libc::ENOMEM) {
+                    "VFIO_IOMMU_MAP_DMA (ENOMEM: RLIMIT_MEMLOCK too low? see check_memlock)"
+                } else {
+                    "VFIO_IOMMU_MAP_DMA"
+                },
                 source,
             }
         })
     }
 
     /// Removes the mapping made by [`Self::map_dma`] with the same `iova` and `size`.
-    pub fn unmap_dma(&self, iova: u64, size: usize) -> Result<()> {
-        self.inner
-            .vfio_dma_unmap(iova, size)
-            .map_err(|source| VfioError::Ioctl {
+    pub fn unmap_dma(&self, iova: u64, size: u64) -> Result<()> {
+        let done =
+            ioctls::unmap_dma(&self.file, iova, size).map_err(ioctl_err("VFIO_IOMMU_UNMAP_DMA"))?;
+        if done != size {
+            return Err(VfioError::Ioctl {
                 op: "VFIO_IOMMU_UNMAP_DMA",
-                source,
-            })
+                source: io::Error::other(format!("unmapped {done} bytes of {size}")),
+            });
+        }
+        Ok(())
     }
 
     /// Maps every region of `mem` with IOVA = guest-physical address.
     ///
     /// # Safety
     ///
-    /// As for [`Self::map_dma`], for every region of `mem`: the memory must outlive
-    /// the mapping and must only be accessed the way guest memory is (vm-memory's
-    /// volatile accessors), never through Rust references. If this fails, some
-    /// regions may be mapped; the VM must not be started.
+    /// As for [`Self::map_dma`], for every region of `mem`: the memory must stay
+    /// mapped while the IOMMU maps it and be accessed only through vm-memory's
+    /// volatile accessors. On error some regions may be mapped; do not start the VM.
     pub unsafe fn map_guest_memory<M: GuestMemoryBackend>(&self, mem: &M) -> Result<()> {
-        // SAFETY: the caller upholds vfio_map_guest_memory's contract, which is this
-        // function's documented contract.
-        unsafe { self.inner.vfio_map_guest_memory(mem) }.map_err(|source| VfioError::Ioctl {
-            op: "mapping guest memory (VFIO_IOMMU_MAP_DMA)",
-            source,
-        })
+        for region in mem.iter() {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| VfioError::Ioctl {
+                    op: "VFIO_IOMMU_MAP_DMA (guest memory)",
+                    source: io::Error::other(e.to_string()),
+                })?;
+            // SAFETY: the caller upholds map_dma's contract for every region.
+            unsafe { self.map_dma(region.start_addr().raw_value(), region.len(), host)? };
+        }
+        Ok(())
     }
 
     /// Removes the mappings made by [`Self::map_guest_memory`] for the same `mem`.
     pub fn unmap_guest_memory<M: GuestMemoryBackend>(&self, mem: &M) -> Result<()> {
-        self.inner
-            .vfio_unmap_guest_memory(mem)
-            .map_err(|source| VfioError::Ioctl {
-                op: "unmapping guest memory (VFIO_IOMMU_UNMAP_DMA)",
-                source,
-            })
+        for region in mem.iter() {
+            self.unmap_dma(region.start_addr().raw_value(), region.len())?;
+        }
+        Ok(())
     }
+}
 
-    /// The vfio-ioctls container, for calls this wrapper does not cover.
-    pub fn vfio_container(&self) -> &Arc<VfioContainer> {
-        &self.inner
-    }
-
-    /// The container as vfio-ioctls' [`VfioOps`], as `VfioDevice::new` wants it.
-    pub(crate) fn ops(&self) -> Arc<dyn VfioOps> {
-        self.inner.clone()
+impl AsRawFd for Container {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
     }
 }
 
@@ -125,7 +316,7 @@ pub fn check_memlock(need: u64) -> Result<()> {
     if rc != 0 {
         return Err(VfioError::io(
             "getrlimit(RLIMIT_MEMLOCK)",
-            std::io::Error::last_os_error(),
+            io::Error::last_os_error(),
         ));
     }
     if limit.rlim_cur == libc::RLIM_INFINITY || limit.rlim_cur >= need {

@@ -1,34 +1,35 @@
-//! One passed-through PCI function, opened through its group into a [`Container`].
+//! One passed-through PCI function: regions, interrupts and reset, over its VFIO
+//! device descriptor.
 //!
-//! A thin owner of vfio-ioctls' [`VfioDevice`]: region information (BARs, ROM,
-//! config space), bounds-checked region reads and writes, mapping of the areas the
-//! kernel allows to be mmap'd (for KVM memory slots), interrupts (INTx with
-//! resample, MSI, MSI-X) through eventfds, and reset.
+//! Opened from a [`crate::Container`] ([`crate::Container::open_device`]) or adopted
+//! from a descriptor init passed ([`Device::from_fd`]). Holds no reference to the
+//! container: the kernel keeps the group alive while the device is open.
 //!
 //! What the VMM still owns: which parts of config space to emulate (BARs, MSI/MSI-X
-//! capabilities, command register), keeping the MSI-X table page trapped rather
-//! than mapped, and resetting the device at VM start and end.
+//! capabilities, command register), keeping the MSI-X table trapped rather than
+//! mapped, and resetting the device at VM start and end.
 
 use std::ffi::c_void;
+use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_BASE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VFIO_TYPE,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_EVENTFD,
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_NUM_REGIONS,
+    VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, VFIO_REGION_INFO_CAP_SPARSE_MMAP,
+    VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vfio_ioctls::{VfioDevice, VfioIrq, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bdf::Bdf;
-use crate::container::Container;
 use crate::error::{Result, VfioError};
-use crate::group::group_viable;
-use crate::sysfs::SysfsRoot;
-
-vmm_sys_util::ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
+use crate::ioctls;
 
 /// Region index of BAR0; BARs 0..=5 are indices 0..=5.
 pub const BAR0_REGION: u32 = 0;
@@ -59,11 +60,26 @@ pub struct RegionInfo {
     /// The parts of the region that may be mmap'd, as (offset within the region,
     /// size): the whole region, the sparse areas the kernel lists, or nothing.
     pub mmap_areas: Vec<(u64, u64)>,
+    /// The kernel allows the MSI-X table in this region to be mmap'd
+    /// (`VFIO_REGION_INFO_CAP_MSIX_MAPPABLE`). The VMM must still trap guest
+    /// accesses to the table to emulate it.
+    pub msix_mappable: bool,
+}
+
+/// The interrupts of one kind (INTx, MSI, MSI-X, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IrqInfo {
+    /// Interrupt index.
+    pub index: u32,
+    /// How many vectors the device has of this kind (0: none).
+    pub count: u32,
+    /// `VFIO_IRQ_INFO_*` flags (eventfd, maskable, automasked, noresize).
+    pub flags: u32,
 }
 
 /// An mmap'd area of a device region; unmapped on drop. Map it into the guest as a
-/// KVM memory slot. Its memory is device memory: access it only with volatile
-/// operations of the width the device expects.
+/// KVM memory slot. It is device memory: access it only with volatile operations of
+/// the width the device expects.
 #[derive(Debug)]
 pub struct MappedArea {
     addr: NonNull<c_void>,
@@ -74,10 +90,10 @@ pub struct MappedArea {
     pub offset: u64,
 }
 
-// SAFETY: the mapping is plain shared memory of the device file; it is not tied to
-// the thread that created it and MappedArea only hands out its address.
+// SAFETY: the mapping is shared memory of the device file; it is not tied to the
+// thread that created it, and MappedArea only hands out its address.
 unsafe impl Send for MappedArea {}
-// SAFETY: as above; MappedArea has no interior state besides the address and size.
+// SAFETY: as above; MappedArea has no state besides the address and size.
 unsafe impl Sync for MappedArea {}
 
 impl MappedArea {
@@ -109,39 +125,59 @@ impl Drop for MappedArea {
 }
 
 /// An open VFIO PCI device.
+#[derive(Debug)]
 pub struct Device {
     bdf: Bdf,
-    group: u32,
-    inner: VfioDevice,
+    file: File,
+    flags: u32,
+    regions: Vec<RegionInfo>,
+    irqs: Vec<IrqInfo>,
+}
+
+fn ioctl_err(op: &'static str) -> impl FnOnce(io::Error) -> VfioError {
+    move |source| VfioError::Ioctl { op, source }
 }
 
 impl Device {
-    /// Opens `bdf`, which must already be bound to vfio-pci
-    /// ([`crate::bind_to_vfio_pci`]), attaching its IOMMU group to `container`.
-    ///
-    /// Errors: [`VfioError::DeviceMissing`], [`VfioError::NoGroup`],
-    /// [`VfioError::BindFailed`] when it is not bound to vfio-pci,
-    /// [`VfioError::GroupNotViable`], and [`VfioError::DeviceInUse`] when the
-    /// kernel answers EBUSY (another process holds the group or the device).
-    pub fn open(root: &SysfsRoot, container: &Container, bdf: Bdf) -> Result<Self> {
-        let func = root.function(bdf)?;
-        let group = func.iommu_group.ok_or_else(|| VfioError::NoGroup {
-            bdf,
-            path: func.path.join("iommu_group"),
-        })?;
-        if !func.is_bound_to_vfio_pci() {
-            return Err(VfioError::BindFailed {
-                bdf,
-                detail: format!(
-                    "it is bound to {} instead of vfio-pci; bind it first",
-                    func.driver.as_deref().unwrap_or("no driver")
-                ),
+    /// Adopts an open VFIO device descriptor for `bdf` (from
+    /// `VFIO_GROUP_GET_DEVICE_FD`, possibly done by init) and reads its regions and
+    /// interrupts.
+    pub fn from_fd(bdf: Bdf, fd: OwnedFd) -> Result<Self> {
+        let file = File::from(fd);
+        let info = ioctls::device_info(&file).map_err(ioctl_err("VFIO_DEVICE_GET_INFO"))?;
+        if info.flags & VFIO_DEVICE_FLAGS_PCI == 0
+            || info.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX
+            || info.num_irqs <= VFIO_PCI_MSIX_IRQ_INDEX
+        {
+            return Err(VfioError::Ioctl {
+                op: "VFIO_DEVICE_GET_INFO",
+                source: io::Error::other(format!(
+                    "{bdf} is not a VFIO PCI device (flags {:#x}, {} regions, {} irqs)",
+                    info.flags, info.num_regions, info.num_irqs
+                )),
             });
         }
-        group_viable(root, group)?;
-        let inner = VfioDevice::new(&func.path, container.ops(), false)
-            .map_err(|e| open_error(root, bdf, group, e))?;
-        Ok(Device { bdf, group, inner })
+        let mut regions = Vec::new();
+        for index in 0..info.num_regions.min(VFIO_PCI_NUM_REGIONS) {
+            regions.push(read_region_info(&file, index)?);
+        }
+        let mut irqs = Vec::new();
+        for index in 0..info.num_irqs {
+            let irq =
+                ioctls::irq_info(&file, index).map_err(ioctl_err("VFIO_DEVICE_GET_IRQ_INFO"))?;
+            irqs.push(IrqInfo {
+                index,
+                count: irq.count,
+                flags: irq.flags,
+            });
+        }
+        Ok(Device {
+            bdf,
+            file,
+            flags: info.flags,
+            regions,
+            irqs,
+        })
     }
 
     /// The device's address.
@@ -149,159 +185,94 @@ impl Device {
         self.bdf
     }
 
-    /// Its IOMMU group.
-    pub fn group(&self) -> u32 {
-        self.group
+    /// Information about region `index`.
+    pub fn region(&self, index: u32) -> Option<&RegionInfo> {
+        self.regions.get(index as usize)
     }
 
-    /// Information about region `index`, or `None` for an index past the PCI
-    /// regions.
-    pub fn region(&self, index: u32) -> Option<RegionInfo> {
-        if index >= VFIO_PCI_NUM_REGIONS {
-            return None;
-        }
-        let flags = self.inner.get_region_flags(index);
-        let size = self.inner.get_region_size(index);
-        let mmap_areas = if flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || size == 0 {
-            Vec::new()
-        } else {
-            let sparse = self
-                .inner
-                .get_region_caps(index)
-                .into_iter()
-                .find_map(|cap| match cap {
-                    VfioRegionInfoCap::SparseMmap(s) => Some(s),
-                    _ => None,
-                });
-            match sparse {
-                Some(s) => s.areas.iter().map(|a| (a.offset, a.size)).collect(),
-                None => vec![(0, size)],
-            }
-        };
-        Some(RegionInfo {
-            index,
-            size,
-            offset: self.inner.get_region_offset(index),
-            readable: flags & VFIO_REGION_INFO_FLAG_READ != 0,
-            writable: flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
-            mmap_areas,
-        })
+    /// Every PCI region the kernel reported (including empty ones, size 0).
+    pub fn regions(&self) -> &[RegionInfo] {
+        &self.regions
     }
 
-    /// Every region the device implements (size > 0).
-    pub fn regions(&self) -> Vec<RegionInfo> {
-        (0..VFIO_PCI_NUM_REGIONS)
-            .filter_map(|i| self.region(i))
-            .filter(|r| r.size > 0)
-            .collect()
+    /// The interrupts of kind `index` ([`INTX_IRQ`], [`MSI_IRQ`], [`MSIX_IRQ`]).
+    pub fn irq(&self, index: u32) -> Option<IrqInfo> {
+        self.irqs.get(index as usize).copied()
     }
 
-    fn checked(&self, index: u32, offset: u64, len: usize, write: bool) -> Result<u64> {
+    /// Whether the kernel can reset this function (`VFIO_DEVICE_FLAGS_RESET`).
+    pub fn can_reset(&self) -> bool {
+        self.flags & VFIO_DEVICE_FLAGS_RESET != 0
+    }
+
+    fn file_offset(&self, index: u32, offset: u64, len: usize, write: bool) -> Result<u64> {
         let region = self.region(index);
-        let size = region.as_ref().map(|r| r.size).unwrap_or(0);
-        let out_of_bounds = VfioError::RegionOutOfBounds {
+        let size = region.map(|r| r.size).unwrap_or(0);
+        let out = VfioError::RegionOutOfBounds {
             index,
             offset,
             len,
             size,
         };
         let Some(region) = region else {
-            return Err(out_of_bounds);
+            return Err(out);
         };
-        let end = offset.checked_add(len as u64);
         let allowed = if write {
             region.writable
         } else {
             region.readable
         };
+        let end = offset.checked_add(len as u64);
         match end {
-            Some(end) if end <= size && allowed => {
-                region.offset.checked_add(offset).ok_or(out_of_bounds)
-            }
-            _ => Err(out_of_bounds),
+            Some(end) if allowed && end <= size => region.offset.checked_add(offset).ok_or(out),
+            _ => Err(out),
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` of region `index` (bounds checked, so a
-    /// guest-chosen offset cannot reach outside the region).
+    /// Reads `buf.len()` bytes at `offset` of region `index`. Bounds are checked, so
+    /// a guest-chosen offset cannot reach outside the region.
     pub fn read_region(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let pos = self.checked(index, offset, buf.len(), false)?;
-        let pos = libc::off_t::try_from(pos).map_err(|_| VfioError::RegionOutOfBounds {
-            index,
-            offset,
-            len: buf.len(),
-            size: 0,
-        })?;
-        // SAFETY: the device fd is open for the lifetime of self; buf is a valid,
-        // exclusively borrowed buffer of buf.len() bytes.
-        let n = unsafe {
-            libc::pread(
-                self.inner.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                pos,
-            )
-        };
-        self.io_result(n, buf.len(), index, offset)
+        let pos = self.file_offset(index, offset, buf.len(), false)?;
+        self.file
+            .read_exact_at(buf, pos)
+            .map_err(|e| VfioError::io(format!("{} region {index} at {offset:#x}", self.bdf), e))
     }
 
     /// Writes `data` at `offset` of region `index` (bounds checked).
     pub fn write_region(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        let pos = self.checked(index, offset, data.len(), true)?;
-        let pos = libc::off_t::try_from(pos).map_err(|_| VfioError::RegionOutOfBounds {
-            index,
-            offset,
-            len: data.len(),
-            size: 0,
-        })?;
-        // SAFETY: the device fd is open for the lifetime of self; data is a valid
-        // buffer of data.len() bytes that pwrite only reads.
-        let n = unsafe {
-            libc::pwrite(
-                self.inner.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                pos,
-            )
-        };
-        self.io_result(n, data.len(), index, offset)
+        let pos = self.file_offset(index, offset, data.len(), true)?;
+        self.file
+            .write_all_at(data, pos)
+            .map_err(|e| VfioError::io(format!("{} region {index} at {offset:#x}", self.bdf), e))
     }
 
-    fn io_result(&self, n: isize, want: usize, index: u32, offset: u64) -> Result<()> {
-        let what = || format!("{} region {index} at {offset:#x}", self.bdf);
-        if n < 0 {
-            return Err(VfioError::io(what(), io::Error::last_os_error()));
-        }
-        if n as usize != want {
-            return Err(VfioError::io(
-                what(),
-                io::Error::new(io::ErrorKind::UnexpectedEof, "short access"),
-            ));
-        }
-        Ok(())
+    /// Reads a 32-bit little-endian value from config space.
+    pub fn read_config_u32(&self, offset: u64) -> Result<u32> {
+        let mut b = [0u8; 4];
+        self.read_region(CONFIG_REGION, offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
     }
 
-    /// Maps the area at `offset` (within region `index`) of `size` bytes, which must
-    /// be one of [`RegionInfo::mmap_areas`] or lie inside one.
+    /// Maps `size` bytes at `offset` of region `index`; the range must lie inside
+    /// one of [`RegionInfo::mmap_areas`].
     pub fn map_area(&self, index: u32, offset: u64, size: u64) -> Result<MappedArea> {
         let region = self.region(index);
         let bad = VfioError::RegionOutOfBounds {
             index,
             offset,
             len: usize::try_from(size).unwrap_or(usize::MAX),
-            size: region.as_ref().map(|r| r.size).unwrap_or(0),
+            size: region.map(|r| r.size).unwrap_or(0),
         };
         let Some(region) = region else {
             return Err(bad);
         };
+        let end = offset.checked_add(size);
         let inside = region.mmap_areas.iter().any(|&(a_off, a_size)| {
-            offset >= a_off
-                && offset
-                    .checked_add(size)
-                    .is_some_and(|end| a_off.checked_add(a_size).is_some_and(|a_end| end <= a_end))
+            let a_end = a_off.checked_add(a_size);
+            matches!((end, a_end), (Some(e), Some(ae)) if offset >= a_off && e <= ae)
         });
         let pos = region.offset.checked_add(offset);
-        let (Some(pos), Ok(len), true) = (pos, usize::try_from(size), inside && size > 0) else {
+        let (true, Some(pos), Ok(len)) = (inside && size > 0, pos, usize::try_from(size)) else {
             return Err(bad);
         };
         let Ok(pos) = libc::off_t::try_from(pos) else {
@@ -314,31 +285,24 @@ impl Device {
         if region.writable {
             prot |= libc::PROT_WRITE;
         }
-        // SAFETY: a fresh shared mapping at an address the kernel chooses; it aliases
-        // no Rust object. The fd stays open while the mapping exists or not: a
-        // mapping holds its own reference to the file.
+        // SAFETY: a new shared mapping at an address the kernel chooses; it aliases no
+        // Rust object, and the mapping keeps its own reference to the file.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 prot,
                 libc::MAP_SHARED,
-                self.inner.as_raw_fd(),
+                self.file.as_raw_fd(),
                 pos,
             )
         };
+        let what = || format!("mmap of {} region {index} at {offset:#x}", self.bdf);
         if addr == libc::MAP_FAILED {
-            return Err(VfioError::io(
-                format!("mmap of {} region {index} at {offset:#x}", self.bdf),
-                io::Error::last_os_error(),
-            ));
+            return Err(VfioError::io(what(), io::Error::last_os_error()));
         }
-        let addr = NonNull::new(addr).ok_or_else(|| {
-            VfioError::io(
-                format!("mmap of {} region {index}", self.bdf),
-                io::Error::other("mmap returned NULL"),
-            )
-        })?;
+        let addr =
+            NonNull::new(addr).ok_or_else(|| VfioError::io(what(), io::Error::other("NULL")))?;
         Ok(MappedArea {
             addr,
             size: len,
@@ -347,100 +311,247 @@ impl Device {
         })
     }
 
-    /// The interrupts of kind `index` ([`INTX_IRQ`], [`MSI_IRQ`], [`MSIX_IRQ`]).
-    pub fn irq(&self, index: u32) -> Option<VfioIrq> {
-        self.inner.get_irq_info(index).copied()
-    }
-
-    /// Routes INTx to `trigger`; the kernel masks the line when it fires and unmasks
-    /// it when `resample` is signalled (wire `resample` to KVM's irqfd resampler).
-    pub fn enable_intx(&self, trigger: &EventFd, resample: &EventFd) -> Result<()> {
-        self.inner
-            .enable_irq(INTX_IRQ, vec![trigger])
-            .map_err(|source| VfioError::Ioctl {
-                op: "VFIO_DEVICE_SET_IRQS (INTx trigger)",
-                source,
-            })?;
-        self.inner
-            .set_irq_resample_fd(INTX_IRQ, vec![resample])
-            .map_err(|source| VfioError::Ioctl {
-                op: "VFIO_DEVICE_SET_IRQS (INTx resample)",
-                source,
-            })
-    }
-
-    /// Routes MSI vectors to `fds` (one eventfd per vector, at most the count
-    /// [`Self::irq`] reports).
-    pub fn enable_msi(&self, fds: &[&EventFd]) -> Result<()> {
-        self.inner
-            .enable_msi(fds.to_vec())
-            .map_err(|source| VfioError::Ioctl {
-                op: "VFIO_DEVICE_SET_IRQS (MSI)",
-                source,
-            })
-    }
-
-    /// Routes MSI-X vectors to `fds`.
-    pub fn enable_msix(&self, fds: &[&EventFd]) -> Result<()> {
-        self.inner
-            .enable_msix(fds.to_vec())
-            .map_err(|source| VfioError::Ioctl {
-                op: "VFIO_DEVICE_SET_IRQS (MSI-X)",
-                source,
-            })
-    }
-
-    /// Stops delivering interrupts of kind `index`.
-    pub fn disable_irq(&self, index: u32) -> Result<()> {
-        self.inner
-            .disable_irq(index)
-            .map_err(|source| VfioError::Ioctl {
-                op: "VFIO_DEVICE_SET_IRQS (disable)",
-                source,
-            })
-    }
-
-    /// Resets the function (the kernel uses the first method in its
-    /// `reset_method`). Fails when the device cannot be reset.
-    pub fn reset(&self) -> Result<()> {
-        // SAFETY: VFIO_DEVICE_RESET takes no argument and the fd is a VFIO device.
-        let rc = unsafe { vmm_sys_util::ioctl::ioctl(&self.inner, VFIO_DEVICE_RESET()) };
-        if rc < 0 {
-            return Err(VfioError::io(
-                format!("VFIO_DEVICE_RESET of {}", self.bdf),
-                io::Error::last_os_error(),
-            ));
+    /// Sets eventfds for vectors `start..start + fds.len()` of interrupt kind
+    /// `index`; `None` detaches a vector.
+    pub fn set_irq_eventfds(&self, index: u32, start: u32, fds: &[Option<&EventFd>]) -> Result<()> {
+        let irq = self
+            .irq(index)
+            .filter(|i| i.flags & VFIO_IRQ_INFO_EVENTFD != 0);
+        let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
+        let fits = irq.is_some_and(|i| start.checked_add(count).is_some_and(|end| end <= i.count));
+        if !fits || fds.is_empty() {
+            return Err(VfioError::Ioctl {
+                op: "VFIO_DEVICE_SET_IRQS",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} eventfds from vector {start} do not fit interrupt index {index} \
+                         ({} vectors)",
+                        fds.len(),
+                        irq.map(|i| i.count).unwrap_or(0)
+                    ),
+                ),
+            });
         }
-        Ok(())
+        let data: Vec<u32> = fds
+            .iter()
+            .map(|f| f.map(|e| e.as_raw_fd()).unwrap_or(-1) as u32)
+            .collect();
+        ioctls::set_irqs(
+            &self.file,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+            index,
+            start,
+            count,
+            &data,
+        )
+        .map_err(ioctl_err("VFIO_DEVICE_SET_IRQS (trigger eventfds)"))
     }
 
-    /// The vfio-ioctls device, for calls this wrapper does not cover.
-    pub fn vfio_device(&self) -> &VfioDevice {
-        &self.inner
+    /// Routes INTx to `trigger`. The kernel masks the line each time it fires and
+    /// unmasks it when `resample` is signalled (wire `resample` to KVM's irqfd
+    /// resampler, or call [`Self::unmask_intx`]).
+    pub fn enable_intx(&self, trigger: &EventFd, resample: &EventFd) -> Result<()> {
+        self.set_irq_eventfds(INTX_IRQ, 0, &[Some(trigger)])?;
+        let fd = resample.as_raw_fd() as u32;
+        ioctls::set_irqs(
+            &self.file,
+            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK,
+            INTX_IRQ,
+            0,
+            1,
+            &[fd],
+        )
+        .map_err(ioctl_err("VFIO_DEVICE_SET_IRQS (INTx resample)"))
+    }
+
+    /// Unmasks INTx after it fired (what a signal on the resample eventfd does).
+    pub fn unmask_intx(&self) -> Result<()> {
+        ioctls::set_irqs(
+            &self.file,
+            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK,
+            INTX_IRQ,
+            0,
+            1,
+            &[],
+        )
+        .map_err(ioctl_err("VFIO_DEVICE_SET_IRQS (INTx unmask)"))
+    }
+
+    /// Enables MSI with one eventfd per vector (the guest's enabled vector count).
+    pub fn enable_msi(&self, fds: &[&EventFd]) -> Result<()> {
+        let fds: Vec<Option<&EventFd>> = fds.iter().copied().map(Some).collect();
+        self.set_irq_eventfds(MSI_IRQ, 0, &fds)
+    }
+
+    /// Enables MSI-X with one eventfd per vector from vector 0.
+    pub fn enable_msix(&self, fds: &[&EventFd]) -> Result<()> {
+        let fds: Vec<Option<&EventFd>> = fds.iter().copied().map(Some).collect();
+        self.set_irq_eventfds(MSIX_IRQ, 0, &fds)
+    }
+
+    /// Disables every vector of interrupt kind `index`.
+    pub fn disable_irq(&self, index: u32) -> Result<()> {
+        ioctls::set_irqs(
+            &self.file,
+            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+            index,
+            0,
+            0,
+            &[],
+        )
+        .map_err(ioctl_err("VFIO_DEVICE_SET_IRQS (disable)"))
+    }
+
+    /// Resets the function with the first method in its sysfs `reset_method`.
+    pub fn reset(&self) -> Result<()> {
+        if !self.can_reset() {
+            return Err(VfioError::Ioctl {
+                op: "VFIO_DEVICE_RESET",
+                source: io::Error::other(format!(
+                    "{} has no reset method (no FLR, PM or bus reset)",
+                    self.bdf
+                )),
+            });
+        }
+        ioctls::reset(&self.file).map_err(ioctl_err("VFIO_DEVICE_RESET"))
     }
 }
 
-fn open_error(root: &SysfsRoot, bdf: Bdf, group: u32, e: vfio_ioctls::VfioError) -> VfioError {
-    use vfio_ioctls::VfioError as E;
-    match e {
-        E::OpenGroup(io, _) if io.raw_os_error() == Some(libc::EBUSY) => VfioError::DeviceInUse {
-            what: format!("/dev/vfio/{group}"),
-            detail: format!("another process holds IOMMU group {group} of {bdf}"),
-        },
-        E::GroupGetDeviceFD(errno) if errno.errno() == libc::EBUSY => VfioError::DeviceInUse {
-            what: bdf.to_string(),
-            detail: "the device is already open".to_string(),
-        },
-        E::GroupViable => match group_viable(root, group) {
-            Err(viable) => viable,
-            Ok(()) => VfioError::Ioctl {
-                op: "opening the group",
-                source: E::GroupViable,
-            },
-        },
-        source => VfioError::Ioctl {
-            op: "opening the device",
-            source,
-        },
+impl AsRawFd for Device {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+fn read_region_info(file: &File, index: u32) -> Result<RegionInfo> {
+    let (info, bytes) =
+        ioctls::region_info(file, index).map_err(ioctl_err("VFIO_DEVICE_GET_REGION_INFO"))?;
+    let caps = if info.flags & VFIO_REGION_INFO_FLAG_CAPS != 0 {
+        parse_caps(&bytes, info.cap_offset)
+    } else {
+        Caps::default()
+    };
+    let mmap_areas = if info.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || info.size == 0 {
+        Vec::new()
+    } else {
+        caps.sparse.unwrap_or_else(|| vec![(0, info.size)])
+    };
+    Ok(RegionInfo {
+        index,
+        size: info.size,
+        offset: info.offset,
+        readable: info.flags & VFIO_REGION_INFO_FLAG_READ != 0,
+        writable: info.flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
+        mmap_areas,
+        msix_mappable: caps.msix_mappable,
+    })
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct Caps {
+    sparse: Option<Vec<(u64, u64)>>,
+    msix_mappable: bool,
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(
+        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(
+        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_ne_bytes(
+        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
+}
+
+/// Walks a region-info capability chain (`vfio_info_cap_header {id, version, next}`
+/// at `first`, offsets from the start of the reply). Malformed chains end the walk.
+fn parse_caps(bytes: &[u8], first: u32) -> Caps {
+    let mut caps = Caps::default();
+    let mut at = first as usize;
+    // A chain longer than this is corrupt.
+    for _ in 0..16 {
+        if at == 0 {
+            break;
+        }
+        let (Some(id), Some(next)) = (u16_at(bytes, at), u32_at(bytes, at + 4)) else {
+            break;
+        };
+        match u32::from(id) {
+            VFIO_REGION_INFO_CAP_SPARSE_MMAP => {
+                // header (8), nr_areas (4), reserved (4), then {offset, size} pairs.
+                let nr = u32_at(bytes, at + 8).unwrap_or(0) as usize;
+                let mut areas = Vec::new();
+                for i in 0..nr.min(64) {
+                    let base = at + 16 + i * 16;
+                    match (u64_at(bytes, base), u64_at(bytes, base + 8)) {
+                        (Some(off), Some(size)) if size > 0 => areas.push((off, size)),
+                        (Some(_), Some(_)) => {}
+                        _ => break,
+                    }
+                }
+                caps.sparse = Some(areas);
+            }
+            VFIO_REGION_INFO_CAP_MSIX_MAPPABLE => caps.msix_mappable = true,
+            _ => {}
+        }
+        at = next as usize;
+    }
+    caps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(id: u16, next: u32) -> Vec<u8> {
+        let mut v = id.to_ne_bytes().to_vec();
+        v.extend_from_slice(&1u16.to_ne_bytes());
+        v.extend_from_slice(&next.to_ne_bytes());
+        v
+    }
+
+    #[test]
+    fn capability_chain_with_sparse_areas_and_msix_mappable() {
+        // 32 bytes of vfio_region_info, then a sparse-mmap cap at 32 with two areas
+        // (one empty), then an MSI-X-mappable cap.
+        let mut b = vec![0u8; 32];
+        let sparse_len = 16 + 2 * 16;
+        b.extend(header(
+            VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16,
+            32 + sparse_len,
+        ));
+        b.extend_from_slice(&2u32.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        for (off, size) in [(0u64, 0x3000u64), (0x4000, 0)] {
+            b.extend_from_slice(&off.to_ne_bytes());
+            b.extend_from_slice(&size.to_ne_bytes());
+        }
+        b.extend(header(VFIO_REGION_INFO_CAP_MSIX_MAPPABLE as u16, 0));
+        let caps = parse_caps(&b, 32);
+        assert_eq!(caps.sparse, Some(vec![(0, 0x3000)]));
+        assert!(caps.msix_mappable);
+    }
+
+    #[test]
+    fn truncated_or_looping_chains_end_quietly() {
+        let mut b = vec![0u8; 32];
+        b.extend(header(VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16, 0));
+        b.extend_from_slice(&1000u32.to_ne_bytes()); // claims 1000 areas, has none
+        assert_eq!(parse_caps(&b, 32).sparse, Some(vec![]));
+        assert_eq!(parse_caps(&b, 4096), Caps::default());
+        // A cap pointing at itself stops after the bounded walk.
+        let mut l = vec![0u8; 32];
+        l.extend(header(VFIO_REGION_INFO_CAP_MSIX_MAPPABLE as u16, 32));
+        assert!(parse_caps(&l, 32).msix_mappable);
+        assert_eq!(parse_caps(&[], u32::MAX), Caps::default());
     }
 }

@@ -153,13 +153,22 @@ pub enum VfioError {
     },
 
     /// A VFIO ioctl failed.
-    #[error("VFIO {op} failed: {source}")]
+    #[error("{op} failed: {source}")]
     Ioctl {
         /// What was attempted.
         op: &'static str,
-        /// The vfio-ioctls error.
+        /// The OS error.
         #[source]
-        source: vfio_ioctls::VfioError,
+        source: io::Error,
+    },
+
+    /// No group attached to the container holds this device.
+    #[error("{bdf} is in none of the container's IOMMU groups {groups:?}")]
+    NotInContainer {
+        /// The device.
+        bdf: Bdf,
+        /// The attached groups.
+        groups: Vec<u32>,
     },
 
     /// A file operation failed.

@@ -5,8 +5,8 @@
 //! - [`bind`]: binding a function to vfio-pci ([`bind_to_vfio_pci`]) and handing it
 //!   back only on request ([`release`]).
 //! - [`host_critical`]: devices the host needs and will not give away.
-//! - [`container`] and [`device`]: thin owners of vfio-ioctls' container and device
-//!   for the VMM.
+//! - [`container`] and [`device`]: the VFIO container, its groups and devices for the
+//!   VMM, opened by path or adopted from descriptors init passed.
 //!
 //! See `docs/vfio.md` for passthrough on real hardware.
 
@@ -17,6 +17,7 @@ pub mod device;
 pub mod error;
 pub mod group;
 pub mod host_critical;
+mod ioctls;
 pub mod sysfs;
 
 pub use bdf::Bdf;
@@ -25,11 +26,8 @@ pub use bind::{
     BindReport, KernelHook, RealKernel, ReleaseReport,
 };
 pub use container::{check_memlock, Container};
-pub use device::{Device, MappedArea, RegionInfo};
+pub use device::{Device, IrqInfo, MappedArea, RegionInfo};
 pub use error::{GroupMember, Result, VfioError};
 pub use group::{group_members, group_viable, GroupEntry};
 pub use host_critical::host_critical_reason;
 pub use sysfs::{PciFunction, SysfsRoot, VFIO_PCI_DRIVER};
-
-/// The vfio-ioctls crate this one wraps, at the workspace's version.
-pub use vfio_ioctls;
