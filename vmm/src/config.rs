@@ -1,0 +1,285 @@
+//! The command line → `VmConfig`: what to boot and where every file comes from (a path, or a
+//! file descriptor the parent already opened, so the VMM needs no filesystem access).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use clap::Parser;
+
+const AFTER_HELP: &str = "\
+Exit status:
+  0  the guest powered off (ACPI S5)
+  1  VMM error (bad configuration, KVM failure, missing file)
+  2  bad command line
+  3  the guest rebooted (ACPI reset register, 8042 reset or triple fault); the VMM does not
+     restart it, its supervisor may
+  4  killed through the control socket
+  5  the guest crashed KVM (internal error or failed VM entry)
+
+Log lines on stderr start with `bulkhead-vmm:`. RUST_LOG or --log-level set the verbosity.";
+
+/// Command-line interface of `bulkhead-vmm`.
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead-vmm", version, about = "Runs one KVM virtual machine: boots a Linux bzImage with ACPI, COM1, and virtio-pci devices.", after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Kernel bzImage.
+    #[arg(long, conflicts_with = "kernel_fd", required_unless_present = "kernel_fd")]
+    pub kernel: Option<PathBuf>,
+    /// Kernel bzImage as an already-open file descriptor.
+    #[arg(long)]
+    pub kernel_fd: Option<RawFd>,
+    /// Initramfs (newc cpio, optionally compressed).
+    #[arg(long, conflicts_with = "initramfs_fd")]
+    pub initramfs: Option<PathBuf>,
+    /// Initramfs as an already-open file descriptor.
+    #[arg(long)]
+    pub initramfs_fd: Option<RawFd>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0 panic=-1")]
+    pub cmdline: String,
+    /// Guest RAM, e.g. 256M, 1G, or bytes.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Where COM1 output goes: `stdout`, `none`, or a file path (created/truncated).
+    #[arg(long, default_value = "stdout")]
+    pub serial: String,
+    /// COM1 output to an already-open file descriptor (overrides --serial).
+    #[arg(long)]
+    pub serial_fd: Option<RawFd>,
+    /// Feed stdin to COM1 (guest console input).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub serial_input: bool,
+    /// A raw disk image for a virtio-blk device (repeatable; the first is /dev/vda).
+    #[arg(long)]
+    pub disk: Vec<PathBuf>,
+    /// A raw disk image as an already-open file descriptor (repeatable; after --disk ones).
+    #[arg(long)]
+    pub disk_fd: Vec<RawFd>,
+    /// Make every disk read-only.
+    #[arg(long)]
+    pub disk_read_only: bool,
+    /// Add a virtio-rng device (the guest's /dev/hwrng).
+    #[arg(long)]
+    pub rng: bool,
+    /// /dev/kvm as an already-open file descriptor.
+    #[arg(long)]
+    pub kvm_fd: Option<RawFd>,
+    /// Listen for control clients on this Unix socket path.
+    #[arg(long, conflicts_with = "control_fd")]
+    pub control_socket: Option<PathBuf>,
+    /// A control connection (a connected socket) already open as this file descriptor.
+    #[arg(long)]
+    pub control_fd: Option<RawFd>,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, default_value = "info", value_parser = parse_level)]
+    pub log_level: log::LevelFilter,
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse().map_err(|_| format!("bad log level {s:?}"))
+}
+
+/// Parses `256M`, `1G`, `4096K` or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s:?} (use e.g. 256M or 1G)"))
+}
+
+/// Errors resolving the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A path could not be opened.
+    #[error("cannot open {path}: {err}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// An fd number is not an open descriptor, or is used twice.
+    #[error("file descriptor {0} is not open or is given twice")]
+    BadFd(RawFd),
+}
+
+/// Where a file comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Open this path.
+    Path(PathBuf),
+    /// Take ownership of this inherited descriptor.
+    Fd(RawFd),
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Kernel.
+    pub kernel: Source,
+    /// Initramfs.
+    pub initramfs: Option<Source>,
+    /// Command line.
+    pub cmdline: String,
+    /// RAM bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Serial output: None = discard, Some(None) = stdout, Some(Some(src)) = file.
+    pub serial_out: Option<Option<Source>>,
+    /// Read stdin into COM1.
+    pub serial_input: bool,
+    /// Disks.
+    pub disks: Vec<Source>,
+    /// Disks read-only.
+    pub disk_read_only: bool,
+    /// virtio-rng.
+    pub rng: bool,
+    /// /dev/kvm.
+    pub kvm_fd: Option<RawFd>,
+    /// Control socket path.
+    pub control_socket: Option<PathBuf>,
+    /// Control connection fd.
+    pub control_fd: Option<RawFd>,
+}
+
+impl From<Cli> for VmConfig {
+    fn from(c: Cli) -> Self {
+        let kernel = match (c.kernel, c.kernel_fd) {
+            (Some(p), _) => Source::Path(p),
+            (None, Some(fd)) => Source::Fd(fd),
+            (None, None) => Source::Path(PathBuf::new()),
+        };
+        let initramfs = c
+            .initramfs
+            .map(Source::Path)
+            .or(c.initramfs_fd.map(Source::Fd));
+        let serial_out = match (c.serial_fd, c.serial.as_str()) {
+            (Some(fd), _) => Some(Some(Source::Fd(fd))),
+            (None, "none") => None,
+            (None, "stdout") => Some(None),
+            (None, path) => Some(Some(Source::Path(PathBuf::from(path)))),
+        };
+        let mut disks: Vec<Source> = c.disk.into_iter().map(Source::Path).collect();
+        disks.extend(c.disk_fd.into_iter().map(Source::Fd));
+        VmConfig {
+            kernel,
+            initramfs,
+            cmdline: c.cmdline,
+            memory: c.memory,
+            vcpus: c.vcpus,
+            serial_out,
+            serial_input: c.serial_input,
+            disks,
+            disk_read_only: c.disk_read_only,
+            rng: c.rng,
+            kvm_fd: c.kvm_fd,
+            control_socket: c.control_socket,
+            control_fd: c.control_fd,
+        }
+    }
+}
+
+/// Takes ownership of inherited descriptors, each at most once.
+#[derive(Default)]
+pub struct FdTaker {
+    taken: Vec<RawFd>,
+}
+
+impl FdTaker {
+    /// Owns `fd` after checking it is open and not yet taken.
+    pub fn take(&mut self, fd: RawFd) -> Result<OwnedFd, ConfigError> {
+        // SAFETY: F_GETFD only inspects the descriptor table.
+        let open = fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+        if !open || self.taken.contains(&fd) || (0..=2).contains(&fd) {
+            return Err(ConfigError::BadFd(fd));
+        }
+        self.taken.push(fd);
+        // Keep it from leaking into anything we might exec.
+        // SAFETY: fd is open (checked above); FD_CLOEXEC changes only its flags.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        // SAFETY: the parent passed this descriptor for us to own; it is open, not stdio, and
+        // taken once (the list above), so no other owner exists in this process.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Opens `src` for reading (and writing if `write`).
+    pub fn open(&mut self, src: &Source, write: bool) -> Result<File, ConfigError> {
+        match src {
+            Source::Fd(fd) => Ok(File::from(self.take(*fd)?)),
+            Source::Path(p) => OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(p)
+                .map_err(|err| ConfigError::Open {
+                    path: p.clone(),
+                    err,
+                }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn cli_maps_to_config() {
+        let c = Cli::try_parse_from([
+            "bulkhead-vmm",
+            "--kernel-fd",
+            "7",
+            "--disk",
+            "/a.img",
+            "--disk-fd",
+            "9",
+            "--serial",
+            "none",
+            "--vcpus",
+            "2",
+            "--rng",
+        ])
+        .unwrap();
+        let v = VmConfig::from(c);
+        assert!(matches!(v.kernel, Source::Fd(7)));
+        assert_eq!(v.disks.len(), 2);
+        assert!(v.serial_out.is_none());
+        assert_eq!(v.vcpus, 2);
+        assert!(v.rng);
+        assert!(Cli::try_parse_from(["bulkhead-vmm"]).is_err(), "a kernel is required");
+        assert!(Cli::try_parse_from(["bulkhead-vmm", "--kernel", "k", "--memory", "lots"]).is_err());
+    }
+
+    #[test]
+    fn fds_are_taken_once_and_must_be_open() {
+        let f = tempfile::tempfile().unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+        let mut t = FdTaker::default();
+        let owned = t.take(fd).unwrap();
+        assert!(matches!(t.take(fd), Err(ConfigError::BadFd(_))));
+        drop(owned);
+        assert!(matches!(FdTaker::default().take(fd), Err(ConfigError::BadFd(_))));
+        assert!(matches!(FdTaker::default().take(1), Err(ConfigError::BadFd(1))));
+    }
+}

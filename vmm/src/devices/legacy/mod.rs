@@ -1,0 +1,2 @@
+//! Legacy PC devices (only COM1).
+pub mod serial;

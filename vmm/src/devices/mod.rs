@@ -1,0 +1,6 @@
+//! Devices and the buses they sit on.
+pub mod acpi;
+pub mod bus;
+pub mod legacy;
+pub mod pci;
+pub mod virtio;

@@ -1,0 +1,2 @@
+//! virtio-rng: an entropy source.
+pub mod device;

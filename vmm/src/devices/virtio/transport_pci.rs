@@ -1,0 +1,567 @@
+//! The virtio-pci modern transport (virtio 1.x, PCI device IDs 0x1040 + type), written once for
+//! every virtio device.
+//!
+//! BAR 0 (32-bit memory, 32 KiB) holds every structure the capabilities point at:
+//!
+//! | offset | structure                                        |
+//! |--------|--------------------------------------------------|
+//! | 0x0000 | common configuration                             |
+//! | 0x1000 | ISR status                                       |
+//! | 0x2000 | device-specific configuration                   |
+//! | 0x3000 | notifications: queue N at 0x3000 + 4 N (an ioeventfd each) |
+//! | 0x4000 | MSI-X table (queues + 1 vectors)                 |
+//! | 0x5000 | MSI-X pending bits                               |
+//!
+//! Interrupts are MSI-X only (no INTx): each vector is an irqfd on its own GSI.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{status, ActiveQueue, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use crate::devices::pci::bar_allocator::{BarAllocError, BarAllocator};
+use crate::devices::pci::config_space::{BarKind, BarMove, PciBar, PciConfigSpace, PciHeader};
+use crate::devices::pci::device::{BarMapping, PciDevice};
+use crate::devices::pci::msix::{self, MsixVectors, MSIX_CAP_ID};
+use crate::vstate::irq_routing::{IrqRouting, IrqRoutingError};
+use crate::vstate::memory::GuestMemoryMmap;
+
+const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
+const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
+/// BAR 0 size.
+pub const BAR_SIZE: u64 = 0x8000;
+const COMMON_OFFSET: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+const ISR_OFFSET: u64 = 0x1000;
+const DEVICE_CFG_OFFSET: u64 = 0x2000;
+const DEVICE_CFG_LEN: u64 = 0x1000;
+/// Offset of the notification area in BAR 0.
+pub const NOTIFY_OFFSET: u64 = 0x3000;
+/// Bytes between two queues' notification addresses.
+pub const NOTIFY_MULTIPLIER: u32 = 4;
+const NOTIFY_LEN: u64 = 0x1000;
+const MSIX_TABLE_OFFSET: u64 = 0x4000;
+const MSIX_PBA_OFFSET: u64 = 0x5000;
+const MSIX_LEN: u64 = 0x1000;
+/// "No vector" in the MSI-X vector fields.
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+const VENDOR_CAP_ID: u8 = 0x09;
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+/// Errors building the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// No BAR space.
+    #[error(transparent)]
+    Bar(#[from] BarAllocError),
+    /// MSI-X setup failed.
+    #[error("MSI-X: {0}")]
+    Msix(#[from] IrqRoutingError),
+    /// eventfd or ioeventfd failure.
+    #[error("queue notification setup: {0}")]
+    Notify(String),
+    /// Too many queues for the layout.
+    #[error("device has too many queues ({0})")]
+    TooManyQueues(usize),
+}
+
+/// Delivers a device's interrupts through its MSI-X vectors (and the ISR byte).
+struct PciInterrupt {
+    msix: Arc<MsixVectors>,
+    isr: Arc<AtomicU8>,
+    queue_vectors: Vec<u16>,
+    config_vector: u16,
+}
+
+impl VirtioInterrupt for PciInterrupt {
+    fn notify_queue(&self, index: usize) {
+        self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
+        match self.queue_vectors.get(index) {
+            Some(&v) if v != VIRTIO_MSI_NO_VECTOR => self.msix.trigger(v),
+            _ => log::debug!("bulkhead-vmm: queue {index} has no MSI-X vector"),
+        }
+    }
+    fn notify_config(&self) {
+        self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+        if self.config_vector != VIRTIO_MSI_NO_VECTOR {
+            self.msix.trigger(self.config_vector);
+        }
+    }
+}
+
+/// The transport-level state the common configuration exposes.
+#[derive(Default)]
+struct Common {
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    msix_config: u16,
+    queue_select: u16,
+    status: u8,
+    config_generation: u8,
+}
+
+/// A virtio device on PCI.
+pub struct VirtioPciDevice {
+    name: String,
+    config: PciConfigSpace,
+    msix_cap: usize,
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    msix: Arc<MsixVectors>,
+    isr: Arc<AtomicU8>,
+    common: Common,
+    queues: Vec<Queue>,
+    queue_vectors: Vec<u16>,
+    notify: Vec<EventFd>,
+    bar_addr: u64,
+    vm: Option<Arc<VmFd>>,
+    activated: bool,
+}
+
+impl VirtioPciDevice {
+    /// Puts `device` on PCI: allocates BAR 0 from `bars`, MSI-X vectors from `routing`, and
+    /// registers one ioeventfd per queue.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        bars: &mut BarAllocator,
+        routing: &Arc<IrqRouting>,
+    ) -> Result<Self, TransportError> {
+        let nq = device.queue_max_sizes().len();
+        let msix = MsixVectors::new(Self::vector_count(nq)?, routing.clone())?;
+        let addr = bars.allocate_mmio32(BAR_SIZE)?;
+        let mut dev = Self::build(device, mem, msix, addr)?;
+        dev.vm = Some(routing.vm().clone());
+        dev.register_ioeventfds(addr)?;
+        Ok(dev)
+    }
+
+    /// The transport without KVM (no ioeventfds, unrouted MSI-X) at BAR address `addr`: queue
+    /// notifications are trapped writes. For tests.
+    pub fn new_unrouted(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        addr: u64,
+    ) -> Result<Self, TransportError> {
+        let nq = device.queue_max_sizes().len();
+        let msix = MsixVectors::new_unrouted(Self::vector_count(nq)?)
+            .map_err(|e| TransportError::Notify(e.to_string()))?;
+        Self::build(device, mem, msix, addr)
+    }
+
+    fn vector_count(queues: usize) -> Result<u16, TransportError> {
+        // Vectors must fit in the 0x1000-byte table window; the notify area holds 1024 queues.
+        if queues == 0 || queues + 1 > (MSIX_LEN / msix::MSIX_ENTRY_SIZE) as usize {
+            return Err(TransportError::TooManyQueues(queues));
+        }
+        Ok(queues as u16 + 1)
+    }
+
+    fn build(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        msix: MsixVectors,
+        addr: u64,
+    ) -> Result<Self, TransportError> {
+        let sizes = device.queue_max_sizes().to_vec();
+        let (class, subclass) = device.pci_class();
+        let mut config = PciConfigSpace::new(PciHeader {
+            vendor: VIRTIO_PCI_VENDOR,
+            device: VIRTIO_PCI_DEVICE_BASE + device.device_type() as u16,
+            class,
+            subclass,
+            prog_if: 0,
+            revision: 1,
+            subsystem_vendor: VIRTIO_PCI_VENDOR,
+            subsystem: 0x40,
+        });
+        let cap_err = |e| TransportError::Notify(format!("config space: {e}"));
+        config
+            .add_bar(PciBar {
+                index: 0,
+                addr,
+                size: BAR_SIZE,
+                kind: BarKind::Mmio32,
+                prefetchable: false,
+            })
+            .map_err(cap_err)?;
+        let vendor_cap = |cfg_type: u8, offset: u64, len: u64, extra: Option<u32>| {
+            // cap_len, cfg_type, bar, id, padding[2], offset, length [, notify multiplier]
+            let cap_len = if extra.is_some() { 20u8 } else { 16u8 };
+            let mut b = vec![cap_len, cfg_type, 0, 0, 0, 0];
+            b.extend_from_slice(&(offset as u32).to_le_bytes());
+            b.extend_from_slice(&(len as u32).to_le_bytes());
+            if let Some(x) = extra {
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            b
+        };
+        for body in [
+            vendor_cap(CAP_COMMON, COMMON_OFFSET, COMMON_LEN, None),
+            vendor_cap(CAP_ISR, ISR_OFFSET, 1, None),
+            vendor_cap(CAP_DEVICE, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN, None),
+            vendor_cap(CAP_NOTIFY, NOTIFY_OFFSET, NOTIFY_LEN, Some(NOTIFY_MULTIPLIER)),
+        ] {
+            config.add_capability(VENDOR_CAP_ID, &body, &[]).map_err(cap_err)?;
+        }
+        let (body, mask) = msix::capability(
+            msix.count() as u16,
+            0,
+            MSIX_TABLE_OFFSET as u32,
+            MSIX_PBA_OFFSET as u32,
+        );
+        let msix_cap = config
+            .add_capability(MSIX_CAP_ID, &body, &mask)
+            .map_err(cap_err)?;
+        let mut queues = Vec::new();
+        let mut notify = Vec::new();
+        for s in &sizes {
+            queues.push(Queue::new(*s).map_err(|e| TransportError::Notify(format!("{e:?}")))?);
+            notify.push(EventFd::new(EFD_NONBLOCK).map_err(|e| TransportError::Notify(e.to_string()))?);
+        }
+        Ok(Self {
+            name: format!("virtio-{}", device.name()),
+            config,
+            msix_cap,
+            device,
+            mem,
+            msix: Arc::new(msix),
+            isr: Arc::new(AtomicU8::new(0)),
+            common: Common {
+                msix_config: VIRTIO_MSI_NO_VECTOR,
+                ..Default::default()
+            },
+            queue_vectors: vec![VIRTIO_MSI_NO_VECTOR; sizes.len()],
+            queues,
+            notify,
+            bar_addr: addr,
+            vm: None,
+            activated: false,
+        })
+    }
+
+    fn register_ioeventfds(&self, base: u64) -> Result<(), TransportError> {
+        let Some(vm) = &self.vm else { return Ok(()) };
+        for (i, evt) in self.notify.iter().enumerate() {
+            let addr = base + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(|e| TransportError::Notify(format!("ioeventfd at {addr:#x}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn unregister_ioeventfds(&self, base: u64) {
+        let Some(vm) = &self.vm else { return };
+        for (i, evt) in self.notify.iter().enumerate() {
+            let addr = base + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER);
+            let _ = vm.unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch);
+        }
+    }
+
+    /// The current device status byte.
+    pub fn status(&self) -> u8 {
+        self.common.status
+    }
+
+    /// The MSI-X vectors (tests read their eventfds).
+    pub fn msix(&self) -> &Arc<MsixVectors> {
+        &self.msix
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(self.common.queue_select))
+    }
+
+    fn read_common(&mut self, offset: u64, len: usize) -> u32 {
+        let c = &self.common;
+        let feature_word = |features: u64, select: u32| match select {
+            0 => features as u32,
+            1 => (features >> 32) as u32,
+            _ => 0,
+        };
+        let qsel = usize::from(c.queue_select);
+        let q = self.queues.get(qsel);
+        let value: u64 = match offset {
+            0x00 => u64::from(c.device_feature_select),
+            0x04 => u64::from(feature_word(self.device.features(), c.device_feature_select)),
+            0x08 => u64::from(c.driver_feature_select),
+            0x0c => u64::from(feature_word(c.driver_features, c.driver_feature_select)),
+            0x10 => u64::from(c.msix_config),
+            0x12 => self.queues.len() as u64,
+            0x14 => u64::from(c.status),
+            0x15 => u64::from(c.config_generation),
+            0x16 => u64::from(c.queue_select),
+            0x18 => q.map_or(0, |q| u64::from(q.size())),
+            0x1a => self
+                .queue_vectors
+                .get(qsel)
+                .map_or(u64::from(VIRTIO_MSI_NO_VECTOR), |v| u64::from(*v)),
+            0x1c => q.map_or(0, |q| u64::from(q.ready())),
+            0x1e => qsel as u64,
+            0x20 => q.map_or(0, |q| q.desc_table() & 0xffff_ffff),
+            0x24 => q.map_or(0, |q| q.desc_table() >> 32),
+            0x28 => q.map_or(0, |q| q.avail_ring() & 0xffff_ffff),
+            0x2c => q.map_or(0, |q| q.avail_ring() >> 32),
+            0x30 => q.map_or(0, |q| q.used_ring() & 0xffff_ffff),
+            0x34 => q.map_or(0, |q| q.used_ring() >> 32),
+            _ => 0,
+        };
+        let mask = if len >= 4 { u32::MAX } else { (1u32 << (len * 8)) - 1 };
+        (value as u32) & mask
+    }
+
+    fn write_common(&mut self, offset: u64, value: u32) {
+        let live = self.activated;
+        match offset {
+            0x00 => self.common.device_feature_select = value,
+            0x08 => self.common.driver_feature_select = value,
+            0x0c if !live => match self.common.driver_feature_select {
+                0 => {
+                    self.common.driver_features =
+                        (self.common.driver_features & !0xffff_ffff) | u64::from(value)
+                }
+                1 => {
+                    self.common.driver_features =
+                        (self.common.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                }
+                _ => {}
+            },
+            0x10 => self.common.msix_config = value as u16,
+            0x14 => self.write_status(value as u8),
+            0x16 => self.common.queue_select = value as u16,
+            0x18 if !live => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(value as u16);
+                }
+            }
+            0x1a => {
+                let qsel = usize::from(self.common.queue_select);
+                if let Some(v) = self.queue_vectors.get_mut(qsel) {
+                    *v = value as u16;
+                }
+            }
+            0x1c if !live => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            0x20..=0x34 if !live => {
+                let Some(q) = self.selected_queue() else { return };
+                let (lo, hi) = if offset % 8 == 0 {
+                    (Some(value), None)
+                } else {
+                    (None, Some(value))
+                };
+                match offset {
+                    0x20 | 0x24 => q.set_desc_table_address(lo, hi),
+                    0x28 | 0x2c => q.set_avail_ring_address(lo, hi),
+                    0x30 | 0x34 => q.set_used_ring_address(lo, hi),
+                    _ => {}
+                }
+            }
+            _ => log::debug!("bulkhead-vmm: {}: common config write {offset:#x} ignored", self.name),
+        }
+    }
+
+    fn write_status(&mut self, new: u8) {
+        if new == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.common.status;
+        let mut new = new | old; // bits are only ever added, except by a reset
+        if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
+            let offered = self.device.features();
+            let acked = self.common.driver_features;
+            if acked & !offered != 0 || acked & VIRTIO_F_VERSION_1 == 0 {
+                log::warn!(
+                    "bulkhead-vmm: {}: driver features {acked:#x} refused (offered {offered:#x})",
+                    self.name
+                );
+                new &= !status::FEATURES_OK;
+            }
+        }
+        self.common.status = new;
+        if new & status::DRIVER_OK != 0
+            && new & status::FEATURES_OK != 0
+            && new & status::FAILED == 0
+            && !self.activated
+        {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let mut queues = Vec::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            if !q.ready() {
+                continue;
+            }
+            if !q.is_valid(&self.mem) {
+                log::warn!("bulkhead-vmm: {}: queue {i} is invalid, not started", self.name);
+                continue;
+            }
+            let notify = match self.notify.get(i).map(|e| e.try_clone()) {
+                Some(Ok(e)) => e,
+                _ => continue,
+            };
+            let Ok(queue) = Queue::try_from(q.state()) else {
+                continue;
+            };
+            queues.push(ActiveQueue {
+                index: i,
+                queue,
+                notify,
+            });
+        }
+        if !self.msix.enabled() {
+            log::warn!("bulkhead-vmm: {}: MSI-X is off; the device cannot interrupt", self.name);
+        }
+        let interrupt = Arc::new(PciInterrupt {
+            msix: self.msix.clone(),
+            isr: self.isr.clone(),
+            queue_vectors: self.queue_vectors.clone(),
+            config_vector: self.common.msix_config,
+        });
+        let act = Activation {
+            mem: self.mem.clone(),
+            features: self.common.driver_features,
+            queues,
+            interrupt: interrupt.clone(),
+        };
+        match self.device.activate(act) {
+            Ok(()) => {
+                self.activated = true;
+                log::info!("bulkhead-vmm: {} activated", self.name);
+            }
+            Err(e) => {
+                log::error!("bulkhead-vmm: {}: activation failed: {e}", self.name);
+                self.common.status |= status::DEVICE_NEEDS_RESET;
+                interrupt.notify_config();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+        for q in self.queues.iter_mut() {
+            q.reset();
+        }
+        self.queue_vectors.fill(VIRTIO_MSI_NO_VECTOR);
+        self.common = Common {
+            msix_config: VIRTIO_MSI_NO_VECTOR,
+            config_generation: self.common.config_generation,
+            ..Default::default()
+        };
+        self.isr.store(0, Ordering::SeqCst);
+    }
+}
+
+fn le_value(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    for (d, s) in b.iter_mut().zip(data) {
+        *d = *s;
+    }
+    u32::from_le_bytes(b)
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.config.read_reg(reg)
+    }
+
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) -> Option<BarMove> {
+        let mv = self.config.write(reg, offset, data);
+        // The MSI-X message control word (cap + 2) may have changed.
+        let ctrl_reg = (self.msix_cap + 2) / 4;
+        if reg == ctrl_reg {
+            let ctrl = self.config.read_bytes(self.msix_cap + 2, 2) as u16;
+            self.msix.set_control(ctrl);
+        }
+        mv
+    }
+
+    fn bars(&self) -> Vec<(PciBar, BarMapping)> {
+        self.config.bars().map(|b| (*b, BarMapping::Trapped)).collect()
+    }
+
+    fn bar_read(&mut self, index: usize, offset: u64, data: &mut [u8]) {
+        if index != 0 {
+            data.fill(0xff);
+            return;
+        }
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_LEN => {
+                let v = self.read_common(o, data.len());
+                for (d, s) in data.iter_mut().zip(v.to_le_bytes()) {
+                    *d = s;
+                }
+            }
+            o if (ISR_OFFSET..ISR_OFFSET + 4).contains(&o) => {
+                let v = self.isr.swap(0, Ordering::SeqCst);
+                data.fill(0);
+                if let Some(d) = data.first_mut() {
+                    *d = v;
+                }
+            }
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE_CFG_OFFSET, data)
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + MSIX_LEN).contains(&o) => {
+                self.msix.read_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + MSIX_LEN).contains(&o) => {
+                self.msix.read_pba(o - MSIX_PBA_OFFSET, data)
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, index: usize, offset: u64, data: &[u8]) {
+        if index != 0 {
+            return;
+        }
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_LEN => self.write_common(o, le_value(data)),
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE_CFG_OFFSET, data)
+            }
+            o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_LEN).contains(&o) => {
+                // Only reached without an ioeventfd (tests, or a BAR the guest moved badly).
+                let q = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(e) = self.notify.get(q) {
+                    let _ = e.write(1);
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + MSIX_LEN).contains(&o) => {
+                self.msix.write_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            _ => {}
+        }
+    }
+
+    fn bar_moved(&mut self, mv: &BarMove) -> Result<(), String> {
+        if mv.index != 0 {
+            return Ok(());
+        }
+        self.unregister_ioeventfds(mv.old);
+        self.bar_addr = mv.new;
+        self.register_ioeventfds(mv.new).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,101 @@
+//! `bulkhead-vmm`: boots one Linux VM and exits with a status that says how it ended.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use bulkhead_vmm::config::{Cli, FdTaker, Source, VmConfig};
+use bulkhead_vmm::devices::virtio::rng::device::Rng;
+use bulkhead_vmm::vm::Vm;
+use bulkhead_vmm::vstate::exit::ExitReason;
+
+fn init_logging(level: log::LevelFilter) {
+    struct Stderr(log::LevelFilter);
+    impl log::Log for Stderr {
+        fn enabled(&self, m: &log::Metadata) -> bool {
+            m.level() <= self.0
+        }
+        fn log(&self, r: &log::Record) {
+            if self.enabled(r.metadata()) {
+                let msg = r.args().to_string();
+                let msg = msg.strip_prefix("bulkhead-vmm: ").unwrap_or(&msg);
+                let _ = writeln!(std::io::stderr(), "bulkhead-vmm: {}: {msg}", r.level());
+            }
+        }
+        fn flush(&self) {}
+    }
+    let _ = log::set_logger(Box::leak(Box::new(Stderr(level))));
+    log::set_max_level(level);
+}
+
+fn run(cfg: VmConfig) -> Result<ExitReason, String> {
+    let mut fds = FdTaker::default();
+    let kvm = match cfg.kvm_fd {
+        Some(fd) => {
+            let owned = fds.take(fd).map_err(|e| e.to_string())?;
+            // SAFETY: `owned` is an open descriptor the parent gave us as /dev/kvm; Kvm takes
+            // over its ownership.
+            unsafe { <kvm_ioctls::Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(owned)) }
+        }
+        None => kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?,
+    };
+    let serial_out: Box<dyn Write + Send> = match &cfg.serial_out {
+        None => Box::new(std::io::sink()),
+        Some(None) => Box::new(std::io::stdout()),
+        Some(Some(Source::Fd(fd))) => Box::new(std::fs::File::from(
+            fds.take(*fd).map_err(|e| e.to_string())?,
+        )),
+        Some(Some(Source::Path(p))) => Box::new(
+            std::fs::File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?,
+        ),
+    };
+    let mut kernel = fds.open(&cfg.kernel, false).map_err(|e| e.to_string())?;
+    let mut initramfs = match &cfg.initramfs {
+        Some(s) => Some(fds.open(s, false).map_err(|e| e.to_string())?),
+        None => None,
+    };
+
+    let mut vm = Vm::new(&kvm, cfg.memory, cfg.vcpus, serial_out).map_err(|e| e.to_string())?;
+    if cfg.rng {
+        vm.add_virtio_device(Box::new(Rng::new()))
+            .map_err(|e| e.to_string())?;
+    }
+    for d in &cfg.disks {
+        let f = fds
+            .open(d, !cfg.disk_read_only)
+            .map_err(|e| e.to_string())?;
+        vm.add_disk(f, cfg.disk_read_only)
+            .map_err(|e| e.to_string())?;
+    }
+    vm.load_linux(&mut kernel, initramfs.as_mut(), &cfg.cmdline)
+        .map_err(|e| e.to_string())?;
+    drop(kernel);
+    drop(initramfs);
+
+    let input: Option<Box<dyn std::io::Read + Send>> = if cfg.serial_input {
+        Some(Box::new(std::io::stdin()))
+    } else {
+        None
+    };
+    let running = vm.start(input).map_err(|e| e.to_string())?;
+    let reason = running.wait();
+    Ok(running.stop(reason))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level);
+    let cfg = VmConfig::from(cli);
+    let reason = match run(cfg) {
+        Ok(r) => r,
+        Err(e) => ExitReason::VmmError(e),
+    };
+    match &reason {
+        ExitReason::VmmError(e) => log::error!("bulkhead-vmm: {e}"),
+        ExitReason::GuestCrash(e) => log::error!("bulkhead-vmm: guest crashed: {e}"),
+        r => log::info!("bulkhead-vmm: VM ended: {r:?}"),
+    }
+    let _ = std::io::stdout().flush();
+    ExitCode::from(reason.exit_code() as u8)
+}
