@@ -1,0 +1,467 @@
+//! `/etc/bulkhead/system.toml`: the host settings and the services init supervises.
+//!
+//! Unknown keys are errors (a typo must not silently change behaviour). A file that does
+//! not parse or validate is reported with its path and position; init then runs with no
+//! services, and `when_idle` applies.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where init looks unless `bulkhead.system=` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/bulkhead/system.toml";
+
+/// Largest system.toml init reads (bounded allocation in PID 1).
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Most services one system may declare.
+pub const MAX_SERVICES: usize = 256;
+
+/// Errors reading or validating system.toml.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than `MAX_FILE_BYTES`.
+    #[error("{path}: file too large ({size} bytes, at most {MAX_FILE_BYTES})")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// TOML syntax, a wrong type, or an unknown key (the message names line and column).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's explanation.
+        message: String,
+    },
+    /// The file parsed but a value is not acceptable.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and where.
+        message: String,
+    },
+}
+
+/// What to do once every service has ended for good.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenIdle {
+    /// Keep running (the control socket still works).
+    #[default]
+    Stay,
+    /// Power the machine off.
+    Poweroff,
+    /// Reboot.
+    Reboot,
+    /// Halt.
+    Halt,
+}
+
+/// When a service is started again after it ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never.
+    Never,
+    /// When it exits with a non-zero status or is killed by a signal.
+    #[default]
+    OnFailure,
+    /// Whenever it ends.
+    Always,
+}
+
+/// `[host]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Set with sethostname(2) when present.
+    pub hostname: Option<String>,
+    /// Kernel modules to load, each with its dependencies.
+    #[serde(default)]
+    pub modules: Vec<String>,
+    /// What to do once every service has ended for good.
+    #[serde(default)]
+    pub when_idle: WhenIdle,
+    /// Grace between the final kill(-1, SIGTERM) and kill(-1, SIGKILL).
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            hostname: None,
+            modules: Vec::new(),
+            when_idle: WhenIdle::default(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+        }
+    }
+}
+
+fn default_shutdown_grace_ms() -> u64 {
+    3000
+}
+fn default_restart_delay_ms() -> u64 {
+    1000
+}
+fn default_restart_delay_max_ms() -> u64 {
+    60_000
+}
+fn default_stable_after_ms() -> u64 {
+    30_000
+}
+fn default_burst() -> u32 {
+    5
+}
+fn default_burst_interval_ms() -> u64 {
+    60_000
+}
+fn default_stop_timeout_ms() -> u64 {
+    5000
+}
+
+/// One `[[service]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// `[a-z0-9-]+`, unique.
+    pub name: String,
+    /// Absolute program path, then its arguments.
+    pub exec: Vec<String>,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// First backoff delay; doubles on each consecutive restart.
+    #[serde(default = "default_restart_delay_ms")]
+    pub restart_delay_ms: u64,
+    /// Backoff ceiling.
+    #[serde(default = "default_restart_delay_max_ms")]
+    pub restart_delay_max_ms: u64,
+    /// An uptime at least this long resets the backoff.
+    #[serde(default = "default_stable_after_ms")]
+    pub stable_after_ms: u64,
+    /// At most this many starts in `burst_interval_ms`, then the service is failed.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// The burst window.
+    #[serde(default = "default_burst_interval_ms")]
+    pub burst_interval_ms: u64,
+    /// SIGTERM → SIGKILL delay at shutdown.
+    #[serde(default = "default_stop_timeout_ms")]
+    pub stop_timeout_ms: u64,
+    /// Environment; when absent the service gets only PATH=/bin.
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemConfig {
+    /// `[host]` (all defaults when absent).
+    #[serde(default)]
+    pub host: HostConfig,
+    /// `[[service]]` tables, in start order.
+    #[serde(default)]
+    pub service: Vec<ServiceConfig>,
+}
+
+/// The supervision parameters of one child, in the units the supervisor uses. A service is
+/// one kind of child; a VM (later `[[vm]]` tables) will be another, with its own recipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartParams {
+    /// Restart policy.
+    pub policy: RestartPolicy,
+    /// First backoff delay.
+    pub delay: Duration,
+    /// Backoff ceiling.
+    pub delay_max: Duration,
+    /// Uptime that resets the backoff.
+    pub stable_after: Duration,
+    /// Starts allowed per window.
+    pub burst: u32,
+    /// The window.
+    pub burst_interval: Duration,
+    /// SIGTERM → SIGKILL delay.
+    pub stop_timeout: Duration,
+}
+
+impl ServiceConfig {
+    /// The supervision parameters of this service.
+    pub fn restart_params(&self) -> RestartParams {
+        RestartParams {
+            policy: self.restart,
+            delay: Duration::from_millis(self.restart_delay_ms),
+            delay_max: Duration::from_millis(self.restart_delay_max_ms),
+            stable_after: Duration::from_millis(self.stable_after_ms),
+            burst: self.burst,
+            burst_interval: Duration::from_millis(self.burst_interval_ms),
+            stop_timeout: Duration::from_millis(self.stop_timeout_ms),
+        }
+    }
+
+    /// The environment the service runs with.
+    pub fn environment(&self) -> BTreeMap<String, String> {
+        match &self.env {
+            Some(env) => env.clone(),
+            None => BTreeMap::from([("PATH".to_string(), "/bin".to_string())]),
+        }
+    }
+}
+
+/// A service name is `[a-z0-9-]+` (at most 64 characters).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A module name: letters, digits, `-` and `_`.
+pub fn valid_module_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl SystemConfig {
+    /// Parses and validates the text of a system.toml; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<SystemConfig, ConfigError> {
+        let config: SystemConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a system.toml.
+    pub fn load(path: &Path) -> Result<SystemConfig, ConfigError> {
+        use std::io::Read;
+        let read_err = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let size = file.metadata().map_err(read_err)?.len();
+        if size > MAX_FILE_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+        let mut text = String::new();
+        file.take(MAX_FILE_BYTES)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        Self::parse(&text, path)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(h) = &self.host.hostname {
+            if h.is_empty() || h.len() > 64 || h.bytes().any(|b| !(b.is_ascii_graphic())) {
+                return Err(format!(
+                    "[host] hostname {h:?}: 1 to 64 printable characters without spaces"
+                ));
+            }
+        }
+        for m in &self.host.modules {
+            if !valid_module_name(m) {
+                return Err(format!(
+                    "[host] modules: {m:?} is not a module name (letters, digits, - and _)"
+                ));
+            }
+        }
+        if self.service.len() > MAX_SERVICES {
+            return Err(format!(
+                "{} services declared, at most {MAX_SERVICES}",
+                self.service.len()
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, s) in self.service.iter().enumerate() {
+            let at = format!("[[service]] #{} ({:?})", i + 1, s.name);
+            if !valid_name(&s.name) {
+                return Err(format!(
+                    "{at}: name must match [a-z0-9-]+ (at most 64 characters)"
+                ));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(format!("{at}: duplicate service name"));
+            }
+            match s.exec.first() {
+                None => return Err(format!("{at}: exec is empty")),
+                Some(prog) if !prog.starts_with('/') => {
+                    return Err(format!("{at}: exec[0] {prog:?} must be an absolute path"))
+                }
+                Some(_) => {}
+            }
+            if s.exec.iter().any(|a| a.contains('\0')) {
+                return Err(format!("{at}: exec contains a NUL byte"));
+            }
+            if s.burst == 0 {
+                return Err(format!("{at}: burst must be at least 1"));
+            }
+            if s.burst_interval_ms == 0 {
+                return Err(format!("{at}: burst_interval_ms must be at least 1"));
+            }
+            if s.restart_delay_max_ms < s.restart_delay_ms {
+                return Err(format!(
+                    "{at}: restart_delay_max_ms ({}) is below restart_delay_ms ({})",
+                    s.restart_delay_max_ms, s.restart_delay_ms
+                ));
+            }
+            if let Some(env) = &s.env {
+                for (k, v) in env {
+                    if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                        return Err(format!("{at}: env key {k:?} is not a valid variable"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SystemConfig, ConfigError> {
+        SystemConfig::parse(text, Path::new("/etc/bulkhead/system.toml"))
+    }
+
+    const FULL: &str = r#"
+[host]
+hostname = "bulkhead"
+modules = ["kvm-amd", "vfio-pci", "button", "evdev"]
+when_idle = "poweroff"
+shutdown_grace_ms = 3000
+
+[[service]]
+name = "hello"
+exec = ["/bin/prog", "arg"]
+restart = "on-failure"
+restart_delay_ms = 1000
+restart_delay_max_ms = 60000
+stable_after_ms = 30000
+burst = 5
+burst_interval_ms = 60000
+stop_timeout_ms = 5000
+env = { KEY = "value" }
+
+[[service]]
+name = "second-1"
+exec = ["/bin/other"]
+restart = "always"
+"#;
+
+    #[test]
+    fn full_example_parses() {
+        let c = parse(FULL).unwrap();
+        assert_eq!(c.host.hostname.as_deref(), Some("bulkhead"));
+        assert_eq!(c.host.modules.len(), 4);
+        assert_eq!(c.host.when_idle, WhenIdle::Poweroff);
+        assert_eq!(c.service.len(), 2);
+        let hello = &c.service[0];
+        assert_eq!(hello.restart, RestartPolicy::OnFailure);
+        assert_eq!(
+            hello.environment().get("KEY").map(String::as_str),
+            Some("value")
+        );
+        assert!(!hello.environment().contains_key("PATH"));
+        let second = &c.service[1];
+        assert_eq!(second.restart, RestartPolicy::Always);
+        assert_eq!(second.restart_params().delay, Duration::from_secs(1));
+        assert_eq!(second.restart_params().burst, 5);
+        assert_eq!(
+            second.environment(),
+            BTreeMap::from([("PATH".to_string(), "/bin".to_string())])
+        );
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, SystemConfig::default());
+        assert_eq!(c.host.when_idle, WhenIdle::Stay);
+        assert_eq!(c.host.shutdown_grace_ms, 3000);
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_position() {
+        let e = err("[host]\nhostnme = \"x\"\n");
+        assert!(e.contains("/etc/bulkhead/system.toml"), "{e}");
+        assert!(e.contains("hostnme"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        let e = err("[[service]]\nname = \"a\"\nexec = [\"/a\"]\nrestrat = \"never\"\n");
+        assert!(e.contains("restrat"), "{e}");
+        let e = err("[hots]\n");
+        assert!(e.contains("hots"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_values() {
+        assert!(err("[host]\nwhen_idle = \"explode\"\n").contains("explode"));
+        assert!(
+            err("[[service]]\nname = \"a\"\nexec = [\"/a\"]\nrestart = \"sometimes\"\n")
+                .contains("sometimes")
+        );
+        assert!(err("[[service]]\nname = \"a\"\nexec = \"/a\"\n").contains("exec"));
+        assert!(err("[[service]]\nexec = [\"/a\"]\n").contains("name"));
+        assert!(err("[host\n").contains("line 1"));
+    }
+
+    #[test]
+    fn validation_errors() {
+        let svc = |name: &str, exec: &str, extra: &str| {
+            format!("[[service]]\nname = \"{name}\"\nexec = [{exec}]\n{extra}\n")
+        };
+        assert!(err(&svc("Hello", "\"/a\"", "")).contains("[a-z0-9-]+"));
+        assert!(err(&svc("a_b", "\"/a\"", "")).contains("[a-z0-9-]+"));
+        assert!(err(&svc("a", "\"prog\"", "")).contains("absolute"));
+        assert!(err(&svc("a", "", "")).contains("exec is empty"));
+        assert!(err(&svc("a", "\"/a\"", "burst = 0")).contains("burst"));
+        assert!(err(&svc(
+            "a",
+            "\"/a\"",
+            "restart_delay_ms = 5000\nrestart_delay_max_ms = 10"
+        ))
+        .contains("restart_delay_max_ms"));
+        let dup = format!("{}{}", svc("a", "\"/a\"", ""), svc("a", "\"/b\"", ""));
+        assert!(err(&dup).contains("duplicate"));
+        assert!(err("[host]\nmodules = [\"../evil\"]\n").contains("module name"));
+        assert!(err("[host]\nhostname = \"a b\"\n").contains("hostname"));
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error() {
+        let e = SystemConfig::load(Path::new("/nonexistent/system.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        assert!(e.to_string().contains("/nonexistent/system.toml"));
+    }
+}

@@ -1,0 +1,328 @@
+//! Running supervised children: spawning from a recipe, output pipes, reaping, and the
+//! stop sequence at shutdown. The decisions come from [`crate::supervisor`]; this module
+//! does the system calls and prints the messages.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::config::{RestartParams, SystemConfig};
+use crate::control::ServiceStatus;
+use crate::output::{DrainResult, OutputPipe};
+use crate::supervisor::{ChildId, Decision, ExitKind, State, Supervisor};
+
+/// Most output pipes kept open at once (a pipe outlives its child while grandchildren
+/// still hold the write end).
+const MAX_PIPES: usize = 256;
+
+/// A monotonic clock measured from init's start.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    origin: Instant,
+}
+
+impl Clock {
+    /// Starts now.
+    pub fn new() -> Self {
+        Clock {
+            origin: Instant::now(),
+        }
+    }
+
+    /// Time since the start.
+    pub fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How to start one child: a service today; a VMM for a `[[vm]]` later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recipe {
+    /// Name used in messages and status.
+    pub name: String,
+    /// Program and arguments.
+    pub exec: Vec<String>,
+    /// The whole environment.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Every supervised child and its plumbing.
+#[derive(Debug, Default)]
+pub struct Services {
+    sup: Supervisor,
+    recipes: Vec<Recipe>,
+    pipes: Vec<(String, OutputPipe)>,
+    idle_announced: bool,
+}
+
+/// The exit of a wait status, if it is one.
+pub fn exit_kind(status: WaitStatus) -> Option<(i32, ExitKind)> {
+    match status {
+        WaitStatus::Exited(pid, code) => Some((pid.as_raw(), ExitKind::Exited(code))),
+        WaitStatus::Signaled(pid, sig, _) => {
+            Some((pid.as_raw(), ExitKind::Signaled(sig.as_str().to_string())))
+        }
+        _ => None,
+    }
+}
+
+impl Services {
+    /// The services of a system, in start order.
+    pub fn from_config(config: &SystemConfig) -> Self {
+        let mut s = Services::default();
+        for svc in &config.service {
+            s.add(
+                Recipe {
+                    name: svc.name.clone(),
+                    exec: svc.exec.clone(),
+                    env: svc.environment(),
+                },
+                svc.restart_params(),
+            );
+        }
+        s
+    }
+
+    /// Adds one child.
+    pub fn add(&mut self, recipe: Recipe, params: RestartParams) -> ChildId {
+        let id = self.sup.add(&recipe.name, params);
+        self.recipes.push(recipe);
+        id
+    }
+
+    /// The supervisor (read-only).
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.sup
+    }
+
+    /// The earliest pending start.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.sup.next_deadline()
+    }
+
+    /// Starts every child whose time has come.
+    pub fn start_due(&mut self, clock: &Clock) {
+        let now = clock.now();
+        for id in self.sup.due(now) {
+            let Some(recipe) = self.recipes.get(id.0).cloned() else {
+                continue;
+            };
+            match self.spawn(&recipe) {
+                Ok(pid) => {
+                    let k = self.sup.started(id, pid, now);
+                    info!("started {} pid {pid} (start {k})", recipe.name);
+                }
+                Err(e) => {
+                    error!("{} could not start: {e}", recipe.name);
+                    let d = self.sup.spawn_failed(id, e, now);
+                    self.report(&recipe.name, d);
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self, recipe: &Recipe) -> Result<i32, String> {
+        let (prog, args) = recipe
+            .exec
+            .split_first()
+            .ok_or_else(|| "empty exec".to_string())?;
+        let (read_end, write_end) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        set_nonblocking(&read_end).map_err(|e| format!("pipe: {e}"))?;
+        let stderr_end: OwnedFd = write_end.try_clone().map_err(|e| format!("pipe: {e}"))?;
+        // std's spawn resets the child's signal mask to empty and SIGPIPE to default;
+        // a new process group lets shutdown kill what the service itself started.
+        let child = Command::new(prog)
+            .args(args)
+            .env_clear()
+            .envs(&recipe.env)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(write_end))
+            .stderr(Stdio::from(stderr_end))
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("{prog}: {e}"))?;
+        let pid = i32::try_from(child.id()).map_err(|_| "pid out of range".to_string())?;
+        // The Child handle is not needed: init reaps with waitpid(-1).
+        drop(child);
+        if self.pipes.len() >= MAX_PIPES {
+            warn!("too many output pipes open, dropping the oldest");
+            self.pipes.remove(0);
+        }
+        self.pipes
+            .push((recipe.name.clone(), OutputPipe::new(read_end)));
+        Ok(pid)
+    }
+
+    fn report(&mut self, name: &str, decision: Decision) {
+        match decision {
+            Decision::Restart { delay } => {
+                info!("{name} restarting in {} ms", delay.as_millis())
+            }
+            Decision::Failed { burst, interval } => error!(
+                "{name} failed: start limit reached ({burst} starts in {} ms)",
+                interval.as_millis()
+            ),
+            Decision::Ended => debug!("{name} ended for good"),
+            Decision::Stopped => debug!("{name} stopped"),
+        }
+    }
+
+    /// Handles one reaped child. Returns false for pids that are not ours (orphans).
+    pub fn child_exited(&mut self, pid: i32, kind: ExitKind, clock: &Clock) -> bool {
+        let Some((id, decision)) = self.sup.exited(pid, kind.clone(), clock.now()) else {
+            return false;
+        };
+        let name = self
+            .sup
+            .child(id)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        info!("{name} {kind}");
+        self.drain_output_of(&name);
+        self.report(&name, decision);
+        true
+    }
+
+    /// Reaps every exited child (waitpid(-1, WNOHANG) until none is left).
+    pub fn reap(&mut self, clock: &Clock) {
+        for _ in 0..4096 {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(status) => {
+                    if let Some((pid, kind)) = exit_kind(status) {
+                        if !self.child_exited(pid, kind.clone(), clock) {
+                            debug!("reaped orphan pid {pid}: {kind}");
+                        }
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    warn!("waitpid: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// True exactly once: the first time every child has ended for good.
+    pub fn newly_idle(&mut self) -> bool {
+        if self.idle_announced || !self.sup.all_ended() {
+            return false;
+        }
+        self.idle_announced = true;
+        true
+    }
+
+    /// The output pipes to poll.
+    pub fn pipe_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.pipes.iter().map(|(_, p)| p.as_fd()).collect()
+    }
+
+    /// Drains the pipes marked readable (same order as `pipe_fds`).
+    pub fn drain_output(&mut self, readable: &[bool]) {
+        let mut i = 0;
+        self.pipes.retain_mut(|(name, pipe)| {
+            let ready = readable.get(i).copied().unwrap_or(false);
+            i += 1;
+            if !ready {
+                return true;
+            }
+            pipe.drain(&mut |line| crate::log::service_line(name, line)) == DrainResult::Open
+        });
+    }
+
+    fn drain_output_of(&mut self, name: &str) {
+        self.pipes.retain_mut(|(owner, pipe)| {
+            if owner != name {
+                return true;
+            }
+            pipe.drain(&mut |line| crate::log::service_line(owner, line)) == DrainResult::Open
+        });
+    }
+
+    /// Status of every child for the control socket.
+    pub fn status(&self) -> Vec<ServiceStatus> {
+        self.sup
+            .children()
+            .map(|(_, c)| ServiceStatus {
+                name: c.name.clone(),
+                state: c.state.name().to_string(),
+                pid: c.state.pid(),
+                starts: c.starts,
+                last_exit: c.last_exit.as_ref().map(|e| e.to_string()),
+            })
+            .collect()
+    }
+
+    /// Shutdown, first stage: each live child in reverse start order gets SIGTERM, then
+    /// SIGKILL after its stop timeout. `wait` blocks for at most the given time or until
+    /// a signal arrives (the caller's signalfd); output keeps being drained meanwhile.
+    pub fn stop_all(&mut self, clock: &Clock, wait: &mut dyn FnMut(&mut Services, Duration)) {
+        for (id, pid) in self.sup.begin_stop() {
+            let Some(child) = self.sup.child(id) else {
+                continue;
+            };
+            let name = child.name.clone();
+            let timeout = child.params.stop_timeout;
+            debug!("stopping {name} (pid {pid})");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            if !self.wait_stopped(id, clock, timeout, wait) {
+                warn!("{name} did not stop after SIGTERM, sending SIGKILL");
+                let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                if !self.wait_stopped(id, clock, Duration::from_secs(5), wait) {
+                    error!("{name} (pid {pid}) still not reaped after SIGKILL");
+                }
+            }
+        }
+    }
+
+    fn wait_stopped(
+        &mut self,
+        id: ChildId,
+        clock: &Clock,
+        timeout: Duration,
+        wait: &mut dyn FnMut(&mut Services, Duration),
+    ) -> bool {
+        let deadline = clock.now().saturating_add(timeout);
+        loop {
+            self.reap(clock);
+            let stopping = self
+                .sup
+                .child(id)
+                .is_some_and(|c| matches!(c.state, State::Stopping { .. }));
+            if !stopping {
+                return true;
+            }
+            let now = clock.now();
+            if now >= deadline {
+                return false;
+            }
+            wait(self, deadline - now);
+        }
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
