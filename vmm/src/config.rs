@@ -24,7 +24,11 @@ Log lines on stderr start with `bulkhead-vmm:`. RUST_LOG or --log-level set the 
 #[command(name = "bulkhead-vmm", version, about = "Runs one KVM virtual machine: boots a Linux bzImage with ACPI, COM1, and virtio-pci devices.", after_help = AFTER_HELP)]
 pub struct Cli {
     /// Kernel bzImage.
-    #[arg(long, conflicts_with = "kernel_fd", required_unless_present = "kernel_fd")]
+    #[arg(
+        long,
+        conflicts_with = "kernel_fd",
+        required_unless_present = "kernel_fd"
+    )]
     pub kernel: Option<PathBuf>,
     /// Kernel bzImage as an already-open file descriptor.
     #[arg(long)]
@@ -267,8 +271,13 @@ mod tests {
         assert!(v.serial_out.is_none());
         assert_eq!(v.vcpus, 2);
         assert!(v.rng);
-        assert!(Cli::try_parse_from(["bulkhead-vmm"]).is_err(), "a kernel is required");
-        assert!(Cli::try_parse_from(["bulkhead-vmm", "--kernel", "k", "--memory", "lots"]).is_err());
+        assert!(
+            Cli::try_parse_from(["bulkhead-vmm"]).is_err(),
+            "a kernel is required"
+        );
+        assert!(
+            Cli::try_parse_from(["bulkhead-vmm", "--kernel", "k", "--memory", "lots"]).is_err()
+        );
     }
 
     #[test]
@@ -279,7 +288,13 @@ mod tests {
         let owned = t.take(fd).unwrap();
         assert!(matches!(t.take(fd), Err(ConfigError::BadFd(_))));
         drop(owned);
-        assert!(matches!(FdTaker::default().take(fd), Err(ConfigError::BadFd(_))));
-        assert!(matches!(FdTaker::default().take(1), Err(ConfigError::BadFd(1))));
+        assert!(matches!(
+            FdTaker::default().take(fd),
+            Err(ConfigError::BadFd(_))
+        ));
+        assert!(matches!(
+            FdTaker::default().take(1),
+            Err(ConfigError::BadFd(1))
+        ));
     }
 }

@@ -36,7 +36,11 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
             let owned = fds.take(fd).map_err(|e| e.to_string())?;
             // SAFETY: `owned` is an open descriptor the parent gave us as /dev/kvm; Kvm takes
             // over its ownership.
-            unsafe { <kvm_ioctls::Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(owned)) }
+            unsafe {
+                <kvm_ioctls::Kvm as std::os::fd::FromRawFd>::from_raw_fd(
+                    std::os::fd::IntoRawFd::into_raw_fd(owned),
+                )
+            }
         }
         None => kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?,
     };

@@ -88,9 +88,16 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 impl Vm {
     /// Creates a VM with `mem_size` bytes of RAM, `vcpus` vCPUs, the in-kernel irqchip and PIT,
     /// COM1 writing to `serial_out`, the power-management devices and an empty PCI bus.
-    pub fn new(kvm_sys: &Kvm, mem_size: u64, vcpus: u8, serial_out: SerialOut) -> Result<Self, VmError> {
+    pub fn new(
+        kvm_sys: &Kvm,
+        mem_size: u64,
+        vcpus: u8,
+        serial_out: SerialOut,
+    ) -> Result<Self, VmError> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
-            return Err(VmError::Config(format!("vCPU count must be 1..={MAX_VCPUS}")));
+            return Err(VmError::Config(format!(
+                "vCPU count must be 1..={MAX_VCPUS}"
+            )));
         }
         let vm_fd = Arc::new(kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
         vm_fd
@@ -284,7 +291,7 @@ fn install_kick_handler() {
     let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
     sa.sa_sigaction = kick_handler as *const () as usize;
     sa.sa_flags = 0; // no SA_RESTART: KVM_RUN returns EINTR
-    // SAFETY: installs a handler that does nothing, for a real-time signal we own.
+                     // SAFETY: installs a handler that does nothing, for a real-time signal we own.
     unsafe {
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
@@ -347,7 +354,10 @@ impl RunningVm {
                 log::warn!("bulkhead-vmm: a vCPU thread did not stop");
             }
         }
-        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush();
         for d in &self.disks {
             if let Err(e) = d.file.sync_all() {
                 log::error!("bulkhead-vmm: disk sync failed: {e}");

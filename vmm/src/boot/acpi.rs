@@ -9,18 +9,20 @@
 //! sleep control, sleep status and reset register. Writing `SLP_EN | SLP_TYP=5` powers off,
 //! writing `RESET_VALUE` reboots (see `devices::acpi::power`).
 
-use acpi_tables::{aml, Aml};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
-    ACPI_START, COM1_IRQ, COM1_PORT, GED_IRQ, HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR, PCI_CONFIG_PORT,
-    PCI_MMIO_SIZE, PCI_MMIO_START, PM_PORT,
+    ACPI_START, COM1_IRQ, COM1_PORT, GED_IRQ, HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR,
+    PCI_CONFIG_PORT, PCI_MMIO_SIZE, PCI_MMIO_START, PM_PORT,
 };
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -138,7 +140,8 @@ pub fn dsdt_aml() -> Vec<u8> {
     let (c, p, b, g) = (com1(), pci0(), power_button(), ged());
     let mut bytes = Vec::new();
     aml::Scope::new("\\_SB_".into(), vec![&c, &p, &b, &g]).to_aml_bytes(&mut bytes);
-    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE])).to_aml_bytes(&mut bytes);
+    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE]))
+        .to_aml_bytes(&mut bytes);
     bytes
 }
 
@@ -149,7 +152,13 @@ fn dsdt() -> Sdt {
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let pm = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(PM_PORT));
+    let pm = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(PM_PORT),
+    );
     let mut b = FADTBuilder::new(OEM_ID, *b"BHFACP  ", 1)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)

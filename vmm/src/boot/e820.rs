@@ -71,11 +71,17 @@ mod tests {
         let m = memory_map(256 << 20);
         assert_eq!(m.len(), 3);
         assert_eq!(m[2].addr + m[2].size, 256 << 20);
-        let total: u64 = m.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let total: u64 = m
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(total, (256 << 20) - HIMEM_START + EBDA_START);
         let big = memory_map(5 << 30);
         assert_eq!(big.last().unwrap().addr, 4 << 30);
         assert_eq!(big.last().unwrap().size, 2 << 30);
-        assert!(big.iter().all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
+        assert!(big
+            .iter()
+            .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
     }
 }

@@ -141,9 +141,15 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_flat_segments() {
         let cs = segment_from_gdt(GDT[2], BOOT_CS);
-        assert_eq!((cs.base, cs.limit, cs.l, cs.db, cs.type_), (0, 0xffff_ffff, 1, 0, 0xb));
+        assert_eq!(
+            (cs.base, cs.limit, cs.l, cs.db, cs.type_),
+            (0, 0xffff_ffff, 1, 0, 0xb)
+        );
         let ds = segment_from_gdt(GDT[3], BOOT_DS);
-        assert_eq!((ds.base, ds.limit, ds.db, ds.type_, ds.present), (0, 0xffff_ffff, 1, 3, 1));
+        assert_eq!(
+            (ds.base, ds.limit, ds.db, ds.type_, ds.present),
+            (0, 0xffff_ffff, 1, 3, 1)
+        );
         assert_eq!(segment_from_gdt(0, 0).unusable, 1);
     }
 

@@ -113,7 +113,14 @@ impl PciBus {
     }
 
     /// Config write; applies a BAR move to the MMIO traps.
-    pub fn config_write(&self, slot: usize, function: usize, reg: usize, offset: usize, data: &[u8]) {
+    pub fn config_write(
+        &self,
+        slot: usize,
+        function: usize,
+        reg: usize,
+        offset: usize,
+        data: &[u8],
+    ) {
         let Some(d) = self.device(slot).filter(|_| function == 0) else {
             return;
         };
@@ -223,7 +230,11 @@ mod tests {
     use super::*;
 
     fn cfg_read(io: &mut PciConfigIo, slot: u32, reg: u32) -> u32 {
-        io.write(0xcf8, 0, &(0x8000_0000 | (slot << 11) | (reg << 2)).to_le_bytes());
+        io.write(
+            0xcf8,
+            0,
+            &(0x8000_0000 | (slot << 11) | (reg << 2)).to_le_bytes(),
+        );
         let mut d = [0u8; 4];
         io.read(0xcf8, 4, &mut d);
         u32::from_le_bytes(d)

@@ -337,7 +337,10 @@ mod tests {
         // Restoring the original address is no move.
         assert_eq!(c.write(4, 0, &0xc000_0000u32.to_le_bytes()), None);
         let mv = c.write(4, 0, &0xd000_0000u32.to_le_bytes()).unwrap();
-        assert_eq!((mv.old, mv.new, mv.size), (0xc000_0000, 0xd000_0000, 0x8000));
+        assert_eq!(
+            (mv.old, mv.new, mv.size),
+            (0xc000_0000, 0xd000_0000, 0x8000)
+        );
         // Unused BARs read 0 and cannot be sized.
         c.write(5, 0, &[0xff; 4]);
         assert_eq!(c.read_reg(5), 0);

@@ -49,7 +49,10 @@ impl Table {
     fn masked(&self, v: usize) -> bool {
         !self.enabled
             || self.function_masked
-            || self.entries.get(v).is_none_or(|e| e.control & ENTRY_MASKED != 0)
+            || self
+                .entries
+                .get(v)
+                .is_none_or(|e| e.control & ENTRY_MASKED != 0)
     }
 }
 
@@ -97,7 +100,12 @@ impl MsixVectors {
         Ok(Self::with(count, vec![0; count as usize], evts, None))
     }
 
-    fn with(count: u16, gsis: Vec<u32>, evts: Vec<EventFd>, routing: Option<Arc<IrqRouting>>) -> Self {
+    fn with(
+        count: u16,
+        gsis: Vec<u32>,
+        evts: Vec<EventFd>,
+        routing: Option<Arc<IrqRouting>>,
+    ) -> Self {
         Self {
             table: Mutex::new(Table {
                 entries: vec![Entry::default(); count as usize],
@@ -171,7 +179,10 @@ impl MsixVectors {
     /// A read inside the table.
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {
         let t = self.lock();
-        let (v, field) = ((offset / MSIX_ENTRY_SIZE) as usize, offset % MSIX_ENTRY_SIZE);
+        let (v, field) = (
+            (offset / MSIX_ENTRY_SIZE) as usize,
+            offset % MSIX_ENTRY_SIZE,
+        );
         let Some(e) = t.entries.get(v) else {
             data.fill(0);
             return;
@@ -190,10 +201,15 @@ impl MsixVectors {
 
     /// A write inside the table (4- or 8-byte accesses within one entry).
     pub fn write_table(&self, offset: u64, data: &[u8]) {
-        let (v, field) = ((offset / MSIX_ENTRY_SIZE) as usize, (offset % MSIX_ENTRY_SIZE) as usize);
+        let (v, field) = (
+            (offset / MSIX_ENTRY_SIZE) as usize,
+            (offset % MSIX_ENTRY_SIZE) as usize,
+        );
         {
             let mut t = self.lock();
-            let Some(e) = t.entries.get_mut(v) else { return };
+            let Some(e) = t.entries.get_mut(v) else {
+                return;
+            };
             let mut bytes = [0u8; 16];
             for (i, w) in [e.addr_lo, e.addr_hi, e.data, e.control].iter().enumerate() {
                 bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
@@ -202,7 +218,8 @@ impl MsixVectors {
                 return;
             };
             dst.copy_from_slice(data);
-            let w = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+            let w =
+                |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
             *e = Entry {
                 addr_lo: w(0),
                 addr_hi: w(4),
@@ -231,7 +248,9 @@ impl MsixVectors {
     /// Re-routes vector `v` and delivers its pending interrupt if it became unmasked.
     fn refresh(&self, v: usize) {
         let mut t = self.lock();
-        let Some(e) = t.entries.get(v).copied() else { return };
+        let Some(e) = t.entries.get(v).copied() else {
+            return;
+        };
         let masked = t.masked(v);
         let fire = !masked && t.pending.get(v).copied().unwrap_or(false);
         if fire {
@@ -268,7 +287,10 @@ mod tests {
     fn masked_vectors_are_pending_until_unmasked() {
         let m = MsixVectors::new_unrouted(2).unwrap();
         m.trigger(0);
-        assert!(m.eventfd(0).unwrap().read().is_err(), "disabled: nothing fires");
+        assert!(
+            m.eventfd(0).unwrap().read().is_err(),
+            "disabled: nothing fires"
+        );
         let mut pba = [0u8; 8];
         m.read_pba(0, &mut pba);
         assert_eq!(pba[0], 1);

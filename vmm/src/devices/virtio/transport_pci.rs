@@ -21,7 +21,7 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{status, ActiveQueue, Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{status, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use crate::devices::pci::bar_allocator::{BarAllocError, BarAllocator};
 use crate::devices::pci::config_space::{BarKind, BarMove, PciBar, PciConfigSpace, PciHeader};
 use crate::devices::pci::device::{BarMapping, PciDevice};
@@ -209,9 +209,16 @@ impl VirtioPciDevice {
             vendor_cap(CAP_COMMON, COMMON_OFFSET, COMMON_LEN, None),
             vendor_cap(CAP_ISR, ISR_OFFSET, 1, None),
             vendor_cap(CAP_DEVICE, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN, None),
-            vendor_cap(CAP_NOTIFY, NOTIFY_OFFSET, NOTIFY_LEN, Some(NOTIFY_MULTIPLIER)),
+            vendor_cap(
+                CAP_NOTIFY,
+                NOTIFY_OFFSET,
+                NOTIFY_LEN,
+                Some(NOTIFY_MULTIPLIER),
+            ),
         ] {
-            config.add_capability(VENDOR_CAP_ID, &body, &[]).map_err(cap_err)?;
+            config
+                .add_capability(VENDOR_CAP_ID, &body, &[])
+                .map_err(cap_err)?;
         }
         let (body, mask) = msix::capability(
             msix.count() as u16,
@@ -226,7 +233,9 @@ impl VirtioPciDevice {
         let mut notify = Vec::new();
         for s in &sizes {
             queues.push(Queue::new(*s).map_err(|e| TransportError::Notify(format!("{e:?}")))?);
-            notify.push(EventFd::new(EFD_NONBLOCK).map_err(|e| TransportError::Notify(e.to_string()))?);
+            notify.push(
+                EventFd::new(EFD_NONBLOCK).map_err(|e| TransportError::Notify(e.to_string()))?,
+            );
         }
         Ok(Self {
             name: format!("virtio-{}", device.name()),
@@ -292,7 +301,10 @@ impl VirtioPciDevice {
         let q = self.queues.get(qsel);
         let value: u64 = match offset {
             0x00 => u64::from(c.device_feature_select),
-            0x04 => u64::from(feature_word(self.device.features(), c.device_feature_select)),
+            0x04 => u64::from(feature_word(
+                self.device.features(),
+                c.device_feature_select,
+            )),
             0x08 => u64::from(c.driver_feature_select),
             0x0c => u64::from(feature_word(c.driver_features, c.driver_feature_select)),
             0x10 => u64::from(c.msix_config),
@@ -315,7 +327,11 @@ impl VirtioPciDevice {
             0x34 => q.map_or(0, |q| q.used_ring() >> 32),
             _ => 0,
         };
-        let mask = if len >= 4 { u32::MAX } else { (1u32 << (len * 8)) - 1 };
+        let mask = if len >= 4 {
+            u32::MAX
+        } else {
+            (1u32 << (len * 8)) - 1
+        };
         (value as u32) & mask
     }
 
@@ -355,7 +371,9 @@ impl VirtioPciDevice {
                 }
             }
             0x20..=0x34 if !live => {
-                let Some(q) = self.selected_queue() else { return };
+                let Some(q) = self.selected_queue() else {
+                    return;
+                };
                 let (lo, hi) = if offset % 8 == 0 {
                     (Some(value), None)
                 } else {
@@ -368,7 +386,10 @@ impl VirtioPciDevice {
                     _ => {}
                 }
             }
-            _ => log::debug!("bulkhead-vmm: {}: common config write {offset:#x} ignored", self.name),
+            _ => log::debug!(
+                "bulkhead-vmm: {}: common config write {offset:#x} ignored",
+                self.name
+            ),
         }
     }
 
@@ -407,7 +428,10 @@ impl VirtioPciDevice {
                 continue;
             }
             if !q.is_valid(&self.mem) {
-                log::warn!("bulkhead-vmm: {}: queue {i} is invalid, not started", self.name);
+                log::warn!(
+                    "bulkhead-vmm: {}: queue {i} is invalid, not started",
+                    self.name
+                );
                 continue;
             }
             let notify = match self.notify.get(i).map(|e| e.try_clone()) {
@@ -424,7 +448,10 @@ impl VirtioPciDevice {
             });
         }
         if !self.msix.enabled() {
-            log::warn!("bulkhead-vmm: {}: MSI-X is off; the device cannot interrupt", self.name);
+            log::warn!(
+                "bulkhead-vmm: {}: MSI-X is off; the device cannot interrupt",
+                self.name
+            );
         }
         let interrupt = Arc::new(PciInterrupt {
             msix: self.msix.clone(),
@@ -498,7 +525,10 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bars(&self) -> Vec<(PciBar, BarMapping)> {
-        self.config.bars().map(|b| (*b, BarMapping::Trapped)).collect()
+        self.config
+            .bars()
+            .map(|b| (*b, BarMapping::Trapped))
+            .collect()
     }
 
     fn bar_read(&mut self, index: usize, offset: u64, data: &mut [u8]) {

@@ -74,7 +74,13 @@ impl Worker {
                 let interrupt: Arc<dyn VirtioInterrupt> = interrupt;
                 // Buffers made available before activation.
                 for q in queues.iter_mut() {
-                    run_queue(&mut handler, q.index, &mut q.queue, &mem, interrupt.as_ref());
+                    run_queue(
+                        &mut handler,
+                        q.index,
+                        &mut q.queue,
+                        &mem,
+                        interrupt.as_ref(),
+                    );
                 }
                 let mut events = vec![EpollEvent::default(); queues.len() + 1];
                 loop {
@@ -93,7 +99,13 @@ impl Worker {
                         }
                         if let Some(q) = queues.get_mut(token as usize) {
                             let _ = q.notify.read();
-                            run_queue(&mut handler, q.index, &mut q.queue, &mem, interrupt.as_ref());
+                            run_queue(
+                                &mut handler,
+                                q.index,
+                                &mut q.queue,
+                                &mem,
+                                interrupt.as_ref(),
+                            );
                         }
                     }
                 }

@@ -4,8 +4,8 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use vm_memory::Bytes;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::Bytes;
 
 use super::request::{self, Disk, ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::worker::{QueueHandler, Worker};

@@ -6,8 +6,8 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{Bytes, GuestAddress};
 use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -153,7 +153,9 @@ fn run(
             if write && disk.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            let start = sector.checked_mul(SECTOR_SIZE).ok_or(RequestError::OutOfRange)?;
+            let start = sector
+                .checked_mul(SECTOR_SIZE)
+                .ok_or(RequestError::OutOfRange)?;
             let end = start.checked_add(total).ok_or(RequestError::OutOfRange)?;
             if end > disk.sectors * SECTOR_SIZE {
                 return Err(RequestError::OutOfRange);
@@ -165,7 +167,8 @@ fn run(
                 while done < len {
                     let n = (len - done).min(CHUNK as u64) as usize;
                     let buf = chunk.get_mut(..n).ok_or(RequestError::BadChain)?;
-                    let gaddr = GuestAddress(addr.checked_add(done).ok_or(RequestError::GuestMemory)?);
+                    let gaddr =
+                        GuestAddress(addr.checked_add(done).ok_or(RequestError::GuestMemory)?);
                     if write {
                         mem.read_slice(buf, gaddr)
                             .map_err(|_| RequestError::GuestMemory)?;

@@ -1,8 +1,8 @@
 //! virtio-rng: one queue; every device-writable buffer the guest offers is filled from the
 //! host's `getrandom(2)`. The guest sees it as `/dev/hwrng` (module `virtio_rng`).
 
-use vm_memory::{Bytes, GuestAddress};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::virtio::worker::{QueueHandler, Worker};
 use crate::devices::virtio::{
@@ -30,7 +30,9 @@ impl Rng {
 fn fill_random(buf: &mut [u8]) -> bool {
     let mut done = 0usize;
     while done < buf.len() {
-        let Some(rest) = buf.get_mut(done..) else { return false };
+        let Some(rest) = buf.get_mut(done..) else {
+            return false;
+        };
         // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
         if n <= 0 {
@@ -60,7 +62,9 @@ impl RngHandler {
             if !desc.is_write_only() {
                 continue; // a read-only buffer has nothing for us: skipped
             }
-            let len = desc.len().min(MAX_BYTES_PER_REQUEST.saturating_sub(written));
+            let len = desc
+                .len()
+                .min(MAX_BYTES_PER_REQUEST.saturating_sub(written));
             if len == 0 {
                 break;
             }
@@ -121,8 +125,9 @@ impl VirtioDevice for Rng {
         if !activation.queues.iter().any(|q| q.index == 0) {
             return Err(ActivateError::MissingQueue(0));
         }
-        self.worker =
-            Some(Worker::spawn("virtio-rng", RngHandler, activation).map_err(ActivateError::Worker)?);
+        self.worker = Some(
+            Worker::spawn("virtio-rng", RngHandler, activation).map_err(ActivateError::Worker)?,
+        );
         Ok(())
     }
     fn reset(&mut self) {
