@@ -1,1 +1,34 @@
-//! Filled by a later issue.
+//! Bulkhead policy: the language, its validation and evaluation, and the pieces `policyctl`
+//! is built from.
+//!
+//! The hub (crate `bulkhead-ipc`) loads a tree with [`PolicyTree::load`], compiles it with
+//! [`PolicyTree::compile`] into an immutable [`Policy`], and calls [`Policy::check_connect`],
+//! [`Policy::check_transfer`] and [`Policy::quota_for`]; init calls [`Policy::devices_for`]
+//! and [`sysfs::check_devices`]. The fd vocabulary ([`FdType`], [`Rights`]) is defined here
+//! and reused by the hub. See `docs/policy.md`.
+
+pub mod ast;
+pub mod bench;
+pub mod control;
+pub mod diag;
+pub mod diff;
+pub mod edit;
+pub mod eval;
+pub mod explain;
+pub mod fmt;
+pub mod lex;
+pub mod parse;
+pub mod rights;
+pub mod sysfs;
+pub mod tree;
+pub mod validate;
+
+pub use ast::{Action, Bdf, DeviceId, Effect, Reset, Rule, Subject};
+pub use diag::{Diagnostic, Diagnostics, Severity};
+pub use eval::{
+    ConnectionCaps, Decision, Denial, DenyKind, DeviceGrant, GuestError, Policy, Provider, Quota,
+    QuotaValue, RuleRef, SYSTEM_VMS,
+};
+pub use rights::{Direction, FdCaps, FdType, Rights};
+pub use tree::{PolicyTree, RootDir};
+pub use validate::{Compiled, ValidateOptions};

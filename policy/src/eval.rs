@@ -1,0 +1,681 @@
+//! The validated, immutable [`Policy`] (one generation) and its evaluation API.
+//!
+//! Every check looks rules up by subject (the VM, each of its groups, `@any`) and object (the
+//! service, the PCI function), so its cost does not grow with the number of rules. Every
+//! [`Decision`] carries the rules that made it; a denial carries a reason for the host audit
+//! log, which is never shown to guests (they all get the same error, see [`GuestError`]).
+
+use crate::ast::{Bdf, DeviceId, Reset, Rule, Subject};
+use crate::rights::{Direction, FdCaps, FdType, Rights};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+/// VMs that `@any` never matches: they must be named explicitly.
+pub const SYSTEM_VMS: [&str; 2] = ["host", "hub"];
+
+/// True for the host and the hub.
+pub fn is_system_vm(vm: &str) -> bool {
+    SYSTEM_VMS.contains(&vm)
+}
+
+/// Where a rule is: `file:line`. Serialized as that string.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleRef {
+    /// The tree-relative file name.
+    pub file: Arc<str>,
+    /// 1-based line.
+    pub line: u32,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
+
+impl fmt::Debug for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl Serialize for RuleRef {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RuleRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let (file, line) = s
+            .rsplit_once(':')
+            .ok_or_else(|| serde::de::Error::custom("expected file:line"))?;
+        let line = line.parse().map_err(serde::de::Error::custom)?;
+        Ok(RuleRef {
+            file: Arc::from(file),
+            line,
+        })
+    }
+}
+
+/// A rule with its provenance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleEntry {
+    /// The rule.
+    pub rule: Rule,
+    /// Where it is.
+    pub at: RuleRef,
+}
+
+/// Why something was denied (for the audit log and `explain`; never sent to a guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DenyKind {
+    /// No grant matches (default deny).
+    NoGrant,
+    /// A deny rule matches (deny always wins).
+    DeniedByRule,
+    /// No VM provides the service.
+    NoProvider,
+    /// The named provider is not the service's provider.
+    WrongProvider,
+    /// The fd type is not in the connection's caps for this direction.
+    TypeNotAllowed,
+    /// None of the requested rights survives the caps.
+    RightsNotAllowed,
+    /// The requested rights are not valid for the fd type (e.g. `pipe` + `map`).
+    InvalidRights,
+    /// More fds in one message than `max-fds`.
+    TooManyFds,
+}
+
+/// What the guest sees for a denial: only these two, so a denial never reveals whether a
+/// target exists or which rule said no.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestError {
+    /// Not allowed (virtio_wl `PermissionDenied`).
+    PermissionDenied,
+    /// Malformed request (virtio_wl `InvalidArgs`).
+    InvalidArgs,
+}
+
+impl DenyKind {
+    /// The error to return to the guest.
+    pub fn guest_error(self) -> GuestError {
+        match self {
+            DenyKind::InvalidRights | DenyKind::TooManyFds => GuestError::InvalidArgs,
+            _ => GuestError::PermissionDenied,
+        }
+    }
+}
+
+/// A denial: kind plus a human reason for the host audit log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denial {
+    /// Machine-readable kind.
+    pub kind: DenyKind,
+    /// Human reason (host only).
+    pub reason: String,
+}
+
+/// The result of a check: what was allowed (or why not) and the rules that decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision<T> {
+    /// `Ok(what is granted)` or `Err(denial)`.
+    pub outcome: Result<T, Denial>,
+    /// The rules that made the decision: matching grants, or the winning deny.
+    pub rules: Vec<RuleRef>,
+}
+
+impl<T> Decision<T> {
+    /// True when allowed.
+    pub fn is_allowed(&self) -> bool {
+        self.outcome.is_ok()
+    }
+
+    fn deny(kind: DenyKind, reason: String, rules: Vec<RuleRef>) -> Decision<T> {
+        Decision {
+            outcome: Err(Denial { kind, reason }),
+            rules,
+        }
+    }
+}
+
+/// A service's provider and fd contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provider {
+    /// The providing VM.
+    pub vm: String,
+    /// Client → provider contract.
+    pub c2s: FdCaps,
+    /// Provider → client contract.
+    pub s2c: FdCaps,
+    /// Most fds per message.
+    pub max_fds: u32,
+    /// Most concurrent connections (None: unlimited).
+    pub max_conns: Option<u32>,
+    /// The `provide` rule.
+    pub at: RuleRef,
+}
+
+/// What an allowed connection may carry: computed once by `check_connect` and kept by the
+/// hub with the connection; `check_transfer` checks each message against it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionCaps {
+    /// The providing VM (the connection's other end).
+    pub provider: String,
+    /// Effective client → provider caps (contract ∩ connect narrowing).
+    pub c2s: FdCaps,
+    /// Effective provider → client caps.
+    pub s2c: FdCaps,
+    /// Most fds per message.
+    pub max_fds: u32,
+    /// Most concurrent connections to the service.
+    pub max_conns: Option<u32>,
+    /// The provide rule and the winning connect grants.
+    pub rules: Vec<RuleRef>,
+}
+
+impl ConnectionCaps {
+    /// The caps for one direction.
+    pub fn caps(&self, dir: Direction) -> &FdCaps {
+        match dir {
+            Direction::C2s => &self.c2s,
+            Direction::S2c => &self.s2c,
+        }
+    }
+}
+
+/// A PCI function a VM may own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceGrant {
+    /// The function.
+    pub bdf: Bdf,
+    /// The vendor:device pin (or `any`); checked at VM start.
+    pub id: DeviceId,
+    /// Whether a reset method is required.
+    pub reset: Reset,
+    /// `shared=exclusive-run`.
+    pub shared: bool,
+    /// The grant.
+    pub at: RuleRef,
+}
+
+/// One quota value and the rule that set it (None: nothing set, the value is 0).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaValue {
+    /// The limit.
+    pub value: u64,
+    /// The most specific rule that set it.
+    pub from: Option<RuleRef>,
+}
+
+/// A VM's memfd-server quota; each key is resolved by specificity (VM > group > `@any`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Bytes of shared memory.
+    pub shm: QuotaValue,
+    /// Number of shared memory objects.
+    pub shm_count: QuotaValue,
+    /// Number of VFDs held.
+    pub vfds: QuotaValue,
+}
+
+/// Per-subject index: subject → object → entries.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SubjectIndex<T> {
+    pub vm: HashMap<String, HashMap<String, Vec<T>>>,
+    pub group: HashMap<String, HashMap<String, Vec<T>>>,
+    pub any: HashMap<String, Vec<T>>,
+}
+
+impl<T> SubjectIndex<T> {
+    pub fn new() -> Self {
+        SubjectIndex {
+            vm: HashMap::new(),
+            group: HashMap::new(),
+            any: HashMap::new(),
+        }
+    }
+
+    pub fn insert(&mut self, subject: &Subject, object: &str, v: T) {
+        let slot = match subject {
+            Subject::Vm(n) => self
+                .vm
+                .entry(n.clone())
+                .or_default()
+                .entry(object.to_string())
+                .or_default(),
+            Subject::Group(g) => self
+                .group
+                .entry(g.clone())
+                .or_default()
+                .entry(object.to_string())
+                .or_default(),
+            Subject::Any => self.any.entry(object.to_string()).or_default(),
+        };
+        slot.push(v);
+    }
+
+    /// Entries for `object` that apply to `vm`, by level: (VM, groups, @any).
+    pub fn lookup<'a>(&'a self, vm: &str, groups: &[String], object: &str) -> [Vec<&'a T>; 3] {
+        let mut out: [Vec<&T>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        if let Some(v) = self.vm.get(vm).and_then(|m| m.get(object)) {
+            out[2].extend(v.iter());
+        }
+        for g in groups {
+            if let Some(v) = self.group.get(g).and_then(|m| m.get(object)) {
+                out[1].extend(v.iter());
+            }
+        }
+        if !is_system_vm(vm) {
+            if let Some(v) = self.any.get(object) {
+                out[0].extend(v.iter());
+            }
+        }
+        out
+    }
+}
+
+/// A connect grant with its caps already narrowed against the contract.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnectGrant {
+    pub rule: u32,
+    pub c2s: FdCaps,
+    pub s2c: FdCaps,
+}
+
+/// A group and where its members were declared.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupDef {
+    /// The members.
+    pub members: BTreeSet<String>,
+    /// The `group` lines.
+    pub defined_at: Vec<RuleRef>,
+}
+
+/// One validated, immutable policy generation.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub(crate) hash: String,
+    pub(crate) files: Vec<String>,
+    pub(crate) rules: Vec<RuleEntry>,
+    pub(crate) groups: BTreeMap<String, GroupDef>,
+    pub(crate) groups_of: HashMap<String, Vec<String>>,
+    pub(crate) providers: HashMap<String, Provider>,
+    pub(crate) connects: SubjectIndex<ConnectGrant>,
+    /// Deny connect rules, object = service.
+    pub(crate) deny_connects: SubjectIndex<u32>,
+    /// Deny provide rules, object = service.
+    pub(crate) deny_provides: SubjectIndex<u32>,
+    /// Device grants per VM (after denies).
+    pub(crate) devices_by_vm: HashMap<String, Vec<DeviceGrant>>,
+    /// Quota rules, object = "".
+    pub(crate) quotas: SubjectIndex<u32>,
+    pub(crate) known_vms: BTreeSet<String>,
+}
+
+const NO_GROUPS: &[String] = &[];
+
+impl Policy {
+    /// An empty policy: denies everything (what a host runs when its tree is invalid at boot).
+    pub fn deny_all() -> Policy {
+        Policy {
+            hash: "sha256:deny-all".into(),
+            files: Vec::new(),
+            rules: Vec::new(),
+            groups: BTreeMap::new(),
+            groups_of: HashMap::new(),
+            providers: HashMap::new(),
+            connects: SubjectIndex::new(),
+            deny_connects: SubjectIndex::new(),
+            deny_provides: SubjectIndex::new(),
+            devices_by_vm: HashMap::new(),
+            quotas: SubjectIndex::new(),
+            known_vms: BTreeSet::new(),
+        }
+    }
+
+    /// The tree hash, `sha256:<hex>`.
+    pub fn tree_hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// The files the policy was built from.
+    pub fn files(&self) -> &[String] {
+        &self.files
+    }
+
+    /// Every grant and deny with provenance.
+    pub fn rules(&self) -> &[RuleEntry] {
+        &self.rules
+    }
+
+    /// The groups.
+    pub fn groups(&self) -> &BTreeMap<String, GroupDef> {
+        &self.groups
+    }
+
+    /// The groups `vm` is a member of.
+    pub fn groups_of(&self, vm: &str) -> &[String] {
+        self.groups_of.get(vm).map_or(NO_GROUPS, |v| v.as_slice())
+    }
+
+    /// Every VM the policy names (or that validation was told about).
+    pub fn known_vms(&self) -> &BTreeSet<String> {
+        &self.known_vms
+    }
+
+    /// The provider of `service`, if any.
+    pub fn provider(&self, service: &str) -> Option<&Provider> {
+        self.providers.get(service)
+    }
+
+    /// Every service with its provider, sorted by service name.
+    pub fn services(&self) -> Vec<(&str, &Provider)> {
+        let mut v: Vec<_> = self
+            .providers
+            .iter()
+            .map(|(k, p)| (k.as_str(), p))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+
+    fn rule_ref(&self, idx: u32) -> Option<RuleRef> {
+        self.rules.get(idx as usize).map(|r| r.at.clone())
+    }
+
+    /// May `vm` register as the provider of `service`?
+    pub fn check_provide(&self, vm: &str, service: &str) -> Decision<Provider> {
+        match self.providers.get(service) {
+            Some(p) if p.vm == vm => Decision {
+                outcome: Ok(p.clone()),
+                rules: vec![p.at.clone()],
+            },
+            Some(p) => Decision::deny(
+                DenyKind::NoGrant,
+                format!("{service} is provided by {}, not {vm}", p.vm),
+                vec![p.at.clone()],
+            ),
+            None => {
+                let groups = self.groups_of(vm);
+                let denies = self.deny_provides.lookup(vm, groups, service);
+                let rules: Vec<RuleRef> = denies
+                    .iter()
+                    .flatten()
+                    .filter_map(|i| self.rule_ref(**i))
+                    .collect();
+                if rules.is_empty() {
+                    Decision::deny(
+                        DenyKind::NoGrant,
+                        format!("no rule lets {vm} provide {service}"),
+                        rules,
+                    )
+                } else {
+                    Decision::deny(
+                        DenyKind::DeniedByRule,
+                        format!("{vm} may not provide {service}: denied"),
+                        rules,
+                    )
+                }
+            }
+        }
+    }
+
+    /// May `src` connect to `service` (at `provider`, if the guest named one)? On success,
+    /// the caps the connection may carry.
+    pub fn check_connect(
+        &self,
+        src: &str,
+        service: &str,
+        provider: Option<&str>,
+    ) -> Decision<ConnectionCaps> {
+        let Some(prov) = self.providers.get(service) else {
+            return Decision::deny(
+                DenyKind::NoProvider,
+                format!("no VM provides {service}"),
+                Vec::new(),
+            );
+        };
+        if let Some(p) = provider {
+            if p != prov.vm {
+                return Decision::deny(
+                    DenyKind::WrongProvider,
+                    format!("{service} is provided by {}, not {p}", prov.vm),
+                    vec![prov.at.clone()],
+                );
+            }
+        }
+        let groups = self.groups_of(src);
+        let denies = self.deny_connects.lookup(src, groups, service);
+        let mut deny_rules: Vec<RuleRef> = Vec::new();
+        for idx in denies.iter().flatten() {
+            if let Some(e) = self.rules.get(**idx as usize) {
+                let matches = match &e.rule.action {
+                    crate::ast::Action::Connect {
+                        provider: Some(p), ..
+                    } => *p == prov.vm,
+                    _ => true,
+                };
+                if matches {
+                    deny_rules.push(e.at.clone());
+                }
+            }
+        }
+        if !deny_rules.is_empty() {
+            deny_rules.sort();
+            let reason = format!(
+                "{src} connect {service}@{}: denied by {}",
+                prov.vm,
+                deny_rules
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            return Decision::deny(DenyKind::DeniedByRule, reason, deny_rules);
+        }
+        let levels = self.connects.lookup(src, groups, service);
+        // The most specific level with a grant decides the caps (union within the level).
+        for level in levels.iter().rev() {
+            if level.is_empty() {
+                continue;
+            }
+            let mut c2s = FdCaps::NONE;
+            let mut s2c = FdCaps::NONE;
+            let mut rules = Vec::with_capacity(level.len() + 1);
+            rules.push(prov.at.clone());
+            for g in level {
+                c2s = c2s.union(&g.c2s);
+                s2c = s2c.union(&g.s2c);
+                if let Some(r) = self.rule_ref(g.rule) {
+                    rules.push(r);
+                }
+            }
+            return Decision {
+                outcome: Ok(ConnectionCaps {
+                    provider: prov.vm.clone(),
+                    c2s: c2s.intersect(&prov.c2s),
+                    s2c: s2c.intersect(&prov.s2c),
+                    max_fds: prov.max_fds,
+                    max_conns: prov.max_conns,
+                    rules,
+                }),
+                rules: Vec::new(),
+            }
+            .with_rules_from_caps();
+        }
+        Decision::deny(
+            DenyKind::NoGrant,
+            format!("no rule lets {src} connect to {service}@{}", prov.vm),
+            Vec::new(),
+        )
+    }
+
+    /// May a message on a connection with caps `conn`, going in `dir`, carry `count` fds, one
+    /// of which has type `fd_type` and is sent with `requested` rights? On success, the final
+    /// rights the receiver gets: `requested ∩ caps[dir][fd_type]` (TRANSFER only if the caps
+    /// include it). The hub checks `requested ⊆` the sender's own rights first (its table).
+    pub fn check_transfer(
+        &self,
+        conn: &ConnectionCaps,
+        dir: Direction,
+        fd_type: FdType,
+        requested: Rights,
+        count: u32,
+    ) -> Decision<Rights> {
+        let rules = conn.rules.clone();
+        if count > conn.max_fds {
+            return Decision::deny(
+                DenyKind::TooManyFds,
+                format!("{count} fds in one message; max-fds is {}", conn.max_fds),
+                rules,
+            );
+        }
+        let invalid = requested.difference(fd_type.valid_rights());
+        if !invalid.is_empty() {
+            return Decision::deny(
+                DenyKind::InvalidRights,
+                format!("{invalid} is not a right of {fd_type}"),
+                rules,
+            );
+        }
+        if fd_type == FdType::Pipe && requested.contains(Rights::READ | Rights::WRITE) {
+            return Decision::deny(
+                DenyKind::InvalidRights,
+                "a pipe end is either a read end or a write end".into(),
+                rules,
+            );
+        }
+        let cap = conn.caps(dir).get(fd_type);
+        if cap.is_empty() {
+            return Decision::deny(
+                DenyKind::TypeNotAllowed,
+                format!("{dir} caps have no {fd_type} ({})", conn.caps(dir)),
+                rules,
+            );
+        }
+        let fin = requested & cap;
+        if fin.difference(Rights::TRANSFER | Rights::DUP).is_empty() {
+            return Decision::deny(
+                DenyKind::RightsNotAllowed,
+                format!("none of {requested} survives the {dir} caps {fd_type}:{cap}"),
+                rules,
+            );
+        }
+        Decision {
+            outcome: Ok(fin),
+            rules,
+        }
+    }
+
+    /// The memfd-server quota of `vm` (0 for anything no rule sets).
+    pub fn quota_for(&self, vm: &str) -> Quota {
+        let groups = self.groups_of(vm);
+        let levels = self.quotas.lookup(vm, groups, "");
+        let mut q = Quota::default();
+        type Getter = fn(&crate::ast::Action) -> Option<u64>;
+        let keys: [(Getter, usize); 3] = [
+            (
+                |a| {
+                    if let crate::ast::Action::Quota { shm, .. } = a {
+                        *shm
+                    } else {
+                        None
+                    }
+                },
+                0,
+            ),
+            (
+                |a| {
+                    if let crate::ast::Action::Quota { shm_count, .. } = a {
+                        *shm_count
+                    } else {
+                        None
+                    }
+                },
+                1,
+            ),
+            (
+                |a| {
+                    if let crate::ast::Action::Quota { vfds, .. } = a {
+                        *vfds
+                    } else {
+                        None
+                    }
+                },
+                2,
+            ),
+        ];
+        for (get, k) in keys {
+            'levels: for level in levels.iter().rev() {
+                // Validation guarantees at most one setting per key per level for any VM.
+                for idx in level {
+                    if let Some(e) = self.rules.get(**idx as usize) {
+                        if let Some(v) = get(&e.rule.action) {
+                            let qv = QuotaValue {
+                                value: v,
+                                from: Some(e.at.clone()),
+                            };
+                            match k {
+                                0 => q.shm = qv,
+                                1 => q.shm_count = qv,
+                                _ => q.vfds = qv,
+                            }
+                            break 'levels;
+                        }
+                    }
+                }
+            }
+        }
+        q
+    }
+
+    /// The PCI functions `vm` may own (grants minus denies), sorted by address.
+    pub fn devices_for(&self, vm: &str) -> Vec<DeviceGrant> {
+        self.devices_by_vm.get(vm).cloned().unwrap_or_default()
+    }
+
+    /// May `vm` own `bdf`?
+    pub fn check_device(&self, vm: &str, bdf: Bdf) -> Decision<DeviceGrant> {
+        match self
+            .devices_by_vm
+            .get(vm)
+            .and_then(|v| v.iter().find(|d| d.bdf == bdf))
+        {
+            Some(d) => Decision {
+                outcome: Ok(d.clone()),
+                rules: vec![d.at.clone()],
+            },
+            None => Decision::deny(
+                DenyKind::NoGrant,
+                format!("{vm} may not own pci:{bdf}"),
+                Vec::new(),
+            ),
+        }
+    }
+
+    /// Every device grant in the policy, by VM (after denies).
+    pub fn all_devices(&self) -> Vec<(&str, &DeviceGrant)> {
+        let mut v: Vec<_> = self
+            .devices_by_vm
+            .iter()
+            .flat_map(|(vm, ds)| ds.iter().map(move |d| (vm.as_str(), d)))
+            .collect();
+        v.sort_by(|a, b| (a.1.bdf, a.0).cmp(&(b.1.bdf, b.0)));
+        v
+    }
+}
+
+impl Decision<ConnectionCaps> {
+    fn with_rules_from_caps(mut self) -> Self {
+        if let Ok(c) = &self.outcome {
+            self.rules = c.rules.clone();
+        }
+        self
+    }
+}

@@ -1,0 +1,195 @@
+//! Device checks that need the host's sysfs: IOMMU groups, `id=` pins, host-critical devices.
+//!
+//! Reads `<root>/bus/pci/devices/<bdf>/iommu_group` (a symlink whose last component is the
+//! group number), `<root>/kernel/iommu_groups/<n>/devices/*`, and the device's `vendor`,
+//! `device`, `class` and `boot_vga` files. `root` is `/sys` on a host; tests pass a fake
+//! tree.
+
+use crate::ast::{Bdf, DeviceId};
+use crate::diag::Diagnostic;
+use crate::eval::Policy;
+use crate::parse::parse_bdf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// The default sysfs root.
+pub const SYSFS_ROOT: &str = "/sys";
+
+fn dev_dir(root: &Path, bdf: Bdf) -> std::path::PathBuf {
+    root.join("bus/pci/devices").join(bdf.to_string())
+}
+
+/// The IOMMU group number of `bdf`.
+pub fn iommu_group(root: &Path, bdf: Bdf) -> Result<u32, String> {
+    let link = dev_dir(root, bdf).join("iommu_group");
+    let target = std::fs::read_link(&link).map_err(|e| format!("{}: {e}", link.display()))?;
+    target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("{}: unexpected target {}", link.display(), target.display()))
+}
+
+/// The PCI functions in IOMMU group `group`, sorted.
+pub fn group_members(root: &Path, group: u32) -> Result<Vec<Bdf>, String> {
+    let dir = root
+        .join("kernel/iommu_groups")
+        .join(group.to_string())
+        .join("devices");
+    let rd = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let bdf =
+            parse_bdf(&format!("pci:{name}")).map_err(|e| format!("{}: {e}", dir.display()))?;
+        out.push(bdf);
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn read_hex(path: &Path) -> Option<u32> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let s = s.trim();
+    u32::from_str_radix(s.strip_prefix("0x").unwrap_or(s), 16).ok()
+}
+
+/// Why a device is host-critical, if it is: the host bridge, or the boot display.
+pub fn host_critical(root: &Path, bdf: Bdf) -> Option<&'static str> {
+    let d = dev_dir(root, bdf);
+    if read_hex(&d.join("class")).is_some_and(|c| c >> 8 == 0x0600) {
+        return Some("the host bridge");
+    }
+    if std::fs::read_to_string(d.join("boot_vga")).is_ok_and(|s| s.trim() == "1") {
+        return Some("the boot display (console)");
+    }
+    None
+}
+
+/// Check every device grant of `policy` against sysfs at `root`: the device exists, its
+/// vendor:device matches `id=`, it is not host-critical (unless `force`), and its IOMMU group
+/// is not split between VMs (or between a VM and the host).
+pub fn check_devices(policy: &Policy, root: &Path, force: bool) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let devices = policy.all_devices();
+    if devices.is_empty() {
+        return out;
+    }
+    if !root.join("bus/pci/devices").is_dir() {
+        out.push(
+            Diagnostic::warning(
+                &root.display().to_string(),
+                0,
+                0,
+                "no PCI devices in sysfs; IOMMU groups not checked",
+            )
+            .with_help("pass --sysfs-root DIR to check against another host's sysfs"),
+        );
+        return out;
+    }
+    let mut owners: BTreeMap<Bdf, BTreeSet<&str>> = BTreeMap::new();
+    for (vm, d) in &devices {
+        owners.entry(d.bdf).or_default().insert(vm);
+    }
+    let mut groups_done = BTreeSet::new();
+    for (_vm, d) in &devices {
+        let file = d.at.file.to_string();
+        let line = d.at.line;
+        let dir = dev_dir(root, d.bdf);
+        if !dir.exists() {
+            out.push(
+                Diagnostic::warning(
+                    &file,
+                    line,
+                    0,
+                    format!("pci:{} is not present on this host", d.bdf),
+                )
+                .with_help("check the address with `lspci -D` (fine for staged policy)"),
+            );
+            continue;
+        }
+        if let DeviceId::Pinned { vendor, device } = d.id {
+            let v = read_hex(&dir.join("vendor"));
+            let dv = read_hex(&dir.join("device"));
+            if v != Some(u32::from(vendor)) || dv != Some(u32::from(device)) {
+                let found = match (v, dv) {
+                    (Some(a), Some(b)) => format!("{a:04x}:{b:04x}"),
+                    _ => "unreadable".into(),
+                };
+                out.push(
+                    Diagnostic::error(
+                        &file,
+                        line,
+                        0,
+                        format!("pci:{} is {found}, but the grant pins id={}", d.bdf, d.id),
+                    )
+                    .with_help("the device at this address changed; check `lspci -nn` and fix id="),
+                );
+            }
+        }
+        if let Some(why) = host_critical(root, d.bdf) {
+            if !force {
+                out.push(Diagnostic::error(&file, line, 0, format!("pci:{} is {why}", d.bdf)).with_help("giving it to a VM takes it from the host; pass --force if you really mean it"));
+            }
+        }
+        let group = match iommu_group(root, d.bdf) {
+            Ok(g) => g,
+            Err(e) => {
+                out.push(
+                    Diagnostic::error(
+                        &file,
+                        line,
+                        0,
+                        format!("pci:{} has no IOMMU group ({e})", d.bdf),
+                    )
+                    .with_help("enable the IOMMU (intel_iommu=on / amd_iommu=on); VFIO needs it"),
+                );
+                continue;
+            }
+        };
+        if !groups_done.insert(group) {
+            continue;
+        }
+        let members = match group_members(root, group) {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(Diagnostic::error(
+                    &file,
+                    line,
+                    0,
+                    format!("cannot read IOMMU group {group}: {e}"),
+                ));
+                continue;
+            }
+        };
+        let mine = owners.get(&d.bdf).cloned().unwrap_or_default();
+        let split = members
+            .iter()
+            .any(|m| owners.get(m).cloned().unwrap_or_default() != mine);
+        if split {
+            let list: Vec<String> = members
+                .iter()
+                .map(|m| {
+                    let o = owners
+                        .get(m)
+                        .map(|s| s.iter().copied().collect::<Vec<_>>().join("+"));
+                    format!("{m} → {}", o.unwrap_or_else(|| "host (not granted)".into()))
+                })
+                .collect();
+            out.push(
+                Diagnostic::error(
+                    &file,
+                    line,
+                    0,
+                    format!("IOMMU group {group} is split: {}", list.join(", ")),
+                )
+                .with_help(
+                    "every function of an IOMMU group must go to the same VM; grant the others too",
+                ),
+            );
+        }
+    }
+    out
+}
