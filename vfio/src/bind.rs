@@ -234,7 +234,7 @@ pub fn ensure_group_free(root: &SysfsRoot, group: u32) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(VfioError::DeviceInUse {
             what: node.display().to_string(),
-            detail: "another process (a VMM) has the IOMMU group open".to_string(),
+            detail: "the IOMMU group is already open (held by a VMM)".to_string(),
         }),
         Err(e) => Err(VfioError::io(&node, e)),
     }

@@ -101,7 +101,7 @@ impl Container {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 return Err(VfioError::DeviceInUse {
                     what: path.display().to_string(),
-                    detail: format!("another process (a VMM) holds IOMMU group {group}"),
+                    detail: format!("IOMMU group {group} is already open (held by a VMM)"),
                 })
             }
             Err(e) => return Err(VfioError::io(&path, e)),

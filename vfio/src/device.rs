@@ -163,12 +163,22 @@ impl Device {
         }
         let mut irqs = Vec::new();
         for index in 0..info.num_irqs {
-            let irq =
-                ioctls::irq_info(&file, index).map_err(ioctl_err("VFIO_DEVICE_GET_IRQ_INFO"))?;
+            let (count, flags) = match ioctls::irq_info(&file, index) {
+                Ok(irq) => (irq.count, irq.flags),
+                // EINVAL: an interrupt kind this device lacks (the error interrupt of
+                // a conventional PCI device).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (0, 0),
+                Err(source) => {
+                    return Err(VfioError::Ioctl {
+                        op: "VFIO_DEVICE_GET_IRQ_INFO",
+                        source,
+                    })
+                }
+            };
             irqs.push(IrqInfo {
                 index,
-                count: irq.count,
-                flags: irq.flags,
+                count,
+                flags,
             });
         }
         Ok(Device {
@@ -425,8 +435,28 @@ impl AsRawFd for Device {
 }
 
 fn read_region_info(file: &File, index: u32) -> Result<RegionInfo> {
-    let (info, bytes) =
-        ioctls::region_info(file, index).map_err(ioctl_err("VFIO_DEVICE_GET_REGION_INFO"))?;
+    let (info, bytes) = match ioctls::region_info(file, index) {
+        Ok(reply) => reply,
+        // vfio-pci answers EINVAL for a region the device lacks (the VGA region of a
+        // device that is not a VGA controller): report it empty.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            return Ok(RegionInfo {
+                index,
+                size: 0,
+                offset: 0,
+                readable: false,
+                writable: false,
+                mmap_areas: Vec::new(),
+                msix_mappable: false,
+            })
+        }
+        Err(source) => {
+            return Err(VfioError::Ioctl {
+                op: "VFIO_DEVICE_GET_REGION_INFO",
+                source,
+            })
+        }
+    };
     let caps = if info.flags & VFIO_REGION_INFO_FLAG_CAPS != 0 {
         parse_caps(&bytes, info.cap_offset)
     } else {
