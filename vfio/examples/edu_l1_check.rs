@@ -8,7 +8,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use bulkhead_vfio::device::{BAR0_REGION, CONFIG_REGION, INTX_IRQ, MSI_IRQ};
@@ -328,6 +328,34 @@ fn run() -> Res<()> {
         Path::new(&format!("/dev/vfio/{}", report.group)).exists(),
         "group node vanished",
     )?;
+
+    // The fd form: init opens the nodes and passes descriptors; the VMM adopts them.
+    let open_rw = |p: std::path::PathBuf| -> Res<OwnedFd> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(OwnedFd::from(f))
+    };
+    let container_fd = open_rw(root.vfio_container_node())?;
+    let group_fd = open_rw(root.vfio_group_node(report.group))?;
+    let mut adopted = Container::from_fd(container_fd).map_err(|e| e.to_string())?;
+    adopted
+        .adopt_group(report.group, group_fd)
+        .map_err(|e| e.to_string())?;
+    let dev = adopted.open_device(bdf).map_err(|e| e.to_string())?;
+    ensure(
+        r32(&dev, ID)? == 0x010000ed,
+        "identification via adopted fds",
+    )?;
+    ensure(
+        adopted.groups().len() == 1,
+        "adopted container lists its group",
+    )?;
+    println!("fd form: container and group adopted, edu answers");
+    drop(dev);
+    drop(adopted);
 
     // Explicit release hands it back (edu has no host driver), and it binds again.
     let rel = release(&root, bdf).map_err(|e| e.to_string())?;

@@ -3,7 +3,9 @@
 # device, and passes if the guest prints "EDU-CHECK PASS". A manual check of the
 # vfio crate against a real kernel; needs qemu-system-x86_64, python3 and the Debian
 # cloud kernel unpacked by `bulkhead-rootfs` (or KERNEL_ROOT pointing at an unpacked
-# linux-image package).
+# linux-image package). EDU_DEVICE_ARGS replaces `-device edu`, e.g.
+# "-device pcie-root-port,id=rp1,chassis=1 -device edu,bus=rp1" puts it behind a
+# root port, where the kernel can reset it with a secondary bus reset.
 set -eu
 here=$(cd "$(dirname "$0")/../.." && pwd)
 kroot=${KERNEL_ROOT:-$(ls -d "$HOME"/.cache/bulkhead/kernel/*/root | tail -n 1)}
@@ -38,7 +40,7 @@ PY
 
 timeout 300 qemu-system-x86_64 -accel tcg,thread=multi -M q35 -cpu max -smp 2 -m 512 \
     -nodefaults -display none -no-reboot -serial stdio \
-    -device intel-iommu -device edu \
+    -device intel-iommu ${EDU_DEVICE_ARGS:--device edu} \
     -kernel "$kroot/boot/vmlinuz-$abi" -initrd "$work/initrd" \
     -append "console=ttyS0 intel_iommu=on panic=-1 loglevel=4" | tee "$work/console"
 grep -q "EDU-CHECK PASS" "$work/console"
