@@ -101,9 +101,16 @@ pub fn kmsg_priority(level: Level) -> u8 {
     }
 }
 
-/// The console line for a message.
+/// The console lines for a message: every line of it carries the tag.
 pub fn console_line(msg: &str) -> String {
-    format!("{TAG}: {msg}\n")
+    let mut out = String::with_capacity(msg.len() + TAG.len() + 3);
+    for line in msg.split('\n') {
+        out.push_str(TAG);
+        out.push_str(": ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The kmsg record for a message: one line, bounded.
@@ -203,6 +210,7 @@ mod tests {
     #[test]
     fn formats() {
         assert_eq!(console_line("ready"), "bulkhead-init: ready\n");
+        assert_eq!(console_line("a\nb"), "bulkhead-init: a\nbulkhead-init: b\n");
         assert_eq!(
             kmsg_record(Level::Info, "ready"),
             "<6>bulkhead-init: ready\n"

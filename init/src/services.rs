@@ -145,9 +145,15 @@ impl Services {
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
         set_nonblocking(&read_end).map_err(|e| format!("pipe: {e}"))?;
         let stderr_end: OwnedFd = write_end.try_clone().map_err(|e| format!("pipe: {e}"))?;
-        // std's spawn resets the child's signal mask to empty and SIGPIPE to default;
-        // a new process group lets shutdown kill what the service itself started.
-        let child = Command::new(prog)
+        // A new process group lets shutdown kill what the service itself started.
+        let mut cmd = Command::new(prog);
+        // SAFETY: the closure runs between fork and exec and only calls
+        // async-signal-safe functions (sigprocmask, signal), allocating nothing.
+        let sigrtmax = libc::SIGRTMAX();
+        unsafe {
+            cmd.pre_exec(move || reset_signals(sigrtmax));
+        }
+        let child = cmd
             .args(args)
             .env_clear()
             .envs(&recipe.env)
@@ -194,8 +200,9 @@ impl Services {
             .child(id)
             .map(|c| c.name.clone())
             .unwrap_or_default();
-        info!("{name} {kind}");
+        // Its last words first, then the news of its end.
         self.drain_output_of(&name);
+        info!("{name} {kind}");
         self.report(&name, decision);
         true
     }
@@ -318,6 +325,27 @@ impl Services {
             wait(self, deadline - now);
         }
     }
+}
+
+/// In the child, before exec: an empty signal mask and default dispositions. Init blocks
+/// every signal, and the mask survives exec; std's spawn does not reset it on this
+/// toolchain (the supervise test checks /proc/<pid>/status of a real child).
+fn reset_signals(sigrtmax: i32) -> std::io::Result<()> {
+    // SAFETY: sigemptyset/sigprocmask/signal are async-signal-safe and get valid
+    // arguments; the sigset lives on this stack frame.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for sig in 1..=sigrtmax {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {

@@ -1,0 +1,353 @@
+//! The real event loop, supervisor, output pipes, signals and control socket, run as
+//! `bulkhead-init supervise` (a child subreaper instead of PID 1) with real /bin/sh
+//! services. Waits are for log lines, each with a generous deadline; nothing here
+//! depends on how fast the machine is.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-init");
+const DEADLINE: Duration = Duration::from_secs(60);
+
+struct Init {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Init {
+    fn start(system_toml: &str) -> Init {
+        let dir = tempfile::tempdir().unwrap();
+        let system = dir.path().join("system.toml");
+        std::fs::write(&system, system_toml).unwrap();
+        let socket = dir.path().join("init.sock");
+        let mut child = Command::new(BIN)
+            .arg("supervise")
+            .arg("--system")
+            .arg(&system)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--loglevel")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Init {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            _dir: dir,
+            socket,
+        }
+    }
+
+    /// Waits for a line containing `needle`; returns it.
+    fn expect(&mut self, needle: &str) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "no line containing {needle:?}; output so far:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+            }
+        }
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Waits for the process to exit (it must, within the deadline) and returns its code.
+    fn wait_exit(&mut self) -> i32 {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Collect the remaining output for later assertions.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    self.seen.push(line);
+                }
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < end,
+                "init did not exit:\n{}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn client(&self, cmd: &str) -> (i32, String, String) {
+        client(cmd, &self.socket)
+    }
+}
+
+impl Drop for Init {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(cmd: &str, socket: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg(cmd)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn crashing_service_backs_off_then_fails_at_the_burst_limit() {
+    let mut init = Init::start(
+        r#"
+[host]
+when_idle = "poweroff"
+
+[[service]]
+name = "crashy"
+exec = ["/bin/sh", "-c", "echo out-line; echo err-line >&2; exit 3"]
+restart = "on-failure"
+restart_delay_ms = 20
+restart_delay_max_ms = 1000
+burst = 3
+burst_interval_ms = 600000
+"#,
+    );
+    init.expect("bulkhead-init: ready");
+    init.expect("bulkhead-init: started crashy pid");
+    // A run's output comes before the news of its exit.
+    init.expect("crashy: out-line");
+    init.expect("crashy: err-line");
+    init.expect("bulkhead-init: crashy exited with status 3");
+    init.expect("bulkhead-init: crashy restarting in 20 ms");
+    init.expect("(start 2)");
+    init.expect("bulkhead-init: crashy restarting in 40 ms");
+    init.expect("(start 3)");
+    init.expect("bulkhead-init: crashy failed: start limit reached (3 starts in 600000 ms)");
+    init.expect("bulkhead-init: all services ended");
+    init.expect("bulkhead-init: powering off");
+    assert_eq!(init.wait_exit(), 0);
+    assert!(!init.seen.iter().any(|l| l.contains("(start 4)")));
+}
+
+#[test]
+fn stop_in_reverse_order_and_sigkill_a_service_that_ignores_sigterm() {
+    let mut init = Init::start(
+        r#"
+[[service]]
+name = "stubborn"
+exec = ["/bin/sh", "-c", "trap '' TERM; echo armed; while :; do sleep 1; done"]
+stop_timeout_ms = 300
+
+[[service]]
+name = "polite"
+exec = ["/bin/sleep", "1000"]
+"#,
+    );
+    // Both start lines come before any output is drained.
+    init.expect("started polite");
+    init.expect("stubborn: armed");
+    init.signal(Signal::SIGTERM);
+    init.expect("bulkhead-init: received SIGTERM");
+    init.expect("bulkhead-init: rebooting");
+    // Reverse start order: polite first.
+    init.expect("bulkhead-init: polite killed by signal SIGTERM");
+    init.expect("bulkhead-init: stubborn did not stop after SIGTERM, sending SIGKILL");
+    init.expect("bulkhead-init: stubborn killed by signal SIGKILL");
+    assert_eq!(init.wait_exit(), 0);
+    assert!(!init.seen.iter().any(|l| l.contains("restarting")));
+}
+
+#[test]
+fn signals_map_to_actions() {
+    for (sig, msg) in [
+        (Signal::SIGUSR2, "powering off"),
+        (Signal::SIGPWR, "powering off"),
+        (Signal::SIGUSR1, "halting"),
+        (Signal::SIGINT, "rebooting"),
+    ] {
+        let mut init = Init::start("");
+        init.expect("bulkhead-init: ready");
+        // SIGHUP means nothing to init.
+        init.signal(Signal::SIGHUP);
+        init.signal(sig);
+        init.expect(&format!("bulkhead-init: {msg}"));
+        assert_eq!(init.wait_exit(), 0);
+    }
+}
+
+#[test]
+fn children_get_an_empty_signal_mask_default_dispositions_and_a_clean_env() {
+    let mut init = Init::start(
+        r#"
+[host]
+when_idle = "poweroff"
+
+[[service]]
+name = "mask"
+exec = ["/bin/grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"]
+restart = "never"
+
+[[service]]
+name = "env"
+exec = ["/usr/bin/env"]
+restart = "never"
+
+[[service]]
+name = "custom-env"
+exec = ["/usr/bin/env"]
+restart = "never"
+env = { A = "1", B = "two words" }
+"#,
+    );
+    init.expect("bulkhead-init: all services ended");
+    assert_eq!(init.wait_exit(), 0);
+    let lines_of = |name: &str| -> Vec<String> {
+        let prefix = format!("{name}: ");
+        let mut v: Vec<String> = init
+            .seen
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+            .collect();
+        v.sort();
+        v
+    };
+    let mask = lines_of("mask");
+    let field = |name: &str| -> u64 {
+        let line = mask.iter().find(|l| l.starts_with(name)).unwrap();
+        u64::from_str_radix(line.split('\t').nth(1).unwrap().trim(), 16).unwrap()
+    };
+    // Init itself blocks everything and Rust ignores SIGPIPE in init: none of it may leak.
+    assert_eq!(field("SigBlk:"), 0, "{mask:?}");
+    // Signals 32 and 33 are glibc's own (SIGCANCEL, SIGSETXID): glibc refuses to change
+    // them, so whatever the test runner's environment did to them is inherited.
+    let glibc_reserved = (1u64 << 31) | (1u64 << 32);
+    assert_eq!(field("SigIgn:") & !glibc_reserved, 0, "{mask:?}");
+    assert_eq!(lines_of("env"), vec!["PATH=/bin"]);
+    assert_eq!(lines_of("custom-env"), vec!["A=1", "B=two words"]);
+}
+
+#[test]
+fn control_socket_status_and_poweroff() {
+    let mut init = Init::start(
+        r#"
+[[service]]
+name = "sleeper"
+exec = ["/bin/sleep", "1000"]
+"#,
+    );
+    let started = init.expect("bulkhead-init: started sleeper pid");
+    let pid = started
+        .split("pid ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let (code, out, err) = init.client("status");
+    assert_eq!(code, 0, "{err}");
+    let row = out.lines().find(|l| l.starts_with("sleeper")).unwrap();
+    assert!(row.contains("running"), "{out}");
+    assert!(row.contains(&pid), "{out}");
+    let (code, _, err) = init.client("poweroff");
+    assert_eq!(code, 0, "{err}");
+    init.expect("bulkhead-init: control socket: Poweroff requested");
+    init.expect("bulkhead-init: powering off");
+    init.expect("bulkhead-init: sleeper killed by signal SIGTERM");
+    assert_eq!(init.wait_exit(), 0);
+    // The socket is gone with its server: the client reports an error.
+    let (code, _, err) = init.client("status");
+    assert_eq!(code, 1);
+    assert!(err.contains("init.sock"), "{err}");
+}
+
+#[test]
+fn broken_config_runs_no_services_and_stays() {
+    let mut init = Init::start(
+        r#"
+[[service]]
+name = "x"
+exec = ["/bin/true"]
+restrat = "never"
+"#,
+    );
+    let e = init.expect("restrat");
+    assert!(e.starts_with("bulkhead-init: "), "{e}");
+    init.expect("bulkhead-init: configuration rejected: running with no services");
+    init.expect("bulkhead-init: ready");
+    init.expect("bulkhead-init: all services ended");
+    // Stays up (when_idle defaults to "stay") and still answers.
+    let (code, out, _) = init.client("status");
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    init.signal(Signal::SIGUSR2);
+    init.expect("bulkhead-init: powering off");
+    assert_eq!(init.wait_exit(), 0);
+}
+
+#[test]
+fn missing_program_counts_as_a_failed_start() {
+    let mut init = Init::start(
+        r#"
+[host]
+when_idle = "poweroff"
+
+[[service]]
+name = "ghost"
+exec = ["/nonexistent/prog"]
+restart_delay_ms = 1
+burst = 2
+"#,
+    );
+    init.expect("bulkhead-init: ghost could not start");
+    init.expect("bulkhead-init: ghost restarting in 1 ms");
+    init.expect("bulkhead-init: ghost failed: start limit reached (2 starts in 60000 ms)");
+    init.expect("bulkhead-init: powering off");
+    assert_eq!(init.wait_exit(), 0);
+}
+
+#[test]
+fn client_help_works() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["status", "poweroff", "reboot"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+}
