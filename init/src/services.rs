@@ -147,9 +147,9 @@ impl Services {
         let stderr_end: OwnedFd = write_end.try_clone().map_err(|e| format!("pipe: {e}"))?;
         // A new process group lets shutdown kill what the service itself started.
         let mut cmd = Command::new(prog);
+        let sigrtmax = libc::SIGRTMAX();
         // SAFETY: the closure runs between fork and exec and only calls
         // async-signal-safe functions (sigprocmask, signal), allocating nothing.
-        let sigrtmax = libc::SIGRTMAX();
         unsafe {
             cmd.pre_exec(move || reset_signals(sigrtmax));
         }
