@@ -30,7 +30,8 @@ pub enum VfioError {
     /// The kernel has no IOMMU, so it made no IOMMU groups and VFIO cannot be used.
     #[error(
         "the kernel has no IOMMU ({path} is missing or empty): enable VT-d/AMD-Vi in the \
-         firmware and boot with intel_iommu=on (Intel) or amd_iommu=on (AMD)"
+         firmware and boot with intel_iommu=on on Intel (AMD's IOMMU is on unless \
+         amd_iommu=off); under QEMU use -M q35 -device intel-iommu"
     )]
     NoIommu {
         /// The directory that lists IOMMU groups.
