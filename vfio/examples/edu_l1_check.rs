@@ -8,13 +8,13 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use bulkhead_vfio::device::{BAR0_REGION, CONFIG_REGION, INTX_IRQ, MSI_IRQ};
 use bulkhead_vfio::{
-    bind_to_vfio_pci, ensure_group_free, group_viable, host_critical_reason, release, Bdf,
-    BindOptions, Container, Device, SysfsRoot, VfioError,
+    bind_to_vfio_pci, ensure_group_free, group_viable, host_critical_reason, open_container_fd,
+    open_group_fd, release, Bdf, BindOptions, Container, Device, SysfsRoot, VfioError,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -330,16 +330,13 @@ fn run() -> Res<()> {
     )?;
 
     // The fd form: init opens the nodes and passes descriptors; the VMM adopts them.
-    let open_rw = |p: std::path::PathBuf| -> Res<OwnedFd> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&p)
-            .map_err(|e| format!("{}: {e}", p.display()))?;
-        Ok(OwnedFd::from(f))
-    };
-    let container_fd = open_rw(root.vfio_container_node())?;
-    let group_fd = open_rw(root.vfio_group_node(report.group))?;
+    let container_fd = open_container_fd(&root).map_err(|e| e.to_string())?;
+    let group_fd = open_group_fd(&root, report.group).map_err(|e| e.to_string())?;
+    // While the VMM holds the group, init's second request for it is refused.
+    match open_group_fd(&root, report.group) {
+        Err(VfioError::DeviceInUse { .. }) => {}
+        other => return Err(format!("group handed out twice: {other:?}")),
+    }
     let mut adopted = Container::from_fd(container_fd).map_err(|e| e.to_string())?;
     adopted
         .adopt_group(report.group, group_fd)

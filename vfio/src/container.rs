@@ -48,13 +48,7 @@ fn ioctl_err(op: &'static str) -> impl FnOnce(io::Error) -> VfioError {
 impl Container {
     /// Opens `<dev>/vfio/vfio` (see [`SysfsRoot::with_dev_root`]).
     pub fn open(root: &SysfsRoot) -> Result<Self> {
-        let path = root.vfio_container_node();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| VfioError::io(&path, e))?;
-        Self::from_file(file)
+        Self::from_fd(open_container_fd(root)?)
     }
 
     /// Adopts an open `/dev/vfio/vfio` descriptor (passed by init).
@@ -95,17 +89,7 @@ impl Container {
         if self.groups.iter().any(|g| g.id == group) {
             return Ok(());
         }
-        let path = root.vfio_group_node(group);
-        let file = match OpenOptions::new().read(true).write(true).open(&path) {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                return Err(VfioError::DeviceInUse {
-                    what: path.display().to_string(),
-                    detail: format!("IOMMU group {group} is already open (held by a VMM)"),
-                })
-            }
-            Err(e) => return Err(VfioError::io(&path, e)),
-        };
+        let file = File::from(open_group_fd(root, group)?);
         match self.attach(group, file) {
             Err(VfioError::GroupNotViable { .. }) => {
                 // Name the offending members if sysfs can tell.
@@ -293,6 +277,32 @@ impl Container {
             self.unmap_dma(region.start_addr().raw_value(), region.len())?;
         }
         Ok(())
+    }
+}
+
+/// Opens `<dev>/vfio/vfio` for handing to a VMM ([`Container::from_fd`]).
+pub fn open_container_fd(root: &SysfsRoot) -> Result<OwnedFd> {
+    let path = root.vfio_container_node();
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map(OwnedFd::from)
+        .map_err(|e| VfioError::io(&path, e))
+}
+
+/// Opens `<dev>/vfio/<group>` for handing to a VMM ([`Container::adopt_group`]).
+/// While that descriptor (or the VMM's copy) is open, nobody else can open the
+/// group: a second request gets [`VfioError::DeviceInUse`].
+pub fn open_group_fd(root: &SysfsRoot, group: u32) -> Result<OwnedFd> {
+    let path = root.vfio_group_node(group);
+    match OpenOptions::new().read(true).write(true).open(&path) {
+        Ok(f) => Ok(OwnedFd::from(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(VfioError::DeviceInUse {
+            what: path.display().to_string(),
+            detail: format!("IOMMU group {group} is already open (held by a VMM)"),
+        }),
+        Err(e) => Err(VfioError::io(&path, e)),
     }
 }
 

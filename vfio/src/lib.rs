@@ -25,7 +25,7 @@ pub use bind::{
     bind_to_vfio_pci, bind_to_vfio_pci_with, ensure_group_free, release, release_with, BindOptions,
     BindReport, KernelHook, RealKernel, ReleaseReport,
 };
-pub use container::{check_memlock, Container};
+pub use container::{check_memlock, open_container_fd, open_group_fd, Container};
 pub use device::{Device, IrqInfo, MappedArea, RegionInfo};
 pub use error::{GroupMember, Result, VfioError};
 pub use group::{group_members, group_viable, GroupEntry};
