@@ -3,34 +3,33 @@
 //! Checked before any sysfs write, so that a refusal changes nothing:
 //! - **always refused**: host bridges (class 0x0600, the host's own PCI root),
 //!   PCI-to-PCI and CardBus bridges (vfio-pci only drives ordinary functions), and any
-//!   function holding a block device on which a filesystem is mounted (the boot disk
-//!   included). The block devices are found under the function's sysfs directory; a
-//!   device-mapper/md device stacked on one of them (`holders/`) counts too. A mount
-//!   matches by `major:minor` or by its source being `/dev/<name>` (btrfs reports an
-//!   anonymous device number).
+//!   function below which sits a block device with a mounted filesystem (the boot disk
+//!   included). Each mount's device is looked up in `<sys>/dev/block/<major:minor>`
+//!   (and by its source `/dev/<name>` in `<sys>/class/block`, since btrfs reports an
+//!   anonymous device number); its real sysfs path is compared with the function's,
+//!   following `slaves/` down through device-mapper and md devices. This works at any
+//!   depth (a USB disk sits ten levels below its controller).
 //! - **refused unless `force`** (these are heuristics for "the console"): a function
-//!   with a tty that `/dev/console` writes to (`class/tty/console/active`), a
-//!   communication controller (class 0x07xx, e.g. a serial port) or display controller
-//!   (class 0x03xx) bound to a host driver, and the boot VGA device (`boot_vga` = 1),
-//!   whose framebuffer a firmware console may use without any PCI driver.
+//!   that provides a tty that `/dev/console` writes to (`class/tty/console/active`, each
+//!   tty's `device` link), a communication controller (class 0x07xx, e.g. a serial
+//!   port) or display controller (class 0x03xx) bound to a host driver, and the boot
+//!   VGA device (`boot_vga` = 1), whose framebuffer a firmware console may use without
+//!   any PCI driver.
 //!
 //! Not checked: swap on a block device, and a network interface the host relies on.
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, VfioError};
 use crate::sysfs::{
-    link_name, read_optional, PciFunction, SysfsRoot, CLASS_CARDBUS_BRIDGE, CLASS_HOST_BRIDGE,
+    read_optional, PciFunction, SysfsRoot, CLASS_CARDBUS_BRIDGE, CLASS_HOST_BRIDGE,
     CLASS_PCI_BRIDGE,
 };
 
-/// How deep to look below a function's sysfs directory for block devices and ttys.
-const MAX_DEPTH: usize = 8;
-/// How many levels of stacked block devices (`holders/`) to follow.
-const MAX_HOLDER_DEPTH: usize = 4;
+/// How many levels of stacked block devices (`slaves/`) to follow.
+const MAX_STACK_DEPTH: usize = 8;
 
 /// Why the host needs `func`, or `None` when it may be passed through.
 /// `force` skips the console heuristics but never the bridge and mount checks.
@@ -54,74 +53,14 @@ pub fn host_critical_reason(
         _ => {}
     }
 
-    let dir = real_dir(&func.path)?;
-    let mut found = Found::default();
-    walk(&dir, 0, &mut found)?;
-
-    if let Some(reason) = mounted_reason(root, &found)? {
+    let dir = fs::canonicalize(&func.path).map_err(|e| VfioError::io(&func.path, e))?;
+    if let Some(reason) = mounted_reason(root, &dir)? {
         return Ok(Some(reason));
     }
     if force {
         return Ok(None);
     }
-    console_reason(root, func, &found)
-}
-
-/// Block devices and ttys found below a function.
-#[derive(Default)]
-struct Found {
-    /// (name, "major:minor", sysfs directory)
-    block: Vec<(String, String, PathBuf)>,
-    ttys: BTreeSet<String>,
-}
-
-fn real_dir(path: &Path) -> Result<PathBuf> {
-    fs::canonicalize(path).map_err(|e| VfioError::io(path, e))
-}
-
-fn walk(dir: &Path, depth: usize, found: &mut Found) -> Result<()> {
-    if depth > MAX_DEPTH {
-        return Ok(());
-    }
-    if is_block_device(dir)? {
-        if let Some(dev) = read_optional(&dir.join("dev"))? {
-            let name = file_name(dir);
-            found
-                .block
-                .push((name, dev.trim().to_string(), dir.to_path_buf()));
-        }
-    }
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        // Unreadable corners of sysfs (permissions) hold no block devices we could see.
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok(()),
-        Err(e) => return Err(VfioError::io(dir, e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(|e| VfioError::io(dir, e))?;
-        let ty = entry
-            .file_type()
-            .map_err(|e| VfioError::io(entry.path(), e))?;
-        // Never follow links: sysfs links point all over the tree.
-        if !ty.is_dir() {
-            continue;
-        }
-        let path = entry.path();
-        if entry.file_name() == "tty" {
-            for tty in fs::read_dir(&path).map_err(|e| VfioError::io(&path, e))? {
-                let tty = tty.map_err(|e| VfioError::io(&path, e))?;
-                found
-                    .ttys
-                    .insert(tty.file_name().to_string_lossy().into_owned());
-            }
-        }
-        walk(&path, depth + 1, found)?;
-    }
-    Ok(())
-}
-
-fn is_block_device(dir: &Path) -> Result<bool> {
-    Ok(link_name(&dir.join("subsystem"))?.as_deref() == Some("block"))
+    console_reason(root, func, &dir)
 }
 
 fn file_name(path: &Path) -> String {
@@ -130,28 +69,39 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Adds every device stacked on `dir` (dm, md, …) to `out`.
-fn holders(dir: &Path, depth: usize, out: &mut Vec<(String, String)>) -> Result<()> {
-    if depth > MAX_HOLDER_DEPTH {
-        return Ok(());
+/// The real path of a sysfs link, or `None` when it does not exist.
+fn resolve(path: &Path) -> Result<Option<PathBuf>> {
+    match fs::canonicalize(path) {
+        Ok(p) => Ok(Some(p)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(VfioError::io(path, e)),
     }
-    let hdir = dir.join("holders");
-    let entries = match fs::read_dir(&hdir) {
+}
+
+/// If the block device at `dev_dir` (a real sysfs directory), or one it is stacked
+/// on, lies below `func_dir`, returns that device's name.
+fn block_below(dev_dir: &Path, func_dir: &Path, depth: usize) -> Result<Option<String>> {
+    if dev_dir.starts_with(func_dir) {
+        return Ok(Some(file_name(dev_dir)));
+    }
+    if depth >= MAX_STACK_DEPTH {
+        return Ok(None);
+    }
+    let slaves = dev_dir.join("slaves");
+    let entries = match fs::read_dir(&slaves) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(VfioError::io(&hdir, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(VfioError::io(&slaves, e)),
     };
     for entry in entries {
-        let entry = entry.map_err(|e| VfioError::io(&hdir, e))?;
-        let Ok(target) = fs::canonicalize(entry.path()) else {
-            continue;
-        };
-        if let Some(dev) = read_optional(&target.join("dev"))? {
-            out.push((file_name(&target), dev.trim().to_string()));
+        let entry = entry.map_err(|e| VfioError::io(&slaves, e))?;
+        if let Some(lower) = resolve(&entry.path())? {
+            if let Some(name) = block_below(&lower, func_dir, depth + 1)? {
+                return Ok(Some(name));
+            }
         }
-        holders(&target, depth + 1, out)?;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// One line of mountinfo: what is mounted where.
@@ -178,23 +128,28 @@ fn parse_mountinfo(text: &str) -> Vec<Mount> {
         .collect()
 }
 
-fn mounted_reason(root: &SysfsRoot, found: &Found) -> Result<Option<String>> {
-    if found.block.is_empty() {
-        return Ok(None);
-    }
-    let mut devices: Vec<(String, String)> = Vec::new();
-    for (name, dev, dir) in &found.block {
-        devices.push((name.clone(), dev.clone()));
-        holders(dir, 0, &mut devices)?;
-    }
+fn mounted_reason(root: &SysfsRoot, func_dir: &Path) -> Result<Option<String>> {
     let path = root.mountinfo();
     let text = fs::read_to_string(path).map_err(|e| VfioError::io(path, e))?;
     for mount in parse_mountinfo(&text) {
-        for (name, dev) in &devices {
-            if &mount.dev == dev || mount.source == format!("/dev/{name}") {
+        let mut candidates = Vec::new();
+        // "0:45" and the like are anonymous devices with no sysfs entry.
+        if !mount.dev.starts_with("0:") {
+            candidates.push(root.sys().join("dev/block").join(&mount.dev));
+        }
+        if let Some(name) = mount.source.strip_prefix("/dev/") {
+            if !name.is_empty() && !name.contains('/') {
+                candidates.push(root.sys().join("class/block").join(name));
+            }
+        }
+        for candidate in candidates {
+            let Some(dev_dir) = resolve(&candidate)? else {
+                continue;
+            };
+            if let Some(name) = block_below(&dev_dir, func_dir, 0)? {
                 return Ok(Some(format!(
-                    "it holds block device {name} ({dev}), on which {} is mounted",
-                    mount.mount_point
+                    "it holds block device {name}, on which {} is mounted ({} {})",
+                    mount.mount_point, mount.source, mount.dev
                 )));
             }
         }
@@ -202,12 +157,17 @@ fn mounted_reason(root: &SysfsRoot, found: &Found) -> Result<Option<String>> {
     Ok(None)
 }
 
-fn console_reason(root: &SysfsRoot, func: &PciFunction, found: &Found) -> Result<Option<String>> {
+fn console_reason(root: &SysfsRoot, func: &PciFunction, func_dir: &Path) -> Result<Option<String>> {
     let active = read_optional(&root.console_active_path())?.unwrap_or_default();
-    if let Some(tty) = active.split_whitespace().find(|t| found.ttys.contains(*t)) {
-        return Ok(Some(format!(
-            "it provides {tty}, a tty behind /dev/console (pass force to override)"
-        )));
+    for tty in active.split_whitespace() {
+        let link = root.sys().join("class/tty").join(tty).join("device");
+        if let Some(device) = resolve(&link)? {
+            if device.starts_with(func_dir) {
+                return Ok(Some(format!(
+                    "it provides {tty}, a tty behind /dev/console (pass force to override)"
+                )));
+            }
+        }
     }
     if let Some(driver) = &func.driver {
         let kind = match func.base_class() {

@@ -406,7 +406,7 @@ fn fake_sysfs_function_holding_a_mounted_filesystem_is_refused_even_with_force()
         &fake,
         disk,
         FORCE,
-        "block device vda (254:0), on which / is mounted",
+        "block device vda, on which / is mounted (/dev/vda 254:0)",
     );
 
     // A partition mounted at /boot.
@@ -414,12 +414,7 @@ fn fake_sysfs_function_holding_a_mounted_filesystem_is_refused_even_with_force()
     fake.set_mountinfo(
         "22 27 0:21 / /proc rw - proc proc rw\n31 27 254:1 / /boot rw - ext4 /dev/vda1 rw\n",
     );
-    assert_refused(
-        &fake,
-        disk,
-        FORCE,
-        "vda1 (254:1), on which /boot is mounted",
-    );
+    assert_refused(&fake, disk, FORCE, "vda1, on which /boot is mounted");
 
     // A device-mapper volume stacked on a partition.
     fake.make_block_dir(&vda.join("vda2"), "254:2");
@@ -429,12 +424,30 @@ fn fake_sysfs_function_holding_a_mounted_filesystem_is_refused_even_with_force()
         &fake,
         disk,
         FORCE,
-        "dm-0 (253:0), on which /home is mounted",
+        "vda2, on which /home is mounted (/dev/mapper/vg-home 253:0)",
     );
 
     // btrfs reports an anonymous device number: matched by source.
     fake.set_mountinfo("41 27 0:45 / /data rw - btrfs /dev/vda2 rw\n");
     assert_refused(&fake, disk, FORCE, "on which /data is mounted");
+
+    // A USB disk ten levels below its controller.
+    let xhci = "0000:00:14.0";
+    fake.add_driver("xhci_hcd");
+    fake.add_function(xhci, 0x8086, 0xa36d, 0x0c0330, Some(12), Some("xhci_hcd"));
+    let sda = fake.add_usb_disk(xhci, "sda", "8:0");
+    fake.make_block_dir(&sda.join("sda1"), "8:1");
+    let root = fake.root();
+    let func = root.function(bdf(xhci)).unwrap();
+    assert_eq!(host_critical_reason(&root, &func, false).unwrap(), None);
+    fake.set_mountinfo("50 27 8:1 / /media/usb rw - vfat /dev/sda1 rw\n");
+    assert_refused(&fake, xhci, FORCE, "sda1, on which /media/usb is mounted");
+    // That mount does not make the virtio disk critical, and the virtio disk's mount
+    // does not make the USB controller critical.
+    let virtio = root.function(bdf(disk)).unwrap();
+    assert_eq!(host_critical_reason(&root, &virtio, false).unwrap(), None);
+    fake.set_mountinfo("40 27 253:0 / /home rw - xfs /dev/mapper/vg-home rw\n");
+    assert_eq!(host_critical_reason(&root, &func, false).unwrap(), None);
 }
 
 #[test]

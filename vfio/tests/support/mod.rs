@@ -159,33 +159,48 @@ impl FakeSysfs {
         b
     }
 
+    /// A block device directory with the links the kernel makes for it:
+    /// `dev/block/<major:minor>` and `class/block/<name>`.
     pub fn make_block_dir(&self, dir: &Path, dev: &str) {
         fs::create_dir_all(dir.join("holders")).unwrap();
+        fs::create_dir_all(dir.join("slaves")).unwrap();
         fs::write(dir.join("dev"), format!("{dev}\n")).unwrap();
         let depth = dir.strip_prefix(self.sys()).unwrap().components().count();
         let up = "../".repeat(depth);
         symlink(format!("{up}class/block"), dir.join("subsystem")).unwrap();
+        fs::create_dir_all(self.sys().join("dev/block")).unwrap();
+        symlink(dir, self.sys().join("dev/block").join(dev)).unwrap();
+        let name = dir.file_name().unwrap();
+        symlink(dir, self.sys().join("class/block").join(name)).unwrap();
     }
 
     /// A virtual block device (device-mapper) stacked on `lower`.
     pub fn add_holder(&self, lower: &Path, name: &str, dev: &str) {
         let top = self.sys().join("devices/virtual/block").join(name);
         self.make_block_dir(&top, dev);
-        let depth = lower
-            .join("holders")
-            .strip_prefix(self.sys())
-            .unwrap()
-            .components()
-            .count();
-        symlink(
-            format!("{}devices/virtual/block/{name}", "../".repeat(depth)),
-            lower.join("holders").join(name),
-        )
-        .unwrap();
+        symlink(&top, lower.join("holders").join(name)).unwrap();
+        symlink(lower, top.join("slaves").join(lower.file_name().unwrap())).unwrap();
     }
 
+    /// A tty provided by the function, as 8250_pci makes: a directory below the
+    /// function and `class/tty/<name>` linking to it, with a `device` link back.
     pub fn add_tty(&self, bdf: &str, name: &str) {
-        fs::create_dir_all(self.dev_dir(bdf).join("tty").join(name)).unwrap();
+        let dir = self.dev_dir(bdf).join("tty").join(name);
+        fs::create_dir_all(&dir).unwrap();
+        symlink(self.dev_dir(bdf), dir.join("device")).unwrap();
+        fs::create_dir_all(self.sys().join("class/tty")).unwrap();
+        symlink(&dir, self.sys().join("class/tty").join(name)).unwrap();
+    }
+
+    /// A block device deep below the function, as a USB disk sits below its
+    /// controller.
+    pub fn add_usb_disk(&self, bdf: &str, name: &str, dev: &str) -> PathBuf {
+        let b = self
+            .dev_dir(bdf)
+            .join("usb2/2-1/2-1.4/2-1.4:1.0/host0/target0:0:0/0:0:0:0/block")
+            .join(name);
+        self.make_block_dir(&b, dev);
+        b
     }
 
     pub fn set_attr(&self, bdf: &str, attr: &str, value: &str) {
