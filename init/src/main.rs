@@ -22,7 +22,7 @@ use bulkhead_init::control::{self, ControlServer, Request, Response};
 use bulkhead_init::runtime::Runtime;
 use bulkhead_init::services::{Clock, Services};
 use bulkhead_init::shutdown::{self, PowerAction};
-use bulkhead_init::{input, log as initlog, modules, mounts, panic, signals};
+use bulkhead_init::{devices, input, log as initlog, modules, mounts, panic, signals};
 use clap::{Parser, Subcommand};
 use log::{error, info, warn, LevelFilter};
 
@@ -100,10 +100,13 @@ fn pid1() -> ! {
     // 6. Kernel modules, each with its dependencies.
     modules::load_all(&modules::modules_dir(), &system.host.modules);
 
-    // 7. Power buttons (after `button` and `evdev` are loaded).
+    // 7. PCI functions the policy grants to VMs go to vfio-pci.
+    devices::bind_granted(&bulkhead_vfio::SysfsRoot::host());
+
+    // 8. Power buttons (after `button` and `evdev` are loaded).
     let buttons = input::scan(Path::new("/dev/input"));
 
-    // 8. Signalfd and control socket.
+    // 9. Signalfd and control socket.
     let sfd = match signals::signal_fd() {
         Ok(sfd) => sfd,
         Err(e) => {
@@ -135,7 +138,7 @@ fn pid1() -> ! {
         }
     }
 
-    // 9. The event loop, until a shutdown is requested.
+    // 10. The event loop, until a shutdown is requested.
     let action = rt.run();
     info!("{}", action.message());
     rt.stop_services();

@@ -1,0 +1,171 @@
+//! PCI passthrough at boot: every function the policy grants to a VM
+//! (`grant <vm> device pci:<bdf> ...` in /etc/bulkhead/policy.d) is bound to vfio-pci
+//! through the `bulkhead-vfio` crate, so it is ready before any VMM starts. The policy is
+//! read with the `bulkhead-policy` crate (init has no parser of its own). Every failure is
+//! logged loudly and never fatal: the host boots without that device.
+
+use std::collections::BTreeMap;
+
+use bulkhead_policy::{DeviceId, Policy, PolicyTree, RootDir, ValidateOptions};
+use bulkhead_vfio::{bind_to_vfio_pci, Bdf, BindOptions, SysfsRoot};
+use log::{debug, error, info};
+
+/// One PCI function to hand to vfio-pci, and who it is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// The function.
+    pub bdf: bulkhead_policy::Bdf,
+    /// The VMs granted it (more than one only with `shared=exclusive-run`).
+    pub vms: Vec<String>,
+    /// The vendor:device pin from the policy.
+    pub id: DeviceId,
+}
+
+/// The functions `policy` grants, one entry per function, sorted by address.
+pub fn assignments(policy: &Policy) -> Vec<Assignment> {
+    let mut by_bdf: BTreeMap<bulkhead_policy::Bdf, Assignment> = BTreeMap::new();
+    for (vm, grant) in policy.all_devices() {
+        by_bdf
+            .entry(grant.bdf)
+            .or_insert_with(|| Assignment {
+                bdf: grant.bdf,
+                vms: Vec::new(),
+                id: grant.id.clone(),
+            })
+            .vms
+            .push(vm.to_string());
+    }
+    by_bdf.into_values().collect()
+}
+
+/// Loads and compiles the policy from its default directories.
+pub fn load_policy() -> Result<Policy, String> {
+    PolicyTree::load(&RootDir::defaults())
+        .compile(&ValidateOptions::default())
+        .map(|c| c.policy)
+        .map_err(|diags| diags.to_string())
+}
+
+/// Why a granted function's identity does not match its pin, if it does not.
+pub fn id_mismatch(id: &DeviceId, vendor: u16, device: u16) -> Option<String> {
+    match id {
+        DeviceId::Any => None,
+        DeviceId::Pinned {
+            vendor: v,
+            device: d,
+        } if *v == vendor && *d == device => None,
+        DeviceId::Pinned { .. } => Some(format!(
+            "it is {vendor:04x}:{device:04x} but the policy pins {id}"
+        )),
+    }
+}
+
+/// Binds every granted function to vfio-pci. Returns how many are bound.
+pub fn bind_granted(sys: &SysfsRoot) -> usize {
+    let policy = match load_policy() {
+        Ok(p) => p,
+        Err(e) => {
+            error!("policy rejected, no device bound to vfio-pci:\n{e}");
+            return 0;
+        }
+    };
+    let wanted = assignments(&policy);
+    if wanted.is_empty() {
+        debug!("the policy grants no PCI device");
+        return 0;
+    }
+    let mut bound = 0;
+    for a in wanted {
+        let who = a.vms.join(", ");
+        let bdf = match Bdf::new(
+            u32::from(a.bdf.domain),
+            a.bdf.bus,
+            a.bdf.device,
+            a.bdf.function,
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                error!("cannot bind {} (for {who}): {e}", a.bdf);
+                continue;
+            }
+        };
+        match sys.function(bdf) {
+            Ok(f) => {
+                if let Some(why) = id_mismatch(&a.id, f.vendor, f.device) {
+                    error!("not binding {bdf} to vfio-pci (for {who}): {why}");
+                    continue;
+                }
+            }
+            Err(e) => {
+                error!("cannot bind {bdf} to vfio-pci (for {who}): {e}");
+                continue;
+            }
+        }
+        match bind_to_vfio_pci(sys, bdf, BindOptions::default()) {
+            Ok(report) => {
+                info!(
+                    "bound {bdf} to vfio-pci (group {}) for {who}{}",
+                    report.group,
+                    report
+                        .previous_driver
+                        .map(|d| format!(", taken from {d}"))
+                        .unwrap_or_default()
+                );
+                bound += 1;
+            }
+            Err(e) => error!("cannot bind {bdf} to vfio-pci (for {who}): {e}"),
+        }
+    }
+    bound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(text: &str) -> Policy {
+        PolicyTree::from_sources(&[("10-devices.policy".to_string(), text.as_bytes().to_vec())])
+            .compile(&ValidateOptions::default())
+            .unwrap()
+            .policy
+    }
+
+    #[test]
+    fn grants_become_one_assignment_per_function() {
+        let p = compile(
+            "version 1\n\
+             grant net-vm device pci:0000:00:05.0 id=any\n\
+             grant edu-vm device pci:0000:00:03.0 id=1234:11e8\n",
+        );
+        let a = assignments(&p);
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].bdf.to_string(), "0000:00:03.0");
+        assert_eq!(a[0].vms, vec!["edu-vm"]);
+        assert_eq!(
+            a[0].id,
+            DeviceId::Pinned {
+                vendor: 0x1234,
+                device: 0x11e8
+            }
+        );
+        assert_eq!(a[1].vms, vec!["net-vm"]);
+    }
+
+    #[test]
+    fn no_grants_no_assignments() {
+        assert!(assignments(&compile("version 1\n")).is_empty());
+    }
+
+    #[test]
+    fn id_pins() {
+        let pin = DeviceId::Pinned {
+            vendor: 0x1234,
+            device: 0x11e8,
+        };
+        assert_eq!(id_mismatch(&pin, 0x1234, 0x11e8), None);
+        assert!(id_mismatch(&pin, 0x8086, 0x11e8)
+            .unwrap()
+            .contains("8086:11e8"));
+        assert_eq!(id_mismatch(&DeviceId::Any, 1, 2), None);
+    }
+}
