@@ -194,6 +194,9 @@ impl VfioError {
 }
 
 fn describe_members(members: &[GroupMember]) -> String {
+    if members.is_empty() {
+        return "the kernel says it is not (sysfs shows no member on a host driver)".to_string();
+    }
     let mut out = String::new();
     for (i, m) in members.iter().enumerate() {
         if i > 0 {
