@@ -679,3 +679,377 @@ impl Decision<ConnectionCaps> {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::policy;
+    use proptest::prelude::*;
+
+    const BASE: &str = "version 1
+group apps browser mail term
+group drivers net-vm gpu-vm usb-vm
+grant net-vm device pci:0000:03:00.0 id=8086:2723
+grant usb-vm device pci:0000:00:14.0 id=8086:7ae0 reset=optional
+grant gpu-vm provide wayland c2s=memfd:ro,dmabuf:ro,pipe:w s2c=memfd:ro,pipe:w max-fds=8
+grant clip-vm provide clipboard c2s=pipe:w s2c=pipe:w max-fds=1
+grant @apps connect wayland@gpu-vm
+grant @apps connect clipboard@clip-vm
+grant term connect clipboard@clip-vm s2c=none
+deny browser connect clipboard@clip-vm
+grant @any quota shm=64MiB shm-count=256 vfds=256
+grant @apps quota shm=256MiB shm-count=1024
+grant gpu-vm quota shm=1GiB shm-count=4096 vfds=2048
+grant host connect wayland
+";
+
+    fn kind<T>(d: &Decision<T>) -> Option<DenyKind> {
+        d.outcome.as_ref().err().map(|e| e.kind)
+    }
+
+    #[test]
+    fn empty_tree_denies_everything() {
+        let p = policy(&[]);
+        assert_eq!(
+            kind(&p.check_connect("a", "wayland", None)),
+            Some(DenyKind::NoProvider)
+        );
+        assert!(p.devices_for("a").is_empty());
+        assert_eq!(p.quota_for("a"), Quota::default());
+        assert!(!p.check_provide("a", "x").is_allowed());
+        let d = Policy::deny_all();
+        assert!(!d.check_connect("a", "b", None).is_allowed());
+    }
+
+    #[test]
+    fn any_never_matches_system_vms() {
+        let p = policy(&[(
+            "a.policy",
+            "grant p provide s c2s=pipe:w\ngrant @any connect s\ngrant @any quota vfds=9\n",
+        )]);
+        assert!(p.check_connect("random-vm", "s", None).is_allowed());
+        assert_eq!(
+            kind(&p.check_connect("hub", "s", None)),
+            Some(DenyKind::NoGrant)
+        );
+        assert_eq!(
+            kind(&p.check_connect("host", "s", None)),
+            Some(DenyKind::NoGrant)
+        );
+        assert_eq!(p.quota_for("host").vfds.value, 0);
+        assert_eq!(p.quota_for("x").vfds.value, 9);
+        // Named explicitly, a system VM is matched.
+        let p = policy(&[("a.policy", BASE)]);
+        assert!(p.check_connect("host", "wayland", None).is_allowed());
+    }
+
+    #[test]
+    fn connect_decisions_carry_rules() {
+        let p = policy(&[("10-base.policy", BASE)]);
+        let d = p.check_connect("browser", "wayland", None);
+        let c = d.outcome.clone().unwrap();
+        assert_eq!(c.provider, "gpu-vm");
+        assert_eq!(c.max_fds, 8);
+        assert_eq!(
+            c.c2s.to_string(),
+            "memfd:read+map,pipe:write,dmabuf:read+map"
+        );
+        let rules: Vec<String> = d.rules.iter().map(|r| r.to_string()).collect();
+        assert_eq!(rules, vec!["10-base.policy:6", "10-base.policy:8"]);
+        let d = p.check_connect("browser", "clipboard", Some("clip-vm"));
+        assert_eq!(kind(&d), Some(DenyKind::DeniedByRule));
+        assert_eq!(
+            d.rules.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            vec!["10-base.policy:11"]
+        );
+        assert_eq!(
+            kind(&p.check_connect("net-vm", "wayland", None)),
+            Some(DenyKind::NoGrant)
+        );
+        assert_eq!(
+            kind(&p.check_connect("browser", "wayland", Some("net-vm"))),
+            Some(DenyKind::WrongProvider)
+        );
+    }
+
+    #[test]
+    fn every_connect_denial_looks_the_same_to_the_guest() {
+        let p = policy(&[("a.policy", BASE)]);
+        for d in [
+            p.check_connect("browser", "clipboard", None),
+            p.check_connect("net-vm", "wayland", None),
+            p.check_connect("browser", "no-such-service", None),
+            p.check_connect("browser", "wayland", Some("no-such-vm")),
+        ] {
+            assert_eq!(
+                d.outcome.unwrap_err().kind.guest_error(),
+                GuestError::PermissionDenied
+            );
+        }
+    }
+
+    #[test]
+    fn vm_specific_connect_narrows_group_grant() {
+        let p = policy(&[("a.policy", BASE)]);
+        let term = p.check_connect("term", "clipboard", None).outcome.unwrap();
+        assert!(term.s2c.is_none());
+        assert_eq!(term.c2s.to_string(), "pipe:write");
+        let mail = p.check_connect("mail", "clipboard", None).outcome.unwrap();
+        assert_eq!(mail.s2c.to_string(), "pipe:write");
+    }
+
+    #[test]
+    fn deny_beats_grant_in_either_file_order() {
+        let grant = "grant gpu-vm provide w c2s=memfd:ro\ngrant a connect w\ngroup g a\n";
+        let deny = "deny a connect w\n";
+        for (g, d) in [
+            ("10-grant.policy", "99-deny.policy"),
+            ("99-grant.policy", "10-deny.policy"),
+        ] {
+            let p = policy(&[(g, grant), (d, deny)]);
+            assert_eq!(
+                kind(&p.check_connect("a", "w", None)),
+                Some(DenyKind::DeniedByRule),
+                "{g} {d}"
+            );
+        }
+        // Deny on a group covers members granted by name.
+        let p = policy(&[("a.policy", grant), ("b.policy", "deny @g connect w\n")]);
+        assert!(!p.check_connect("a", "w", None).is_allowed());
+    }
+
+    #[test]
+    fn group_edit_changes_exactly_the_members_results() {
+        let rules = "grant p provide s c2s=pipe:w\ngrant @g connect s\ngrant z quota vfds=1\n";
+        let before = policy(&[("a.policy", rules), ("g.policy", "group g a b\n")]);
+        let after = policy(&[("a.policy", rules), ("g.policy", "group g a c\n")]);
+        for vm in ["a", "b", "c", "d", "z"] {
+            let x = before.check_connect(vm, "s", None).is_allowed();
+            let y = after.check_connect(vm, "s", None).is_allowed();
+            let expect_change = vm == "b" || vm == "c";
+            assert_eq!(x != y, expect_change, "{vm}");
+        }
+    }
+
+    #[test]
+    fn quota_specificity_per_key() {
+        let p = policy(&[("a.policy", BASE)]);
+        let q = p.quota_for("gpu-vm");
+        assert_eq!(
+            (q.shm.value, q.shm_count.value, q.vfds.value),
+            (1 << 30, 4096, 2048)
+        );
+        let q = p.quota_for("browser");
+        // shm from @apps, vfds falls through to @any.
+        assert_eq!(
+            (q.shm.value, q.shm_count.value, q.vfds.value),
+            (256 << 20, 1024, 256)
+        );
+        assert_eq!(q.vfds.from.unwrap().line, 12);
+        let q = p.quota_for("stranger");
+        assert_eq!(q.shm.value, 64 << 20);
+    }
+
+    #[test]
+    fn devices_respect_denies() {
+        let p = policy(&[("a.policy", BASE)]);
+        let d = p.devices_for("usb-vm");
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].reset, Reset::Optional);
+        assert!(p.check_device("net-vm", d[0].bdf).outcome.is_err());
+        let p = policy(&[
+            ("a.policy", BASE),
+            ("b.policy", "deny @drivers device pci:0000:03:00.0\n"),
+        ]);
+        assert!(p.devices_for("net-vm").is_empty());
+    }
+
+    #[test]
+    fn transfer_checks() {
+        let p = policy(&[("a.policy", BASE)]);
+        let c = p.check_connect("browser", "wayland", None).outcome.unwrap();
+        // Reduced to the contract; TRANSFER dropped because the contract lacks it.
+        let d = p.check_transfer(
+            &c,
+            Direction::C2s,
+            FdType::Memfd,
+            Rights::READ | Rights::WRITE | Rights::MAP | Rights::TRANSFER,
+            1,
+        );
+        assert_eq!(d.outcome, Ok(Rights::READ | Rights::MAP));
+        assert_eq!(
+            kind(&p.check_transfer(&c, Direction::S2c, FdType::Dmabuf, Rights::READ, 1)),
+            Some(DenyKind::TypeNotAllowed)
+        );
+        assert_eq!(
+            kind(&p.check_transfer(&c, Direction::C2s, FdType::Memfd, Rights::READ, 9)),
+            Some(DenyKind::TooManyFds)
+        );
+        assert_eq!(
+            kind(&p.check_transfer(&c, Direction::C2s, FdType::Pipe, Rights::MAP, 1)),
+            Some(DenyKind::InvalidRights)
+        );
+        assert_eq!(
+            kind(&p.check_transfer(
+                &c,
+                Direction::C2s,
+                FdType::Pipe,
+                Rights::READ | Rights::WRITE,
+                1
+            )),
+            Some(DenyKind::InvalidRights)
+        );
+        // A pipe read end where the contract only carries write ends.
+        assert_eq!(
+            kind(&p.check_transfer(&c, Direction::C2s, FdType::Pipe, Rights::READ, 1)),
+            Some(DenyKind::RightsNotAllowed)
+        );
+        assert_eq!(
+            p.check_transfer(&c, Direction::C2s, FdType::Pipe, Rights::READ, 1)
+                .outcome
+                .unwrap_err()
+                .kind
+                .guest_error(),
+            GuestError::PermissionDenied
+        );
+        // TRANSFER survives only if the contract grants it.
+        let p = policy(&[(
+            "a.policy",
+            "grant p provide s c2s=memfd:read+transfer\ngrant a connect s\n",
+        )]);
+        let c = p.check_connect("a", "s", None).outcome.unwrap();
+        assert_eq!(
+            p.check_transfer(
+                &c,
+                Direction::C2s,
+                FdType::Memfd,
+                Rights::READ | Rights::TRANSFER,
+                1
+            )
+            .outcome,
+            Ok(Rights::READ | Rights::TRANSFER)
+        );
+    }
+
+    fn rights_strategy() -> impl Strategy<Value = Rights> {
+        (0u32..(1 << 12)).prop_map(Rights::from_bits_truncate)
+    }
+
+    proptest! {
+        /// P2: what a receiver gets never exceeds the request, the contract or the narrowing.
+        #[test]
+        fn transfer_is_monotonic(contract in rights_strategy(), narrow in rights_strategy(), req in rights_strategy(), ty in 0usize..5) {
+            let t = FdType::ALL[ty];
+            let contract = contract & t.grantable_rights();
+            let narrow = narrow & contract;
+            let mut cc = FdCaps::NONE;
+            cc.set(t, contract);
+            let mut nc = FdCaps::NONE;
+            nc.set(t, narrow);
+            let text = format!("grant p provide s c2s={cc}\ngrant a connect s c2s={nc}\n");
+            let p = policy(&[("a.policy", &text)]);
+            let c = p.check_connect("a", "s", None).outcome.unwrap();
+            if let Ok(fin) = p.check_transfer(&c, Direction::C2s, t, req, 1).outcome {
+                prop_assert!(fin.is_subset_of(req));
+                prop_assert!(fin.is_subset_of(narrow));
+                prop_assert!(fin.is_subset_of(t.grantable_rights()));
+            }
+        }
+    }
+
+    /// Lines for the shuffle property: valid in any order and any split into files.
+    const SHUFFLE_LINES: &[&str] = &[
+        "version 1",
+        "group apps browser mail term",
+        "group drivers net-vm gpu-vm",
+        "group apps2 mail",
+        "grant net-vm device pci:0000:03:00.0 id=8086:2723",
+        "grant gpu-vm device pci:0000:00:02.0 id=any reset=optional",
+        "deny @drivers device pci:0000:00:02.0",
+        "grant gpu-vm provide wayland c2s=memfd:ro,dmabuf:ro,pipe:w s2c=memfd:ro,pipe:w max-fds=8",
+        "grant clip-vm provide clipboard c2s=pipe:w s2c=pipe:w max-fds=1",
+        "grant net-vm provide net c2s=socket:send+recv s2c=socket:send+recv",
+        "grant @apps connect wayland@gpu-vm",
+        "grant @apps connect clipboard@clip-vm",
+        "grant @apps2 connect clipboard c2s=none",
+        "grant term connect clipboard@clip-vm s2c=none",
+        "deny browser connect clipboard@clip-vm",
+        "grant @any connect net",
+        "deny @drivers connect net",
+        "grant @any quota shm=64MiB shm-count=256 vfds=256",
+        "grant @apps quota shm=256MiB shm-count=1024",
+        "grant gpu-vm quota shm=1GiB shm-count=4096 vfds=2048",
+        "grant mail quota vfds=7",
+    ];
+
+    /// Every decision, without provenance (line numbers move when lines move).
+    fn decisions(p: &Policy) -> Vec<String> {
+        let mut out = Vec::new();
+        for vm in [
+            "browser", "mail", "term", "net-vm", "gpu-vm", "clip-vm", "stranger", "host",
+        ] {
+            for svc in ["wayland", "clipboard", "net", "none"] {
+                let d = p.check_connect(vm, svc, None);
+                out.push(format!(
+                    "{vm} {svc} {:?}",
+                    d.outcome
+                        .as_ref()
+                        .map(|c| (c.c2s, c.s2c, c.max_fds, c.provider.clone()))
+                        .map_err(|e| e.kind)
+                ));
+                if let Ok(c) = &d.outcome {
+                    for t in FdType::ALL {
+                        for dir in [Direction::C2s, Direction::S2c] {
+                            let r = p.check_transfer(
+                                c,
+                                dir,
+                                t,
+                                Rights::READ | Rights::MAP | Rights::SEND,
+                                1,
+                            );
+                            out.push(format!("  {t} {dir} {:?}", r.outcome.map_err(|e| e.kind)));
+                        }
+                    }
+                }
+            }
+            let q = p.quota_for(vm);
+            out.push(format!(
+                "{vm} quota {} {} {}",
+                q.shm.value, q.shm_count.value, q.vfds.value
+            ));
+            out.push(format!(
+                "{vm} devices {:?}",
+                p.devices_for(vm)
+                    .iter()
+                    .map(|d| (d.bdf, d.id, d.reset))
+                    .collect::<Vec<_>>()
+            ));
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// P4: shuffling lines and splitting them over files gives identical decisions.
+        #[test]
+        fn shuffled_files_and_lines_decide_identically(
+            order in Just((0..SHUFFLE_LINES.len()).collect::<Vec<_>>()).prop_shuffle(),
+            split in proptest::collection::vec(0usize..4, SHUFFLE_LINES.len()),
+            names in Just(vec!["10-a.policy", "20-b.policy", "50-c.policy", "99-z.policy"]).prop_shuffle(),
+        ) {
+            let reference = decisions(&policy(&[("all.policy", &SHUFFLE_LINES.join("\n"))]));
+            let mut files = vec![String::new(); 4];
+            for i in order {
+                let f = split[i];
+                if SHUFFLE_LINES[i].starts_with("version") {
+                    // `version` may appear once per file: give it to every file.
+                    continue;
+                }
+                files[f].push_str(SHUFFLE_LINES[i]);
+                files[f].push('\n');
+            }
+            let named: Vec<(&str, &str)> = names.iter().zip(&files).map(|(n, t)| (*n, t.as_str())).collect();
+            prop_assert_eq!(decisions(&policy(&named)), reference);
+        }
+    }
+}

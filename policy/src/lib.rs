@@ -32,3 +32,36 @@ pub use eval::{
 pub use rights::{Direction, FdCaps, FdType, Rights};
 pub use tree::{PolicyTree, RootDir};
 pub use validate::{Compiled, ValidateOptions};
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use crate::{Compiled, Diagnostics, Policy, PolicyTree, ValidateOptions};
+
+    /// Compile in-memory files.
+    pub fn compile_with(
+        files: &[(&str, &str)],
+        opts: &ValidateOptions,
+    ) -> Result<Compiled, Diagnostics> {
+        let src: Vec<(String, Vec<u8>)> = files
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.as_bytes().to_vec()))
+            .collect();
+        PolicyTree::from_sources(&src).compile(opts)
+    }
+
+    /// Compile in-memory files that must be valid.
+    pub fn policy(files: &[(&str, &str)]) -> Policy {
+        match compile_with(files, &ValidateOptions::default()) {
+            Ok(c) => c.policy,
+            Err(e) => panic!("invalid test policy:\n{e}"),
+        }
+    }
+
+    /// The errors of in-memory files that must be invalid.
+    pub fn errors(files: &[(&str, &str)]) -> Vec<crate::Diagnostic> {
+        match compile_with(files, &ValidateOptions::default()) {
+            Ok(_) => panic!("policy unexpectedly valid"),
+            Err(e) => e.0.into_iter().filter(|d| d.is_error()).collect(),
+        }
+    }
+}

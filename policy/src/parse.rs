@@ -923,7 +923,7 @@ mod tests {
         fails("version", 8, "needs a number");
         fails("group apps @drivers", 12, "is a group");
         fails("group any a", 7, "reserved");
-        fails("group apps", 7, "no members");
+        fails("group apps", 11, "no members");
         fails("group apps a a", 14, "twice");
     }
 

@@ -193,3 +193,151 @@ pub fn check_devices(policy: &Policy, root: &Path, force: bool) -> Vec<Diagnosti
     }
     out
 }
+
+/// Build a fake sysfs tree (for tests here and in `policy/tests/`): each device is
+/// `(bdf, vendor, device, class, iommu group)`.
+pub fn build_fake_sysfs(
+    root: &Path,
+    devices: &[(&str, u16, u16, u32, u32)],
+) -> std::io::Result<()> {
+    for (bdf, vendor, device, class, group) in devices {
+        let d = root.join("bus/pci/devices").join(bdf);
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("vendor"), format!("0x{vendor:04x}\n"))?;
+        std::fs::write(d.join("device"), format!("0x{device:04x}\n"))?;
+        std::fs::write(d.join("class"), format!("0x{class:06x}\n"))?;
+        let g = root
+            .join("kernel/iommu_groups")
+            .join(group.to_string())
+            .join("devices");
+        std::fs::create_dir_all(&g)?;
+        std::fs::write(g.join(bdf), b"")?;
+        let link = d.join("iommu_group");
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("../../../../kernel/iommu_groups/{group}"), link)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::policy;
+
+    const NIC: u32 = 0x028000;
+
+    fn fake() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        build_fake_sysfs(
+            dir.path(),
+            &[
+                ("0000:00:00.0", 0x8086, 0x4641, 0x060000, 0),
+                ("0000:03:00.0", 0x8086, 0x2723, NIC, 7),
+                ("0000:04:00.0", 0x10ec, 0x8168, NIC, 8),
+                ("0000:04:00.1", 0x10ec, 0x8169, NIC, 8),
+            ],
+        )
+        .unwrap();
+        dir
+    }
+
+    fn msgs(d: &[Diagnostic]) -> Vec<String> {
+        d.iter().map(|d| d.to_string()).collect()
+    }
+
+    #[test]
+    fn fake_sysfs_reads_groups() {
+        let s = fake();
+        let b = parse_bdf("pci:0000:04:00.1").unwrap();
+        assert_eq!(iommu_group(s.path(), b), Ok(8));
+        assert_eq!(group_members(s.path(), 8).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn fake_sysfs_whole_group_ok() {
+        let s = fake();
+        let p = policy(&[("a.policy", "grant net-vm device pci:0000:03:00.0 id=8086:2723\ngrant eth-vm device pci:0000:04:00.0 id=any\ngrant eth-vm device pci:0000:04:00.1 id=10ec:8169\n")]);
+        let d = check_devices(&p, s.path(), false);
+        assert!(d.is_empty(), "{:?}", msgs(&d));
+    }
+
+    #[test]
+    fn fake_sysfs_split_group_rejected() {
+        let s = fake();
+        let p = policy(&[("a.policy", "grant eth-vm device pci:0000:04:00.0 id=any\n")]);
+        let d = check_devices(&p, s.path(), false);
+        assert!(
+            d.iter().any(|d| d.is_error()
+                && d.line == 1
+                && d.message.contains("IOMMU group 8 is split")
+                && d.message.contains("0000:04:00.1 → host")),
+            "{:?}",
+            msgs(&d)
+        );
+        let p = policy(&[(
+            "a.policy",
+            "grant a device pci:0000:04:00.0 id=any\ngrant b device pci:0000:04:00.1 id=any\n",
+        )]);
+        let d = check_devices(&p, s.path(), false);
+        assert!(
+            d.iter()
+                .any(|d| d.message.contains("0000:04:00.0 → a, 0000:04:00.1 → b")),
+            "{:?}",
+            msgs(&d)
+        );
+    }
+
+    #[test]
+    fn fake_sysfs_id_mismatch_rejected() {
+        let s = fake();
+        let p = policy(&[(
+            "a.policy",
+            "grant net-vm device pci:0000:03:00.0 id=8086:0001\n",
+        )]);
+        let d = check_devices(&p, s.path(), false);
+        assert!(
+            d.iter()
+                .any(|d| d.is_error() && d.message.contains("is 8086:2723")),
+            "{:?}",
+            msgs(&d)
+        );
+    }
+
+    #[test]
+    fn fake_sysfs_host_bridge_needs_force() {
+        let s = fake();
+        let p = policy(&[("a.policy", "grant a device pci:0000:00:00.0 id=any\n")]);
+        let d = check_devices(&p, s.path(), false);
+        assert!(
+            d.iter()
+                .any(|d| d.is_error() && d.message.contains("host bridge")),
+            "{:?}",
+            msgs(&d)
+        );
+        assert!(check_devices(&p, s.path(), true)
+            .iter()
+            .all(|d| !d.is_error()));
+    }
+
+    #[test]
+    fn fake_sysfs_missing_device_and_group() {
+        let s = fake();
+        let p = policy(&[("a.policy", "grant a device pci:0000:09:00.0 id=any\n")]);
+        let d = check_devices(&p, s.path(), false);
+        assert!(
+            d.iter().all(|d| !d.is_error()) && d.iter().any(|d| d.message.contains("not present")),
+            "{:?}",
+            msgs(&d)
+        );
+        std::fs::remove_file(s.path().join("bus/pci/devices/0000:03:00.0/iommu_group")).unwrap();
+        let p = policy(&[("a.policy", "grant a device pci:0000:03:00.0 id=any\n")]);
+        let d = check_devices(&p, s.path(), false);
+        assert!(
+            d.iter()
+                .any(|d| d.is_error() && d.message.contains("no IOMMU group")),
+            "{:?}",
+            msgs(&d)
+        );
+    }
+}

@@ -188,6 +188,12 @@ impl Walk<'_> {
             }
         };
         let name = self.name(root, rel);
+        if bytes.is_empty() {
+            self.diags.push(
+                Diagnostic::warning(&display, 0, 0, "empty policy file (a truncated write?)")
+                    .with_help("an empty file grants nothing; delete it or add `version 1`"),
+            );
+        }
         let (parsed, mut d) = parse_bytes(&name, &display, &bytes);
         self.diags.append(&mut d);
         let includes: Vec<(u32, String)> = parsed
@@ -429,7 +435,17 @@ impl PolicyTree {
             .iter()
             .map(|f| (f.name.clone(), f.display.clone()))
             .collect();
-        compile(&self.parsed, &displays, &self.hash, opts)
+        let mut c = compile(&self.parsed, &displays, &self.hash, opts)?;
+        let mut own: Vec<Diagnostic> = self.diagnostics.clone();
+        if opts.strict && !own.is_empty() {
+            for d in &mut own {
+                d.severity = crate::diag::Severity::Error;
+            }
+            return Err(Diagnostics(own));
+        }
+        c.warnings.extend(own);
+        c.warnings.sort();
+        Ok(c)
     }
 
     /// The primary (first) root directory, where edits go.

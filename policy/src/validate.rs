@@ -474,7 +474,7 @@ pub fn compile(
         }
     }
     for v in devices_by_vm.values_mut() {
-        v.sort_by(|a, b| a.bdf.cmp(&b.bdf));
+        v.sort_by_key(|a| a.bdf);
     }
     for (i, (e, l)) in entries.iter().enumerate() {
         if let (Effect::Deny, Action::Device { bdf, .. }) = (e.rule.effect, &e.rule.action) {
@@ -709,4 +709,264 @@ fn check_quota_conflicts(
 /// Canonical text of a rule (re-exported for the CLI).
 pub fn canonical(rule: &Rule) -> String {
     rule.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{compile_with, errors, policy};
+
+    const BASE: &str = "version 1
+group apps browser mail term
+grant gpu-vm provide wayland c2s=memfd:ro,dmabuf:ro,pipe:w s2c=memfd:ro,pipe:w max-fds=8
+grant clip-vm provide clipboard c2s=pipe:w s2c=pipe:w max-fds=1
+grant @apps connect wayland@gpu-vm
+";
+
+    fn has(d: &[Diagnostic], file: &str, line: u32, col: u32, needle: &str) -> bool {
+        d.iter()
+            .any(|d| d.path == file && d.line == line && d.col == col && d.message.contains(needle))
+    }
+
+    #[test]
+    fn two_providers_rejected() {
+        let e = errors(&[
+            ("a.policy", BASE),
+            ("b.policy", "grant net-vm provide wayland\n"),
+        ]);
+        assert!(
+            has(&e, "b.policy", 1, 22, "already has a provider"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn provide_needs_a_vm() {
+        let e = errors(&[("a.policy", "group g a b\ngrant @g provide x\n")]);
+        assert!(has(&e, "a.policy", 2, 7, "single VM"), "{e:?}");
+    }
+
+    #[test]
+    fn widening_connect_rejected_at_the_parameter() {
+        let e = errors(&[
+            ("a.policy", BASE),
+            ("b.policy", "grant mail connect wayland c2s=memfd:rw\n"),
+        ]);
+        assert!(has(&e, "b.policy", 1, 28, "widens"), "{e:?}");
+        assert!(e.iter().any(|d| d.message.contains("memfd:write")));
+        // Narrowing is fine.
+        policy(&[
+            ("a.policy", BASE),
+            (
+                "b.policy",
+                "grant mail connect wayland c2s=memfd:read s2c=none\n",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn connect_to_the_wrong_provider_rejected() {
+        let e = errors(&[
+            ("a.policy", BASE),
+            ("b.policy", "grant mail connect wayland@net-vm\n"),
+        ]);
+        assert!(has(&e, "b.policy", 1, 20, "provided by gpu-vm"), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_group_rejected() {
+        let e = errors(&[("a.policy", "grant @nope quota vfds=1\n")]);
+        assert!(has(&e, "a.policy", 1, 7, "unknown group @nope"), "{e:?}");
+    }
+
+    #[test]
+    fn device_granted_twice_rejected() {
+        let e = errors(&[
+            (
+                "a.policy",
+                "grant net-vm device pci:0000:03:00.0 id=8086:2723\n",
+            ),
+            (
+                "b.policy",
+                "grant usb-vm device pci:0000:03:00.0 id=8086:2723\n",
+            ),
+        ]);
+        assert!(
+            has(&e, "b.policy", 1, 21, "already granted to net-vm"),
+            "{e:?}"
+        );
+        let e = errors(&[("a.policy", "grant a device pci:0000:03:00.0 id=any\ngrant a device pci:0000:03:00.0 id=any reset=optional\n")]);
+        assert!(
+            e.iter().any(|d| d.message.contains("granted twice")),
+            "{e:?}"
+        );
+        let e = errors(&[(
+            "a.policy",
+            "group g a b\ngrant @g device pci:0000:03:00.0 id=any\n",
+        )]);
+        assert!(e.iter().any(|d| d.message.contains("one VM")), "{e:?}");
+    }
+
+    #[test]
+    fn shared_device_allowed_when_every_grant_says_so() {
+        let p = policy(&[("a.policy", "grant a device pci:0000:03:00.0 id=any shared=exclusive-run\ngrant b device pci:0000:03:00.0 id=any shared=exclusive-run\n")]);
+        assert_eq!(p.devices_for("a").len(), 1);
+        assert_eq!(p.devices_for("b").len(), 1);
+        errors(&[("a.policy", "grant a device pci:0000:03:00.0 id=any shared=exclusive-run\ngrant b device pci:0000:03:00.0 id=any\n")]);
+    }
+
+    #[test]
+    fn quota_ties_rejected() {
+        let e = errors(&[
+            ("a.policy", "grant a quota shm=1MiB\n"),
+            ("b.policy", "grant a quota shm=2MiB vfds=3\n"),
+        ]);
+        assert!(has(&e, "b.policy", 1, 15, "sets quota shm twice"), "{e:?}");
+        let e = errors(&[(
+            "a.policy",
+            "grant @any quota vfds=1\ngrant @any quota vfds=2\n",
+        )]);
+        assert!(
+            e.iter()
+                .any(|d| d.message.contains("@any sets quota vfds twice")),
+            "{e:?}"
+        );
+        let two_groups =
+            "group g1 a b\ngroup g2 b c\ngrant @g1 quota shm=1MiB\ngrant @g2 quota shm=2MiB\n";
+        let e = errors(&[("a.policy", two_groups)]);
+        assert!(
+            e.iter().any(|d| d.message.contains("b is in @g1 and @g2")),
+            "{e:?}"
+        );
+        // A VM-level setting resolves the tie for that VM.
+        let p = policy(&[
+            ("a.policy", two_groups),
+            ("b.policy", "grant b quota shm=4MiB\n"),
+        ]);
+        assert_eq!(p.quota_for("b").shm.value, 4 << 20);
+        // Different keys do not conflict.
+        policy(&[("a.policy", "grant a quota shm=1MiB\ngrant a quota vfds=3\n")]);
+    }
+
+    #[test]
+    fn dead_deny_warned_and_strict_promotes() {
+        let files = [
+            ("a.policy", BASE),
+            ("b.policy", "deny net-vm connect wayland\n"),
+        ];
+        let c = compile_with(&files, &ValidateOptions::default()).unwrap();
+        assert!(
+            has(&c.warnings, "b.policy", 1, 1, "dead deny"),
+            "{:?}",
+            c.warnings
+        );
+        let e = compile_with(
+            &files,
+            &ValidateOptions {
+                strict: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e
+            .0
+            .iter()
+            .any(|d| d.is_error() && d.message.contains("dead deny")));
+        // A deny that hits a grant is not dead.
+        let c = compile_with(
+            &[
+                ("a.policy", BASE),
+                ("b.policy", "deny browser connect wayland\n"),
+            ],
+            &ValidateOptions::default(),
+        )
+        .unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn unknown_names_warned() {
+        let c = compile_with(
+            &[
+                ("a.policy", BASE),
+                (
+                    "b.policy",
+                    "grant browsr connect wayland\ngrant mail connect clipbord\n",
+                ),
+            ],
+            &ValidateOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            has(&c.warnings, "b.policy", 1, 7, "unknown VM `browsr`"),
+            "{:?}",
+            c.warnings
+        );
+        assert!(
+            has(&c.warnings, "b.policy", 2, 20, "unknown service `clipbord`"),
+            "{:?}",
+            c.warnings
+        );
+        let known = ["browser", "mail", "term", "gpu-vm", "clip-vm"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let opts = ValidateOptions {
+            known_vms: Some(known),
+            strict: true,
+            ..Default::default()
+        };
+        assert!(compile_with(&[("a.policy", BASE)], &opts).is_ok());
+        assert!(compile_with(
+            &[("a.policy", BASE), ("b.policy", "grant x quota vfds=1\n")],
+            &opts
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn duplicates_and_ram_warned() {
+        let opts = ValidateOptions {
+            phys_ram: Some(1 << 30),
+            ..Default::default()
+        };
+        let c = compile_with(
+            &[
+                ("a.policy", "grant a quota shm=2GiB\n"),
+                ("b.policy", "group g a\n"),
+            ],
+            &opts,
+        )
+        .unwrap();
+        assert!(
+            has(&c.warnings, "a.policy", 1, 15, "larger than physical RAM"),
+            "{:?}",
+            c.warnings
+        );
+        let c = compile_with(
+            &[
+                ("a.policy", BASE),
+                ("b.policy", "grant @apps connect wayland@gpu-vm\n"),
+            ],
+            &ValidateOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            c.warnings.iter().any(|d| d.message.contains("duplicate")),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn deny_provide_removes_the_provider() {
+        let p = policy(&[
+            ("a.policy", BASE),
+            ("b.policy", "deny gpu-vm provide wayland\n"),
+        ]);
+        assert!(p.provider("wayland").is_none());
+        assert!(!p.check_connect("browser", "wayland", None).is_allowed());
+        assert!(!p.check_provide("gpu-vm", "wayland").is_allowed());
+        assert!(p.check_provide("clip-vm", "clipboard").is_allowed());
+    }
 }
