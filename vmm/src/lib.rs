@@ -7,6 +7,7 @@
 
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod vm;
 pub mod vstate;

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use bulkhead_ipc::channel::Channel;
 use bulkhead_vmm::config::{Cli, FdTaker, Source, VmConfig};
+use bulkhead_vmm::control::ControlServer;
 use bulkhead_vmm::devices::virtio::rng::device::Rng;
 use bulkhead_vmm::vm::Vm;
 use bulkhead_vmm::vstate::exit::ExitReason;
@@ -82,7 +84,23 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
     } else {
         None
     };
+    let control_channel = match cfg.control_fd {
+        Some(fd) => Some(Channel::from_fd(fds.take(fd).map_err(|e| e.to_string())?)),
+        None => None,
+    };
     let running = vm.start(input).map_err(|e| e.to_string())?;
+    let _control = if cfg.control_socket.is_some() || control_channel.is_some() {
+        Some(
+            ControlServer::start(
+                running.control_target(),
+                cfg.control_socket.as_deref(),
+                control_channel,
+            )
+            .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
     let reason = running.wait();
     Ok(running.stop(reason))
 }

@@ -15,6 +15,7 @@ use crate::boot::layout::{
     PCI_CONFIG_PORT, PCI_MMIO_SIZE, PCI_MMIO_START, PM_PORT,
 };
 use crate::boot::{acpi, bzimage, long_mode};
+use crate::control::ControlTarget;
 use crate::devices::acpi::ged::PowerButton;
 use crate::devices::acpi::power::{I8042Reset, PowerDevice};
 use crate::devices::bus::Bus;
@@ -75,7 +76,7 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice>>,
-    power_button: PowerButton,
+    power_button: Arc<PowerButton>,
     pci: Arc<Mutex<PciBus>>,
     bars: BarAllocator,
     disks: Vec<Arc<Disk>>,
@@ -174,7 +175,7 @@ impl Vm {
             exit,
             vcpus,
             serial,
-            power_button: PowerButton::new(ged_irq),
+            power_button: Arc::new(PowerButton::new(ged_irq)),
             pci,
             bars,
             disks: Vec::new(),
@@ -267,7 +268,20 @@ impl Vm {
             threads.push(vcpu.start(buses.clone())?);
         }
         log::info!("bulkhead-vmm: {} vCPU(s) started", threads.len());
+        let devices = self
+            .pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device_names();
+        let control = Arc::new(ControlTarget::new(
+            self.exit.clone(),
+            self.power_button.clone(),
+            threads.len() as u8,
+            self.mem_size,
+            devices,
+        ));
         Ok(RunningVm {
+            control,
             exit: self.exit,
             power_button: self.power_button,
             serial: self.serial,
@@ -300,8 +314,9 @@ fn install_kick_handler() {
 
 /// A running VM.
 pub struct RunningVm {
+    control: Arc<ControlTarget>,
     exit: Arc<ExitSignal>,
-    power_button: PowerButton,
+    power_button: Arc<PowerButton>,
     serial: Arc<Mutex<SerialDevice>>,
     disks: Vec<Arc<Disk>>,
     threads: Vec<JoinHandle<()>>,
@@ -313,6 +328,11 @@ impl RunningVm {
     /// The exit signal (its eventfd becomes readable when the VM must stop).
     pub fn exit_signal(&self) -> &Arc<ExitSignal> {
         &self.exit
+    }
+
+    /// What the control socket acts on.
+    pub fn control_target(&self) -> Arc<ControlTarget> {
+        self.control.clone()
     }
 
     /// Presses the ACPI power button: the guest shuts itself down.

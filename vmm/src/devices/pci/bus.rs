@@ -100,6 +100,15 @@ impl PciBus {
         Ok(slot as u8)
     }
 
+    /// The names of the devices on the bus, by slot.
+    pub fn device_names(&self) -> Vec<String> {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|d| lock(d).name().to_string())
+            .collect()
+    }
+
     fn device(&self, slot: usize) -> Option<&SharedPciDevice> {
         self.slots.get(slot).and_then(|s| s.as_ref())
     }
