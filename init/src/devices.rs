@@ -30,7 +30,7 @@ pub fn assignments(policy: &Policy) -> Vec<Assignment> {
             .or_insert_with(|| Assignment {
                 bdf: grant.bdf,
                 vms: Vec::new(),
-                id: grant.id.clone(),
+                id: grant.id,
             })
             .vms
             .push(vm.to_string());
