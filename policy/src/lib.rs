@@ -16,6 +16,7 @@ pub mod edit;
 pub mod eval;
 pub mod explain;
 pub mod fmt;
+pub mod fuzz_check;
 pub mod lex;
 pub mod parse;
 pub mod rights;
