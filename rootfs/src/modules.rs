@@ -198,34 +198,38 @@ impl ModuleIndex {
     pub fn closure(&self, requested: &[String]) -> Result<Vec<ChosenModule>, ModuleError> {
         let mut chosen: BTreeMap<String, ChosenModule> = BTreeMap::new();
         let mut order: Vec<String> = Vec::new();
-        let mut work: Vec<(String, String)> = requested
+        // (name, who needs it, optional): softdeps are optional, as for modprobe (vfio
+        // names the PowerPC-only vfio_iommu_spapr_tce, absent on x86).
+        let mut work: Vec<(String, String, bool)> = requested
             .iter()
             .rev()
-            .map(|r| (normalize(r), "the system configuration".to_string()))
+            .map(|r| (normalize(r), "the system configuration".to_string(), false))
             .collect();
-        while let Some((name, needed_by)) = work.pop() {
+        while let Some((name, needed_by, optional)) = work.pop() {
             if chosen.contains_key(&name) || self.is_builtin(&name) {
                 continue;
             }
-            let rel = self
-                .rel_path(&name)
-                .ok_or_else(|| ModuleError::Missing {
-                    name: name.clone(),
+            let Some(rel) = self.rel_path(&name) else {
+                if optional {
+                    log::debug!("soft dependency {name} of {needed_by} is not in this kernel");
+                    continue;
+                }
+                return Err(ModuleError::Missing {
+                    name,
                     dir: self.dir.clone(),
-                    needed_by: needed_by.clone(),
-                })?
-                .to_string();
+                    needed_by,
+                });
+            };
+            let rel = rel.to_string();
             if rel.starts_with("compressed:") {
                 return Err(ModuleError::Compressed(name));
             }
             let info = read_modinfo(&self.dir.join(&rel))?;
-            for dep in info
-                .depends
-                .iter()
-                .chain(&info.softdep_pre)
-                .chain(&info.softdep_post)
-            {
-                work.push((dep.clone(), name.clone()));
+            for dep in &info.depends {
+                work.push((dep.clone(), name.clone(), false));
+            }
+            for dep in info.softdep_pre.iter().chain(&info.softdep_post) {
+                work.push((dep.clone(), name.clone(), true));
             }
             order.push(name.clone());
             chosen.insert(
@@ -309,22 +313,31 @@ pub fn modules_dep(chosen: &[ChosenModule]) -> String {
     out
 }
 
-/// `modules.softdep` in depmod's format (`softdep NAME pre: a b post: c`).
+/// `modules.softdep` in depmod's format (`softdep NAME pre: a b post: c`), naming only
+/// modules that are in the image.
 pub fn modules_softdep(chosen: &[ChosenModule]) -> String {
+    let present: BTreeSet<&str> = chosen.iter().map(|m| m.name.as_str()).collect();
+    let keep = |list: &[String]| -> Vec<String> {
+        list.iter()
+            .filter(|n| present.contains(n.as_str()))
+            .cloned()
+            .collect()
+    };
     let mut out = String::new();
     for m in chosen {
-        if m.softdep_pre.is_empty() && m.softdep_post.is_empty() {
+        let (pre, post) = (keep(&m.softdep_pre), keep(&m.softdep_post));
+        if pre.is_empty() && post.is_empty() {
             continue;
         }
         out.push_str("softdep ");
         out.push_str(&m.name);
-        if !m.softdep_pre.is_empty() {
+        if !pre.is_empty() {
             out.push_str(" pre: ");
-            out.push_str(&m.softdep_pre.join(" "));
+            out.push_str(&pre.join(" "));
         }
-        if !m.softdep_post.is_empty() {
+        if !post.is_empty() {
             out.push_str(" post: ");
-            out.push_str(&m.softdep_post.join(" "));
+            out.push_str(&post.join(" "));
         }
         out.push('\n');
     }
@@ -368,7 +381,8 @@ mod tests {
             cm("irqbypass", &[], &[]),
             cm("kvm", &["irqbypass"], &[]),
             cm("kvm_amd", &["kvm"], &[]),
-            cm("vfio", &[], &["vfio_iommu_type1"]),
+            cm("vfio", &[], &["vfio_iommu_type1", "not_in_image"]),
+            cm("vfio_iommu_type1", &[], &[]),
         ];
         let dep = modules_dep(&chosen);
         assert!(

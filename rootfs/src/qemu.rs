@@ -117,7 +117,7 @@ impl QemuConfig {
                     "-device",
                     "intel-iommu,intremap=on",
                     "-device",
-                    "edu",
+                    "edu,addr=03.0",
                 ]
                 .map(String::from),
             );
@@ -505,7 +505,7 @@ mod tests {
             "-cpu max",
             "-machine q35",
             "-device intel-iommu,intremap=on",
-            "-device edu",
+            "-device edu,addr=03.0",
             "-no-reboot",
             "-serial stdio",
             "-serial file:/tmp/s1",
