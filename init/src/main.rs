@@ -140,7 +140,7 @@ fn pid1() -> ! {
 
     // 10. The event loop, until a shutdown is requested.
     let action = rt.run();
-    info!("{}", action.message());
+    info!("shutdown started ({})", action.name());
     rt.stop_services();
     rt.kill_everything(Duration::from_millis(system.host.shutdown_grace_ms));
     shutdown::finish(action, &mounted)
@@ -273,10 +273,12 @@ fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
     };
     info!("ready");
     let action = rt.run();
-    info!("{}", action.message());
+    info!("shutdown started ({})", action.name());
     rt.stop_services();
     if !rt.reap_remaining(Duration::from_secs(10)) {
         warn!("some descendants are still running");
     }
+    // What PID 1 would do now; this mode just exits.
+    info!("{}", action.message());
     0
 }

@@ -27,7 +27,16 @@ pub enum PowerAction {
 }
 
 impl PowerAction {
-    /// The message logged when the shutdown starts.
+    /// Short name: `poweroff`, `reboot`, `halt`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PowerAction::Poweroff => "poweroff",
+            PowerAction::Reboot => "reboot",
+            PowerAction::Halt => "halt",
+        }
+    }
+
+    /// The message logged last, right before reboot(2).
     pub fn message(self) -> &'static str {
         match self {
             PowerAction::Poweroff => "powering off",
@@ -97,8 +106,9 @@ pub fn kill_everything(
     }
 }
 
-/// sync, unmount in reverse, reboot(2). Never returns.
+/// Announces the end, syncs, unmounts in reverse, calls reboot(2). Never returns.
 pub fn finish(action: PowerAction, mounted: &[PathBuf]) -> ! {
+    info!("{}", action.message());
     nix::unistd::sync();
     crate::mounts::unmount_all(mounted);
     nix::unistd::sync();

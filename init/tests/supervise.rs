@@ -186,11 +186,13 @@ exec = ["/bin/sleep", "1000"]
     init.expect("stubborn: armed");
     init.signal(Signal::SIGTERM);
     init.expect("bulkhead-init: received SIGTERM");
-    init.expect("bulkhead-init: rebooting");
+    init.expect("bulkhead-init: shutdown started (reboot)");
     // Reverse start order: polite first.
     init.expect("bulkhead-init: polite killed by signal SIGTERM");
     init.expect("bulkhead-init: stubborn did not stop after SIGTERM, sending SIGKILL");
     init.expect("bulkhead-init: stubborn killed by signal SIGKILL");
+    // The final word comes last, after every service is gone.
+    init.expect("bulkhead-init: rebooting");
     assert_eq!(init.wait_exit(), 0);
     assert!(!init.seen.iter().any(|l| l.contains("restarting")));
 }
@@ -288,8 +290,9 @@ exec = ["/bin/sleep", "1000"]
     let (code, _, err) = init.client("poweroff");
     assert_eq!(code, 0, "{err}");
     init.expect("bulkhead-init: control socket: Poweroff requested");
-    init.expect("bulkhead-init: powering off");
+    init.expect("bulkhead-init: shutdown started (poweroff)");
     init.expect("bulkhead-init: sleeper killed by signal SIGTERM");
+    init.expect("bulkhead-init: powering off");
     assert_eq!(init.wait_exit(), 0);
     // The socket is gone with its server: the client reports an error.
     let (code, _, err) = init.client("status");
