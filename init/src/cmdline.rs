@@ -229,4 +229,27 @@ mod tests {
         assert_eq!(o.loglevel, Some(LevelFilter::Info));
         assert!(!o.test_panic);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_without_panicking(text in ".{0,200}") {
+            let _ = BootOptions::from_cmdline(&text);
+        }
+
+        #[test]
+        fn simple_params_round_trip(
+            params in proptest::collection::vec(("[a-z_.]{1,12}", proptest::option::of("[a-zA-Z0-9/ ,]{0,12}")), 0..8)
+        ) {
+            let line: Vec<String> = params
+                .iter()
+                .map(|(k, v)| match v {
+                    Some(v) => format!("{k}=\"{v}\""),
+                    None => k.clone(),
+                })
+                .collect();
+            let parsed = keys(&line.join(" "));
+            let expected: Vec<(String, Option<String>)> = params.clone();
+            proptest::prop_assert_eq!(parsed, expected);
+        }
+    }
 }

@@ -464,4 +464,11 @@ restart = "always"
         assert!(matches!(e, ConfigError::Read { .. }));
         assert!(e.to_string().contains("/nonexistent/system.toml"));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_is_an_error_or_valid_never_a_panic(text in "(?s).{0,300}") {
+            let _ = parse(&text);
+        }
+    }
 }
