@@ -77,9 +77,9 @@ fn service_ignoring_sigterm_is_killed_after_its_timeout_at_poweroff() {
     });
     // `bulkhead-init poweroff` over the control socket starts the orderly shutdown.
     h.expect("stopper: testprog: running /bin/bulkhead-init");
-    h.expect("bulkhead-init: powering off");
     h.expect("bulkhead-init: stubborn did not stop after SIGTERM, sending SIGKILL");
     h.expect("bulkhead-init: stubborn killed by signal SIGKILL");
+    h.expect("bulkhead-init: powering off");
     h.expect_end(End::PowerOff);
     h.assert_never_saw("bulkhead-init: stubborn restarting");
 }
