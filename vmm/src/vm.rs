@@ -14,7 +14,7 @@ use crate::boot::layout::{
     COM1_IRQ, COM1_PORT, GED_IRQ, I8042_COMMAND_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
     PCI_CONFIG_PORT, PCI_MMIO_SIZE, PCI_MMIO_START, PM_PORT,
 };
-use crate::boot::{acpi, bzimage, long_mode};
+use crate::boot::{acpi, bzimage, long_mode, reset_vector};
 use crate::control::ControlTarget;
 use crate::devices::acpi::ged::PowerButton;
 use crate::devices::acpi::power::{I8042Reset, PowerDevice};
@@ -237,6 +237,8 @@ impl Vm {
     ) -> Result<(), VmError> {
         let rsdp = acpi::write_acpi_tables(&self.mem, self.vcpus.len() as u8)?;
         long_mode::write_boot_structures(&self.mem)?;
+        reset_vector::write_reset_stub(&self.mem)
+            .map_err(|e| VmError::Device(format!("reset stub: {e}")))?;
         let k = bzimage::load_linux(&self.mem, self.mem_size, kernel, initramfs, cmdline, rsdp)?;
         log::info!(
             "bulkhead-vmm: kernel loaded, entry {:#x}, end {:#x}, initramfs {:?}",

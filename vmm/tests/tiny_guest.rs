@@ -128,3 +128,21 @@ fn unclaimed_ports_read_all_ones() {
     let (_, out) = run_guest(&code, false);
     assert_eq!(out, vec![0xff]);
 }
+
+#[test]
+fn jumping_to_the_reset_vector_is_a_reboot() {
+    // What Linux's machine_real_restart does: far jump to F000:FFF0 in real mode.
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let vm = Vm::new(&kvm, 32 << 20, 1, Box::new(std::io::sink())).unwrap();
+    bulkhead_vmm::boot::reset_vector::write_reset_stub(vm.memory()).unwrap();
+    vm.memory()
+        .write_slice(
+            &[0xea, 0xf0, 0xff, 0x00, 0xf0],
+            GuestAddress(u64::from(ENTRY)),
+        )
+        .unwrap();
+    vm.vcpu(0).unwrap().configure_real_mode(ENTRY).unwrap();
+    let running = vm.start(None).unwrap();
+    let reason = running.wait();
+    assert_eq!(running.stop(reason), ExitReason::Reboot);
+}

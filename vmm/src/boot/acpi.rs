@@ -21,8 +21,8 @@ use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
-    ACPI_START, COM1_IRQ, COM1_PORT, GED_IRQ, HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR,
-    PCI_CONFIG_PORT, PCI_MMIO_SIZE, PCI_MMIO_START, PM_PORT,
+    ACPI_START, COM1_IRQ, COM1_PORT, GED_IRQ, IOAPIC_ADDR, LAPIC_ADDR, PCI_CONFIG_PORT,
+    PCI_MMIO_SIZE, PCI_MMIO_START, PM_PORT, RESET_VECTOR,
 };
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -199,7 +199,7 @@ pub fn write_acpi_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, AcpiEr
     let mut place = |name: &'static str, bytes: &[u8]| -> Result<u64, AcpiError> {
         let addr = next;
         let end = addr + bytes.len() as u64;
-        if end > HIMEM_START {
+        if end > RESET_VECTOR {
             return Err(AcpiError::Write(name));
         }
         mem.write_slice(bytes, GuestAddress(addr))

@@ -7,6 +7,7 @@
 //! 0x0002_0000  kernel command line (up to 64 KiB)
 //! 0x0009_fc00  end of low RAM (EBDA start)
 //! 0x000e_0000  ACPI tables (RSDP first), reserved in the e820 map up to 1 MiB
+//! 0x000f_fff0  reset stub (writes the ACPI reset register)
 //! 0x0010_0000  kernel (protected-mode part of the bzImage)
 //! ...          RAM up to min(memory, 3 GiB); initramfs at its top
 //! 0xc000_0000  PCI MMIO window (BARs), up to the IOAPIC
@@ -36,6 +37,8 @@ pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables; the RSDP sits at the start so legacy scans of 0xe0000 also find it.
 pub const ACPI_START: u64 = 0xe0000;
+/// The x86 reset vector (F000:FFF0), where a reset stub lives (see `reset_vector`).
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// End of the firmware hole below 1 MiB.
 pub const HIMEM_START: u64 = 0x100000;
 /// Start of the 32-bit MMIO gap (PCI BARs, IOAPIC, LAPIC).

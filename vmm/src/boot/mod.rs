@@ -4,3 +4,4 @@ pub mod bzimage;
 pub mod e820;
 pub mod layout;
 pub mod long_mode;
+pub mod reset_vector;
