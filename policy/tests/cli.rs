@@ -491,3 +491,70 @@ fn show_list_graph_explain() {
     assert_eq!(code, 0);
     assert!(out.contains("\"value\": 268435456"), "{out}");
 }
+
+fn run_with_editor(t: &Tree, script: &str, stdin: &str, args: &[&str]) -> (i32, String, String) {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let ed = t.base.join("editor.sh");
+    std::fs::write(&ed, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&ed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_policyctl"))
+        .arg("--root")
+        .arg(&t.root)
+        .arg("--hub-socket")
+        .arg(t.base.join("hub.sock"))
+        .args(args)
+        .env("VISUAL", &ed)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn edit_validates_before_writing() {
+    let t = tree(&[("10-base.policy", BASE)]);
+    let local = t.root.join("50-local.policy");
+    // An invalid edit, then discard: nothing written.
+    let (code, _, err) = run_with_editor(
+        &t,
+        "echo 'grant mail connect wayland c2s=memfd:rw' >> \"$1\"",
+        "d\n",
+        &["edit"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("widens"), "{err}");
+    assert!(!local.exists());
+    // A valid edit, then write.
+    let (code, out, err) = run_with_editor(
+        &t,
+        "echo 'grant mail connect wayland' >> \"$1\"",
+        "w\n",
+        &["edit"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("+ mail connect wayland@gpu-vm"), "{out}");
+    assert_eq!(read(&local), "grant mail connect wayland\n");
+    // A valid edit, then discard: file unchanged.
+    let (code, _, _) = run_with_editor(
+        &t,
+        "echo 'grant term connect wayland' >> \"$1\"",
+        "d\n",
+        &["edit"],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(read(&local), "grant mail connect wayland\n");
+}
