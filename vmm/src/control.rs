@@ -133,6 +133,7 @@ impl ControlTarget {
 pub struct ControlServer {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
+    path: Option<std::path::PathBuf>,
 }
 
 /// Errors starting the server.
@@ -175,6 +176,7 @@ impl ControlServer {
         Ok(Self {
             stop,
             thread: Some(thread),
+            path: path.map(Path::to_path_buf),
         })
     }
 }
@@ -184,6 +186,10 @@ impl Drop for ControlServer {
         if let Some(t) = self.thread.take() {
             let _ = self.stop.write(1);
             let _ = t.join();
+        }
+        // The socket file we bound is ours to remove.
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
         }
     }
 }

@@ -49,12 +49,13 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
     let serial_out: Box<dyn Write + Send> = match &cfg.serial_out {
         None => Box::new(std::io::sink()),
         Some(None) => Box::new(std::io::stdout()),
-        Some(Some(Source::Fd(fd))) => Box::new(std::fs::File::from(
+        // Line-buffered: one write per line, not per byte, and readers still see whole lines.
+        Some(Some(Source::Fd(fd))) => Box::new(std::io::LineWriter::new(std::fs::File::from(
             fds.take(*fd).map_err(|e| e.to_string())?,
-        )),
-        Some(Some(Source::Path(p))) => Box::new(
+        ))),
+        Some(Some(Source::Path(p))) => Box::new(std::io::LineWriter::new(
             std::fs::File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?,
-        ),
+        )),
     };
     let mut kernel = fds.open(&cfg.kernel, false).map_err(|e| e.to_string())?;
     let mut initramfs = match &cfg.initramfs {

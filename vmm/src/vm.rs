@@ -115,6 +115,7 @@ impl Vm {
         vm_fd.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
 
         let mem = memory::create_guest_memory(mem_size)?;
+        memory::advise_huge_pages(&mem);
         memory::register_guest_memory(&vm_fd, &mem)?;
 
         let io_bus = Arc::new(Bus::new());

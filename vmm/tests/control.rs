@@ -77,7 +77,7 @@ fn kill_stops_a_spinning_guest_through_a_bound_socket() {
     let running = vm.start(None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm.sock");
-    let _srv = ControlServer::start(running.control_target(), Some(&path), None).unwrap();
+    let srv = ControlServer::start(running.control_target(), Some(&path), None).unwrap();
     let client = Channel::connect(&path).unwrap();
     match ask(&client, &ControlRequest::Status) {
         ControlResponse::Status(s) => assert_eq!(s.devices, vec!["host-bridge".to_string()]),
@@ -88,4 +88,6 @@ fn kill_stops_a_spinning_guest_through_a_bound_socket() {
     assert_eq!(reason, ExitReason::Killed);
     // stop() kicks the spinning vCPU out of KVM_RUN and joins it.
     assert_eq!(running.stop(reason).exit_code(), 4);
+    drop(srv);
+    assert!(!path.exists(), "socket file removed");
 }

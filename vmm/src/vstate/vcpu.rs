@@ -138,14 +138,18 @@ impl Vcpu {
 
     /// Runs until the VM must stop; reports why through `buses.exit`.
     pub fn run(mut self, buses: &VcpuBuses) {
+        let mut stats = ExitStats::default();
         loop {
             if buses.exit.reason().is_some() {
+                stats.log(self.id);
                 return;
             }
             match self.fd.run() {
                 Ok(exit) => {
+                    stats.count(&exit);
                     if let Some(reason) = handle_exit(self.id, exit, buses) {
                         buses.exit.request(reason);
+                        stats.log(self.id);
                         return;
                     }
                 }
@@ -167,6 +171,33 @@ impl Vcpu {
             .name(format!("vcpu{}", self.id))
             .spawn(move || self.run(&buses))
             .map_err(VcpuError::Spawn)
+    }
+}
+
+/// Exit counts, logged when the vCPU stops (to see where an L2 boot spends its exits).
+#[derive(Default)]
+struct ExitStats {
+    io: u64,
+    mmio: u64,
+    other: u64,
+}
+
+impl ExitStats {
+    fn count(&mut self, exit: &VcpuExit<'_>) {
+        match exit {
+            VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => self.io += 1,
+            VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => self.mmio += 1,
+            _ => self.other += 1,
+        }
+    }
+
+    fn log(&self, id: u8) {
+        log::debug!(
+            "bulkhead-vmm: vCPU {id}: exits to the VMM: {} port I/O, {} MMIO, {} other",
+            self.io,
+            self.mmio,
+            self.other
+        );
     }
 }
 
