@@ -66,41 +66,23 @@ impl SystemDir {
     pub fn load(dir: &Path) -> Result<Self, ImageError> {
         let path = dir.join("system.toml");
         let system_toml = std::fs::read_to_string(&path).map_err(io(&path))?;
-        let value: toml::Table =
-            system_toml
-                .parse()
-                .map_err(|e: toml::de::Error| ImageError::System {
+        // Validated with init's own parser: a system that init would reject fails here, at
+        // build time, with the same message.
+        let config =
+            bulkhead_init::config::SystemConfig::parse(&system_toml, &path).map_err(|e| {
+                ImageError::System {
                     path: path.clone(),
                     reason: e.to_string(),
-                })?;
-        let bad = |reason: &str| ImageError::System {
-            path: path.clone(),
-            reason: reason.to_string(),
-        };
-        let mut modules = Vec::new();
-        if let Some(list) = value.get("host").and_then(|h| h.get("modules")) {
-            for m in list
-                .as_array()
-                .ok_or_else(|| bad("host.modules must be a list"))?
-            {
-                modules.push(
-                    m.as_str()
-                        .ok_or_else(|| bad("host.modules entries must be strings"))?
-                        .to_string(),
-                );
-            }
-        }
+                }
+            })?;
+        let modules = config.host.modules.clone();
         // Every `/bin/<name>` a service runs (as the program or as an argument, e.g. a
         // wrapper) is one of our binaries.
-        let mut binaries = Vec::new();
-        let services = value.get("service").and_then(|s| s.as_array());
-        for svc in services.into_iter().flatten() {
-            let args = svc.get("exec").and_then(|e| e.as_array());
-            for arg in args.into_iter().flatten().filter_map(|a| a.as_str()) {
-                if let Some(bin) = arg.strip_prefix("/bin/") {
-                    if bin != "bulkhead-init" && !binaries.iter().any(|b| b == bin) {
-                        binaries.push(bin.to_string());
-                    }
+        let mut binaries: Vec<String> = Vec::new();
+        for arg in config.service.iter().flat_map(|s| s.exec.iter()) {
+            if let Some(bin) = arg.strip_prefix("/bin/") {
+                if bin != "bulkhead-init" && !binaries.iter().any(|b| b == bin) {
+                    binaries.push(bin.to_string());
                 }
             }
         }
