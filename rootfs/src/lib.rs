@@ -16,5 +16,8 @@ pub fn workspace_dir() -> PathBuf {
     here.parent().map(PathBuf::from).unwrap_or(here)
 }
 
-/// The kernel command line every Bulkhead host boots with under QEMU.
-pub const HOST_CMDLINE: &str = "console=ttyS0 panic=-1 quiet intel_iommu=on printk.devkmsg=on";
+/// The kernel command line every Bulkhead host boots with under QEMU. `no_timer_check`:
+/// under software emulation on a loaded machine the kernel's IO-APIC timer check can fail
+/// ("timer doesn't work through Interrupt-remapped IO-APIC") and panic at boot.
+pub const HOST_CMDLINE: &str =
+    "console=ttyS0 panic=-1 quiet intel_iommu=on printk.devkmsg=on no_timer_check";
