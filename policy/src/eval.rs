@@ -224,21 +224,76 @@ pub struct Quota {
     pub vfds: QuotaValue,
 }
 
+/// FNV-1a: a fast hasher for the evaluation indexes. Hash flooding is not a concern: the
+/// maps' keys come from the (trusted) policy files; a guest-chosen service name only probes.
+#[derive(Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// A `HashMap` with [`Fnv`].
+pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
 /// Per-subject index: subject → object → entries.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SubjectIndex<T> {
-    pub vm: HashMap<String, HashMap<String, Vec<T>>>,
-    pub group: HashMap<String, HashMap<String, Vec<T>>>,
-    pub any: HashMap<String, Vec<T>>,
+    pub vm: FastMap<String, FastMap<String, Vec<T>>>,
+    pub group: FastMap<String, FastMap<String, Vec<T>>>,
+    pub any: FastMap<String, Vec<T>>,
 }
 
 impl<T> SubjectIndex<T> {
     pub fn new() -> Self {
         SubjectIndex {
-            vm: HashMap::new(),
-            group: HashMap::new(),
-            any: HashMap::new(),
+            vm: FastMap::default(),
+            group: FastMap::default(),
+            any: FastMap::default(),
         }
+    }
+
+    /// Entries for `object` whose subject is `vm` by name.
+    pub fn at_vm(&self, vm: &str, object: &str) -> &[T] {
+        self.vm
+            .get(vm)
+            .and_then(|m| m.get(object))
+            .map_or(&[], |v| v.as_slice())
+    }
+
+    /// Entries for `object` whose subject is one of `groups`.
+    pub fn at_groups<'a>(
+        &'a self,
+        groups: &'a [String],
+        object: &'a str,
+    ) -> impl Iterator<Item = &'a T> + 'a {
+        groups
+            .iter()
+            .filter_map(move |g| self.group.get(g).and_then(|m| m.get(object)))
+            .flatten()
+    }
+
+    /// Entries for `object` whose subject is `@any` (none for system VMs).
+    pub fn at_any(&self, vm: &str, object: &str) -> &[T] {
+        if is_system_vm(vm) {
+            return &[];
+        }
+        self.any.get(object).map_or(&[], |v| v.as_slice())
     }
 
     pub fn insert(&mut self, subject: &Subject, object: &str, v: T) {
@@ -304,15 +359,15 @@ pub struct Policy {
     pub(crate) files: Vec<String>,
     pub(crate) rules: Vec<RuleEntry>,
     pub(crate) groups: BTreeMap<String, GroupDef>,
-    pub(crate) groups_of: HashMap<String, Vec<String>>,
-    pub(crate) providers: HashMap<String, Provider>,
+    pub(crate) groups_of: FastMap<String, Vec<String>>,
+    pub(crate) providers: FastMap<String, Provider>,
     pub(crate) connects: SubjectIndex<ConnectGrant>,
     /// Deny connect rules, object = service.
     pub(crate) deny_connects: SubjectIndex<u32>,
     /// Deny provide rules, object = service.
     pub(crate) deny_provides: SubjectIndex<u32>,
     /// Device grants per VM (after denies).
-    pub(crate) devices_by_vm: HashMap<String, Vec<DeviceGrant>>,
+    pub(crate) devices_by_vm: FastMap<String, Vec<DeviceGrant>>,
     /// Quota rules, object = "".
     pub(crate) quotas: SubjectIndex<u32>,
     pub(crate) known_vms: BTreeSet<String>,
@@ -328,12 +383,12 @@ impl Policy {
             files: Vec::new(),
             rules: Vec::new(),
             groups: BTreeMap::new(),
-            groups_of: HashMap::new(),
-            providers: HashMap::new(),
+            groups_of: FastMap::default(),
+            providers: FastMap::default(),
             connects: SubjectIndex::new(),
             deny_connects: SubjectIndex::new(),
             deny_provides: SubjectIndex::new(),
-            devices_by_vm: HashMap::new(),
+            devices_by_vm: FastMap::default(),
             quotas: SubjectIndex::new(),
             known_vms: BTreeSet::new(),
         }
@@ -451,10 +506,15 @@ impl Policy {
             }
         }
         let groups = self.groups_of(src);
-        let denies = self.deny_connects.lookup(src, groups, service);
+        let dc = &self.deny_connects;
         let mut deny_rules: Vec<RuleRef> = Vec::new();
-        for idx in denies.iter().flatten() {
-            if let Some(e) = self.rules.get(**idx as usize) {
+        let denies = dc
+            .at_vm(src, service)
+            .iter()
+            .chain(dc.at_groups(groups, service))
+            .chain(dc.at_any(src, service));
+        for idx in denies {
+            if let Some(e) = self.rules.get(*idx as usize) {
                 let matches = match &e.rule.action {
                     crate::ast::Action::Connect {
                         provider: Some(p), ..
@@ -479,41 +539,59 @@ impl Policy {
             );
             return Decision::deny(DenyKind::DeniedByRule, reason, deny_rules);
         }
-        let levels = self.connects.lookup(src, groups, service);
         // The most specific level with a grant decides the caps (union within the level).
-        for level in levels.iter().rev() {
-            if level.is_empty() {
-                continue;
-            }
-            let mut c2s = FdCaps::NONE;
-            let mut s2c = FdCaps::NONE;
-            let mut rules = Vec::with_capacity(level.len() + 1);
-            rules.push(prov.at.clone());
-            for g in level {
-                c2s = c2s.union(&g.c2s);
-                s2c = s2c.union(&g.s2c);
-                if let Some(r) = self.rule_ref(g.rule) {
-                    rules.push(r);
-                }
-            }
-            return Decision {
-                outcome: Ok(ConnectionCaps {
-                    provider: prov.vm.clone(),
-                    c2s: c2s.intersect(&prov.c2s),
-                    s2c: s2c.intersect(&prov.s2c),
-                    max_fds: prov.max_fds,
-                    max_conns: prov.max_conns,
-                    rules,
-                }),
-                rules: Vec::new(),
-            }
-            .with_rules_from_caps();
+        let cx = &self.connects;
+        if let Some(d) = self.grant_level(cx.at_vm(src, service).iter(), prov) {
+            return d;
+        }
+        if let Some(d) = self.grant_level(cx.at_groups(groups, service), prov) {
+            return d;
+        }
+        if let Some(d) = self.grant_level(cx.at_any(src, service).iter(), prov) {
+            return d;
         }
         Decision::deny(
             DenyKind::NoGrant,
             format!("no rule lets {src} connect to {service}@{}", prov.vm),
             Vec::new(),
         )
+    }
+
+    /// The decision from one specificity level of connect grants (None if it has none).
+    fn grant_level<'a>(
+        &self,
+        grants: impl Iterator<Item = &'a ConnectGrant>,
+        prov: &Provider,
+    ) -> Option<Decision<ConnectionCaps>> {
+        let mut c2s = FdCaps::NONE;
+        let mut s2c = FdCaps::NONE;
+        let mut rules: Vec<RuleRef> = Vec::new();
+        for g in grants {
+            if rules.is_empty() {
+                rules.reserve(3);
+                rules.push(prov.at.clone());
+            }
+            c2s = c2s.union(&g.c2s);
+            s2c = s2c.union(&g.s2c);
+            if let Some(r) = self.rule_ref(g.rule) {
+                rules.push(r);
+            }
+        }
+        if rules.is_empty() {
+            return None;
+        }
+        let caps = ConnectionCaps {
+            provider: prov.vm.clone(),
+            c2s: c2s.intersect(&prov.c2s),
+            s2c: s2c.intersect(&prov.s2c),
+            max_fds: prov.max_fds,
+            max_conns: prov.max_conns,
+            rules: rules.clone(),
+        };
+        Some(Decision {
+            outcome: Ok(caps),
+            rules,
+        })
     }
 
     /// May a message on a connection with caps `conn`, going in `dir`, carry `count` fds, one
@@ -668,15 +746,6 @@ impl Policy {
             .collect();
         v.sort_by(|a, b| (a.1.bdf, a.0).cmp(&(b.1.bdf, b.0)));
         v
-    }
-}
-
-impl Decision<ConnectionCaps> {
-    fn with_rules_from_caps(mut self) -> Self {
-        if let Ok(c) = &self.outcome {
-            self.rules = c.rules.clone();
-        }
-        self
     }
 }
 

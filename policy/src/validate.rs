@@ -8,8 +8,8 @@
 use crate::ast::{Action, Bdf, Effect, Item, Line, ParsedFile, Rule, Subject};
 use crate::diag::{Diagnostic, Diagnostics, Severity};
 use crate::eval::{
-    is_system_vm, ConnectGrant, DeviceGrant, GroupDef, Policy, Provider, RuleEntry, RuleRef,
-    SubjectIndex,
+    is_system_vm, ConnectGrant, DeviceGrant, FastMap, GroupDef, Policy, Provider, RuleEntry,
+    RuleRef, SubjectIndex,
 };
 use crate::parse::MAX_FDS_PER_MESSAGE;
 use crate::rights::{FdCaps, FdType};
@@ -194,7 +194,7 @@ pub fn compile(
             provides.entry(service.clone()).or_default().push(i);
         }
     }
-    let mut providers: HashMap<String, Provider> = HashMap::new();
+    let mut providers: FastMap<String, Provider> = FastMap::default();
     for (service, idxs) in &provides {
         let mut sorted: Vec<&(RuleEntry, &Line)> =
             idxs.iter().filter_map(|i| entries.get(*i)).collect();
@@ -415,7 +415,7 @@ pub fn compile(
             device_denies.entry(*bdf).or_default().push(&d.rule.subject);
         }
     }
-    let mut devices_by_vm: HashMap<String, Vec<DeviceGrant>> = HashMap::new();
+    let mut devices_by_vm: FastMap<String, Vec<DeviceGrant>> = FastMap::default();
     for (bdf, idxs) in &by_bdf {
         let mut sorted: Vec<&(RuleEntry, &Line)> =
             idxs.iter().filter_map(|i| entries.get(*i)).collect();
@@ -565,7 +565,7 @@ pub fn compile(
         }
     }
 
-    let mut groups_of: HashMap<String, Vec<String>> = HashMap::new();
+    let mut groups_of: FastMap<String, Vec<String>> = FastMap::default();
     for (name, g) in &groups {
         for m in &g.members {
             groups_of.entry(m.clone()).or_default().push(name.clone());
