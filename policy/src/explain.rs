@@ -126,7 +126,7 @@ pub fn explain_connect(
     let conn = match d.outcome {
         Ok(c) => c,
         Err(den) => {
-            ex.reason = Some(den.reason.clone());
+            ex.reason = Some(den.reason.to_string());
             match den.kind {
                 DenyKind::NoProvider => {
                     let denied: Vec<String> = p
@@ -211,7 +211,7 @@ pub fn explain_connect(
             });
         }
         Err(den) => {
-            ex.reason = Some(den.reason.clone());
+            ex.reason = Some(den.reason.to_string());
             let prov = p.provider(service);
             let contract = prov.map(|pr| match t.dir {
                 Direction::C2s => pr.c2s,
@@ -223,7 +223,14 @@ pub fn explain_connect(
                     conn.max_fds,
                     prov.map_or(String::new(), |pr| pr.at.to_string())
                 )),
-                DenyKind::InvalidRights => ex.nearest_miss.push(den.reason.clone()),
+                DenyKind::InvalidRights => {
+                    let bad = t.rights.difference(t.fd_type.valid_rights());
+                    ex.nearest_miss.push(if bad.is_empty() {
+                        "a pipe end is either a read end or a write end".to_string()
+                    } else {
+                        format!("{bad} is not a right of {}", t.fd_type)
+                    })
+                }
                 _ => {
                     let at = prov.map_or(String::new(), |pr| pr.at.to_string());
                     match contract {
@@ -273,7 +280,7 @@ pub fn explain_device(p: &Policy, vm: &str, bdf: Bdf) -> Explanation {
         rules: d.rules.clone(),
         matching: Vec::new(),
         winning_deny: Vec::new(),
-        reason: d.outcome.as_ref().err().map(|e| e.reason.clone()),
+        reason: d.outcome.as_ref().err().map(|e| e.reason.to_string()),
         nearest_miss: Vec::new(),
         quota: Vec::new(),
     };
@@ -312,7 +319,7 @@ pub fn explain_provide(p: &Policy, vm: &str, service: &str) -> Explanation {
     let d = p.check_provide(vm, service);
     let mut miss = Vec::new();
     if let Err(den) = &d.outcome {
-        miss.push(den.reason.clone());
+        miss.push(den.reason.to_string());
     }
     Explanation {
         allowed: d.is_allowed(),
@@ -325,7 +332,7 @@ pub fn explain_provide(p: &Policy, vm: &str, service: &str) -> Explanation {
         rules: d.rules.clone(),
         matching: d.rules.iter().map(|r| rule_line(p, r)).collect(),
         winning_deny: Vec::new(),
-        reason: d.outcome.as_ref().err().map(|e| e.reason.clone()),
+        reason: d.outcome.as_ref().err().map(|e| e.reason.to_string()),
         nearest_miss: miss,
         quota: Vec::new(),
     }
