@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::layout::{
     COM1_IRQ, COM1_PORT, GED_IRQ, I8042_COMMAND_PORT, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR,
-    PCI_CONFIG_PORT, PCI_MMIO_SIZE, PCI_MMIO_START, PM_PORT,
+    PCI_CONFIG_PORT, PCI_MMIO64_SIZE, PCI_MMIO64_START, PCI_MMIO_SIZE, PCI_MMIO_START, PM_PORT,
 };
 use crate::boot::{acpi, bzimage, long_mode, reset_vector};
 use crate::control::ControlTarget;
@@ -28,6 +28,7 @@ use crate::devices::virtio::VirtioDevice;
 use crate::vstate::exit::{ExitReason, ExitSignal};
 use crate::vstate::irq_routing::IrqRouting;
 use crate::vstate::memory::{self, GuestMemoryMmap};
+use crate::vstate::memory_slots::MemorySlots;
 use crate::vstate::vcpu::{Vcpu, VcpuBuses};
 
 /// Errors building or booting the VM.
@@ -79,6 +80,7 @@ pub struct Vm {
     power_button: Arc<PowerButton>,
     pci: Arc<Mutex<PciBus>>,
     bars: BarAllocator,
+    memory_slots: Arc<MemorySlots>,
     disks: Vec<Arc<Disk>>,
 }
 
@@ -116,7 +118,9 @@ impl Vm {
 
         let mem = memory::create_guest_memory(mem_size)?;
         memory::advise_huge_pages(&mem);
-        memory::register_guest_memory(&vm_fd, &mem)?;
+        let first_free_slot = memory::register_guest_memory(&vm_fd, &mem)?;
+        let max_slots = u32::try_from(kvm_sys.get_nr_memslots()).unwrap_or(32);
+        let memory_slots = Arc::new(MemorySlots::new(vm_fd.clone(), first_free_slot, max_slots));
 
         let io_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
@@ -160,6 +164,7 @@ impl Vm {
             )
             .map_err(dev_err)?;
         let bars = BarAllocator::new(PCI_MMIO_START, PCI_MMIO_SIZE)
+            .and_then(|b| b.with_mmio64(PCI_MMIO64_START, PCI_MMIO64_SIZE))
             .map_err(|e| VmError::Device(e.to_string()))?;
 
         let vcpus = (0..vcpus)
@@ -179,6 +184,7 @@ impl Vm {
             power_button: Arc::new(PowerButton::new(ged_irq)),
             pci,
             bars,
+            memory_slots,
             disks: Vec::new(),
         })
     }
@@ -196,6 +202,34 @@ impl Vm {
     /// vCPU `id`, before the VM starts.
     pub fn vcpu(&self, id: usize) -> Option<&Vcpu> {
         self.vcpus.get(id)
+    }
+
+    /// Run-time KVM memory slots (for devices that map host memory into the guest).
+    pub fn memory_slots(&self) -> &Arc<MemorySlots> {
+        &self.memory_slots
+    }
+
+    /// The GSI routing table (for devices that need MSI-X vectors).
+    pub fn irq_routing(&self) -> &Arc<IrqRouting> {
+        &self.routing
+    }
+
+    /// The BAR allocator (for PCI devices built outside `add_virtio_device`).
+    pub fn bar_allocator(&mut self) -> &mut BarAllocator {
+        &mut self.bars
+    }
+
+    /// Adds any PCI device (VFIO passthrough, ...) to bus 0.
+    pub fn add_pci_device(
+        &mut self,
+        device: Arc<Mutex<dyn crate::devices::pci::device::PciDevice>>,
+    ) -> Result<(), VmError> {
+        self.pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_device(device)
+            .map(|_| ())
+            .map_err(|e| VmError::Device(e.to_string()))
     }
 
     /// The port I/O bus (to add devices).

@@ -6,12 +6,16 @@ mod common;
 
 use bulkhead_vmm::devices::pci::device::PciDevice;
 use bulkhead_vmm::devices::virtio::rng::device::Rng;
-use bulkhead_vmm::devices::virtio::status;
 use bulkhead_vmm::devices::virtio::transport_pci::{VirtioPciDevice, NOTIFY_OFFSET};
+use bulkhead_vmm::devices::virtio::{
+    status, ActivateError, Activation, ShmRegion, ShmRegionSpec, VirtioDevice,
+};
+use std::sync::{Arc, Mutex};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 const BAR: u64 = 0xc000_0000;
+const SHM: u64 = 0x10_0000_0000;
 
 fn r32(d: &mut VirtioPciDevice, off: u64) -> u32 {
     let mut b = [0u8; 4];
@@ -77,7 +81,7 @@ fn negotiate(d: &mut VirtioPciDevice, driver_features_hi: u32) -> u8 {
 #[test]
 fn pci_identity_and_capabilities() {
     let mem = common::memory();
-    let mut d = VirtioPciDevice::new_unrouted(Box::new(Rng::new()), mem, BAR).unwrap();
+    let mut d = VirtioPciDevice::new_unrouted(Box::new(Rng::new()), mem, BAR, SHM).unwrap();
     assert_eq!(d.config_read(0), 0x1044_1af4);
     assert_eq!(d.config_read(4), BAR as u32);
     let caps = capabilities(&mut d);
@@ -100,7 +104,8 @@ fn pci_identity_and_capabilities() {
 
 #[test]
 fn features_not_offered_are_refused() {
-    let mut d = VirtioPciDevice::new_unrouted(Box::new(Rng::new()), common::memory(), BAR).unwrap();
+    let mut d =
+        VirtioPciDevice::new_unrouted(Box::new(Rng::new()), common::memory(), BAR, SHM).unwrap();
     // Bit 33 (VIRTIO_F_ACCESS_PLATFORM) is not offered.
     let st = negotiate(&mut d, 0b11);
     assert_eq!(st & status::FEATURES_OK, 0);
@@ -117,7 +122,7 @@ fn features_not_offered_are_refused() {
 #[test]
 fn rng_request_round_trip_with_msix_interrupt_and_reset() {
     let mem = common::memory();
-    let mut d = VirtioPciDevice::new_unrouted(Box::new(Rng::new()), mem.clone(), BAR).unwrap();
+    let mut d = VirtioPciDevice::new_unrouted(Box::new(Rng::new()), mem.clone(), BAR, SHM).unwrap();
     let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
     enable_msix(&mut d);
     assert_ne!(negotiate(&mut d, 1) & status::FEATURES_OK, 0);
@@ -168,7 +173,7 @@ fn rng_request_round_trip_with_msix_interrupt_and_reset() {
 #[test]
 fn rng_skips_read_only_buffers() {
     let mem = common::memory();
-    let mut d = VirtioPciDevice::new_unrouted(Box::new(Rng::new()), mem.clone(), BAR).unwrap();
+    let mut d = VirtioPciDevice::new_unrouted(Box::new(Rng::new()), mem.clone(), BAR, SHM).unwrap();
     let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
     enable_msix(&mut d);
     negotiate(&mut d, 1);
@@ -193,4 +198,90 @@ fn rng_skips_read_only_buffers() {
     for i in 0..2 {
         assert_eq!(mock.used().ring().ref_at(i).unwrap().load().len(), 0);
     }
+}
+
+/// A test device that only asks for shared-memory regions and records where they land.
+struct ShmRecorder {
+    seen: Arc<Mutex<Vec<Vec<ShmRegion>>>>,
+}
+
+impl VirtioDevice for ShmRecorder {
+    fn device_type(&self) -> u32 {
+        63
+    }
+    fn name(&self) -> &str {
+        "shm-recorder"
+    }
+    fn features(&self) -> u64 {
+        1 << 32
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, _a: Activation) -> Result<(), ActivateError> {
+        Ok(())
+    }
+    fn reset(&mut self) {}
+    fn shm_regions(&self) -> Vec<ShmRegionSpec> {
+        vec![
+            ShmRegionSpec {
+                id: 0,
+                size: 1 << 30,
+            },
+            ShmRegionSpec {
+                id: 1,
+                size: 0x1800,
+            },
+        ]
+    }
+    fn set_shm_regions(&mut self, regions: &[ShmRegion]) {
+        self.seen.lock().unwrap().push(regions.to_vec());
+    }
+}
+
+#[test]
+fn shared_memory_regions_get_a_64_bit_bar_and_capabilities_with_a_test_device() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let dev = ShmRecorder { seen: seen.clone() };
+    let mut d = VirtioPciDevice::new_unrouted(Box::new(dev), common::memory(), BAR, SHM).unwrap();
+    // BAR 2: 64-bit prefetchable at SHM, size rounded up to 2 GiB.
+    assert_eq!(d.config_read(6), (SHM as u32) | 0xc);
+    assert_eq!(d.config_read(7), (SHM >> 32) as u32);
+    d.config_write(6, 0, &[0xff; 4]);
+    d.config_write(7, 0, &[0xff; 4]);
+    assert_eq!(d.config_read(6) & !0xf, 0x8000_0000, "2 GiB BAR");
+    assert_eq!(d.config_read(7), 0xffff_ffff);
+    d.config_write(6, 0, &((SHM as u32) | 0xc).to_le_bytes());
+    d.config_write(7, 0, &((SHM >> 32) as u32).to_le_bytes());
+    // Two shared-memory capabilities (cfg_type 8) with region offsets within BAR 2.
+    let caps = capabilities(&mut d);
+    let shm: Vec<_> = caps.iter().filter(|c| c.0 == 0x09 && c.2 == 8).collect();
+    assert_eq!(shm.len(), 2);
+    let off = shm[1].1;
+    let word = |d: &mut VirtioPciDevice, o: usize| d.config_read(o / 4);
+    assert_eq!(word(&mut d, off) >> 16 & 0xff, 24, "cap_len");
+    assert_eq!(word(&mut d, off + 4) & 0xff, 2, "bar");
+    assert_eq!(word(&mut d, off + 4) >> 8 & 0xff, 1, "id");
+    assert_eq!(word(&mut d, off + 8), 1 << 30, "offset of region 1");
+    assert_eq!(word(&mut d, off + 12), 0x1800, "length of region 1");
+    // The device learned the addresses; a BAR move tells it again.
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0][1].guest_addr, SHM + (1 << 30));
+    }
+    let (bar, mapping) = d.bars().into_iter().find(|b| b.0.index == 2).unwrap();
+    assert_eq!(
+        mapping,
+        bulkhead_vmm::devices::pci::device::BarMapping::DeviceMapped
+    );
+    let mv = d.config_write(7, 0, &0x20u32.to_le_bytes()).unwrap();
+    d.bar_moved(&mv).unwrap();
+    assert_eq!(bar.size, 2 << 30);
+    let s = seen.lock().unwrap();
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[1][0].guest_addr, 0x20_0000_0000);
 }

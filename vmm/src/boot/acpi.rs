@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
     ACPI_START, COM1_IRQ, COM1_PORT, GED_IRQ, IOAPIC_ADDR, LAPIC_ADDR, PCI_CONFIG_PORT,
-    PCI_MMIO_SIZE, PCI_MMIO_START, PM_PORT, RESET_VECTOR,
+    PCI_MMIO64_SIZE, PCI_MMIO64_START, PCI_MMIO_SIZE, PCI_MMIO_START, PM_PORT, RESET_VECTOR,
 };
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -95,6 +95,13 @@ fn pci0() -> RawAml {
                         true,
                         PCI_MMIO_START as u32,
                         pci_mmio_end,
+                        None,
+                    ),
+                    &aml::AddressSpace::new_memory(
+                        aml::AddressSpaceCacheable::PreFetchable,
+                        true,
+                        PCI_MMIO64_START,
+                        PCI_MMIO64_START + PCI_MMIO64_SIZE - 1,
                         None,
                     ),
                 ]),

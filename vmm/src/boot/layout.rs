@@ -13,6 +13,7 @@
 //! 0xc000_0000  PCI MMIO window (BARs), up to the IOAPIC
 //! 0xfec0_0000  IOAPIC   0xfee0_0000 local APIC
 //! 0x1_0000_0000  RAM above 4 GiB, when memory > 3 GiB
+//! 0x10_0000_0000 64-bit PCI BAR window (64 GiB; shared-memory BARs)
 //! ```
 
 /// GDT location.
@@ -49,6 +50,11 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 pub const PCI_MMIO_START: u64 = MMIO_GAP_START;
 /// Size of the PCI BAR window.
 pub const PCI_MMIO_SIZE: u64 = IOAPIC_ADDR - PCI_MMIO_START;
+/// 64-bit PCI BAR window (prefetchable; shared-memory BARs): 64 GiB at 64 GiB. Guest RAM
+/// above 4 GiB must end below it (60 GiB of RAM at most).
+pub const PCI_MMIO64_START: u64 = 64 << 30;
+/// Size of the 64-bit PCI BAR window.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
 /// IOAPIC MMIO base (KVM's in-kernel IOAPIC).
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC MMIO base.

@@ -15,6 +15,9 @@ pub enum MemoryError {
     /// The requested size is too small to boot anything.
     #[error("guest memory of {0} bytes is too small (at least 16 MiB)")]
     TooSmall(u64),
+    /// The requested size would reach the 64-bit PCI window.
+    #[error("guest memory of {0} bytes is too large (at most 63 GiB)")]
+    TooLarge(u64),
     /// mmap of the guest RAM failed.
     #[error("cannot allocate guest memory: {0}")]
     Allocate(vm_memory::mmap::FromRangesError),
@@ -40,6 +43,9 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     if size < (16 << 20) {
         return Err(MemoryError::TooSmall(size));
+    }
+    if size > crate::boot::layout::PCI_MMIO64_START - (MMIO_GAP_END - MMIO_GAP_START) {
+        return Err(MemoryError::TooLarge(size));
     }
     GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(MemoryError::Allocate)
 }

@@ -2,4 +2,5 @@
 pub mod exit;
 pub mod irq_routing;
 pub mod memory;
+pub mod memory_slots;
 pub mod vcpu;

@@ -8,7 +8,6 @@
 pub mod blk;
 pub mod rng;
 pub mod transport_pci;
-pub mod wl;
 pub mod worker;
 
 use std::sync::Arc;
@@ -84,6 +83,26 @@ pub enum ActivateError {
     Worker(std::io::Error),
 }
 
+/// A shared-memory region a device asks for (virtio 1.2 shared memory capability).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmRegionSpec {
+    /// The region ID (device-specific meaning).
+    pub id: u8,
+    /// Size in bytes (a multiple of 4 KiB).
+    pub size: u64,
+}
+
+/// Where the transport placed a shared-memory region in guest physical memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmRegion {
+    /// The region ID.
+    pub id: u8,
+    /// Guest physical address of its start.
+    pub guest_addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
 /// A virtio device, independent of the transport.
 pub trait VirtioDevice: Send {
     /// The virtio device type (`device_type::*`).
@@ -106,6 +125,15 @@ pub trait VirtioDevice: Send {
     fn pci_class(&self) -> (u8, u8) {
         (0xff, 0x00)
     }
+    /// Shared-memory regions wanted. The PCI transport puts them, in this order, in one
+    /// 64-bit prefetchable BAR (BAR 2) with one shared-memory capability each; the device
+    /// maps host memory into them itself (`vstate::memory_slots`).
+    fn shm_regions(&self) -> Vec<ShmRegionSpec> {
+        Vec::new()
+    }
+    /// Where the regions are now: called once when the transport is built and again if the
+    /// guest moves the BAR (the device must move its memory slots).
+    fn set_shm_regions(&mut self, _regions: &[ShmRegion]) {}
 }
 
 /// Copies the bytes of `config` at `offset` into `data` (zeros beyond its end).

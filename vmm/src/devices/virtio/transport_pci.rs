@@ -13,6 +13,11 @@
 //! | 0x5000 | MSI-X pending bits                               |
 //!
 //! Interrupts are MSI-X only (no INTx): each vector is an irqfd on its own GSI.
+//!
+//! A device with shared-memory regions (`VirtioDevice::shm_regions`) also gets BAR 2: 64-bit,
+//! prefetchable, in the 64-bit window, holding the regions back to back (each 4 KiB-aligned),
+//! one shared-memory capability (cfg_type 8) per region. The bus does not trap BAR 2; the
+//! device maps host memory there with KVM memory slots.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -21,7 +26,10 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{status, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    status, Activation, ActiveQueue, ShmRegion, ShmRegionSpec, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
+};
 use crate::devices::pci::bar_allocator::{BarAllocError, BarAllocator};
 use crate::devices::pci::config_space::{BarKind, BarMove, PciBar, PciConfigSpace, PciHeader};
 use crate::devices::pci::device::{BarMapping, PciDevice};
@@ -53,6 +61,9 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+const CAP_SHARED_MEMORY: u8 = 8;
+/// The BAR holding shared-memory regions (64-bit, prefetchable, device-mapped).
+pub const SHM_BAR: usize = 2;
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
 
@@ -139,7 +150,12 @@ impl VirtioPciDevice {
         let nq = device.queue_max_sizes().len();
         let msix = MsixVectors::new(Self::vector_count(nq)?, routing.clone())?;
         let addr = bars.allocate_mmio32(BAR_SIZE)?;
-        let mut dev = Self::build(device, mem, msix, addr)?;
+        let shm_size = shm_bar_size(&device.shm_regions());
+        let shm_addr = match shm_size {
+            Some(size) => Some(bars.allocate_mmio64(size)?),
+            None => None,
+        };
+        let mut dev = Self::build(device, mem, msix, addr, shm_addr)?;
         dev.vm = Some(routing.vm().clone());
         dev.register_ioeventfds(addr)?;
         Ok(dev)
@@ -147,15 +163,18 @@ impl VirtioPciDevice {
 
     /// The transport without KVM (no ioeventfds, unrouted MSI-X) at BAR address `addr`: queue
     /// notifications are trapped writes. For tests.
+    /// A shared-memory BAR, if the device wants one, is put at `shm_addr`.
     pub fn new_unrouted(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         addr: u64,
+        shm_addr: u64,
     ) -> Result<Self, TransportError> {
         let nq = device.queue_max_sizes().len();
         let msix = MsixVectors::new_unrouted(Self::vector_count(nq)?)
             .map_err(|e| TransportError::Notify(e.to_string()))?;
-        Self::build(device, mem, msix, addr)
+        let shm = shm_bar_size(&device.shm_regions()).map(|_| shm_addr);
+        Self::build(device, mem, msix, addr, shm)
     }
 
     fn vector_count(queues: usize) -> Result<u16, TransportError> {
@@ -167,10 +186,11 @@ impl VirtioPciDevice {
     }
 
     fn build(
-        device: Box<dyn VirtioDevice>,
+        mut device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         msix: MsixVectors,
         addr: u64,
+        shm_addr: Option<u64>,
     ) -> Result<Self, TransportError> {
         let sizes = device.queue_max_sizes().to_vec();
         let (class, subclass) = device.pci_class();
@@ -219,6 +239,30 @@ impl VirtioPciDevice {
             config
                 .add_capability(VENDOR_CAP_ID, &body, &[])
                 .map_err(cap_err)?;
+        }
+        let shm_specs = device.shm_regions();
+        if let (Some(base), Some(size)) = (shm_addr, shm_bar_size(&shm_specs)) {
+            config
+                .add_bar(PciBar {
+                    index: SHM_BAR,
+                    addr: base,
+                    size,
+                    kind: BarKind::Mmio64,
+                    prefetchable: true,
+                })
+                .map_err(cap_err)?;
+            for r in shm_layout(&shm_specs, 0) {
+                // virtio_pci_cap64: the common fields, then offset_hi and length_hi.
+                let mut b = vec![24u8, CAP_SHARED_MEMORY, SHM_BAR as u8, r.id, 0, 0];
+                b.extend_from_slice(&(r.guest_addr as u32).to_le_bytes());
+                b.extend_from_slice(&(r.size as u32).to_le_bytes());
+                b.extend_from_slice(&((r.guest_addr >> 32) as u32).to_le_bytes());
+                b.extend_from_slice(&((r.size >> 32) as u32).to_le_bytes());
+                config
+                    .add_capability(VENDOR_CAP_ID, &b, &[])
+                    .map_err(cap_err)?;
+            }
+            device.set_shm_regions(&shm_layout(&shm_specs, base));
         }
         let (body, mask) = msix::capability(
             msix.count() as u16,
@@ -496,6 +540,31 @@ impl VirtioPciDevice {
     }
 }
 
+const PAGE: u64 = 4096;
+
+/// The regions laid out back to back from `base`, each 4 KiB-aligned.
+pub fn shm_layout(specs: &[ShmRegionSpec], base: u64) -> Vec<ShmRegion> {
+    let mut off = 0u64;
+    specs
+        .iter()
+        .map(|s| {
+            let r = ShmRegion {
+                id: s.id,
+                guest_addr: base + off,
+                size: s.size,
+            };
+            off += s.size.div_ceil(PAGE) * PAGE;
+            r
+        })
+        .collect()
+}
+
+/// The BAR size for the regions (a power of two), or None when there are none.
+pub fn shm_bar_size(specs: &[ShmRegionSpec]) -> Option<u64> {
+    let total: u64 = specs.iter().map(|s| s.size.div_ceil(PAGE) * PAGE).sum();
+    (total > 0).then(|| total.next_power_of_two().max(PAGE))
+}
+
 fn le_value(data: &[u8]) -> u32 {
     let mut b = [0u8; 4];
     for (d, s) in b.iter_mut().zip(data) {
@@ -527,7 +596,14 @@ impl PciDevice for VirtioPciDevice {
     fn bars(&self) -> Vec<(PciBar, BarMapping)> {
         self.config
             .bars()
-            .map(|b| (*b, BarMapping::Trapped))
+            .map(|b| {
+                let mapping = if b.index == SHM_BAR {
+                    BarMapping::DeviceMapped
+                } else {
+                    BarMapping::Trapped
+                };
+                (*b, mapping)
+            })
             .collect()
     }
 
@@ -587,6 +663,11 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bar_moved(&mut self, mv: &BarMove) -> Result<(), String> {
+        if mv.index == SHM_BAR {
+            let regions = shm_layout(&self.device.shm_regions(), mv.new);
+            self.device.set_shm_regions(&regions);
+            return Ok(());
+        }
         if mv.index != 0 {
             return Ok(());
         }
