@@ -8,6 +8,7 @@
 pub mod blk;
 pub mod rng;
 pub mod transport_pci;
+pub mod wl;
 pub mod worker;
 
 use std::sync::Arc;
