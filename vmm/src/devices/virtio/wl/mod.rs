@@ -2,4 +2,14 @@
 //! docs/virtio_wl.md).
 //!
 //! - `protocol`: the wire format (command parsing, responses, in-queue messages).
+//! - `sockets`: the named sockets NEW_CTX_NAMED connects to (`Listening` / `NonListening`).
+//! - `vfd`: what a vfd is on the host; the shared-memory window.
+//! - `scm`: sendmsg/recvmsg with SCM_RIGHTS.
+//! - `state`: the vfd table, command handling, reading host fds, the queues.
+//! - `device`: the `VirtioDevice` and its worker thread.
+pub mod device;
 pub mod protocol;
+pub mod scm;
+pub mod sockets;
+pub mod state;
+pub mod vfd;

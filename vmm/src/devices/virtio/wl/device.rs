@@ -1,0 +1,212 @@
+//! The virtio_wl device (ID 63): two queues (0 = in, device → guest; 1 = out, guest →
+//! device), a 4 GiB shared-memory region (shmid 0) where shm vfds are mapped, and a worker
+//! thread that polls the queues and the host fds of the vfds.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::protocol::{VIRTIO_ID_WL, VIRTIO_WL_F_TRANS_FLAGS, VIRTIO_WL_F_USE_SHMEM};
+use super::sockets::WlSockets;
+use super::state::{WlLimits, WlState};
+use super::vfd::{ShmWindow, SHM_WINDOW_SIZE};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Activation, ShmRegion, ShmRegionSpec, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+use crate::vstate::memory_slots::MemorySlots;
+
+/// Queue index of the in queue (device → guest).
+pub const IN_QUEUE: usize = 0;
+/// Queue index of the out queue (guest → device).
+pub const OUT_QUEUE: usize = 1;
+const QUEUE_SIZES: [u16; 2] = [256, 256];
+/// The shared-memory region id of the vfd window.
+pub const SHM_REGION_ID: u8 = 0;
+
+/// The virtio_wl device.
+pub struct Wl {
+    sockets: WlSockets,
+    state: Arc<Mutex<WlState>>,
+    worker: Option<WlWorker>,
+}
+
+fn lock(state: &Mutex<WlState>) -> MutexGuard<'_, WlState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Wl {
+    /// A device connecting to `sockets`, mapping shared memory through `slots` (None: shm vfds
+    /// are allocated but not mapped into a guest; for tests without KVM).
+    pub fn new(
+        sockets: WlSockets,
+        slots: Option<Arc<MemorySlots>>,
+        limits: WlLimits,
+    ) -> Result<Self, std::io::Error> {
+        let window = ShmWindow::new(slots, 0)
+            .map_err(|e| std::io::Error::other(format!("shm window: {e}")))?;
+        Ok(Self {
+            sockets: sockets.clone(),
+            state: Arc::new(Mutex::new(WlState::new(sockets, window, limits))),
+            worker: None,
+        })
+    }
+
+    /// The named sockets (shared with the control socket's `wl add`).
+    pub fn sockets(&self) -> &WlSockets {
+        &self.sockets
+    }
+
+    /// The state (tests inspect it).
+    pub fn state(&self) -> &Arc<Mutex<WlState>> {
+        &self.state
+    }
+}
+
+impl VirtioDevice for Wl {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_WL
+    }
+    fn name(&self) -> &str {
+        "wl"
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_WL_F_TRANS_FLAGS | VIRTIO_WL_F_USE_SHMEM
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&[], offset, data);
+    }
+    fn shm_regions(&self) -> Vec<ShmRegionSpec> {
+        vec![ShmRegionSpec {
+            id: SHM_REGION_ID,
+            size: SHM_WINDOW_SIZE,
+        }]
+    }
+    fn set_shm_regions(&mut self, regions: &[ShmRegion]) {
+        if let Some(r) = regions.iter().find(|r| r.id == SHM_REGION_ID) {
+            lock(&self.state).move_window(r.guest_addr);
+        }
+    }
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        for q in [IN_QUEUE, OUT_QUEUE] {
+            if !activation.queues.iter().any(|a| a.index == q) {
+                return Err(ActivateError::MissingQueue(q));
+            }
+        }
+        lock(&self.state).set_features(activation.features);
+        self.worker =
+            Some(WlWorker::spawn(self.state.clone(), activation).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.worker = None;
+        lock(&self.state).clear();
+    }
+}
+
+/// The worker thread; dropping it stops and joins it.
+pub struct WlWorker {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WlWorker {
+    /// Starts serving `activation`'s queues with `state`.
+    pub fn spawn(state: Arc<Mutex<WlState>>, activation: Activation) -> std::io::Result<Self> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop_thread = stop.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name("virtio-wl".into())
+            .spawn(move || run(&state, activation, &stop_thread))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for WlWorker {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.stop.write(1);
+            let _ = t.join();
+        }
+    }
+}
+
+fn notify(interrupt: &dyn VirtioInterrupt, index: usize) {
+    interrupt.notify_queue(index);
+}
+
+fn run(state: &Mutex<WlState>, activation: Activation, stop: &EventFd) {
+    let Activation {
+        mem,
+        mut queues,
+        interrupt,
+        ..
+    } = activation;
+    let Some(in_pos) = queues.iter().position(|q| q.index == IN_QUEUE) else {
+        return;
+    };
+    let Some(out_pos) = queues.iter().position(|q| q.index == OUT_QUEUE) else {
+        return;
+    };
+    loop {
+        // Work first (buffers may have been posted before activation), then wait.
+        {
+            let mut st = lock(state);
+            if let Some(q) = queues.get_mut(out_pos) {
+                if st.process_out(&mut q.queue, &mem) {
+                    notify(interrupt.as_ref(), OUT_QUEUE);
+                }
+            }
+            if let Some(q) = queues.get_mut(in_pos) {
+                if st.process_in(&mut q.queue, &mem) {
+                    notify(interrupt.as_ref(), IN_QUEUE);
+                }
+            }
+        }
+        let watched = lock(state).watched_fds();
+        let mut fds = Vec::with_capacity(3 + watched.len());
+        let pfd = |fd: i32| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        fds.push(pfd(stop.as_raw_fd()));
+        for pos in [out_pos, in_pos] {
+            fds.push(pfd(queues.get(pos).map_or(-1, |q| q.notify.as_raw_fd())));
+        }
+        fds.extend(watched.iter().map(|(_, fd)| pfd(*fd)));
+        // SAFETY: `fds` is a valid pollfd array for the duration of the call; the watched fds
+        // stay open because only this thread closes vfds (commands run here) — a device reset
+        // stops this thread before clearing the table.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!("bulkhead-vmm: virtio-wl: poll failed");
+            return;
+        }
+        if fds.first().is_some_and(|p| p.revents != 0) {
+            return;
+        }
+        for pos in [out_pos, in_pos] {
+            if let Some(q) = queues.get(pos) {
+                let _ = q.notify.read();
+            }
+        }
+        let mut st = lock(state);
+        for ((id, _), p) in watched.iter().zip(fds.iter().skip(3)) {
+            if p.revents != 0 {
+                st.read_vfd(*id);
+            }
+        }
+    }
+}

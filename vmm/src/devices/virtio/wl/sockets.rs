@@ -1,0 +1,195 @@
+//! The VMM's named sockets, which NEW_CTX / NEW_CTX_NAMED connect vfds to.
+//!
+//! A socket is `Listening(path)` (a host listening socket: connect(2) on every use) or
+//! `NonListening(stream)` (an already-connected stream, e.g. one end of a socketpair from the
+//! hub: consumed by the first connect). Names are added at start (`--wl-socket NAME=PATH`) and
+//! at run time (the control socket's `wl add`, possibly with a `%d` pattern). The registry has
+//! its own short lock, separate from the device: adding a socket never waits for the guest.
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use super::protocol::CTX_NAME_MAX_LEN;
+
+/// At most this many names at once.
+pub const MAX_SOCKETS: usize = 1024;
+
+/// One named socket.
+#[derive(Debug)]
+pub enum WlSocket {
+    /// A listening socket at a host path.
+    Listening(PathBuf),
+    /// An accepted (connected) stream, handed to the first connect.
+    NonListening(UnixStream),
+}
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// No socket by that name (the guest gets RESP_ERR).
+    #[error("no wl socket named {0:?}")]
+    NotFound(String),
+    /// The name is taken.
+    #[error("wl socket name {0:?} already in use")]
+    Exists(String),
+    /// The name is too long, contains NUL, or is a bad pattern.
+    #[error("bad wl socket name {0:?} (at most 32 bytes, no NUL, at most one %d)")]
+    BadName(String),
+    /// Too many sockets.
+    #[error("too many wl sockets (limit {MAX_SOCKETS})")]
+    Full,
+    /// connect(2) failed.
+    #[error("connecting to {path}: {err}")]
+    Connect {
+        /// The path.
+        path: String,
+        /// Why.
+        err: std::io::Error,
+    },
+}
+
+#[derive(Default)]
+struct Registry {
+    sockets: BTreeMap<String, WlSocket>,
+    /// Next number to try for each `%d` pattern.
+    counters: BTreeMap<String, u64>,
+}
+
+/// The named sockets of one VM; cheap to clone (shared).
+#[derive(Clone, Default)]
+pub struct WlSockets {
+    inner: Arc<Mutex<Registry>>,
+}
+
+fn check_name(name: &str) -> Result<(), SocketError> {
+    if name.len() > CTX_NAME_MAX_LEN || name.contains('\0') {
+        return Err(SocketError::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+impl WlSockets {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `socket` under `name`, or, if `name` contains `%d`, under the first free name
+    /// the pattern gives (`wl-conn-%d` → `wl-conn-0`, `wl-conn-1`, …). Returns the name.
+    pub fn add(&self, name: &str, socket: WlSocket) -> Result<String, SocketError> {
+        let pattern = name.matches("%d").count();
+        if pattern > 1 {
+            return Err(SocketError::BadName(name.to_string()));
+        }
+        let mut reg = self.lock();
+        if reg.sockets.len() >= MAX_SOCKETS {
+            return Err(SocketError::Full);
+        }
+        let chosen = if pattern == 1 {
+            let mut n = reg.counters.get(name).copied().unwrap_or(0);
+            loop {
+                let candidate = name.replacen("%d", &n.to_string(), 1);
+                n = n.wrapping_add(1);
+                if !reg.sockets.contains_key(&candidate) {
+                    check_name(&candidate)?;
+                    reg.counters.insert(name.to_string(), n);
+                    break candidate;
+                }
+            }
+        } else {
+            check_name(name)?;
+            if reg.sockets.contains_key(name) {
+                return Err(SocketError::Exists(name.to_string()));
+            }
+            name.to_string()
+        };
+        reg.sockets.insert(chosen.clone(), socket);
+        Ok(chosen)
+    }
+
+    /// Removes a name (a no-op if absent).
+    pub fn remove(&self, name: &str) -> Option<WlSocket> {
+        self.lock().sockets.remove(name)
+    }
+
+    /// The names present, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.lock().sockets.keys().cloned().collect()
+    }
+
+    /// Connects to `name`: connect(2) for a listening socket (outside the lock), or takes the
+    /// stream of a non-listening one (which removes the name).
+    pub fn connect(&self, name: &str) -> Result<UnixStream, SocketError> {
+        let path = {
+            let mut reg = self.lock();
+            match reg.sockets.get(name) {
+                None => return Err(SocketError::NotFound(name.to_string())),
+                Some(WlSocket::Listening(p)) => p.clone(),
+                Some(WlSocket::NonListening(_)) => match reg.sockets.remove(name) {
+                    Some(WlSocket::NonListening(s)) => return Ok(s),
+                    _ => return Err(SocketError::NotFound(name.to_string())),
+                },
+            }
+        };
+        UnixStream::connect(&path).map_err(|err| SocketError::Connect {
+            path: path.display().to_string(),
+            err,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn patterns_give_fresh_names() {
+        let s = WlSockets::new();
+        let mk = || WlSocket::NonListening(UnixStream::pair().unwrap().0);
+        assert_eq!(s.add("wl-conn-%d", mk()).unwrap(), "wl-conn-0");
+        assert_eq!(s.add("wl-conn-%d", mk()).unwrap(), "wl-conn-1");
+        assert_eq!(s.add("wl-conn-2", mk()).unwrap(), "wl-conn-2");
+        assert_eq!(s.add("wl-conn-%d", mk()).unwrap(), "wl-conn-3");
+        assert!(matches!(
+            s.add("wl-conn-2", mk()),
+            Err(SocketError::Exists(_))
+        ));
+        assert!(matches!(s.add("%d-%d", mk()), Err(SocketError::BadName(_))));
+        assert!(matches!(
+            s.add(&"x".repeat(33), mk()),
+            Err(SocketError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn non_listening_is_consumed_listening_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let s = WlSockets::new();
+        s.add("wayland", WlSocket::Listening(path)).unwrap();
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        let name = s.add("wl-conn-%d", WlSocket::NonListening(theirs)).unwrap();
+
+        let mut c = s.connect(&name).unwrap();
+        c.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        ours.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hi");
+        assert!(matches!(s.connect(&name), Err(SocketError::NotFound(_))));
+
+        for _ in 0..2 {
+            let _c = s.connect("wayland").unwrap();
+            listener.accept().unwrap();
+        }
+        assert!(matches!(s.connect("nope"), Err(SocketError::NotFound(_))));
+    }
+}

@@ -1,0 +1,581 @@
+//! The device's state machine, independent of threads: the vfd table, command handling,
+//! reading host fds into in-queue messages, and moving buffers through the two queues. The
+//! worker (`device.rs`) drives it; tests drive it step by step against mock queues.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::protocol::{
+    parse_command, Command, InMessage, Response, ResponseCode, VfdNew, MAX_COMMAND_SIZE,
+    MAX_RECV_DATA, VFD_HOST_ID_BIT, VFD_READ, VIRTIO_WL_F_TRANS_FLAGS, VIRTIO_WL_F_USE_SHMEM,
+};
+use super::scm;
+use super::sockets::{SocketError, WlSockets};
+use super::vfd::{classify_host_fd, page_align, ShmWindow, Vfd, VfdKind};
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Per-VM limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WlLimits {
+    /// Live vfds (guest and host ids together).
+    pub max_vfds: usize,
+    /// Bytes of shared memory mapped at once.
+    pub max_shm_bytes: u64,
+    /// Shared-memory vfds at once (each costs one KVM memory slot).
+    pub max_shm_count: usize,
+}
+
+impl Default for WlLimits {
+    fn default() -> Self {
+        Self {
+            max_vfds: 1024,
+            max_shm_bytes: 1 << 30,
+            max_shm_count: 256,
+        }
+    }
+}
+
+/// Everything the device knows.
+pub struct WlState {
+    vfds: BTreeMap<u32, Vfd>,
+    window: ShmWindow,
+    sockets: WlSockets,
+    limits: WlLimits,
+    shm_bytes: u64,
+    shm_count: usize,
+    next_host_id: u32,
+    pending: VecDeque<InMessage>,
+    features: u64,
+}
+
+fn memfd(size: u64) -> Result<OwnedFd, ResponseCode> {
+    // SAFETY: a static NUL-terminated name; flags are valid.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"bulkhead-wl".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(ResponseCode::OutOfMemory);
+    }
+    // SAFETY: memfd_create returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::off_t::try_from(size).map_err(|_| ResponseCode::OutOfMemory)?;
+    // SAFETY: ftruncate on an fd we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
+        return Err(ResponseCode::OutOfMemory);
+    }
+    Ok(fd)
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), ResponseCode> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(ResponseCode::Err);
+    }
+    // SAFETY: pipe2 returned two new fds that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn poll_ready(fd: BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n == 1 && pfd.revents != 0
+}
+
+impl WlState {
+    /// A state with no vfds.
+    pub fn new(sockets: WlSockets, window: ShmWindow, limits: WlLimits) -> Self {
+        Self {
+            vfds: BTreeMap::new(),
+            window,
+            sockets,
+            limits,
+            shm_bytes: 0,
+            shm_count: 0,
+            next_host_id: 0,
+            pending: VecDeque::new(),
+            features: VIRTIO_WL_F_TRANS_FLAGS,
+        }
+    }
+
+    /// Sets the negotiated features.
+    pub fn set_features(&mut self, features: u64) {
+        self.features = features;
+    }
+
+    fn trans_flags(&self) -> bool {
+        self.features & VIRTIO_WL_F_TRANS_FLAGS != 0
+    }
+
+    fn use_shmem(&self) -> bool {
+        self.features & VIRTIO_WL_F_USE_SHMEM != 0
+    }
+
+    /// Number of live vfds.
+    pub fn vfd_count(&self) -> usize {
+        self.vfds.len()
+    }
+
+    /// Shared memory in use: (bytes, count).
+    pub fn shm_usage(&self) -> (u64, usize) {
+        (self.shm_bytes, self.shm_count)
+    }
+
+    /// Messages waiting for in-queue buffers.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// True while messages wait for buffers: host fds are not read (back-pressure).
+    pub fn backpressured(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The shared-memory window moved to guest address `base`.
+    pub fn move_window(&mut self, base: u64) {
+        let live = self.vfds.values_mut().filter_map(|v| match &mut v.kind {
+            VfdKind::Shm(s) => Some(s),
+            _ => None,
+        });
+        self.window.move_to(base, live);
+    }
+
+    /// Drops every vfd and pending message (device reset).
+    pub fn clear(&mut self) {
+        let ids: Vec<u32> = self.vfds.keys().copied().collect();
+        for id in ids {
+            self.remove_vfd(id);
+        }
+        self.pending.clear();
+    }
+
+    fn remove_vfd(&mut self, id: u32) -> bool {
+        match self.vfds.remove(&id) {
+            Some(v) => {
+                if let VfdKind::Shm(s) = v.kind {
+                    self.shm_bytes = self.shm_bytes.saturating_sub(s.size);
+                    self.shm_count = self.shm_count.saturating_sub(1);
+                    self.window.unmap(s);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&mut self, id: u32, vfd: Vfd) -> VfdNew {
+        let d = vfd.describe(id, self.trans_flags(), &self.window, self.use_shmem());
+        self.vfds.insert(id, vfd);
+        d
+    }
+
+    fn check_new(&self, id: u32) -> Result<(), ResponseCode> {
+        if self.vfds.contains_key(&id) {
+            return Err(ResponseCode::InvalidId);
+        }
+        if self.vfds.len() >= self.limits.max_vfds {
+            return Err(ResponseCode::OutOfMemory);
+        }
+        Ok(())
+    }
+
+    fn check_shm(&self, size: u64) -> Result<(), ResponseCode> {
+        if self.shm_count >= self.limits.max_shm_count
+            || self.shm_bytes.saturating_add(size) > self.limits.max_shm_bytes
+        {
+            return Err(ResponseCode::OutOfMemory);
+        }
+        Ok(())
+    }
+
+    /// Handles one out-queue command (the readable bytes of a chain).
+    pub fn handle(&mut self, buf: &[u8]) -> Response {
+        let cmd = match parse_command(buf, self.trans_flags()) {
+            Ok(c) => c,
+            Err(e) => return Response::Error(e),
+        };
+        let r = match cmd {
+            Command::NewAlloc { id, size, .. } => self.new_alloc(id, size),
+            Command::Close { id } => self.close(id),
+            Command::Send { id, vfds, data } => self.send(id, &vfds, data),
+            Command::NewCtx { id } => self.new_ctx(id, ""),
+            Command::NewCtxNamed { id, name } => self.new_ctx(id, &name),
+            Command::NewPipe { id, flags } => self.new_pipe(id, flags),
+        };
+        r.into()
+    }
+
+    fn new_alloc(&mut self, id: u32, size: u32) -> Result<Response, ResponseCode> {
+        self.check_new(id)?;
+        let size = page_align(u64::from(size)).ok_or(ResponseCode::OutOfMemory)?;
+        self.check_shm(size)?;
+        let fd = memfd(size)?;
+        let shm = self.window.map(fd, size, true)?;
+        self.shm_bytes += shm.size;
+        self.shm_count += 1;
+        Ok(Response::VfdNew(
+            self.insert(id, Vfd::new(VfdKind::Shm(shm))),
+        ))
+    }
+
+    fn close(&mut self, id: u32) -> Result<Response, ResponseCode> {
+        if !self.remove_vfd(id) {
+            return Err(ResponseCode::InvalidId);
+        }
+        // Data still queued for this vfd will never be read: drop it and close the host vfds
+        // it was carrying.
+        let mut orphans = Vec::new();
+        self.pending.retain(|m| match m {
+            InMessage::Recv { id: r, vfds, .. } if *r == id => {
+                orphans.extend_from_slice(vfds);
+                false
+            }
+            InMessage::Hup { id: h } => *h != id,
+            _ => true,
+        });
+        for o in orphans {
+            self.pending
+                .retain(|m| !matches!(m, InMessage::VfdNew(v) if v.id == o));
+            self.remove_vfd(o);
+        }
+        Ok(Response::Ok)
+    }
+
+    fn send(&mut self, id: u32, ids: &[u32], data: &[u8]) -> Result<Response, ResponseCode> {
+        let target = self.vfds.get(&id).ok_or(ResponseCode::InvalidId)?;
+        for i in ids {
+            if !self.vfds.contains_key(i) {
+                return Err(ResponseCode::InvalidId);
+            }
+        }
+        match &target.kind {
+            VfdKind::Socket(sock) => {
+                let mut fds = Vec::with_capacity(ids.len());
+                for i in ids {
+                    let fd = self
+                        .vfds
+                        .get(i)
+                        .and_then(|v| v.fd_to_send())
+                        .ok_or(ResponseCode::InvalidType)?;
+                    fds.push(fd);
+                }
+                if let Err(e) = scm::send_all_with_fds(sock.as_fd(), data, &fds) {
+                    log::debug!("bulkhead-vmm: virtio-wl: send on vfd {id:#x}: {e}");
+                    return Err(ResponseCode::Err);
+                }
+            }
+            VfdKind::Pipe {
+                local,
+                guest_reads: false,
+                ..
+            } => {
+                if !ids.is_empty() {
+                    return Err(ResponseCode::InvalidType);
+                }
+                let mut f = std::fs::File::from(local.try_clone().map_err(|_| ResponseCode::Err)?);
+                if let Err(e) = f.write_all(data) {
+                    log::debug!("bulkhead-vmm: virtio-wl: write to pipe vfd {id:#x}: {e}");
+                    return Err(ResponseCode::Err);
+                }
+            }
+            _ => return Err(ResponseCode::InvalidType),
+        }
+        // The remote ends of sent pipes now live with the peer: drop ours so EOF propagates.
+        for i in ids {
+            if let Some(Vfd {
+                kind: VfdKind::Pipe { remote, .. },
+                ..
+            }) = self.vfds.get_mut(i)
+            {
+                *remote = None;
+            }
+        }
+        Ok(Response::Ok)
+    }
+
+    fn new_ctx(&mut self, id: u32, name: &str) -> Result<Response, ResponseCode> {
+        self.check_new(id)?;
+        let stream = self.sockets.connect(name).map_err(|e| {
+            match &e {
+                SocketError::NotFound(_) => log::debug!("bulkhead-vmm: virtio-wl: {e}"),
+                _ => log::warn!("bulkhead-vmm: virtio-wl: {e}"),
+            }
+            ResponseCode::Err
+        })?;
+        Ok(Response::VfdNew(
+            self.insert(id, Vfd::new(VfdKind::Socket(stream))),
+        ))
+    }
+
+    fn new_pipe(&mut self, id: u32, flags: u32) -> Result<Response, ResponseCode> {
+        self.check_new(id)?;
+        let (read_end, write_end) = pipe()?;
+        let guest_reads = flags == VFD_READ;
+        let (local, remote) = if guest_reads {
+            (read_end, write_end)
+        } else {
+            (write_end, read_end)
+        };
+        self.insert(
+            id,
+            Vfd::new(VfdKind::Pipe {
+                local,
+                remote: Some(remote),
+                guest_reads,
+            }),
+        );
+        Ok(Response::VfdNew(VfdNew {
+            id,
+            flags: 0,
+            pfn: 0,
+            size: 0,
+        }))
+    }
+
+    fn alloc_host_id(&mut self) -> Option<u32> {
+        for _ in 0..=VFD_HOST_ID_BIT {
+            let id = VFD_HOST_ID_BIT | (self.next_host_id & (VFD_HOST_ID_BIT - 1));
+            self.next_host_id = self.next_host_id.wrapping_add(1);
+            if !self.vfds.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// The (vfd id, fd) pairs the worker polls for input (none while back-pressured).
+    pub fn watched_fds(&self) -> Vec<(u32, RawFd)> {
+        if self.backpressured() {
+            return Vec::new();
+        }
+        self.vfds
+            .iter()
+            .filter_map(|(id, v)| v.readable_fd().map(|fd| (*id, fd.as_raw_fd())))
+            .collect()
+    }
+
+    /// Reads every host fd that has input now, without blocking. Returns the messages queued.
+    pub fn read_host(&mut self) -> usize {
+        let before = self.pending.len();
+        let ready: Vec<u32> = self
+            .vfds
+            .iter()
+            .filter_map(|(id, v)| v.readable_fd().filter(|fd| poll_ready(*fd)).map(|_| *id))
+            .collect();
+        for id in ready {
+            self.read_vfd(id);
+        }
+        self.pending.len() - before
+    }
+
+    /// Reads one chunk (at most one in-queue buffer's worth) from vfd `id`'s host fd.
+    pub fn read_vfd(&mut self, id: u32) {
+        let mut buf = vec![0u8; MAX_RECV_DATA];
+        let (len, fds) = {
+            let Some(v) = self.vfds.get(&id) else { return };
+            match &v.kind {
+                VfdKind::Socket(s) => match scm::recv_with_fds(s.as_fd(), &mut buf) {
+                    Ok(r) => {
+                        if r.truncated {
+                            log::warn!(
+                                "bulkhead-vmm: virtio-wl: more than 28 fds; extra ones dropped"
+                            );
+                        }
+                        (r.len, r.fds)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                    Err(_) => (0, Vec::new()),
+                },
+                VfdKind::Pipe {
+                    local,
+                    guest_reads: true,
+                    ..
+                } => {
+                    // SAFETY: reads into `buf`, which has `buf.len()` writable bytes.
+                    let n = unsafe {
+                        libc::read(local.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+                    };
+                    if n < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                        ) {
+                            return;
+                        }
+                        (0, Vec::new())
+                    } else {
+                        (n as usize, Vec::new())
+                    }
+                }
+                _ => return,
+            }
+        };
+        if len == 0 && fds.is_empty() {
+            if let Some(v) = self.vfds.get_mut(&id) {
+                v.hung_up = true;
+            }
+            self.pending.push_back(InMessage::Hup { id });
+            return;
+        }
+        let mut ids = Vec::with_capacity(fds.len());
+        for fd in fds {
+            if self.vfds.len() >= self.limits.max_vfds {
+                log::warn!("bulkhead-vmm: virtio-wl: vfd limit reached; a received fd was dropped");
+                continue;
+            }
+            let Some(hid) = self.alloc_host_id() else {
+                continue;
+            };
+            let shm_ok = self.check_shm(0).is_ok();
+            let kind = match classify_host_fd(fd, &mut self.window) {
+                Ok(VfdKind::Shm(s)) if !shm_ok || self.check_shm(s.size).is_err() => {
+                    log::warn!(
+                        "bulkhead-vmm: virtio-wl: shm limit reached; a received buffer was dropped"
+                    );
+                    self.window.unmap(s);
+                    continue;
+                }
+                Ok(k) => k,
+                Err(e) => {
+                    log::warn!("bulkhead-vmm: virtio-wl: received fd not usable: {e}");
+                    continue;
+                }
+            };
+            if let VfdKind::Shm(s) = &kind {
+                self.shm_bytes += s.size;
+                self.shm_count += 1;
+            }
+            let d = self.insert(hid, Vfd::new(kind));
+            self.pending.push_back(InMessage::VfdNew(d));
+            ids.push(hid);
+        }
+        buf.truncate(len);
+        self.pending.push_back(InMessage::Recv {
+            id,
+            vfds: ids,
+            data: buf,
+        });
+    }
+
+    /// Moves pending messages into the buffers the guest posted on the in queue. Returns true
+    /// if buffers were used.
+    pub fn process_in(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        while let Some(msg) = self.pending.front() {
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    log::warn!("bulkhead-vmm: virtio-wl: bad in queue: {e:?}");
+                    return used;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let bytes = msg.encode();
+            let mut written = 0usize;
+            for desc in chain.writable() {
+                let Some(part) = bytes.get(written..) else {
+                    break;
+                };
+                if part.is_empty() {
+                    break;
+                }
+                let n = part.len().min(desc.len() as usize);
+                let Some(part) = part.get(..n) else { break };
+                if mem.write_slice(part, GuestAddress(desc.addr().0)).is_err() {
+                    break;
+                }
+                written += n;
+            }
+            if written < bytes.len() {
+                log::warn!(
+                    "bulkhead-vmm: virtio-wl: in-queue buffer too small ({written} < {}); message cut",
+                    bytes.len()
+                );
+            }
+            self.pending.pop_front();
+            if queue.add_used(mem, head, written as u32).is_err() {
+                return used;
+            }
+            used = true;
+        }
+        used
+    }
+
+    /// Handles every command on the out queue. Returns true if buffers were used.
+    pub fn process_out(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let mut used = false;
+        loop {
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    log::warn!("bulkhead-vmm: virtio-wl: bad out queue: {e:?}");
+                    return used;
+                }
+            };
+            let Some(chain) = chain else { return used };
+            let head = chain.head_index();
+            let mut request = Vec::new();
+            let mut writable = Vec::new();
+            let mut bad = false;
+            for desc in chain {
+                if desc.is_write_only() {
+                    writable.push((desc.addr().0, desc.len() as usize));
+                    continue;
+                }
+                let len = desc.len() as usize;
+                if request.len() + len > MAX_COMMAND_SIZE {
+                    bad = true;
+                    continue;
+                }
+                let start = request.len();
+                request.resize(start + len, 0);
+                let Some(dst) = request.get_mut(start..) else {
+                    bad = true;
+                    continue;
+                };
+                if mem.read_slice(dst, GuestAddress(desc.addr().0)).is_err() {
+                    bad = true;
+                }
+            }
+            let resp = if bad {
+                Response::Error(ResponseCode::InvalidCmd)
+            } else {
+                self.handle(&request)
+            };
+            let bytes = resp.encode();
+            let mut written = 0usize;
+            for (addr, len) in writable {
+                let Some(part) = bytes.get(written..) else {
+                    break;
+                };
+                if part.is_empty() {
+                    break;
+                }
+                let n = part.len().min(len);
+                let Some(part) = part.get(..n) else { break };
+                if mem.write_slice(part, GuestAddress(addr)).is_err() {
+                    break;
+                }
+                written += n;
+            }
+            if queue.add_used(mem, head, written as u32).is_err() {
+                return used;
+            }
+            used = true;
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! virtio_wl against virtio-queue's mock queues in guest memory, real host sockets, pipes and
+//! memfds, and real KVM memory slots (this machine's /dev/kvm): every command, every error
+//! code, ordering of VFD_NEW before the RECV that carries it, HUP on peer close,
+//! back-pressure, limits.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use bulkhead_vmm::devices::virtio::wl::protocol::*;
+use bulkhead_vmm::devices::virtio::wl::scm;
+use bulkhead_vmm::devices::virtio::wl::sockets::{WlSocket, WlSockets};
+use bulkhead_vmm::devices::virtio::wl::state::{WlLimits, WlState};
+use bulkhead_vmm::devices::virtio::wl::vfd::ShmWindow;
+use bulkhead_vmm::vstate::memory::GuestMemoryMmap;
+use bulkhead_vmm::vstate::memory_slots::MemorySlots;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+
+const CMD: u64 = 0x20_0000;
+const RESP: u64 = 0x30_0000;
+const IN_BUFS: u64 = 0x40_0000;
+const WINDOW: u64 = 64 << 30;
+
+struct Rig {
+    mem: GuestMemoryMmap,
+    st: WlState,
+    sockets: WlSockets,
+    _vm: Arc<kvm_ioctls::VmFd>,
+    _dir: tempfile::TempDir,
+    listener: UnixListener,
+}
+
+fn rig_with(limits: WlLimits, features: u64) -> Rig {
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    let slots = Arc::new(MemorySlots::new(vm.clone(), 0, 64));
+    let window = ShmWindow::new(Some(slots), WINDOW).unwrap();
+    let sockets = WlSockets::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wayland-0");
+    let listener = UnixListener::bind(&path).unwrap();
+    sockets.add("", WlSocket::Listening(path.clone())).unwrap();
+    sockets.add("wayland", WlSocket::Listening(path)).unwrap();
+    let mut st = WlState::new(sockets.clone(), window, limits);
+    st.set_features(features);
+    Rig {
+        mem: common::memory(),
+        st,
+        sockets,
+        _vm: vm,
+        _dir: dir,
+        listener,
+    }
+}
+
+fn rig() -> Rig {
+    rig_with(WlLimits::default(), VIRTIO_WL_F_TRANS_FLAGS)
+}
+
+fn hdr(ty: u32) -> Vec<u8> {
+    let mut v = ty.to_le_bytes().to_vec();
+    v.extend_from_slice(&[0; 4]);
+    v
+}
+
+/// A 64-byte vfd_new as the guest driver sends it.
+fn vfd_new(ty: u32, id: u32, flags: u32, size: u32, name: &str) -> Vec<u8> {
+    let mut v = hdr(ty);
+    for x in [id, flags, 0, 0, size] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    let mut n = [0u8; 36];
+    n[..name.len()].copy_from_slice(name.as_bytes());
+    v.extend_from_slice(&n);
+    v
+}
+
+fn close(id: u32) -> Vec<u8> {
+    let mut v = hdr(CMD_VFD_CLOSE);
+    v.extend_from_slice(&id.to_le_bytes());
+    v
+}
+
+fn send(id: u32, vfds: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut v = hdr(CMD_VFD_SEND);
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&(vfds.len() as u32).to_le_bytes());
+    for x in vfds {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.extend_from_slice(data);
+    v
+}
+
+impl Rig {
+    /// Puts one command (split in two readable descriptors when long enough) and a 64-byte
+    /// response buffer on a fresh out queue; returns the response bytes.
+    fn submit(&mut self, cmd: &[u8]) -> Vec<u8> {
+        self.mem.write_slice(cmd, GuestAddress(CMD)).unwrap();
+        self.mem
+            .write_slice(&[0xaa; 64], GuestAddress(RESP))
+            .unwrap();
+        let mock = MockSplitQueue::create(&self.mem, GuestAddress(0x10000), 16);
+        let split = (cmd.len() / 2) as u32;
+        let parts: Vec<(u64, u32, bool)> = if split >= 1 {
+            vec![
+                (CMD, split, false),
+                (CMD + u64::from(split), cmd.len() as u32 - split, false),
+                (RESP, 64, true),
+            ]
+        } else {
+            vec![(CMD, cmd.len() as u32, false), (RESP, 64, true)]
+        };
+        mock.add_desc_chains(&common::chain(0, &parts), 0).unwrap();
+        let mut q: Queue = mock.create_queue().unwrap();
+        assert!(self.st.process_out(&mut q, &self.mem));
+        assert_eq!(mock.used().idx().load(), 1);
+        let len = mock.used().ring().ref_at(0).unwrap().load().len() as usize;
+        let mut out = vec![0u8; len];
+        self.mem.read_slice(&mut out, GuestAddress(RESP)).unwrap();
+        out
+    }
+
+    fn code(&mut self, cmd: &[u8]) -> u32 {
+        let r = self.submit(cmd);
+        le32(&r, 0).unwrap()
+    }
+
+    /// Submits a NEW-type command and returns the VfdNew response.
+    fn new_vfd(&mut self, cmd: &[u8]) -> VfdNew {
+        let r = self.submit(cmd);
+        assert_eq!(le32(&r, 0), Some(RESP_VFD_NEW), "response {r:x?}");
+        assert_eq!(r.len(), 32);
+        VfdNew {
+            id: le32(&r, 8).unwrap(),
+            flags: le32(&r, 12).unwrap(),
+            pfn: le64(&r, 16).unwrap(),
+            size: le32(&r, 24).unwrap(),
+        }
+    }
+
+    /// Offers `count` 4096-byte in-queue buffers and returns the messages written into them.
+    fn drain_in(&mut self, count: u16) -> Vec<InMessage> {
+        let mock = MockSplitQueue::create(&self.mem, GuestAddress(0x80000), 64);
+        let descs: Vec<RawDescriptor> = (0..count)
+            .map(|i| {
+                RawDescriptor::from(SplitDescriptor::new(
+                    IN_BUFS + u64::from(i) * 4096,
+                    4096,
+                    common::WRITE,
+                    0,
+                ))
+            })
+            .collect();
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = mock.create_queue().unwrap();
+        self.st.process_in(&mut q, &self.mem);
+        let used = mock.used().idx().load();
+        (0..used)
+            .map(|i| {
+                let e = mock.used().ring().ref_at(i as usize).unwrap().load();
+                let mut b = vec![0u8; e.len() as usize];
+                self.mem
+                    .read_slice(&mut b, GuestAddress(IN_BUFS + u64::from(e.id()) * 4096))
+                    .unwrap();
+                parse_in_message(&b).expect("a valid in-queue message")
+            })
+            .collect()
+    }
+
+    fn connect(&mut self, id: u32, name: &str) -> UnixStream {
+        let v = if name.is_empty() {
+            self.new_vfd(&vfd_new(CMD_VFD_NEW_CTX, id, VFD_READ | VFD_WRITE, 0, ""))
+        } else {
+            self.new_vfd(&vfd_new(CMD_VFD_NEW_CTX_NAMED, id, 0, 0, name))
+        };
+        assert_eq!(v.id, id);
+        assert_eq!(v.flags, VFD_READ | VFD_WRITE);
+        assert_eq!(v.size, 0);
+        self.listener.accept().unwrap().0
+    }
+}
+
+#[test]
+fn alloc_maps_shm_with_absolute_pfns_and_close_frees_it() {
+    let mut r = rig();
+    let a = r.new_vfd(&vfd_new(CMD_VFD_NEW, 1, 0, 5000, ""));
+    assert_eq!(
+        (a.id, a.flags, a.size),
+        (1, 0, 8192),
+        "size is page-aligned up"
+    );
+    assert!(a.pfn >= WINDOW >> 12 && a.pfn < (WINDOW + (4 << 30)) >> 12);
+    let b = r.new_vfd(&vfd_new(CMD_VFD_NEW, 2, 0, 4096, ""));
+    assert!(b.pfn >= a.pfn + 2 || b.pfn < a.pfn, "ranges are disjoint");
+    assert_eq!(r.st.shm_usage(), (12288, 2));
+    assert_eq!(r.code(&close(1)), RESP_OK);
+    assert_eq!(r.code(&close(1)), RESP_INVALID_ID);
+    assert_eq!(r.st.shm_usage(), (4096, 1));
+    // The freed range is reused.
+    let c = r.new_vfd(&vfd_new(CMD_VFD_NEW, 3, 0, 8192, ""));
+    assert_eq!(c.pfn, a.pfn);
+}
+
+#[test]
+fn use_shmem_gives_offsets_and_legacy_flags_are_reported() {
+    let mut r = rig_with(
+        WlLimits::default(),
+        VIRTIO_WL_F_TRANS_FLAGS | VIRTIO_WL_F_USE_SHMEM,
+    );
+    let a = r.new_vfd(&vfd_new(CMD_VFD_NEW, 1, 0, 4096, ""));
+    assert!(a.pfn < (4u64 << 30) >> 12, "an offset into region 0");
+    let _peer = r.connect(2, "wayland");
+    // A vfd without memory has pfn 4 GiB >> 12 in this mode (checked through a host vfd).
+
+    let mut legacy = rig_with(WlLimits::default(), 0);
+    let s = legacy.new_vfd(&vfd_new(CMD_VFD_NEW, 1, VFD_WRITE | VFD_MAP, 4096, ""));
+    assert_eq!(s.flags, VFD_WRITE | VFD_MAP);
+    assert!(s.pfn >= WINDOW >> 12);
+    let v = legacy.new_vfd(&vfd_new(CMD_VFD_NEW_CTX, 2, 0, 0, ""));
+    assert_eq!(v.flags, VFD_CONTROL);
+}
+
+#[test]
+fn every_error_code() {
+    let mut r = rig();
+    let _peer = r.connect(1, "");
+    r.new_vfd(&vfd_new(CMD_VFD_NEW, 2, 0, 4096, ""));
+    r.new_vfd(&vfd_new(CMD_VFD_NEW_PIPE, 3, VFD_WRITE, 0, ""));
+    // RESP_ERR: no socket by that name.
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW_CTX_NAMED, 4, 0, 0, "nope")),
+        RESP_ERR
+    );
+    // INVALID_ID: in use, host range, zero, unknown send target, unknown vfd in a send.
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW, 2, 0, 4096, "")),
+        RESP_INVALID_ID
+    );
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW, VFD_HOST_ID_BIT | 5, 0, 4096, "")),
+        RESP_INVALID_ID
+    );
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW_PIPE, 0, VFD_READ, 0, "")),
+        RESP_INVALID_ID
+    );
+    assert_eq!(r.code(&send(99, &[], b"x")), RESP_INVALID_ID);
+    assert_eq!(r.code(&send(1, &[99], b"x")), RESP_INVALID_ID);
+    // INVALID_TYPE: sending on shm, fds over a pipe, on a read pipe; non-local foreign ids.
+    assert_eq!(r.code(&send(2, &[], b"x")), RESP_INVALID_TYPE);
+    assert_eq!(r.code(&send(3, &[2], b"x")), RESP_INVALID_TYPE);
+    r.new_vfd(&vfd_new(CMD_VFD_NEW_PIPE, 5, VFD_READ, 0, ""));
+    assert_eq!(r.code(&send(5, &[], b"x")), RESP_INVALID_TYPE);
+    let mut f = hdr(CMD_VFD_SEND_FOREIGN_ID);
+    for x in [1u32, 1, 1, 7] {
+        f.extend_from_slice(&x.to_le_bytes());
+    }
+    assert_eq!(r.code(&f), RESP_INVALID_TYPE);
+    // INVALID_FLAGS: flags on an alloc with TRANS_FLAGS, a pipe with both or no direction.
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW, 6, VFD_WRITE, 4096, "")),
+        RESP_INVALID_FLAGS
+    );
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW_PIPE, 6, VFD_READ | VFD_WRITE, 0, "")),
+        RESP_INVALID_FLAGS
+    );
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW_PIPE, 6, 0, 0, "")),
+        RESP_INVALID_FLAGS
+    );
+    // INVALID_CMD: 29 vfds, short chains, unknown and dmabuf commands.
+    let ids: Vec<u32> = (1..=29).collect();
+    assert_eq!(r.code(&send(1, &ids, b"x")), RESP_INVALID_CMD);
+    assert_eq!(r.code(&send(1, &[], b"")[..10]), RESP_INVALID_CMD);
+    assert_eq!(r.code(&hdr(0x1234)), RESP_INVALID_CMD);
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW_DMABUF, 6, 0, 0, "")),
+        RESP_INVALID_CMD
+    );
+    // OUT_OF_MEMORY: larger than the shm quota.
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW, 6, 0, u32::MAX, "")),
+        RESP_OUT_OF_MEMORY
+    );
+    // None of that changed the table.
+    assert_eq!(r.st.vfd_count(), 4);
+}
+
+#[test]
+fn a_chain_outside_guest_memory_is_an_invalid_command() {
+    let mut r = rig();
+    let mock = MockSplitQueue::create(&r.mem, GuestAddress(0x10000), 16);
+    mock.add_desc_chains(
+        &common::chain(0, &[(1 << 40, 16, false), (RESP, 64, true)]),
+        0,
+    )
+    .unwrap();
+    let mut q: Queue = mock.create_queue().unwrap();
+    assert!(r.st.process_out(&mut q, &r.mem));
+    let code: u32 = r.mem.read_obj(GuestAddress(RESP)).unwrap();
+    assert_eq!(code, RESP_INVALID_CMD);
+}
+
+#[test]
+fn send_carries_data_shm_and_pipes_to_the_host_socket() {
+    let mut r = rig();
+    let peer = r.connect(1, "wayland");
+    let shm = r.new_vfd(&vfd_new(CMD_VFD_NEW, 2, 0, 4096, ""));
+    assert_eq!(shm.size, 4096);
+    r.new_vfd(&vfd_new(CMD_VFD_NEW_PIPE, 3, VFD_WRITE, 0, ""));
+    r.new_vfd(&vfd_new(CMD_VFD_NEW_PIPE, 4, VFD_READ, 0, ""));
+    assert_eq!(r.code(&send(1, &[2, 3, 4], b"hello")), RESP_OK);
+    let mut buf = [0u8; 64];
+    let got = scm::recv_with_fds(peer.as_fd(), &mut buf).unwrap();
+    assert_eq!(&buf[..got.len], b"hello");
+    assert_eq!(got.fds.len(), 3);
+    let mut fds = got.fds.into_iter();
+    let (memfd, pipe_from_guest, pipe_to_guest) = (
+        fds.next().unwrap(),
+        fds.next().unwrap(),
+        fds.next().unwrap(),
+    );
+    // The memfd is the guest's buffer, one page.
+    let mut f = std::fs::File::from(memfd);
+    assert_eq!(f.metadata().unwrap().len(), 4096);
+    f.write_all(b"shared").unwrap();
+
+    // Guest → host pipe: the guest writes, the peer reads, then EOF when the guest closes.
+    assert_eq!(r.code(&send(3, &[], b"down the pipe")), RESP_OK);
+    let mut p = std::fs::File::from(pipe_from_guest);
+    let mut s = [0u8; 13];
+    p.read_exact(&mut s).unwrap();
+    assert_eq!(&s, b"down the pipe");
+    assert_eq!(r.code(&close(3)), RESP_OK);
+    let mut rest = Vec::new();
+    p.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+
+    // Host → guest pipe: the peer writes, the guest gets RECV then HUP when the peer closes.
+    let mut w = std::fs::File::from(pipe_to_guest);
+    w.write_all(b"up").unwrap();
+    drop(w);
+    r.st.read_host();
+    r.st.read_host();
+    let msgs = r.drain_in(8);
+    assert_eq!(
+        msgs,
+        vec![
+            InMessage::Recv {
+                id: 4,
+                vfds: vec![],
+                data: b"up".to_vec()
+            },
+            InMessage::Hup { id: 4 }
+        ]
+    );
+}
+
+#[test]
+fn recv_announces_host_vfds_before_the_data_that_carries_them() {
+    let mut r = rig();
+    let peer = r.connect(1, "");
+    // The peer sends a memfd, a pipe read end, a read-only memfd and a socket.
+    let mfd = memfd(8192);
+    let ro = {
+        let m = memfd(4096);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .open(format!("/proc/self/fd/{}", m.as_raw_fd()))
+            .unwrap()
+    };
+    let (pr, _pw) = pipe();
+    let (sock, _sock_peer) = UnixStream::pair().unwrap();
+    scm::send_with_fds(
+        peer.as_fd(),
+        b"with fds",
+        &[mfd.as_fd(), pr.as_fd(), ro.as_fd(), sock.as_fd()],
+    )
+    .unwrap();
+    assert!(r.st.read_host() >= 5);
+    let msgs = r.drain_in(16);
+    assert_eq!(msgs.len(), 5);
+    let news: Vec<VfdNew> = msgs[..4]
+        .iter()
+        .map(|m| match m {
+            InMessage::VfdNew(v) => *v,
+            other => panic!("expected VFD_NEW first, got {other:?}"),
+        })
+        .collect();
+    for v in &news {
+        assert!(v.id & VFD_HOST_ID_BIT != 0 && v.id & VFD_ID_INVALID_BIT == 0);
+    }
+    assert_eq!(news[0].size, 8192);
+    assert!(news[0].pfn >= WINDOW >> 12, "shm is mapped in the window");
+    assert_eq!((news[1].flags, news[1].pfn, news[1].size), (VFD_READ, 0, 0));
+    assert_eq!(news[2].size, 4096, "read-only memfd is shm too");
+    assert_eq!(
+        news[3].flags,
+        VFD_READ | VFD_WRITE,
+        "a socket stays a socket"
+    );
+    assert_eq!(
+        msgs[4],
+        InMessage::Recv {
+            id: 1,
+            vfds: news.iter().map(|v| v.id).collect(),
+            data: b"with fds".to_vec()
+        }
+    );
+    assert_eq!(r.st.shm_usage(), (12288, 2));
+    // The guest can pass a received vfd on.
+    assert_eq!(r.code(&send(1, &[news[0].id], b"back")), RESP_OK);
+    let mut b = [0u8; 8];
+    let got = scm::recv_with_fds(peer.as_fd(), &mut b).unwrap();
+    assert_eq!(got.fds.len(), 1);
+}
+
+#[test]
+fn large_data_is_split_into_page_sized_recvs() {
+    let mut r = rig();
+    let mut peer = r.connect(1, "");
+    let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    peer.write_all(&data).unwrap();
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        assert!(r.st.read_host() > 0);
+        for m in r.drain_in(4) {
+            match m {
+                InMessage::Recv { id: 1, vfds, data } => {
+                    assert!(vfds.is_empty());
+                    assert!(data.len() <= MAX_RECV_DATA);
+                    got.extend(data);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(got, data);
+}
+
+#[test]
+fn hup_when_the_peer_closes_and_close_drops_queued_data() {
+    let mut r = rig();
+    let peer = r.connect(1, "");
+    drop(peer);
+    r.st.read_host();
+    assert_eq!(r.drain_in(4), vec![InMessage::Hup { id: 1 }]);
+    // Hung-up vfds are no longer polled.
+    assert!(r.st.watched_fds().is_empty());
+
+    let peer = r.connect(2, "");
+    let m = memfd(4096);
+    scm::send_with_fds(peer.as_fd(), b"x", &[m.as_fd()]).unwrap();
+    r.st.read_host();
+    assert_eq!(r.st.pending(), 2);
+    assert_eq!(r.st.vfd_count(), 3);
+    assert_eq!(r.code(&close(2)), RESP_OK);
+    assert_eq!(
+        r.st.pending(),
+        0,
+        "queued data and its host vfds are dropped"
+    );
+    assert_eq!(r.st.vfd_count(), 1);
+    assert_eq!(r.st.shm_usage(), (0, 0));
+}
+
+#[test]
+fn back_pressure_without_in_buffers() {
+    let mut r = rig();
+    let mut peer = r.connect(1, "");
+    peer.write_all(b"one").unwrap();
+    assert_eq!(r.st.read_host(), 1);
+    assert!(r.st.backpressured());
+    assert!(r.st.watched_fds().is_empty(), "host fds are not polled");
+    assert!(r.drain_in(0).is_empty());
+    assert_eq!(
+        r.st.pending(),
+        1,
+        "nothing lost while no buffers are posted"
+    );
+    let msgs = r.drain_in(1);
+    assert_eq!(
+        msgs,
+        vec![InMessage::Recv {
+            id: 1,
+            vfds: vec![],
+            data: b"one".to_vec()
+        }]
+    );
+    assert!(!r.st.backpressured());
+    assert_eq!(r.st.watched_fds().len(), 1);
+}
+
+#[test]
+fn limits_on_vfds_shm_bytes_and_shm_count() {
+    let limits = WlLimits {
+        max_vfds: 4,
+        max_shm_bytes: 3 * 4096,
+        max_shm_count: 2,
+    };
+    let mut r = rig_with(limits, VIRTIO_WL_F_TRANS_FLAGS);
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW, 1, 0, 4 * 4096, "")),
+        RESP_OUT_OF_MEMORY,
+        "bytes"
+    );
+    r.new_vfd(&vfd_new(CMD_VFD_NEW, 1, 0, 4096, ""));
+    r.new_vfd(&vfd_new(CMD_VFD_NEW, 2, 0, 4096, ""));
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW, 3, 0, 4096, "")),
+        RESP_OUT_OF_MEMORY,
+        "count"
+    );
+    r.new_vfd(&vfd_new(CMD_VFD_NEW_PIPE, 3, VFD_READ, 0, ""));
+    let peer = r.connect(4, "");
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW_PIPE, 5, VFD_READ, 0, "")),
+        RESP_OUT_OF_MEMORY,
+        "vfds"
+    );
+    // Received fds over the limit are dropped; the data still arrives.
+    let m = memfd(4096);
+    scm::send_with_fds(peer.as_fd(), b"d", &[m.as_fd()]).unwrap();
+    r.st.read_host();
+    assert_eq!(
+        r.drain_in(4),
+        vec![InMessage::Recv {
+            id: 4,
+            vfds: vec![],
+            data: b"d".to_vec()
+        }]
+    );
+    assert_eq!(r.st.vfd_count(), 4);
+}
+
+#[test]
+fn non_listening_sockets_are_consumed_by_one_connect() {
+    let mut r = rig();
+    let (theirs, mut ours) = UnixStream::pair().unwrap();
+    let name = r
+        .sockets
+        .add("wl-conn-%d", WlSocket::NonListening(theirs))
+        .unwrap();
+    assert_eq!(name, "wl-conn-0");
+    r.new_vfd(&vfd_new(CMD_VFD_NEW_CTX_NAMED, 1, 0, 0, &name));
+    assert_eq!(r.code(&send(1, &[], b"over the pair")), RESP_OK);
+    let mut b = [0u8; 13];
+    ours.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"over the pair");
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW_CTX_NAMED, 2, 0, 0, &name)),
+        RESP_ERR
+    );
+}
+
+fn memfd(size: u64) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a static name; the returned fd is new and owned here.
+    let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is new and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    std::fs::File::from(fd.try_clone().unwrap())
+        .set_len(size)
+        .unwrap();
+    fd
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: room for two fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: two new fds owned by nothing else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
