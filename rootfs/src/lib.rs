@@ -1,6 +1,7 @@
 //! Bulkhead's build side: provisioning (QEMU and the Debian cloud kernel), initramfs
 //! images (newc cpio), kernel module closures, and running images under QEMU.
 
+pub mod bench;
 pub mod cpio;
 pub mod image;
 pub mod kernel;

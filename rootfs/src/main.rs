@@ -65,6 +65,23 @@ enum Cmd {
         #[arg(long, default_value = "")]
         append: String,
     },
+    /// Benchmarks, each run inside one QEMU boot against a real peer; the last line is
+    /// `BENCH <name> key=value …`.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Boot time to the guest's init and VMM memory beyond guest RAM: bulkhead-vmm against
+    /// QEMU `-M microvm -accel kvm`, same kernel and initramfs, inside one L1 host.
+    Vmm {
+        /// Boots per VMM.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
 }
 
 fn default_system() -> PathBuf {
@@ -124,6 +141,18 @@ fn run(cli: Cli) -> Result<u8, String> {
                 k.abi,
                 k.vmlinuz.display()
             );
+            Ok(0)
+        }
+        Cmd::Bench {
+            which: BenchCmd::Vmm { runs },
+        } => {
+            provision::provision(&cache).map_err(|e| e.to_string())?;
+            let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
+            let lines = bulkhead_rootfs::bench::bench_vmm(&kernel, &workspace, runs)
+                .map_err(|e| e.to_string())?;
+            for l in lines {
+                println!("{l}");
+            }
             Ok(0)
         }
         Cmd::Build { system, out } => build(&cache, &workspace, &system, out).map(|_| 0),
