@@ -1,0 +1,184 @@
+//! The per-frame transfer check, in the order of policy.md's "Transfer check".
+//!
+//! For every fd of a frame, with the sender's requested rights:
+//! 1. the hub's own classification succeeded, the object is not twice in the frame, and the
+//!    sender holds an entry on it (or nobody does: it is the origin) — else `InvalidId`;
+//! 2. the sender's rights include TRANSFER — else `PermissionDenied`;
+//! 3. requested ⊆ the sender's rights — else `InvalidArgs` (strict, no silent clamp);
+//! 4. the type is in the connection's caps for the direction — else `PermissionDenied`;
+//! 5. final = requested ∩ caps (TRANSFER dropped unless the caps grant it);
+//!
+//! then for the frame: 6. the count is within `max-fds` and the receiver's `vfds` quota
+//! holds. The first failure rejects the whole frame; nothing has been changed by then
+//! (the caller commits only an `Ok`).
+
+use std::collections::HashSet;
+
+use bulkhead_policy::{ConnectionCaps, Direction, Policy, Rights};
+
+use crate::classify::{Classified, ClassifyError, FdKind};
+use crate::hub::handles::{Handles, VmIdx};
+use crate::hub::protocol::Refusal;
+
+/// One fd as it arrived: the hub's classification and the rights the sender asked for.
+#[derive(Debug, Clone)]
+pub struct FdIn {
+    /// Classification of the received fd.
+    pub class: Result<Classified, ClassifyError>,
+    /// Requested rights.
+    pub requested: Rights,
+}
+
+/// One approved fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Approved {
+    /// What it is.
+    pub class: Classified,
+    /// The sender's rights on it (its entry, or origin rights).
+    pub sender_rights: Rights,
+    /// The receiver's rights.
+    pub rights: Rights,
+}
+
+/// A rejected frame: the uniform error for the sender and the detail for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// What the sender is told.
+    pub refusal: Refusal,
+    /// Why (host only).
+    pub reason: String,
+    /// Deciding rules.
+    pub rules: Vec<String>,
+}
+
+fn reject(refusal: Refusal, reason: String) -> Rejection {
+    Rejection {
+        refusal,
+        reason,
+        rules: Vec::new(),
+    }
+}
+
+/// Who is sending to whom on which connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Hop<'a> {
+    /// The connection's caps under the deciding generation.
+    pub caps: &'a ConnectionCaps,
+    /// Direction of this frame.
+    pub dir: Direction,
+    /// Sending VM.
+    pub sender: VmIdx,
+    /// Receiving VM.
+    pub receiver: VmIdx,
+    /// The receiver's `vfds` quota.
+    pub receiver_vfds: u64,
+}
+
+/// Checks a whole frame; `Ok` lists the final rights per fd, in order.
+pub fn check_frame(
+    policy: &Policy,
+    hop: Hop<'_>,
+    handles: &Handles,
+    fds: &[FdIn],
+) -> Result<Vec<Approved>, Rejection> {
+    let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
+    let mut seen = HashSet::with_capacity(fds.len());
+    let mut out = Vec::with_capacity(fds.len());
+    let mut new_entries: u64 = 0;
+    for (i, fd) in fds.iter().enumerate() {
+        // 1. ids
+        let class = match &fd.class {
+            Ok(c) => *c,
+            Err(e @ ClassifyError::Sys { .. }) => {
+                return Err(reject(Refusal::InvalidId, format!("fd {i}: {e}")))
+            }
+            Err(e) => {
+                return Err(reject(
+                    Refusal::PermissionDenied,
+                    format!("fd {i}: type not passable: {e}"),
+                ))
+            }
+        };
+        if !seen.insert(class.key) {
+            return Err(reject(
+                Refusal::InvalidId,
+                format!("fd {i}: the same object twice in one frame"),
+            ));
+        }
+        let Some(sender_rights) = handles.rights_of(hop.sender, class.key, class.max_rights) else {
+            return Err(reject(
+                Refusal::InvalidId,
+                format!("fd {i}: sender holds no right on this {:?}", class.kind),
+            ));
+        };
+        // 2. TRANSFER
+        if !sender_rights.contains(Rights::TRANSFER) {
+            return Err(reject(
+                Refusal::PermissionDenied,
+                format!("fd {i}: sender's rights {sender_rights} lack transfer"),
+            ));
+        }
+        // 3. subset
+        if !fd.requested.is_subset_of(sender_rights) {
+            return Err(reject(
+                Refusal::InvalidArgs,
+                format!(
+                    "fd {i}: requested {} exceeds the sender's {sender_rights}",
+                    fd.requested
+                ),
+            ));
+        }
+        // 4, 5 (and 6's max-fds): the policy.
+        let d = policy.check_transfer(hop.caps, hop.dir, class.fd_type(), fd.requested, count);
+        let rights = match d.outcome {
+            Ok(r) => r,
+            Err(den) => {
+                return Err(Rejection {
+                    refusal: den.kind.guest_error().into(),
+                    reason: format!("fd {i}: {}", den.reason),
+                    rules: d.rules.iter().map(|r| r.to_string()).collect(),
+                })
+            }
+        };
+        debug_assert!(rights.is_subset_of(sender_rights));
+        if !handles.holds(hop.receiver, class.key) {
+            new_entries = new_entries.saturating_add(1);
+        }
+        out.push(Approved {
+            class,
+            sender_rights,
+            rights,
+        });
+    }
+    // 6. the receiver's vfds quota (max-fds was checked per fd by check_transfer).
+    let total = handles.count(hop.receiver).saturating_add(new_entries);
+    if new_entries > 0 && total > hop.receiver_vfds {
+        return Err(reject(
+            Refusal::OutOfMemory,
+            format!(
+                "receiver's vfds quota {} would be exceeded ({total})",
+                hop.receiver_vfds
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Records an approved frame in the handle table: the origin's entry if new, the
+/// receiver's rights, and a move (no DUP) removes the sender's entry.
+pub fn commit(handles: &mut Handles, hop: Hop<'_>, approved: &[Approved]) {
+    for a in approved {
+        if !handles.holds(hop.sender, a.class.key) {
+            handles.grant(hop.sender, a.class.key, a.sender_rights);
+        }
+        handles.grant(hop.receiver, a.class.key, a.rights);
+        if !a.sender_rights.contains(Rights::DUP) && hop.sender != hop.receiver {
+            handles.release(hop.sender, a.class.key);
+        }
+    }
+}
+
+/// `memfd:read+map`-style text for the audit log.
+pub fn describe(kind: FdKind, rights: Rights) -> String {
+    format!("{}:{rights}", kind.fd_type())
+}
