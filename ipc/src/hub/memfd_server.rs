@@ -300,6 +300,10 @@ mod tests {
         ));
         assert!(matches!(
             s.alloc(0, u64::MAX / 2, &q),
+            Err(ShmError::TooLarge(_))
+        ));
+        assert!(matches!(
+            s.alloc(0, u64::MAX / 4, &q),
             Err(ShmError::Quota { .. })
         ));
         let (fd, bytes, _) = s.alloc(0, page - 1, &q).unwrap();
