@@ -14,6 +14,45 @@ use std::collections::{BTreeSet, HashMap};
 use std::hint::black_box;
 use std::time::Instant;
 
+/// Wall-clock and thread-CPU time since start. CPU time is what a check costs; wall time
+/// also counts time the thread spent descheduled on a busy machine.
+struct Timer {
+    wall: Instant,
+    cpu: u64,
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes one timespec through the valid pointer we pass.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+impl Timer {
+    fn start() -> Timer {
+        Timer {
+            wall: Instant::now(),
+            cpu: thread_cpu_ns(),
+        }
+    }
+
+    /// (CPU ns, wall ns) per operation.
+    fn per_op(&self, n: usize) -> (f64, f64) {
+        let n = n.max(1) as f64;
+        let cpu = thread_cpu_ns().saturating_sub(self.cpu) as f64;
+        (cpu / n, self.wall.elapsed().as_secs_f64() * 1e9 / n)
+    }
+}
+
 /// One row of the table.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchRow {
@@ -21,11 +60,13 @@ pub struct BenchRow {
     pub rules: usize,
     /// Time to validate and index the tree.
     pub compile_ms: f64,
-    /// `check_connect`, ns per call.
+    /// `check_connect`, thread-CPU ns per call.
     pub connect_ns: f64,
-    /// `check_transfer`, ns per call.
+    /// `check_connect`, wall-clock ns per call.
+    pub connect_wall_ns: f64,
+    /// `check_transfer`, thread-CPU ns per call.
     pub transfer_ns: f64,
-    /// Linear-scan connect check, ns per call (the peer).
+    /// Linear-scan connect check, thread-CPU ns per call (the peer).
     pub scan_ns: f64,
     /// Fraction of the connect queries that were allowed.
     pub allow_ratio: f64,
@@ -208,24 +249,39 @@ pub fn run(sizes: &[usize], iterations: usize) -> Vec<BenchRow> {
     for &n in sizes {
         let (policy, vms, services, compile_ms) = build(n);
         let mut rng = Rng(42);
+        // Half the queries are pairs some grant names (mostly allowed), half are random
+        // (mostly denied): the same mix at every size.
+        let granted: Vec<(String, String)> = policy
+            .rules()
+            .iter()
+            .filter_map(
+                |e| match (&e.rule.effect, &e.rule.subject, &e.rule.action) {
+                    (Effect::Grant, Subject::Vm(v), Action::Connect { service, .. }) => {
+                        Some((v.clone(), service.clone()))
+                    }
+                    _ => None,
+                },
+            )
+            .collect();
         let queries: Vec<(String, String)> = (0..1024)
-            .map(|_| {
-                (
+            .map(|i| match granted.get(rng.below(granted.len())) {
+                Some(pair) if i % 2 == 0 => pair.clone(),
+                _ => (
                     format!("vm{}", rng.below(vms)),
                     format!("svc{}", rng.below(services)),
-                )
+                ),
             })
             .collect();
         let iters = iterations.max(1);
         let mut allowed = 0usize;
-        let t = Instant::now();
+        let t = Timer::start();
         for i in 0..iters {
             let (vm, svc) = &queries[i % queries.len()];
             if black_box(policy.check_connect(black_box(vm), black_box(svc), None)).is_allowed() {
                 allowed += 1;
             }
         }
-        let connect_ns = t.elapsed().as_secs_f64() * 1e9 / iters as f64;
+        let (connect_ns, connect_wall_ns) = t.per_op(iters);
         let conn = queries
             .iter()
             .find_map(|(vm, svc)| policy.check_connect(vm, svc, None).outcome.ok());
@@ -241,18 +297,18 @@ pub fn run(sizes: &[usize], iterations: usize) -> Vec<BenchRow> {
                     (FdType::Dmabuf, Rights::READ, Direction::C2s),
                     (FdType::Memfd, Rights::WRITE, Direction::S2c),
                 ];
-                let t = Instant::now();
+                let t = Timer::start();
                 for i in 0..iters {
                     let (ty, r, d) = reqs[i % reqs.len()];
                     black_box(policy.check_transfer(black_box(&conn), d, ty, r, 1));
                 }
-                t.elapsed().as_secs_f64() * 1e9 / iters as f64
+                t.per_op(iters).0
             }
             None => f64::NAN,
         };
         // The peer: fewer iterations, since it is O(rules).
         let scan_iters = (20_000_000 / n.max(1)).clamp(10, iters);
-        let t = Instant::now();
+        let t = Timer::start();
         for i in 0..scan_iters {
             let (vm, svc) = &queries[i % queries.len()];
             black_box(scan_connect(
@@ -262,11 +318,12 @@ pub fn run(sizes: &[usize], iterations: usize) -> Vec<BenchRow> {
                 black_box(svc),
             ));
         }
-        let scan_ns = t.elapsed().as_secs_f64() * 1e9 / scan_iters as f64;
+        let scan_ns = t.per_op(scan_iters).0;
         rows.push(BenchRow {
             rules: n,
             compile_ms,
             connect_ns,
+            connect_wall_ns,
             transfer_ns,
             scan_ns,
             allow_ratio: allowed as f64 / iters as f64,

@@ -260,29 +260,68 @@ impl std::hash::Hasher for Fnv {
 /// A `HashMap` with [`Fnv`].
 pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
 
-/// Per-subject index: subject → object → entries.
+/// Longest index key: tag, subject, NUL, object.
+const KEY_MAX: usize = 2 + 2 * crate::parse::MAX_NAME_LEN;
+
+/// Write the index key `tag subject NUL object` into `buf`; None if it cannot be a key (too
+/// long: names are at most 64 bytes, so no such entry exists).
+fn index_key<'b>(
+    buf: &'b mut [u8; KEY_MAX],
+    tag: u8,
+    subject: &str,
+    object: &str,
+) -> Option<&'b str> {
+    let n = 2 + subject.len() + object.len();
+    if n > KEY_MAX {
+        return None;
+    }
+    let (head, rest) = buf.split_first_mut()?;
+    *head = tag;
+    let (subj, rest) = rest.split_at_mut(subject.len());
+    subj.copy_from_slice(subject.as_bytes());
+    let (nul, rest) = rest.split_first_mut()?;
+    *nul = 0;
+    rest.get_mut(..object.len())?
+        .copy_from_slice(object.as_bytes());
+    std::str::from_utf8(buf.get(..n)?).ok()
+}
+
+/// Per-subject index: (subject, object) → entries, one flat map keyed by
+/// `tag subject NUL object` (tag `v` VM, `g` group, `a` @any), so a lookup is one probe.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SubjectIndex<T> {
-    pub vm: FastMap<String, FastMap<String, Vec<T>>>,
-    pub group: FastMap<String, FastMap<String, Vec<T>>>,
-    pub any: FastMap<String, Vec<T>>,
+    map: FastMap<String, Vec<T>>,
 }
 
 impl<T> SubjectIndex<T> {
     pub fn new() -> Self {
         SubjectIndex {
-            vm: FastMap::default(),
-            group: FastMap::default(),
-            any: FastMap::default(),
+            map: FastMap::default(),
         }
+    }
+
+    pub fn insert(&mut self, subject: &Subject, object: &str, v: T) {
+        let (tag, name) = match subject {
+            Subject::Vm(n) => ('v', n.as_str()),
+            Subject::Group(g) => ('g', g.as_str()),
+            Subject::Any => ('a', ""),
+        };
+        self.map
+            .entry(format!("{tag}{name}\0{object}"))
+            .or_default()
+            .push(v);
+    }
+
+    fn get(&self, tag: u8, subject: &str, object: &str) -> &[T] {
+        let mut buf = [0u8; KEY_MAX];
+        index_key(&mut buf, tag, subject, object)
+            .and_then(|k| self.map.get(k))
+            .map_or(&[], |v| v.as_slice())
     }
 
     /// Entries for `object` whose subject is `vm` by name.
     pub fn at_vm(&self, vm: &str, object: &str) -> &[T] {
-        self.vm
-            .get(vm)
-            .and_then(|m| m.get(object))
-            .map_or(&[], |v| v.as_slice())
+        self.get(b'v', vm, object)
     }
 
     /// Entries for `object` whose subject is one of `groups`.
@@ -293,8 +332,7 @@ impl<T> SubjectIndex<T> {
     ) -> impl Iterator<Item = &'a T> + 'a {
         groups
             .iter()
-            .filter_map(move |g| self.group.get(g).and_then(|m| m.get(object)))
-            .flatten()
+            .flat_map(move |g| self.get(b'g', g, object).iter())
     }
 
     /// Entries for `object` whose subject is `@any` (none for system VMs).
@@ -302,52 +340,28 @@ impl<T> SubjectIndex<T> {
         if is_system_vm(vm) {
             return &[];
         }
-        self.any.get(object).map_or(&[], |v| v.as_slice())
+        self.get(b'a', "", object)
     }
 
-    pub fn insert(&mut self, subject: &Subject, object: &str, v: T) {
-        let slot = match subject {
-            Subject::Vm(n) => self
-                .vm
-                .entry(n.clone())
-                .or_default()
-                .entry(object.to_string())
-                .or_default(),
-            Subject::Group(g) => self
-                .group
-                .entry(g.clone())
-                .or_default()
-                .entry(object.to_string())
-                .or_default(),
-            Subject::Any => self.any.entry(object.to_string()).or_default(),
-        };
-        slot.push(v);
-    }
-
-    /// Entries for `object` that apply to `vm`, by level: (VM, groups, @any).
-    pub fn lookup<'a>(&'a self, vm: &str, groups: &[String], object: &str) -> [Vec<&'a T>; 3] {
-        let mut out: [Vec<&T>; 3] = [Vec::new(), Vec::new(), Vec::new()];
-        if let Some(v) = self.vm.get(vm).and_then(|m| m.get(object)) {
-            out[2].extend(v.iter());
-        }
-        for g in groups {
-            if let Some(v) = self.group.get(g).and_then(|m| m.get(object)) {
-                out[1].extend(v.iter());
-            }
-        }
-        if !is_system_vm(vm) {
-            if let Some(v) = self.any.get(object) {
-                out[0].extend(v.iter());
-            }
-        }
-        out
+    /// Entries for `object` that apply to `vm`, by level: (@any, groups, VM).
+    pub fn lookup<'a>(
+        &'a self,
+        vm: &str,
+        groups: &'a [String],
+        object: &'a str,
+    ) -> [Vec<&'a T>; 3] {
+        [
+            self.at_any(vm, object).iter().collect(),
+            self.at_groups(groups, object).collect(),
+            self.at_vm(vm, object).iter().collect(),
+        ]
     }
 }
 
 /// A connect grant with its caps already narrowed against the contract.
 #[derive(Clone, Debug)]
 pub(crate) struct ConnectGrant {
-    pub rule: u32,
+    pub at: RuleRef,
     pub c2s: FdCaps,
     pub s2c: FdCaps,
 }
@@ -537,16 +551,7 @@ impl Policy {
         }
         if !deny_rules.is_empty() {
             deny_rules.sort();
-            let reason = format!(
-                "{src} connect {service}@{}: denied by {}",
-                prov.vm,
-                deny_rules
-                    .iter()
-                    .map(|r| r.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            return Decision::deny(DenyKind::DeniedByRule, reason, deny_rules);
+            return Decision::deny(DenyKind::DeniedByRule, "a deny rule matches", deny_rules);
         }
         // The most specific level with a grant decides the caps (union within the level).
         let cx = &self.connects;
@@ -578,9 +583,7 @@ impl Policy {
             }
             c2s = c2s.union(&g.c2s);
             s2c = s2c.union(&g.s2c);
-            if let Some(r) = self.rule_ref(g.rule) {
-                rules.push(r);
-            }
+            rules.push(g.at.clone());
         }
         if rules.is_empty() {
             return None;
@@ -844,6 +847,17 @@ grant host connect wayland
             kind(&p.check_connect("browser", "wayland", Some("net-vm"))),
             Some(DenyKind::WrongProvider)
         );
+    }
+
+    #[test]
+    fn hostile_service_names_are_just_denied() {
+        let p = policy(&[("a.policy", BASE)]);
+        let long = "w".repeat(10_000);
+        for name in [long.as_str(), "", "wayland\0", "\0wayland", "wayland@gpu-vm", "ÿ"] {
+            assert!(!p.check_connect("browser", name, None).is_allowed(), "{name:?}");
+            assert!(!p.check_connect(name, "wayland", None).is_allowed(), "{name:?}");
+        }
+        assert!(!p.check_connect("browser", "wayland", Some(&long)).is_allowed());
     }
 
     #[test]

@@ -352,7 +352,7 @@ pub fn compile(
         }
         if ok {
             let g = ConnectGrant {
-                rule: i as u32,
+                at: e.at.clone(),
                 c2s: c2s.unwrap_or(prov.c2s).intersect(&prov.c2s),
                 s2c: s2c.unwrap_or(prov.s2c).intersect(&prov.s2c),
             };

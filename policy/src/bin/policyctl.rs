@@ -1206,11 +1206,12 @@ fn bench_cmd(cx: &Ctx, sizes: &[usize], iterations: usize) -> u8 {
         print_json(&rows);
     } else {
         println!(
-            "{:>8} {:>11} {:>11} {:>13} {:>12} {:>14} {:>11} {:>13} {:>7}",
+            "{:>8} {:>11} {:>11} {:>13} {:>12} {:>12} {:>14} {:>13} {:>13} {:>6}",
             "rules",
             "compile_ms",
             "connect_ns",
             "connects/s",
+            "connect_wall",
             "transfer_ns",
             "transfers/s",
             "scan_ns",
@@ -1219,11 +1220,12 @@ fn bench_cmd(cx: &Ctx, sizes: &[usize], iterations: usize) -> u8 {
         );
         for r in &rows {
             println!(
-                "{:>8} {:>11.1} {:>11.1} {:>13.0} {:>12.1} {:>14.0} {:>11.1} {:>12.1}x {:>6.0}%",
+                "{:>8} {:>11.1} {:>11.1} {:>13.0} {:>12.1} {:>12.1} {:>14.0} {:>13.1} {:>12.1}x {:>5.0}%",
                 r.rules,
                 r.compile_ms,
                 r.connect_ns,
                 1e9 / r.connect_ns,
+                r.connect_wall_ns,
                 r.transfer_ns,
                 1e9 / r.transfer_ns,
                 r.scan_ns,
@@ -1231,6 +1233,7 @@ fn bench_cmd(cx: &Ctx, sizes: &[usize], iterations: usize) -> u8 {
                 r.allow_ratio * 100.0
             );
         }
+        println!("(ns = thread CPU time per check; connect_wall = wall clock, inflated on a busy machine; scan = linear-scan peer)");
     }
     let mut line = String::from("BENCH policy");
     for r in &rows {
