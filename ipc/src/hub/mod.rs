@@ -418,8 +418,9 @@ impl Hub {
         let Some(ch) = &slot.chan else {
             return;
         };
-        if let Err(e) = flush(ch, &mut slot.out) {
-            log::warn!("vm {}: send failed: {e}", slot.name);
+        match flush(ch, &mut slot.out) {
+            Ok(()) | Err(ChannelError::Closed) => {}
+            Err(e) => log::warn!("vm {}: send failed: {e}", slot.name),
         }
     }
 

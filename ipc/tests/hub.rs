@@ -1,0 +1,700 @@
+//! The hub as a real process (the `bulkhead-hub` binary, channels inherited as `--vm
+//! NAME=FD`), driven from this process acting as the VMMs, with real memfds, pipes and
+//! sockets. These are policy.md's adversarial tests that do not need guests.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use bulkhead_ipc::channel::{Channel, ChannelError};
+use bulkhead_ipc::frame;
+use bulkhead_ipc::hub::protocol::{
+    ConnEvent, ConnId, ConnSend, FdInfo, HubEvent, Name, Refusal, VmRequest,
+};
+use bulkhead_policy::control::{HubClient, Request, Response};
+use bulkhead_policy::{FdType, PolicyTree, Rights, RootDir};
+use nix::sys::socket::{sendmsg, setsockopt, sockopt, ControlMessage, MsgFlags};
+
+const POLICY: &str = "version 1
+grant a provide inbox c2s=memfd:rw+transfer+dup,pipe:w+transfer max-fds=8
+grant b connect inbox@a
+grant c provide sink c2s=memfd:rw max-fds=8
+grant a connect sink@c
+grant d connect sink@c
+grant d provide noxfer c2s=memfd:ro max-fds=8
+grant b connect noxfer@d
+grant @any quota shm=64KiB shm-count=4 vfds=32
+";
+
+struct TestHub {
+    child: Child,
+    dir: tempfile::TempDir,
+    vms: HashMap<&'static str, Channel>,
+    control: PathBuf,
+    audit: PathBuf,
+    tag: u32,
+}
+
+fn name(s: &str) -> Name {
+    Name::try_from(s).unwrap()
+}
+
+fn timeout(ch: &Channel) {
+    // A safety net against a hung test, not a timing assertion.
+    let tv = nix::sys::time::TimeVal::new(60, 0);
+    setsockopt(&ch.as_fd(), sockopt::ReceiveTimeout, &tv).unwrap();
+}
+
+impl TestHub {
+    fn start(policy: &str, vms: &[&'static str], extra: &[&str]) -> TestHub {
+        let dir = tempfile::tempdir().unwrap();
+        let pdir = dir.path().join("policy.d");
+        std::fs::create_dir(&pdir).unwrap();
+        std::fs::write(pdir.join("10-test.policy"), policy).unwrap();
+        let control = dir.path().join("hub.sock");
+        let audit = dir.path().join("audit.jsonl");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead-hub"));
+        cmd.arg("--policy-dir")
+            .arg(&pdir)
+            .arg("--control-socket")
+            .arg(&control)
+            .arg("--audit-log")
+            .arg(&audit)
+            .arg("--exit-when-idle")
+            .args(extra)
+            .stdin(Stdio::null())
+            .env("RUST_LOG", "warn");
+        let mut mine = HashMap::new();
+        let mut theirs: Vec<Channel> = Vec::new();
+        for vm in vms {
+            let (v, h) = Channel::pair().unwrap();
+            timeout(&v);
+            cmd.arg("--vm").arg(format!("{vm}={}", h.as_raw_fd()));
+            mine.insert(*vm, v);
+            theirs.push(h);
+        }
+        let raws: Vec<RawFd> = theirs.iter().map(|c| c.as_raw_fd()).collect();
+        // SAFETY: the closure only calls fcntl, which is async-signal-safe, on fds that are
+        // open in the child (inherited from this process).
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &raws {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(theirs);
+        let hub = TestHub {
+            child,
+            dir,
+            vms: mine,
+            control,
+            audit,
+            tag: 100,
+        };
+        // Wait until the control socket exists (readiness, not timing).
+        for _ in 0..2000 {
+            if hub.control.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(hub.control.exists(), "hub did not start");
+        hub
+    }
+
+    fn vm(&self, n: &str) -> &Channel {
+        &self.vms[n]
+    }
+
+    fn next_tag(&mut self) -> u32 {
+        self.tag += 1;
+        self.tag
+    }
+
+    fn request(&mut self, vm: &str, req: VmRequest) -> (HubEvent, Vec<OwnedFd>) {
+        self.vm(vm).send(&req, &[]).unwrap();
+        self.vm(vm).recv::<HubEvent>().unwrap()
+    }
+
+    fn provide(&mut self, vm: &str, svc: &str) -> HubEvent {
+        let tag = self.next_tag();
+        self.request(
+            vm,
+            VmRequest::Provide {
+                tag,
+                service: name(svc),
+            },
+        )
+        .0
+    }
+
+    /// Client side of a connect; the provider's Accept is collected too.
+    fn connect(
+        &mut self,
+        vm: &str,
+        svc: &str,
+        provider: &str,
+    ) -> Result<(ConnId, Channel, Channel), Refusal> {
+        let tag = self.next_tag();
+        let (ev, mut fds) = self.request(
+            vm,
+            VmRequest::Connect {
+                tag,
+                service: name(svc),
+                provider: Some(name(provider)),
+            },
+        );
+        match ev {
+            HubEvent::Connected { tag: t, conn } => {
+                assert_eq!(t, tag);
+                let client = Channel::from_fd(fds.pop().unwrap());
+                let (acc, mut pfds) = self.vm(provider).recv::<HubEvent>().unwrap();
+                match acc {
+                    HubEvent::Accept {
+                        conn: c,
+                        name: n,
+                        service,
+                    } => {
+                        assert_eq!(c, conn);
+                        assert_eq!(n.as_str(), format!("wl-conn-{conn}"));
+                        assert_eq!(service.as_str(), svc);
+                    }
+                    other => panic!("provider got {other:?}"),
+                }
+                let server = Channel::from_fd(pfds.pop().unwrap());
+                timeout(&client);
+                timeout(&server);
+                Ok((conn, client, server))
+            }
+            HubEvent::Refused { tag: t, error } => {
+                assert_eq!(t, tag);
+                Err(error)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn alloc(&mut self, vm: &str, size: u64) -> Result<(OwnedFd, u64), Refusal> {
+        let tag = self.next_tag();
+        match self.request(vm, VmRequest::AllocShm { tag, size }) {
+            (HubEvent::ShmAllocated { size, .. }, mut fds) => Ok((fds.pop().unwrap(), size)),
+            (HubEvent::Refused { error, .. }, _) => Err(error),
+            (other, _) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn hub_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
+    fn control(&self, req: &Request) -> Response {
+        HubClient::connect(&self.control)
+            .unwrap()
+            .request(req)
+            .unwrap()
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.vms.clear(); // closing every channel makes the hub exit (--exit-when-idle)
+        let _ = self.child.wait();
+    }
+}
+
+fn send(conn: &Channel, seq: u32, fds: &[(BorrowedFd<'_>, Rights)]) {
+    let msg = ConnSend {
+        seq,
+        data: seq.to_le_bytes().to_vec(),
+        rights: fds.iter().map(|(_, r)| *r).collect(),
+    };
+    let raw: Vec<BorrowedFd<'_>> = fds.iter().map(|(f, _)| *f).collect();
+    conn.send(&msg, &raw).unwrap();
+}
+
+fn recv(conn: &Channel) -> (ConnEvent, Vec<OwnedFd>) {
+    conn.recv::<ConnEvent>().unwrap()
+}
+
+fn expect_refused(conn: &Channel, seq: u32, error: Refusal) {
+    match recv(conn) {
+        (ConnEvent::Refused { seq: s, error: e }, fds) => {
+            assert_eq!((s, e), (seq, error));
+            assert!(fds.is_empty());
+        }
+        other => panic!("expected refusal of {seq}, got {other:?}"),
+    }
+}
+
+fn expect_deliver(conn: &Channel, seq: u32) -> (Vec<FdInfo>, Vec<OwnedFd>) {
+    match recv(conn) {
+        (ConnEvent::Deliver { data, fds: infos }, fds) => {
+            assert_eq!(data, seq.to_le_bytes().to_vec(), "wrong frame delivered");
+            assert_eq!(infos.len(), fds.len());
+            (infos.to_vec(), fds)
+        }
+        other => panic!("expected delivery of {seq}, got {other:?}"),
+    }
+}
+
+fn nothing_pending(conn: &Channel) {
+    assert!(matches!(
+        conn.try_recv_frame(),
+        Err(ChannelError::WouldBlock)
+    ));
+}
+
+fn memfd() -> OwnedFd {
+    // SAFETY: valid name and flags; checked below.
+    let raw =
+        unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    assert!(raw >= 0);
+    // SAFETY: fresh fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    nix::unistd::ftruncate(&fd, 4096).unwrap();
+    // SAFETY: F_ADD_SEALS with an int on our own memfd.
+    assert_eq!(unsafe { libc::fcntl(fd.as_raw_fd(), 1033, 0x2 | 0x4) }, 0);
+    fd
+}
+
+const RO: Rights = Rights::READ.union(Rights::MAP);
+
+/// B gives A a read-only memfd with TRANSFER; A forwards it to C: asking for write is
+/// InvalidArgs and C gets nothing; asking read-only works and C gets no TRANSFER.
+#[test]
+fn forwarding_readonly_memfd_asking_for_write_is_invalid_args() {
+    let mut h = TestHub::start(POLICY, &["a", "b", "c"], &[]);
+    assert!(matches!(h.provide("a", "inbox"), HubEvent::Provided { .. }));
+    assert!(matches!(h.provide("c", "sink"), HubEvent::Provided { .. }));
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let (_, a_to_c, c_from_a) = h.connect("a", "sink", "c").unwrap();
+    let (shm, _) = h.alloc("b", 4096).unwrap();
+
+    send(&b_to_a, 1, &[(shm.as_fd(), RO | Rights::TRANSFER)]);
+    let (infos, mut fds) = expect_deliver(&a_from_b, 1);
+    assert_eq!(infos[0].fd_type, FdType::Memfd);
+    assert_eq!(infos[0].rights, RO | Rights::TRANSFER);
+    let at_a = fds.pop().unwrap();
+
+    send(&a_to_c, 2, &[(at_a.as_fd(), RO | Rights::WRITE)]);
+    expect_refused(&a_to_c, 2, Refusal::InvalidArgs);
+    send(&a_to_c, 3, &[(at_a.as_fd(), RO)]);
+    let (infos, _) = expect_deliver(&c_from_a, 3); // frame 2 never reached C
+    assert_eq!(infos[0].rights, RO);
+    assert!(!infos[0].rights.contains(Rights::TRANSFER));
+
+    let denied: Vec<_> = h
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["allowed"] == false)
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0]["src"], "a");
+    assert!(denied[0]["reason"].as_str().unwrap().contains("exceeds"));
+}
+
+/// D received a memfd without TRANSFER (the noxfer contract); forwarding it is refused.
+#[test]
+fn forwarding_without_transfer_is_refused() {
+    let mut h = TestHub::start(POLICY, &["b", "c", "d"], &[]);
+    h.provide("d", "noxfer");
+    h.provide("c", "sink");
+    let (_, b_to_d, d_from_b) = h.connect("b", "noxfer", "d").unwrap();
+    let (_, d_to_c, c_from_d) = h.connect("d", "sink", "c").unwrap();
+    let m = memfd();
+    send(&b_to_d, 1, &[(m.as_fd(), RO | Rights::TRANSFER)]);
+    let (infos, mut fds) = expect_deliver(&d_from_b, 1);
+    assert_eq!(infos[0].rights, RO, "TRANSFER is dropped unless granted");
+    let got = fds.pop().unwrap();
+    send(&d_to_c, 2, &[(got.as_fd(), RO)]);
+    expect_refused(&d_to_c, 2, Refusal::PermissionDenied);
+    // D's own fresh memfd is fine (D is its origin).
+    let own = memfd();
+    send(&d_to_c, 3, &[(own.as_fd(), RO)]);
+    expect_deliver(&c_from_d, 3);
+}
+
+/// One fd of a type the contract lacks rejects the whole frame.
+#[test]
+fn disallowed_type_in_an_otherwise_fine_frame_rejects_all() {
+    let mut h = TestHub::start(POLICY, &["a", "b"], &[]);
+    h.provide("a", "inbox");
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let m = memfd();
+    let (s1, _s2) = Channel::pair().unwrap();
+    send(&b_to_a, 1, &[(m.as_fd(), RO), (s1.as_fd(), Rights::SEND)]);
+    expect_refused(&b_to_a, 1, Refusal::PermissionDenied);
+    // The connection's own socket over itself is a socket too.
+    send(&b_to_a, 2, &[(b_to_a.as_fd(), Rights::SEND)]);
+    expect_refused(&b_to_a, 2, Refusal::PermissionDenied);
+    // A pipe read end asked to carry write.
+    let (r, w) = nix::unistd::pipe().unwrap();
+    send(&b_to_a, 3, &[(r.as_fd(), Rights::WRITE)]);
+    expect_refused(&b_to_a, 3, Refusal::InvalidArgs);
+    // Same object twice.
+    send(&b_to_a, 4, &[(m.as_fd(), RO), (m.as_fd(), RO)]);
+    expect_refused(&b_to_a, 4, Refusal::InvalidId);
+    send(&b_to_a, 5, &[(m.as_fd(), RO), (w.as_fd(), Rights::WRITE)]);
+    let (infos, _) = expect_deliver(&a_from_b, 5);
+    assert_eq!(infos[1].fd_type, FdType::Pipe);
+    assert!(infos[1].write_end);
+    nothing_pending(&a_from_b);
+}
+
+/// 29 fds cannot even arrive (MSG_CTRUNC at the hub); 9 is over max-fds=8. Both are refused
+/// with nothing delivered and nothing leaked in the hub.
+#[test]
+fn twenty_nine_fds_and_max_fds_plus_one() {
+    let mut h = TestHub::start(POLICY, &["a", "b"], &[]);
+    h.provide("a", "inbox");
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    h.provide("a", "inbox"); // round trip: the hub is done with the connect
+    let before = h.hub_fds();
+    let pipes: Vec<(OwnedFd, OwnedFd)> = (0..29).map(|_| nix::unistd::pipe().unwrap()).collect();
+    let raw: Vec<RawFd> = pipes.iter().map(|(_, w)| w.as_raw_fd()).collect();
+    let bytes = frame::encode(&ConnSend {
+        seq: 1,
+        data: vec![],
+        rights: heapless::Vec::new(),
+    })
+    .unwrap();
+    let iov = [std::io::IoSlice::new(&bytes)];
+    sendmsg::<()>(
+        b_to_a.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&raw)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    expect_refused(&b_to_a, 0, Refusal::InvalidArgs);
+    let nine: Vec<(BorrowedFd<'_>, Rights)> = pipes
+        .iter()
+        .take(9)
+        .map(|(_, w)| (w.as_fd(), Rights::WRITE))
+        .collect();
+    send(&b_to_a, 2, &nine);
+    expect_refused(&b_to_a, 2, Refusal::InvalidArgs);
+    send(&b_to_a, 3, &nine[..8]);
+    let (_, fds) = expect_deliver(&a_from_b, 3);
+    assert_eq!(fds.len(), 8);
+    // A round trip on the VM channel: the hub has finished with the frame before this.
+    h.provide("a", "inbox");
+    assert_eq!(h.hub_fds(), before, "hub leaked fds");
+}
+
+/// Connection ids that are not the VM's get InvalidId and change nothing.
+#[test]
+fn guessed_connection_ids_are_invalid() {
+    let mut h = TestHub::start(POLICY, &["a", "b", "c"], &[]);
+    h.provide("a", "inbox");
+    h.provide("c", "sink");
+    let (_, _b_to_a, _a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let (ac, a_to_c, c_from_a) = h.connect("a", "sink", "c").unwrap();
+    for conn in [ac, 0, 999, u32::MAX] {
+        let tag = h.next_tag();
+        let (ev, _) = h.request("b", VmRequest::Close { tag, conn });
+        assert_eq!(
+            ev,
+            HubEvent::Refused {
+                tag,
+                error: Refusal::InvalidId
+            }
+        );
+    }
+    let m = memfd();
+    send(&a_to_c, 1, &[(m.as_fd(), RO)]);
+    expect_deliver(&c_from_a, 1);
+    // A memfd the hub knows (B's) that A never received: InvalidId.
+    h.provide("a", "inbox");
+    let (shm, _) = h.alloc("b", 1).unwrap();
+    send(&a_to_c, 2, &[(shm.as_fd(), RO)]);
+    expect_refused(&a_to_c, 2, Refusal::InvalidId);
+}
+
+/// memfd server sizes 0, PAGE-1, u64::MAX, and many small ones against shm-count=4.
+#[test]
+fn memfd_server_quota_sizes() {
+    let mut h = TestHub::start(POLICY, &["a", "e"], &[]);
+    let page = 4096u64;
+    assert_eq!(h.alloc("a", 0).unwrap_err(), Refusal::InvalidArgs);
+    assert_eq!(h.alloc("a", u64::MAX).unwrap_err(), Refusal::InvalidArgs);
+    assert_eq!(
+        h.alloc("a", 64 * 1024 + 1).unwrap_err(),
+        Refusal::OutOfMemory
+    );
+    let (first, size) = h.alloc("a", page - 1).unwrap();
+    assert_eq!(size, page);
+    let mut held = vec![first];
+    for _ in 0..3 {
+        held.push(h.alloc("a", 1).unwrap().0);
+    }
+    assert_eq!(h.alloc("a", 1).unwrap_err(), Refusal::OutOfMemory);
+    // Another VM's quota is its own.
+    let (_e, _) = h.alloc("e", 1).unwrap();
+    // The charge stays while any holder has it (a dup here), and goes with the last one.
+    let dup = held[0].try_clone().unwrap();
+    held.remove(0);
+    assert_eq!(h.alloc("a", 1).unwrap_err(), Refusal::OutOfMemory);
+    drop(dup);
+    let (_again, _) = h.alloc("a", 1).unwrap();
+    // Sealed: cannot grow.
+    assert!(nix::unistd::ftruncate(&held[0], 1 << 20).is_err());
+    let quota_denials = h
+        .audit_lines()
+        .iter()
+        .filter(|r| r["verb"] == "quota")
+        .count();
+    assert_eq!(quota_denials, 5);
+}
+
+/// A receiver that never reads: its sender gets back-pressure (EAGAIN) after a bounded
+/// number of frames; another pair is unaffected; nothing is lost when the receiver drains.
+#[test]
+fn receiver_that_never_reads_blocks_only_its_sender() {
+    let mut h = TestHub::start(POLICY, &["a", "b", "c", "d"], &["--queue", "8"]);
+    h.provide("a", "inbox");
+    h.provide("c", "sink");
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let (_, d_to_c, c_from_d) = h.connect("d", "sink", "c").unwrap();
+    let mut sent = 0u32;
+    loop {
+        let msg = ConnSend {
+            seq: sent,
+            data: sent.to_le_bytes().to_vec(),
+            rights: heapless::Vec::new(),
+        };
+        match b_to_a.try_send(&msg, &[]) {
+            Ok(()) => sent += 1,
+            Err(ChannelError::WouldBlock) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(sent < 1_000_000, "no back-pressure");
+    }
+    // Others are fine while A is stuck.
+    let m = memfd();
+    send(&d_to_c, 77, &[(m.as_fd(), RO)]);
+    expect_deliver(&c_from_d, 77);
+    // The hub still answers VM requests.
+    assert!(matches!(h.provide("c", "sink"), HubEvent::Provided { .. }));
+    for seq in 0..sent {
+        expect_deliver(&a_from_b, seq);
+    }
+}
+
+/// Apply racing sends: each frame is decided by exactly one generation: delivered (old) or
+/// refused (new), never lost; everything sent after the apply answer is refused.
+#[test]
+fn policy_reload_racing_a_send() {
+    let mut h = TestHub::start(POLICY, &["a", "b"], &[]);
+    h.provide("a", "inbox");
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let new_dir = h.dir.path().join("new.d");
+    std::fs::create_dir(&new_dir).unwrap();
+    std::fs::write(
+        new_dir.join("10-test.policy"),
+        POLICY.replace("c2s=memfd:rw+transfer+dup,pipe:w+transfer", "c2s=pipe:w"),
+    )
+    .unwrap();
+    let hash = PolicyTree::load(&RootDir::staging(&new_dir)).hash;
+    let m = memfd();
+    let total = 200u32;
+    let sender = std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            for seq in 0..100 {
+                send(&b_to_a, seq, &[(m.as_fd(), RO)]);
+            }
+        });
+        let r = h.control(&Request::Apply {
+            tree_hash: hash.clone(),
+            root: new_dir.clone(),
+            if_match: None,
+            revoke_live: false,
+        });
+        t.join().unwrap();
+        r
+    });
+    match sender {
+        Response::Applied(r) => assert_eq!(r.generation, 2),
+        other => panic!("{other:?}"),
+    }
+    for seq in 100..total {
+        send(&b_to_a, seq, &[(m.as_fd(), RO)]);
+    }
+    let mut delivered = Vec::new();
+    let mut refused = Vec::new();
+    // Refusals come back to B, deliveries go to A; wait on both (A must keep draining or
+    // back-pressure would stall B's refusals).
+    while delivered.len() + refused.len() < total as usize {
+        let mut pfds = [
+            libc::pollfd {
+                fd: a_from_b.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: b_to_a.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds; 60 s is a hang guard, not a timing assertion.
+        assert!(
+            unsafe { libc::poll(pfds.as_mut_ptr(), 2, 60_000) } > 0,
+            "hub stalled"
+        );
+        while let Ok((ev, _)) = a_from_b.try_recv::<ConnEvent>() {
+            match ev {
+                ConnEvent::Deliver { data, .. } => {
+                    delivered.push(u32::from_le_bytes(data[..4].try_into().unwrap()))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        while let Ok((ev, _)) = b_to_a.try_recv::<ConnEvent>() {
+            match ev {
+                ConnEvent::Refused { seq, error } => {
+                    assert_eq!(error, Refusal::PermissionDenied);
+                    refused.push(seq);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(delivered.len() + refused.len(), total as usize);
+    assert!(
+        delivered.iter().all(|s| *s < 100),
+        "a frame sent after the apply was delivered"
+    );
+    assert!((100..total).all(|s| refused.contains(&s)));
+    // Every decision names one generation; denials are generation 2.
+    for r in h
+        .audit_lines()
+        .iter()
+        .filter(|r| r["verb"] == "transfer" && r["allowed"] == false)
+    {
+        assert_eq!(r["generation"], 2);
+    }
+}
+
+/// A VM with no grant and a VM asking for a service nobody provides see the same error;
+/// the audit log says which (host only).
+#[test]
+fn denials_look_the_same_to_guests() {
+    let mut h = TestHub::start(POLICY, &["a", "e"], &[]);
+    h.provide("a", "inbox");
+    let no_grant = h.connect("e", "inbox", "a").unwrap_err();
+    let no_service = h.connect("e", "nosuch", "a").unwrap_err();
+    let not_running = h.connect("a", "sink", "c").unwrap_err();
+    assert_eq!(no_grant, Refusal::PermissionDenied);
+    assert_eq!(no_grant, no_service);
+    assert_eq!(no_grant, not_running);
+    assert!(matches!(
+        h.provide("e", "inbox"),
+        HubEvent::Refused {
+            error: Refusal::PermissionDenied,
+            ..
+        }
+    ));
+    let lines = h.audit_lines();
+    let e_connects: Vec<_> = lines
+        .iter()
+        .filter(|r| r["src"] == "e" && r["verb"] == "connect")
+        .collect();
+    assert_eq!(e_connects.len(), 2);
+    assert!(
+        e_connects[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("NoGrant"),
+        "{:?}",
+        e_connects[0]
+    );
+    assert!(e_connects[1]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("NoProvider"));
+}
+
+/// Many connect/send/close cycles leave the hub's fd table as it was.
+#[test]
+fn hub_fd_count_is_stable() {
+    let mut h = TestHub::start(POLICY, &["a", "b"], &[]);
+    h.provide("a", "inbox");
+    let (_, _warm, _warm_a) = h.connect("b", "inbox", "a").unwrap();
+    h.provide("a", "inbox"); // round trip: the hub is done with the connect
+    let before = h.hub_fds();
+    for i in 0..20 {
+        let (conn, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+        let m = memfd();
+        send(&b_to_a, i, &[(m.as_fd(), RO)]);
+        expect_deliver(&a_from_b, i);
+        let tag = h.next_tag();
+        let (ev, _) = h.request("b", VmRequest::Close { tag, conn });
+        assert_eq!(ev, HubEvent::Closed { tag, conn });
+        assert!(matches!(
+            h.vm("a").recv::<HubEvent>().unwrap().0,
+            HubEvent::Closed { .. }
+        ));
+        assert!(matches!(
+            b_to_a.recv::<ConnEvent>(),
+            Err(ChannelError::Closed)
+        ));
+    }
+    h.provide("a", "inbox");
+    assert_eq!(h.hub_fds(), before);
+}
+
+/// The control socket: status, a bad apply keeps the generation and says why.
+#[test]
+fn control_socket_status_and_bad_apply() {
+    let h = TestHub::start(POLICY, &["a"], &[]);
+    let Response::Status(s) = h.control(&Request::Status) else {
+        panic!()
+    };
+    assert_eq!(s.generation, 1);
+    let bad = h.dir.path().join("bad.d");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::write(bad.join("10-x.policy"), "version 1\ngrant a frobnicate\n").unwrap();
+    let hash = PolicyTree::load(&RootDir::staging(&bad)).hash;
+    let r = h.control(&Request::Apply {
+        tree_hash: hash,
+        root: bad,
+        if_match: None,
+        revoke_live: false,
+    });
+    let Response::Error { message } = r else {
+        panic!("{r:?}")
+    };
+    assert!(message.contains("10-x.policy"), "{message}");
+    let Response::Status(s) = h.control(&Request::Status) else {
+        panic!()
+    };
+    assert_eq!(s.generation, 1);
+    assert!(s.last_rejected.is_some());
+    let Response::Log(batch) = h.control(&Request::Log(Default::default())) else {
+        panic!()
+    };
+    assert!(batch
+        .records
+        .iter()
+        .any(|r| r.verb == "apply" && !r.allowed));
+    let _ = Path::new("");
+}
