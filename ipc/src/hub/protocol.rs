@@ -169,6 +169,8 @@ pub struct FdInfo {
 }
 
 /// hub → VMM, on a connection socket.
+// The fd list is bounded in place (heapless) on purpose: a few hundred bytes per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConnEvent {
     /// A message from the peer, fds attached in order.

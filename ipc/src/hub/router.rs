@@ -182,3 +182,129 @@ pub fn commit(handles: &mut Handles, hop: Hop<'_>, approved: &[Approved]) {
 pub fn describe(kind: FdKind, rights: Rights) -> String {
     format!("{}:{rights}", kind.fd_type())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::ObjKey;
+    use bulkhead_policy::{FdCaps, FdType};
+    use proptest::prelude::*;
+
+    fn caps(c2s: Rights, max_fds: u32) -> ConnectionCaps {
+        let mut c = FdCaps::NONE;
+        c.set(FdType::Memfd, c2s);
+        ConnectionCaps {
+            provider: "p".into(),
+            c2s: c,
+            s2c: FdCaps::NONE,
+            max_fds,
+            max_conns: None,
+            rules: Vec::new(),
+        }
+    }
+
+    fn memfd_class(key: ObjKey) -> Classified {
+        Classified {
+            kind: FdKind::Memfd,
+            key,
+            max_rights: Rights::READ | Rights::WRITE | Rights::MAP | Rights::TRANSFER | Rights::DUP,
+            size: 4096,
+        }
+    }
+
+    fn memfd_rights() -> impl Strategy<Value = Rights> {
+        (0u32..32).prop_map(|b| {
+            let all = [
+                Rights::READ,
+                Rights::WRITE,
+                Rights::MAP,
+                Rights::TRANSFER,
+                Rights::DUP,
+            ];
+            all.iter()
+                .enumerate()
+                .filter(|(i, _)| b & (1 << i) != 0)
+                .fold(Rights::NONE, |acc, (_, r)| acc | *r)
+        })
+    }
+
+    proptest! {
+        /// Along any chain of hops with any caps and any requests, a VM's rights are a subset
+        /// of the previous holder's rights ∩ the hop's caps, and TRANSFER survives only when
+        /// the caps grant it.
+        #[test]
+        fn rights_never_grow_across_hops(
+            hops in proptest::collection::vec((memfd_rights(), memfd_rights()), 1..8)
+        ) {
+            let policy = Policy::deny_all();
+            let key = ObjKey { dev: 1, ino: 42 };
+            let mut handles = Handles::default();
+            let class = memfd_class(key);
+            for (i, (cap, req)) in hops.iter().enumerate() {
+                let (sender, receiver) = (i, i + 1);
+                let c = caps(*cap, 28);
+                let hop = Hop { caps: &c, dir: Direction::C2s, sender, receiver, receiver_vfds: 100 };
+                let before = handles.rights_of(sender, key, class.max_rights);
+                let fds = [FdIn { class: Ok(class), requested: *req }];
+                match check_frame(&policy, hop, &handles, &fds) {
+                    Ok(approved) => {
+                        let held = before.unwrap_or(Rights::NONE);
+                        commit(&mut handles, hop, &approved);
+                        let got = handles.rights_of(receiver, key, Rights::NONE).unwrap_or(Rights::NONE);
+                        prop_assert!(got.is_subset_of(held & *cap));
+                        prop_assert!(got.is_subset_of(*req));
+                        prop_assert!(held.contains(Rights::TRANSFER));
+                        prop_assert!(!got.contains(Rights::TRANSFER) || cap.contains(Rights::TRANSFER));
+                    }
+                    Err(rej) => {
+                        if let Some(held) = before {
+                            if !held.contains(Rights::TRANSFER) {
+                                prop_assert_eq!(rej.refusal, Refusal::PermissionDenied);
+                            } else if !req.is_subset_of(held) {
+                                prop_assert_eq!(rej.refusal, Refusal::InvalidArgs);
+                            }
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_fds_and_vfds_quota() {
+        let policy = Policy::deny_all();
+        let handles = Handles::default();
+        let c = caps(Rights::READ | Rights::MAP, 2);
+        let hop = Hop {
+            caps: &c,
+            dir: Direction::C2s,
+            sender: 0,
+            receiver: 1,
+            receiver_vfds: 2,
+        };
+        let fds: Vec<FdIn> = (0..3)
+            .map(|i| FdIn {
+                class: Ok(memfd_class(ObjKey { dev: 1, ino: i })),
+                requested: Rights::READ,
+            })
+            .collect();
+        assert_eq!(
+            check_frame(&policy, hop, &handles, &fds)
+                .unwrap_err()
+                .refusal,
+            Refusal::InvalidArgs
+        );
+        let hop = Hop {
+            receiver_vfds: 1,
+            ..hop
+        };
+        assert_eq!(
+            check_frame(&policy, hop, &handles, &fds[..2])
+                .unwrap_err()
+                .refusal,
+            Refusal::OutOfMemory
+        );
+        assert!(check_frame(&policy, hop, &handles, &fds[..1]).is_ok());
+    }
+}
