@@ -366,6 +366,17 @@ pub(crate) struct ConnectGrant {
     pub s2c: FdCaps,
 }
 
+/// One entry of the connect index: a grant or a deny for (subject, service).
+#[derive(Clone, Debug)]
+pub(crate) enum ConnectItem {
+    Grant(ConnectGrant),
+    Deny {
+        at: RuleRef,
+        /// The `@PROVIDER` of the deny, if written.
+        provider: Option<String>,
+    },
+}
+
 /// A group and where its members were declared.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupDef {
@@ -384,9 +395,8 @@ pub struct Policy {
     pub(crate) groups: BTreeMap<String, GroupDef>,
     pub(crate) groups_of: FastMap<String, Vec<String>>,
     pub(crate) providers: FastMap<String, Provider>,
-    pub(crate) connects: SubjectIndex<ConnectGrant>,
-    /// Deny connect rules, object = service.
-    pub(crate) deny_connects: SubjectIndex<u32>,
+    /// Connect grants and denies, object = service.
+    pub(crate) connects: SubjectIndex<ConnectItem>,
     /// Deny provide rules, object = service.
     pub(crate) deny_provides: SubjectIndex<u32>,
     /// Device grants per VM (after denies).
@@ -409,7 +419,6 @@ impl Policy {
             groups_of: FastMap::default(),
             providers: FastMap::default(),
             connects: SubjectIndex::new(),
-            deny_connects: SubjectIndex::new(),
             deny_provides: SubjectIndex::new(),
             devices_by_vm: FastMap::default(),
             quotas: SubjectIndex::new(),
@@ -529,64 +538,55 @@ impl Policy {
             }
         }
         let groups = self.groups_of(src);
-        let dc = &self.deny_connects;
+        let cx = &self.connects;
+        // One pass over the three levels (VM, groups, @any): denies, and the caps union and
+        // grant count per level.
         let mut deny_rules: Vec<RuleRef> = Vec::new();
-        let denies = dc
-            .at_vm(src, service)
-            .iter()
-            .chain(dc.at_groups(groups, service))
-            .chain(dc.at_any(src, service));
-        for idx in denies {
-            if let Some(e) = self.rules.get(*idx as usize) {
-                let matches = match &e.rule.action {
-                    crate::ast::Action::Connect {
-                        provider: Some(p), ..
-                    } => *p == prov.vm,
-                    _ => true,
-                };
-                if matches {
-                    deny_rules.push(e.at.clone());
+        let mut levels = [(FdCaps::NONE, FdCaps::NONE, 0usize); 3];
+        let mut visit = |level: usize, item: &ConnectItem| match item {
+            ConnectItem::Deny { at, provider } => {
+                if provider.as_ref().is_none_or(|p| *p == prov.vm) {
+                    deny_rules.push(at.clone());
                 }
             }
-        }
+            ConnectItem::Grant(g) => {
+                if let Some(l) = levels.get_mut(level) {
+                    l.0 = l.0.union(&g.c2s);
+                    l.1 = l.1.union(&g.s2c);
+                    l.2 += 1;
+                }
+            }
+        };
+        cx.at_vm(src, service).iter().for_each(|i| visit(2, i));
+        cx.at_groups(groups, service).for_each(|i| visit(1, i));
+        cx.at_any(src, service).iter().for_each(|i| visit(0, i));
         if !deny_rules.is_empty() {
             deny_rules.sort();
             return Decision::deny(DenyKind::DeniedByRule, "a deny rule matches", deny_rules);
         }
         // The most specific level with a grant decides the caps (union within the level).
-        let cx = &self.connects;
-        if let Some(d) = self.grant_level(cx.at_vm(src, service).iter(), prov) {
-            return d;
-        }
-        if let Some(d) = self.grant_level(cx.at_groups(groups, service), prov) {
-            return d;
-        }
-        if let Some(d) = self.grant_level(cx.at_any(src, service).iter(), prov) {
-            return d;
-        }
-        Decision::deny(DenyKind::NoGrant, "no connect grant matches", Vec::new())
-    }
-
-    /// The decision from one specificity level of connect grants (None if it has none).
-    fn grant_level<'a>(
-        &self,
-        grants: impl Iterator<Item = &'a ConnectGrant>,
-        prov: &Provider,
-    ) -> Option<Decision<ConnectionCaps>> {
-        let mut c2s = FdCaps::NONE;
-        let mut s2c = FdCaps::NONE;
-        let mut rules: Vec<RuleRef> = Vec::new();
-        for g in grants {
-            if rules.is_empty() {
-                rules.reserve(3);
-                rules.push(prov.at.clone());
+        let Some(best) = (0..3)
+            .rev()
+            .find(|l| levels.get(*l).is_some_and(|x| x.2 > 0))
+        else {
+            return Decision::deny(DenyKind::NoGrant, "no connect grant matches", Vec::new());
+        };
+        let (c2s, s2c, count) =
+            levels
+                .get(best)
+                .copied()
+                .unwrap_or((FdCaps::NONE, FdCaps::NONE, 0));
+        let mut rules = Vec::with_capacity(count + 1);
+        rules.push(prov.at.clone());
+        let mut push = |item: &ConnectItem| {
+            if let ConnectItem::Grant(g) = item {
+                rules.push(g.at.clone());
             }
-            c2s = c2s.union(&g.c2s);
-            s2c = s2c.union(&g.s2c);
-            rules.push(g.at.clone());
-        }
-        if rules.is_empty() {
-            return None;
+        };
+        match best {
+            2 => cx.at_vm(src, service).iter().for_each(&mut push),
+            1 => cx.at_groups(groups, service).for_each(&mut push),
+            _ => cx.at_any(src, service).iter().for_each(&mut push),
         }
         let caps = ConnectionCaps {
             provider: prov.vm.clone(),
@@ -596,10 +596,10 @@ impl Policy {
             max_conns: prov.max_conns,
             rules: rules.clone(),
         };
-        Some(Decision {
+        Decision {
             outcome: Ok(caps),
             rules,
-        })
+        }
     }
 
     /// May a message on a connection with caps `conn`, going in `dir`, carry `count` fds, one
@@ -853,11 +853,26 @@ grant host connect wayland
     fn hostile_service_names_are_just_denied() {
         let p = policy(&[("a.policy", BASE)]);
         let long = "w".repeat(10_000);
-        for name in [long.as_str(), "", "wayland\0", "\0wayland", "wayland@gpu-vm", "ÿ"] {
-            assert!(!p.check_connect("browser", name, None).is_allowed(), "{name:?}");
-            assert!(!p.check_connect(name, "wayland", None).is_allowed(), "{name:?}");
+        for name in [
+            long.as_str(),
+            "",
+            "wayland\0",
+            "\0wayland",
+            "wayland@gpu-vm",
+            "ÿ",
+        ] {
+            assert!(
+                !p.check_connect("browser", name, None).is_allowed(),
+                "{name:?}"
+            );
+            assert!(
+                !p.check_connect(name, "wayland", None).is_allowed(),
+                "{name:?}"
+            );
         }
-        assert!(!p.check_connect("browser", "wayland", Some(&long)).is_allowed());
+        assert!(!p
+            .check_connect("browser", "wayland", Some(&long))
+            .is_allowed());
     }
 
     #[test]

@@ -8,8 +8,8 @@
 use crate::ast::{Action, Bdf, Effect, Item, Line, ParsedFile, Rule, Subject};
 use crate::diag::{Diagnostic, Diagnostics, Severity};
 use crate::eval::{
-    is_system_vm, ConnectGrant, DeviceGrant, FastMap, GroupDef, Policy, Provider, RuleEntry,
-    RuleRef, SubjectIndex,
+    is_system_vm, ConnectGrant, ConnectItem, DeviceGrant, FastMap, GroupDef, Policy, Provider,
+    RuleEntry, RuleRef, SubjectIndex,
 };
 use crate::parse::MAX_FDS_PER_MESSAGE;
 use crate::rights::{FdCaps, FdType};
@@ -266,8 +266,7 @@ pub fn compile(
 
     // Connects.
     let mut connects = SubjectIndex::new();
-    let mut deny_connects = SubjectIndex::new();
-    for (i, (e, l)) in entries.iter().enumerate() {
+    for (e, l) in &entries {
         let Action::Connect {
             service,
             provider,
@@ -291,7 +290,14 @@ pub fn compile(
                 "add `grant VM provide SERVICE …`, or check the spelling (fine for staged policy)",
             );
             if e.rule.effect == Effect::Deny {
-                deny_connects.insert(&e.rule.subject, service, i as u32);
+                connects.insert(
+                    &e.rule.subject,
+                    service,
+                    ConnectItem::Deny {
+                        at: e.at.clone(),
+                        provider: provider.clone(),
+                    },
+                );
             }
             continue;
         };
@@ -316,7 +322,14 @@ pub fn compile(
             }
         }
         if e.rule.effect == Effect::Deny {
-            deny_connects.insert(&e.rule.subject, service, i as u32);
+            connects.insert(
+                &e.rule.subject,
+                service,
+                ConnectItem::Deny {
+                    at: e.at.clone(),
+                    provider: provider.clone(),
+                },
+            );
             continue;
         }
         let Some(prov) = providers.get(service).cloned().or_else(|| {
@@ -356,7 +369,7 @@ pub fn compile(
                 c2s: c2s.unwrap_or(prov.c2s).intersect(&prov.c2s),
                 s2c: s2c.unwrap_or(prov.s2c).intersect(&prov.s2c),
             };
-            connects.insert(&e.rule.subject, service, g);
+            connects.insert(&e.rule.subject, service, ConnectItem::Grant(g));
         }
     }
     // Dead connect denies.
@@ -593,7 +606,6 @@ pub fn compile(
             groups_of,
             providers,
             connects,
-            deny_connects,
             deny_provides,
             devices_by_vm,
             quotas,
