@@ -219,10 +219,8 @@ mod tests {
         nix::unistd::ftruncate(&fd, size).unwrap();
         if seals != 0 {
             // SAFETY: F_ADD_SEALS with an int argument on our own memfd.
-            assert_eq!(
-                unsafe { libc::fcntl(fd.as_raw_fd(), F_ADD_SEALS, seals) },
-                0
-            );
+            let r = unsafe { libc::fcntl(fd.as_raw_fd(), F_ADD_SEALS, seals) };
+            assert_eq!(r, 0);
         }
         fd
     }

@@ -556,10 +556,8 @@ fn policy_reload_racing_a_send() {
             },
         ];
         // SAFETY: two valid pollfds; 60 s is a hang guard, not a timing assertion.
-        assert!(
-            unsafe { libc::poll(pfds.as_mut_ptr(), 2, 60_000) } > 0,
-            "hub stalled"
-        );
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, 60_000) };
+        assert!(n > 0, "hub stalled");
         while let Ok((ev, _)) = a_from_b.try_recv::<ConnEvent>() {
             match ev {
                 ConnEvent::Deliver { data, .. } => {
