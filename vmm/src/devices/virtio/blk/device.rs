@@ -29,9 +29,13 @@ pub struct Block {
 }
 
 impl Block {
-    /// A device over `file` (its length, rounded down to sectors, is the capacity).
+    /// A device over `file` (its length, rounded down to sectors, is the capacity). `file`
+    /// may be a regular file or a block device (whose metadata length is 0, so the size is
+    /// found by seeking to the end).
     pub fn new(file: File, read_only: bool, id: &str) -> std::io::Result<Self> {
-        let len = file.metadata()?.len();
+        use std::io::{Seek, SeekFrom};
+        let len = (&file).seek(SeekFrom::End(0))?;
+        (&file).seek(SeekFrom::Start(0))?;
         let sectors = len / SECTOR_SIZE;
         let mut idb = [0u8; ID_BYTES];
         for (d, s) in idb.iter_mut().zip(id.bytes()) {
