@@ -68,6 +68,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), EditError> {
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
+    } else {
+        log::info!("wrote {} ({} bytes)", path.display(), bytes.len());
     }
     res.map_err(io)
 }

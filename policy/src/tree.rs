@@ -324,7 +324,9 @@ impl PolicyTree {
                 let raw = entry.file_name();
                 let bytes = raw.as_encoded_bytes();
                 if bytes.starts_with(b".") || !bytes.ends_with(SUFFIX.as_bytes()) {
-                    continue; // dotfiles, editor backups (x.policy~, .x.swp), other suffixes
+                    // Dotfiles, editor backups (x.policy~, .x.swp), other suffixes.
+                    log::debug!("ignoring {}", root.path.join(&raw).display());
+                    continue;
                 }
                 let display = root.path.join(&raw).display().to_string();
                 match raw.to_str() {

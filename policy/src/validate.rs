@@ -597,6 +597,12 @@ pub fn compile(
         return Err(Diagnostics(diags));
     }
     let rules: Vec<RuleEntry> = entries.into_iter().map(|(e, _)| e).collect();
+    log::debug!(
+        "policy {hash}: {} files, {} rules, {} warnings",
+        files.len(),
+        rules.len(),
+        diags.len()
+    );
     Ok(Compiled {
         policy: Policy {
             hash: hash.to_string(),
