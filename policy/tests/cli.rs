@@ -558,3 +558,23 @@ fn edit_validates_before_writing() {
     assert_eq!(code, 0);
     assert_eq!(read(&local), "grant mail connect wayland\n");
 }
+
+#[test]
+fn diff_shows_changed_quotas_and_narrowing() {
+    let old = tree(&[
+        ("10-base.policy", BASE),
+        ("20-q.policy", "grant @apps quota shm=256MiB\n"),
+    ]);
+    let new = tree(&[
+        ("10-base.policy", BASE),
+        (
+            "20-q.policy",
+            "grant @apps quota shm=1GiB\ngrant term connect clipboard s2c=none\n",
+        ),
+    ]);
+    let (code, out, err) = run(&new, &["diff", "--from", old.root.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("~ browser quota shm 256MiB→1GiB"), "{out}");
+    assert!(out.contains("~ term connect clipboard@clip-vm c2s=pipe:write s2c=pipe:write max-fds=1→c2s=pipe:write s2c=none max-fds=1"), "{out}");
+    assert!(!out.contains("net-vm"), "{out}");
+}
