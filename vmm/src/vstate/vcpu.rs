@@ -83,6 +83,19 @@ impl Vcpu {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err(id, "KVM_GET_SUPPORTED_CPUID"))?;
         patch_cpuid(&mut cpuid, id, count);
+        if id == 0 && log::log_enabled!(log::Level::Trace) {
+            for e in cpuid.as_slice() {
+                log::trace!(
+                    "bulkhead-vmm: cpuid {:#x}.{}: eax={:#x} ebx={:#x} ecx={:#x} edx={:#x}",
+                    e.function,
+                    e.index,
+                    e.eax,
+                    e.ebx,
+                    e.ecx,
+                    e.edx
+                );
+            }
+        }
         fd.set_cpuid2(&cpuid)
             .map_err(kvm_err(id, "KVM_SET_CPUID2"))?;
         let mut lapic = fd.get_lapic().map_err(kvm_err(id, "KVM_GET_LAPIC"))?;
