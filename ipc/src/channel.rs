@@ -12,7 +12,7 @@
 //! consumed by exactly one receive call; a bad datagram never stays at the head of the queue.
 
 use std::ffi::c_void;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::mem::size_of;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -262,21 +262,26 @@ impl Channel {
 
     fn recv_frame_with(&self, flags: libc::c_int) -> Result<RawFrame, ChannelError> {
         // One byte more than MAX_FRAME is not needed: MSG_TRUNC reports any excess.
-        let mut bytes = vec![0u8; MAX_FRAME];
+        // Uninitialised capacity: the kernel writes the datagram, and only the bytes it
+        // wrote become part of the Vec (no per-message memset of MAX_FRAME bytes).
+        let mut bytes: Vec<u8> = Vec::with_capacity(MAX_FRAME);
         // u64 storage keeps the control buffer aligned for cmsghdr.
         let mut control = [0u64; CONTROL_WORDS];
-        let mut iov = [IoSliceMut::new(&mut bytes)];
+        let mut iov = [libc::iovec {
+            iov_base: bytes.as_mut_ptr().cast::<c_void>(),
+            iov_len: MAX_FRAME,
+        }];
 
         // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
         let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        hdr.msg_iov = iov.as_mut_ptr().cast::<libc::iovec>();
+        hdr.msg_iov = iov.as_mut_ptr();
         hdr.msg_iovlen = 1;
         hdr.msg_control = control.as_mut_ptr().cast::<c_void>();
         hdr.msg_controllen = control_len();
 
-        // SAFETY: hdr points at live buffers (iov → `bytes`, control → `control`) whose
-        // lengths are given in hdr; IoSliceMut is ABI-compatible with iovec; the kernel
-        // writes at most those lengths.
+        // SAFETY: hdr points at live buffers (iov → the capacity of `bytes`, MAX_FRAME
+        // bytes; control → `control`) whose lengths are given in hdr; the kernel writes at
+        // most those lengths.
         let n = unsafe {
             libc::recvmsg(
                 self.fd.as_raw_fd(),
@@ -309,7 +314,9 @@ impl Channel {
                 fds_closed: fds.len(),
             });
         }
-        bytes.truncate(len);
+        // SAFETY: recvmsg initialised the first `len` bytes of the capacity (len ≤
+        // MAX_FRAME = the capacity; MSG_TRUNC was ruled out above).
+        unsafe { bytes.set_len(len.min(MAX_FRAME)) };
         Ok(RawFrame { bytes, fds })
     }
 

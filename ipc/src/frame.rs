@@ -72,19 +72,13 @@ pub fn check_fd_count(count: usize) -> Result<(), FrameError> {
 
 /// Encodes `msg` into a frame of at most `MAX_FRAME` bytes.
 pub fn encode<T: Serialize + ?Sized>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    let mut buf = vec![0u8; MAX_FRAME];
-    let Some((version, payload)) = buf.split_first_mut() else {
+    // Grow as needed rather than zeroing MAX_FRAME bytes per message (the hot path).
+    let mut buf = Vec::with_capacity(128);
+    buf.push(WIRE_VERSION);
+    let buf = postcard::to_extend(msg, buf).map_err(FrameError::Encode)?;
+    if buf.len() > MAX_FRAME {
         return Err(FrameError::TooLarge { limit: MAX_FRAME });
-    };
-    *version = WIRE_VERSION;
-    let used = match postcard::to_slice(msg, payload) {
-        Ok(written) => written.len(),
-        Err(postcard::Error::SerializeBufferFull) => {
-            return Err(FrameError::TooLarge { limit: MAX_FRAME })
-        }
-        Err(e) => return Err(FrameError::Encode(e)),
-    };
-    buf.truncate(1 + used);
+    }
     Ok(buf)
 }
 

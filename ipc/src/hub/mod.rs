@@ -22,6 +22,7 @@ pub mod router;
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bulkhead_policy::{ConnectionCaps, Direction, RootDir, ValidateOptions};
 use nix::sys::socket::MsgFlags;
@@ -104,12 +105,22 @@ struct End {
     out: VecDeque<Queued>,
 }
 
+/// A connection's standing under one generation.
+#[derive(Clone)]
+struct ConnDecision {
+    generation: u64,
+    /// `None`: the generation no longer allows the connection.
+    caps: Option<Arc<ConnectionCaps>>,
+    /// `vfds` quotas of the client and the provider.
+    vfds: [u64; 2],
+}
+
 struct Conn {
     service: String,
     client: End,
     provider: End,
-    /// Caps under generation `.0` (`None`: the generation denies the connection).
-    caps: Option<(u64, Option<ConnectionCaps>)>,
+    /// Decided under one generation (cached until the next apply).
+    caps: Option<ConnDecision>,
     allowed_frames: u32,
 }
 
@@ -588,7 +599,7 @@ impl Hub {
                     sock: prov_hub,
                     out: VecDeque::new(),
                 },
-                caps: Some((gen.number, Some(caps))),
+                caps: None,
                 allowed_frames: 0,
             },
         );
@@ -730,24 +741,39 @@ impl Hub {
         }
     }
 
-    /// Caps of `id` under generation `gen` (cached per generation).
-    fn conn_caps(&mut self, id: ConnId, gen: &reload::Generation) -> Option<ConnectionCaps> {
+    /// The standing of `id` under generation `gen` (cached per generation).
+    fn conn_decision(&mut self, id: ConnId, gen: &reload::Generation) -> Option<ConnDecision> {
         let c = self.conns.get(&id)?;
-        if let Some((n, caps)) = &c.caps {
-            if *n == gen.number {
-                return caps.clone();
+        if let Some(d) = &c.caps {
+            if d.generation == gen.number {
+                return Some(d.clone());
             }
         }
         let client = self.vm_name(c.client.vm);
         let provider = self.vm_name(c.provider.vm);
-        let d = gen
+        let caps = gen
             .policy
-            .check_connect(&client, &c.service, Some(&provider));
-        let caps = d.outcome.ok();
+            .check_connect(&client, &c.service, Some(&provider))
+            .outcome
+            .ok()
+            .map(Arc::new);
+        let d = ConnDecision {
+            generation: gen.number,
+            caps,
+            vfds: [
+                gen.policy.quota_for(&client).vfds.value,
+                gen.policy.quota_for(&provider).vfds.value,
+            ],
+        };
         if let Some(c) = self.conns.get_mut(&id) {
-            c.caps = Some((gen.number, caps.clone()));
+            c.caps = Some(d.clone());
         }
-        caps
+        Some(d)
+    }
+
+    /// Caps of `id` under generation `gen`.
+    fn conn_caps(&mut self, id: ConnId, gen: &reload::Generation) -> Option<Arc<ConnectionCaps>> {
+        self.conn_decision(id, gen).and_then(|d| d.caps)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -842,7 +868,8 @@ impl Hub {
         }
         // One generation for the whole decision.
         let gen = self.store.current();
-        let Some(caps) = self.conn_caps(id, &gen) else {
+        let decision = self.conn_decision(id, &gen);
+        let Some((caps, vfds)) = decision.and_then(|d| d.caps.map(|c| (c, d.vfds))) else {
             let reason = format!("generation {} no longer allows this connection", gen.number);
             return self.deny_frame(
                 id,
@@ -858,7 +885,11 @@ impl Hub {
             return;
         };
         let (sender, receiver) = (c.end(s).vm, c.end(other(s)).vm);
-        let receiver_vfds = gen.policy.quota_for(&self.vm_name(receiver)).vfds.value;
+        let [client_vfds, provider_vfds] = vfds;
+        let receiver_vfds = match s {
+            Side::Client => provider_vfds,
+            Side::Provider => client_vfds,
+        };
         let ins: Vec<FdIn> = fds
             .iter()
             .zip(msg.rights.iter())
@@ -874,16 +905,16 @@ impl Hub {
             receiver,
             receiver_vfds,
         };
-        let described: Vec<String> = ins
-            .iter()
-            .map(|f| match &f.class {
-                Ok(c) => router::describe(c.kind, f.requested),
-                Err(e) => format!("unclassifiable({e}):{}", f.requested),
-            })
-            .collect();
         match router::check_frame(&gen.policy, hop, &self.handles, &ins) {
             Err(rej) => {
                 drop(fds);
+                let described: Vec<String> = ins
+                    .iter()
+                    .map(|f| match &f.class {
+                        Ok(c) => router::describe(c.kind, f.requested),
+                        Err(e) => format!("unclassifiable({e}):{}", f.requested),
+                    })
+                    .collect();
                 self.deny_frame(
                     id,
                     s,
