@@ -293,6 +293,32 @@ fn forwarding_readonly_memfd_asking_for_write_is_invalid_args() {
     assert_eq!(infos[0].rights, RO | Rights::TRANSFER);
     let at_a = fds.pop().unwrap();
 
+    // A got a read-only description: the kernel refuses writes and shared writable maps.
+    // SAFETY: F_GETFL only reads flags.
+    let fl = unsafe { libc::fcntl(at_a.as_raw_fd(), libc::F_GETFL) };
+    assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
+    assert!(nix::unistd::write(&at_a, b"x").is_err());
+    // SAFETY: mmap of 4096 bytes of a valid fd at offset 0; the result is checked and unmapped.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            at_a.as_raw_fd(),
+            0,
+        )
+    };
+    assert_eq!(
+        p,
+        libc::MAP_FAILED,
+        "writable shared mapping of a read-only memfd"
+    );
+    // The memfd server's charge to B lasts while only A's read-only copy is open.
+    drop(shm);
+    let _kept: Vec<_> = (0..3).map(|_| h.alloc("b", 16 * 1024).unwrap()).collect();
+    assert_eq!(h.alloc("b", 1).unwrap_err(), Refusal::OutOfMemory);
+
     send(&a_to_c, 2, &[(at_a.as_fd(), RO | Rights::WRITE)]);
     expect_refused(&a_to_c, 2, Refusal::InvalidArgs);
     send(&a_to_c, 3, &[(at_a.as_fd(), RO)]);
@@ -303,7 +329,7 @@ fn forwarding_readonly_memfd_asking_for_write_is_invalid_args() {
     let denied: Vec<_> = h
         .audit_lines()
         .into_iter()
-        .filter(|r| r["allowed"] == false)
+        .filter(|r| r["allowed"] == false && r["verb"] == "transfer")
         .collect();
     assert_eq!(denied.len(), 1, "{denied:?}");
     assert_eq!(denied[0]["src"], "a");

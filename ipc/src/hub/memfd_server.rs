@@ -139,6 +139,15 @@ impl MemfdServer {
         freed
     }
 
+    /// A new description of an allocation (a read-only re-open) gets the same lock, so the
+    /// charge lasts while it is open too. Objects this server did not allocate need nothing.
+    pub fn track_description(&self, key: ObjKey, fd: BorrowedFd<'_>) -> Result<(), ShmError> {
+        if self.allocs.iter().any(|a| a.key == key) {
+            ofd_lock(fd, libc::F_RDLCK as libc::c_short)?;
+        }
+        Ok(())
+    }
+
     /// Allocates `size` bytes for `vm` within `quota`. The memfd returned is the only
     /// description holders get; the server keeps only its probe.
     pub fn alloc(
@@ -244,7 +253,10 @@ fn still_held(probe: BorrowedFd<'_>) -> bool {
     r < 0 || fl.l_type != libc::F_UNLCK as libc::c_short
 }
 
-fn reopen_readonly(fd: BorrowedFd<'_>) -> Result<OwnedFd, ShmError> {
+/// A new, read-only open file description of the same memfd (through `/proc/self/fd`):
+/// what the hub hands a receiver whose rights lack WRITE, so the kernel itself refuses
+/// writes and writable shared mappings.
+pub fn reopen_readonly(fd: BorrowedFd<'_>) -> Result<OwnedFd, ShmError> {
     let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
     let f = std::fs::OpenOptions::new()
         .read(true)

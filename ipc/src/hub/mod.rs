@@ -670,11 +670,13 @@ impl Hub {
                     memfd_server::ShmError::Sys { .. } => Refusal::OutOfMemory,
                     _ => Refusal::InvalidArgs,
                 };
-                let rules = [quota.shm.from.as_ref(), quota.shm_count.from.as_ref()]
-                    .into_iter()
-                    .flatten()
-                    .map(|r| r.to_string())
-                    .collect();
+                let mut rules: Vec<String> =
+                    [quota.shm.from.as_ref(), quota.shm_count.from.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .map(|r| r.to_string())
+                        .collect();
+                rules.dedup();
                 self.audit.record(Entry {
                     generation: gen.number,
                     rules,
@@ -926,6 +928,19 @@ impl Hub {
                 );
             }
             Ok(approved) => {
+                let mut fds = fds;
+                if let Err(reason) = self.attenuate_memfds(&approved, &mut fds) {
+                    drop(fds);
+                    return self.deny_frame(
+                        id,
+                        s,
+                        msg.seq,
+                        Refusal::OutOfMemory,
+                        reason,
+                        Vec::new(),
+                        Vec::new(),
+                    );
+                }
                 router::commit(&mut self.handles, hop, &approved);
                 let mut infos = heapless::Vec::new();
                 for a in &approved {
@@ -948,6 +963,29 @@ impl Hub {
                 self.queue_conn(id, other(s), &ev, fds);
             }
         }
+    }
+
+    /// A memfd delivered without WRITE goes out as a read-only description, so the receiver's
+    /// kernel-level access matches its rights.
+    fn attenuate_memfds(
+        &self,
+        approved: &[router::Approved],
+        fds: &mut [OwnedFd],
+    ) -> Result<(), String> {
+        for (a, fd) in approved.iter().zip(fds.iter_mut()) {
+            let writable = a.class.max_rights.contains(bulkhead_policy::Rights::WRITE);
+            if a.class.kind == FdKind::Memfd
+                && writable
+                && !a.rights.contains(bulkhead_policy::Rights::WRITE)
+            {
+                let ro = memfd_server::reopen_readonly(fd.as_fd()).map_err(|e| e.to_string())?;
+                self.memfd
+                    .track_description(a.class.key, ro.as_fd())
+                    .map_err(|e| e.to_string())?;
+                *fd = ro;
+            }
+        }
+        Ok(())
     }
 
     // ---- control socket ----------------------------------------------------------------
