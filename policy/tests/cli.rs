@@ -578,3 +578,18 @@ fn diff_shows_changed_quotas_and_narrowing() {
     assert!(out.contains("~ term connect clipboard@clip-vm c2s=pipe:write s2c=pipe:write max-fds=1→c2s=pipe:write s2c=none max-fds=1"), "{out}");
     assert!(!out.contains("net-vm"), "{out}");
 }
+
+#[test]
+fn apply_of_an_invalid_tree_never_reaches_the_hub() {
+    let t = tree(&[
+        ("10-base.policy", BASE),
+        ("20-bad.policy", "grant mail connect wayland c2s=memfd:rw\n"),
+    ]);
+    let (code, _, err) = run(&t, &["apply"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("20-bad.policy:1:28: error: connect widens"),
+        "{err}"
+    );
+    assert!(!err.contains("hub control socket"), "{err}");
+}
