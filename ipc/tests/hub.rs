@@ -664,6 +664,10 @@ fn hub_fd_count_is_stable() {
     h.provide("a", "inbox");
     let (_, _warm, _warm_a) = h.connect("b", "inbox", "a").unwrap();
     h.provide("a", "inbox"); // round trip: the hub is done with the connect
+                             // An allocation sweeps (dropping the hub's cached read-only descriptions) and leaves
+                             // exactly one probe behind; do the same before both counts.
+    drop(h.alloc("a", 1).unwrap());
+    h.provide("a", "inbox"); // round trip: the hub is done sending the memfd
     let before = h.hub_fds();
     for i in 0..20 {
         let (conn, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
@@ -682,6 +686,7 @@ fn hub_fd_count_is_stable() {
             Err(ChannelError::Closed)
         ));
     }
+    drop(h.alloc("a", 1).unwrap());
     h.provide("a", "inbox");
     assert_eq!(h.hub_fds(), before);
 }

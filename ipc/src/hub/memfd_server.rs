@@ -76,6 +76,7 @@ struct Alloc {
 pub struct MemfdServer {
     allocs: Vec<Alloc>,
     page: u64,
+    proc_fd: Option<OwnedFd>,
 }
 
 impl Default for MemfdServer {
@@ -106,6 +107,7 @@ impl MemfdServer {
         MemfdServer {
             allocs: Vec::new(),
             page,
+            proc_fd: open_proc_fd(),
         }
     }
 
@@ -137,6 +139,14 @@ impl MemfdServer {
             }
         });
         freed
+    }
+
+    /// A read-only description of `fd` (see [`reopen_readonly`]), locked like the original
+    /// if it is one of this server's allocations.
+    pub fn readonly_copy(&self, key: ObjKey, fd: BorrowedFd<'_>) -> Result<OwnedFd, ShmError> {
+        let ro = reopen_readonly(self.proc_fd.as_ref().map(|f| f.as_fd()), fd)?;
+        self.track_description(key, ro.as_fd())?;
+        Ok(ro)
     }
 
     /// A new description of an allocation (a read-only re-open) gets the same lock, so the
@@ -192,7 +202,7 @@ impl MemfdServer {
             return Err(sys("fcntl(F_ADD_SEALS)")(Errno::last()));
         }
         ofd_lock(fd.as_fd(), libc::F_RDLCK as libc::c_short)?;
-        let probe = reopen_readonly(fd.as_fd())?;
+        let probe = reopen_readonly(self.proc_fd.as_ref().map(|f| f.as_fd()), fd.as_fd())?;
         let key = classify(fd.as_fd())
             .map(|c| c.key)
             .map_err(|_| sys("classify new memfd")(Errno::EINVAL))?;
@@ -255,18 +265,36 @@ fn still_held(probe: BorrowedFd<'_>) -> bool {
 
 /// A new, read-only open file description of the same memfd (through `/proc/self/fd`):
 /// what the hub hands a receiver whose rights lack WRITE, so the kernel itself refuses
-/// writes and writable shared mappings.
-pub fn reopen_readonly(fd: BorrowedFd<'_>) -> Result<OwnedFd, ShmError> {
-    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .open(path)
-        .map_err(|e| {
-            sys("re-open memfd through /proc/self/fd")(Errno::from_raw(
-                e.raw_os_error().unwrap_or(libc::EIO),
-            ))
-        })?;
-    Ok(OwnedFd::from(f))
+/// writes and writable shared mappings. `proc_fd` is an open `/proc/self/fd` directory
+/// (see [`open_proc_fd`]); without it the full path is resolved each time.
+pub fn reopen_readonly(
+    proc_fd: Option<BorrowedFd<'_>>,
+    fd: BorrowedFd<'_>,
+) -> Result<OwnedFd, ShmError> {
+    let name =
+        CString::new(fd.as_raw_fd().to_string()).map_err(|_| sys("fd name")(Errno::EINVAL))?;
+    let (dir, path) = match proc_fd {
+        Some(d) => (d.as_raw_fd(), name),
+        None => (
+            libc::AT_FDCWD,
+            CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map_err(|_| sys("fd path")(Errno::EINVAL))?,
+        ),
+    };
+    // SAFETY: a valid directory fd (or AT_FDCWD) and a NUL-terminated path; the result is
+    // checked.
+    let raw = unsafe { libc::openat(dir, path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(sys("re-open memfd through /proc/self/fd")(Errno::last()));
+    }
+    // SAFETY: openat returned a fresh fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Opens `/proc/self/fd` as a directory for [`reopen_readonly`] (resolved once, in the
+/// process that will use it).
+pub fn open_proc_fd() -> Option<OwnedFd> {
+    std::fs::File::open("/proc/self/fd").ok().map(OwnedFd::from)
 }
 
 #[cfg(test)]

@@ -19,10 +19,11 @@ pub mod registry;
 pub mod reload;
 pub mod router;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bulkhead_policy::{ConnectionCaps, Direction, RootDir, ValidateOptions};
 use nix::sys::socket::MsgFlags;
@@ -40,6 +41,10 @@ use router::{FdIn, Hop};
 
 /// Frames queued per connection side (and per VM channel) before back-pressure.
 pub const DEFAULT_QUEUE: usize = 64;
+/// Most cached read-only memfd descriptions.
+const RO_CACHE: usize = 256;
+/// How often the memfd server looks for released allocations while the hub is busy.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Most control-socket clients at once.
 pub const MAX_CONTROL_CLIENTS: usize = 16;
 
@@ -167,6 +172,10 @@ pub struct Hub {
     clients: Vec<Channel>,
     queue_limit: usize,
     exit_when_no_vms: bool,
+    /// Read-only descriptions of memfds recently delivered without WRITE (dup'ed for each
+    /// delivery); emptied at every sweep so they never hold a charge.
+    ro_cache: HashMap<ObjKey, OwnedFd>,
+    last_sweep: Instant,
 }
 
 #[derive(Clone, Copy)]
@@ -230,6 +239,8 @@ impl Hub {
             clients: Vec::new(),
             queue_limit: cfg.queue_limit.max(1),
             exit_when_no_vms: cfg.exit_when_no_vms,
+            ro_cache: HashMap::new(),
+            last_sweep: Instant::now(),
         })
     }
 
@@ -255,8 +266,10 @@ impl Hub {
                 }
                 return Err(HubError::Poll(e));
             }
-            if n == 0 {
+            if n == 0 || self.last_sweep.elapsed() >= SWEEP_INTERVAL {
                 self.sweep_memfds();
+            }
+            if n == 0 {
                 continue;
             }
             for (p, src) in pfds.iter().zip(srcs) {
@@ -693,6 +706,9 @@ impl Hub {
     }
 
     fn sweep_memfds(&mut self) {
+        // The cache's own descriptions would count as holders: drop them first.
+        self.ro_cache.clear();
+        self.last_sweep = Instant::now();
         for key in self.memfd.sweep() {
             self.handles.forget_object(key);
         }
@@ -968,7 +984,7 @@ impl Hub {
     /// A memfd delivered without WRITE goes out as a read-only description, so the receiver's
     /// kernel-level access matches its rights.
     fn attenuate_memfds(
-        &self,
+        &mut self,
         approved: &[router::Approved],
         fds: &mut [OwnedFd],
     ) -> Result<(), String> {
@@ -978,11 +994,23 @@ impl Hub {
                 && writable
                 && !a.rights.contains(bulkhead_policy::Rights::WRITE)
             {
-                let ro = memfd_server::reopen_readonly(fd.as_fd()).map_err(|e| e.to_string())?;
-                self.memfd
-                    .track_description(a.class.key, ro.as_fd())
-                    .map_err(|e| e.to_string())?;
-                *fd = ro;
+                let dup = match self.ro_cache.get(&a.class.key) {
+                    Some(ro) => ro.try_clone().map_err(|e| format!("dup: {e}"))?,
+                    None => {
+                        let ro = self
+                            .memfd
+                            .readonly_copy(a.class.key, fd.as_fd())
+                            .map_err(|e| e.to_string())?;
+                        if self.ro_cache.len() >= RO_CACHE {
+                            self.ro_cache.clear();
+                        }
+                        if let Ok(keep) = ro.try_clone() {
+                            self.ro_cache.insert(a.class.key, keep);
+                        }
+                        ro
+                    }
+                };
+                *fd = dup;
             }
         }
         Ok(())
