@@ -69,6 +69,14 @@ pub struct Cli {
     /// Add a virtio-rng device (the guest's /dev/hwrng).
     #[arg(long)]
     pub rng: bool,
+    /// Add a virtio_wl device (the guest's /dev/wl0), even without --wl-socket.
+    #[arg(long)]
+    pub wl: bool,
+    /// A virtio_wl socket NAME=PATH: the guest's NEW_CTX_NAMED NAME connects to the listening
+    /// socket at PATH (a bare PATH is the unnamed socket NEW_CTX uses). Repeatable; implies
+    /// --wl. More are added at run time with the control socket's `wl add`.
+    #[arg(long, value_parser = parse_wl_socket)]
+    pub wl_socket: Vec<(String, PathBuf)>,
     /// /dev/kvm as an already-open file descriptor.
     #[arg(long)]
     pub kvm_fd: Option<RawFd>,
@@ -150,6 +158,10 @@ pub struct VmConfig {
     pub disk_read_only: bool,
     /// virtio-rng.
     pub rng: bool,
+    /// virtio_wl device.
+    pub wl: bool,
+    /// virtio_wl sockets at start (name, listening path).
+    pub wl_sockets: Vec<(String, PathBuf)>,
     /// /dev/kvm.
     pub kvm_fd: Option<RawFd>,
     /// Control socket path.
@@ -188,11 +200,27 @@ impl From<Cli> for VmConfig {
             disks,
             disk_read_only: c.disk_read_only,
             rng: c.rng,
+            wl: c.wl || !c.wl_socket.is_empty(),
+            wl_sockets: c.wl_socket,
             kvm_fd: c.kvm_fd,
             control_socket: c.control_socket,
             control_fd: c.control_fd,
         }
     }
+}
+
+/// Parses `--wl-socket NAME=PATH` (split at the first `=`; no `=`: the unnamed socket).
+pub fn parse_wl_socket(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s.split_once('=').unwrap_or(("", s));
+    if name.len() > 32 || name.contains('%') {
+        return Err(format!(
+            "bad wl socket name {name:?} (at most 32 bytes, no %)"
+        ));
+    }
+    if path.is_empty() {
+        return Err("empty wl socket path".into());
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
 }
 
 /// Takes ownership of inherited descriptors, each at most once.

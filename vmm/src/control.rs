@@ -8,8 +8,14 @@
 //! (`--control-fd N`). Each request gets exactly one response on the same channel.
 //!
 //! Wire format (postcard enum indices, after the frame's version byte):
-//! `ControlRequest::{Status=0, Shutdown=1, Kill=2}`,
-//! `ControlResponse::{Status(VmStatus)=0, Done=1, Error(String)=2}`.
+//! `ControlRequest::{Status=0, Shutdown=1, Kill=2, WlAdd=3}`,
+//! `ControlResponse::{Status(VmStatus)=0, Done=1, Error(String)=2, WlAdded(String)=3}`.
+//!
+//! `WlAdd { name, path }` adds a virtio_wl socket while the VM runs: with one fd attached
+//! (SCM_RIGHTS) it is a non-listening socket (an accepted connection, consumed by one
+//! connect), otherwise `path` names a listening socket. `name` may be a pattern with one `%d`
+//! (`wl-conn-%d`); the answer is `WlAdded(chosen name)`. It only touches the socket registry,
+//! never the device, so it is answered even before the guest activates the device.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
@@ -36,6 +42,13 @@ pub enum ControlRequest {
     Shutdown,
     /// Stop the VM at once (exit status 4).
     Kill,
+    /// Add a virtio_wl socket (see the module documentation).
+    WlAdd {
+        /// A name, or a pattern with one `%d`.
+        name: String,
+        /// A listening socket's path, when no fd is attached.
+        path: Option<std::path::PathBuf>,
+    },
 }
 
 /// What the VM is doing.
@@ -64,6 +77,8 @@ pub enum ControlResponse {
     Done,
     /// The request failed.
     Error(String),
+    /// For `WlAdd`: the name chosen.
+    WlAdded(String),
 }
 
 /// What the control server may touch: shared, lock-free or short-lock state only.
@@ -79,6 +94,7 @@ pub struct ControlTarget {
     /// PCI device names.
     pub devices: Vec<String>,
     presses: AtomicU32,
+    wl_sockets: std::sync::OnceLock<crate::devices::virtio::wl::sockets::WlSockets>,
 }
 
 impl ControlTarget {
@@ -97,12 +113,49 @@ impl ControlTarget {
             memory_bytes,
             devices,
             presses: AtomicU32::new(0),
+            wl_sockets: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives `WlAdd` the VM's virtio_wl socket registry (once; later calls are ignored).
+    pub fn set_wl_sockets(&self, sockets: crate::devices::virtio::wl::sockets::WlSockets) {
+        let _ = self.wl_sockets.set(sockets);
     }
 
     /// Carries out one request.
     pub fn handle(&self, req: &ControlRequest) -> ControlResponse {
+        self.handle_with_fds(req, Vec::new())
+    }
+
+    /// Carries out one request that came with `fds` (owned: any not used are closed).
+    pub fn handle_with_fds(
+        &self,
+        req: &ControlRequest,
+        mut fds: Vec<std::os::fd::OwnedFd>,
+    ) -> ControlResponse {
         match req {
+            ControlRequest::WlAdd { name, path } => {
+                use crate::devices::virtio::wl::sockets::WlSocket;
+                let Some(sockets) = self.wl_sockets.get() else {
+                    return ControlResponse::Error("this VM has no virtio_wl device".into());
+                };
+                let socket = match (fds.pop(), path) {
+                    (Some(fd), _) if fds.is_empty() => {
+                        WlSocket::NonListening(std::os::unix::net::UnixStream::from(fd))
+                    }
+                    (Some(_), _) => {
+                        return ControlResponse::Error("wl add takes at most one fd".into())
+                    }
+                    (None, Some(p)) => WlSocket::Listening(p.clone()),
+                    (None, None) => {
+                        return ControlResponse::Error("wl add needs an fd or a path".into())
+                    }
+                };
+                match sockets.add(name, socket) {
+                    Ok(chosen) => ControlResponse::WlAdded(chosen),
+                    Err(e) => ControlResponse::Error(e.to_string()),
+                }
+            }
             ControlRequest::Status => {
                 let reason = self.exit.reason();
                 ControlResponse::Status(VmStatus {
@@ -242,9 +295,9 @@ fn serve(
                 continue;
             }
             match c.try_recv::<ControlRequest>() {
-                Ok((req, _fds)) => {
+                Ok((req, fds)) => {
                     log::info!("bulkhead-vmm: control request {req:?}");
-                    let resp = target.handle(&req);
+                    let resp = target.handle_with_fds(&req, fds);
                     if let Err(e) = c.try_send(&resp, &[]) {
                         log::warn!("bulkhead-vmm: control reply dropped: {e}");
                     }

@@ -9,6 +9,9 @@ use bulkhead_ipc::channel::Channel;
 use bulkhead_vmm::config::{Cli, FdTaker, Source, VmConfig};
 use bulkhead_vmm::control::ControlServer;
 use bulkhead_vmm::devices::virtio::rng::device::Rng;
+use bulkhead_vmm::devices::virtio::wl::device::Wl;
+use bulkhead_vmm::devices::virtio::wl::sockets::{WlSocket, WlSockets};
+use bulkhead_vmm::devices::virtio::wl::state::WlLimits;
 use bulkhead_vmm::vm::Vm;
 use bulkhead_vmm::vstate::exit::ExitReason;
 
@@ -68,6 +71,25 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         vm.add_virtio_device(Box::new(Rng::new()))
             .map_err(|e| e.to_string())?;
     }
+    let wl_sockets = if cfg.wl {
+        let sockets = WlSockets::new();
+        for (name, path) in &cfg.wl_sockets {
+            sockets
+                .add(name, WlSocket::Listening(path.clone()))
+                .map_err(|e| e.to_string())?;
+        }
+        let wl = Wl::new(
+            sockets.clone(),
+            Some(vm.memory_slots().clone()),
+            WlLimits::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        vm.add_virtio_device(Box::new(wl))
+            .map_err(|e| e.to_string())?;
+        Some(sockets)
+    } else {
+        None
+    };
     for d in &cfg.disks {
         let f = fds
             .open(d, !cfg.disk_read_only)
@@ -90,6 +112,9 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         None => None,
     };
     let running = vm.start(input).map_err(|e| e.to_string())?;
+    if let Some(s) = wl_sockets {
+        running.control_target().set_wl_sockets(s);
+    }
     let _control = if cfg.control_socket.is_some() || control_channel.is_some() {
         Some(
             ControlServer::start(

@@ -55,6 +55,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(ControlResponse::Done) => ExitCode::SUCCESS,
+        Ok(ControlResponse::WlAdded(name)) => {
+            println!("{name}");
+            ExitCode::SUCCESS
+        }
         Ok(ControlResponse::Error(e)) => {
             eprintln!("bulkhead-vmmctl: {e}");
             ExitCode::FAILURE
