@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::channel::{Channel, ChannelError};
 use crate::classify::{F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SHRINK};
 use crate::hub::protocol::{ConnEvent, ConnSend, HubEvent, VmRequest};
-use crate::hub::{Hub, HubConfig, DEFAULT_QUEUE};
+use crate::hub::{Hub, HubConfig, DEFAULT_MAX_CONNS_PER_VM, DEFAULT_QUEUE};
 
 /// Bench parameters.
 #[derive(Debug, Clone, Copy)]
@@ -132,6 +132,7 @@ fn run_in(dir: &std::path::Path, opts: BenchOptions) -> Result<BenchResult, Benc
         control_socket: None,
         queue_limit: DEFAULT_QUEUE,
         exit_when_no_vms: true,
+        max_conns_per_vm: DEFAULT_MAX_CONNS_PER_VM,
     };
     // SAFETY: the bench runs in a single-threaded process; the child only runs the hub loop
     // and exits.

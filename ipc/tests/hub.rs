@@ -727,3 +727,40 @@ fn control_socket_status_and_bad_apply() {
         .any(|r| r.verb == "apply" && !r.allowed));
     let _ = Path::new("");
 }
+
+/// A VM cannot open connections without bound (each costs the hub fds); others still can.
+#[test]
+fn per_vm_connection_limit() {
+    let mut h = TestHub::start(POLICY, &["a", "b", "c", "d"], &["--max-conns-per-vm", "3"]);
+    h.provide("a", "inbox");
+    h.provide("c", "sink");
+    let kept: Vec<_> = (0..3)
+        .map(|_| h.connect("b", "inbox", "a").unwrap())
+        .collect();
+    assert_eq!(
+        h.connect("b", "inbox", "a").unwrap_err(),
+        Refusal::PermissionDenied
+    );
+    let (_, d_to_c, c_from_d) = h.connect("d", "sink", "c").unwrap();
+    let m = memfd();
+    send(&d_to_c, 1, &[(m.as_fd(), RO)]);
+    expect_deliver(&c_from_d, 1);
+    drop(kept);
+}
+
+/// A sender cannot grow the hub's handle table without bound with fresh objects: they
+/// count against its own vfds quota.
+#[test]
+fn fresh_objects_count_against_the_senders_vfds() {
+    let policy = format!("{POLICY}grant b quota vfds=4\n"); // the receiver keeps 32
+    let mut h = TestHub::start(&policy, &["a", "b"], &[]);
+    h.provide("a", "inbox");
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let pipes: Vec<(OwnedFd, OwnedFd)> = (0..5).map(|_| nix::unistd::pipe().unwrap()).collect();
+    for (i, (_, w)) in pipes.iter().take(4).enumerate() {
+        send(&b_to_a, i as u32, &[(w.as_fd(), Rights::WRITE)]);
+        expect_deliver(&a_from_b, i as u32);
+    }
+    send(&b_to_a, 9, &[(pipes[4].1.as_fd(), Rights::WRITE)]);
+    expect_refused(&b_to_a, 9, Refusal::OutOfMemory);
+}

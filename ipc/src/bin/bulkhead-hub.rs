@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bulkhead_ipc::bench::{self, BenchOptions};
-use bulkhead_ipc::hub::{Hub, HubConfig, DEFAULT_QUEUE};
+use bulkhead_ipc::hub::{Hub, HubConfig, DEFAULT_MAX_CONNS_PER_VM, DEFAULT_QUEUE};
 use bulkhead_ipc::Channel;
 use bulkhead_policy::RootDir;
 use clap::{Parser, Subcommand};
@@ -35,6 +35,9 @@ struct Cli {
     /// Frames queued per connection side before the sender gets back-pressure.
     #[arg(long, default_value_t = DEFAULT_QUEUE)]
     queue: usize,
+    /// Most connections one VM may open (each costs the hub two fds).
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNS_PER_VM)]
+    max_conns_per_vm: usize,
     /// Exit when every VM channel has closed.
     #[arg(long)]
     exit_when_idle: bool,
@@ -140,7 +143,9 @@ fn main() -> ExitCode {
         control_socket: cli.control_socket.clone(),
         queue_limit: cli.queue,
         exit_when_no_vms: cli.exit_when_idle,
+        max_conns_per_vm: cli.max_conns_per_vm,
     };
+    raise_nofile_limit();
     let mut hub = match Hub::new(cfg, vms) {
         Ok(h) => h,
         Err(e) => {
@@ -192,6 +197,19 @@ fn run_bench(messages: u32, samples: u32) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit: the hub holds two fds per connection
+/// plus one per VM, and per-VM caps keep the total bounded.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log::warn!("cannot raise RLIMIT_NOFILE to {hard}: {e}");
+            }
         }
     }
 }

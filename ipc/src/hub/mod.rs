@@ -45,6 +45,8 @@ pub const DEFAULT_QUEUE: usize = 64;
 const RO_CACHE: usize = 256;
 /// How often the memfd server looks for released allocations while the hub is busy.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Default for [`HubConfig::max_conns_per_vm`].
+pub const DEFAULT_MAX_CONNS_PER_VM: usize = 256;
 /// Most control-socket clients at once.
 pub const MAX_CONTROL_CLIENTS: usize = 16;
 
@@ -61,6 +63,8 @@ pub struct HubConfig {
     pub queue_limit: usize,
     /// Return from `run` when every VM channel has closed.
     pub exit_when_no_vms: bool,
+    /// Most connections one VM may open as a client (bounds the hub's fds per VM).
+    pub max_conns_per_vm: usize,
 }
 
 /// Errors that stop the hub.
@@ -176,6 +180,7 @@ pub struct Hub {
     /// delivery); emptied at every sweep so they never hold a charge.
     ro_cache: HashMap<ObjKey, OwnedFd>,
     last_sweep: Instant,
+    max_conns_per_vm: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -241,6 +246,7 @@ impl Hub {
             exit_when_no_vms: cfg.exit_when_no_vms,
             ro_cache: HashMap::new(),
             last_sweep: Instant::now(),
+            max_conns_per_vm: cfg.max_conns_per_vm,
         })
     }
 
@@ -537,6 +543,15 @@ impl Hub {
         let obj = format!("{service}@{}", provider.unwrap_or("*"));
         let result = match d.outcome {
             Err(den) => Err(format!("{:?}: {}", den.kind, den.reason)),
+            Ok(_)
+                if self.conns.values().filter(|c| c.client.vm == vm).count()
+                    >= self.max_conns_per_vm =>
+            {
+                Err(format!(
+                    "{name} has {} connections open (the hub's per-VM limit)",
+                    self.max_conns_per_vm
+                ))
+            }
             Ok(caps) => match self.registry.provider_of(service) {
                 Some(p) if self.vm_name(p) == caps.provider => {
                     let live = self.conns.values().filter(|c| c.service == service).count();
@@ -904,9 +919,9 @@ impl Hub {
         };
         let (sender, receiver) = (c.end(s).vm, c.end(other(s)).vm);
         let [client_vfds, provider_vfds] = vfds;
-        let receiver_vfds = match s {
-            Side::Client => provider_vfds,
-            Side::Provider => client_vfds,
+        let (sender_vfds, receiver_vfds) = match s {
+            Side::Client => (client_vfds, provider_vfds),
+            Side::Provider => (provider_vfds, client_vfds),
         };
         let ins: Vec<FdIn> = fds
             .iter()
@@ -922,6 +937,7 @@ impl Hub {
             sender,
             receiver,
             receiver_vfds,
+            sender_vfds,
         };
         match router::check_frame(&gen.policy, hop, &self.handles, &ins) {
             Err(rej) => {

@@ -72,6 +72,8 @@ pub struct Hop<'a> {
     pub receiver: VmIdx,
     /// The receiver's `vfds` quota.
     pub receiver_vfds: u64,
+    /// The sender's `vfds` quota (objects it sends for the first time become its entries).
+    pub sender_vfds: u64,
 }
 
 /// Checks a whole frame; `Ok` lists the final rights per fd, in order.
@@ -85,6 +87,7 @@ pub fn check_frame(
     let mut seen = HashSet::with_capacity(fds.len());
     let mut out = Vec::with_capacity(fds.len());
     let mut new_entries: u64 = 0;
+    let mut new_origins: u64 = 0;
     for (i, fd) in fds.iter().enumerate() {
         // 1. ids
         let class = match &fd.class {
@@ -144,6 +147,9 @@ pub fn check_frame(
         if !handles.holds(hop.receiver, class.key) {
             new_entries = new_entries.saturating_add(1);
         }
+        if !handles.holds(hop.sender, class.key) {
+            new_origins = new_origins.saturating_add(1);
+        }
         out.push(Approved {
             class,
             sender_rights,
@@ -158,6 +164,16 @@ pub fn check_frame(
             format!(
                 "receiver's vfds quota {} would be exceeded ({total})",
                 hop.receiver_vfds
+            ),
+        ));
+    }
+    let origins = handles.count(hop.sender).saturating_add(new_origins);
+    if new_origins > 0 && origins > hop.sender_vfds {
+        return Err(reject(
+            Refusal::OutOfMemory,
+            format!(
+                "sender's vfds quota {} would be exceeded by new objects ({origins})",
+                hop.sender_vfds
             ),
         ));
     }
@@ -243,7 +259,7 @@ mod tests {
             for (i, (cap, req)) in hops.iter().enumerate() {
                 let (sender, receiver) = (i, i + 1);
                 let c = caps(*cap, 28);
-                let hop = Hop { caps: &c, dir: Direction::C2s, sender, receiver, receiver_vfds: 100 };
+                let hop = Hop { caps: &c, dir: Direction::C2s, sender, receiver, receiver_vfds: 100, sender_vfds: 100 };
                 let before = handles.rights_of(sender, key, class.max_rights);
                 let fds = [FdIn { class: Ok(class), requested: *req }];
                 match check_frame(&policy, hop, &handles, &fds) {
@@ -282,6 +298,7 @@ mod tests {
             sender: 0,
             receiver: 1,
             receiver_vfds: 2,
+            sender_vfds: 100,
         };
         let fds: Vec<FdIn> = (0..3)
             .map(|i| FdIn {
