@@ -764,3 +764,57 @@ fn fresh_objects_count_against_the_senders_vfds() {
     send(&b_to_a, 9, &[(pipes[4].1.as_fd(), Rights::WRITE)]);
     expect_refused(&b_to_a, 9, Refusal::OutOfMemory);
 }
+
+/// The bench subcommand runs end to end (small counts; no assertion on speed) and ends
+/// with its BENCH line; `--help` documents the options init uses.
+#[test]
+fn bench_and_help_run() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-hub"))
+        .args(["bench", "--messages", "300", "--samples", "50"])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout.lines().last().unwrap();
+    assert!(
+        last.starts_with("BENCH hub rate_ratio_vs_direct="),
+        "{stdout}"
+    );
+    for key in ["p50_us=", "p99_us=", "direct_p99_us="] {
+        assert!(last.contains(key), "{last}");
+    }
+    let help = Command::new(env!("CARGO_BIN_EXE_bulkhead-hub"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for opt in [
+        "--policy-dir",
+        "--control-socket",
+        "--vm <NAME=FD>",
+        "--audit-log",
+    ] {
+        assert!(help.contains(opt), "{help}");
+    }
+}
+
+/// Bad `--vm` arguments are refused before anything starts.
+#[test]
+fn bad_vm_arguments_are_refused() {
+    for bad in ["a", "a=x", "a=1", "a=999"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-hub"))
+            .args(["--policy-dir", "/nonexistent", "--vm", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--vm"),
+            "{bad}"
+        );
+    }
+}
