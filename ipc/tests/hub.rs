@@ -818,3 +818,61 @@ fn bad_vm_arguments_are_refused() {
         );
     }
 }
+
+/// The VMM-side helper: a send with a memfd and a pipe end, the paired delivery, a refusal
+/// by sequence number, and back-pressure as WouldBlock.
+#[test]
+fn vmm_side_client_helper() {
+    use bulkhead_ipc::hub::client::{ClientError, HubConn, Incoming};
+    let mut h = TestHub::start(POLICY, &["a", "b"], &["--queue", "2"]);
+    h.provide("a", "inbox");
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let mut b = HubConn::from_fd(b_to_a.into_fd()).unwrap();
+    let a = HubConn::from_fd(a_from_b.into_fd()).unwrap();
+    let m = memfd();
+    let (_r, w) = nix::unistd::pipe().unwrap();
+    let seq = b
+        .try_send(b"hi", &[(m.as_fd(), RO), (w.as_fd(), Rights::WRITE)])
+        .unwrap();
+    let wait = |c: &HubConn| loop {
+        match c.try_recv() {
+            Err(ClientError::Channel(ChannelError::WouldBlock)) => {
+                let mut p = libc::pollfd {
+                    fd: c.as_fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; 60 s is a hang guard.
+                let n = unsafe { libc::poll(&mut p, 1, 60_000) };
+                assert!(n > 0, "hub stalled");
+            }
+            other => break other.unwrap(),
+        }
+    };
+    match wait(&a) {
+        Incoming::Message { data, fds } => {
+            assert_eq!(data, b"hi");
+            assert_eq!(fds.len(), 2);
+            assert_eq!((fds[0].1.fd_type, fds[0].1.rights), (FdType::Memfd, RO));
+            assert!(fds[1].1.write_end);
+        }
+        other => panic!("{other:?}"),
+    }
+    let bad = b
+        .try_send(b"no", &[(m.as_fd(), RO | Rights::WRITE | Rights::RESIZE)])
+        .unwrap();
+    assert_ne!(bad, seq);
+    match wait(&b) {
+        Incoming::Refused { seq, error } => assert_eq!((seq, error), (bad, Refusal::InvalidArgs)),
+        other => panic!("{other:?}"),
+    }
+    let mut sent = 0;
+    loop {
+        match b.try_send(b"x", &[]) {
+            Ok(_) => sent += 1,
+            Err(ClientError::Channel(ChannelError::WouldBlock)) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(sent < 1_000_000, "no back-pressure");
+    }
+}

@@ -11,6 +11,7 @@
 //! affected.
 
 pub mod audit;
+pub mod client;
 pub mod control;
 pub mod handles;
 pub mod memfd_server;
