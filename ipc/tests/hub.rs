@@ -876,3 +876,90 @@ fn vmm_side_client_helper() {
         assert!(sent < 1_000_000, "no back-pressure");
     }
 }
+
+/// `apply --revoke-live` closes the connections the new generation no longer allows (both
+/// VMs hear `Closed`); without it they are listed and stay.
+#[test]
+fn apply_lists_and_revokes_live_connections() {
+    let mut h = TestHub::start(POLICY, &["a", "b", "c"], &[]);
+    h.provide("a", "inbox");
+    h.provide("c", "sink");
+    let (conn, b_to_a, _a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let (_, _a_to_c, _c_from_a) = h.connect("a", "sink", "c").unwrap();
+    let new_dir = h.dir.path().join("new.d");
+    std::fs::create_dir(&new_dir).unwrap();
+    std::fs::write(
+        new_dir.join("10-test.policy"),
+        POLICY.replace("grant b connect inbox@a\n", ""),
+    )
+    .unwrap();
+    let hash = PolicyTree::load(&RootDir::staging(&new_dir)).hash;
+    let apply = |revoke_live: bool| Request::Apply {
+        tree_hash: hash.clone(),
+        root: new_dir.clone(),
+        if_match: None,
+        revoke_live,
+    };
+    let Response::Applied(r) = h.control(&apply(false)) else {
+        panic!()
+    };
+    assert_eq!(r.no_longer_allowed.len(), 1);
+    assert_eq!(r.no_longer_allowed[0].vm, "b");
+    assert!(!r.revoked);
+    // Still open, but frames are refused under the new generation.
+    let m = memfd();
+    send(&b_to_a, 1, &[(m.as_fd(), RO)]);
+    expect_refused(&b_to_a, 1, Refusal::PermissionDenied);
+    let Response::Applied(r) = h.control(&apply(true)) else {
+        panic!()
+    };
+    assert!(r.revoked);
+    assert_eq!(
+        h.vm("b").recv::<HubEvent>().unwrap().0,
+        HubEvent::Closed { tag: 0, conn }
+    );
+    assert_eq!(
+        h.vm("a").recv::<HubEvent>().unwrap().0,
+        HubEvent::Closed { tag: 0, conn }
+    );
+    assert!(matches!(
+        b_to_a.recv::<ConnEvent>(),
+        Err(ChannelError::Closed)
+    ));
+}
+
+/// A VM whose channel closes loses everything: its services, its connections (peers hear
+/// `Closed`), its handle-table entries; a provider that went away looks like any denial.
+#[test]
+fn vm_going_away_loses_its_services_and_connections() {
+    let mut h = TestHub::start(POLICY, &["a", "b", "c"], &[]);
+    h.provide("a", "inbox");
+    h.provide("c", "sink");
+    let (conn, _b_to_a, _a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let (_, a_to_c, c_from_a) = h.connect("a", "sink", "c").unwrap();
+    let a_chan = h.vms.remove("a").unwrap();
+    drop(a_chan);
+    assert_eq!(
+        h.vm("b").recv::<HubEvent>().unwrap().0,
+        HubEvent::Closed { tag: 0, conn }
+    );
+    assert!(matches!(
+        h.vm("c").recv::<HubEvent>().unwrap().0,
+        HubEvent::Closed { .. }
+    ));
+    assert!(matches!(
+        c_from_a.recv::<ConnEvent>(),
+        Err(ChannelError::Closed)
+    ));
+    drop(a_to_c);
+    assert_eq!(
+        h.connect("b", "inbox", "a").unwrap_err(),
+        Refusal::PermissionDenied
+    );
+    let audit = h.audit_lines();
+    let last = audit.iter().rev().find(|r| r["verb"] == "connect").unwrap();
+    assert!(
+        last["reason"].as_str().unwrap().contains("not running"),
+        "{last}"
+    );
+}
