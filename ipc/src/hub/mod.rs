@@ -724,6 +724,7 @@ impl Hub {
     fn sweep_memfds(&mut self) {
         // The cache's own descriptions would count as holders: drop them first.
         self.ro_cache.clear();
+        self.audit.flush();
         self.last_sweep = Instant::now();
         for key in self.memfd.sweep() {
             self.handles.forget_object(key);
