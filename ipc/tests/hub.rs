@@ -966,3 +966,37 @@ fn vm_going_away_loses_its_services_and_connections() {
         "{last}"
     );
 }
+
+/// A sender that fills a stuck receiver's queue and then hangs up: the hub loses none of
+/// the frames still in the sender's socket; when the receiver drains, every frame arrives,
+/// then EOF. (While back-pressured, the hung-up socket is left out of the poll set so
+/// POLLHUP does not make the loop spin; that part is not observable without timing.)
+#[test]
+fn sender_hangs_up_under_back_pressure() {
+    let mut h = TestHub::start(POLICY, &["a", "b"], &["--queue", "4"]);
+    h.provide("a", "inbox");
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let mut sent = 0u32;
+    loop {
+        let msg = ConnSend {
+            seq: sent,
+            data: sent.to_le_bytes().to_vec(),
+            rights: heapless::Vec::new(),
+        };
+        match b_to_a.try_send(&msg, &[]) {
+            Ok(()) => sent += 1,
+            Err(ChannelError::WouldBlock) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    drop(b_to_a);
+    // The hub keeps serving other requests meanwhile.
+    assert!(matches!(h.provide("a", "inbox"), HubEvent::Provided { .. }));
+    for seq in 0..sent {
+        expect_deliver(&a_from_b, seq);
+    }
+    assert!(matches!(
+        a_from_b.recv::<ConnEvent>(),
+        Err(ChannelError::Closed)
+    ));
+}

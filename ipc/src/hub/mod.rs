@@ -113,6 +113,9 @@ struct End {
     sock: Channel,
     /// Frames for this end's VMM not yet sent.
     out: VecDeque<Queued>,
+    /// The VMM hung up while back-pressure kept the hub from reading the rest: leave the
+    /// socket out of the poll set (POLLHUP would spin) until reading resumes.
+    hung_up: bool,
 }
 
 /// A connection's standing under one generation.
@@ -318,6 +321,9 @@ impl Hub {
                 if !me.out.is_empty() {
                     ev |= libc::POLLOUT;
                 }
+                if me.hung_up && ev == 0 {
+                    continue;
+                }
                 push(me.sock.as_fd(), ev, Src::Conn(*id, s));
             }
         }
@@ -346,6 +352,11 @@ impl Hub {
                 }
                 if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                     self.read_conn(id, s);
+                }
+                if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.end_mut(s).hung_up = true;
+                    }
                 }
             }
             Src::Listener => self.accept_control(),
@@ -622,11 +633,13 @@ impl Hub {
                     vm,
                     sock: client_hub,
                     out: VecDeque::new(),
+                    hung_up: false,
                 },
                 provider: End {
                     vm: prov,
                     sock: prov_hub,
                     out: VecDeque::new(),
+                    hung_up: false,
                 },
                 caps: None,
                 allowed_frames: 0,
