@@ -3,9 +3,9 @@
 //!
 //! Three processes: this one (the sender, VM "bench-a"), a forked hub and a forked receiver
 //! (VM "bench-b", which provides the service `bench`). The sender pushes `messages` frames,
-//! each carrying the same sealed memfd, first over a direct socketpair to the receiver, then
-//! through the hub; the receiver says "done" on a side socket after the last one. Latency is
-//! one message at a time: the sender stamps CLOCK_MONOTONIC into the data, the receiver
+//! each carrying the same sealed memfd, alternately over a direct socketpair to the receiver
+//! and through the hub, three rounds each (the median rate of each path is reported); the
+//! receiver says "done" on a side socket after each run. Latency is one message at a time: the sender stamps CLOCK_MONOTONIC into the data, the receiver
 //! records arrival minus stamp and acks on the side socket before the next one.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -95,6 +95,14 @@ fn sealed_memfd() -> Result<OwnedFd, BenchError> {
         return Err(BenchError::Failed("F_ADD_SEALS failed".into()));
     }
     Ok(fd)
+}
+
+/// Throughput runs per path.
+pub const ROUNDS: usize = 3;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -217,23 +225,29 @@ fn sender(
         }
     };
 
-    // Throughput, direct.
-    let t = Instant::now();
-    for _ in 0..opts.messages {
-        direct
-            .send(&0u64.to_le_bytes().to_vec(), &one)
-            .map_err(fail("direct send"))?;
-    }
-    expect_side(side)?;
-    let direct_rate = f64::from(opts.messages) / t.elapsed().as_secs_f64();
+    // Throughput: ROUNDS alternating runs of each path; the median of each is reported, so
+    // one burst of load from elsewhere on the machine does not decide the ratio.
+    let mut direct_rates = Vec::with_capacity(ROUNDS);
+    let mut hub_rates = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        for _ in 0..opts.messages {
+            direct
+                .send(&0u64.to_le_bytes().to_vec(), &one)
+                .map_err(fail("direct send"))?;
+        }
+        expect_side(side)?;
+        direct_rates.push(f64::from(opts.messages) / t.elapsed().as_secs_f64());
 
-    // Throughput, hub.
-    let t = Instant::now();
-    for _ in 0..opts.messages {
-        conn.send(&hub_msg(0), &one).map_err(fail("hub send"))?;
+        let t = Instant::now();
+        for _ in 0..opts.messages {
+            conn.send(&hub_msg(0), &one).map_err(fail("hub send"))?;
+        }
+        expect_side(side)?;
+        hub_rates.push(f64::from(opts.messages) / t.elapsed().as_secs_f64());
     }
-    expect_side(side)?;
-    let hub_rate = f64::from(opts.messages) / t.elapsed().as_secs_f64();
+    let direct_rate = median(&mut direct_rates);
+    let hub_rate = median(&mut hub_rates);
 
     // Latency, direct then hub.
     for _ in 0..opts.samples {
@@ -301,14 +315,16 @@ fn receiver(
         }
         Ok(stamp(&data))
     };
-    for _ in 0..opts.messages {
-        recv_direct()?;
+    for _ in 0..ROUNDS {
+        for _ in 0..opts.messages {
+            recv_direct()?;
+        }
+        side.send(&Side::Done, &[]).map_err(fail("side"))?;
+        for _ in 0..opts.messages {
+            recv_hub(&conn)?;
+        }
+        side.send(&Side::Done, &[]).map_err(fail("side"))?;
     }
-    side.send(&Side::Done, &[]).map_err(fail("side"))?;
-    for _ in 0..opts.messages {
-        recv_hub(&conn)?;
-    }
-    side.send(&Side::Done, &[]).map_err(fail("side"))?;
     let mut d = Vec::new();
     for _ in 0..opts.samples {
         let s = recv_direct()?;
