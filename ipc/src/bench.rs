@@ -5,8 +5,9 @@
 //! (VM "bench-b", which provides the service `bench`). The sender pushes `messages` frames,
 //! each carrying the same sealed memfd, alternately over a direct socketpair to the receiver
 //! and through the hub, three rounds each (the median rate of each path is reported); the
-//! receiver says "done" on a side socket after each run. Latency is one message at a time: the sender stamps CLOCK_MONOTONIC into the data, the receiver
-//! records arrival minus stamp and acks on the side socket before the next one.
+//! receiver says "done" on a side socket after each run. Latency is one message at a time:
+//! the sender stamps CLOCK_MONOTONIC into the data, the receiver records arrival minus
+//! stamp and acks on the side socket before the next one.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Instant;
