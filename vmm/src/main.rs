@@ -8,6 +8,7 @@ use clap::Parser;
 use bulkhead_ipc::channel::Channel;
 use bulkhead_vmm::config::{Cli, FdTaker, Source, VmConfig};
 use bulkhead_vmm::control::ControlServer;
+use bulkhead_vmm::devices::legacy::terminal::RawTerminal;
 use bulkhead_vmm::devices::virtio::rng::device::Rng;
 use bulkhead_vmm::devices::virtio::wl::device::Wl;
 use bulkhead_vmm::devices::virtio::wl::sockets::{WlSocket, WlSockets};
@@ -97,11 +98,30 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         vm.add_disk(f, cfg.disk_read_only)
             .map_err(|e| e.to_string())?;
     }
+    let vfio = if cfg.vfio.is_empty() {
+        None
+    } else {
+        let req = bulkhead_vmm::devices::vfio::attach::VfioRequest::from_args(
+            &cfg.vfio,
+            cfg.vfio_container_fd,
+            &cfg.vfio_group_fds,
+            &mut fds,
+        )?;
+        Some(bulkhead_vmm::devices::vfio::attach::VfioDevices::attach(
+            &mut vm, req,
+        )?)
+    };
     vm.load_linux(&mut kernel, initramfs.as_mut(), &cfg.cmdline)
         .map_err(|e| e.to_string())?;
     drop(kernel);
     drop(initramfs);
 
+    // Interactive use: the guest gets keys raw; restored when `run` returns.
+    let _raw_terminal = if cfg.serial_input {
+        RawTerminal::enable()
+    } else {
+        None
+    };
     let input: Option<Box<dyn std::io::Read + Send>> = if cfg.serial_input {
         Some(Box::new(std::io::stdin()))
     } else {
@@ -128,7 +148,11 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         None
     };
     let reason = running.wait();
-    Ok(running.stop(reason))
+    let reason = running.stop(reason);
+    if let Some(v) = vfio {
+        v.finish();
+    }
+    Ok(reason)
 }
 
 fn main() -> ExitCode {

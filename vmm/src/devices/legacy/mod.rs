@@ -1,2 +1,3 @@
-//! Legacy PC devices (only COM1).
+//! Legacy PC devices (only COM1) and the host terminal behind it.
 pub mod serial;
+pub mod terminal;
