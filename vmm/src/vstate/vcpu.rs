@@ -182,7 +182,15 @@ impl Vcpu {
     pub fn start(self, buses: VcpuBuses) -> Result<JoinHandle<()>, VcpuError> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
-            .spawn(move || self.run(&buses))
+            .spawn(move || {
+                let id = self.id;
+                let exit = buses.exit.clone();
+                // A bug in a device model must end the VM with an error, not hang it.
+                let run = std::panic::AssertUnwindSafe(|| self.run(&buses));
+                if std::panic::catch_unwind(run).is_err() {
+                    exit.request(ExitReason::VmmError(format!("vCPU {id} thread panicked")));
+                }
+            })
             .map_err(VcpuError::Spawn)
     }
 }
