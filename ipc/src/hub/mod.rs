@@ -116,6 +116,9 @@ struct End {
     /// The VMM hung up while back-pressure kept the hub from reading the rest: leave the
     /// socket out of the poll set (POLLHUP would spin) until reading resumes.
     hung_up: bool,
+    /// The hub read EOF from this end: nothing more comes; the connection closes once the
+    /// frames queued toward the other end are delivered.
+    eof: bool,
 }
 
 /// A connection's standing under one generation.
@@ -185,6 +188,8 @@ pub struct Hub {
     ro_cache: HashMap<ObjKey, OwnedFd>,
     last_sweep: Instant,
     max_conns_per_vm: usize,
+    /// Set while a batch is read: deliveries are flushed after it.
+    defer_flush: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -251,6 +256,7 @@ impl Hub {
             ro_cache: HashMap::new(),
             last_sweep: Instant::now(),
             max_conns_per_vm: cfg.max_conns_per_vm,
+            defer_flush: false,
         })
     }
 
@@ -321,7 +327,7 @@ impl Hub {
                 if !me.out.is_empty() {
                     ev |= libc::POLLOUT;
                 }
-                if me.hung_up && ev == 0 {
+                if me.eof || (me.hung_up && ev == 0) {
                     continue;
                 }
                 push(me.sock.as_fd(), ev, Src::Conn(*id, s));
@@ -349,6 +355,7 @@ impl Hub {
             Src::Conn(id, s) => {
                 if revents & libc::POLLOUT != 0 {
                     self.flush_conn(id, s);
+                    self.finish_if_drained(id);
                 }
                 if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                     self.read_conn(id, s);
@@ -634,12 +641,14 @@ impl Hub {
                     sock: client_hub,
                     out: VecDeque::new(),
                     hung_up: false,
+                    eof: false,
                 },
                 provider: End {
                     vm: prov,
                     sock: prov_hub,
                     out: VecDeque::new(),
                     hung_up: false,
+                    eof: false,
                 },
                 caps: None,
                 allowed_frames: 0,
@@ -746,7 +755,30 @@ impl Hub {
 
     // ---- connections -------------------------------------------------------------------
 
+    /// Reads a batch from one side; deliveries are flushed once after the batch, so both
+    /// VMMs see bursts rather than one wake-up per frame.
     fn read_conn(&mut self, id: ConnId, s: Side) {
+        self.defer_flush = true;
+        self.read_conn_batch(id, s);
+        self.defer_flush = false;
+        self.flush_conn(id, other(s));
+        self.flush_conn(id, s);
+        self.finish_if_drained(id);
+    }
+
+    /// Closes a connection one side of which sent EOF, once everything queued toward the
+    /// other side is delivered (a sender's last frames are not lost).
+    fn finish_if_drained(&mut self, id: ConnId) {
+        let done = self.conns.get(&id).is_some_and(|c| {
+            (c.client.eof && c.provider.out.is_empty())
+                || (c.provider.eof && c.client.out.is_empty())
+        });
+        if done {
+            self.close_conn(id, 0);
+        }
+    }
+
+    fn read_conn_batch(&mut self, id: ConnId, s: Side) {
         for _ in 0..64 {
             let limit = self.queue_limit;
             let Some(c) = self.conns.get(&id) else {
@@ -755,11 +787,18 @@ impl Hub {
             if c.end(other(s)).out.len() >= limit || c.end(s).out.len() >= limit {
                 return; // back-pressure: leave it in the sender's socket
             }
+            if c.end(s).eof {
+                return;
+            }
             match c.end(s).sock.try_recv_frame() {
                 Ok(raw) => self.route(id, s, raw.bytes, raw.fds),
                 Err(ChannelError::WouldBlock) => return,
                 Err(ChannelError::Closed) | Err(ChannelError::Sys { .. }) => {
-                    self.close_conn(id, 0);
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        let me = c.end_mut(s);
+                        me.eof = true;
+                        me.out.clear(); // refusals for a sender that left
+                    }
                     return;
                 }
                 Err(e) => {
@@ -880,7 +919,9 @@ impl Hub {
         if let Some(c) = self.conns.get_mut(&id) {
             c.end_mut(s).out.push_back((bytes, fds));
         }
-        self.flush_conn(id, s);
+        if !self.defer_flush {
+            self.flush_conn(id, s);
+        }
     }
 
     fn route(&mut self, id: ConnId, s: Side, bytes: Vec<u8>, fds: Vec<OwnedFd>) {

@@ -12,8 +12,6 @@
 //! holds. The first failure rejects the whole frame; nothing has been changed by then
 //! (the caller commits only an `Ok`).
 
-use std::collections::HashSet;
-
 use bulkhead_policy::{ConnectionCaps, Direction, Policy, Rights};
 
 use crate::classify::{Classified, ClassifyError, FdKind};
@@ -84,7 +82,7 @@ pub fn check_frame(
     fds: &[FdIn],
 ) -> Result<Vec<Approved>, Rejection> {
     let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
-    let mut seen = HashSet::with_capacity(fds.len());
+    let mut seen: Vec<crate::classify::ObjKey> = Vec::with_capacity(fds.len());
     let mut out = Vec::with_capacity(fds.len());
     let mut new_entries: u64 = 0;
     let mut new_origins: u64 = 0;
@@ -102,12 +100,13 @@ pub fn check_frame(
                 ))
             }
         };
-        if !seen.insert(class.key) {
+        if seen.contains(&class.key) {
             return Err(reject(
                 Refusal::InvalidId,
                 format!("fd {i}: the same object twice in one frame"),
             ));
         }
+        seen.push(class.key);
         let Some(sender_rights) = handles.rights_of(hop.sender, class.key, class.max_rights) else {
             return Err(reject(
                 Refusal::InvalidId,
