@@ -77,6 +77,15 @@ pub struct Cli {
     /// --wl. More are added at run time with the control socket's `wl add`.
     #[arg(long, value_parser = parse_wl_socket)]
     pub wl_socket: Vec<(String, PathBuf)>,
+    /// Pass a host PCI function through (bound to vfio-pci), e.g. 0000:00:03.0. Repeatable.
+    #[arg(long)]
+    pub vfio: Vec<String>,
+    /// /dev/vfio/vfio as an already-open descriptor (with --vfio-group-fd: no host paths).
+    #[arg(long, requires = "vfio")]
+    pub vfio_container_fd: Option<RawFd>,
+    /// An IOMMU group (/dev/vfio/<n>) as an already-open descriptor. Repeatable.
+    #[arg(long, requires = "vfio_container_fd")]
+    pub vfio_group_fd: Vec<RawFd>,
     /// /dev/kvm as an already-open file descriptor.
     #[arg(long)]
     pub kvm_fd: Option<RawFd>,
@@ -162,6 +171,12 @@ pub struct VmConfig {
     pub wl: bool,
     /// virtio_wl sockets at start (name, listening path).
     pub wl_sockets: Vec<(String, PathBuf)>,
+    /// PCI functions to pass through (`--vfio`).
+    pub vfio: Vec<String>,
+    /// The VFIO container as an inherited descriptor.
+    pub vfio_container_fd: Option<RawFd>,
+    /// IOMMU groups as inherited descriptors.
+    pub vfio_group_fds: Vec<RawFd>,
     /// /dev/kvm.
     pub kvm_fd: Option<RawFd>,
     /// Control socket path.
@@ -202,6 +217,9 @@ impl From<Cli> for VmConfig {
             rng: c.rng,
             wl: c.wl || !c.wl_socket.is_empty(),
             wl_sockets: c.wl_socket,
+            vfio: c.vfio,
+            vfio_container_fd: c.vfio_container_fd,
+            vfio_group_fds: c.vfio_group_fd,
             kvm_fd: c.kvm_fd,
             control_socket: c.control_socket,
             control_fd: c.control_fd,

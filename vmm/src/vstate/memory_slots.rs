@@ -56,6 +56,23 @@ unsafe impl Sync for HostMapping {}
 impl HostMapping {
     /// Maps `len` bytes of `fd` from offset 0, shared; read-only unless `writable`.
     pub fn map_fd(fd: &impl AsRawFd, len: usize, writable: bool) -> Result<Self, SlotError> {
+        Self::map_fd_at(fd, 0, len, writable)
+    }
+
+    /// Maps `len` bytes of `fd` from `offset` (page-aligned), shared; read-only unless
+    /// `writable` (a VFIO device region lives at a region-specific offset of the device fd).
+    pub fn map_fd_at(
+        fd: &impl AsRawFd,
+        offset: u64,
+        len: usize,
+        writable: bool,
+    ) -> Result<Self, SlotError> {
+        let Ok(offset) = libc::off_t::try_from(offset) else {
+            return Err(SlotError::Alignment {
+                addr: offset,
+                len: len as u64,
+            });
+        };
         if len == 0 || len as u64 % PAGE != 0 {
             return Err(SlotError::Alignment {
                 addr: 0,
@@ -75,7 +92,7 @@ impl HostMapping {
                 prot,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                0,
+                offset,
             )
         };
         if addr == libc::MAP_FAILED {

@@ -1,0 +1,223 @@
+//! Putting `--vfio` devices into a VM: one VFIO container for the whole VM, every region of
+//! guest memory mapped into its IOMMU with IOVA = guest-physical address (so the guest's
+//! driver programs guest-physical addresses for DMA, as on hardware without a vIOMMU), the
+//! groups registered with KVM's VFIO pseudo-device, each device reset (when it can be) and
+//! placed on the PCI bus. At VM end: interrupts off, reset, DMA unmapped.
+//!
+//! Two ways in: by path (`--vfio <bdf>`: the device must already be bound to vfio-pci and its
+//! group viable; a group another VMM holds gives `DeviceInUse`), or from descriptors the parent
+//! opened (`--vfio-container-fd` + `--vfio-group-fd`, with `--vfio <bdf>` naming the devices).
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use bulkhead_vfio::{Bdf, Container, SysfsRoot};
+use kvm_bindings::{
+    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_GROUP,
+    KVM_DEV_VFIO_GROUP_ADD,
+};
+use kvm_ioctls::DeviceFd;
+
+use super::passthrough::VfioPciDevice;
+use crate::config::FdTaker;
+use crate::vm::Vm;
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// ISA IRQs given to passed-through functions' INTx, in order (Linux routes a PCI function
+/// without an ACPI _PRT entry through its interrupt-line register, for IRQs below 16).
+const INTX_LINES: [u8; 4] = [10, 11, 7, 6];
+
+/// What to pass through.
+#[derive(Debug, Default)]
+pub struct VfioRequest {
+    /// The functions, e.g. `0000:00:03.0`.
+    pub devices: Vec<Bdf>,
+    /// An open `/dev/vfio/vfio`; `None`: open it by path.
+    pub container_fd: Option<OwnedFd>,
+    /// Open `/dev/vfio/<group>` descriptors; empty: open the groups by path.
+    pub group_fds: Vec<OwnedFd>,
+}
+
+impl VfioRequest {
+    /// Builds a request from command-line values; descriptors are taken from `fds`.
+    pub fn from_args(
+        devices: &[String],
+        container_fd: Option<RawFd>,
+        group_fds: &[RawFd],
+        fds: &mut FdTaker,
+    ) -> Result<Self, String> {
+        let devices = devices
+            .iter()
+            .map(|d| d.parse::<Bdf>().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let container_fd = match container_fd {
+            Some(fd) => Some(fds.take(fd).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let group_fds = group_fds
+            .iter()
+            .map(|fd| fds.take(*fd).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            devices,
+            container_fd,
+            group_fds,
+        })
+    }
+}
+
+/// The passed-through devices of a VM and the container whose IOMMU maps its memory.
+pub struct VfioDevices {
+    devices: Vec<Arc<Mutex<VfioPciDevice>>>,
+    by_path: bool,
+    _kvm_vfio: Option<DeviceFd>,
+    /// Dropped before `mem`: the IOMMU mappings go before the memory can.
+    container: Option<Container>,
+    mem: GuestMemoryMmap,
+}
+
+/// The group number of an open `/dev/vfio/<n>` descriptor, from its /proc link.
+fn group_number(fd: &OwnedFd) -> Result<u32, String> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| format!("vfio group fd {}: {e}", fd.as_raw_fd()))?;
+    link.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "vfio group fd {} is {}, not /dev/vfio/<group>",
+                fd.as_raw_fd(),
+                link.display()
+            )
+        })
+}
+
+/// KVM's VFIO pseudo-device with every group added (lets KVM honour non-coherent DMA).
+fn kvm_vfio_device(vm: &Vm, container: &Container) -> Result<DeviceFd, String> {
+    let mut create = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    let dev = vm
+        .vm_fd()
+        .create_device(&mut create)
+        .map_err(|e| format!("KVM_CREATE_DEVICE (VFIO): {e}"))?;
+    for (id, fd) in container.groups() {
+        let raw: RawFd = fd.as_raw_fd();
+        let attr = kvm_device_attr {
+            flags: 0,
+            group: KVM_DEV_VFIO_GROUP,
+            attr: u64::from(KVM_DEV_VFIO_GROUP_ADD),
+            addr: &raw as *const RawFd as u64,
+        };
+        dev.set_device_attr(&attr)
+            .map_err(|e| format!("KVM_DEV_VFIO_GROUP_ADD (group {id}): {e}"))?;
+    }
+    Ok(dev)
+}
+
+impl VfioDevices {
+    /// Opens the container and devices of `req` and puts the devices on `vm`'s PCI bus.
+    pub fn attach(vm: &mut Vm, req: VfioRequest) -> Result<Self, String> {
+        let root = SysfsRoot::host();
+        let by_path = req.group_fds.is_empty();
+        let mut container = match req.container_fd {
+            Some(fd) => Container::from_fd(fd),
+            None => Container::open(&root),
+        }
+        .map_err(|e| e.to_string())?;
+        for fd in req.group_fds {
+            let id = group_number(&fd)?;
+            container.adopt_group(id, fd).map_err(|e| e.to_string())?;
+        }
+        let mut opened = Vec::new();
+        for bdf in &req.devices {
+            let dev = if by_path {
+                container.attach_device(&root, *bdf)
+            } else {
+                container.open_device(*bdf)
+            }
+            .map_err(|e| format!("cannot pass {bdf} through: {e}"))?;
+            opened.push(Arc::new(dev));
+        }
+        let mem = vm.memory().clone();
+        let ram: u64 = vm_memory::GuestMemoryBackend::iter(&mem)
+            .map(vm_memory::GuestMemoryRegion::len)
+            .sum();
+        bulkhead_vfio::check_memlock(ram).map_err(|e| e.to_string())?;
+        // SAFETY: `mem` (a clone sharing the same mappings) is kept in the returned value and
+        // outlives the container (field order; `finish` unmaps first); guest memory is only
+        // ever accessed through vm-memory's volatile accessors.
+        unsafe { container.map_guest_memory(&mem) }.map_err(|e| e.to_string())?;
+        log::info!(
+            "bulkhead-vmm: vfio: {ram:#x} bytes of guest memory mapped for DMA (IOVA = GPA)"
+        );
+        let kvm_vfio = match kvm_vfio_device(vm, &container) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                log::warn!("bulkhead-vmm: vfio: {e} (continuing without it)");
+                None
+            }
+        };
+        let mut devices = Vec::new();
+        for (i, dev) in opened.into_iter().enumerate() {
+            let bdf = dev.bdf();
+            if dev.can_reset() {
+                dev.reset()
+                    .map_err(|e| format!("{bdf}: reset at VM start: {e}"))?;
+                log::info!("bulkhead-vmm: vfio {bdf}: reset at VM start");
+            } else {
+                log::info!("bulkhead-vmm: vfio {bdf}: no reset method; not reset at VM start");
+            }
+            let line = INTX_LINES.get(i).copied().unwrap_or(0xff);
+            let routing = vm.irq_routing().clone();
+            let slots = vm.memory_slots().clone();
+            let pci = VfioPciDevice::new(dev, vm.bar_allocator(), &slots, &routing, line)
+                .map_err(|e| e.to_string())?;
+            let pci = Arc::new(Mutex::new(pci));
+            vm.add_pci_device(pci.clone()).map_err(|e| e.to_string())?;
+            devices.push(pci);
+        }
+        Ok(Self {
+            devices,
+            by_path,
+            _kvm_vfio: kvm_vfio,
+            container: Some(container),
+            mem,
+        })
+    }
+
+    /// At VM end: interrupts off, reset where possible, DMA unmapped, container closed; then
+    /// reports whether each device is still bound to vfio-pci on the host (it must be: nothing
+    /// hands a device back to a host driver implicitly).
+    pub fn finish(mut self) {
+        let mut bdfs = Vec::new();
+        for d in &self.devices {
+            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+            d.shutdown();
+            bdfs.push(d.device().bdf());
+        }
+        if let Some(c) = self.container.take() {
+            if let Err(e) = c.unmap_guest_memory(&self.mem) {
+                log::warn!("bulkhead-vmm: vfio: unmapping guest memory: {e}");
+            }
+        }
+        if !self.by_path {
+            return;
+        }
+        let root = SysfsRoot::host();
+        for bdf in bdfs {
+            match root.function(bdf) {
+                Ok(f) if f.is_bound_to_vfio_pci() => {
+                    log::info!("bulkhead-vmm: vfio {bdf}: released, still bound to vfio-pci")
+                }
+                Ok(f) => log::warn!(
+                    "bulkhead-vmm: vfio {bdf}: released, bound to {}",
+                    f.driver.as_deref().unwrap_or("no driver")
+                ),
+                Err(e) => log::warn!("bulkhead-vmm: vfio {bdf}: {e}"),
+            }
+        }
+    }
+}
