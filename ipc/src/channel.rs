@@ -402,7 +402,8 @@ pub struct ChannelListener {
 }
 
 impl ChannelListener {
-    /// Binds `path` (an existing socket file there is replaced), sets its mode, listens.
+    /// Binds `path` (an existing socket file there is replaced), sets its mode, listens; the
+    /// path appears only once the socket is listening.
     ///
     /// The mode is applied with chmod right after bind; callers that need the socket never
     /// to be reachable with a wider mode should bind inside a directory with tight
@@ -421,15 +422,44 @@ impl ChannelListener {
             None,
         )
         .map_err(sys("socket"))?;
-        let addr = UnixAddr::new(path.as_os_str().as_bytes()).map_err(sys("socket path"))?;
+        // Bind under a temporary name and rename into place once listening, so the path
+        // never names a socket that refuses connections (clients may start polling for it
+        // at once). Paths too long for the extra suffix are bound directly.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".binding");
+        let tmp = std::path::PathBuf::from(tmp);
+        let staged = tmp.as_os_str().len() < 100;
+        let bind_path: &Path = if staged { &tmp } else { path };
+        if staged {
+            if let Ok(meta) = std::fs::symlink_metadata(&tmp) {
+                if meta.file_type().is_socket() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+        }
+        let addr = UnixAddr::new(bind_path.as_os_str().as_bytes()).map_err(sys("socket path"))?;
         bind(fd.as_raw_fd(), &addr).map_err(sys("bind"))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
-            ChannelError::Sys {
-                op: "chmod socket",
+        let io_err = |op: &'static str| {
+            move |e: std::io::Error| ChannelError::Sys {
+                op,
                 errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
             }
-        })?;
-        listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN)).map_err(sys("listen"))?;
+        };
+        let finish = || -> Result<(), ChannelError> {
+            std::fs::set_permissions(bind_path, std::fs::Permissions::from_mode(mode))
+                .map_err(io_err("chmod socket"))?;
+            listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN)).map_err(sys("listen"))?;
+            if staged {
+                std::fs::rename(bind_path, path).map_err(io_err("rename socket into place"))?;
+            }
+            Ok(())
+        };
+        if let Err(e) = finish() {
+            if staged {
+                let _ = std::fs::remove_file(bind_path);
+            }
+            return Err(e);
+        }
         Ok(ChannelListener { fd })
     }
 
