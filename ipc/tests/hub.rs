@@ -1092,3 +1092,47 @@ fn garbage_frames_are_refused_and_change_nothing() {
     h.provide("a", "inbox");
     assert_eq!(h.hub_fds(), before);
 }
+
+/// `Release` drops the VM's entry: the object can no longer be sent by it (InvalidId), and
+/// a move (no DUP) drops the sender's entry the same way.
+#[test]
+fn release_and_move_drop_entries() {
+    let mut h = TestHub::start(POLICY, &["a", "b", "c"], &[]);
+    h.provide("a", "inbox");
+    h.provide("c", "sink");
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let (_, a_to_c, c_from_a) = h.connect("a", "sink", "c").unwrap();
+    let m = memfd();
+    // B gives A read+map+transfer (no DUP): A's forward is a move.
+    send(&b_to_a, 1, &[(m.as_fd(), RO | Rights::TRANSFER)]);
+    let (_, mut fds) = expect_deliver(&a_from_b, 1);
+    let at_a = fds.pop().unwrap();
+    send(&a_to_c, 2, &[(at_a.as_fd(), RO)]);
+    expect_deliver(&c_from_a, 2);
+    send(&a_to_c, 3, &[(at_a.as_fd(), RO)]);
+    expect_refused(&a_to_c, 3, Refusal::InvalidId);
+    // B gives A a pipe end with DUP; A releases it; A can no longer send it.
+    let (_r, w) = nix::unistd::pipe().unwrap();
+    send(
+        &b_to_a,
+        4,
+        &[(w.as_fd(), Rights::WRITE | Rights::TRANSFER | Rights::DUP)],
+    );
+    let (_, mut fds) = expect_deliver(&a_from_b, 4);
+    let pw = fds.pop().unwrap();
+    let st = nix::sys::stat::fstat(pw.as_fd()).unwrap();
+    h.vm("a")
+        .send(
+            &VmRequest::Release {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            },
+            &[],
+        )
+        .unwrap();
+    h.provide("a", "inbox"); // round trip: the release is processed
+                             // Without the release this would pass the id check and fail later on the type
+                             // (PermissionDenied: sink carries no pipes); released, it fails the id check.
+    send(&a_to_c, 6, &[(pw.as_fd(), Rights::WRITE)]);
+    expect_refused(&a_to_c, 6, Refusal::InvalidId);
+}
