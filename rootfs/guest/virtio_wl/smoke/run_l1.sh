@@ -1,0 +1,35 @@
+#!/bin/sh
+# The wl_smoke guest as an L2 under bulkhead-vmm inside a QEMU-emulated L1 (TCG + nested
+# SVM), for machines whose /dev/kvm cannot run Linux. Usage:
+#   run_l1.sh VMM_BINARY KERNEL_ROOT
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+vmm=$1; kroot=$2
+abi=$(ls "$kroot/lib/modules" | head -1)
+work=$(mktemp -d)
+[ -n "${WL_SMOKE_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
+make -s -C "/usr/src/linux-headers-$abi" M="$here/.." modules >/dev/null 2>&1
+inc="-I$here/../include/uapi"
+mkdir -p "$work/l2/lib" "$work/l2/dev"
+gcc -static -O2 -Wall -Werror $inc -o "$work/l2/init" "$here/wl_smoke.c"
+for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci; do
+  cp "$kroot/lib/modules/$abi/kernel/drivers/virtio/$m.ko" "$work/l2/lib/"
+done
+cp "$here/../virtio_wl.ko" "$work/l2/lib/"
+mkdir -p "$work/l1/lib" "$work/l1/bin" "$work/l1/l2" "$work/l1/dev" "$work/l1/proc" "$work/l1/tmp" \
+  "$work/l1/lib64" "$work/l1/lib/x86_64-linux-gnu"
+python3 "$here/newc.py" "$work/l2" "$work/l1/l2/initramfs.cpio"
+cp "$kroot"/boot/vmlinuz-* "$work/l1/l2/vmlinuz"
+gcc -static -O2 -Wall $inc -o "$work/l1/init" "$here/l1_init.c"
+cp "$vmm" "$work/l1/bin/bulkhead-vmm"
+for l in $(ldd "$vmm" | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
+  mkdir -p "$work/l1$(dirname "$l")"; cp "$l" "$work/l1$l"
+done
+cp "$kroot/lib/modules/$abi/kernel/virt/lib/irqbypass.ko" "$kroot/lib/modules/$abi/kernel/arch/x86/kvm/kvm.ko" \
+  "$kroot/lib/modules/$abi/kernel/arch/x86/kvm/kvm-amd.ko" "$work/l1/lib/"
+python3 "$here/newc.py" "$work/l1" "$work/l1.cpio"
+timeout "${WL_SMOKE_TIMEOUT:-300}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 1024 \
+  -nographic -no-reboot -kernel "$kroot"/boot/vmlinuz-* -initrd "$work/l1.cpio" \
+  -append "console=ttyS0 panic=-1 quiet" > "$work/serial.log" 2>&1 || true
+grep -E "L1:|wl-smoke|WL-SMOKE|virtio_wl|wl0|BUG|Oops|Call Trace|bulkhead-vmm: (WARN|ERROR)" "$work/serial.log" || tail -20 "$work/serial.log"
+grep -q "WL-SMOKE OK" "$work/serial.log" && grep -q "L1: peer ok" "$work/serial.log"
