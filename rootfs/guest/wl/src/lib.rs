@@ -1,0 +1,486 @@
+//! bulkhead-wl: the guest side of virtio_wl, over the `/dev/wl0` driver
+//! (rootfs/guest/virtio_wl).
+//!
+//! - `Wl::open()` opens the device; `connect(name)` gives a `WlStream` (a context vfd):
+//!   `send(data, fds)`, `recv() -> (data, fds)`, `Read`/`Write`, non-blocking mode.
+//! - `alloc(size)` gives `SharedMemory`: a mapped shm vfd that can be sent to the host (zero
+//!   copy: both sides see the same pages).
+//! - `pipe_read()` / `pipe_write()` give pipe vfds whose other end is sent as an fd.
+//! - `Listener`: the faux accept. A server VM connects a listener context; the hub sends
+//!   connection names (`wl-conn-N\n`) over it; `accept()` reads one and connects to it.
+//!
+//! Fds are owned (`OwnedFd`): what is sent cannot be closed under the sender, and received
+//! fds are owned at once. See docs/virtio_wl.md.
+
+pub mod uapi;
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use uapi::{new_type, IoctlNew, IoctlTxn, CTX_NAME_MAX_LEN, SEND_MAX_ALLOCS};
+
+/// Most data one RECV returns (one in-queue buffer's payload).
+pub const MAX_RECV: usize = 4096;
+
+/// Errors.
+#[derive(Debug, thiserror::Error)]
+pub enum WlError {
+    /// A system call failed.
+    #[error("{what}: {err}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// Why.
+        err: std::io::Error,
+    },
+    /// A name longer than 32 bytes or containing NUL.
+    #[error("bad context name {0:?}")]
+    BadName(String),
+    /// More than 28 fds in one send.
+    #[error("at most {SEND_MAX_ALLOCS} fds per message")]
+    TooManyFds,
+    /// The listener context closed.
+    #[error("the listener context was closed")]
+    ListenerClosed,
+}
+
+fn last(what: &'static str) -> WlError {
+    WlError::Io {
+        what,
+        err: std::io::Error::last_os_error(),
+    }
+}
+
+/// The virtio_wl device (`/dev/wl0`).
+pub struct Wl {
+    dev: OwnedFd,
+}
+
+impl Wl {
+    /// Opens `/dev/wl0`.
+    pub fn open() -> Result<Self, WlError> {
+        Self::open_path(Path::new("/dev/wl0"))
+    }
+
+    /// Opens the device node at `path`.
+    pub fn open_path(path: &Path) -> Result<Self, WlError> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|err| WlError::Io {
+                what: "open the virtio_wl device",
+                err,
+            })?;
+        Ok(Self { dev: f.into() })
+    }
+
+    fn new_vfd(&self, kind: u32, payload: [u8; 36]) -> Result<OwnedFd, WlError> {
+        let mut arg = IoctlNew {
+            kind,
+            fd: -1,
+            flags: 0,
+            payload,
+        };
+        // SAFETY: IOCTL_NEW reads and writes one 48-byte IoctlNew, which `arg` is.
+        let r = unsafe { libc::ioctl(self.dev.as_raw_fd(), uapi::IOCTL_NEW, &mut arg) };
+        if r != 0 || arg.fd < 0 {
+            return Err(last("VIRTWL_IOCTL_NEW"));
+        }
+        // SAFETY: the driver installed a new fd for us.
+        Ok(unsafe { OwnedFd::from_raw_fd(arg.fd) })
+    }
+
+    /// Connects to the named socket (`""`: the VMM's unnamed socket).
+    pub fn connect(&self, name: &str) -> Result<WlStream, WlError> {
+        if name.is_empty() {
+            return Ok(WlStream {
+                fd: self.new_vfd(new_type::CTX, [0; 36])?,
+            });
+        }
+        Ok(WlStream {
+            fd: self.new_vfd(new_type::CTX_NAMED, name_payload(name)?)?,
+        })
+    }
+
+    /// Allocates `size` bytes of shared memory (rounded up to pages) and maps it.
+    pub fn alloc(&self, size: usize) -> Result<SharedMemory, WlError> {
+        let size32 = u32::try_from(size).map_err(|_| WlError::Io {
+            what: "alloc",
+            err: std::io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
+        let mut p = [0u8; 36];
+        p[..4].copy_from_slice(&size32.to_ne_bytes());
+        let fd = self.new_vfd(new_type::ALLOC, p)?;
+        SharedMemory::map(fd, size)
+    }
+
+    /// A pipe this guest reads; send `WlPipe::fd()` to give the host its write end.
+    pub fn pipe_read(&self) -> Result<WlPipe, WlError> {
+        Ok(WlPipe {
+            fd: self.new_vfd(new_type::PIPE_READ, [0; 36])?,
+        })
+    }
+
+    /// A pipe this guest writes; send `WlPipe::fd()` to give the host its read end.
+    pub fn pipe_write(&self) -> Result<WlPipe, WlError> {
+        Ok(WlPipe {
+            fd: self.new_vfd(new_type::PIPE_WRITE, [0; 36])?,
+        })
+    }
+}
+
+fn name_payload(name: &str) -> Result<[u8; 36], WlError> {
+    if name.len() > CTX_NAME_MAX_LEN || name.contains('\0') {
+        return Err(WlError::BadName(name.to_string()));
+    }
+    let mut p = [0u8; 36];
+    p[..name.len()].copy_from_slice(name.as_bytes());
+    Ok(p)
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> Result<(), WlError> {
+    // SAFETY: F_GETFL/F_SETFL on an fd we borrow.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if fl < 0 {
+        return Err(last("fcntl(F_GETFL)"));
+    }
+    let fl = if on {
+        fl | libc::O_NONBLOCK
+    } else {
+        fl & !libc::O_NONBLOCK
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl) } < 0 {
+        return Err(last("fcntl(F_SETFL)"));
+    }
+    Ok(())
+}
+
+/// A connected context vfd: a message stream that carries fds.
+pub struct WlStream {
+    fd: OwnedFd,
+}
+
+#[repr(C)]
+struct TxnBuf {
+    hdr: IoctlTxn,
+    data: [u8; MAX_RECV],
+}
+
+impl WlStream {
+    /// Sends `data` with `fds` (vfds: streams, shared memory, pipes; at most 28).
+    pub fn send(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), WlError> {
+        if fds.len() > SEND_MAX_ALLOCS {
+            return Err(WlError::TooManyFds);
+        }
+        let len = u32::try_from(data.len()).map_err(|_| WlError::Io {
+            what: "send",
+            err: std::io::Error::from_raw_os_error(libc::EMSGSIZE),
+        })?;
+        let mut hdr = IoctlTxn {
+            fds: [-1; SEND_MAX_ALLOCS],
+            len,
+        };
+        for (slot, fd) in hdr.fds.iter_mut().zip(fds) {
+            *slot = fd.as_raw_fd();
+        }
+        let hsize = std::mem::size_of::<IoctlTxn>();
+        let mut buf = vec![0u8; hsize + data.len()];
+        // SAFETY: `buf` has room for the header; IoctlTxn is plain old data.
+        unsafe { std::ptr::write_unaligned(buf.as_mut_ptr().cast::<IoctlTxn>(), hdr) };
+        if let Some(d) = buf.get_mut(hsize..) {
+            d.copy_from_slice(data);
+        }
+        // SAFETY: IOCTL_SEND reads the header and `len` data bytes, all inside `buf`.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), uapi::IOCTL_SEND, buf.as_mut_ptr()) };
+        if r != 0 {
+            return Err(last("VIRTWL_IOCTL_SEND"));
+        }
+        Ok(())
+    }
+
+    /// Receives one message: its data (at most 4096 bytes) and fds. Empty data and no fds
+    /// means the host end hung up. Blocks unless non-blocking (then `WouldBlock`).
+    pub fn recv(&self) -> Result<(Vec<u8>, Vec<OwnedFd>), WlError> {
+        let mut buf = Box::new(TxnBuf {
+            hdr: IoctlTxn {
+                fds: [-1; SEND_MAX_ALLOCS],
+                len: MAX_RECV as u32,
+            },
+            data: [0; MAX_RECV],
+        });
+        // SAFETY: IOCTL_RECV reads the header and writes the header and up to `len` data
+        // bytes, all inside `buf`.
+        let r = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                uapi::IOCTL_RECV,
+                &mut *buf as *mut TxnBuf,
+            )
+        };
+        if r != 0 {
+            return Err(last("VIRTWL_IOCTL_RECV"));
+        }
+        let fds = buf
+            .hdr
+            .fds
+            .iter()
+            .filter(|fd| **fd >= 0)
+            // SAFETY: the driver installed these fds for us; each is owned exactly once.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) })
+            .collect();
+        let n = (buf.hdr.len as usize).min(MAX_RECV);
+        Ok((buf.data.get(..n).unwrap_or_default().to_vec(), fds))
+    }
+
+    /// Non-blocking mode (recv/read give `WouldBlock`, send `EAGAIN` when the queue is full).
+    pub fn set_nonblocking(&self, on: bool) -> Result<(), WlError> {
+        set_nonblocking(self.fd.as_fd(), on)
+    }
+
+    /// The vfd, e.g. to send this stream over another one.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsFd for WlStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl From<OwnedFd> for WlStream {
+    /// A stream over a received vfd (the caller knows it is a context or socket).
+    fn from(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+}
+
+fn read_fd(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: reads into `buf`, which has `buf.len()` writable bytes.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+fn write_fd(fd: RawFd, buf: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: writes from `buf`, which has `buf.len()` readable bytes.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+impl Read for &WlStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        read_fd(self.fd.as_raw_fd(), buf)
+    }
+}
+
+impl Write for &WlStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        write_fd(self.fd.as_raw_fd(), buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A pipe vfd: read or write it here, send `fd()` to give the other end away.
+pub struct WlPipe {
+    fd: OwnedFd,
+}
+
+impl WlPipe {
+    /// The vfd.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Non-blocking mode.
+    pub fn set_nonblocking(&self, on: bool) -> Result<(), WlError> {
+        set_nonblocking(self.fd.as_fd(), on)
+    }
+}
+
+impl Read for &WlPipe {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        read_fd(self.fd.as_raw_fd(), buf)
+    }
+}
+
+impl Write for &WlPipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        write_fd(self.fd.as_raw_fd(), buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Shared memory mapped into this process (an shm vfd: allocated here or received).
+pub struct SharedMemory {
+    fd: OwnedFd,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value.
+unsafe impl Send for SharedMemory {}
+
+impl SharedMemory {
+    /// Maps `len` bytes of the shm vfd `fd` read-write.
+    pub fn map(fd: OwnedFd, len: usize) -> Result<Self, WlError> {
+        // SAFETY: a fresh shared mapping chosen by the kernel.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(last("mmap of a shm vfd"));
+        }
+        Ok(Self {
+            fd,
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// The bytes (other VMs may change them at any time: copy before validating).
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` bytes for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes this the only slice from this process.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// The vfd, to send it.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Splits connection names out of the bytes a listener context delivers (`name\n` each);
+/// keeps a partial name for the next call. Names over 32 bytes are skipped.
+#[derive(Default)]
+pub struct NameFramer {
+    partial: Vec<u8>,
+}
+
+impl NameFramer {
+    /// Feeds bytes; returns the complete names in order.
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        for &b in bytes {
+            if b == b'\n' || b == 0 {
+                if !self.partial.is_empty() {
+                    if let Ok(s) = std::str::from_utf8(&self.partial) {
+                        if s.len() <= CTX_NAME_MAX_LEN {
+                            out.push(s.to_string());
+                        }
+                    }
+                    self.partial.clear();
+                }
+            } else if self.partial.len() <= CTX_NAME_MAX_LEN {
+                self.partial.push(b);
+            }
+        }
+        out
+    }
+}
+
+/// The faux accept: connection names arrive on a listener context; `accept` connects.
+pub struct Listener<'a> {
+    wl: &'a Wl,
+    ctx: WlStream,
+    framer: NameFramer,
+    ready: std::collections::VecDeque<String>,
+}
+
+impl<'a> Listener<'a> {
+    /// Listens on the context named `listener_name` (what the VM's policy set up for it).
+    pub fn bind(wl: &'a Wl, listener_name: &str) -> Result<Self, WlError> {
+        Ok(Self {
+            wl,
+            ctx: wl.connect(listener_name)?,
+            framer: NameFramer::default(),
+            ready: Default::default(),
+        })
+    }
+
+    /// Waits for the next connection name and connects to it.
+    pub fn accept(&mut self) -> Result<(WlStream, String), WlError> {
+        loop {
+            if let Some(name) = self.ready.pop_front() {
+                return Ok((self.wl.connect(&name)?, name));
+            }
+            let (data, _fds) = self.ctx.recv()?;
+            if data.is_empty() {
+                return Err(WlError::ListenerClosed);
+            }
+            self.ready.extend(self.framer.feed(&data));
+        }
+    }
+
+    /// The listener context (to poll it).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.ctx.fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_framed_across_messages() {
+        let mut f = NameFramer::default();
+        assert_eq!(f.feed(b"wl-conn-0\nwl-co"), vec!["wl-conn-0"]);
+        assert_eq!(f.feed(b"nn-1\n\n"), vec!["wl-conn-1"]);
+        let long = format!("{}\nok\n", "x".repeat(40));
+        assert_eq!(f.feed(long.as_bytes()), vec!["ok"]);
+        assert_eq!(f.feed(b"a\0b\n"), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn bad_names_are_refused_before_any_ioctl() {
+        assert!(matches!(
+            name_payload(&"n".repeat(33)),
+            Err(WlError::BadName(_))
+        ));
+        assert!(matches!(name_payload("a\0b"), Err(WlError::BadName(_))));
+        let p = name_payload("wayland").unwrap();
+        assert_eq!(&p[..8], b"wayland\0");
+    }
+
+    #[test]
+    fn opening_a_missing_device_is_an_error() {
+        assert!(matches!(
+            Wl::open_path(Path::new("/nonexistent/wl0")),
+            Err(WlError::Io { .. })
+        ));
+    }
+}
