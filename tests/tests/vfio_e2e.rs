@@ -11,7 +11,7 @@ fn edu_driver_vm_computes_gets_its_interrupt_and_dma_and_a_second_vmm_is_refused
     h.expect("bound 0000:00:03.0 to vfio-pci");
     h.expect("bulkhead-init: started edu-vm pid");
     h.expect("vfio 0000:00:03.0: BAR 0 0x100000 bytes at");
-    h.expect("vfio 0000:00:03.0: INTx on IRQ");
+    h.expect("vfio 0000:00:03.0: INTx on GSI");
     // Inside L2: the driver program.
     h.expect("edu: found 1234:11e8 at");
     h.expect("edu: identification 0x010000ed");

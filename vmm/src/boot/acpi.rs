@@ -74,8 +74,25 @@ fn com1() -> RawAml {
     ))
 }
 
+/// `_PRT`: INTA..INTD of every slot on bus 0 go to `PCI_INTX_GSI` (shared, level-triggered).
+fn pci_routing() -> RawAml {
+    let addrs: Vec<u32> = (0..32u32).map(|slot| (slot << 16) | 0xffff).collect();
+    let pins: [u8; 4] = [0, 1, 2, 3];
+    let gsi = &super::layout::PCI_INTX_GSI;
+    let entries: Vec<aml::Package> = addrs
+        .iter()
+        .flat_map(|a| {
+            pins.iter()
+                .map(move |p| aml::Package::new(vec![a, p, &aml::ZERO, gsi]))
+        })
+        .collect();
+    let refs: Vec<&dyn Aml> = entries.iter().map(|e| e as &dyn Aml).collect();
+    bytes_of(&aml::Name::new("_PRT".into(), &aml::Package::new(refs)))
+}
+
 fn pci0() -> RawAml {
     let pci_mmio_end = (PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32;
+    let prt = pci_routing();
     bytes_of(&aml::Device::new(
         "PCI0".into(),
         vec![
@@ -85,6 +102,7 @@ fn pci0() -> RawAml {
             &aml::Name::new("_SEG".into(), &aml::ZERO),
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &prt,
             &aml::Name::new(
                 "_CRS".into(),
                 &aml::ResourceTemplate::new(vec![

@@ -78,3 +78,6 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 /// Number of IOAPIC pins KVM's in-kernel IOAPIC has.
 pub const IOAPIC_PINS: u32 = 24;
+/// The GSI every PCI INTx pin is routed to by the DSDT's `_PRT` (one shared, level-triggered
+/// line; passed-through devices' INTx use it).
+pub const PCI_INTX_GSI: u32 = 16;

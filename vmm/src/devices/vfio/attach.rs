@@ -23,9 +23,9 @@ use crate::config::FdTaker;
 use crate::vm::Vm;
 use crate::vstate::memory::GuestMemoryMmap;
 
-/// ISA IRQs given to passed-through functions' INTx, in order (Linux routes a PCI function
-/// without an ACPI _PRT entry through its interrupt-line register, for IRQs below 16).
-const INTX_LINES: [u8; 4] = [10, 11, 7, 6];
+/// The GSI of every passed-through function's INTx: the DSDT's `_PRT` routes every PCI
+/// interrupt pin there (a shared level-triggered line; KVM keeps one resampler per irqfd).
+const INTX_GSI: u8 = crate::boot::layout::PCI_INTX_GSI as u8;
 
 /// What to pass through.
 #[derive(Debug, Default)]
@@ -161,7 +161,7 @@ impl VfioDevices {
             }
         };
         let mut devices = Vec::new();
-        for (i, dev) in opened.into_iter().enumerate() {
+        for dev in opened {
             let bdf = dev.bdf();
             if dev.can_reset() {
                 dev.reset()
@@ -170,10 +170,9 @@ impl VfioDevices {
             } else {
                 log::info!("bulkhead-vmm: vfio {bdf}: no reset method; not reset at VM start");
             }
-            let line = INTX_LINES.get(i).copied().unwrap_or(0xff);
             let routing = vm.irq_routing().clone();
             let slots = vm.memory_slots().clone();
-            let pci = VfioPciDevice::new(dev, vm.bar_allocator(), &slots, &routing, line)
+            let pci = VfioPciDevice::new(dev, vm.bar_allocator(), &slots, &routing, INTX_GSI)
                 .map_err(|e| e.to_string())?;
             let pci = Arc::new(Mutex::new(pci));
             vm.add_pci_device(pci.clone()).map_err(|e| e.to_string())?;

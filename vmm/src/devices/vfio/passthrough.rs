@@ -1,8 +1,8 @@
 //! A host PCI function passed through to the guest over VFIO.
 //!
 //! Config space: the VMM owns the BARs (the guest sizes and moves them on our bus, never on
-//! the host's), the expansion ROM (not offered), the interrupt line (the ISA IRQ its INTx is
-//! wired to) and the capability list (MSI-X is hidden: it is not emulated). Reads of anything
+//! the host's), the expansion ROM (not offered), the interrupt line (the GSI its INTx is
+//! wired to, which the DSDT's `_PRT` also names) and the capability list (MSI-X is hidden: it is not emulated). Reads of anything
 //! else come from the device through VFIO's config region and writes go to it, so the command
 //! register's memory, I/O and bus-master bits reach the device (vfio-pci filters what it must),
 //! and the MSI capability is followed by [`super::msi`].
@@ -146,7 +146,7 @@ fn unlink(caps: &[(usize, u8)], hide: &[u8]) -> Vec<(usize, u8)> {
 
 impl VfioPciDevice {
     /// Offers `device` to the guest: allocates its BARs from `bar_alloc`, maps the mmap-able
-    /// ones into KVM slots, wires INTx to IOAPIC pin `irq_line` and prepares MSI.
+    /// ones into KVM slots, wires INTx to GSI `irq_line` and prepares MSI.
     pub fn new(
         device: Arc<Device>,
         bar_alloc: &mut BarAllocator,
@@ -282,7 +282,7 @@ impl VfioPciDevice {
                 .register_irqfd_with_resample(&trigger, &resample, u32::from(irq_line))
                 .map_err(|e| irq_err(format!("KVM_IRQFD with resample: {e}")))?;
             device.enable_intx(&trigger, &resample)?;
-            log::info!("bulkhead-vmm: vfio {bdf}: INTx on IRQ {irq_line} (resampled)");
+            log::info!("bulkhead-vmm: vfio {bdf}: INTx on GSI {irq_line} (resampled)");
             Some(Intx {
                 _trigger: trigger,
                 _resample: resample,
