@@ -11,7 +11,11 @@ work=$(mktemp -d)
 make -s -C "/usr/src/linux-headers-$abi" M="$here/.." modules >/dev/null 2>&1
 inc="-I$here/../include/uapi"
 mkdir -p "$work/l2/lib" "$work/l2/dev"
-gcc -static -O2 -Wall -Werror $inc -o "$work/l2/init" "$here/wl_smoke.c"
+if [ -n "${WL_SMOKE_GUEST_INIT:-}" ]; then
+  cp "$WL_SMOKE_GUEST_INIT" "$work/l2/init"   # e.g. bulkhead-wl's wl_smoke_rs example
+else
+  gcc -static -O2 -Wall -Werror $inc -o "$work/l2/init" "$here/wl_smoke.c"
+fi
 for m in virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci; do
   cp "$kroot/lib/modules/$abi/kernel/drivers/virtio/$m.ko" "$work/l2/lib/"
 done
