@@ -3,7 +3,8 @@
 //!
 //! - finds the device under /sys/bus/pci/devices and enables it,
 //! - binds it to `uio_pci_generic` (for its interrupt: a blocking read of /dev/uioN returns
-//!   when the device raises INTx),
+//!   when the device raises INTx; the handler masks INTx in the command register and the
+//!   driver unmasks it there),
 //! - maps BAR0 (`resource0`) and checks the identification register and liveness,
 //! - computes factorials through the register interface, polling the status register, then
 //!   one with the completion interrupt,
@@ -49,6 +50,8 @@ const DMA_LEN: usize = 2048;
 /// edu decodes 28 address bits.
 const DMA_LIMIT: u64 = 1 << 28;
 const PAGE: usize = 4096;
+const COMMAND_BUS_MASTER: u16 = 1 << 2;
+const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 /// Deadline for the interrupt, in milliseconds.
 const IRQ_DEADLINE_MS: i32 = 10_000;
 const POLLS: u32 = 10_000_000;
@@ -190,7 +193,8 @@ fn wait_irq(uio: &mut File) -> Res<u32> {
     Ok(u32::from_ne_bytes(count))
 }
 
-fn set_bus_master(dev: &Path) -> Res<()> {
+/// Sets and clears bits of the command register through the function's sysfs `config`.
+fn update_command(dev: &Path, set: u16, clear: u16) -> Res<u16> {
     let path = dev.join("config");
     let f = OpenOptions::new()
         .read(true)
@@ -200,15 +204,12 @@ fn set_bus_master(dev: &Path) -> Res<()> {
     let mut cmd = [0u8; 2];
     f.read_exact_at(&mut cmd, 4)
         .map_err(|e| format!("read command register: {e}"))?;
-    let v = u16::from_le_bytes(cmd) | 0x4;
+    let v = (u16::from_le_bytes(cmd) | set) & !clear;
     f.write_all_at(&v.to_le_bytes(), 4)
         .map_err(|e| format!("write command register: {e}"))?;
     f.read_exact_at(&mut cmd, 4)
         .map_err(|e| format!("read command register: {e}"))?;
-    ensure(
-        u16::from_le_bytes(cmd) & 0x4 != 0,
-        "bus mastering did not stick",
-    )
+    Ok(u16::from_le_bytes(cmd))
 }
 
 /// Guest-physical address of the page at `addr` (locked, touched) from /proc/self/pagemap.
@@ -317,16 +318,16 @@ fn run() -> Res<()> {
     }
 
     // The completion interrupt (INTx through the VMM's resampling irqfd).
-    uio.write_all(&1u32.to_ne_bytes())
-        .map_err(|e| format!("enable uio interrupt: {e}"))?;
+    // uio_pci_generic masks INTx (command register bit 10) in its handler and has no
+    // irqcontrol: the driver unmasks through config space.
+    update_command(&dev, 0, COMMAND_INTX_DISABLE)?;
     bar.write(STATUS, STATUS_IRQ_ON_FACTORIAL);
     bar.write(FACTORIAL, 6);
     let count = wait_irq(&mut uio)?;
     let st = bar.read(IRQ_STATUS);
     ensure(st & 1 == 1, format!("interrupt status {st:#x}"))?;
     bar.write(IRQ_ACK, st);
-    uio.write_all(&1u32.to_ne_bytes())
-        .map_err(|e| format!("re-enable uio interrupt: {e}"))?;
+    update_command(&dev, 0, COMMAND_INTX_DISABLE)?;
     let got = bar.read(FACTORIAL);
     ensure(got == 720, format!("6! with interrupt = {got}"))?;
     say(&format!(
@@ -334,7 +335,8 @@ fn run() -> Res<()> {
     ));
     bar.write(STATUS, 0);
 
-    set_bus_master(&dev)?;
+    let cmd = update_command(&dev, COMMAND_BUS_MASTER, 0)?;
+    ensure(cmd & COMMAND_BUS_MASTER != 0, "bus mastering did not stick")?;
     dma(&bar)
 }
 
