@@ -64,9 +64,16 @@ struct virtwl_qentry {
 	u32 data_off;		/* data bytes consumed so far */
 };
 
+/*
+ * Locking: `lock` (a mutex) serialises the consumers of a vfd (RECV, read) and may be held
+ * while taking vi->vfds_lock; `qlock` (a spinlock, innermost) protects `in_queue` and
+ * `hungup`, which the in-queue work updates while holding vi->vfds_lock. So the order is
+ * vfd->lock -> vi->vfds_lock -> vfd->qlock, and the in-queue work never takes vfd->lock.
+ */
 struct virtwl_vfd {
 	struct virtwl_info *vi;
 	struct mutex lock;
+	spinlock_t qlock;
 	u32 id;
 	u32 flags;
 	u64 pfn;
@@ -137,6 +144,7 @@ static struct virtwl_vfd *virtwl_vfd_alloc(struct virtwl_info *vi)
 		return NULL;
 	vfd->vi = vi;
 	mutex_init(&vfd->lock);
+	spin_lock_init(&vfd->qlock);
 	INIT_LIST_HEAD(&vfd->in_queue);
 	init_waitqueue_head(&vfd->in_waitq);
 	return vfd;
@@ -194,9 +202,9 @@ static bool virtwl_recv(struct virtwl_info *vi, void *buf, u32 len)
 	mutex_lock(&vi->vfds_lock);
 	vfd = idr_find(&vi->vfds, le32_to_cpu(m->vfd_id));
 	if (vfd) {
-		mutex_lock(&vfd->lock);
+		spin_lock(&vfd->qlock);
 		list_add_tail(&q->list, &vfd->in_queue);
-		mutex_unlock(&vfd->lock);
+		spin_unlock(&vfd->qlock);
 		wake_up_interruptible_all(&vfd->in_waitq);
 	}
 	mutex_unlock(&vi->vfds_lock);
@@ -215,9 +223,9 @@ static void virtwl_hup(struct virtwl_info *vi, void *buf, u32 len)
 	mutex_lock(&vi->vfds_lock);
 	vfd = idr_find(&vi->vfds, le32_to_cpu(m->vfd_id));
 	if (vfd) {
-		mutex_lock(&vfd->lock);
+		spin_lock(&vfd->qlock);
 		vfd->hungup = true;
-		mutex_unlock(&vfd->lock);
+		spin_unlock(&vfd->qlock);
 		wake_up_interruptible_all(&vfd->in_waitq);
 	}
 	mutex_unlock(&vi->vfds_lock);
@@ -483,19 +491,36 @@ static int virtwl_vfd_install(struct virtwl_vfd *vfd)
 	return fd;
 }
 
+static bool virtwl_has_input(struct virtwl_vfd *vfd)
+{
+	bool r;
+
+	spin_lock(&vfd->qlock);
+	r = !list_empty(&vfd->in_queue) || vfd->hungup;
+	spin_unlock(&vfd->qlock);
+	return r;
+}
+
+static struct virtwl_qentry *virtwl_first(struct virtwl_vfd *vfd)
+{
+	struct virtwl_qentry *q;
+
+	spin_lock(&vfd->qlock);
+	q = list_first_entry_or_null(&vfd->in_queue, struct virtwl_qentry, list);
+	spin_unlock(&vfd->qlock);
+	return q;
+}
+
 /* Waits for queued input (or a hang-up). Called with vfd->lock held; returns with it held. */
 static int virtwl_wait_input(struct virtwl_vfd *vfd, bool nonblock)
 {
 	int ret;
 
-	while (list_empty(&vfd->in_queue) && !vfd->hungup) {
-		mutex_unlock(&vfd->lock);
-		if (nonblock) {
-			mutex_lock(&vfd->lock);
+	while (!virtwl_has_input(vfd)) {
+		if (nonblock)
 			return -EAGAIN;
-		}
-		ret = wait_event_interruptible(vfd->in_waitq,
-					       !list_empty(&vfd->in_queue) || vfd->hungup);
+		mutex_unlock(&vfd->lock);
+		ret = wait_event_interruptible(vfd->in_waitq, virtwl_has_input(vfd));
 		mutex_lock(&vfd->lock);
 		if (ret)
 			return ret;
@@ -520,11 +545,10 @@ static ssize_t virtwl_vfd_recv(struct virtwl_vfd *vfd, char __user *data, size_t
 	ret = virtwl_wait_input(vfd, nonblock);
 	if (ret)
 		goto out;
-	while (!list_empty(&vfd->in_queue)) {
+	while ((q = virtwl_first(vfd))) {
 		u32 count, data_len, hdr_len, n;
 		__le32 *ids;
 
-		q = list_first_entry(&vfd->in_queue, struct virtwl_qentry, list);
 		count = le32_to_cpu(q->msg->vfd_count);
 		ids = (__le32 *)(q->msg + 1);
 		hdr_len = sizeof(*q->msg) + count * 4;
@@ -554,7 +578,9 @@ static ssize_t virtwl_vfd_recv(struct virtwl_vfd *vfd, char __user *data, size_t
 		q->data_off += n;
 		done += n;
 		if (q->ids_taken == count && q->data_off == data_len) {
+			spin_lock(&vfd->qlock);
 			list_del(&q->list);
+			spin_unlock(&vfd->qlock);
 			virtwl_post_in_buf(vi, q->msg);
 			kfree(q);
 		} else {
@@ -563,11 +589,9 @@ static ssize_t virtwl_vfd_recv(struct virtwl_vfd *vfd, char __user *data, size_t
 		/* Never merge a message carrying fds into data already returned. */
 		if (done == cap || nfds)
 			break;
-		if (!list_empty(&vfd->in_queue)) {
-			q = list_first_entry(&vfd->in_queue, struct virtwl_qentry, list);
-			if (le32_to_cpu(q->msg->vfd_count) && fds)
-				break;
-		}
+		q = virtwl_first(vfd);
+		if (q && le32_to_cpu(q->msg->vfd_count) && fds)
+			break;
 	}
 out:
 	mutex_unlock(&vfd->lock);
@@ -697,12 +721,12 @@ static __poll_t virtwl_vfd_poll(struct file *filp, struct poll_table_struct *wai
 	poll_wait(filp, &vi->out_waitq, wait);
 	if (virtwl_out_has_room(vi))
 		mask |= EPOLLOUT | EPOLLWRNORM;
-	mutex_lock(&vfd->lock);
+	spin_lock(&vfd->qlock);
 	if (!list_empty(&vfd->in_queue))
 		mask |= EPOLLIN | EPOLLRDNORM;
 	if (vfd->hungup)
 		mask |= EPOLLHUP;
-	mutex_unlock(&vfd->lock);
+	spin_unlock(&vfd->qlock);
 	return mask;
 }
 
@@ -1001,9 +1025,9 @@ static void virtwl_remove(struct virtio_device *vdev)
 			idr_remove(&vi->vfds, id);
 			kfree(vfd);
 		} else {
-			mutex_lock(&vfd->lock);
+			spin_lock(&vfd->qlock);
 			vfd->hungup = true;
-			mutex_unlock(&vfd->lock);
+			spin_unlock(&vfd->qlock);
 			wake_up_interruptible_all(&vfd->in_waitq);
 		}
 	}

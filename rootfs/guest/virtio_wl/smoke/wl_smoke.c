@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /*
- * wl_smoke: a static /init for a throw-away guest that exercises /dev/wl0 against a host peer
- * (l1_init.c, which runs bulkhead-vmm in a QEMU-emulated host): loads the virtio modules and virtio_wl.ko from /lib, connects the unnamed
- * context, sends data + a shared-memory vfd + a pipe, receives the peer's answer with a
+ * wl_smoke: a static /init for a throw-away guest that exercises /dev/wl0 against a host
+ * peer (l1_init.c, which runs bulkhead-vmm in a QEMU-emulated host): loads the virtio
+ * modules and virtio_wl.ko from /lib, connects the unnamed context, sends data + a shared-memory vfd + a pipe, receives the peer's answer with a
  * host memfd, and checks zero-copy sharing both ways and the pipe's data and hang-up.
  * Prints "WL-SMOKE OK" or "WL-SMOKE FAIL: ..." and powers off.
  */
