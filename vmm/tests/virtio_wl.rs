@@ -583,3 +583,53 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     // SAFETY: two new fds owned by nothing else.
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
+
+#[test]
+fn faux_accept_name_over_the_listener_then_connect() {
+    let mut r = rig();
+    // The server guest's listener context; the accepted end stands for the hub.
+    let mut hub_listener_side = r.connect(1, "wayland");
+    // A client arrives: the hub adds one end of a socketpair as a non-listening socket.
+    let (vm_end, mut hub_end) = UnixStream::pair().unwrap();
+    let name = r
+        .sockets
+        .add("wl-conn-%d", WlSocket::NonListening(vm_end))
+        .unwrap();
+    hub_listener_side
+        .write_all(format!("{name}\n").as_bytes())
+        .unwrap();
+    r.st.read_host();
+    assert_eq!(
+        r.drain_in(2),
+        vec![InMessage::Recv {
+            id: 1,
+            vfds: vec![],
+            data: b"wl-conn-0\n".to_vec()
+        }]
+    );
+    // The guest library connects to the name it read: accept(2) for the guest.
+    let v = r.new_vfd(&vfd_new(CMD_VFD_NEW_CTX_NAMED, 2, 0, 0, &name));
+    assert_eq!(v.flags, VFD_READ | VFD_WRITE);
+    assert_eq!(r.code(&send(2, &[], b"hi")), RESP_OK);
+    let mut b = [0u8; 2];
+    hub_end.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"hi");
+    hub_end.write_all(b"back").unwrap();
+    r.st.read_host();
+    assert_eq!(
+        r.drain_in(2),
+        vec![InMessage::Recv {
+            id: 2,
+            vfds: vec![],
+            data: b"back".to_vec()
+        }]
+    );
+    // The connection was consumed; the hub closing its end hangs up the guest's vfd.
+    assert_eq!(
+        r.code(&vfd_new(CMD_VFD_NEW_CTX_NAMED, 3, 0, 0, &name)),
+        RESP_ERR
+    );
+    drop(hub_end);
+    r.st.read_host();
+    assert_eq!(r.drain_in(2), vec![InMessage::Hup { id: 2 }]);
+}
