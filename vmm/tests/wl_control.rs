@@ -208,3 +208,42 @@ fn wl_socket_flag_parsing() {
     assert!(parse_wl_socket("wl-%d=/p").is_err());
     assert!(parse_wl_socket(&format!("{}=/p", "n".repeat(33))).is_err());
 }
+
+#[test]
+fn vmmctl_wl_add_hands_over_a_connection_or_a_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("vm.sock");
+    let svc = dir.path().join("svc.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&svc).unwrap();
+    let sockets = WlSockets::new();
+    let target = Arc::new(ControlTarget::new(
+        Arc::new(ExitSignal::new().unwrap()),
+        Arc::new(PowerButton::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        1,
+        64 << 20,
+        vec![],
+    ));
+    target.set_wl_sockets(sockets.clone());
+    let _srv = ControlServer::start(target, Some(&ctl), None).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-vmmctl"))
+            .arg(&ctl)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let name = run(&["wl-add", "--connect", svc.to_str().unwrap()]);
+    assert_eq!(name.trim(), "wl-conn-0");
+    let (mut accepted, _) = listener.accept().unwrap();
+    let name = run(&["wl-add", "--name", "wayland", "--path", "/run/w"]);
+    assert_eq!(name.trim(), "wayland");
+    assert_eq!(sockets.names(), ["wayland", "wl-conn-0"]);
+    // The handed-over connection is the one the service accepted.
+    let mut s = sockets.connect("wl-conn-0").unwrap();
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    accepted.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"x");
+}

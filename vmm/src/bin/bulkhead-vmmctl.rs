@@ -1,4 +1,5 @@
-//! `bulkhead-vmmctl SOCKET status|shutdown|kill`: a client for bulkhead-vmm's control socket.
+//! `bulkhead-vmmctl SOCKET status|shutdown|kill|wl-add`: a client for bulkhead-vmm's control
+//! socket.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +16,9 @@ enum Command {
     Shutdown,
     /// Stop the VM at once.
     Kill,
+    /// Add a virtio_wl socket: --name NAME (or a `%d` pattern) with --path (listening) or
+    /// --connect (connect there now and hand over the connection); prints the chosen name.
+    WlAdd,
 }
 
 /// Talks to a running bulkhead-vmm over its control socket.
@@ -29,6 +33,15 @@ struct Cli {
     socket: PathBuf,
     /// What to ask.
     command: Command,
+    /// wl-add: the name or pattern (e.g. wl-conn-%d).
+    #[arg(long)]
+    name: Option<String>,
+    /// wl-add: a listening socket's path.
+    #[arg(long, conflicts_with = "connect")]
+    path: Option<PathBuf>,
+    /// wl-add: connect to this socket and give the connection (non-listening).
+    #[arg(long)]
+    connect: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -37,9 +50,27 @@ fn main() -> ExitCode {
         Command::Status => ControlRequest::Status,
         Command::Shutdown => ControlRequest::Shutdown,
         Command::Kill => ControlRequest::Kill,
+        Command::WlAdd => ControlRequest::WlAdd {
+            name: cli.name.clone().unwrap_or_else(|| "wl-conn-%d".into()),
+            path: cli.path.clone(),
+        },
     };
+    let mut fds: Vec<std::os::fd::OwnedFd> = Vec::new();
+    if let (Command::WlAdd, Some(p)) = (cli.command, &cli.connect) {
+        match std::os::unix::net::UnixStream::connect(p) {
+            Ok(s) => fds.push(s.into()),
+            Err(e) => {
+                eprintln!("bulkhead-vmmctl: {}: {e}", p.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let result = Channel::connect(&cli.socket)
-        .and_then(|c| c.send(&req, &[]).map(|_| c))
+        .and_then(|c| {
+            use std::os::fd::AsFd;
+            let b: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+            c.send(&req, &b).map(|_| c)
+        })
         .and_then(|c| c.recv::<ControlResponse>().map(|(r, _)| r));
     match result {
         Ok(ControlResponse::Status(s)) => {
