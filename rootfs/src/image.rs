@@ -29,6 +29,8 @@ pub enum ImageError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Module(#[from] ModuleError),
+    #[error(transparent)]
+    Kmod(#[from] crate::kmod::KmodError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -237,15 +239,18 @@ impl HostImage<'_> {
                 data.clone(),
             )?;
         }
-        let index = ModuleIndex::scan(&self.kernel.modules_dir)?;
+        let mut index = ModuleIndex::scan(&self.kernel.modules_dir)?;
+        let workspace = crate::workspace_dir();
+        for m in &self.system.modules {
+            if crate::kmod::source_dir(&workspace, m).is_some() {
+                let ko = crate::kmod::build(&workspace, m, &self.kernel.abi)?;
+                index.add_external(m, ko);
+            }
+        }
         let chosen = index.closure(&self.system.modules)?;
         let base = format!("lib/modules/{}", self.kernel.abi);
         for m in &chosen {
-            a.file_from(
-                &format!("{base}/{}", m.rel_path),
-                0o644,
-                &self.kernel.modules_dir.join(&m.rel_path),
-            )?;
+            a.file_from(&format!("{base}/{}", m.rel_path), 0o644, &m.source)?;
         }
         a.file(
             &format!("{base}/modules.dep"),

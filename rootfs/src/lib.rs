@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cpio;
 pub mod image;
 pub mod kernel;
+pub mod kmod;
 pub mod modules;
 pub mod provision;
 pub mod qemu;

@@ -109,12 +109,16 @@ pub struct ModuleIndex {
     dir: PathBuf,
     by_name: BTreeMap<String, String>,
     builtin: BTreeSet<String>,
+    /// Out-of-tree modules: name → built `.ko` (they go to `extra/` in images).
+    external: BTreeMap<String, PathBuf>,
 }
 
 /// One module chosen for an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChosenModule {
     pub name: String,
+    /// Where the `.ko` is on the build machine.
+    pub source: PathBuf,
     /// Path relative to `lib/modules/<abi>/`.
     pub rel_path: String,
     /// Direct dependencies (normalised names).
@@ -177,7 +181,15 @@ impl ModuleIndex {
             dir: dir.to_path_buf(),
             by_name,
             builtin,
+            external: BTreeMap::new(),
         })
+    }
+
+    /// Adds an out-of-tree module (built elsewhere); images carry it as `extra/<name>.ko`.
+    pub fn add_external(&mut self, name: &str, ko: PathBuf) {
+        let n = normalize(name);
+        self.by_name.insert(n.clone(), format!("extra/{n}.ko"));
+        self.external.insert(n, ko);
     }
 
     pub fn dir(&self) -> &Path {
@@ -224,7 +236,12 @@ impl ModuleIndex {
             if rel.starts_with("compressed:") {
                 return Err(ModuleError::Compressed(name));
             }
-            let info = read_modinfo(&self.dir.join(&rel))?;
+            let source = self
+                .external
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| self.dir.join(&rel));
+            let info = read_modinfo(&source)?;
             for dep in &info.depends {
                 work.push((dep.clone(), name.clone(), false));
             }
@@ -236,6 +253,7 @@ impl ModuleIndex {
                 name.clone(),
                 ChosenModule {
                     name,
+                    source,
                     rel_path: rel,
                     depends: info.depends,
                     softdep_pre: info.softdep_pre,
@@ -368,6 +386,7 @@ mod tests {
     fn cm(name: &str, deps: &[&str], post: &[&str]) -> ChosenModule {
         ChosenModule {
             name: name.into(),
+            source: PathBuf::from(format!("/k/{name}.ko")),
             rel_path: format!("kernel/{name}.ko"),
             depends: deps.iter().map(|s| s.to_string()).collect(),
             softdep_pre: vec![],

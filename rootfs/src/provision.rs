@@ -193,11 +193,14 @@ pub fn ensure_kernel(cache: &Cache, abi: &str) -> Result<Kernel, ProvisionError>
     })
 }
 
-/// The whole `provision` command.
+/// The whole `provision` command: QEMU, the kernel, and what building our out-of-tree
+/// guest modules needs (that kernel's headers, make, gcc).
 pub fn provision(cache: &Cache) -> Result<Kernel, ProvisionError> {
     ensure_packages(PACKAGES)?;
     let abi = current_abi()?;
     log::info!("current Debian cloud kernel ABI: {abi}");
+    let headers = format!("linux-headers-{abi}");
+    ensure_packages(&[headers.as_str(), "make", "gcc"])?;
     ensure_kernel(cache, &abi)
 }
 

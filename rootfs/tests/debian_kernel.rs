@@ -62,3 +62,36 @@ fn builtin_modules_need_no_file() {
     assert!(idx.is_builtin("8250"));
     assert!(idx.closure(&["8250".into()]).expect("closure").is_empty());
 }
+
+#[test]
+fn virtio_wl_module_builds_against_the_debian_headers_for_device_63() {
+    let k = Kernel::current(&Cache::default_location()).unwrap_or_else(|e| panic!("{e}"));
+    let ko = bulkhead_rootfs::kmod::build(&bulkhead_rootfs::workspace_dir(), "virtio_wl", &k.abi)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let raw = std::fs::read(&ko).expect("read the .ko");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.contains("alias=virtio:d0000003Fv*"),
+        "module alias for virtio device 63"
+    );
+    assert!(
+        text.contains(&format!(
+            "vermagic={} ",
+            k.abi.trim_end_matches("-cloud-amd64")
+        )) || text.contains("vermagic=6."),
+        "built for the kernel"
+    );
+    let info = bulkhead_rootfs::modules::read_modinfo(&ko).expect("modinfo");
+    assert_eq!(info.name.as_deref(), Some("virtio_wl"));
+    // The closure pulls its virtio dependencies from the Debian tree.
+    let mut idx = index();
+    idx.add_external("virtio_wl", ko);
+    let names: Vec<String> = idx
+        .closure(&["virtio_wl".into()])
+        .expect("closure")
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names.last().map(String::as_str), Some("virtio_wl"));
+    assert!(names.iter().any(|n| n == "virtio_ring"), "{names:?}");
+}

@@ -3,6 +3,9 @@
 //! misbehave on purpose: crash, or ignore SIGTERM.
 
 use std::process::ExitCode;
+
+#[path = "testprog/wl.rs"]
+mod testprog_wl;
 use std::time::Duration;
 
 fn uptime_ms() -> u64 {
@@ -18,10 +21,23 @@ fn say(msg: &str) {
     println!("testprog: {msg}");
 }
 
+fn report(r: Result<String, String>) -> ExitCode {
+    match r {
+        Ok(msg) => {
+            say(&msg);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say(&format!("FAIL: {e}"));
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn usage() -> ExitCode {
     eprintln!(
         "usage: bulkhead-testprog crash [CODE] | ignore-term | sleep SECS | exit CODE | \
-         check-kvm | check-vfio BDF | vm-check | run-after MS PROGRAM [ARGS...]"
+         check-kvm | check-vfio BDF | vm-check | wl-guest | wl-peer PATH | run-after MS PROGRAM [ARGS...]"
     );
     ExitCode::from(2)
 }
@@ -155,6 +171,11 @@ fn main() -> ExitCode {
         }
         "check-kvm" => check_kvm(),
         "vm-check" => vm_check(),
+        "wl-guest" => report(testprog_wl::guest()),
+        "wl-peer" => match args.get(1) {
+            Some(path) => report(testprog_wl::peer(path)),
+            None => usage(),
+        },
         "check-vfio" => match args.get(1) {
             Some(bdf) => check_vfio(bdf),
             None => usage(),

@@ -1,0 +1,201 @@
+//! The two ends of the virtio_wl end-to-end test: `wl-guest` runs inside an L2 guest and talks
+//! through /dev/wl0; `wl-peer PATH` runs on the L1 host and is the socket the guest's
+//! named context connects to. Between them: data, a shared-memory buffer both sides write
+//! (zero copy: a write after sending is seen by the other side), a host memfd, and a pipe
+//! in each direction with its hang-up.
+
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+pub type Res = Result<String, String>;
+
+fn e<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+    move |err| format!("{what}: {err}")
+}
+
+/// Reads a NUL-terminated string at `off` in a mapping.
+fn cstr_at(map: &[u8], off: usize) -> String {
+    let tail = map.get(off..).unwrap_or(&[]);
+    let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+    String::from_utf8_lossy(&tail[..end]).into_owned()
+}
+
+fn put_cstr(map: &mut [u8], off: usize, s: &str) {
+    if let Some(dst) = map.get_mut(off..off + s.len() + 1) {
+        dst[..s.len()].copy_from_slice(s.as_bytes());
+        dst[s.len()] = 0;
+    }
+}
+
+fn wait_for(map: &[u8], off: usize, want: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        // SAFETY: a volatile read of memory the other side writes, so the compiler re-reads.
+        let seen = unsafe { std::ptr::read_volatile(map.as_ptr().add(off)) };
+        if seen != 0 && cstr_at(map, off) == want {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The guest side.
+pub fn guest() -> Res {
+    let wl = bulkhead_wl::Wl::open().map_err(e("open /dev/wl0"))?;
+    let stream = wl.connect("peer").map_err(e("connect to peer"))?;
+    let mut shm = wl.alloc(8192).map_err(e("alloc"))?;
+    put_cstr(shm.as_mut_slice(), 0, "guest-shm-data");
+    let from_host = wl.pipe_read().map_err(e("pipe_read"))?;
+    let to_host = wl.pipe_write().map_err(e("pipe_write"))?;
+    stream
+        .send(
+            b"hello from guest",
+            &[shm.fd(), from_host.fd(), to_host.fd()],
+        )
+        .map_err(e("send"))?;
+    // Zero copy: written after the send, seen by the host.
+    put_cstr(shm.as_mut_slice(), 100, "after-send");
+    (&to_host)
+        .write_all(b"guest-pipe-data")
+        .map_err(e("pipe write"))?;
+    drop(to_host); // closing our end is the host's EOF
+    let (data, fds) = stream.recv().map_err(e("recv"))?;
+    if data != b"hello from host" || fds.len() != 1 {
+        return Err(format!(
+            "recv: {:?} with {} fds",
+            String::from_utf8_lossy(&data),
+            fds.len()
+        ));
+    }
+    let mut host_mem = bulkhead_wl::SharedMemory::map(fds.into_iter().next().ok_or("no fd")?, 4096)
+        .map_err(e("map the host memfd"))?;
+    if cstr_at(host_mem.as_slice(), 0) != "host-memfd" {
+        return Err("host memfd contents".into());
+    }
+    put_cstr(host_mem.as_mut_slice(), 200, "guest-wrote-host-memfd");
+    if !wait_for(shm.as_slice(), 200, "host-was-here") {
+        return Err("the host's write into our shared memory is not visible".into());
+    }
+    let mut got = String::new();
+    (&from_host)
+        .read_to_string(&mut got)
+        .map_err(e("pipe read"))?;
+    if got != "host-pipe-data" {
+        return Err(format!("pipe from host gave {got:?}"));
+    }
+    stream.send(b"done", &[]).map_err(e("send done"))?;
+    Ok("wl guest ok: data, shared memory both ways, host memfd, pipes both ways".into())
+}
+
+fn recv_with_fds(sock: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
+    let mut buf = vec![0u8; 4096];
+    let mut cmsg = nix::cmsg_space!([RawFd; 28]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(e("recvmsg"))?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(e("cmsgs"))? {
+        if let ControlMessageOwned::ScmRights(list) = c {
+            // SAFETY: SCM_RIGHTS fds are new and ours.
+            fds.extend(
+                list.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let n = msg.bytes;
+    buf.truncate(n);
+    Ok((buf, fds))
+}
+
+fn map_fd(fd: &OwnedFd, len: usize) -> Result<&'static mut [u8], String> {
+    // SAFETY: a fresh shared mapping of `len` bytes of a memory object; leaked on purpose
+    // for the life of this short test program.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the mapping is `len` bytes and lives until exit.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) })
+}
+
+/// The L1 host side: listens on `path`, serves one guest connection.
+pub fn peer(path: &str) -> Res {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(e("bind"))?;
+    println!("testprog: wl-peer listening on {path}");
+    let (conn, _) = listener.accept().map_err(e("accept"))?;
+    let (data, fds) = recv_with_fds(conn.as_raw_fd())?;
+    if data != b"hello from guest" || fds.len() != 3 {
+        return Err(format!(
+            "got {:?} with {} fds",
+            String::from_utf8_lossy(&data),
+            fds.len()
+        ));
+    }
+    let mut fds = fds.into_iter();
+    let (shm_fd, to_guest, from_guest) = match (fds.next(), fds.next(), fds.next()) {
+        (Some(a), Some(b), Some(c)) => (a, b, c),
+        _ => return Err("three fds expected".into()),
+    };
+    let shm = map_fd(&shm_fd, 8192)?;
+    if cstr_at(shm, 0) != "guest-shm-data" {
+        return Err(format!("guest shm holds {:?}", cstr_at(shm, 0)));
+    }
+    if !wait_for(shm, 100, "after-send") {
+        return Err("the guest's write after sending is not visible (not zero copy)".into());
+    }
+    put_cstr(shm, 200, "host-was-here");
+    let mut got = String::new();
+    std::fs::File::from(from_guest)
+        .read_to_string(&mut got)
+        .map_err(e("read the guest's pipe"))?;
+    if got != "guest-pipe-data" {
+        return Err(format!("pipe from guest gave {got:?}"));
+    }
+    {
+        let mut w = std::fs::File::from(to_guest);
+        w.write_all(b"host-pipe-data")
+            .map_err(e("write the guest's pipe"))?;
+    }
+    let memfd =
+        nix::sys::memfd::memfd_create(c"host-memfd", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(e("memfd_create"))?;
+    nix::unistd::ftruncate(&memfd, 4096).map_err(e("ftruncate"))?;
+    let host_mem = map_fd(&memfd, 4096)?;
+    put_cstr(host_mem, 0, "host-memfd");
+    let raw = [memfd.as_fd().as_raw_fd()];
+    sendmsg::<()>(
+        conn.as_raw_fd(),
+        &[IoSlice::new(b"hello from host")],
+        &[ControlMessage::ScmRights(&raw)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(e("sendmsg"))?;
+    if !wait_for(host_mem, 200, "guest-wrote-host-memfd") {
+        return Err("the guest's write into our memfd is not visible".into());
+    }
+    let (done, _) = recv_with_fds(conn.as_raw_fd())?;
+    if done != b"done" {
+        return Err(format!(
+            "expected done, got {:?}",
+            String::from_utf8_lossy(&done)
+        ));
+    }
+    Ok("wl-peer ok: data, shared memory both ways, memfd, pipes both ways".into())
+}
