@@ -220,3 +220,76 @@ impl VfioDevices {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::{Cli, VmConfig};
+
+    #[test]
+    fn command_line_forms() {
+        let c = Cli::try_parse_from([
+            "bulkhead-vmm",
+            "--kernel",
+            "k",
+            "--vfio",
+            "0000:00:03.0",
+            "--vfio",
+            "0000:00:04.0",
+        ])
+        .unwrap();
+        let v = VmConfig::from(c);
+        assert_eq!(v.vfio, ["0000:00:03.0", "0000:00:04.0"]);
+        assert!(v.vfio_container_fd.is_none() && v.vfio_group_fds.is_empty());
+        let c = Cli::try_parse_from([
+            "bulkhead-vmm",
+            "--kernel",
+            "k",
+            "--vfio",
+            "0000:00:03.0",
+            "--vfio-container-fd",
+            "5",
+            "--vfio-group-fd",
+            "6",
+        ])
+        .unwrap();
+        let v = VmConfig::from(c);
+        assert_eq!((v.vfio_container_fd, v.vfio_group_fds), (Some(5), vec![6]));
+        // Descriptors without the devices they are for, or a group without its container.
+        assert!(
+            Cli::try_parse_from(["bulkhead-vmm", "--kernel", "k", "--vfio-container-fd", "5"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from([
+            "bulkhead-vmm",
+            "--kernel",
+            "k",
+            "--vfio",
+            "0000:00:03.0",
+            "--vfio-group-fd",
+            "6"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn bad_addresses_and_descriptors_are_refused_before_anything_opens() {
+        let mut fds = FdTaker::default();
+        let e = VfioRequest::from_args(&["00:03".into()], None, &[], &mut fds).unwrap_err();
+        assert!(e.contains("invalid PCI address"), "{e}");
+        let e = VfioRequest::from_args(&["0000:00:03.0".into()], Some(9999), &[], &mut fds)
+            .unwrap_err();
+        assert!(e.contains("9999"), "{e}");
+        let r = VfioRequest::from_args(&["0000:00:03.0".into()], None, &[], &mut fds).unwrap();
+        assert_eq!(r.devices, ["0000:00:03.0".parse::<Bdf>().unwrap()]);
+    }
+
+    #[test]
+    fn group_number_comes_from_the_descriptor_path() {
+        let f = tempfile::tempfile().unwrap();
+        let e = group_number(&OwnedFd::from(f)).unwrap_err();
+        assert!(e.contains("not /dev/vfio/<group>"), "{e}");
+    }
+}
