@@ -1,5 +1,6 @@
 #!/bin/sh
-# The wl_smoke guest as an L2 under bulkhead-vmm inside a QEMU-emulated L1 (TCG + nested
+# The wl_smoke guest (or, with WL_SMOKE_L1_INIT=l1_faux.c and WL_SMOKE_GUEST_INIT=the
+# wl_faux_accept example, the faux accept between two guests) as an L2 under bulkhead-vmm inside a QEMU-emulated L1 (TCG + nested
 # SVM), for machines whose /dev/kvm cannot run Linux. Usage:
 #   run_l1.sh VMM_BINARY KERNEL_ROOT
 set -eu
@@ -24,7 +25,8 @@ mkdir -p "$work/l1/lib" "$work/l1/bin" "$work/l1/l2" "$work/l1/dev" "$work/l1/pr
   "$work/l1/lib64" "$work/l1/lib/x86_64-linux-gnu"
 python3 "$here/newc.py" "$work/l2" "$work/l1/l2/initramfs.cpio"
 cp "$kroot"/boot/vmlinuz-* "$work/l1/l2/vmlinuz"
-gcc -static -O2 -Wall $inc -o "$work/l1/init" "$here/l1_init.c"
+gcc -static -O2 -Wall $inc -o "$work/l1/init" "$here/${WL_SMOKE_L1_INIT:-l1_init.c}"
+cp "$(dirname "$vmm")/bulkhead-vmmctl" "$work/l1/bin/" 2>/dev/null || true
 cp "$vmm" "$work/l1/bin/bulkhead-vmm"
 for l in $(ldd "$vmm" | awk '/=>/ {print $3} /ld-linux/ {print $1}'); do
   mkdir -p "$work/l1$(dirname "$l")"; cp "$l" "$work/l1$l"
@@ -35,5 +37,9 @@ python3 "$here/newc.py" "$work/l1" "$work/l1.cpio"
 timeout "${WL_SMOKE_TIMEOUT:-300}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 1024 \
   -nographic -no-reboot -kernel "$kroot"/boot/vmlinuz-* -initrd "$work/l1.cpio" \
   -append "console=ttyS0 panic=-1 quiet" > "$work/serial.log" 2>&1 || true
-grep -E "L1:|wl-smoke|WL-SMOKE|virtio_wl|wl0|BUG|Oops|Call Trace|bulkhead-vmm: (WARN|ERROR)" "$work/serial.log" || tail -20 "$work/serial.log"
-grep -q "WL-SMOKE OK" "$work/serial.log" && grep -q "L1: peer ok" "$work/serial.log"
+grep -E "L1:|wl-smoke|WL-SMOKE|wl-faux|WL-FAUX|virtio_wl|wl0|BUG|Oops|Call Trace|bulkhead-vmm: (WARN|ERROR)" "$work/serial.log" || tail -20 "$work/serial.log"
+if [ -n "${WL_SMOKE_L1_INIT:-}" ]; then
+  grep -q "WL-FAUX server OK" "$work/serial.log" && grep -q "WL-FAUX client OK" "$work/serial.log"
+else
+  grep -q "WL-SMOKE OK" "$work/serial.log" && grep -q "L1: peer ok" "$work/serial.log"
+fi
