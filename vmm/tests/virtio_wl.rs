@@ -217,8 +217,15 @@ fn use_shmem_gives_offsets_and_legacy_flags_are_reported() {
     );
     let a = r.new_vfd(&vfd_new(CMD_VFD_NEW, 1, 0, 4096, ""));
     assert!(a.pfn < (4u64 << 30) >> 12, "an offset into region 0");
-    let _peer = r.connect(2, "wayland");
-    // A vfd without memory has pfn 4 GiB >> 12 in this mode (checked through a host vfd).
+    let peer = r.connect(2, "wayland");
+    // A vfd without memory has pfn 4 GiB >> 12 in this mode (a host pipe, here).
+    let (pr, _pw) = pipe();
+    scm::send_with_fds(peer.as_fd(), b"p", &[pr.as_fd()]).unwrap();
+    r.st.read_host();
+    match r.drain_in(4).first() {
+        Some(InMessage::VfdNew(v)) => assert_eq!((v.pfn, v.size), (0x10_0000, 0)),
+        other => panic!("{other:?}"),
+    }
 
     let mut legacy = rig_with(WlLimits::default(), 0);
     let s = legacy.new_vfd(&vfd_new(CMD_VFD_NEW, 1, VFD_WRITE | VFD_MAP, 4096, ""));
