@@ -292,7 +292,8 @@ impl HostImage<'_> {
         if let Some(parent) = out.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
         }
-        let tmp = out.with_extension("tmp");
+        // A temporary name of this process's own, so concurrent builds never collide.
+        let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
         let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         let f = archive.write_gz(std::io::BufWriter::new(f))?;
         f.into_inner()

@@ -2,6 +2,10 @@
 //! Each test boots the Debian cloud kernel under QEMU (needs `bulkhead-rootfs provision`).
 
 use std::process::Command;
+use std::sync::Mutex;
+
+/// One boot at a time: two emulated hosts on two cores only slow each other down.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 fn rootfs() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bulkhead-rootfs"))
@@ -13,6 +17,7 @@ fn system(name: &str) -> String {
 
 #[test]
 fn boot_exits_0_after_a_clean_power_off() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let out = rootfs()
         .args(["boot", "--system", &system("supervise"), "--timeout", "300"])
         .output()
@@ -33,6 +38,7 @@ fn boot_exits_0_after_a_clean_power_off() {
 
 #[test]
 fn boot_exits_2_on_a_kernel_panic() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // No init at that path: the kernel panics ("No working init found").
     let out = rootfs()
         .args([

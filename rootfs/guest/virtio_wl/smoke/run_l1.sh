@@ -37,8 +37,14 @@ python3 "$here/newc.py" "$work/l1" "$work/l1.cpio"
 timeout "${WL_SMOKE_TIMEOUT:-300}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 1024 \
   -nographic -no-reboot -kernel "$kroot"/boot/vmlinuz-* -initrd "$work/l1.cpio" \
   -append "console=ttyS0 panic=-1 quiet" > "$work/serial.log" 2>&1 || true
-grep -E "L1:|wl-smoke|WL-SMOKE|wl-faux|WL-FAUX|virtio_wl|wl0|BUG|Oops|Call Trace|bulkhead-vmm: (WARN|ERROR)" "$work/serial.log" || tail -20 "$work/serial.log"
-if [ -n "${WL_SMOKE_L1_INIT:-}" ]; then
+grep -E "L1:|wl-smoke|WL-SMOKE|wl-faux|WL-FAUX|wl-bench|virtio_wl|wl0|BUG|Oops|Call Trace|bulkhead-vmm: (WARN|ERROR)" "$work/serial.log" || tail -20 "$work/serial.log"
+if [ "${WL_SMOKE_L1_INIT:-}" = l1_bench.c ]; then
+  wl=$(sed -n 's/.*wl-bench: rtt_ns=\([0-9]*\) fd_rtt_ns=\([0-9]*\).*/\1 \2/p' "$work/serial.log")
+  sp=$(sed -n 's/.*L1: socketpair rtt_ns=\([0-9]*\) fd_rtt_ns=\([0-9]*\).*/\1 \2/p' "$work/serial.log")
+  [ -n "$wl" ] && [ -n "$sp" ] || exit 1
+  set -- $wl $sp
+  echo "BENCH wl rtt_ratio_vs_socketpair=$(awk "BEGIN{printf \"%.1f\", $1/$3}") fd_rtt_ratio_vs_socketpair=$(awk "BEGIN{printf \"%.1f\", $2/$4}") rtt_ns=$1 fd_rtt_ns=$2 socketpair_rtt_ns=$3 socketpair_fd_rtt_ns=$4"
+elif [ -n "${WL_SMOKE_L1_INIT:-}" ]; then
   grep -q "WL-FAUX server OK" "$work/serial.log" && grep -q "WL-FAUX client OK" "$work/serial.log"
 else
   grep -q "WL-SMOKE OK" "$work/serial.log" && grep -q "L1: peer ok" "$work/serial.log"
