@@ -307,3 +307,22 @@ impl HostImage<'_> {
         Ok(())
     }
 }
+
+/// Builds the host image for a system directory: its binaries (static), its modules, its
+/// guests; writes it to `out`.
+pub fn build_system_image(
+    kernel: &Kernel,
+    workspace: &Path,
+    system: &Path,
+    out: &Path,
+) -> Result<(), ImageError> {
+    let sys = SystemDir::load(system)?;
+    let binaries = build_binaries(workspace, &sys.all_binaries())?;
+    HostImage {
+        kernel,
+        system: &sys,
+        binaries,
+        extra_files: Vec::new(),
+    }
+    .write(out)
+}

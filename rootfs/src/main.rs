@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bulkhead_rootfs::image::{build_binaries, HostImage, SystemDir};
+use bulkhead_rootfs::image::build_system_image;
 use bulkhead_rootfs::kernel::{Cache, Kernel};
 use bulkhead_rootfs::qemu::{Machine, Outcome, QemuConfig};
 use bulkhead_rootfs::{provision, workspace_dir, HOST_CMDLINE};
@@ -102,23 +102,13 @@ fn build(
     out: Option<PathBuf>,
 ) -> Result<(Kernel, PathBuf), String> {
     let kernel = Kernel::current(cache).map_err(|e| e.to_string())?;
-    let sys = SystemDir::load(system).map_err(|e| e.to_string())?;
-    let bins = sys.all_binaries();
-    let binaries = build_binaries(workspace, &bins).map_err(|e| e.to_string())?;
     let out = out.unwrap_or_else(|| {
         workspace
             .join("target/bulkhead")
             .join(system_name(system))
             .join("host.cpio.gz")
     });
-    HostImage {
-        kernel: &kernel,
-        system: &sys,
-        binaries,
-        extra_files: Vec::new(),
-    }
-    .write(&out)
-    .map_err(|e| e.to_string())?;
+    build_system_image(&kernel, workspace, system, &out).map_err(|e| e.to_string())?;
     eprintln!(
         "bulkhead-rootfs: wrote {} (kernel {})",
         out.display(),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use bulkhead_rootfs::image::{build_binaries, HostImage, SystemDir};
+use bulkhead_rootfs::image::build_system_image;
 use bulkhead_rootfs::kernel::{Cache, Kernel};
 use bulkhead_rootfs::qemu::{Machine, Outcome, QemuConfig, Qmp};
 use bulkhead_rootfs::{workspace_dir, HOST_CMDLINE};
@@ -38,22 +38,12 @@ pub fn image(name: &str) -> PathBuf {
     if let Some(p) = built.get(name) {
         return p.clone();
     }
-    let kernel = kernel();
-    let sys = SystemDir::load(&systems_dir().join(name)).unwrap_or_else(|e| panic!("{e}"));
-    let bins = sys.all_binaries();
-    let binaries = build_binaries(&workspace_dir(), &bins).unwrap_or_else(|e| panic!("{e}"));
     let out = workspace_dir()
         .join("target/bulkhead-tests")
         .join(name)
         .join("host.cpio.gz");
-    HostImage {
-        kernel: &kernel,
-        system: &sys,
-        binaries,
-        extra_files: Vec::new(),
-    }
-    .write(&out)
-    .unwrap_or_else(|e| panic!("building the {name} image: {e}"));
+    build_system_image(&kernel(), &workspace_dir(), &systems_dir().join(name), &out)
+        .unwrap_or_else(|e| panic!("building the {name} image: {e}"));
     built.insert(name.to_string(), out.clone());
     out
 }

@@ -113,26 +113,6 @@ fn recv_with_fds(sock: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
     Ok((buf, fds))
 }
 
-fn map_fd(fd: &OwnedFd, len: usize) -> Result<&'static mut [u8], String> {
-    // SAFETY: a fresh shared mapping of `len` bytes of a memory object; leaked on purpose
-    // for the life of this short test program.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: the mapping is `len` bytes and lives until exit.
-    Ok(unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) })
-}
-
 /// The L1 host side: listens on `path`, serves one guest connection.
 pub fn peer(path: &str) -> Res {
     let _ = std::fs::remove_file(path);
@@ -152,7 +132,9 @@ pub fn peer(path: &str) -> Res {
         (Some(a), Some(b), Some(c)) => (a, b, c),
         _ => return Err("three fds expected".into()),
     };
-    let shm = map_fd(&shm_fd, 8192)?;
+    // A shared mapping of any fd: the guest library's type works on the host too.
+    let mut shm_map = bulkhead_wl::SharedMemory::map(shm_fd, 8192).map_err(e("map guest shm"))?;
+    let shm = shm_map.as_mut_slice();
     if cstr_at(shm, 0) != "guest-shm-data" {
         return Err(format!("guest shm holds {:?}", cstr_at(shm, 0)));
     }
@@ -176,7 +158,9 @@ pub fn peer(path: &str) -> Res {
         nix::sys::memfd::memfd_create(c"host-memfd", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
             .map_err(e("memfd_create"))?;
     nix::unistd::ftruncate(&memfd, 4096).map_err(e("ftruncate"))?;
-    let host_mem = map_fd(&memfd, 4096)?;
+    let mut host_map = bulkhead_wl::SharedMemory::map(memfd.try_clone().map_err(e("dup"))?, 4096)
+        .map_err(e("map our memfd"))?;
+    let host_mem = host_map.as_mut_slice();
     put_cstr(host_mem, 0, "host-memfd");
     let raw = [memfd.as_fd().as_raw_fd()];
     sendmsg::<()>(
