@@ -20,7 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define ROUNDS 2000
+#define ROUNDS 300
 
 static void load(const char *p)
 {
@@ -91,6 +91,7 @@ static long long socketpair_rtt(int with_fd)
 	socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
 	p = fork();
 	if (p == 0) {
+		close(sv[0]); /* or the echo never sees EOF */
 		for (;;) {
 			int n = recv_close(sv[1], buf, sizeof(buf));
 
@@ -99,7 +100,7 @@ static long long socketpair_rtt(int with_fd)
 			write(sv[1], buf, n);
 		}
 	}
-	for (i = 0; i < 100; i++) {
+	for (i = 0; i < 20; i++) {
 		send_fd(sv[0], buf, 64, -1);
 		read(sv[0], buf, 64);
 	}
@@ -136,7 +137,7 @@ int main(void)
 	v = fork();
 	if (v == 0) {
 		execl("/bin/bulkhead-vmm", "bulkhead-vmm", "--kernel", "/l2/vmlinuz", "--initramfs",
-		      "/l2/initramfs.cpio", "--cmdline", "console=ttyS0 panic=-1 quiet",
+		      "/l2/initramfs.cpio", "--cmdline", "console=ttyS0 panic=-1 quiet -- close",
 		      "--memory", "256M", "--serial-input", "false", "--wl-socket", "/tmp/wl.sock",
 		      NULL);
 		_exit(127);
@@ -150,7 +151,9 @@ int main(void)
 		write(c, buf, n);
 	}
 	close(c);
+	printf("L1: echo done, waiting for the VMM\n");
 	waitpid(v, &st, 0);
+	printf("L1: vmm exit status %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
 	printf("L1: socketpair rtt_ns=%lld fd_rtt_ns=%lld\n", socketpair_rtt(0), socketpair_rtt(1));
 	reboot(RB_POWER_OFF);
 	return 0;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bulkhead_wl::Wl;
 
-const ROUNDS: u32 = 2000;
+const ROUNDS: u32 = 300;
 
 fn load(path: &str) {
     if let Ok(f) = std::fs::File::open(path) {
@@ -34,7 +34,7 @@ fn run() -> Result<(), bulkhead_wl::WlError> {
     let msg = [7u8; 64];
     let mut per = [0u128; 2];
     for (i, with_fd) in [false, true].into_iter().enumerate() {
-        for _ in 0..100 {
+        for _ in 0..20 {
             ctx.send(&msg, &[])?;
             ctx.recv()?;
         }
@@ -54,6 +54,10 @@ fn run() -> Result<(), bulkhead_wl::WlError> {
     }
     println!("wl-bench: rtt_ns={} fd_rtt_ns={}", per[0], per[1]);
     ctx.send(b"quit", &[])?;
+    if std::env::args().nth(1).as_deref() == Some("close") {
+        drop(shm);
+        drop(ctx);
+    }
     Ok(())
 }
 
