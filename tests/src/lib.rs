@@ -118,6 +118,13 @@ impl Host {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Waits for a console line containing `needle`, for up to `timeout`.
+    pub fn expect_within(&mut self, needle: &str, timeout: Duration) -> String {
+        self.machine
+            .wait_for(needle, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// Waits for a console line satisfying `pred`.
     pub fn expect_line(&mut self, what: &str, pred: impl FnMut(&str) -> bool) -> String {
         self.machine

