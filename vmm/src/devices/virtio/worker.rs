@@ -6,7 +6,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -17,6 +18,37 @@ use crate::vstate::memory::GuestMemoryMmap;
 pub trait QueueHandler: Send + 'static {
     /// Consumes the available buffers of queue `index`. Returns true if it added used buffers.
     fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+}
+
+/// The request loop of a simple device: pops every available chain of `queue`, lets
+/// `serve` handle its descriptors (returning how many bytes it wrote for the driver), and puts
+/// the chain on the used ring. Returns true if any buffer was used. A broken queue or used
+/// ring is logged (naming `device`) and ends the loop, never a panic.
+pub fn serve_chains(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    device: &str,
+    mut serve: impl FnMut(&[Descriptor]) -> u32,
+) -> bool {
+    let mut used = false;
+    loop {
+        let chain = match queue.iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => {
+                log::warn!("bulkhead-vmm: virtio-{device}: bad queue: {e:?}");
+                return used;
+            }
+        };
+        let Some(chain) = chain else { return used };
+        let head = chain.head_index();
+        let descs: Vec<Descriptor> = chain.collect();
+        let len = serve(&descs);
+        if queue.add_used(mem, head, len).is_err() {
+            log::warn!("bulkhead-vmm: virtio-{device}: cannot return buffer {head}");
+            return used;
+        }
+        used = true;
+    }
 }
 
 const STOP_TOKEN: u64 = u64::MAX;

@@ -4,11 +4,11 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 use super::request::{self, Disk, ID_BYTES, SECTOR_SIZE};
-use crate::devices::virtio::worker::{QueueHandler, Worker};
+use crate::devices::virtio::worker::{serve_chains, QueueHandler, Worker};
 use crate::devices::virtio::{
     device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -77,31 +77,15 @@ impl BlockHandler {
 
 impl QueueHandler for BlockHandler {
     fn process(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    log::warn!("bulkhead-vmm: virtio-blk: bad queue: {e:?}");
-                    return used;
+        serve_chains(queue, mem, "blk", |descs| {
+            let out = request::execute(&self.disk, mem, descs);
+            match out.status_addr {
+                Some(addr) if mem.write_obj(out.status, addr).is_ok() => {
+                    out.data_written.saturating_add(1)
                 }
-            };
-            let Some(chain) = chain else { return used };
-            let head = chain.head_index();
-            let descs: Vec<_> = chain.collect();
-            let out = request::execute(&self.disk, mem, &descs);
-            let mut len = 0;
-            if let Some(addr) = out.status_addr {
-                if mem.write_obj(out.status, addr).is_ok() {
-                    len = out.data_written.saturating_add(1);
-                }
+                _ => 0,
             }
-            if queue.add_used(mem, head, len).is_err() {
-                log::warn!("bulkhead-vmm: virtio-blk: cannot return buffer {head}");
-                return used;
-            }
-            used = true;
-        }
+        })
     }
 }
 

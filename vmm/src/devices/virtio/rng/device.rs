@@ -1,10 +1,11 @@
 //! virtio-rng: one queue; every device-writable buffer the guest offers is filled from the
 //! host's `getrandom(2)`. The guest sees it as `/dev/hwrng` (module `virtio_rng`).
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::devices::virtio::worker::{QueueHandler, Worker};
+use crate::devices::virtio::worker::{serve_chains, QueueHandler, Worker};
 use crate::devices::virtio::{
     device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -51,11 +52,7 @@ pub struct RngHandler;
 
 impl RngHandler {
     /// Fills the writable buffers of one chain; returns the bytes written.
-    fn serve<M>(chain: virtio_queue::DescriptorChain<M>, mem: &GuestMemoryMmap) -> u32
-    where
-        M: std::ops::Deref,
-        M::Target: vm_memory::GuestMemory,
-    {
+    fn serve(chain: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
         let mut written = 0u32;
         let mut buf = Vec::new();
         for desc in chain {
@@ -84,24 +81,7 @@ impl RngHandler {
 
 impl QueueHandler for RngHandler {
     fn process(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let mut used = false;
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    log::warn!("bulkhead-vmm: virtio-rng: bad queue: {e:?}");
-                    return used;
-                }
-            };
-            let Some(chain) = chain else { return used };
-            let head = chain.head_index();
-            let len = Self::serve(chain, mem);
-            if queue.add_used(mem, head, len).is_err() {
-                log::warn!("bulkhead-vmm: virtio-rng: cannot return buffer {head}");
-                return used;
-            }
-            used = true;
-        }
+        serve_chains(queue, mem, "rng", |descs| Self::serve(descs, mem))
     }
 }
 
