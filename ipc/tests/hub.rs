@@ -967,6 +967,29 @@ fn vm_going_away_loses_its_services_and_connections() {
     );
 }
 
+/// A VMM restarted by init on the same channel says `Hello`: the VM's services and
+/// connections go as if the channel had closed, the channel keeps working, and the VM can
+/// provide again (P9: a restarted VM starts with nothing).
+#[test]
+fn hello_on_a_kept_channel_forgets_the_vm() {
+    let mut h = TestHub::start(POLICY, &["a", "b"], &[]);
+    h.provide("a", "inbox");
+    let (conn, _b_to_a, _a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    h.vm("a").send(&VmRequest::Hello, &[]).unwrap();
+    for vm in ["a", "b"] {
+        assert_eq!(
+            h.vm(vm).recv::<HubEvent>().unwrap().0,
+            HubEvent::Closed { tag: 0, conn }
+        );
+    }
+    assert_eq!(
+        h.connect("b", "inbox", "a").unwrap_err(),
+        Refusal::PermissionDenied
+    );
+    assert!(matches!(h.provide("a", "inbox"), HubEvent::Provided { .. }));
+    assert!(h.connect("b", "inbox", "a").is_ok());
+}
+
 /// A sender that fills a stuck receiver's queue and then hangs up: the hub loses none of
 /// the frames still in the sender's socket; when the receiver drains, every frame arrives,
 /// then EOF. (While back-pressured, the hung-up socket is left out of the poll set so

@@ -423,6 +423,12 @@ impl Hub {
             slot.chan = None;
             slot.out.clear();
         }
+        self.forget_vm_state(vm);
+    }
+
+    /// A VM starts again with nothing: its services, connections and handle-table entries go
+    /// (its channel, if open, stays).
+    fn forget_vm_state(&mut self, vm: VmIdx) {
         self.registry.forget_vm(vm);
         self.handles.forget_vm(vm);
         let ids: Vec<ConnId> = self
@@ -500,6 +506,16 @@ impl Hub {
             }
             VmRequest::AllocShm { tag, size } => self.alloc_shm(vm, tag, size),
             VmRequest::Release { dev, ino } => self.handles.release(vm, ObjKey { dev, ino }),
+            VmRequest::Hello => {
+                log::info!(
+                    "vm {}: VMM (re)started; its earlier state is forgotten",
+                    self.vm_name(vm)
+                );
+                if let Some(slot) = self.vms.get_mut(vm) {
+                    slot.out.clear();
+                }
+                self.forget_vm_state(vm);
+            }
         }
     }
 

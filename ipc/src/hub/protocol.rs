@@ -61,6 +61,11 @@ pub enum VmRequest {
         /// Bytes asked for (rounded up to a page).
         size: u64,
     },
+    /// The VMM (re)started on this channel (init keeps a VM's channel across restarts of
+    /// its VMM): the hub forgets the VM's services, connections and handle-table entries, as
+    /// if the channel had closed, so a restarted VM starts with nothing (no answer). A VMM
+    /// sends it first.
+    Hello,
     /// This VM closed its last fd to the object `(dev, ino)` it received from the hub; the
     /// hub forgets the VM's rights on it (no answer).
     Release {
