@@ -81,10 +81,15 @@ pub struct Cli {
     #[arg(long)]
     pub vfio: Vec<String>,
     /// /dev/vfio/vfio as an already-open descriptor (with --vfio-group-fd: no host paths).
-    #[arg(long, requires = "vfio")]
+    #[arg(long, requires = "vfio", env = "BULKHEAD_VFIO_CONTAINER_FD")]
     pub vfio_container_fd: Option<RawFd>,
     /// An IOMMU group (/dev/vfio/<n>) as an already-open descriptor. Repeatable.
-    #[arg(long, requires = "vfio_container_fd")]
+    #[arg(
+        long,
+        requires = "vfio_container_fd",
+        env = "BULKHEAD_VFIO_GROUP_FDS",
+        value_delimiter = ','
+    )]
     pub vfio_group_fd: Vec<RawFd>,
     /// /dev/kvm as an already-open file descriptor.
     #[arg(long)]
