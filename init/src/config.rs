@@ -166,6 +166,49 @@ pub struct ServiceConfig {
     pub stop_timeout_ms: u64,
     /// Environment; when absent the service gets only PATH=/bin.
     pub env: Option<BTreeMap<String, String>>,
+    /// The VM this service runs (its VMM): the policy's name for it. Init hands the VMM
+    /// its hub channel (fd 3, `BULKHEAD_HUB_FD=3`, when `[hub]` is present) and the VFIO
+    /// container and groups of the devices the policy grants this VM
+    /// (`BULKHEAD_VFIO_CONTAINER_FD`, `BULKHEAD_VFIO_GROUP_FDS`), opened afresh at every start.
+    pub vm: Option<String>,
+}
+
+/// Name of the hub's child in messages and status.
+pub const HUB_NAME: &str = "hub";
+
+/// `[hub]`: the hub process, started before every service. Init makes one SOCK_SEQPACKET
+/// socketpair per `vm`, keeps both ends across restarts, and appends `--vm NAME=FD` for
+/// each VM to `exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// Absolute program path, then its arguments.
+    pub exec: Vec<String>,
+    /// Environment; when absent the hub gets only PATH=/bin.
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+impl HubConfig {
+    /// The hub's supervision: restarted whenever it ends, quickly.
+    pub fn restart_params(&self) -> RestartParams {
+        RestartParams {
+            policy: RestartPolicy::Always,
+            delay: Duration::from_millis(200),
+            delay_max: Duration::from_millis(default_restart_delay_max_ms()),
+            stable_after: Duration::from_millis(default_stable_after_ms()),
+            burst: default_burst(),
+            burst_interval: Duration::from_millis(default_burst_interval_ms()),
+            stop_timeout: Duration::from_millis(default_stop_timeout_ms()),
+        }
+    }
+
+    /// The environment the hub runs with.
+    pub fn environment(&self) -> BTreeMap<String, String> {
+        match &self.env {
+            Some(env) => env.clone(),
+            None => BTreeMap::from([("PATH".to_string(), "/bin".to_string())]),
+        }
+    }
 }
 
 /// The whole file.
@@ -175,6 +218,8 @@ pub struct SystemConfig {
     /// `[host]` (all defaults when absent).
     #[serde(default)]
     pub host: HostConfig,
+    /// `[hub]`, if this host runs one.
+    pub hub: Option<HubConfig>,
     /// `[[service]]` tables, in start order.
     #[serde(default)]
     pub service: Vec<ServiceConfig>,
@@ -241,6 +286,21 @@ pub fn valid_module_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// An `exec` list: an absolute program path first, no NUL anywhere.
+fn check_exec(at: &str, exec: &[String]) -> Result<(), String> {
+    match exec.first() {
+        None => return Err(format!("{at}: exec is empty")),
+        Some(prog) if !prog.starts_with('/') => {
+            return Err(format!("{at}: exec[0] {prog:?} must be an absolute path"))
+        }
+        Some(_) => {}
+    }
+    if exec.iter().any(|a| a.contains('\0')) {
+        return Err(format!("{at}: exec contains a NUL byte"));
+    }
+    Ok(())
+}
+
 impl SystemConfig {
     /// Parses and validates the text of a system.toml; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<SystemConfig, ConfigError> {
@@ -298,6 +358,15 @@ impl SystemConfig {
                 self.service.len()
             ));
         }
+        if let Some(hub) = &self.hub {
+            check_exec("[hub]", &hub.exec)?;
+            if self.service.iter().any(|s| s.name == HUB_NAME) {
+                return Err(format!(
+                    "a [[service]] is named {HUB_NAME:?}, the name of the [hub]'s process"
+                ));
+            }
+        }
+        let mut vms = BTreeSet::new();
         let mut names = BTreeSet::new();
         for (i, s) in self.service.iter().enumerate() {
             let at = format!("[[service]] #{} ({:?})", i + 1, s.name);
@@ -309,16 +378,17 @@ impl SystemConfig {
             if !names.insert(s.name.as_str()) {
                 return Err(format!("{at}: duplicate service name"));
             }
-            match s.exec.first() {
-                None => return Err(format!("{at}: exec is empty")),
-                Some(prog) if !prog.starts_with('/') => {
-                    return Err(format!("{at}: exec[0] {prog:?} must be an absolute path"))
+            if let Some(vm) = &s.vm {
+                if !valid_name(vm) {
+                    return Err(format!(
+                        "{at}: vm {vm:?} must match [a-z0-9-]+ (at most 64 characters)"
+                    ));
                 }
-                Some(_) => {}
+                if !vms.insert(vm.as_str()) {
+                    return Err(format!("{at}: vm {vm:?} is run by another service too"));
+                }
             }
-            if s.exec.iter().any(|a| a.contains('\0')) {
-                return Err(format!("{at}: exec contains a NUL byte"));
-            }
+            check_exec(&at, &s.exec)?;
             if s.burst == 0 {
                 return Err(format!("{at}: burst must be at least 1"));
             }

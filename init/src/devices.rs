@@ -60,21 +60,25 @@ pub fn id_mismatch(id: &DeviceId, vendor: u16, device: u16) -> Option<String> {
     }
 }
 
-/// Binds every granted function to vfio-pci. Returns how many are bound.
-pub fn bind_granted(sys: &SysfsRoot) -> usize {
+/// The IOMMU groups granted to each VM (what its VMM is handed at start).
+pub type VmGroups = BTreeMap<String, Vec<u32>>;
+
+/// Binds every granted function to vfio-pci. Returns, for each VM, the IOMMU groups of the
+/// functions bound for it.
+pub fn bind_granted(sys: &SysfsRoot) -> VmGroups {
+    let mut bound = VmGroups::new();
     let policy = match load_policy() {
         Ok(p) => p,
         Err(e) => {
             error!("policy rejected, no device bound to vfio-pci:\n{e}");
-            return 0;
+            return bound;
         }
     };
     let wanted = assignments(&policy);
     if wanted.is_empty() {
         debug!("the policy grants no PCI device");
-        return 0;
+        return bound;
     }
-    let mut bound = 0;
     for a in wanted {
         let who = a.vms.join(", ");
         let bdf = match Bdf::new(
@@ -111,7 +115,12 @@ pub fn bind_granted(sys: &SysfsRoot) -> usize {
                         .map(|d| format!(", taken from {d}"))
                         .unwrap_or_default()
                 );
-                bound += 1;
+                for vm in &a.vms {
+                    let groups = bound.entry(vm.clone()).or_default();
+                    if !groups.contains(&report.group) {
+                        groups.push(report.group);
+                    }
+                }
             }
             Err(e) => error!("cannot bind {bdf} to vfio-pci (for {who}): {e}"),
         }

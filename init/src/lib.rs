@@ -23,6 +23,7 @@ pub mod cmdline;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod handoff;
 pub mod input;
 pub mod log;
 pub mod modules;

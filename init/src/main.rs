@@ -101,7 +101,7 @@ fn pid1() -> ! {
     modules::load_all(&modules::modules_dir(), &system.host.modules);
 
     // 7. PCI functions the policy grants to VMs go to vfio-pci.
-    devices::bind_granted(&bulkhead_vfio::SysfsRoot::host());
+    let vfio_groups = devices::bind_granted(&bulkhead_vfio::SysfsRoot::host());
 
     // 8. Power buttons (after `button` and `evdev` are loaded).
     let buttons = input::scan(Path::new("/dev/input"));
@@ -124,7 +124,7 @@ fn pid1() -> ! {
 
     let mut rt = Runtime {
         clock: Clock::new(),
-        services: Services::from_config(&system),
+        services: Services::from_config(&system, &vfio_groups),
         sfd,
         control,
         buttons,
@@ -265,7 +265,7 @@ fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
     };
     let mut rt = Runtime {
         clock: Clock::new(),
-        services: Services::from_config(&config),
+        services: Services::from_config(&config, &Default::default()),
         sfd,
         control,
         buttons: Vec::new(),

@@ -15,8 +15,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::config::{RestartParams, SystemConfig};
+use bulkhead_vfio::SysfsRoot;
+
+use crate::config::{RestartParams, SystemConfig, HUB_NAME};
 use crate::control::ServiceStatus;
+use crate::handoff::{self, Handoff, Role};
 use crate::output::{DrainResult, OutputPipe};
 use crate::supervisor::{ChildId, Decision, ExitKind, State, Supervisor};
 
@@ -50,8 +53,8 @@ impl Default for Clock {
     }
 }
 
-/// How to start one child: a service today; a VMM for a `[[vm]]` later.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How to start one child: the hub, a VMM, or any other service.
+#[derive(Debug, Clone)]
 pub struct Recipe {
     /// Name used in messages and status.
     pub name: String,
@@ -59,6 +62,8 @@ pub struct Recipe {
     pub exec: Vec<String>,
     /// The whole environment.
     pub env: BTreeMap<String, String>,
+    /// What else it is handed at exec.
+    pub role: Role,
 }
 
 /// Every supervised child and its plumbing.
@@ -82,15 +87,51 @@ pub fn exit_kind(status: WaitStatus) -> Option<(i32, ExitKind)> {
 }
 
 impl Services {
-    /// The services of a system, in start order.
-    pub fn from_config(config: &SystemConfig) -> Self {
+    /// The children of a system, in start order: the hub first (with one channel per VM),
+    /// then the services. `vfio_groups` maps a VM name to the IOMMU groups the policy
+    /// grants it (bound to vfio-pci at boot).
+    pub fn from_config(config: &SystemConfig, vfio_groups: &BTreeMap<String, Vec<u32>>) -> Self {
         let mut s = Services::default();
+        let vm_names: Vec<&str> = config
+            .service
+            .iter()
+            .filter_map(|svc| svc.vm.as_deref())
+            .collect();
+        let channels = match &config.hub {
+            Some(_) => handoff::make_channels(&vm_names),
+            None => BTreeMap::new(),
+        };
+        if let Some(hub) = &config.hub {
+            s.add(
+                Recipe {
+                    name: HUB_NAME.to_string(),
+                    exec: hub.exec.clone(),
+                    env: hub.environment(),
+                    role: Role::Hub {
+                        vms: channels
+                            .iter()
+                            .map(|(n, (hub_end, _))| (n.clone(), hub_end.clone()))
+                            .collect(),
+                    },
+                },
+                hub.restart_params(),
+            );
+        }
         for svc in &config.service {
+            let role = match &svc.vm {
+                None => Role::Plain,
+                Some(vm) => Role::Vm {
+                    name: vm.clone(),
+                    channel: channels.get(vm).map(|(_, vmm_end)| vmm_end.clone()),
+                    vfio_groups: vfio_groups.get(vm).cloned().unwrap_or_default(),
+                },
+            };
             s.add(
                 Recipe {
                     name: svc.name.clone(),
                     exec: svc.exec.clone(),
                     env: svc.environment(),
+                    role,
                 },
                 svc.restart_params(),
             );
@@ -145,18 +186,27 @@ impl Services {
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
         set_nonblocking(&read_end).map_err(|e| format!("pipe: {e}"))?;
         let stderr_end: OwnedFd = write_end.try_clone().map_err(|e| format!("pipe: {e}"))?;
+        let handoff = Handoff::for_role(&recipe.role, &SysfsRoot::host())?;
+        let raw = handoff.raw_fds();
+        let mut scratch = vec![0; raw.len()];
         // A new process group lets shutdown kill what the service itself started.
         let mut cmd = Command::new(prog);
         let sigrtmax = libc::SIGRTMAX();
         // SAFETY: the closure runs between fork and exec and only calls
-        // async-signal-safe functions (sigprocmask, signal), allocating nothing.
+        // async-signal-safe functions (sigprocmask, signal, fcntl, dup2) on memory
+        // allocated before the fork, allocating nothing.
         unsafe {
-            cmd.pre_exec(move || reset_signals(sigrtmax));
+            cmd.pre_exec(move || {
+                reset_signals(sigrtmax)?;
+                handoff::install(&raw, &mut scratch)
+            });
         }
         let child = cmd
             .args(args)
+            .args(&handoff.args)
             .env_clear()
             .envs(&recipe.env)
+            .envs(handoff.env.iter().map(|(k, v)| (k, v)))
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::from(write_end))
@@ -165,8 +215,10 @@ impl Services {
             .spawn()
             .map_err(|e| format!("{prog}: {e}"))?;
         let pid = i32::try_from(child.id()).map_err(|_| "pid out of range".to_string())?;
-        // The Child handle is not needed: init reaps with waitpid(-1).
+        // The Child handle is not needed: init reaps with waitpid(-1). Init's copies of the
+        // handed-over descriptors close here.
         drop(child);
+        drop(handoff);
         if self.pipes.len() >= MAX_PIPES {
             warn!("too many output pipes open, dropping the oldest");
             self.pipes.remove(0);
@@ -203,8 +255,25 @@ impl Services {
         // Its last words first, then the news of its end.
         self.drain_output_of(&name);
         info!("{name} {kind}");
+        if matches!(decision, Decision::Ended | Decision::Failed { .. }) {
+            self.ended_for_good(id);
+        }
         self.report(&name, decision);
         true
+    }
+
+    /// A VMM that will not start again lets go of its hub channel, so the hub sees the VM
+    /// leave and forgets its services and connections.
+    fn ended_for_good(&mut self, id: ChildId) {
+        if let Some(Recipe {
+            role: Role::Vm { channel, name, .. },
+            ..
+        }) = self.recipes.get_mut(id.0)
+        {
+            if channel.take().is_some() {
+                debug!("closed the hub channel of vm {name}");
+            }
+        }
     }
 
     /// Reaps every exited child (waitpid(-1, WNOHANG) until none is left).

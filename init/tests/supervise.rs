@@ -354,3 +354,92 @@ fn client_help_works() {
         assert!(text.contains(cmd), "{text}");
     }
 }
+
+/// `[hub]` and `vm =`: init makes one SOCK_SEQPACKET channel per VM, starts the hub first
+/// with `--vm NAME=FD` for each, hands each VMM its own end as fd 3 with `BULKHEAD_HUB_FD`,
+/// and closes its copy of a VMM's end once that service has ended for good, so the hub
+/// reads EOF. A plain service gets no extra descriptor. (Shell stand-ins for the hub and the
+/// VMMs: what is tested is init's plumbing, with real sockets.)
+#[test]
+fn hub_channels_are_made_and_handed_over() {
+    let mut init = Init::start(
+        r#"
+[host]
+when_idle = "stay"
+
+[hub]
+exec = ["/bin/sh", "-c", "for a in \"$@\"; do echo \"arg $a\"; done; cat <&3; echo; echo eof-a; cat <&4; echo; echo eof-b; sleep 1000", "hub"]
+
+[[service]]
+name = "vm-a"
+vm = "a"
+exec = ["/bin/sh", "-c", "echo fd=$BULKHEAD_HUB_FD vm=$BULKHEAD_VM; printf one-record-from-a >&3"]
+restart = "never"
+
+[[service]]
+name = "vm-b"
+vm = "b"
+exec = ["/bin/sh", "-c", "echo fd=$BULKHEAD_HUB_FD vm=$BULKHEAD_VM; printf one-record-from-b >&3"]
+restart = "never"
+
+[[service]]
+name = "plain"
+exec = ["/bin/sh", "-c", "if [ -e /dev/fd/3 ]; then echo has-fd-3; else echo no-fd-3; fi; echo hub-fd=${BULKHEAD_HUB_FD:-unset}"]
+restart = "never"
+"#,
+    );
+    init.expect("hub: eof-b");
+    for want in [
+        "hub: arg --vm",
+        "hub: arg a=3",
+        "hub: arg b=4",
+        "vm-a: fd=3 vm=a",
+        "vm-b: fd=3 vm=b",
+        "hub: one-record-from-a",
+        "hub: eof-a",
+        "hub: one-record-from-b",
+        "plain: no-fd-3",
+        "plain: hub-fd=unset",
+    ] {
+        assert!(
+            init.seen.iter().any(|l| l.ends_with(want)),
+            "no line {want:?}:\n{}",
+            init.seen.join("\n")
+        );
+    }
+    let started = |name: &str| {
+        init.seen
+            .iter()
+            .position(|l| l.contains(&format!("started {name} pid")))
+    };
+    assert!(started("hub") < started("vm-a"), "{:?}", init.seen);
+    init.client("poweroff");
+    assert_eq!(init.wait_exit(), 0);
+}
+
+#[test]
+fn hub_and_vm_names_are_validated() {
+    for (toml, want) in [
+        (
+            "[hub]\nexec = []\n",
+            "[hub]: exec is empty",
+        ),
+        (
+            "[hub]\nexec = [\"/bin/true\"]\n[[service]]\nname = \"hub\"\nexec = [\"/bin/true\"]\n",
+            "named \"hub\"",
+        ),
+        (
+            "[[service]]\nname = \"x\"\nvm = \"a\"\nexec = [\"/bin/true\"]\n[[service]]\nname = \"y\"\nvm = \"a\"\nexec = [\"/bin/true\"]\n",
+            "vm \"a\" is run by another service too",
+        ),
+        (
+            "[[service]]\nname = \"x\"\nvm = \"A!\"\nexec = [\"/bin/true\"]\n",
+            "vm \"A!\" must match",
+        ),
+    ] {
+        let err = bulkhead_init::config::SystemConfig::parse(toml, Path::new("system.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{toml}: {err}");
+    }
+}

@@ -78,10 +78,11 @@ impl SystemDir {
                 }
             })?;
         let modules = config.host.modules.clone();
-        // Every `/bin/<name>` a service runs (as the program or as an argument, e.g. a
-        // wrapper) is one of our binaries.
+        // Every `/bin/<name>` the hub or a service runs (as the program or as an argument,
+        // e.g. a wrapper) is one of our binaries.
         let mut binaries: Vec<String> = Vec::new();
-        for arg in config.service.iter().flat_map(|s| s.exec.iter()) {
+        let hub_exec = config.hub.iter().flat_map(|h| h.exec.iter());
+        for arg in hub_exec.chain(config.service.iter().flat_map(|s| s.exec.iter())) {
             if let Some(bin) = arg.strip_prefix("/bin/") {
                 if bin != "bulkhead-init" && !binaries.iter().any(|b| b == bin) {
                     binaries.push(bin.to_string());
