@@ -102,7 +102,7 @@ impl Services {
             None => BTreeMap::new(),
         };
         if let Some(hub) = &config.hub {
-            s.add(
+            let id = s.add(
                 Recipe {
                     name: HUB_NAME.to_string(),
                     exec: hub.exec.clone(),
@@ -116,6 +116,7 @@ impl Services {
                 },
                 hub.restart_params(),
             );
+            s.sup.set_support(id);
         }
         for svc in &config.service {
             let role = match &svc.vm {

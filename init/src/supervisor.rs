@@ -132,6 +132,9 @@ pub struct Child {
     consecutive: u32,
     /// Global start order of the current run (for reverse-order shutdown).
     start_seq: u64,
+    /// A support process (the hub): it runs for the others and does not by itself keep the
+    /// machine from being idle.
+    pub support: bool,
 }
 
 /// All supervised children.
@@ -158,8 +161,16 @@ impl Supervisor {
             recent_starts: VecDeque::new(),
             consecutive: 0,
             start_seq: 0,
+            support: false,
         });
         ChildId(self.children.len() - 1)
+    }
+
+    /// Marks a child as a support process (see [`Child::support`]).
+    pub fn set_support(&mut self, id: ChildId) {
+        if let Some(c) = self.children.get_mut(id.0) {
+            c.support = true;
+        }
     }
 
     /// The child, if the id is valid.
@@ -281,11 +292,12 @@ impl Supervisor {
         Decision::Restart { delay }
     }
 
-    /// True when no child runs or waits to run, i.e. every one is done or failed.
-    /// Vacuously true with no children.
+    /// True when no child runs or waits to run, i.e. every one is done or failed, support
+    /// processes aside. Vacuously true with no children.
     pub fn all_ended(&self) -> bool {
         self.children
             .iter()
+            .filter(|c| !c.support)
             .all(|c| matches!(c.state, State::Done | State::Failed))
     }
 
@@ -474,6 +486,23 @@ mod tests {
         );
         assert_eq!(s.child(a).unwrap().state, State::Stopped);
         assert!(s.due(ms(1_000_000)).is_empty());
+    }
+
+    #[test]
+    fn a_running_support_process_does_not_keep_the_machine_busy() {
+        let mut s = Supervisor::new();
+        let hub = s.add("hub", params(RestartPolicy::Always));
+        s.set_support(hub);
+        let vm = s.add("vm", params(RestartPolicy::Never));
+        for (i, id) in s.due(ms(0)).into_iter().enumerate() {
+            s.started(id, 10 + i as i32, ms(0));
+        }
+        assert!(!s.all_ended());
+        assert_eq!(
+            s.exited(11, ExitKind::Exited(0), ms(1)),
+            Some((vm, Decision::Ended))
+        );
+        assert!(s.all_ended());
     }
 
     #[test]
