@@ -28,3 +28,55 @@ fn l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name() 
         h.context()
     );
 }
+
+/// Every `PASS` line the faux-accept system must print, by the service that prints it.
+const FAUX_PASSES: &[&str] = &[
+    "relay: testprog: PASS relay: early wl add answered early-0",
+    "relay: testprog: PASS relay: the server guest's listener context connected",
+    "relay: testprog: PASS relay: the client guest connected to svc",
+    "relay: testprog: PASS relay: wl add on the server VMM answered wl-conn-0",
+    "server-vm: server: testprog: PASS server: listener bound on \"listen\"",
+    "server-vm: server: testprog: PASS server: accepted wl-conn-0",
+    "server-vm: server: testprog: PASS server: got ping and the client's shared memory",
+    "client-vm: client: testprog: PASS client: connected to \"svc\"",
+    "client-vm: client: testprog: PASS client: got pong and the server's shared memory",
+    "server-vm: server: testprog: PASS wl-faux server: data and shared memory both ways",
+    "client-vm: client: testprog: PASS wl-faux client: data and shared memory both ways",
+    "relay: testprog: PASS wl-faux relay: relayed 1 fd to the server and 1 to the client",
+];
+
+#[test]
+fn faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add() {
+    let mut h = Host::boot("wl-faux");
+    h.expect("relay: testprog: wl-faux-relay listening on /run/wl-listen.sock");
+    // Two nested guests boot side by side under software emulation: allow each step long.
+    let step = std::time::Duration::from_secs(300);
+    let finals = FAUX_PASSES.iter().filter(|p| p.contains("wl-faux "));
+    let want_finals = finals.count();
+    let mut finals_seen = 0;
+    while finals_seen < want_finals {
+        let line = h.expect_within("testprog: ", step);
+        assert!(!line.contains("FAIL:"), "{line}\n{}", h.context());
+        if line.contains("testprog: PASS wl-faux ") {
+            finals_seen += 1;
+        }
+    }
+    h.expect_end(End::PowerOff);
+    for want in FAUX_PASSES {
+        assert!(
+            h.lines().iter().any(|l| l.contains(want)),
+            "missing {want:?}\n{}",
+            h.context()
+        );
+    }
+    h.assert_never_saw("FAIL:");
+    for vm in ["server-vm", "client-vm"] {
+        assert!(
+            h.lines()
+                .iter()
+                .any(|l| l.contains(&format!("bulkhead-init: {vm} exited with status 0"))),
+            "{vm} did not exit cleanly\n{}",
+            h.context()
+        );
+    }
+}

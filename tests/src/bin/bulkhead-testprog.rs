@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 #[path = "testprog/wl.rs"]
 mod testprog_wl;
+#[path = "testprog/wl_faux.rs"]
+mod testprog_wl_faux;
 use std::time::Duration;
 
 fn uptime_ms() -> u64 {
@@ -37,7 +39,8 @@ fn report(r: Result<String, String>) -> ExitCode {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: bulkhead-testprog crash [CODE] | ignore-term | sleep SECS | exit CODE | \
-         check-kvm | check-vfio BDF | vm-check | wl-guest | wl-peer PATH | run-after MS PROGRAM [ARGS...]"
+         check-kvm | check-vfio BDF | vm-check | wl-guest | wl-peer PATH | \
+         wl-faux-server | wl-faux-client | wl-faux-relay LISTEN SVC CTL | run-after MS PROGRAM [ARGS...]"
     );
     ExitCode::from(2)
 }
@@ -175,6 +178,14 @@ fn main() -> ExitCode {
         "wl-peer" => match args.get(1) {
             Some(path) => report(testprog_wl::peer(path)),
             None => usage(),
+        },
+        "wl-faux-server" => report(testprog_wl_faux::server()),
+        "wl-faux-client" => report(testprog_wl_faux::client()),
+        "wl-faux-relay" => match (args.get(1), args.get(2), args.get(3)) {
+            (Some(listen), Some(svc), Some(ctl)) => {
+                report(testprog_wl_faux::relay_main(listen, svc, ctl))
+            }
+            _ => usage(),
         },
         "check-vfio" => match args.get(1) {
             Some(bdf) => check_vfio(bdf),

@@ -13,18 +13,18 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 
 pub type Res = Result<String, String>;
 
-fn e<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+pub fn e<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |err| format!("{what}: {err}")
 }
 
 /// Reads a NUL-terminated string at `off` in a mapping.
-fn cstr_at(map: &[u8], off: usize) -> String {
+pub fn cstr_at(map: &[u8], off: usize) -> String {
     let tail = map.get(off..).unwrap_or(&[]);
     let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
     String::from_utf8_lossy(&tail[..end]).into_owned()
 }
 
-fn put_cstr(map: &mut [u8], off: usize, s: &str) {
+pub fn put_cstr(map: &mut [u8], off: usize, s: &str) {
     if let Some(dst) = map.get_mut(off..off + s.len() + 1) {
         dst[..s.len()].copy_from_slice(s.as_bytes());
         dst[s.len()] = 0;
@@ -92,7 +92,7 @@ pub fn guest() -> Res {
     Ok("wl guest ok: data, shared memory both ways, host memfd, pipes both ways".into())
 }
 
-fn recv_with_fds(sock: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
+pub fn recv_with_fds(sock: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
     let mut buf = vec![0u8; 4096];
     let mut cmsg = nix::cmsg_space!([RawFd; 28]);
     let mut iov = [IoSliceMut::new(&mut buf)];
