@@ -77,6 +77,11 @@ pub struct Cli {
     /// --wl. More are added at run time with the control socket's `wl add`.
     #[arg(long, value_parser = parse_wl_socket)]
     pub wl_socket: Vec<(String, PathBuf)>,
+    /// The VM channel to the hub: an inherited SOCK_SEQPACKET socket (init passes fd 3 and
+    /// sets BULKHEAD_HUB_FD). virtio_wl names not in the local registry are resolved through
+    /// it: `listen:SVC` provides SVC, `SVC` / `SVC@VM` connect. Implies --wl.
+    #[arg(long, env = "BULKHEAD_HUB_FD")]
+    pub hub_fd: Option<RawFd>,
     /// Pass a host PCI function through (bound to vfio-pci), e.g. 0000:00:03.0. Repeatable.
     #[arg(long)]
     pub vfio: Vec<String>,
@@ -176,6 +181,8 @@ pub struct VmConfig {
     pub wl: bool,
     /// virtio_wl sockets at start (name, listening path).
     pub wl_sockets: Vec<(String, PathBuf)>,
+    /// The hub's VM channel (inherited descriptor).
+    pub hub_fd: Option<RawFd>,
     /// PCI functions to pass through (`--vfio`).
     pub vfio: Vec<String>,
     /// The VFIO container as an inherited descriptor.
@@ -220,8 +227,9 @@ impl From<Cli> for VmConfig {
             disks,
             disk_read_only: c.disk_read_only,
             rng: c.rng,
-            wl: c.wl || !c.wl_socket.is_empty(),
+            wl: c.wl || !c.wl_socket.is_empty() || c.hub_fd.is_some(),
             wl_sockets: c.wl_socket,
+            hub_fd: c.hub_fd,
             vfio: c.vfio,
             vfio_container_fd: c.vfio_container_fd,
             vfio_group_fds: c.vfio_group_fd,
@@ -329,6 +337,15 @@ mod tests {
         assert!(
             Cli::try_parse_from(["bulkhead-vmm", "--kernel", "k", "--memory", "lots"]).is_err()
         );
+    }
+
+    #[test]
+    fn hub_fd_implies_wl() {
+        let c = Cli::try_parse_from(["bulkhead-vmm", "--kernel", "k", "--hub-fd", "3"]).unwrap();
+        let v = VmConfig::from(c);
+        assert_eq!(v.hub_fd, Some(3));
+        assert!(v.wl);
+        assert!(Cli::try_parse_from(["bulkhead-vmm", "--kernel", "k", "--hub-fd", "x"]).is_err());
     }
 
     #[test]

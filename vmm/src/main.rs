@@ -11,6 +11,7 @@ use bulkhead_vmm::control::ControlServer;
 use bulkhead_vmm::devices::legacy::terminal::RawTerminal;
 use bulkhead_vmm::devices::virtio::rng::device::Rng;
 use bulkhead_vmm::devices::virtio::wl::device::Wl;
+use bulkhead_vmm::devices::virtio::wl::hub::HubLink;
 use bulkhead_vmm::devices::virtio::wl::sockets::{WlSocket, WlSockets};
 use bulkhead_vmm::devices::virtio::wl::state::WlLimits;
 use bulkhead_vmm::vm::Vm;
@@ -79,12 +80,18 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
                 .add(name, WlSocket::Listening(path.clone()))
                 .map_err(|e| e.to_string())?;
         }
-        let wl = Wl::new(
+        let mut wl = Wl::new(
             sockets.clone(),
             Some(vm.memory_slots().clone()),
             WlLimits::default(),
         )
         .map_err(|e| e.to_string())?;
+        if let Some(fd) = cfg.hub_fd {
+            let fd = fds.take(fd).map_err(|e| format!("--hub-fd: {e}"))?;
+            let link = HubLink::new(fd, sockets.clone()).map_err(|e| format!("--hub-fd: {e}"))?;
+            log::info!("bulkhead-vmm: virtio-wl: hub channel ready (Hello sent)");
+            wl.set_hub(link);
+        }
         vm.add_virtio_device(Box::new(wl))
             .map_err(|e| e.to_string())?;
         Some(sockets)

@@ -59,6 +59,11 @@ impl Wl {
         &self.sockets
     }
 
+    /// Resolves names the registry does not have through the hub (`--hub-fd`).
+    pub fn set_hub(&mut self, hub: super::hub::HubLink) {
+        lock(&self.state).set_hub(hub);
+    }
+
     /// The state (tests inspect it).
     pub fn state(&self) -> &Arc<Mutex<WlState>> {
         &self.state
@@ -171,8 +176,11 @@ fn run(state: &Mutex<WlState>, activation: Activation, stop: &EventFd) {
                 }
             }
         }
-        let watched = lock(state).watched_fds();
-        let mut fds = Vec::with_capacity(3 + watched.len());
+        let (watched, hub_fd) = {
+            let st = lock(state);
+            (st.watched_fds(), st.hub_fd())
+        };
+        let mut fds = Vec::with_capacity(4 + watched.len());
         let pfd = |fd: i32| libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -182,10 +190,14 @@ fn run(state: &Mutex<WlState>, activation: Activation, stop: &EventFd) {
         for pos in [out_pos, in_pos] {
             fds.push(pfd(queues.get(pos).map_or(-1, |q| q.notify.as_raw_fd())));
         }
+        // The hub channel (faux accepts, closes) is polled even under back-pressure: its
+        // events only touch the registry and listener contexts, never the in queue.
+        fds.push(pfd(hub_fd.unwrap_or(-1)));
         fds.extend(watched.iter().map(|(_, fd)| pfd(*fd)));
-        // SAFETY: `fds` is a valid pollfd array for the duration of the call; the watched fds
-        // stay open because only this thread closes vfds (commands run here) — a device reset
-        // stops this thread before clearing the table.
+        // SAFETY: `fds` is a valid pollfd array for the duration of the call (a -1 entry is
+        // ignored by poll); the watched fds stay open because only this thread closes vfds
+        // (commands run here) — a device reset stops this thread before clearing the table;
+        // the hub channel is owned by the state and never closed while it lives.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -203,7 +215,10 @@ fn run(state: &Mutex<WlState>, activation: Activation, stop: &EventFd) {
             }
         }
         let mut st = lock(state);
-        for ((id, _), p) in watched.iter().zip(fds.iter().skip(3)) {
+        if fds.get(3).is_some_and(|p| p.revents != 0) {
+            st.read_hub();
+        }
+        for ((id, _), p) in watched.iter().zip(fds.iter().skip(4)) {
             if p.revents != 0 {
                 st.read_vfd(*id);
             }

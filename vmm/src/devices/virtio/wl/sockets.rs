@@ -3,13 +3,18 @@
 //! A socket is `Listening(path)` (a host listening socket: connect(2) on every use) or
 //! `NonListening(stream)` (an already-connected stream, e.g. one end of a socketpair from the
 //! hub: consumed by the first connect). Names are added at start (`--wl-socket NAME=PATH`) and
-//! at run time (the control socket's `wl add`, possibly with a `%d` pattern). The registry has
-//! its own short lock, separate from the device: adding a socket never waits for the guest.
+//! at run time (the control socket's `wl add`, possibly with a `%d` pattern). A third kind,
+//! `Hub(HubConn)`, is a connection the hub handed over in a faux accept (`HubEvent::Accept`):
+//! like `NonListening` it is consumed by the first connect, and the vfd it gives is backed by
+//! the hub connection (SEQPACKET frames), not a byte stream. The registry has its own short
+//! lock, separate from the device: adding a socket never waits for the guest.
 
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+
+use bulkhead_ipc::hub::client::HubConn;
 
 use super::protocol::CTX_NAME_MAX_LEN;
 
@@ -23,6 +28,17 @@ pub enum WlSocket {
     Listening(PathBuf),
     /// An accepted (connected) stream, handed to the first connect.
     NonListening(UnixStream),
+    /// A hub connection from a faux accept (`wl-conn-N`), handed to the first connect.
+    Hub(HubConn),
+}
+
+/// What a connect to a name gives.
+#[derive(Debug)]
+pub enum Connected {
+    /// A stream socket (listening path connected, or a non-listening stream).
+    Stream(UnixStream),
+    /// A hub connection.
+    Hub(HubConn),
 }
 
 /// Errors of the registry.
@@ -40,6 +56,9 @@ pub enum SocketError {
     /// Too many sockets.
     #[error("too many wl sockets (limit {MAX_SOCKETS})")]
     Full,
+    /// The name is a hub connection, which only the device can take (`take`).
+    #[error("wl socket {0:?} is a hub connection")]
+    HubConnection(String),
     /// connect(2) failed.
     #[error("connecting to {path}: {err}")]
     Connect {
@@ -123,24 +142,61 @@ impl WlSockets {
         self.lock().sockets.keys().cloned().collect()
     }
 
+    /// True if `name` is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.lock().sockets.contains_key(name)
+    }
+
+    /// Removes `name` only if it is an unconsumed hub connection (the hub closed it before
+    /// the guest connected). Returns whether it did.
+    pub fn remove_hub(&self, name: &str) -> bool {
+        let mut reg = self.lock();
+        if matches!(reg.sockets.get(name), Some(WlSocket::Hub(_))) {
+            reg.sockets.remove(name);
+            return true;
+        }
+        false
+    }
+
     /// Connects to `name`: connect(2) for a listening socket (outside the lock), or takes the
-    /// stream of a non-listening one (which removes the name).
+    /// stream of a non-listening one (which removes the name). A hub connection is left in
+    /// place and refused (`HubConnection`); the device uses [`WlSockets::take`].
     pub fn connect(&self, name: &str) -> Result<UnixStream, SocketError> {
+        {
+            let reg = self.lock();
+            if matches!(reg.sockets.get(name), Some(WlSocket::Hub(_))) {
+                return Err(SocketError::HubConnection(name.to_string()));
+            }
+        }
+        match self.take(name)? {
+            Connected::Stream(s) => Ok(s),
+            Connected::Hub(_) => Err(SocketError::HubConnection(name.to_string())),
+        }
+    }
+
+    /// Connects to `name` whatever its kind: connect(2) for a listening socket (outside the
+    /// lock); a non-listening stream or a hub connection is taken (the name disappears).
+    pub fn take(&self, name: &str) -> Result<Connected, SocketError> {
         let path = {
             let mut reg = self.lock();
             match reg.sockets.get(name) {
                 None => return Err(SocketError::NotFound(name.to_string())),
                 Some(WlSocket::Listening(p)) => p.clone(),
-                Some(WlSocket::NonListening(_)) => match reg.sockets.remove(name) {
-                    Some(WlSocket::NonListening(s)) => return Ok(s),
-                    _ => return Err(SocketError::NotFound(name.to_string())),
-                },
+                Some(WlSocket::NonListening(_) | WlSocket::Hub(_)) => {
+                    return match reg.sockets.remove(name) {
+                        Some(WlSocket::NonListening(s)) => Ok(Connected::Stream(s)),
+                        Some(WlSocket::Hub(h)) => Ok(Connected::Hub(h)),
+                        _ => Err(SocketError::NotFound(name.to_string())),
+                    };
+                }
             }
         };
-        UnixStream::connect(&path).map_err(|err| SocketError::Connect {
-            path: path.display().to_string(),
-            err,
-        })
+        UnixStream::connect(&path)
+            .map(Connected::Stream)
+            .map_err(|err| SocketError::Connect {
+                path: path.display().to_string(),
+                err,
+            })
     }
 }
 

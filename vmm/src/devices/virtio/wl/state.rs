@@ -6,16 +6,24 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use std::time::{Duration, Instant};
+
+use bulkhead_ipc::channel::ChannelError;
+use bulkhead_ipc::hub::client::{ClientError, HubConn, Incoming};
+use bulkhead_ipc::hub::protocol::FdInfo;
+use bulkhead_ipc::MAX_FRAME;
+use bulkhead_policy::{FdType, Rights};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::hub::{wait_for, HubLink, Resolved};
 use super::protocol::{
     parse_command, Command, InMessage, Response, ResponseCode, VfdNew, MAX_COMMAND_SIZE,
     MAX_RECV_DATA, VFD_HOST_ID_BIT, VFD_READ, VIRTIO_WL_F_TRANS_FLAGS, VIRTIO_WL_F_USE_SHMEM,
 };
 use super::scm;
-use super::sockets::{SocketError, WlSockets};
-use super::vfd::{classify_host_fd, page_align, ShmWindow, Vfd, VfdKind};
+use super::sockets::{Connected, SocketError, WlSockets};
+use super::vfd::{classify_host_fd, page_align, HubObject, ShmWindow, Vfd, VfdKind};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Per-VM limits.
@@ -50,7 +58,19 @@ pub struct WlState {
     next_host_id: u32,
     pending: VecDeque<InMessage>,
     features: u64,
+    hub: Option<HubLink>,
+    /// Objects the hub delivered: how many vfds hold each (Release when the last closes).
+    hub_refs: BTreeMap<(u64, u64), usize>,
+    send_wait: Duration,
 }
+
+/// How long a VFD_SEND on a hub connection waits for room when the hub applies
+/// back-pressure, before the guest gets `RESP_OUT_OF_MEMORY`.
+pub const DEFAULT_HUB_SEND_WAIT: Duration = Duration::from_millis(500);
+
+/// Data bytes per frame on a hub connection (a larger VFD_SEND is split; its fds go with
+/// the first frame). Leaves room for the frame's header and rights list.
+const HUB_CHUNK: usize = MAX_FRAME - 1024;
 
 fn memfd(size: u64) -> Result<OwnedFd, ResponseCode> {
     // SAFETY: a static NUL-terminated name; flags are valid.
@@ -68,6 +88,13 @@ fn memfd(size: u64) -> Result<OwnedFd, ResponseCode> {
     let len = libc::off_t::try_from(size).map_err(|_| ResponseCode::OutOfMemory)?;
     // SAFETY: ftruncate on an fd we own.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
+        return Err(ResponseCode::OutOfMemory);
+    }
+    // Sealed against grow and shrink: a receiver's mapping can never lose pages under it,
+    // and the hub only passes sealed memfds.
+    let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a memfd we own, created with MFD_ALLOW_SEALING.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
         return Err(ResponseCode::OutOfMemory);
     }
     Ok(fd)
@@ -107,7 +134,63 @@ impl WlState {
             next_host_id: 0,
             pending: VecDeque::new(),
             features: VIRTIO_WL_F_TRANS_FLAGS,
+            hub: None,
+            hub_refs: BTreeMap::new(),
+            send_wait: DEFAULT_HUB_SEND_WAIT,
         }
+    }
+
+    /// Resolves names the registry does not have through the hub from now on.
+    pub fn set_hub(&mut self, hub: HubLink) {
+        self.hub = Some(hub);
+    }
+
+    /// The hub link, if any.
+    pub fn hub(&mut self) -> Option<&mut HubLink> {
+        self.hub.as_mut()
+    }
+
+    /// Sets how long a send on a hub connection waits for room (back-pressure).
+    pub fn set_hub_send_wait(&mut self, t: Duration) {
+        self.send_wait = t;
+    }
+
+    /// The hub channel fd the worker polls (None without a hub or once it is gone).
+    pub fn hub_fd(&self) -> Option<RawFd> {
+        self.hub
+            .as_ref()
+            .and_then(|h| h.poll_fd())
+            .map(|f| f.as_raw_fd())
+    }
+
+    /// Handles the hub channel's queued events (faux accepts, closes).
+    pub fn read_hub(&mut self) {
+        if let Some(h) = self.hub.as_mut() {
+            h.poll_events();
+        }
+    }
+
+    /// The host fd behind vfd `id` (what a send would pass on), for inspection.
+    pub fn host_fd(&self, id: u32) -> Option<BorrowedFd<'_>> {
+        self.vfds.get(&id).and_then(|v| v.fd_to_send())
+    }
+
+    /// For a shm vfd: whether the guest's mapping is writable.
+    pub fn shm_writable(&self, id: u32) -> Option<bool> {
+        match self.vfds.get(&id).map(|v| &v.kind) {
+            Some(VfdKind::Shm(s)) => Some(s.writable),
+            _ => None,
+        }
+    }
+
+    /// For a vfd the hub delivered: the rights this VM holds on it.
+    pub fn hub_rights(&self, id: u32) -> Option<Rights> {
+        self.vfds.get(&id).and_then(|v| v.hub.map(|h| h.rights))
+    }
+
+    /// Objects received from the hub that some vfd still holds.
+    pub fn hub_objects(&self) -> usize {
+        self.hub_refs.len()
     }
 
     /// Sets the negotiated features.
@@ -159,6 +242,9 @@ impl WlState {
             self.remove_vfd(id);
         }
         self.pending.clear();
+        if let Some(h) = self.hub.as_mut() {
+            h.reset();
+        }
     }
 
     fn remove_vfd(&mut self, id: u32) -> bool {
@@ -169,13 +255,36 @@ impl WlState {
                     self.shm_count = self.shm_count.saturating_sub(1);
                     self.window.unmap(s);
                 }
+                if let Some(obj) = v.hub {
+                    self.unref_hub(obj.key);
+                }
                 true
             }
             None => false,
         }
     }
 
+    fn unref_hub(&mut self, key: (u64, u64)) {
+        let last = match self.hub_refs.get_mut(&key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if last {
+            self.hub_refs.remove(&key);
+            if let Some(h) = self.hub.as_mut() {
+                h.release(key);
+            }
+        }
+    }
+
     fn insert(&mut self, id: u32, vfd: Vfd) -> VfdNew {
+        if let Some(obj) = &vfd.hub {
+            *self.hub_refs.entry(obj.key).or_insert(0) += 1;
+        }
         let d = vfd.describe(id, self.trans_flags(), &self.window, self.use_shmem());
         self.vfds.insert(id, vfd);
         d
@@ -260,6 +369,21 @@ impl WlState {
                 return Err(ResponseCode::InvalidId);
             }
         }
+        if matches!(target.kind, VfdKind::Hub(_)) {
+            if ids.contains(&id) {
+                return Err(ResponseCode::InvalidType);
+            }
+            // Out of the table while it sends, so the other vfds can be borrowed.
+            let mut conn = self.vfds.remove(&id).ok_or(ResponseCode::InvalidId)?;
+            let r = match &mut conn.kind {
+                VfdKind::Hub(h) => self.send_hub(id, h, ids, data),
+                _ => Err(ResponseCode::InvalidType),
+            };
+            self.vfds.insert(id, conn);
+            r?;
+            self.sent_pipes(ids);
+            return Ok(Response::Ok);
+        }
         match &target.kind {
             VfdKind::Socket(sock) => {
                 let mut fds = Vec::with_capacity(ids.len());
@@ -292,6 +416,57 @@ impl WlState {
             }
             _ => return Err(ResponseCode::InvalidType),
         }
+        self.sent_pipes(ids);
+        Ok(Response::Ok)
+    }
+
+    /// One VFD_SEND on a hub connection: one frame (more if the data exceeds a frame; the
+    /// fds go with the first), each fd with the rights its vfd holds. Back-pressure
+    /// (`WouldBlock`) waits at most `send_wait` for room, then answers OUT_OF_MEMORY.
+    fn send_hub(
+        &self,
+        id: u32,
+        conn: &mut HubConn,
+        ids: &[u32],
+        data: &[u8],
+    ) -> Result<(), ResponseCode> {
+        let mut fds = Vec::with_capacity(ids.len());
+        for i in ids {
+            let v = self.vfds.get(i).ok_or(ResponseCode::InvalidId)?;
+            let fd = v.fd_to_send().ok_or(ResponseCode::InvalidType)?;
+            fds.push((fd, v.rights_to_send()));
+        }
+        let mut chunks: Vec<&[u8]> = data.chunks(HUB_CHUNK).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for (n, chunk) in chunks.into_iter().enumerate() {
+            let these: &[(BorrowedFd<'_>, Rights)] = if n == 0 { &fds } else { &[] };
+            let deadline = Instant::now() + self.send_wait;
+            loop {
+                match conn.try_send(chunk, these) {
+                    Ok(_) => break,
+                    Err(ClientError::Channel(ChannelError::WouldBlock)) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            log::info!(
+                                "bulkhead-vmm: virtio-wl: send on hub vfd {id:#x}: the peer is not reading (back-pressure)"
+                            );
+                            return Err(ResponseCode::OutOfMemory);
+                        }
+                        wait_for(conn.as_fd(), libc::POLLOUT, left);
+                    }
+                    Err(e) => {
+                        log::debug!("bulkhead-vmm: virtio-wl: send on hub vfd {id:#x}: {e}");
+                        return Err(ResponseCode::Err);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sent_pipes(&mut self, ids: &[u32]) {
         // The remote ends of sent pipes now live with the peer: drop ours so EOF propagates.
         for i in ids {
             if let Some(Vfd {
@@ -302,21 +477,36 @@ impl WlState {
                 *remote = None;
             }
         }
-        Ok(Response::Ok)
     }
 
+    /// NEW_CTX / NEW_CTX_NAMED: a name in the local registry wins; otherwise, with a hub,
+    /// `listen:<svc>` provides and anything else connects through it. Every failure is the
+    /// same `RESP_ERR` as an unknown name.
     fn new_ctx(&mut self, id: u32, name: &str) -> Result<Response, ResponseCode> {
         self.check_new(id)?;
-        let stream = self.sockets.connect(name).map_err(|e| {
-            match &e {
-                SocketError::NotFound(_) => log::debug!("bulkhead-vmm: virtio-wl: {e}"),
-                _ => log::warn!("bulkhead-vmm: virtio-wl: {e}"),
+        let kind = match self.sockets.take(name) {
+            Ok(Connected::Stream(s)) => VfdKind::Socket(s),
+            Ok(Connected::Hub(h)) => VfdKind::Hub(h),
+            Err(SocketError::NotFound(_)) if self.hub.is_some() => {
+                let hub = self.hub.as_mut().ok_or(ResponseCode::Err)?;
+                match hub.resolve(name) {
+                    Ok(Resolved::Listener(s)) => VfdKind::Socket(s),
+                    Ok(Resolved::Conn(h)) => VfdKind::Hub(h),
+                    Err(e) => {
+                        log::info!("bulkhead-vmm: virtio-wl: {name:?}: {e}");
+                        return Err(ResponseCode::Err);
+                    }
+                }
             }
-            ResponseCode::Err
-        })?;
-        Ok(Response::VfdNew(
-            self.insert(id, Vfd::new(VfdKind::Socket(stream))),
-        ))
+            Err(e) => {
+                match &e {
+                    SocketError::NotFound(_) => log::debug!("bulkhead-vmm: virtio-wl: {e}"),
+                    _ => log::warn!("bulkhead-vmm: virtio-wl: {e}"),
+                }
+                return Err(ResponseCode::Err);
+            }
+        };
+        Ok(Response::VfdNew(self.insert(id, Vfd::new(kind))))
     }
 
     fn new_pipe(&mut self, id: u32, flags: u32) -> Result<Response, ResponseCode> {
@@ -382,6 +572,10 @@ impl WlState {
 
     /// Reads one chunk (at most one in-queue buffer's worth) from vfd `id`'s host fd.
     pub fn read_vfd(&mut self, id: u32) {
+        if matches!(self.vfds.get(&id).map(|v| &v.kind), Some(VfdKind::Hub(_))) {
+            self.read_hub_vfd(id);
+            return;
+        }
         let mut buf = vec![0u8; MAX_RECV_DATA];
         let (len, fds) = {
             let Some(v) = self.vfds.get(&id) else { return };
@@ -468,6 +662,115 @@ impl WlState {
             vfds: ids,
             data: buf,
         });
+    }
+
+    /// Reads one frame from a hub connection vfd: every fd becomes a host vfd typed by the
+    /// hub's `FdInfo` (VFD_NEW each), then the data as VFD_RECV (split at `MAX_RECV_DATA`,
+    /// the vfds with the first part). EOF is VFD_HUP; a refused frame is only logged.
+    fn read_hub_vfd(&mut self, id: u32) {
+        let got = match self.vfds.get(&id).map(|v| &v.kind) {
+            Some(VfdKind::Hub(h)) => h.try_recv(),
+            _ => return,
+        };
+        let (data, fds) = match got {
+            Ok(Incoming::Message { data, fds }) => (data, fds),
+            Ok(Incoming::Refused { seq, error }) => {
+                log::info!(
+                    "bulkhead-vmm: virtio-wl: the hub refused frame {seq} sent on vfd {id:#x}: {error:?} (dropped whole)"
+                );
+                return;
+            }
+            Err(ClientError::Channel(ChannelError::WouldBlock)) => return,
+            Err(ClientError::Channel(ChannelError::Closed | ChannelError::Sys { .. })) => {
+                if let Some(v) = self.vfds.get_mut(&id) {
+                    v.hung_up = true;
+                }
+                self.pending.push_back(InMessage::Hup { id });
+                return;
+            }
+            Err(e) => {
+                log::warn!("bulkhead-vmm: virtio-wl: bad frame on hub vfd {id:#x}: {e}");
+                return;
+            }
+        };
+        let mut ids = Vec::with_capacity(fds.len());
+        for (fd, info) in fds {
+            if let Some(hid) = self.insert_hub_fd(fd, info) {
+                ids.push(hid);
+            }
+        }
+        let mut chunks = data.chunks(MAX_RECV_DATA);
+        let first = chunks.next().unwrap_or_default();
+        self.pending.push_back(InMessage::Recv {
+            id,
+            vfds: ids,
+            data: first.to_vec(),
+        });
+        for c in chunks {
+            self.pending.push_back(InMessage::Recv {
+                id,
+                vfds: Vec::new(),
+                data: c.to_vec(),
+            });
+        }
+    }
+
+    /// A host vfd for an fd the hub delivered, typed and limited by `info` (never by the
+    /// device's own guess): a memfd is mapped read-only unless WRITE, and not at all without
+    /// MAP; a pipe end's direction comes from `write_end`. Queues its VFD_NEW.
+    fn insert_hub_fd(&mut self, fd: OwnedFd, info: FdInfo) -> Option<u32> {
+        if self.vfds.len() >= self.limits.max_vfds {
+            log::warn!("bulkhead-vmm: virtio-wl: vfd limit reached; a received fd was dropped");
+            return None;
+        }
+        // SAFETY: fstat on an fd we own, into a zeroed stat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            log::warn!("bulkhead-vmm: virtio-wl: fstat of a received fd failed; dropped");
+            return None;
+        }
+        let key = (st.st_dev, st.st_ino);
+        let hid = self.alloc_host_id()?;
+        let kind = match info.fd_type {
+            FdType::Memfd if info.rights.contains(Rights::MAP) => {
+                let size = u64::try_from(st.st_size).unwrap_or(0);
+                let size = page_align(size).unwrap_or(0);
+                if self.check_shm(size).is_err() {
+                    log::warn!(
+                        "bulkhead-vmm: virtio-wl: shm limit reached; a received buffer was dropped"
+                    );
+                    return None;
+                }
+                let writable = info.rights.contains(Rights::WRITE);
+                match self.window.map(fd, size, writable) {
+                    Ok(s) => {
+                        self.shm_bytes += s.size;
+                        self.shm_count += 1;
+                        VfdKind::Shm(s)
+                    }
+                    Err(_) => {
+                        log::warn!("bulkhead-vmm: virtio-wl: cannot map a received memfd");
+                        return None;
+                    }
+                }
+            }
+            FdType::Pipe => VfdKind::Pipe {
+                local: fd,
+                remote: None,
+                guest_reads: !info.write_end,
+            },
+            FdType::Socket => VfdKind::Socket(std::os::unix::net::UnixStream::from(fd)),
+            FdType::Memfd | FdType::Dmabuf | FdType::Fence => VfdKind::Opaque(fd),
+        };
+        let mut vfd = Vfd::new(kind);
+        vfd.hub = Some(HubObject {
+            key,
+            rights: info.rights,
+        });
+        let d = self.insert(hid, vfd);
+        self.pending.push_back(InMessage::VfdNew(d));
+        Some(hid)
     }
 
     /// Moves pending messages into the buffers the guest posted on the in queue. Returns true

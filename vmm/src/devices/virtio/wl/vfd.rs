@@ -5,6 +5,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+use bulkhead_ipc::hub::client::HubConn;
+use bulkhead_policy::Rights;
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
 use super::protocol::{ResponseCode, VfdNew, PFN_SHIFT, VFD_CONTROL, VFD_MAP, VFD_READ, VFD_WRITE};
@@ -46,6 +48,12 @@ pub enum VfdKind {
     Shm(Shm),
     /// A connected stream socket (NEW_CTX, NEW_CTX_NAMED, or a socket received from the host).
     Socket(UnixStream),
+    /// A connection through the hub (NEW_CTX_NAMED of a service, or a faux-accepted
+    /// `wl-conn-N`): SEQPACKET frames with typed, rights-checked fds, not a byte stream.
+    Hub(HubConn),
+    /// An fd the guest can hold and pass on but not use: a memfd the hub delivered without
+    /// MAP, or a type the device does not map (dmabuf, fence).
+    Opaque(OwnedFd),
     /// A pipe. `local` is the end the device uses: it reads it when the guest reads
     /// (`guest_reads`), writes it when the guest writes. `remote` is the other end, sent on
     /// when the vfd is sent over a socket, then dropped so hang-ups propagate.
@@ -59,12 +67,24 @@ pub enum VfdKind {
     },
 }
 
+/// An object the hub delivered: its identity (for `VmRequest::Release`) and the rights this
+/// VM holds on it (what a later send through the hub asks for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubObject {
+    /// `(st_dev, st_ino)`.
+    pub key: (u64, u64),
+    /// The rights from the hub's `FdInfo`.
+    pub rights: Rights,
+}
+
 /// One vfd.
 pub struct Vfd {
     /// Its host object.
     pub kind: VfdKind,
     /// A HUP was queued for it (no more reads).
     pub hung_up: bool,
+    /// Set when the hub delivered it.
+    pub hub: Option<HubObject>,
 }
 
 impl Vfd {
@@ -73,7 +93,41 @@ impl Vfd {
         Self {
             kind,
             hung_up: false,
+            hub: None,
         }
+    }
+
+    /// The rights a send through the hub asks for this vfd's fd: what the hub delivered, or,
+    /// for an object that started here, everything its kind can carry (the hub shrinks them
+    /// to the connection's contract).
+    pub fn rights_to_send(&self) -> Rights {
+        if let Some(h) = &self.hub {
+            return h.rights;
+        }
+        let pass = Rights::TRANSFER.union(Rights::DUP);
+        let own = match &self.kind {
+            VfdKind::Shm(s) => {
+                let r = Rights::READ.union(Rights::MAP);
+                if s.writable {
+                    r.union(Rights::WRITE)
+                } else {
+                    r
+                }
+            }
+            VfdKind::Socket(_) | VfdKind::Hub(_) => {
+                Rights::SEND.union(Rights::RECV).union(Rights::SEND_FDS)
+            }
+            // `remote` is what travels: the write end when the guest reads.
+            VfdKind::Pipe { guest_reads, .. } => {
+                if *guest_reads {
+                    Rights::WRITE
+                } else {
+                    Rights::READ
+                }
+            }
+            VfdKind::Opaque(_) => Rights::NONE,
+        };
+        own.union(pass)
     }
 
     /// The flags the guest is told.
@@ -81,8 +135,8 @@ impl Vfd {
         match (&self.kind, trans_flags) {
             (VfdKind::Shm(_), true) => 0,
             (VfdKind::Shm(s), false) => VFD_MAP | if s.writable { VFD_WRITE } else { 0 },
-            (VfdKind::Socket(_), true) => VFD_READ | VFD_WRITE,
-            (VfdKind::Socket(_), false) => VFD_CONTROL,
+            (VfdKind::Socket(_) | VfdKind::Hub(_), true) => VFD_READ | VFD_WRITE,
+            (VfdKind::Socket(_) | VfdKind::Hub(_), false) => VFD_CONTROL,
             (VfdKind::Pipe { guest_reads, .. }, true) => {
                 if *guest_reads {
                     VFD_READ
@@ -91,6 +145,7 @@ impl Vfd {
                 }
             }
             (VfdKind::Pipe { .. }, false) => 0,
+            (VfdKind::Opaque(_), _) => 0,
         }
     }
 
@@ -101,6 +156,7 @@ impl Vfd {
         }
         match &self.kind {
             VfdKind::Socket(s) => Some(s.as_fd()),
+            VfdKind::Hub(h) => Some(h.as_fd()),
             VfdKind::Pipe {
                 local,
                 guest_reads: true,
@@ -116,6 +172,9 @@ impl Vfd {
             VfdKind::Shm(s) => Some(s.fd.as_fd()),
             VfdKind::Socket(s) => Some(s.as_fd()),
             VfdKind::Pipe { remote, .. } => remote.as_ref().map(|r| r.as_fd()),
+            VfdKind::Opaque(fd) => Some(fd.as_fd()),
+            // A hub connection stays in this VMM: it is never passed on.
+            VfdKind::Hub(_) => None,
         }
     }
 

@@ -1,0 +1,623 @@
+//! The virtio_wl device's hub side (`--hub-fd`) against a REAL hub (`bulkhead_ipc::hub::Hub`,
+//! run in-process on a thread with its VM channels, policy files and audit log, exactly as
+//! the `bulkhead-hub` binary builds it). Devices run on mock queues in guest memory with real
+//! KVM memory slots; the peer VMs are this test speaking the hub protocol (`Channel`,
+//! `HubConn`). Tests whose "hub" is a bare socketpair say so in their name (`fake_hub_`):
+//! they inject faults (a hub that is gone, one that answers late).
+
+mod wl_rig;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bulkhead_ipc::channel::{Channel, ChannelError};
+use bulkhead_ipc::hub::client::{ClientError, HubConn, Incoming};
+use bulkhead_ipc::hub::protocol::{FdInfo, HubEvent, Name, VmRequest};
+use bulkhead_ipc::hub::{Hub, HubConfig};
+use bulkhead_policy::{FdType, Rights, RootDir};
+use bulkhead_vmm::devices::virtio::wl::hub::HubLink;
+use bulkhead_vmm::devices::virtio::wl::protocol::*;
+use bulkhead_vmm::devices::virtio::wl::sockets::WlSocket;
+use wl_rig::{alloc, close, named, send, Dev};
+
+const POLICY: &str = "version 1
+grant prov provide svc c2s=memfd:rw+transfer+dup,pipe:r s2c=memfd:rw+transfer+dup max-fds=8
+grant peer connect svc@prov
+grant peer provide rosvc s2c=memfd:ro max-fds=8
+grant client connect rosvc@peer
+grant @any quota shm=1MiB shm-count=16 vfds=64
+";
+
+struct TestHub {
+    _dir: tempfile::TempDir,
+    audit: PathBuf,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestHub {
+    /// Starts a hub with `policy` and one channel per VM; returns the VMM ends.
+    fn start(policy: &str, vms: &[&str], queue: usize) -> (TestHub, Vec<Channel>) {
+        let dir = tempfile::tempdir().unwrap();
+        let pdir = dir.path().join("policy.d");
+        std::fs::create_dir(&pdir).unwrap();
+        std::fs::write(pdir.join("10-test.policy"), policy).unwrap();
+        let audit = dir.path().join("audit.jsonl");
+        let mut mine = Vec::new();
+        let mut theirs = Vec::new();
+        for vm in vms {
+            let (v, h) = Channel::pair().unwrap();
+            mine.push(v);
+            theirs.push((vm.to_string(), h));
+        }
+        let cfg = HubConfig {
+            roots: vec![RootDir {
+                path: pdir,
+                prefix: String::new(),
+                required: true,
+            }],
+            audit: Some(audit.clone()),
+            control_socket: None,
+            queue_limit: queue,
+            exit_when_no_vms: true,
+            max_conns_per_vm: 16,
+        };
+        let mut hub = Hub::new(cfg, theirs).unwrap();
+        let thread = std::thread::spawn(move || hub.run().unwrap());
+        (
+            TestHub {
+                _dir: dir,
+                audit,
+                thread: Some(thread),
+            },
+            mine,
+        )
+    }
+
+    fn audit(&self) -> String {
+        std::fs::read_to_string(&self.audit).unwrap_or_default()
+    }
+
+    /// Waits until every channel closed and the hub returned.
+    fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn name(s: &str) -> Name {
+    Name::try_from(s).unwrap()
+}
+
+fn hang_guard(ch: &Channel) {
+    let tv = libc::timeval {
+        tv_sec: 20,
+        tv_usec: 0,
+    };
+    // SAFETY: SO_RCVTIMEO with a timeval of the right size on an open socket.
+    let r = unsafe {
+        libc::setsockopt(
+            ch.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+}
+
+/// A device whose VMM talks to the hub over `chan` (Hello sent).
+fn device(chan: Channel) -> Dev {
+    let mut d = Dev::new();
+    let link = HubLink::new(chan.into_fd(), d.sockets.clone()).unwrap();
+    d.st.set_hub(link);
+    d
+}
+
+/// A sealed memfd of `size` bytes holding `text` at offset 0 (the hub passes sealed ones).
+fn sealed_memfd(size: u64, text: &[u8]) -> OwnedFd {
+    // SAFETY: a static name; the returned fd is new and owned here.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"peer".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(fd >= 0);
+    // SAFETY: fd is new and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut f = std::fs::File::from(fd.try_clone().unwrap());
+    f.set_len(size).unwrap();
+    f.write_all(text).unwrap();
+    // SAFETY: F_ADD_SEALS on a memfd we own.
+    let r = unsafe {
+        libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_GROW | libc::F_SEAL_SHRINK,
+        )
+    };
+    assert_eq!(r, 0);
+    fd
+}
+
+fn read_at(fd: BorrowedFd<'_>, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact(&mut b).unwrap();
+    b
+}
+
+fn write_at(fd: BorrowedFd<'_>, text: &[u8]) {
+    let mut f = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(text).unwrap();
+}
+
+fn key(fd: BorrowedFd<'_>) -> (u64, u64) {
+    // SAFETY: fstat into a zeroed stat on an open fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+    (st.st_dev, st.st_ino)
+}
+
+/// The next event on a peer connection (hang guard 20 s).
+fn conn_recv(c: &HubConn) -> Result<Incoming, ClientError> {
+    for _ in 0..20_000 {
+        match c.try_recv() {
+            Err(ClientError::Channel(ChannelError::WouldBlock)) => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            r => return r,
+        }
+    }
+    panic!("nothing arrived on the connection");
+}
+
+fn message(c: &HubConn) -> (Vec<u8>, Vec<(OwnedFd, FdInfo)>) {
+    match conn_recv(c).unwrap() {
+        Incoming::Message { data, fds } => (data, fds),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+fn vfd_new_of(m: &InMessage) -> VfdNew {
+    match m {
+        InMessage::VfdNew(v) => *v,
+        other => panic!("expected VFD_NEW, got {other:?}"),
+    }
+}
+
+#[test]
+fn provider_device_faux_accepts_a_peer_and_exchanges_data_and_memfds_both_ways() {
+    let (hub, mut chans) = TestHub::start(POLICY, &["prov", "peer"], 64);
+    let peer = chans.pop().unwrap();
+    hang_guard(&peer);
+    let mut prov = device(chans.pop().unwrap());
+
+    // The provider guest listens (bulkhead-wl: Listener::bind(&wl, "listen:svc")).
+    let l = prov.new_vfd(&named(1, "listen:svc"));
+    assert_eq!(l.flags, VFD_READ | VFD_WRITE);
+
+    // The peer VM connects to svc@prov.
+    peer.send(
+        &VmRequest::Connect {
+            tag: 9,
+            service: name("svc"),
+            provider: Some(name("prov")),
+        },
+        &[],
+    )
+    .unwrap();
+    let (ev, mut fds) = peer.recv::<HubEvent>().unwrap();
+    let HubEvent::Connected { tag: 9, conn } = ev else {
+        panic!("{ev:?}")
+    };
+    let mut pc = HubConn::from_fd(fds.pop().unwrap()).unwrap();
+
+    // The provider guest reads the connection's name on its listener context...
+    prov.pump_until(1);
+    let wl_name = format!("wl-conn-{conn}");
+    assert_eq!(
+        prov.drain_in(4),
+        vec![InMessage::Recv {
+            id: 1,
+            vfds: vec![],
+            data: format!("{wl_name}\n").into_bytes()
+        }]
+    );
+    // ...and connects to it: its accept(2).
+    let c = prov.new_vfd(&named(2, &wl_name));
+    assert_eq!(c.flags, VFD_READ | VFD_WRITE);
+    assert_eq!(
+        prov.code(&named(3, &wl_name)),
+        RESP_ERR,
+        "the name was consumed"
+    );
+
+    // Guest → peer: data, then a guest-allocated buffer.
+    assert_eq!(prov.code(&send(2, &[], b"ping")), RESP_OK);
+    let (data, fds) = message(&pc);
+    assert_eq!((data.as_slice(), fds.len()), (&b"ping"[..], 0));
+    prov.new_vfd(&alloc(4, 4096));
+    assert_eq!(prov.code(&send(2, &[4], b"buffer")), RESP_OK);
+    let (data, mut fds) = message(&pc);
+    assert_eq!(data, b"buffer");
+    assert_eq!(fds.len(), 1);
+    let (pfd, info) = fds.pop().unwrap();
+    assert_eq!(info.fd_type, FdType::Memfd);
+    assert!(info
+        .rights
+        .contains(Rights::READ.union(Rights::WRITE).union(Rights::MAP)));
+    // One object: what the peer writes, the provider's buffer holds.
+    assert_eq!(key(pfd.as_fd()), key(prov.st.host_fd(4).unwrap()));
+    write_at(pfd.as_fd(), b"written by peer");
+    assert_eq!(read_at(prov.st.host_fd(4).unwrap(), 15), b"written by peer");
+
+    // Peer → guest: a sealed memfd, typed and limited by the hub's FdInfo.
+    let m = sealed_memfd(8192, b"from the peer");
+    pc.try_send(
+        b"pong",
+        &[(
+            m.as_fd(),
+            Rights::READ.union(Rights::WRITE).union(Rights::MAP),
+        )],
+    )
+    .unwrap();
+    prov.pump_until(2);
+    let msgs = prov.drain_in(4);
+    assert_eq!(msgs.len(), 2);
+    let v = vfd_new_of(&msgs[0]);
+    assert!(v.id & VFD_HOST_ID_BIT != 0);
+    assert_eq!(v.size, 8192);
+    assert!(v.pfn >= wl_rig::WINDOW >> 12, "mapped in the window");
+    assert_eq!(
+        msgs[1],
+        InMessage::Recv {
+            id: 2,
+            vfds: vec![v.id],
+            data: b"pong".to_vec()
+        },
+        "VFD_NEW comes before the RECV that carries it"
+    );
+    assert_eq!(prov.st.shm_writable(v.id), Some(true), "c2s=memfd:rw");
+    assert_eq!(
+        read_at(prov.st.host_fd(v.id).unwrap(), 13),
+        b"from the peer"
+    );
+    assert_eq!(prov.st.hub_objects(), 1);
+    // The guest closes its last vfd for it: the VMM releases it at the hub.
+    assert_eq!(prov.code(&close(v.id)), RESP_OK);
+    assert_eq!(prov.st.hub_objects(), 0);
+
+    // HUP when the peer closes.
+    drop(pc);
+    prov.pump_until(1);
+    assert_eq!(prov.drain_in(2), vec![InMessage::Hup { id: 2 }]);
+    assert!(hub.audit().contains("\"verb\":\"provide\""));
+
+    drop(peer);
+    drop(prov);
+    hub.join();
+}
+
+#[test]
+fn refused_connects_get_the_unknown_name_error_and_the_audit_says_why() {
+    let (hub, mut chans) = TestHub::start(POLICY, &["prov", "stranger"], 64);
+    let mut stranger = device(chans.pop().unwrap());
+    let prov = chans.pop().unwrap();
+    hang_guard(&prov);
+    prov.send(
+        &VmRequest::Provide {
+            tag: 1,
+            service: name("svc"),
+        },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        prov.recv::<HubEvent>().unwrap().0,
+        HubEvent::Provided { tag: 1 }
+    );
+
+    // No grant, no such service, and an unknown local name all look the same.
+    assert_eq!(stranger.code(&named(1, "svc@prov")), RESP_ERR);
+    assert_eq!(stranger.code(&named(2, "svc")), RESP_ERR);
+    assert_eq!(stranger.code(&named(3, "nosuch")), RESP_ERR);
+    // Providing without a grant, and names that are no service, too.
+    assert_eq!(stranger.code(&named(4, "listen:svc")), RESP_ERR);
+    assert_eq!(stranger.code(&named(5, "a@b@c")), RESP_ERR);
+    assert_eq!(stranger.st.vfd_count(), 0);
+
+    // The host audit log says who, what, and that it was denied.
+    let audit = hub.audit();
+    let line = audit
+        .lines()
+        .find(|l| l.contains("\"src\":\"stranger\"") && l.contains("\"obj\":\"svc@prov\""))
+        .unwrap_or_else(|| panic!("no audit record for the connect:\n{audit}"));
+    assert!(line.contains("\"verb\":\"connect\""), "{line}");
+    assert!(line.contains("\"allowed\":false"), "{line}");
+    assert!(line.contains("\"reason\":\""), "{line}");
+    assert!(audit.lines().any(|l| l.contains("\"src\":\"stranger\"")
+        && l.contains("\"verb\":\"provide\"")
+        && l.contains("\"allowed\":false")));
+
+    drop(prov);
+    drop(stranger);
+    hub.join();
+}
+
+#[test]
+fn a_read_only_grant_gives_the_guest_a_read_only_buffer() {
+    let (hub, mut chans) = TestHub::start(POLICY, &["peer", "client"], 64);
+    let mut client = device(chans.pop().unwrap());
+    let peer = chans.pop().unwrap();
+    hang_guard(&peer);
+    peer.send(
+        &VmRequest::Provide {
+            tag: 1,
+            service: name("rosvc"),
+        },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        peer.recv::<HubEvent>().unwrap().0,
+        HubEvent::Provided { tag: 1 }
+    );
+
+    // bulkhead-wl: Wl::connect("rosvc@peer").
+    let c = client.new_vfd(&named(1, "rosvc@peer"));
+    assert_eq!(c.flags, VFD_READ | VFD_WRITE);
+    let (ev, mut fds) = peer.recv::<HubEvent>().unwrap();
+    assert!(matches!(ev, HubEvent::Accept { .. }), "{ev:?}");
+    let mut pc = HubConn::from_fd(fds.pop().unwrap()).unwrap();
+
+    // The peer offers a writable memfd; the contract is memfd:ro.
+    let m = sealed_memfd(4096, b"read me");
+    pc.try_send(
+        b"here",
+        &[(
+            m.as_fd(),
+            Rights::READ.union(Rights::WRITE).union(Rights::MAP),
+        )],
+    )
+    .unwrap();
+    client.pump_until(2);
+    let msgs = client.drain_in(4);
+    let v = vfd_new_of(&msgs[0]);
+    assert_eq!(
+        msgs[1],
+        InMessage::Recv {
+            id: 1,
+            vfds: vec![v.id],
+            data: b"here".to_vec()
+        }
+    );
+    assert_eq!(
+        client.st.shm_writable(v.id),
+        Some(false),
+        "mapped read-only"
+    );
+    let rights = client.st.hub_rights(v.id).unwrap();
+    assert!(rights.contains(Rights::READ.union(Rights::MAP)));
+    assert!(!rights.contains(Rights::WRITE));
+    // The kernel enforces it too: the description the hub delivered is O_RDONLY.
+    let fd = client.st.host_fd(v.id).unwrap();
+    // SAFETY: F_GETFL on an open fd.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
+    assert_eq!(read_at(fd, 7), b"read me");
+
+    // Sending a pipe read end c2s is outside the contract: the hub drops the frame whole
+    // (the guest got RESP_OK; the VMM logs the refusal), and the connection still works.
+    client.new_vfd(&wl_rig::vfd_new(CMD_VFD_NEW_PIPE, 2, VFD_WRITE, 0, ""));
+    assert_eq!(client.code(&send(1, &[2], b"nope")), RESP_OK);
+    client.pump_until(0);
+    pc.try_send(b"still here", &[]).unwrap();
+    client.pump_until(1);
+    assert_eq!(
+        client.drain_in(2),
+        vec![InMessage::Recv {
+            id: 1,
+            vfds: vec![],
+            data: b"still here".to_vec()
+        }]
+    );
+
+    drop(pc);
+    client.pump_until(1);
+    assert_eq!(client.drain_in(2), vec![InMessage::Hup { id: 1 }]);
+    drop(peer);
+    drop(client);
+    hub.join();
+}
+
+#[test]
+fn back_pressure_from_a_peer_that_never_reads_answers_out_of_memory() {
+    let (hub, mut chans) = TestHub::start(POLICY, &["peer", "client"], 1);
+    let mut client = device(chans.pop().unwrap());
+    client.st.set_hub_send_wait(Duration::from_millis(20));
+    let peer = chans.pop().unwrap();
+    hang_guard(&peer);
+    peer.send(
+        &VmRequest::Provide {
+            tag: 1,
+            service: name("rosvc"),
+        },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        peer.recv::<HubEvent>().unwrap().0,
+        HubEvent::Provided { tag: 1 }
+    );
+    client.new_vfd(&named(1, "rosvc@peer"));
+    let (_, mut fds) = peer.recv::<HubEvent>().unwrap();
+    let pc = HubConn::from_fd(fds.pop().unwrap()).unwrap();
+
+    // rosvc's c2s is none for fds, but data flows; the peer never reads.
+    let chunk = vec![7u8; 60 * 1024];
+    let mut sent = 0;
+    let mut code = RESP_OK;
+    for _ in 0..1000 {
+        code = client.code(&send(1, &[], &chunk));
+        if code != RESP_OK {
+            break;
+        }
+        sent += 1;
+    }
+    assert_eq!(
+        code, RESP_OUT_OF_MEMORY,
+        "back-pressure after {sent} frames"
+    );
+    assert!(sent > 0);
+    // The peer drains; everything that was answered OK arrives, and sending works again.
+    let mut got = 0;
+    while got < sent {
+        let (d, _) = message(&pc);
+        assert_eq!(d.len(), chunk.len());
+        got += 1;
+    }
+    let mut ok = false;
+    for _ in 0..20_000 {
+        if client.code(&send(1, &[], b"again")) == RESP_OK {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(ok);
+    drop(pc);
+    drop(peer);
+    drop(client);
+    hub.join();
+}
+
+#[test]
+fn fake_hub_gone_gives_resp_err_and_local_names_still_work() {
+    let (vmm_end, fake_hub) = Channel::pair().unwrap();
+    hang_guard(&fake_hub);
+    let mut d = device(vmm_end);
+    assert_eq!(fake_hub.recv::<VmRequest>().unwrap().0, VmRequest::Hello);
+    drop(fake_hub);
+    // The worker sees the hang-up on the channel.
+    d.st.read_hub();
+    assert!(d.st.hub_fd().is_none(), "no longer polled");
+    assert_eq!(d.code(&named(1, "svc@prov")), RESP_ERR);
+    assert_eq!(d.code(&named(2, "listen:svc")), RESP_ERR);
+    let (theirs, _ours) = std::os::unix::net::UnixStream::pair().unwrap();
+    d.sockets
+        .add("local", WlSocket::NonListening(theirs))
+        .unwrap();
+    d.new_vfd(&named(3, "local"));
+    assert_eq!(d.st.vfd_count(), 1);
+}
+
+#[test]
+fn fake_hub_that_never_answers_times_out_and_events_during_a_wait_are_handled() {
+    let (vmm_end, fake_hub) = Channel::pair().unwrap();
+    hang_guard(&fake_hub);
+    let mut d = device(vmm_end);
+    d.st.hub()
+        .unwrap()
+        .set_answer_timeout(Duration::from_millis(50));
+    assert_eq!(fake_hub.recv::<VmRequest>().unwrap().0, VmRequest::Hello);
+
+    // No answer at all: RESP_ERR once the bounded wait is over.
+    assert_eq!(d.code(&named(1, "svc")), RESP_ERR);
+    let (req, _) = fake_hub.recv::<VmRequest>().unwrap();
+    let VmRequest::Connect { tag: late_tag, .. } = req else {
+        panic!("{req:?}")
+    };
+
+    // A listener, answered in time by a thread playing the hub; while the next request
+    // waits, a faux accept for the listener and the late answer to the first request come
+    // first: the accept is announced, the late connection is dropped.
+    let fake = std::thread::spawn(move || {
+        let (req, _) = fake_hub.recv::<VmRequest>().unwrap();
+        let VmRequest::Provide { tag, .. } = req else {
+            panic!("{req:?}")
+        };
+        fake_hub.send(&HubEvent::Provided { tag }, &[]).unwrap();
+        let (req, _) = fake_hub.recv::<VmRequest>().unwrap();
+        let VmRequest::Connect { tag, .. } = req else {
+            panic!("{req:?}")
+        };
+        let (a, _a_peer) = Channel::pair().unwrap();
+        fake_hub
+            .send(
+                &HubEvent::Accept {
+                    service: name("web"),
+                    conn: 7,
+                    name: name("wl-conn-7"),
+                },
+                &[a.as_fd()],
+            )
+            .unwrap();
+        let (b, _b_peer) = Channel::pair().unwrap();
+        fake_hub
+            .send(
+                &HubEvent::Connected {
+                    tag: late_tag,
+                    conn: 3,
+                },
+                &[b.as_fd()],
+            )
+            .unwrap();
+        fake_hub
+            .send(
+                &HubEvent::Refused {
+                    tag,
+                    error: bulkhead_ipc::hub::protocol::Refusal::PermissionDenied,
+                },
+                &[],
+            )
+            .unwrap();
+        fake_hub
+    });
+    d.st.hub()
+        .unwrap()
+        .set_answer_timeout(Duration::from_secs(20));
+    d.new_vfd(&named(2, "listen:web"));
+    assert_eq!(d.code(&named(3, "other")), RESP_ERR);
+    let fake_hub = fake.join().unwrap();
+    d.pump_until(1);
+    assert_eq!(
+        d.drain_in(2),
+        vec![InMessage::Recv {
+            id: 2,
+            vfds: vec![],
+            data: b"wl-conn-7\n".to_vec()
+        }]
+    );
+    assert!(d.sockets.contains("wl-conn-7"));
+    assert!(!d.sockets.contains("wl-conn-3"));
+    // The hub closing an accept the guest never took removes its name.
+    fake_hub
+        .send(&HubEvent::Closed { tag: 0, conn: 7 }, &[])
+        .unwrap();
+    for _ in 0..20_000 {
+        d.st.read_hub();
+        if !d.sockets.contains("wl-conn-7") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!d.sockets.contains("wl-conn-7"));
+}
+
+#[test]
+fn a_hub_fd_that_is_not_seqpacket_is_refused() {
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let err = HubLink::new(OwnedFd::from(a), Dev::new().sockets)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("SOCK_SEQPACKET"), "{err}");
+}
