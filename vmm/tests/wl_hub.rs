@@ -5,6 +5,7 @@
 //! `HubConn`). Tests whose "hub" is a bare socketpair say so in their name (`fake_hub_`):
 //! they inject faults (a hub that is gone, one that answers late).
 
+mod common;
 mod wl_rig;
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -18,9 +19,21 @@ use bulkhead_ipc::hub::client::{ClientError, HubConn, Incoming};
 use bulkhead_ipc::hub::protocol::{FdInfo, HubEvent, Name, VmRequest};
 use bulkhead_ipc::hub::{Hub, HubConfig};
 use bulkhead_policy::{FdType, Rights, RootDir};
+use bulkhead_vmm::devices::virtio::wl::device::{Wl, IN_QUEUE, OUT_QUEUE};
 use bulkhead_vmm::devices::virtio::wl::hub::HubLink;
 use bulkhead_vmm::devices::virtio::wl::protocol::*;
 use bulkhead_vmm::devices::virtio::wl::sockets::WlSocket;
+use bulkhead_vmm::devices::virtio::wl::sockets::WlSockets;
+use bulkhead_vmm::devices::virtio::wl::state::WlLimits;
+use bulkhead_vmm::devices::virtio::{
+    Activation, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+use std::sync::Arc;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use wl_rig::{alloc, close, named, send, Dev};
 
 const POLICY: &str = "version 1
@@ -143,6 +156,14 @@ fn sealed_memfd(size: u64, text: &[u8]) -> OwnedFd {
     };
     assert_eq!(r, 0);
     fd
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: room for two fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: two new fds owned by nothing else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
 fn read_at(fd: BorrowedFd<'_>, len: usize) -> Vec<u8> {
@@ -295,6 +316,38 @@ fn provider_device_faux_accepts_a_peer_and_exchanges_data_and_memfds_both_ways()
     // The guest closes its last vfd for it: the VMM releases it at the hub.
     assert_eq!(prov.code(&close(v.id)), RESP_OK);
     assert_eq!(prov.st.hub_objects(), 0);
+
+    // Peer → guest: a pipe read end (c2s allows pipe:r); the direction is the hub's word.
+    let (pr, pw) = pipe();
+    pc.try_send(b"pipe", &[(pr.as_fd(), Rights::READ)]).unwrap();
+    drop(pr);
+    prov.pump_until(2);
+    let msgs = prov.drain_in(4);
+    let p = vfd_new_of(&msgs[0]);
+    assert_eq!(p.flags, VFD_READ, "the guest reads a read end");
+    assert_eq!(
+        msgs[1],
+        InMessage::Recv {
+            id: 2,
+            vfds: vec![p.id],
+            data: b"pipe".to_vec()
+        }
+    );
+    let mut w = std::fs::File::from(pw);
+    w.write_all(b"through").unwrap();
+    drop(w);
+    prov.pump_until(2);
+    assert_eq!(
+        prov.drain_in(4),
+        vec![
+            InMessage::Recv {
+                id: p.id,
+                vfds: vec![],
+                data: b"through".to_vec()
+            },
+            InMessage::Hup { id: p.id }
+        ]
+    );
 
     // HUP when the peer closes.
     drop(pc);
@@ -620,4 +673,106 @@ fn a_hub_fd_that_is_not_seqpacket_is_refused() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("SOCK_SEQPACKET"), "{err}");
+}
+
+struct Irq([EventFd; 2]);
+impl VirtioInterrupt for Irq {
+    fn notify_queue(&self, index: usize) {
+        if let Some(e) = self.0.get(index) {
+            e.write(1).unwrap();
+        }
+    }
+    fn notify_config(&self) {}
+}
+
+#[test]
+fn the_worker_thread_polls_the_hub_channel_and_announces_accepts() {
+    let (hub, mut chans) = TestHub::start(POLICY, &["prov", "peer"], 64);
+    let peer = chans.pop().unwrap();
+    hang_guard(&peer);
+    let sockets = WlSockets::new();
+    let mut wl = Wl::new(sockets.clone(), None, WlLimits::default()).unwrap();
+    wl.set_hub(HubLink::new(chans.pop().unwrap().into_fd(), sockets.clone()).unwrap());
+
+    // The guest posts NEW_CTX_NAMED "listen:svc" and four in-queue buffers; then the
+    // device is activated and its worker thread does the rest.
+    let mem = common::memory();
+    mem.write_slice(&named(5, "listen:svc"), GuestAddress(0x20_0000))
+        .unwrap();
+    let out = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
+    out.add_desc_chains(
+        &common::chain(0, &[(0x20_0000, 64, false), (0x30_0000, 64, true)]),
+        0,
+    )
+    .unwrap();
+    let inq = MockSplitQueue::create(&mem, GuestAddress(0x80000), 16);
+    let bufs: Vec<RawDescriptor> = (0..4u64)
+        .map(|i| {
+            RawDescriptor::from(SplitDescriptor::new(
+                0x40_0000 + i * 4096,
+                4096,
+                common::WRITE,
+                0,
+            ))
+        })
+        .collect();
+    inq.add_desc_chains(&bufs, 0).unwrap();
+    let irq = Arc::new(Irq([
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    ]));
+    wl.activate(Activation {
+        mem: mem.clone(),
+        features: VIRTIO_F_VERSION_1 | VIRTIO_WL_F_TRANS_FLAGS,
+        queues: vec![
+            ActiveQueue {
+                index: IN_QUEUE,
+                queue: inq.create_queue().unwrap(),
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            },
+            ActiveQueue {
+                index: OUT_QUEUE,
+                queue: out.create_queue().unwrap(),
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            },
+        ],
+        interrupt: irq.clone(),
+    })
+    .unwrap();
+    assert!(common::wait_readable(&irq.0[OUT_QUEUE]), "response");
+    let resp: u32 = mem.read_obj(GuestAddress(0x30_0000)).unwrap();
+    assert_eq!(resp, RESP_VFD_NEW);
+
+    // A peer connects; nobody but the worker touches the device from here.
+    peer.send(
+        &VmRequest::Connect {
+            tag: 1,
+            service: name("svc"),
+            provider: None,
+        },
+        &[],
+    )
+    .unwrap();
+    let (ev, _fds) = peer.recv::<HubEvent>().unwrap();
+    let HubEvent::Connected { conn, .. } = ev else {
+        panic!("{ev:?}")
+    };
+    assert!(common::wait_readable(&irq.0[IN_QUEUE]), "name announced");
+    let e = inq.used().ring().ref_at(0).unwrap().load();
+    let mut b = vec![0u8; e.len() as usize];
+    mem.read_slice(&mut b, GuestAddress(0x40_0000 + u64::from(e.id()) * 4096))
+        .unwrap();
+    assert_eq!(
+        parse_in_message(&b),
+        Some(InMessage::Recv {
+            id: 5,
+            vfds: vec![],
+            data: format!("wl-conn-{conn}\n").into_bytes()
+        })
+    );
+    assert!(sockets.contains(&format!("wl-conn-{conn}")));
+    wl.reset();
+    drop(wl);
+    drop(peer);
+    hub.join();
 }
