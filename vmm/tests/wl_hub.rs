@@ -281,6 +281,10 @@ fn provider_device_faux_accepts_a_peer_and_exchanges_data_and_memfds_both_ways()
     write_at(pfd.as_fd(), b"written by peer");
     assert_eq!(read_at(prov.st.host_fd(4).unwrap(), 15), b"written by peer");
 
+    // An empty frame is not delivered (an empty RECV would read as EOF in the guest), and
+    // an empty guest send sends nothing.
+    pc.try_send(b"", &[]).unwrap();
+    assert_eq!(prov.code(&send(2, &[], b"")), RESP_OK);
     // Peer → guest: a sealed memfd, typed and limited by the hub's FdInfo.
     let m = sealed_memfd(8192, b"from the peer");
     pc.try_send(

@@ -436,6 +436,9 @@ impl WlState {
             let fd = v.fd_to_send().ok_or(ResponseCode::InvalidType)?;
             fds.push((fd, v.rights_to_send()));
         }
+        if data.is_empty() && fds.is_empty() {
+            return Ok(()); // nothing to carry (a zero-length stream write)
+        }
         let mut chunks: Vec<&[u8]> = data.chunks(HUB_CHUNK).collect();
         if chunks.is_empty() {
             chunks.push(&[]);
@@ -693,6 +696,10 @@ impl WlState {
                 return;
             }
         };
+        if data.is_empty() && fds.is_empty() {
+            // An empty RECV would read as end-of-stream in the guest: nothing to deliver.
+            return;
+        }
         let mut ids = Vec::with_capacity(fds.len());
         for (fd, info) in fds {
             if let Some(hid) = self.insert_hub_fd(fd, info) {
