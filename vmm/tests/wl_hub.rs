@@ -225,6 +225,8 @@ fn provider_device_faux_accepts_a_peer_and_exchanges_data_and_memfds_both_ways()
     // The provider guest listens (bulkhead-wl: Listener::bind(&wl, "listen:svc")).
     let l = prov.new_vfd(&named(1, "listen:svc"));
     assert_eq!(l.flags, VFD_READ | VFD_WRITE);
+    // It only carries names to the guest; writing to it is an error, not a stall.
+    assert_eq!(prov.code(&send(1, &[], b"x")), RESP_ERR);
 
     // The peer VM connects to svc@prov.
     peer.send(

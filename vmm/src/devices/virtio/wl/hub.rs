@@ -301,6 +301,9 @@ impl HubLink {
         )?;
         let (guest, ours) = UnixStream::pair()?;
         ours.set_nonblocking(true)?;
+        // The listener context only carries names to the guest: what the guest writes to it
+        // fails (EPIPE → RESP_ERR) instead of filling a buffer nobody reads.
+        ours.shutdown(std::net::Shutdown::Read)?;
         self.listeners
             .entry(service.to_string())
             .or_default()
