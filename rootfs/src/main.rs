@@ -82,6 +82,20 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// virtio_wl: SEND/RECV round trips (without and with an fd) between an L2 guest and an
+    /// L1 echo against a socketpair on L1, and shared-memory bandwidth between two L2 guests
+    /// against memcpy on L1, inside one L1 host.
+    Wl {
+        /// Round trips per kind.
+        #[arg(long, default_value_t = 300)]
+        rounds: u32,
+        /// Size of the shared buffer in MiB.
+        #[arg(long, default_value_t = 16)]
+        shm_mib: u32,
+        /// Write/read repetitions of the shared buffer (the best counts).
+        #[arg(long, default_value_t = 4)]
+        reps: u8,
+    },
 }
 
 fn default_system() -> PathBuf {
@@ -139,6 +153,28 @@ fn run(cli: Cli) -> Result<u8, String> {
             provision::provision(&cache).map_err(|e| e.to_string())?;
             let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
             let lines = bulkhead_rootfs::bench::bench_vmm(&kernel, &workspace, runs)
+                .map_err(|e| e.to_string())?;
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(0)
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Wl {
+                    rounds,
+                    shm_mib,
+                    reps,
+                },
+        } => {
+            provision::provision(&cache).map_err(|e| e.to_string())?;
+            let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
+            let opts = bulkhead_rootfs::bench::wl::WlBenchOptions {
+                rounds,
+                shm_mib,
+                reps,
+            };
+            let lines = bulkhead_rootfs::bench::bench_wl(&kernel, &workspace, opts)
                 .map_err(|e| e.to_string())?;
             for l in lines {
                 println!("{l}");

@@ -1,0 +1,180 @@
+//! The guest half of `bulkhead-rootfs bench wl`: runs in an L2 guest and talks to
+//! `bulkhead-bench-wl` on the L1 host over the virtio_wl socket named "bench".
+//!
+//! - `writer`: on `rtt plain <n>` or `rtt fd <n>` does n round trips of a 64-byte message
+//!   with L1's echo, without an fd or with one (a 4096-byte shared-memory vfd), and reports
+//!   `rtt-done <mean ns>`. On `shm` it allocates a shared buffer and sends it to L1 (which
+//!   passes it to the reader guest); then on each `go <rep>` it fills the whole buffer with
+//!   the byte `rep + 1` and reports `written <rep> <ns>`.
+//! - `reader`: receives that buffer (`shm <bytes>` with the fd), answers `ready`, and on each
+//!   `written <rep>` reads the whole buffer, checks every byte and reports
+//!   `read <rep> <ns> ok|bad`.
+//!
+//! L1 drives both; both end on `done`. Every message waits for its answer, so messages
+//! never merge.
+
+use std::os::fd::OwnedFd;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use bulkhead_wl::{SharedMemory, Wl, WlStream};
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Role {
+    /// Round trips, then writes the shared buffer.
+    Writer,
+    /// Reads the shared buffer the writer fills.
+    Reader,
+}
+
+/// virtio_wl benchmark guest (see `bulkhead-rootfs bench wl`).
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead-wl-bench", version)]
+struct Args {
+    role: Role,
+    /// Shared buffer size in MiB (writer).
+    #[arg(long, default_value_t = 16)]
+    shm_mib: usize,
+    /// The virtio_wl socket name to connect to.
+    #[arg(long, default_value = "bench")]
+    socket: String,
+}
+
+const MSG: [u8; 64] = [7; 64];
+
+fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+fn recv_text(conn: &WlStream) -> Result<(String, Vec<OwnedFd>), String> {
+    let (data, fds) = conn.recv().map_err(err("recv"))?;
+    if data.is_empty() && fds.is_empty() {
+        return Err("the host hung up".into());
+    }
+    Ok((String::from_utf8_lossy(&data).into_owned(), fds))
+}
+
+/// `rounds` round trips; the mean in ns.
+fn round_trips(conn: &WlStream, rounds: u32, fd: Option<&SharedMemory>) -> Result<u128, String> {
+    let fds: Vec<_> = fd.iter().map(|m| m.fd()).collect();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        conn.send(&MSG, &fds).map_err(err("send"))?;
+        let (data, _) = conn.recv().map_err(err("recv"))?;
+        if data.len() != MSG.len() {
+            return Err(format!("echo of {} bytes", data.len()));
+        }
+    }
+    Ok(start.elapsed().as_nanos() / u128::from(rounds.max(1)))
+}
+
+fn fill_rounds(conn: &WlStream, shm: &mut SharedMemory) -> Result<(), String> {
+    loop {
+        let (msg, _) = recv_text(conn)?;
+        if msg == "done" {
+            return Ok(());
+        }
+        let rep: u8 = msg
+            .strip_prefix("go ")
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| format!("unexpected {msg:?}"))?;
+        let start = Instant::now();
+        shm.as_mut_slice().fill(rep.wrapping_add(1));
+        let ns = start.elapsed().as_nanos();
+        conn.send(format!("written {rep} {ns}").as_bytes(), &[])
+            .map_err(err("send written"))?;
+    }
+}
+
+fn writer(conn: &WlStream, wl: &Wl, a: &Args) -> Result<(), String> {
+    let small = wl.alloc(4096).map_err(err("alloc"))?;
+    loop {
+        let (msg, _) = recv_text(conn)?;
+        let words: Vec<&str> = msg.split_whitespace().collect();
+        match words.as_slice() {
+            ["rtt", kind, n] => {
+                let n: u32 = n.parse().map_err(|_| format!("bad {msg:?}"))?;
+                let fd = (*kind == "fd").then_some(&small);
+                let ns = round_trips(conn, n, fd)?;
+                conn.send(format!("rtt-done {ns}").as_bytes(), &[])
+                    .map_err(err("send rtt-done"))?;
+            }
+            ["shm"] => {
+                let bytes = a.shm_mib << 20;
+                let mut shm = wl.alloc(bytes).map_err(err("alloc the shared buffer"))?;
+                conn.send(format!("shm {bytes}").as_bytes(), &[shm.fd()])
+                    .map_err(err("send shm"))?;
+                return fill_rounds(conn, &mut shm);
+            }
+            ["done"] => return Ok(()),
+            _ => return Err(format!("unexpected {msg:?}")),
+        }
+    }
+}
+
+/// Reads every byte; true if all are `want`.
+fn read_all(buf: &[u8], want: u8) -> bool {
+    let pattern = u64::from_ne_bytes([want; 8]);
+    let mut bad = 0u64;
+    let mut words = buf.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        bad |= u64::from_ne_bytes(b) ^ pattern;
+    }
+    for b in words.remainder() {
+        bad |= u64::from(b ^ want);
+    }
+    std::hint::black_box(bad) == 0
+}
+
+fn reader(conn: &WlStream) -> Result<(), String> {
+    let (msg, fds) = recv_text(conn)?;
+    let bytes: usize = msg
+        .strip_prefix("shm ")
+        .and_then(|b| b.parse().ok())
+        .ok_or_else(|| format!("expected shm, got {msg:?}"))?;
+    let fd = fds.into_iter().next().ok_or("shm without an fd")?;
+    let shm = SharedMemory::map(fd, bytes).map_err(err("map the shared buffer"))?;
+    conn.send(b"ready", &[]).map_err(err("send ready"))?;
+    loop {
+        let (msg, _) = recv_text(conn)?;
+        if msg == "done" {
+            return Ok(());
+        }
+        let rep: u8 = msg
+            .strip_prefix("written ")
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| format!("unexpected {msg:?}"))?;
+        let start = Instant::now();
+        let ok = read_all(shm.as_slice(), rep.wrapping_add(1));
+        let ns = start.elapsed().as_nanos();
+        let verdict = if ok { "ok" } else { "bad" };
+        conn.send(format!("read {rep} {ns} {verdict}").as_bytes(), &[])
+            .map_err(err("send read"))?;
+    }
+}
+
+fn run(a: &Args) -> Result<(), String> {
+    let wl = Wl::open().map_err(err("open /dev/wl0"))?;
+    let conn = wl.connect(&a.socket).map_err(err("connect"))?;
+    match a.role {
+        Role::Writer => writer(&conn, &wl, a),
+        Role::Reader => reader(&conn),
+    }
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    match run(&a) {
+        Ok(()) => {
+            println!("bulkhead-wl-bench: {:?} done", a.role);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("bulkhead-wl-bench: FAIL {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

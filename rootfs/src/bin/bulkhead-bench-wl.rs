@@ -1,0 +1,411 @@
+//! Runs inside a Bulkhead host (L1) for `bulkhead-rootfs bench wl`. Starts two bulkhead-vmm
+//! guests running `bulkhead-wl-bench` (a writer and a reader) with a virtio_wl socket each,
+//! and measures, in the same run:
+//!
+//! 1. round trips of a 64-byte SEND/RECV between the writer guest and this program (an echo),
+//!    without an fd and with one (a 4096-byte shared-memory vfd), against the same exchange
+//!    over a plain Unix socketpair between two threads here (with a memfd for the fd case),
+//!    in alternating batches so that both see the same background load (medians count);
+//! 2. shared-memory bandwidth between the two guests: the writer fills a buffer that this
+//!    program passed on to the reader, the reader reads all of it and checks it, against a
+//!    memcpy of the same size here.
+//!
+//! Prints a table (`wl-bench: …`) and one `BENCH wl …` line.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use clap::Parser;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+#[derive(Parser)]
+#[command(
+    about = "virtio_wl round trips and guest-to-guest shared memory against socketpair and memcpy"
+)]
+struct Args {
+    #[arg(long, default_value = "/bin/bulkhead-vmm")]
+    vmm: String,
+    #[arg(long)]
+    kernel: String,
+    /// Initramfs of the writer guest (runs `bulkhead-wl-bench writer`).
+    #[arg(long)]
+    writer_initramfs: String,
+    /// Initramfs of the reader guest (runs `bulkhead-wl-bench reader`).
+    #[arg(long)]
+    reader_initramfs: String,
+    /// Round trips per kind (in 5 batches).
+    #[arg(long, default_value_t = 300)]
+    rounds: u32,
+    /// Shared buffer size in MiB (must match the writer guest's).
+    #[arg(long, default_value_t = 16)]
+    shm_mib: usize,
+    /// Write/read repetitions of the shared buffer (the best one counts).
+    #[arg(long, default_value_t = 4)]
+    reps: u8,
+}
+
+const WARMUP: u32 = 20;
+const BATCHES: u32 = 5;
+const MSG: [u8; 64] = [7; 64];
+const MAX_FDS: usize = 28;
+
+fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// One message and the fds it carried (owned; dropping them closes them).
+fn recv_msg(sock: BorrowedFd<'_>) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
+    let mut buf = vec![0u8; 4096];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(err("recvmsg"))?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(err("cmsgs"))? {
+        if let ControlMessageOwned::ScmRights(list) = c {
+            // SAFETY: fds received by SCM_RIGHTS are new and owned by nobody else.
+            fds.extend(
+                list.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let n = msg.bytes;
+    buf.truncate(n);
+    Ok((buf, fds))
+}
+
+fn send_msg(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), String> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+    let n = sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(data)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(err("sendmsg"))?;
+    if n != data.len() {
+        return Err(format!("short send: {n} of {}", data.len()));
+    }
+    Ok(())
+}
+
+fn recv_text(sock: &UnixStream) -> Result<(String, Vec<OwnedFd>), String> {
+    let (data, fds) = recv_msg(sock.as_fd())?;
+    if data.is_empty() && fds.is_empty() {
+        return Err("the guest hung up".into());
+    }
+    Ok((String::from_utf8_lossy(&data).into_owned(), fds))
+}
+
+fn send_text(sock: &UnixStream, text: &str) -> Result<(), String> {
+    send_msg(sock.as_fd(), text.as_bytes(), &[])
+}
+
+/// One batch of round trips in the writer guest: asks for `n`, echoes them (closing any
+/// fds), returns the guest's mean in ns.
+fn guest_batch(writer: &UnixStream, n: u32, with_fd: bool) -> Result<u128, String> {
+    let kind = if with_fd { "fd" } else { "plain" };
+    send_text(writer, &format!("rtt {kind} {n}"))?;
+    loop {
+        let (data, fds) = recv_msg(writer.as_fd())?;
+        drop(fds);
+        if data.is_empty() {
+            return Err("the writer guest hung up during the round trips".into());
+        }
+        if let Some(rest) = data.strip_prefix(b"rtt-done ") {
+            let text = String::from_utf8_lossy(rest);
+            return text
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad report {text:?}"));
+        }
+        send_msg(writer.as_fd(), &data, &[])?;
+    }
+}
+
+/// The L1 peer: an echo thread on one end of a socketpair.
+struct SocketpairEcho {
+    ours: UnixStream,
+    memfd: OwnedFd,
+    echo: std::thread::JoinHandle<Result<(), String>>,
+}
+
+impl SocketpairEcho {
+    fn start() -> Result<Self, String> {
+        let (ours, theirs) = UnixStream::pair().map_err(err("socketpair"))?;
+        let echo = std::thread::spawn(move || -> Result<(), String> {
+            loop {
+                let (data, fds) = recv_msg(theirs.as_fd())?;
+                drop(fds);
+                if data.is_empty() {
+                    return Ok(());
+                }
+                send_msg(theirs.as_fd(), &data, &[])?;
+            }
+        });
+        let memfd = nix::sys::memfd::memfd_create(c"bench", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(err("memfd_create"))?;
+        nix::unistd::ftruncate(&memfd, 4096).map_err(err("ftruncate"))?;
+        Ok(Self { ours, memfd, echo })
+    }
+
+    /// `n` round trips; the mean in ns.
+    fn batch(&self, n: u32, with_fd: bool) -> Result<u128, String> {
+        let fds: Vec<BorrowedFd<'_>> = if with_fd {
+            vec![self.memfd.as_fd()]
+        } else {
+            Vec::new()
+        };
+        let start = Instant::now();
+        for _ in 0..n {
+            send_msg(self.ours.as_fd(), &MSG, &fds)?;
+            let (data, _) = recv_msg(self.ours.as_fd())?;
+            if data.len() != MSG.len() {
+                return Err(format!("echo of {} bytes", data.len()));
+            }
+        }
+        Ok(start.elapsed().as_nanos() / u128::from(n.max(1)))
+    }
+
+    fn finish(self) -> Result<(), String> {
+        drop(self.ours);
+        self.echo
+            .join()
+            .map_err(|_| "the echo thread panicked".to_string())?
+    }
+}
+
+fn median(mut v: Vec<u128>) -> u128 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+/// Median batch means: [[virtio_wl, socketpair] without an fd, [virtio_wl, socketpair] with].
+fn round_trips(writer: &UnixStream, rounds: u32) -> Result<[[u128; 2]; 2], String> {
+    let peer = SocketpairEcho::start()?;
+    for with_fd in [false, true] {
+        guest_batch(writer, WARMUP, with_fd)?;
+        peer.batch(WARMUP, with_fd)?;
+    }
+    let n = (rounds / BATCHES).max(1);
+    let mut samples: [[Vec<u128>; 2]; 2] = Default::default();
+    for b in 0..BATCHES {
+        for (kind, with_fd) in samples.iter_mut().zip([false, true]) {
+            let wl = guest_batch(writer, n, with_fd)?;
+            let sp = peer.batch(n, with_fd)?;
+            println!(
+                "wl-bench: batch {b} {} {n} round trips: virtio_wl {wl} ns, socketpair {sp} ns",
+                if with_fd { "with an fd" } else { "without fd" }
+            );
+            kind[0].push(wl);
+            kind[1].push(sp);
+        }
+    }
+    peer.finish()?;
+    let [plain, fd] = samples;
+    let [pw, ps] = plain;
+    let [fw, fs] = fd;
+    Ok([[median(pw), median(ps)], [median(fw), median(fs)]])
+}
+
+/// The best of `reps` memcpys of `bytes` (ns).
+fn memcpy_ns(bytes: usize, reps: u8) -> u128 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let mut best = u128::MAX;
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&mut dst);
+        best = best.min(start.elapsed().as_nanos());
+    }
+    best
+}
+
+/// Moves the shared buffer from the writer to the reader and times `reps` write/read
+/// rounds; returns the best (write_ns, read_ns) by their sum.
+fn shared_memory(
+    writer: &UnixStream,
+    reader: &UnixStream,
+    bytes: usize,
+    reps: u8,
+) -> Result<(u128, u128), String> {
+    send_text(writer, "shm")?;
+    let (msg, fds) = recv_text(writer)?;
+    if msg != format!("shm {bytes}") || fds.len() != 1 {
+        return Err(format!(
+            "expected the shared buffer, got {msg:?} with {} fds",
+            fds.len()
+        ));
+    }
+    let shared: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    send_msg(reader.as_fd(), msg.as_bytes(), &shared)?;
+    drop(fds);
+    let (ready, _) = recv_text(reader)?;
+    if ready != "ready" {
+        return Err(format!("reader: expected ready, got {ready:?}"));
+    }
+    let mut best: Option<(u128, u128)> = None;
+    for rep in 0..reps.max(1) {
+        send_text(writer, &format!("go {rep}"))?;
+        let (w, _) = recv_text(writer)?;
+        let write_ns = w
+            .strip_prefix(&format!("written {rep} "))
+            .and_then(|n| n.parse::<u128>().ok())
+            .ok_or_else(|| format!("writer: {w:?}"))?;
+        send_text(reader, &format!("written {rep}"))?;
+        let (r, _) = recv_text(reader)?;
+        let rest = r
+            .strip_prefix(&format!("read {rep} "))
+            .ok_or_else(|| format!("reader: {r:?}"))?;
+        let (ns, verdict) = rest
+            .split_once(' ')
+            .ok_or_else(|| format!("reader: {r:?}"))?;
+        if verdict != "ok" {
+            return Err(format!(
+                "rep {rep}: the reader saw other bytes than the writer wrote"
+            ));
+        }
+        let read_ns: u128 = ns.parse().map_err(|_| format!("reader: {r:?}"))?;
+        println!("wl-bench: shm rep {rep}: writer filled {bytes} bytes in {write_ns} ns, reader read them in {read_ns} ns");
+        if best.is_none_or(|(bw, br)| write_ns + read_ns < bw + br) {
+            best = Some((write_ns, read_ns));
+        }
+    }
+    best.ok_or_else(|| "no repetitions".to_string())
+}
+
+fn spawn_vmm(a: &Args, initramfs: &str, socket: &str) -> Result<Child, String> {
+    Command::new(&a.vmm)
+        .args(["--kernel", &a.kernel, "--initramfs", initramfs])
+        .args(["--cmdline", "console=ttyS0 panic=-1 quiet"])
+        .args(["--memory", "192M", "--vcpus", "1"])
+        .args(["--wl-socket", socket])
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", a.vmm))
+}
+
+/// Accepts one connection, giving up if a VMM has exited (a guest that failed before
+/// connecting would otherwise leave us waiting forever).
+fn accept(listener: &UnixListener, vmms: &mut [Child], what: &str) -> Result<UnixStream, String> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    loop {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let ready = poll(&mut fds, PollTimeout::from(1000u16)).map_err(err("poll"))?;
+        if ready > 0 {
+            return listener
+                .accept()
+                .map(|(s, _)| s)
+                .map_err(|e| format!("accept the {what}: {e}"));
+        }
+        if vmms.iter_mut().any(|v| matches!(v.try_wait(), Ok(Some(_)))) {
+            return Err(format!("a VMM exited before the {what} guest connected"));
+        }
+    }
+}
+
+fn bind(path: &str) -> Result<UnixListener, String> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(|e| format!("bind {path}: {e}"))
+}
+
+fn mib_per_s(bytes: usize, ns: u128) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / (ns.max(1) as f64 / 1e9)
+}
+
+fn run(a: &Args) -> Result<(), String> {
+    let (wpath, rpath) = ("/run/wl-bench-writer.sock", "/run/wl-bench-reader.sock");
+    let wl_writer = bind(wpath)?;
+    let wl_reader = bind(rpath)?;
+    let mut vmms = [
+        spawn_vmm(a, &a.writer_initramfs, &format!("bench={wpath}"))?,
+        spawn_vmm(a, &a.reader_initramfs, &format!("bench={rpath}"))?,
+    ];
+    let result = (|| {
+        let writer = accept(&wl_writer, &mut vmms, "writer")?;
+        let reader = accept(&wl_reader, &mut vmms, "reader")?;
+        // Both guests are up (and now wait idle) before anything is measured.
+        let rtts = round_trips(&writer, a.rounds)?;
+        let bytes = a.shm_mib << 20;
+        let (write_ns, read_ns) = shared_memory(&writer, &reader, bytes, a.reps)?;
+        let copy_ns = memcpy_ns(bytes, a.reps);
+        send_text(&writer, "done")?;
+        send_text(&reader, "done")?;
+        Ok::<_, String>((rtts, write_ns, read_ns, copy_ns))
+    })();
+    for v in vmms.iter_mut() {
+        if result.is_err() {
+            let _ = v.kill();
+        }
+        let _ = v.wait();
+    }
+    let ([[rtt, sp_rtt], [fd_rtt, sp_fd_rtt]], write_ns, read_ns, copy_ns) = result?;
+    let bytes = a.shm_mib << 20;
+    let shm_ns = write_ns + read_ns;
+    let ratio = |x: u128, y: u128| x as f64 / y.max(1) as f64;
+    println!(
+        "wl-bench: {:<50} {:>14} {:>14} {:>8}",
+        "measure", "virtio_wl", "L1 peer", "ratio"
+    );
+    println!(
+        "wl-bench: {:<50} {:>11} ns {:>11} ns {:>8.1}",
+        "64-byte round trip, median (vs socketpair)",
+        rtt,
+        sp_rtt,
+        ratio(rtt, sp_rtt)
+    );
+    println!(
+        "wl-bench: {:<50} {:>11} ns {:>11} ns {:>8.1}",
+        "64-byte round trip + 1 fd, median (vs socketpair)",
+        fd_rtt,
+        sp_fd_rtt,
+        ratio(fd_rtt, sp_fd_rtt)
+    );
+    let (shm_bw, copy_bw) = (mib_per_s(bytes, shm_ns), mib_per_s(bytes, copy_ns));
+    println!(
+        "wl-bench: {:<50} {:>8.1} MiB/s {:>8.1} MiB/s {:>8.3}",
+        format!("{} MiB guest->guest shm (vs memcpy)", a.shm_mib),
+        shm_bw,
+        copy_bw,
+        shm_bw / copy_bw
+    );
+    println!(
+        "wl-bench: shm: writer fill {} ns ({:.1} MiB/s), reader read {} ns ({:.1} MiB/s); memcpy {} ns",
+        write_ns,
+        mib_per_s(bytes, write_ns),
+        read_ns,
+        mib_per_s(bytes, read_ns),
+        copy_ns
+    );
+    println!(
+        "BENCH wl rtt_ratio_vs_socketpair={:.2} fd_rtt_ratio_vs_socketpair={:.2} shm_bw_ratio_vs_memcpy={:.3}",
+        ratio(rtt, sp_rtt),
+        ratio(fd_rtt, sp_fd_rtt),
+        shm_bw / copy_bw
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    match run(&a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("wl-bench: FAIL {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
