@@ -4,6 +4,8 @@
 
 use std::process::ExitCode;
 
+#[path = "testprog/hub.rs"]
+mod testprog_hub;
 #[path = "testprog/wl.rs"]
 mod testprog_wl;
 #[path = "testprog/wl_faux.rs"]
@@ -40,7 +42,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: bulkhead-testprog crash [CODE] | ignore-term | sleep SECS | exit CODE | \
          check-kvm | check-vfio BDF | vm-check | wl-guest | wl-peer PATH | \
-         wl-faux-server | wl-faux-client | wl-faux-relay LISTEN SVC CTL | run-after MS PROGRAM [ARGS...]"
+         wl-faux-server | wl-faux-client | wl-faux-relay LISTEN SVC CTL | hub-guest | hub-audit PATH VM | run-after MS PROGRAM [ARGS...]"
     );
     ExitCode::from(2)
 }
@@ -185,6 +187,11 @@ fn main() -> ExitCode {
             (Some(listen), Some(svc), Some(ctl)) => {
                 report(testprog_wl_faux::relay_main(listen, svc, ctl))
             }
+            _ => usage(),
+        },
+        "hub-guest" => report(testprog_hub::guest()),
+        "hub-audit" => match (args.get(1), args.get(2)) {
+            (Some(path), Some(vm)) => report(testprog_hub::audit(path, vm)),
             _ => usage(),
         },
         "check-vfio" => match args.get(1) {
