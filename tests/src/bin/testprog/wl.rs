@@ -2,7 +2,9 @@
 //! through /dev/wl0; `wl-peer PATH` runs on the L1 host and is the socket the guest's
 //! named context connects to. Between them: data, a shared-memory buffer both sides write
 //! (zero copy: a write after sending is seen by the other side), a host memfd, and a pipe
-//! in each direction with its hang-up.
+//! in each direction with its hang-up (EOF and POLLHUP). The guest also checks the driver's
+//! errors: ENOTTY for a dmabuf, ENODEV for an unknown name, EINVAL for an mmap beyond an
+//! allocation, EAGAIN for a non-blocking recv with nothing queued.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -44,9 +46,57 @@ fn wait_for(map: &[u8], off: usize, want: &str) -> bool {
     false
 }
 
+fn errno_of(r: Result<impl Sized, bulkhead_wl::WlError>) -> Option<i32> {
+    match r {
+        Err(bulkhead_wl::WlError::Io { err, .. }) => err.raw_os_error(),
+        _ => None,
+    }
+}
+
+fn want_errno(what: &str, got: Option<i32>, want: i32) -> Result<(), String> {
+    if got == Some(want) {
+        Ok(())
+    } else {
+        Err(format!("{what}: expected errno {want}, got {got:?}"))
+    }
+}
+
+/// The driver's error answers that need no peer.
+fn guest_errors(wl: &bulkhead_wl::Wl) -> Result<(), String> {
+    use bulkhead_wl::uapi::{IoctlNew, IOCTL_NEW};
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/wl0")
+        .map_err(e("open /dev/wl0"))?;
+    let mut arg = IoctlNew {
+        kind: 4, // VIRTWL_IOCTL_NEW_DMABUF: there is no GPU
+        fd: -1,
+        flags: 0,
+        payload: [0; 36],
+    };
+    // SAFETY: IOCTL_NEW reads and writes one 48-byte IoctlNew, which `arg` is.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), IOCTL_NEW, &mut arg) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    want_errno("dmabuf", (r != 0).then_some(errno).flatten(), libc::ENOTTY)?;
+    want_errno(
+        "an unknown socket name",
+        errno_of(wl.connect("no-such-socket")),
+        libc::ENODEV,
+    )?;
+    let shm = wl.alloc(8192).map_err(e("alloc"))?;
+    let dup = shm.fd().try_clone_to_owned().map_err(e("dup"))?;
+    want_errno(
+        "mmap beyond the allocation",
+        errno_of(bulkhead_wl::SharedMemory::map(dup, 3 * 4096)),
+        libc::EINVAL,
+    )
+}
+
 /// The guest side.
 pub fn guest() -> Res {
     let wl = bulkhead_wl::Wl::open().map_err(e("open /dev/wl0"))?;
+    guest_errors(&wl)?;
     let stream = wl.connect("peer").map_err(e("connect to peer"))?;
     let mut shm = wl.alloc(8192).map_err(e("alloc"))?;
     put_cstr(shm.as_mut_slice(), 0, "guest-shm-data");
@@ -88,8 +138,34 @@ pub fn guest() -> Res {
     if got != "host-pipe-data" {
         return Err(format!("pipe from host gave {got:?}"));
     }
+    let mut polled = [nix::poll::PollFd::new(
+        from_host.fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut polled, nix::poll::PollTimeout::ZERO).map_err(e("poll the pipe"))?;
+    let hup = polled[0]
+        .revents()
+        .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLHUP));
+    if !hup {
+        return Err(format!(
+            "the host closed its pipe end but poll gives {:?}",
+            polled[0].revents()
+        ));
+    }
+    // The host sends nothing until we say done.
+    stream.set_nonblocking(true).map_err(e("nonblocking"))?;
+    want_errno(
+        "a non-blocking recv with nothing queued",
+        errno_of(stream.recv()),
+        libc::EAGAIN,
+    )?;
+    stream.set_nonblocking(false).map_err(e("blocking"))?;
     stream.send(b"done", &[]).map_err(e("send done"))?;
-    Ok("wl guest ok: data, shared memory both ways, host memfd, pipes both ways".into())
+    Ok(
+        "wl guest ok: data, shared memory both ways, host memfd, pipes both ways with POLLHUP, \
+        ENOTTY/ENODEV/EINVAL/EAGAIN"
+            .into(),
+    )
 }
 
 pub fn recv_with_fds(sock: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
