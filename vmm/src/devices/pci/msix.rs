@@ -1,7 +1,15 @@
 //! MSI-X: the vector table and pending-bit array a device exposes in a BAR, and the interrupt
-//! delivery behind it. Each vector has its own GSI and eventfd (bound with an irqfd once); the
-//! table entry's address/data become that GSI's MSI route. A masked vector's triggers set its
-//! pending bit and fire when it is unmasked.
+//! delivery behind it. Each vector has its own GSI and eventfd; the table entry's address/data
+//! become that GSI's MSI route. Two ways to deliver:
+//!
+//! - **emulated devices** (`new`): the VMM raises a vector with `trigger`; each eventfd is bound
+//!   with an irqfd once. A masked vector's triggers set its pending bit and fire when it is
+//!   unmasked.
+//! - **gated** (`new_gated`): something outside the VMM writes the eventfds (VFIO, for a
+//!   passed-through device), so masking cannot be done in `trigger`. Instead a vector's irqfd is
+//!   bound only while the vector is unmasked (MSI-X enabled, function and entry unmasked).
+//!   While it is unbound, writes accumulate in the eventfd: that is the pending bit (the PBA
+//!   reads it with a zero-timeout poll), and unmasking delivers it once.
 
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +51,8 @@ struct Table {
     pending: Vec<bool>,
     enabled: bool,
     function_masked: bool,
+    /// Gated delivery: whether each vector's irqfd is bound now. `None`: emulated delivery.
+    bound: Option<Vec<bool>>,
 }
 
 impl Table {
@@ -88,7 +98,19 @@ impl MsixVectors {
             gsis.push(gsi);
             evts.push(evt);
         }
-        Ok(Self::with(count, gsis, evts, Some(routing)))
+        Ok(Self::with(count, gsis, evts, Some(routing), false))
+    }
+
+    /// `count` vectors whose eventfds someone else writes (VFIO): each gets a GSI, and its
+    /// irqfd is bound only while the vector is unmasked (see the module comment).
+    pub fn new_gated(count: u16, routing: Arc<IrqRouting>) -> Result<Self, IrqRoutingError> {
+        let mut gsis = Vec::new();
+        let mut evts = Vec::new();
+        for _ in 0..count {
+            gsis.push(routing.allocate_gsi()?);
+            evts.push(EventFd::new(EFD_NONBLOCK).map_err(|_| IrqRoutingError::Table)?);
+        }
+        Ok(Self::with(count, gsis, evts, Some(routing), true))
     }
 
     /// `count` vectors that only write their eventfds (no KVM routes): for tests, which read
@@ -97,7 +119,13 @@ impl MsixVectors {
         let evts = (0..count)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Self::with(count, vec![0; count as usize], evts, None))
+        Ok(Self::with(
+            count,
+            vec![0; count as usize],
+            evts,
+            None,
+            false,
+        ))
     }
 
     fn with(
@@ -105,6 +133,7 @@ impl MsixVectors {
         gsis: Vec<u32>,
         evts: Vec<EventFd>,
         routing: Option<Arc<IrqRouting>>,
+        gated: bool,
     ) -> Self {
         Self {
             table: Mutex::new(Table {
@@ -112,11 +141,22 @@ impl MsixVectors {
                 pending: vec![false; count as usize],
                 enabled: false,
                 function_masked: false,
+                bound: gated.then(|| vec![false; count as usize]),
             }),
             gsis,
             evts,
             routing,
         }
+    }
+
+    /// Every vector's eventfd, in order (what VFIO is given to signal).
+    pub fn eventfds(&self) -> Vec<&EventFd> {
+        self.evts.iter().collect()
+    }
+
+    /// Whether the function mask bit is set.
+    pub fn function_masked(&self) -> bool {
+        self.lock().function_masked
     }
 
     /// Number of vectors.
@@ -233,15 +273,62 @@ impl MsixVectors {
     /// A read of the pending-bit array.
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         let t = self.lock();
+        let gated = t.bound.is_some();
         for (i, b) in data.iter_mut().enumerate() {
             let mut byte = 0u8;
             for bit in 0..8 {
-                let v = (offset as usize + i) * 8 + bit;
-                if t.pending.get(v).copied().unwrap_or(false) {
+                let v = (offset as usize)
+                    .saturating_add(i)
+                    .saturating_mul(8)
+                    .saturating_add(bit);
+                let pending = if gated {
+                    // Unbound (masked) and written meanwhile.
+                    v < t.entries.len() && t.masked(v) && self.evts.get(v).is_some_and(readable)
+                } else {
+                    t.pending.get(v).copied().unwrap_or(false)
+                };
+                if pending {
                     byte |= 1 << bit;
                 }
             }
             *b = byte;
+        }
+    }
+
+    /// Gated delivery: binds vector `v`'s irqfd if it is unmasked and unbinds it if masked
+    /// (called with its route already updated). An interrupt that arrived while it was
+    /// unbound is delivered once through the irqfd.
+    fn gate(&self, t: &mut Table, v: usize) {
+        let masked = t.masked(v);
+        let (Some(bound), Some(routing), Some(gsi), Some(evt)) = (
+            t.bound.as_mut(),
+            &self.routing,
+            self.gsis.get(v),
+            self.evts.get(v),
+        ) else {
+            return;
+        };
+        let Some(b) = bound.get_mut(v) else {
+            return;
+        };
+        if masked && *b {
+            if let Err(e) = routing.vm().unregister_irqfd(evt, *gsi) {
+                log::warn!("bulkhead-vmm: MSI-X vector {v}: unbinding irqfd: {e}");
+            }
+            *b = false;
+        } else if !masked && !*b {
+            // Take what is pending out of the counter and write it back after binding, so KVM
+            // consumes it as an ordinary interrupt (binding alone would inject but leave the
+            // count behind).
+            let pending = evt.read().is_ok();
+            if let Err(e) = routing.register_irqfd(evt, *gsi) {
+                log::warn!("bulkhead-vmm: MSI-X vector {v}: binding irqfd: {e}");
+                return;
+            }
+            *b = true;
+            if pending {
+                let _ = evt.write(1);
+            }
         }
     }
 
@@ -251,6 +338,21 @@ impl MsixVectors {
         let Some(e) = t.entries.get(v).copied() else {
             return;
         };
+        if t.bound.is_some() {
+            if let (Some(routing), Some(gsi)) = (&self.routing, self.gsis.get(v)) {
+                let res = if t.enabled {
+                    let addr = u64::from(e.addr_lo) | (u64::from(e.addr_hi) << 32);
+                    routing.set_msi(*gsi, addr, e.data)
+                } else {
+                    routing.clear_msi(*gsi)
+                };
+                if let Err(err) = res {
+                    log::warn!("bulkhead-vmm: MSI-X vector {v} route: {err}");
+                }
+            }
+            self.gate(&mut t, v);
+            return;
+        }
         let masked = t.masked(v);
         let fire = !masked && t.pending.get(v).copied().unwrap_or(false);
         if fire {
@@ -277,6 +379,19 @@ impl MsixVectors {
             }
         }
     }
+}
+
+/// Whether an eventfd has a non-zero count (without reading it).
+fn readable(evt: &EventFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: evt.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n == 1 && pfd.revents & libc::POLLIN != 0
 }
 
 #[cfg(test)]

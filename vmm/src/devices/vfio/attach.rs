@@ -275,6 +275,42 @@ mod tests {
     }
 
     #[test]
+    fn descriptors_also_come_from_the_environment_init_sets() {
+        use clap::CommandFactory;
+        // Checked on the parser's definition: setting the variables would leak into every
+        // other test parsing a command line in this process.
+        let cmd = Cli::command();
+        let env_of = |id: &str| {
+            cmd.get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_env())
+                .map(|e| e.to_string_lossy().into_owned())
+        };
+        assert_eq!(
+            env_of("vfio_container_fd").as_deref(),
+            Some("BULKHEAD_VFIO_CONTAINER_FD")
+        );
+        assert_eq!(
+            env_of("vfio_group_fd").as_deref(),
+            Some("BULKHEAD_VFIO_GROUP_FDS")
+        );
+        // The list form init uses for several groups.
+        let c = Cli::try_parse_from([
+            "bulkhead-vmm",
+            "--kernel",
+            "k",
+            "--vfio",
+            "0000:00:03.0",
+            "--vfio-container-fd",
+            "5",
+            "--vfio-group-fd",
+            "6,7",
+        ])
+        .unwrap();
+        assert_eq!(VmConfig::from(c).vfio_group_fds, vec![6, 7]);
+    }
+
+    #[test]
     fn bad_addresses_and_descriptors_are_refused_before_anything_opens() {
         let mut fds = FdTaker::default();
         let e = VfioRequest::from_args(&["00:03".into()], None, &[], &mut fds).unwrap_err();

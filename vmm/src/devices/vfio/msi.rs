@@ -1,12 +1,14 @@
 //! The MSI capability of a passed-through function.
 //!
-//! vfio-pci already virtualizes the capability's registers: what the guest writes to the
-//! address and data registers is kept by the host kernel, not written to the device. So guest
-//! writes go through to VFIO's config region unchanged, and after each write that touches the
-//! capability this module re-reads it and follows the guest: enabling MSI gives the device an
-//! eventfd (`VFIO_DEVICE_SET_IRQS`), bound with an irqfd to a GSI whose KVM route is the
-//! guest's (address, data) message. Only the first vector is used (multiple-message enable is
-//! not granted); per-vector masking is not emulated.
+//! vfio-pci virtualizes the capability's registers: what the guest writes to the address and
+//! data registers is kept by the host kernel, not written to the device. So guest writes go
+//! through to VFIO's config region unchanged, and this module re-reads address and data from
+//! there. The enable bit is different: vfio-pci clears it in what it keeps unless MSI is already
+//! on through `VFIO_DEVICE_SET_IRQS` ("MSI is enabled via ioctl"), so the VMM keeps the guest's
+//! enable bit itself (and shows it in reads). Enabling MSI gives the device an eventfd, bound
+//! with an irqfd to a GSI whose KVM route is the guest's (address, data) message. Only the
+//! first vector is used (multiple-message enable is not granted); per-vector masking is not
+//! emulated.
 
 use std::sync::Arc;
 
@@ -31,6 +33,8 @@ pub struct Msi {
     gsi: Option<u32>,
     irqfd_registered: bool,
     enabled: bool,
+    /// The guest's enable bit, as last written.
+    guest_enable: bool,
     routing: Arc<IrqRouting>,
 }
 
@@ -50,6 +54,7 @@ impl Msi {
             gsi: None,
             irqfd_registered: false,
             enabled: false,
+            guest_enable: false,
             routing,
         })
     }
@@ -70,12 +75,31 @@ impl Msi {
             .map_err(|e| e.to_string())
     }
 
+    /// Records the guest's enable bit if a config write of `data` at byte `at` covers it (bit 0
+    /// of message control, at byte `cap + 2`); returns the new value then.
+    pub fn config_write(&mut self, at: usize, data: &[u8]) -> Option<bool> {
+        let lo = self.cap + 2;
+        if at > lo || at + data.len() <= lo {
+            return None;
+        }
+        let byte = data.get(lo - at)?;
+        self.guest_enable = u16::from(*byte) & CONTROL_ENABLE != 0;
+        Some(self.guest_enable)
+    }
+
+    /// The config dword `reg` as read from the device, with the guest's enable bit in it.
+    pub fn patch_config_read(&self, reg: usize, value: u32) -> u32 {
+        if reg * 4 == self.cap {
+            (value & !(u32::from(CONTROL_ENABLE) << 16)) | (u32::from(self.guest_enable) << 16)
+        } else {
+            value
+        }
+    }
+
     /// Follows the guest's view of the capability after it wrote to it.
     pub fn update(&mut self, device: &Device) -> Result<(), String> {
         let mut w = [0u8; 2];
-        Self::read(device, self.cap + 2, &mut w)?;
-        let enable = u16::from_le_bytes(w) & CONTROL_ENABLE != 0;
-        if !enable {
+        if !self.guest_enable {
             if self.enabled {
                 self.enabled = false;
                 device.disable_irq(MSI_IRQ).map_err(|e| e.to_string())?;
@@ -146,8 +170,15 @@ mod tests {
         let kvm = kvm_ioctls::Kvm::new().unwrap();
         let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
         let routing = std::sync::Arc::new(super::IrqRouting::new(vm));
-        let m = super::Msi::new(0x50, 0, routing.clone()).unwrap();
+        let mut m = super::Msi::new(0x50, 0, routing.clone()).unwrap();
         assert!(m.covers(0x50, 1) && m.covers(0x58, 2) && !m.covers(0x5a, 4));
+        // The enable bit is the guest's, whatever vfio-pci reports.
+        assert_eq!(m.config_write(0x54, &[1, 0]), None);
+        assert_eq!(m.config_write(0x50, &[5, 0x60, 1, 0]), Some(true));
+        assert_eq!(m.patch_config_read(0x14, 0x0080_6005), 0x0081_6005);
+        assert_eq!(m.config_write(0x52, &[0x80, 0]), Some(false));
+        assert_eq!(m.patch_config_read(0x14, 0x0081_6005), 0x0080_6005);
+        assert_eq!(m.patch_config_read(0x15, 0x1), 0x1);
         assert!(m.covers(0x4e, 4), "a write straddling the start");
         assert!(!m.enabled());
         let m64 = super::Msi::new(0x50, 1 << 7 | 1 << 8, routing).unwrap();

@@ -2,19 +2,22 @@
 //!
 //! Config space: the VMM owns the BARs (the guest sizes and moves them on our bus, never on
 //! the host's), the expansion ROM (not offered), the interrupt line (the GSI its INTx is
-//! wired to, which the DSDT's `_PRT` also names) and the capability list (MSI-X is hidden: it is not emulated). Reads of anything
-//! else come from the device through VFIO's config region and writes go to it, so the command
-//! register's memory, I/O and bus-master bits reach the device (vfio-pci filters what it must),
-//! and the MSI capability is followed by [`super::msi`].
+//! wired to, which the DSDT's `_PRT` also names) and MSI-X's message-control word
+//! ([`super::msix`]). Reads of anything else come from the device through VFIO's config region
+//! and writes go to it, so the command register's memory, I/O and bus-master bits reach the
+//! device (vfio-pci filters what it must), and the MSI capability is followed by [`super::msi`].
 //!
 //! BARs: a memory BAR whose whole region VFIO lets us mmap becomes a KVM memory slot over that
 //! mapping (guest accesses never exit); any other memory BAR is trapped and each access is
-//! forwarded with pread/pwrite on the device. I/O BARs are not offered.
+//! forwarded with pread/pwrite on the device. A BAR holding the MSI-X table or PBA is always
+//! trapped: accesses inside those structures are emulated, the rest is forwarded. I/O BARs are
+//! not offered.
 //!
 //! INTx: an eventfd pair — VFIO signals the trigger and masks the line; KVM's resampling irqfd
 //! raises the guest's level-triggered IOAPIC pin and, when the guest EOIs it, signals the
 //! resample eventfd, which makes VFIO unmask the line (and fire again if the device still
-//! asserts it).
+//! asserts it). INTx is off in VFIO while MSI or MSI-X is on (VFIO allows one interrupt type at
+//! a time), and back on when the guest turns them off.
 
 use std::sync::Arc;
 
@@ -23,9 +26,11 @@ use bulkhead_vfio::Device;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::msi::{Msi, CAP_ID_MSI};
+use super::msix::{MsixLayout, VfioMsix};
 use crate::devices::pci::bar_allocator::BarAllocator;
 use crate::devices::pci::config_space::{BarKind, BarMove, PciBar, PciConfigSpace, PciHeader};
 use crate::devices::pci::device::{BarMapping, PciDevice};
+use crate::devices::pci::msix::MSIX_CAP_ID as CAP_ID_MSIX;
 use crate::vstate::irq_routing::IrqRouting;
 use crate::vstate::memory_slots::{HostMapping, MemorySlots, SlotHandle};
 
@@ -34,7 +39,6 @@ const BAR0_REG: usize = 4;
 const ROM_REG: usize = 12;
 const CAP_PTR_REG: usize = 13;
 const INTERRUPT_REG: usize = 15;
-const CAP_ID_MSIX: u8 = 0x11;
 /// Bound on a capability-list walk (a corrupt list may loop).
 const MAX_CAPS: usize = 48;
 
@@ -72,10 +76,12 @@ struct Bar {
     slot: Option<SlotHandle>,
 }
 
-/// INTx wiring; the eventfds stay open as long as the device.
+/// INTx wiring; the eventfds (and KVM's irqfd on them) stay as long as the device.
 struct Intx {
-    _trigger: EventFd,
-    _resample: EventFd,
+    trigger: EventFd,
+    resample: EventFd,
+    /// Whether VFIO signals `trigger` now (off while MSI or MSI-X is on).
+    active: bool,
 }
 
 /// A passed-through PCI function on the guest's bus.
@@ -89,8 +95,7 @@ pub struct VfioPciDevice {
     irq_line: u8,
     intx: Option<Intx>,
     msi: Option<Msi>,
-    /// (byte offset of a "next capability" pointer, the value the guest sees there).
-    cap_patches: Vec<(usize, u8)>,
+    msix: Option<VfioMsix>,
 }
 
 fn read_u8(device: &Device, at: usize) -> Result<u8, PassthroughError> {
@@ -121,29 +126,6 @@ fn capabilities(device: &Device) -> Result<Vec<(usize, u8)>, PassthroughError> {
     Ok(out)
 }
 
-/// Next-pointer overrides that unlink every capability with an id in `hide`.
-fn unlink(caps: &[(usize, u8)], hide: &[u8]) -> Vec<(usize, u8)> {
-    let mut patches = Vec::new();
-    // The pointer that leads to the next kept capability: 0x34, then each kept one's next.
-    let mut prev_ptr = 0x34usize;
-    let mut changed = false;
-    for &(at, id) in caps {
-        if hide.contains(&id) {
-            changed = true;
-            continue;
-        }
-        if changed {
-            patches.push((prev_ptr, at as u8));
-        }
-        changed = false;
-        prev_ptr = at + 1;
-    }
-    if changed {
-        patches.push((prev_ptr, 0));
-    }
-    patches
-}
-
 impl VfioPciDevice {
     /// Offers `device` to the guest: allocates its BARs from `bar_alloc`, maps the mmap-able
     /// ones into KVM slots, wires INTx to GSI `irq_line` and prepares MSI.
@@ -168,13 +150,28 @@ impl VfioPciDevice {
             subsystem: 0,
         });
         let caps = capabilities(&device)?;
-        let msix_bar = match caps.iter().find(|(_, id)| *id == CAP_ID_MSIX) {
+        let msix = match caps.iter().find(|(_, id)| *id == CAP_ID_MSIX) {
             Some(&(at, _)) => {
-                log::warn!(
-                    "bulkhead-vmm: vfio {bdf}: MSI-X is not emulated; its capability is hidden \
-                     from the guest (drivers fall back to MSI or INTx)"
+                let layout = MsixLayout::decode(
+                    read_u16(&device, at + 2)?,
+                    device.read_config_u32(at as u64 + 4)?,
+                    device.read_config_u32(at as u64 + 8)?,
                 );
-                Some((device.read_config_u32(at as u64 + 4)? & 7) as usize)
+                log::info!(
+                    "bulkhead-vmm: vfio {bdf}: MSI-X {} vectors, table BAR {} + {:#x}, PBA BAR {} + \
+                     {:#x} (emulated)",
+                    layout.vectors,
+                    layout.table_bar,
+                    layout.table_offset,
+                    layout.pba_bar,
+                    layout.pba_offset
+                );
+                Some(VfioMsix::new(at, layout, routing.clone()).map_err(|e| {
+                    PassthroughError::Irq {
+                        bdf,
+                        detail: format!("MSI-X vectors: {e}"),
+                    }
+                })?)
             }
             None => None,
         };
@@ -225,7 +222,7 @@ impl VfioPciDevice {
                 .ok_or_else(|| bad("no region".into()))?;
             let mappable = size % PAGE == 0
                 && region.mmap_areas == [(0, size)]
-                && msix_bar != Some(index)
+                && !msix.as_ref().is_some_and(|m| m.uses_bar(index))
                 && region.readable;
             let mut bar = Bar {
                 index,
@@ -284,8 +281,9 @@ impl VfioPciDevice {
             device.enable_intx(&trigger, &resample)?;
             log::info!("bulkhead-vmm: vfio {bdf}: INTx on GSI {irq_line} (resampled)");
             Some(Intx {
-                _trigger: trigger,
-                _resample: resample,
+                trigger,
+                resample,
+                active: true,
             })
         } else {
             None
@@ -300,8 +298,72 @@ impl VfioPciDevice {
             irq_line: if intx.is_some() { irq_line } else { 0xff },
             intx,
             msi,
-            cap_patches: unlink(&caps, &[CAP_ID_MSIX]),
+            msix,
         })
+    }
+
+    /// Stops VFIO signalling INTx (before MSI or MSI-X is enabled: one type at a time).
+    fn intx_off(&mut self) {
+        if let Some(intx) = self.intx.as_mut().filter(|i| i.active) {
+            match self.device.disable_irq(INTX_IRQ) {
+                Ok(()) => intx.active = false,
+                Err(e) => log::warn!("bulkhead-vmm: {}: disabling INTx: {e}", self.name),
+            }
+        }
+    }
+
+    /// Gives INTx back to VFIO once neither MSI nor MSI-X is on.
+    fn intx_on_if_idle(&mut self) {
+        let msi_on = self.msi.as_ref().is_some_and(|m| m.enabled());
+        let msix_on = self.msix.as_ref().is_some_and(|m| m.device_enabled());
+        if msi_on || msix_on {
+            return;
+        }
+        if let Some(intx) = self.intx.as_mut().filter(|i| !i.active) {
+            match self.device.enable_intx(&intx.trigger, &intx.resample) {
+                Ok(()) => intx.active = true,
+                Err(e) => log::warn!("bulkhead-vmm: {}: re-enabling INTx: {e}", self.name),
+            }
+        }
+    }
+
+    /// A guest write to the MSI-X capability: emulated; VFIO follows the enable bit.
+    fn msix_config_write(&mut self, at: usize, data: &[u8]) {
+        let Some(msix) = self.msix.as_mut() else {
+            return;
+        };
+        if !msix.config_write(at, data) {
+            return;
+        }
+        let enabling = msix.enabled();
+        if enabling {
+            self.intx_off();
+        }
+        if let Some(msix) = self.msix.as_mut() {
+            if let Err(e) = msix.sync_device(&self.device) {
+                log::warn!("bulkhead-vmm: {}: {e}", self.name);
+            }
+        }
+        if !enabling {
+            self.intx_on_if_idle();
+        }
+    }
+
+    /// A guest write of `data` at `at` that touched the MSI capability (already written to
+    /// VFIO's config).
+    fn msi_config_write(&mut self, at: usize, data: &[u8]) {
+        let Some(msi) = self.msi.as_mut() else {
+            return;
+        };
+        if msi.config_write(at, data) == Some(true) && !msi.enabled() {
+            self.intx_off();
+        }
+        if let Some(msi) = self.msi.as_mut() {
+            if let Err(e) = msi.update(&self.device) {
+                log::warn!("bulkhead-vmm: {}: MSI: {e}", self.name);
+            }
+        }
+        self.intx_on_if_idle();
     }
 
     /// The VFIO device.
@@ -320,7 +382,10 @@ impl VfioPciDevice {
         if let Some(msi) = self.msi.as_mut() {
             msi.disable(&self.device);
         }
-        if self.intx.take().is_some() {
+        if let Some(msix) = self.msix.as_mut() {
+            msix.disable(&self.device);
+        }
+        if self.intx.take().is_some_and(|i| i.active) {
             if let Err(e) = self.device.disable_irq(INTX_IRQ) {
                 log::warn!("bulkhead-vmm: vfio {bdf}: disabling INTx: {e}");
             }
@@ -354,13 +419,11 @@ impl PciDevice for VfioPciDevice {
         if reg == INTERRUPT_REG {
             v = (v & !0xff) | u32::from(self.irq_line);
         }
-        if reg == CAP_PTR_REG || reg >= 16 {
-            for &(at, val) in &self.cap_patches {
-                if at / 4 == reg {
-                    let shift = (at % 4) * 8;
-                    v = (v & !(0xff << shift)) | (u32::from(val) << shift);
-                }
-            }
+        if let Some(msix) = &self.msix {
+            v = msix.patch_config_read(reg, v);
+        }
+        if let Some(msi) = &self.msi {
+            v = msi.patch_config_read(reg, v);
         }
         v
     }
@@ -376,15 +439,15 @@ impl PciDevice for VfioPciDevice {
                 if offset + data.len() > 4 {
                     return None;
                 }
+                if self.msix.as_ref().is_some_and(|m| m.covers(at, data.len())) {
+                    self.msix_config_write(at, data);
+                    return None;
+                }
                 if let Err(e) = self.device.write_region(CONFIG_REGION, at as u64, data) {
                     log::warn!("bulkhead-vmm: {}: config write at {at:#x}: {e}", self.name);
                 }
-                if let Some(msi) = self.msi.as_mut() {
-                    if msi.covers(at, data.len()) {
-                        if let Err(e) = msi.update(&self.device) {
-                            log::warn!("bulkhead-vmm: {}: MSI: {e}", self.name);
-                        }
-                    }
+                if self.msi.as_ref().is_some_and(|m| m.covers(at, data.len())) {
+                    self.msi_config_write(at, data);
                 }
                 None
             }
@@ -405,6 +468,12 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_read(&mut self, index: usize, offset: u64, data: &mut [u8]) {
+        if let Some(msix) = &self.msix {
+            if let Some(hit) = msix.hit(index, offset, data.len()) {
+                msix.read(hit, data);
+                return;
+            }
+        }
         if let Err(e) = self.device.read_region(index as u32, offset, data) {
             log::debug!("bulkhead-vmm: {}: BAR {index} read: {e}", self.name);
             data.fill(0xff);
@@ -412,6 +481,12 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_write(&mut self, index: usize, offset: u64, data: &[u8]) {
+        if let Some(msix) = &self.msix {
+            if let Some(hit) = msix.hit(index, offset, data.len()) {
+                msix.write(hit, data);
+                return;
+            }
+        }
         if let Err(e) = self.device.write_region(index as u32, offset, data) {
             log::debug!("bulkhead-vmm: {}: BAR {index} write: {e}", self.name);
         }
@@ -434,28 +509,5 @@ impl PciDevice for VfioPciDevice {
             );
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::unlink;
-
-    #[test]
-    fn hiding_capabilities_relinks_the_list() {
-        // 0x40 PM -> 0x50 MSI-X -> 0x60 MSI
-        let caps = [(0x40, 0x01), (0x50, 0x11), (0x60, 0x05)];
-        assert_eq!(unlink(&caps, &[0x11]), vec![(0x41, 0x60)]);
-        // MSI-X first and last.
-        assert_eq!(
-            unlink(&[(0x40, 0x11), (0x50, 0x05)], &[0x11]),
-            vec![(0x34, 0x50)]
-        );
-        assert_eq!(
-            unlink(&[(0x40, 0x05), (0x50, 0x11)], &[0x11]),
-            vec![(0x41, 0)]
-        );
-        assert_eq!(unlink(&[(0x40, 0x11)], &[0x11]), vec![(0x34, 0)]);
-        assert!(unlink(&caps, &[]).is_empty());
     }
 }
