@@ -70,7 +70,8 @@ pub struct QemuConfig {
     pub append: String,
     pub memory_mib: u32,
     pub smp: u32,
-    /// q35 with `intel-iommu` and one `edu` device.
+    /// q35 with `intel-iommu`, one `edu` device (00:03.0) and a `virtio-rng-pci` behind a
+    /// PCIe root port (01:00.0: MSI-X, FLR).
     pub iommu_and_edu: bool,
     /// A second serial port (the guest's ttyS1) written to this file.
     pub second_serial: Option<PathBuf>,
@@ -118,6 +119,14 @@ impl QemuConfig {
                     "intel-iommu,intremap=on",
                     "-device",
                     "edu,addr=03.0",
+                    // A device with MSI-X and a function reset (FLR), alone behind a PCIe
+                    // root port (its own IOMMU group, bus 1): 0000:01:00.0 in the guest.
+                    // iommu_platform=on: without it QEMU's virtio devices DMA to physical
+                    // addresses, bypassing intel-iommu (and a VM's IOVAs).
+                    "-device",
+                    "pcie-root-port,id=rp1,chassis=1,addr=10.0",
+                    "-device",
+                    "virtio-rng-pci,bus=rp1,addr=00.0,iommu_platform=on",
                 ]
                 .map(String::from),
             );
@@ -506,6 +515,8 @@ mod tests {
             "-machine q35",
             "-device intel-iommu,intremap=on",
             "-device edu,addr=03.0",
+            "-device pcie-root-port,id=rp1,chassis=1,addr=10.0",
+            "-device virtio-rng-pci,bus=rp1,addr=00.0,iommu_platform=on",
             "-no-reboot",
             "-serial stdio",
             "-serial file:/tmp/s1",

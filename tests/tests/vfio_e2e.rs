@@ -1,43 +1,99 @@
 //! PCI passthrough end to end: inside a QEMU-emulated Bulkhead host (L1: q35, intel-iommu,
-//! QEMU's edu device), init binds edu to vfio-pci as the policy says; bulkhead-vmm passes it
-//! through to an L2 guest whose bulkhead-edu drives it. A second VMM asking for the same device
-//! is refused, and after the VM ends edu is still bound to vfio-pci.
+//! QEMU's edu device, a virtio-rng behind a PCIe root port), init binds both to vfio-pci as the
+//! policy says; one bulkhead-vmm passes both through to one L2 guest. There, bulkhead-edu drives
+//! edu (registers, factorials, INTx, MSI, DMA) and the guest kernel's virtio_rng drives the rng
+//! over MSI-X. A second VMM asking for edu is refused. After the VM ends both are still bound to
+//! vfio-pci, the rng was reset at VM start and end, and its virtio status, read from L1, is back
+//! to its reset value.
+
+use std::time::Duration;
 
 use bulkhead_tests::{End, Host};
 
+const EDU: &str = "0000:00:03.0";
+const RNG: &str = "0000:01:00.0";
+
 #[test]
-fn edu_driver_vm_computes_gets_its_interrupt_and_dma_and_a_second_vmm_is_refused() {
+fn edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vmm_is_refused() {
     let mut h = Host::boot("vfio");
-    h.expect("bound 0000:00:03.0 to vfio-pci");
     h.expect("bulkhead-init: started edu-vm pid");
-    h.expect("vfio 0000:00:03.0: BAR 0 0x100000 bytes at");
-    h.expect("vfio 0000:00:03.0: INTx on GSI");
-    // Inside L2: the driver program.
-    h.expect("edu: found 1234:11e8 at");
-    h.expect("edu: identification 0x010000ed");
-    h.expect("edu: liveness 0x12345678 -> 0xedcba987");
-    for (n, f) in [(0, 1), (1, 1), (5, 120), (10, 3628800), (12, 479001600)] {
-        h.expect(&format!("edu: {n}! = {f}"));
-    }
-    h.expect("edu: interrupt received (INTx");
-    h.expect("edu: DMA 2048 bytes RAM");
-    h.expect("edu: PASS");
-    h.expect("vfio 0000:00:03.0: released, still bound to vfio-pci");
-    h.expect("bulkhead-init: edu-vm exited with status 0");
+    // The L2 guest runs both checks at once; their lines interleave, so wait for the VM's end
+    // and look at the whole console afterwards.
+    h.expect_within(
+        "bulkhead-init: edu-vm exited with status",
+        Duration::from_secs(900),
+    );
+    h.expect("rng-check exited with status");
     h.expect_end(End::PowerOff);
     h.assert_never_saw("Kernel panic");
     h.assert_never_saw("edu: FAIL");
-    // The second VMM, started while the first held the group (its lines interleave with the
-    // guest's, so they are looked for in the whole console), was refused clearly.
-    let saw = |needle: &str| h.lines().iter().any(|l| l.contains(needle));
+    h.assert_never_saw("hwrng: FAIL");
+    h.assert_never_saw("vfio-check: FAIL");
+    let lines = h.lines().to_vec();
+    let ctx = h.context();
+    let saw = |needle: &str| lines.iter().any(|l| l.contains(needle));
+    let want = |needles: &[&str]| {
+        assert!(
+            lines.iter().any(|l| needles.iter().all(|n| l.contains(n))),
+            "no console line with all of {needles:?}\n{ctx}"
+        )
+    };
+    // L1: init bound both (the rng's grant requires a reset method: it has one).
+    want(&[&format!("bound {EDU} to vfio-pci")]);
+    want(&[&format!("bound {RNG} to vfio-pci")]);
+    // The VMM: edu's BAR mapped and INTx wired; the rng reset at start, its MSI-X emulated.
+    want(&[&format!("vfio {EDU}: BAR 0 0x100000 bytes at")]);
+    want(&[&format!("vfio {EDU}: INTx on GSI")]);
+    want(&[&format!(
+        "vfio {EDU}: no reset method; not reset at VM start"
+    )]);
+    want(&[&format!("vfio {RNG}: reset at VM start")]);
+    want(&[&format!("vfio {RNG}: MSI-X "), "(emulated)"]);
+    // Inside L2, edu: identification, liveness, five factorials, INTx, MSI, DMA.
+    want(&["edu: found 1234:11e8 at"]);
+    want(&["edu: identification 0x010000ed"]);
+    want(&["edu: liveness 0x12345678 -> 0xedcba987"]);
+    for (n, f) in [(0, 1), (1, 1), (5, 120), (10, 3628800), (12, 479001600)] {
+        want(&[&format!("edu: {n}! = {f}")]);
+    }
+    want(&["edu: interrupt received (INTx"]);
+    // MSI: the VMM followed the guest's capability and the message arrived with the vector
+    // the guest programmed (224 = 0xe0), so it came as MSI through the VMM's route.
+    want(&[&format!("vfio {EDU}: MSI enabled (GSI"), "data 0xe0"]);
+    want(&["edu: interrupt received (MSI, vector 0xe0", "7! = 5040"]);
+    want(&["No irq handler for vector", ".224"]);
+    want(&[&format!("vfio {EDU}: MSI disabled")]);
+    want(&["edu: DMA 2048 bytes RAM"]);
+    want(&["edu: PASS"]);
+    // Inside L2, the rng under the guest kernel's driver, over MSI-X.
+    want(&[&format!("vfio {RNG}: MSI-X enabled (")]);
+    want(&["hwrng: virtio", "virtio status 0x0000000f"]);
+    want(&["hwrng: read 64 bytes from /dev/hwrng"]);
+    want(&["hwrng: /proc/interrupts:", "(msix)"]);
+    want(&["hwrng:", "MSI-X vectors; the request queue's fired"]);
+    want(&["hwrng: PASS"]);
+    // VM end: reset, still bound to vfio-pci; from L1, the status the guest's driver left
+    // (0xf) reads as its reset value.
+    want(&[&format!("vfio {RNG}: reset at VM end")]);
+    want(&[&format!("vfio {EDU}: released, still bound to vfio-pci")]);
+    want(&[&format!("vfio {RNG}: released, still bound to vfio-pci")]);
+    want(&[&format!("vfio-check: {RNG} was released")]);
+    want(&[
+        &format!("vfio-check: {RNG} 1af4:1044 driver=vfio-pci"),
+        "reset_method=",
+        "flr",
+    ]);
+    want(&[&format!("vfio-check: {RNG} BAR 4 + 0x14 = 0x00")]);
+    want(&["vfio-check: OK"]);
+    want(&["edu-vm exited with status 0"]);
+    want(&["rng-check exited with status 0"]);
+    // The second VMM, started while the first held edu's group, was refused clearly.
     assert!(
-        saw("cannot pass 0000:00:03.0 through: /dev/vfio/") && saw("is in use"),
-        "the second VMM was not refused with a clear error\n{}",
-        h.context()
+        saw(&format!("cannot pass {EDU} through: /dev/vfio/")) && saw("is in use"),
+        "the second VMM was not refused with a clear error\n{ctx}"
     );
     assert!(
         saw("second-vm exited with status 1"),
-        "the second VMM did not fail\n{}",
-        h.context()
+        "the second VMM did not fail\n{ctx}"
     );
 }
