@@ -160,7 +160,11 @@ impl Vcpu {
             match self.fd.run() {
                 Ok(exit) => {
                     stats.count(&exit);
+                    let shutdown = matches!(exit, VcpuExit::Shutdown);
                     if let Some(reason) = handle_exit(self.id, exit, buses) {
+                        if shutdown {
+                            self.log_state_at_shutdown();
+                        }
                         buses.exit.request(reason);
                         stats.log(self.id);
                         return;
@@ -174,6 +178,34 @@ impl Vcpu {
                     )));
                     return;
                 }
+            }
+        }
+    }
+
+    /// A triple fault is either the guest's last-resort reset or a crash: the registers say
+    /// which (and where), for whoever reads the log.
+    fn log_state_at_shutdown(&self) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => log::warn!(
+                "bulkhead-vmm: vCPU {} at shutdown: rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} \
+                 cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} idt={:#x}/{:#x} gdt={:#x}/{:#x}",
+                self.id,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector,
+                s.idt.base,
+                s.idt.limit,
+                s.gdt.base,
+                s.gdt.limit
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("bulkhead-vmm: vCPU {}: registers at shutdown: {e}", self.id)
             }
         }
     }
