@@ -6,7 +6,9 @@
 //!    without an fd and with one (a 4096-byte shared-memory vfd), against the same exchange
 //!    over a plain Unix socketpair between two threads here (with a memfd for the fd case),
 //!    in alternating batches so that both see the same background load (medians count);
-//! 2. shared-memory bandwidth between the two guests: the writer fills a buffer that this
+//! 2. SEND throughput: the writer guest sends 4 KiB messages back to back (without and with
+//!    an fd) and this program reads them all, against the same over a socketpair here;
+//! 3. shared-memory bandwidth between the two guests: the writer fills a buffer that this
 //!    program passed on to the reader, the reader reads all of it and checks it, against a
 //!    memcpy of the same size here.
 //!
@@ -49,6 +51,14 @@ struct Args {
 
 const WARMUP: u32 = 20;
 const BATCHES: u32 = 5;
+/// Throughput: messages per batch, bytes per message, batches.
+const TPUT_MESSAGES: u32 = 100;
+const TPUT_BYTES: usize = 4096;
+const TPUT_BATCHES: u32 = 3;
+/// The L1 peer's batches are this many times longer than the guest's (the same exchange,
+/// more often), so that they last about as long and average over the same kind of
+/// scheduling noise; results are per message.
+const PEER_FACTOR: u32 = 10;
 const MSG: [u8; 64] = [7; 64];
 const MAX_FDS: usize = 28;
 
@@ -135,6 +145,31 @@ fn guest_batch(writer: &UnixStream, n: u32, with_fd: bool) -> Result<u128, Strin
     }
 }
 
+/// Puts this thread on CPU 0 only. The socketpair peers' two threads share one CPU: under
+/// emulation a wake-up across vCPUs costs milliseconds and varies tenfold from run to run,
+/// while on one CPU the figure is stable (and closer to what the same exchange costs on real
+/// hardware either way).
+fn pin_to_cpu0() {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    if set.set(0).is_ok() {
+        let _ = sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// Runs `f` with this thread on CPU 0, then gives it back its CPUs.
+fn on_cpu0<T>(f: impl FnOnce() -> T) -> T {
+    use nix::sched::{sched_getaffinity, sched_setaffinity};
+    let me = nix::unistd::Pid::from_raw(0);
+    let before = sched_getaffinity(me).ok();
+    pin_to_cpu0();
+    let result = f();
+    if let Some(set) = before {
+        let _ = sched_setaffinity(me, &set);
+    }
+    result
+}
+
 /// The L1 peer: an echo thread on one end of a socketpair.
 struct SocketpairEcho {
     ours: UnixStream,
@@ -146,6 +181,7 @@ impl SocketpairEcho {
     fn start() -> Result<Self, String> {
         let (ours, theirs) = UnixStream::pair().map_err(err("socketpair"))?;
         let echo = std::thread::spawn(move || -> Result<(), String> {
+            pin_to_cpu0();
             loop {
                 let (data, fds) = recv_msg(theirs.as_fd())?;
                 drop(fds);
@@ -168,15 +204,17 @@ impl SocketpairEcho {
         } else {
             Vec::new()
         };
-        let start = Instant::now();
-        for _ in 0..n {
-            send_msg(self.ours.as_fd(), &MSG, &fds)?;
-            let (data, _) = recv_msg(self.ours.as_fd())?;
-            if data.len() != MSG.len() {
-                return Err(format!("echo of {} bytes", data.len()));
+        on_cpu0(|| {
+            let start = Instant::now();
+            for _ in 0..n {
+                send_msg(self.ours.as_fd(), &MSG, &fds)?;
+                let (data, _) = recv_msg(self.ours.as_fd())?;
+                if data.len() != MSG.len() {
+                    return Err(format!("echo of {} bytes", data.len()));
+                }
             }
-        }
-        Ok(start.elapsed().as_nanos() / u128::from(n.max(1)))
+            Ok(start.elapsed().as_nanos() / u128::from(n.max(1)))
+        })
     }
 
     fn finish(self) -> Result<(), String> {
@@ -204,19 +242,99 @@ fn round_trips(writer: &UnixStream, rounds: u32) -> Result<[[u128; 2]; 2], Strin
     for b in 0..BATCHES {
         for (kind, with_fd) in samples.iter_mut().zip([false, true]) {
             let wl = guest_batch(writer, n, with_fd)?;
-            let sp = peer.batch(n, with_fd)?;
+            let sp = peer.batch(n * PEER_FACTOR, with_fd)?;
             println!(
-                "wl-bench: batch {b} {} {n} round trips: virtio_wl {wl} ns, socketpair {sp} ns",
-                if with_fd { "with an fd" } else { "without fd" }
+                "wl-bench: batch {b} {}: round trip virtio_wl {wl} ns (mean of {n}), socketpair {sp} ns (mean of {})",
+                if with_fd { "with an fd" } else { "without fd" },
+                n * PEER_FACTOR
             );
             kind[0].push(wl);
             kind[1].push(sp);
         }
     }
     peer.finish()?;
-    let [plain, fd] = samples;
-    let [pw, ps] = plain;
-    let [fw, fs] = fd;
+    let [[pw, ps], [fw, fs]] = samples;
+    Ok([[median(pw), median(ps)], [median(fw), median(fs)]])
+}
+
+/// Reads `total` bytes (closing any fds) from `from`, then answers `got`.
+fn sink(from: &UnixStream, total: usize) -> Result<(), String> {
+    let mut got = 0;
+    while got < total {
+        let (data, fds) = recv_msg(from.as_fd())?;
+        drop(fds);
+        if data.is_empty() {
+            return Err(format!("hung up after {got} of {total} bytes"));
+        }
+        got += data.len();
+    }
+    if got != total {
+        return Err(format!("{got} bytes, expected {total}"));
+    }
+    send_text(from, "got")
+}
+
+/// One throughput batch in the writer guest; the guest's time in ns.
+fn guest_tput(writer: &UnixStream, with_fd: bool) -> Result<u128, String> {
+    let kind = if with_fd { "fd" } else { "plain" };
+    send_text(writer, &format!("tput {kind} {TPUT_MESSAGES} {TPUT_BYTES}"))?;
+    sink(writer, TPUT_MESSAGES as usize * TPUT_BYTES)?;
+    let (done, _) = recv_text(writer)?;
+    done.strip_prefix("tput-done ")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("expected tput-done, got {done:?}"))
+}
+
+/// The same batch over a socketpair between two threads here, `PEER_FACTOR` times over; the
+/// time per `TPUT_MESSAGES` messages in ns.
+fn socketpair_tput(with_fd: bool) -> Result<u128, String> {
+    let (ours, theirs) = UnixStream::pair().map_err(err("socketpair"))?;
+    let messages = TPUT_MESSAGES * PEER_FACTOR;
+    let reader = std::thread::spawn(move || {
+        pin_to_cpu0();
+        sink(&theirs, messages as usize * TPUT_BYTES)
+    });
+    let memfd = nix::sys::memfd::memfd_create(c"bench", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(err("memfd_create"))?;
+    let fds: Vec<BorrowedFd<'_>> = if with_fd {
+        vec![memfd.as_fd()]
+    } else {
+        Vec::new()
+    };
+    let data = vec![9u8; TPUT_BYTES];
+    let (got, ns) = on_cpu0(|| {
+        let start = Instant::now();
+        for _ in 0..messages {
+            send_msg(ours.as_fd(), &data, &fds)?;
+        }
+        let (got, _) = recv_text(&ours)?;
+        Ok::<_, String>((got, start.elapsed().as_nanos() / u128::from(PEER_FACTOR)))
+    })?;
+    reader
+        .join()
+        .map_err(|_| "the sink thread panicked".to_string())??;
+    if got != "got" {
+        return Err(format!("expected got, got {got:?}"));
+    }
+    Ok(ns)
+}
+
+/// Median batch times: [[virtio_wl, socketpair] without an fd, [virtio_wl, socketpair] with].
+fn throughputs(writer: &UnixStream) -> Result<[[u128; 2]; 2], String> {
+    let mut samples: [[Vec<u128>; 2]; 2] = Default::default();
+    for b in 0..TPUT_BATCHES {
+        for (kind, with_fd) in samples.iter_mut().zip([false, true]) {
+            let wl = guest_tput(writer, with_fd)?;
+            let sp = socketpair_tput(with_fd)?;
+            println!(
+                "wl-bench: batch {b} {}: {TPUT_MESSAGES} x {TPUT_BYTES} bytes virtio_wl {wl} ns, socketpair {sp} ns (mean of {PEER_FACTOR})",
+                if with_fd { "with an fd" } else { "without fd" }
+            );
+            kind[0].push(wl);
+            kind[1].push(sp);
+        }
+    }
+    let [[pw, ps], [fw, fs]] = samples;
     Ok([[median(pw), median(ps)], [median(fw), median(fs)]])
 }
 
@@ -287,15 +405,36 @@ fn shared_memory(
     best.ok_or_else(|| "no repetitions".to_string())
 }
 
-fn spawn_vmm(a: &Args, initramfs: &str, socket: &str) -> Result<Child, String> {
-    Command::new(&a.vmm)
+/// Prints a child's output line by line as `vm-<role>: …`, so the two VMMs' consoles never
+/// mix with each other or with our own lines.
+fn forward_lines(from: impl std::io::Read + Send + 'static, role: &'static str) {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(from).split(b'\n') {
+            let Ok(line) = line else { break };
+            println!("vm-{role}: {}", String::from_utf8_lossy(&line).trim_end());
+        }
+    });
+}
+
+fn spawn_vmm(a: &Args, role: &'static str, initramfs: &str, socket: &str) -> Result<Child, String> {
+    let mut child = Command::new(&a.vmm)
         .args(["--kernel", &a.kernel, "--initramfs", initramfs])
         .args(["--cmdline", "console=ttyS0 panic=-1 quiet"])
         .args(["--memory", "192M", "--vcpus", "1"])
         .args(["--wl-socket", socket])
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("{}: {e}", a.vmm))
+        .map_err(|e| format!("{}: {e}", a.vmm))?;
+    if let Some(out) = child.stdout.take() {
+        forward_lines(out, role);
+    }
+    if let Some(err) = child.stderr.take() {
+        forward_lines(err, role);
+    }
+    Ok(child)
 }
 
 /// Accepts one connection, giving up if a VMM has exited (a guest that failed before
@@ -331,20 +470,21 @@ fn run(a: &Args) -> Result<(), String> {
     let wl_writer = bind(wpath)?;
     let wl_reader = bind(rpath)?;
     let mut vmms = [
-        spawn_vmm(a, &a.writer_initramfs, &format!("bench={wpath}"))?,
-        spawn_vmm(a, &a.reader_initramfs, &format!("bench={rpath}"))?,
+        spawn_vmm(a, "writer", &a.writer_initramfs, &format!("bench={wpath}"))?,
+        spawn_vmm(a, "reader", &a.reader_initramfs, &format!("bench={rpath}"))?,
     ];
     let result = (|| {
         let writer = accept(&wl_writer, &mut vmms, "writer")?;
         let reader = accept(&wl_reader, &mut vmms, "reader")?;
         // Both guests are up (and now wait idle) before anything is measured.
         let rtts = round_trips(&writer, a.rounds)?;
+        let tputs = throughputs(&writer)?;
         let bytes = a.shm_mib << 20;
         let (write_ns, read_ns) = shared_memory(&writer, &reader, bytes, a.reps)?;
         let copy_ns = memcpy_ns(bytes, a.reps);
         send_text(&writer, "done")?;
         send_text(&reader, "done")?;
-        Ok::<_, String>((rtts, write_ns, read_ns, copy_ns))
+        Ok::<_, String>((rtts, tputs, write_ns, read_ns, copy_ns))
     })();
     for v in vmms.iter_mut() {
         if result.is_err() {
@@ -352,7 +492,7 @@ fn run(a: &Args) -> Result<(), String> {
         }
         let _ = v.wait();
     }
-    let ([[rtt, sp_rtt], [fd_rtt, sp_fd_rtt]], write_ns, read_ns, copy_ns) = result?;
+    let ([[rtt, sp_rtt], [fd_rtt, sp_fd_rtt]], tputs, write_ns, read_ns, copy_ns) = result?;
     let bytes = a.shm_mib << 20;
     let shm_ns = write_ns + read_ns;
     let ratio = |x: u128, y: u128| x as f64 / y.max(1) as f64;
@@ -374,6 +514,17 @@ fn run(a: &Args) -> Result<(), String> {
         sp_fd_rtt,
         ratio(fd_rtt, sp_fd_rtt)
     );
+    let tput_bytes = TPUT_MESSAGES as usize * TPUT_BYTES;
+    for ([wl, sp], label) in tputs.into_iter().zip(["", " + 1 fd each"]) {
+        let (wl_bw, sp_bw) = (mib_per_s(tput_bytes, wl), mib_per_s(tput_bytes, sp));
+        println!(
+            "wl-bench: {:<50} {:>8.1} MiB/s {:>8.1} MiB/s {:>8.3}",
+            format!("{TPUT_BYTES}-byte SENDs{label}, median (vs socketpair)"),
+            wl_bw,
+            sp_bw,
+            wl_bw / sp_bw
+        );
+    }
     let (shm_bw, copy_bw) = (mib_per_s(bytes, shm_ns), mib_per_s(bytes, copy_ns));
     println!(
         "wl-bench: {:<50} {:>8.1} MiB/s {:>8.1} MiB/s {:>8.3}",
@@ -389,6 +540,9 @@ fn run(a: &Args) -> Result<(), String> {
         read_ns,
         mib_per_s(bytes, read_ns),
         copy_ns
+    );
+    println!(
+        "wl-bench: ratio = virtio_wl / L1 peer: for times, how many times slower; for MiB/s, the fraction reached"
     );
     println!(
         "BENCH wl rtt_ratio_vs_socketpair={:.2} fd_rtt_ratio_vs_socketpair={:.2} shm_bw_ratio_vs_memcpy={:.3}",

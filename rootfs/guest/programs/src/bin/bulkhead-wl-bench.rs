@@ -3,7 +3,9 @@
 //!
 //! - `writer`: on `rtt plain <n>` or `rtt fd <n>` does n round trips of a 64-byte message
 //!   with L1's echo, without an fd or with one (a 4096-byte shared-memory vfd), and reports
-//!   `rtt-done <mean ns>`. On `shm` it allocates a shared buffer and sends it to L1 (which
+//!   `rtt-done <mean ns>`. On `tput plain|fd <n> <bytes>` it sends n messages of that size
+//!   (each with the shared-memory vfd, or none) without waiting, waits for L1's `got`, and
+//!   reports `tput-done <ns>`. On `shm` it allocates a shared buffer and sends it to L1 (which
 //!   passes it to the reader guest); then on each `go <rep>` it fills the whole buffer with
 //!   the byte `rep + 1` and reports `written <rep> <ns>`.
 //! - `reader`: receives that buffer (`shm <bytes>` with the fd), answers `ready`, and on each
@@ -69,6 +71,27 @@ fn round_trips(conn: &WlStream, rounds: u32, fd: Option<&SharedMemory>) -> Resul
     Ok(start.elapsed().as_nanos() / u128::from(rounds.max(1)))
 }
 
+/// Sends `n` messages of `size` bytes back to back, then waits for L1's `got`; the time in
+/// ns.
+fn throughput(
+    conn: &WlStream,
+    n: u32,
+    size: usize,
+    fd: Option<&SharedMemory>,
+) -> Result<u128, String> {
+    let fds: Vec<_> = fd.iter().map(|m| m.fd()).collect();
+    let data = vec![9u8; size];
+    let start = Instant::now();
+    for _ in 0..n {
+        conn.send(&data, &fds).map_err(err("send"))?;
+    }
+    let (got, _) = recv_text(conn)?;
+    if got != "got" {
+        return Err(format!("expected got, got {got:?}"));
+    }
+    Ok(start.elapsed().as_nanos())
+}
+
 fn fill_rounds(conn: &WlStream, shm: &mut SharedMemory) -> Result<(), String> {
     loop {
         let (msg, _) = recv_text(conn)?;
@@ -99,6 +122,14 @@ fn writer(conn: &WlStream, wl: &Wl, a: &Args) -> Result<(), String> {
                 let ns = round_trips(conn, n, fd)?;
                 conn.send(format!("rtt-done {ns}").as_bytes(), &[])
                     .map_err(err("send rtt-done"))?;
+            }
+            ["tput", kind, n, size] => {
+                let n: u32 = n.parse().map_err(|_| format!("bad {msg:?}"))?;
+                let size: usize = size.parse().map_err(|_| format!("bad {msg:?}"))?;
+                let fd = (*kind == "fd").then_some(&small);
+                let ns = throughput(conn, n, size.min(1 << 20), fd)?;
+                conn.send(format!("tput-done {ns}").as_bytes(), &[])
+                    .map_err(err("send tput-done"))?;
             }
             ["shm"] => {
                 let bytes = a.shm_mib << 20;
