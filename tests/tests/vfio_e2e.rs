@@ -23,7 +23,8 @@ fn edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vmm_is_refu
         "bulkhead-init: edu-vm exited with status",
         Duration::from_secs(900),
     );
-    h.expect("rng-check exited with status");
+    // rng-check may end before or after edu-vm (the VMM releases the device before it exits);
+    // the host powers off only when both have.
     h.expect_end(End::PowerOff);
     h.assert_never_saw("Kernel panic");
     h.assert_never_saw("edu: FAIL");
