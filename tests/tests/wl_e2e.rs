@@ -3,6 +3,19 @@
 
 use bulkhead_tests::{End, Host};
 
+/// Reports VMs that init restarted: the systems restart a VMM that exits 3 (a guest vCPU's
+/// triple fault during bring-up, a known flake under nested emulation) and the tests want
+/// the user-visible outcome.
+fn report_restarts(h: &Host, vms: &[&str]) {
+    for vm in vms {
+        let crashed = format!("bulkhead-init: {vm} exited with status 3");
+        let n = h.lines().iter().filter(|l| l.contains(&crashed)).count();
+        if n > 0 {
+            eprintln!("warning: {vm} was restarted {n} time(s) (known nested-emulation flake)");
+        }
+    }
+}
+
 #[test]
 fn l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name() {
     let mut h = Host::boot("wl");
@@ -27,6 +40,7 @@ fn l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name() 
         "{}",
         h.context()
     );
+    report_restarts(&h, &["vm"]);
 }
 
 /// Every `PASS` line the faux-accept system must print, by the service that prints it.
@@ -79,4 +93,5 @@ fn faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add() {
             h.context()
         );
     }
+    report_restarts(&h, &["server-vm", "client-vm"]);
 }
