@@ -186,6 +186,14 @@ pub struct HubConfig {
     pub exec: Vec<String>,
     /// Environment; when absent the hub gets only PATH=/bin.
     pub env: Option<BTreeMap<String, String>>,
+    /// Run the hub as this uid (and `group`, default the same number), with no
+    /// supplementary groups: the hub needs no privilege.
+    pub user: Option<u32>,
+    /// Its gid (default: `user`).
+    pub group: Option<u32>,
+    /// A directory init creates before each start, owned by the hub's user, mode 0750, for
+    /// its control socket and audit log (e.g. `/run/bulkhead`).
+    pub runtime_dir: Option<PathBuf>,
 }
 
 impl HubConfig {
@@ -360,6 +368,17 @@ impl SystemConfig {
         }
         if let Some(hub) = &self.hub {
             check_exec("[hub]", &hub.exec)?;
+            if hub.group.is_some() && hub.user.is_none() {
+                return Err("[hub]: group needs user".to_string());
+            }
+            if let Some(d) = &hub.runtime_dir {
+                if !d.is_absolute() {
+                    return Err(format!(
+                        "[hub]: runtime_dir {} must be an absolute path",
+                        d.display()
+                    ));
+                }
+            }
             if self.service.iter().any(|s| s.name == HUB_NAME) {
                 return Err(format!(
                     "a [[service]] is named {HUB_NAME:?}, the name of the [hub]'s process"

@@ -67,6 +67,8 @@ pub struct Handoff {
     pub args: Vec<String>,
     /// Added to the environment.
     pub env: Vec<(String, String)>,
+    /// What was handed over, for the log (`hub channel`, `VFIO container`, …).
+    pub what: Vec<String>,
 }
 
 impl Handoff {
@@ -90,6 +92,7 @@ impl Handoff {
                     let n = h.push(fd);
                     h.args.push("--vm".to_string());
                     h.args.push(format!("{name}={n}"));
+                    h.what.push(format!("channel of {name} as fd {n}"));
                 }
             }
             Role::Vm {
@@ -104,6 +107,7 @@ impl Handoff {
                         .map_err(|e| format!("hub channel of {name}: {e}"))?;
                     let n = h.push(fd);
                     h.env.push(("BULKHEAD_HUB_FD".to_string(), n.to_string()));
+                    h.what.push(format!("hub channel as fd {n}"));
                 }
                 if !vfio_groups.is_empty() {
                     let container = bulkhead_vfio::open_container_fd(sys)
@@ -111,11 +115,14 @@ impl Handoff {
                     let n = h.push(container);
                     h.env
                         .push(("BULKHEAD_VFIO_CONTAINER_FD".to_string(), n.to_string()));
+                    h.what.push(format!("VFIO container as fd {n}"));
                     let mut groups = Vec::new();
                     for g in vfio_groups {
                         let fd = bulkhead_vfio::open_group_fd(sys, *g)
                             .map_err(|e| format!("IOMMU group {g} for {name}: {e}"))?;
-                        groups.push(h.push(fd).to_string());
+                        let n = h.push(fd);
+                        h.what.push(format!("IOMMU group {g} as fd {n}"));
+                        groups.push(n.to_string());
                     }
                     h.env
                         .push(("BULKHEAD_VFIO_GROUP_FDS".to_string(), groups.join(",")));

@@ -64,6 +64,10 @@ pub struct Recipe {
     pub env: BTreeMap<String, String>,
     /// What else it is handed at exec.
     pub role: Role,
+    /// Run as this (uid, gid), without supplementary groups.
+    pub user: Option<(u32, u32)>,
+    /// Created (owned by `user`, mode 0750) before each start.
+    pub runtime_dir: Option<std::path::PathBuf>,
 }
 
 /// Every supervised child and its plumbing.
@@ -113,6 +117,8 @@ impl Services {
                             .map(|(n, (hub_end, _))| (n.clone(), hub_end.clone()))
                             .collect(),
                     },
+                    user: hub.user.map(|u| (u, hub.group.unwrap_or(u))),
+                    runtime_dir: hub.runtime_dir.clone(),
                 },
                 hub.restart_params(),
             );
@@ -133,6 +139,8 @@ impl Services {
                     exec: svc.exec.clone(),
                     env: svc.environment(),
                     role,
+                    user: None,
+                    runtime_dir: None,
                 },
                 svc.restart_params(),
             );
@@ -187,7 +195,13 @@ impl Services {
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
         set_nonblocking(&read_end).map_err(|e| format!("pipe: {e}"))?;
         let stderr_end: OwnedFd = write_end.try_clone().map_err(|e| format!("pipe: {e}"))?;
+        if let Some(dir) = &recipe.runtime_dir {
+            make_runtime_dir(dir, recipe.user)?;
+        }
         let handoff = Handoff::for_role(&recipe.role, &SysfsRoot::host())?;
+        if !handoff.what.is_empty() {
+            info!("{}: handing over {}", recipe.name, handoff.what.join(", "));
+        }
         let raw = handoff.raw_fds();
         let mut scratch = vec![0; raw.len()];
         // A new process group lets shutdown kill what the service itself started.
@@ -202,8 +216,7 @@ impl Services {
                 handoff::install(&raw, &mut scratch)
             });
         }
-        let child = cmd
-            .args(args)
+        cmd.args(args)
             .args(&handoff.args)
             .env_clear()
             .envs(&recipe.env)
@@ -212,9 +225,12 @@ impl Services {
             .stdin(Stdio::null())
             .stdout(Stdio::from(write_end))
             .stderr(Stdio::from(stderr_end))
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("{prog}: {e}"))?;
+            .process_group(0);
+        if let Some((uid, gid)) = recipe.user {
+            // std drops the supplementary groups too when it changes the uid as root.
+            cmd.uid(uid).gid(gid);
+        }
+        let child = cmd.spawn().map_err(|e| format!("{prog}: {e}"))?;
         let pid = i32::try_from(child.id()).map_err(|_| "pid out of range".to_string())?;
         // The Child handle is not needed: init reaps with waitpid(-1). Init's copies of the
         // handed-over descriptors close here.
@@ -416,6 +432,18 @@ fn reset_signals(sigrtmax: i32) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Creates `dir` (and its parents) and gives it to `user` with mode 0750.
+fn make_runtime_dir(dir: &std::path::Path, user: Option<(u32, u32)>) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+        .map_err(|e| format!("chmod {}: {e}", dir.display()))
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {

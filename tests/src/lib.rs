@@ -127,8 +127,18 @@ impl Host {
 
     /// Waits for a console line satisfying `pred`.
     pub fn expect_line(&mut self, what: &str, pred: impl FnMut(&str) -> bool) -> String {
+        self.expect_line_within(what, STEP_TIMEOUT, pred)
+    }
+
+    /// Waits for a console line satisfying `pred`, for up to `timeout`.
+    pub fn expect_line_within(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl FnMut(&str) -> bool,
+    ) -> String {
         self.machine
-            .wait_until(what, STEP_TIMEOUT, pred)
+            .wait_until(what, timeout, pred)
             .unwrap_or_else(|e| panic!("{e}"))
     }
 

@@ -147,6 +147,9 @@ pub fn audit(path: &str, vm: &str) -> Res {
                 && line.contains("\"verb\":\"connect\"")
                 && line.contains("\"allowed\":false")
             {
+                use std::os::unix::fs::MetadataExt;
+                let owner = std::fs::metadata(path).map(|m| m.uid()).unwrap_or(u32::MAX);
+                println!("hub-audit: the audit log is owned by uid {owner}");
                 return Ok(format!("hub-audit: {line}"));
             }
         }
