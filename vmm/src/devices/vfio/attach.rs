@@ -130,6 +130,7 @@ impl VfioDevices {
         for fd in req.group_fds {
             let id = group_number(&fd)?;
             container.adopt_group(id, fd).map_err(|e| e.to_string())?;
+            log::info!("bulkhead-vmm: vfio: IOMMU group {id} from a handed-over descriptor");
         }
         let mut opened = Vec::new();
         for bdf in &req.devices {
