@@ -14,6 +14,11 @@
 //!
 //! Prints `edu: ...` lines (e.g. `edu: 10! = 3628800`), then `edu: PASS` or `edu: FAIL: why`,
 //! and exits 0 only on PASS.
+//!
+//! With `--serve SERVICE`, the driver VM then offers what the device computes to other VMs:
+//! it provides SERVICE over virtio_wl (the listener context `listen:SERVICE`; the hub decides
+//! who may connect), takes `--serve-count` connections through the faux accept, and answers
+//! each request `N` (a decimal number, at most 12) with `N! = X`, computed by the device.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -422,7 +427,48 @@ fn dma(bar: &Bar0) -> Res<()> {
     Ok(())
 }
 
-fn run() -> Res<()> {
+/// Command line.
+#[derive(clap::Parser)]
+#[command(about = "User-space driver for QEMU's edu device, and a factorial service")]
+struct Cli {
+    /// After the checks, provide this virtio_wl service (through the hub).
+    #[arg(long)]
+    serve: Option<String>,
+    /// Connections to serve before exiting.
+    #[arg(long, default_value_t = 1)]
+    serve_count: u32,
+}
+
+/// The largest n whose factorial edu's 32-bit register holds.
+const MAX_N: u32 = 12;
+
+/// Serves `count` connections of `service`: each request `N` gets `N! = X` from the device.
+fn serve(bar: &Bar0, service: &str, count: u32) -> Res<()> {
+    let wl = bulkhead_wl::Wl::open().map_err(|e| format!("open /dev/wl0: {e}"))?;
+    let mut listener = bulkhead_wl::Listener::bind(&wl, &format!("listen:{service}"))
+        .map_err(|e| format!("provide {service}: {e}"))?;
+    say(&format!("serving {service} through the hub"));
+    for _ in 0..count {
+        let (conn, name) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        let (data, _fds) = conn.recv().map_err(|e| format!("recv on {name}: {e}"))?;
+        let asked = String::from_utf8_lossy(&data).trim().to_string();
+        let reply = match asked.parse::<u32>() {
+            Ok(n) if n <= MAX_N => {
+                bar.write(STATUS, 0);
+                bar.write(FACTORIAL, n);
+                bar.wait_clear(STATUS, STATUS_BUSY, "factorial")?;
+                format!("{n}! = {}", bar.read(FACTORIAL))
+            }
+            _ => format!("error: ask for a number from 0 to {MAX_N}"),
+        };
+        conn.send(reply.as_bytes(), &[])
+            .map_err(|e| format!("send on {name}: {e}"))?;
+        say(&format!("{service}: {name} asked {asked:?}, answered {reply:?}"));
+    }
+    Ok(())
+}
+
+fn run(cli: &Cli) -> Res<()> {
     let dev = find_edu()?;
     let name = dev
         .file_name()
@@ -473,15 +519,18 @@ fn run() -> Res<()> {
     let cmd = update_command(&dev, COMMAND_BUS_MASTER, 0)?;
     ensure(cmd & COMMAND_BUS_MASTER != 0, "bus mastering did not stick")?;
     msi_factorial(&dev, &bar)?;
-    dma(&bar)
+    dma(&bar)?;
+    say("PASS");
+    match &cli.serve {
+        Some(service) => serve(&bar, service, cli.serve_count),
+        None => Ok(()),
+    }
 }
 
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => {
-            say("PASS");
-            std::process::ExitCode::SUCCESS
-        }
+    let cli = <Cli as clap::Parser>::parse();
+    match run(&cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             say(&format!("FAIL: {e}"));
             std::process::ExitCode::FAILURE

@@ -34,6 +34,28 @@ fn pci_devices() -> Vec<String> {
     out
 }
 
+/// Asks `target` (`service@vm`, reached through the hub) for `n!`, retrying while the
+/// provider is still booting. Returns the answer.
+fn ask(target: &str, n: &str) -> Result<String, String> {
+    let wl = bulkhead_wl::Wl::open().map_err(|e| format!("open /dev/wl0: {e}"))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+    let conn = loop {
+        match wl.connect(target) {
+            Ok(c) => break c,
+            // The hub's answer is the same whether the provider is not up yet or we may
+            // not connect: keep asking for a while.
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_secs(2))
+            }
+            Err(e) => return Err(format!("connect {target}: {e}")),
+        }
+    };
+    conn.send(n.as_bytes(), &[])
+        .map_err(|e| format!("send to {target}: {e}"))?;
+    let (data, _) = conn.recv().map_err(|e| format!("recv from {target}: {e}"))?;
+    Ok(String::from_utf8_lossy(&data).into_owned())
+}
+
 fn main() -> ExitCode {
     let uts = nix::sys::utsname::uname();
     let release = uts
@@ -58,6 +80,19 @@ fn main() -> ExitCode {
         Err(e) => {
             println!("no virtio-rng: {e}");
             return ExitCode::from(1);
+        }
+    }
+    // `bulkhead-hello --ask factorial@edu-vm 10`: use another VM's service through the hub.
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, target, n] = args.as_slice() {
+        if flag == "--ask" {
+            match ask(target, n) {
+                Ok(answer) => println!("{target} answered: {answer}"),
+                Err(e) => {
+                    println!("asking {target}: {e}");
+                    return ExitCode::from(1);
+                }
+            }
         }
     }
     ExitCode::SUCCESS
