@@ -463,7 +463,9 @@ fn serve(bar: &Bar0, service: &str, count: u32) -> Res<()> {
         };
         conn.send(reply.as_bytes(), &[])
             .map_err(|e| format!("send on {name}: {e}"))?;
-        say(&format!("{service}: {name} asked {asked:?}, answered {reply:?}"));
+        say(&format!(
+            "{service}: {name} asked {asked:?}, answered {reply:?}"
+        ));
     }
     Ok(())
 }

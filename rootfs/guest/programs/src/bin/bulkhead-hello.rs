@@ -52,7 +52,9 @@ fn ask(target: &str, n: &str) -> Result<String, String> {
     };
     conn.send(n.as_bytes(), &[])
         .map_err(|e| format!("send to {target}: {e}"))?;
-    let (data, _) = conn.recv().map_err(|e| format!("recv from {target}: {e}"))?;
+    let (data, _) = conn
+        .recv()
+        .map_err(|e| format!("recv from {target}: {e}"))?;
     Ok(String::from_utf8_lossy(&data).into_owned())
 }
 
