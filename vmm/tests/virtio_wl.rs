@@ -4,57 +4,59 @@
 //! back-pressure, limits.
 
 mod common;
+mod wl_rig;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
 
 use bulkhead_vmm::devices::virtio::wl::protocol::*;
 use bulkhead_vmm::devices::virtio::wl::scm;
-use bulkhead_vmm::devices::virtio::wl::sockets::{WlSocket, WlSockets};
-use bulkhead_vmm::devices::virtio::wl::state::{WlLimits, WlState};
-use bulkhead_vmm::devices::virtio::wl::vfd::ShmWindow;
-use bulkhead_vmm::vstate::memory::GuestMemoryMmap;
-use bulkhead_vmm::vstate::memory_slots::MemorySlots;
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
+use bulkhead_vmm::devices::virtio::wl::sockets::WlSocket;
+use bulkhead_vmm::devices::virtio::wl::state::WlLimits;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
+use wl_rig::{close, hdr, send, vfd_new, Dev};
 
 const CMD: u64 = 0x20_0000;
 const RESP: u64 = 0x30_0000;
-const IN_BUFS: u64 = 0x40_0000;
-const WINDOW: u64 = 64 << 30;
+use wl_rig::WINDOW;
 
+/// A device (`wl_rig::Dev`) whose registry has a listening host socket under `""` and
+/// `wayland`.
 struct Rig {
-    mem: GuestMemoryMmap,
-    st: WlState,
-    sockets: WlSockets,
-    _vm: Arc<kvm_ioctls::VmFd>,
+    dev: Dev,
     _dir: tempfile::TempDir,
     listener: UnixListener,
 }
 
+impl std::ops::Deref for Rig {
+    type Target = Dev;
+    fn deref(&self) -> &Dev {
+        &self.dev
+    }
+}
+
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut Dev {
+        &mut self.dev
+    }
+}
+
 fn rig_with(limits: WlLimits, features: u64) -> Rig {
-    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
-    let vm = Arc::new(kvm.create_vm().unwrap());
-    let slots = Arc::new(MemorySlots::new(vm.clone(), 0, 64));
-    let window = ShmWindow::new(Some(slots), WINDOW).unwrap();
-    let sockets = WlSockets::new();
+    let dev = Dev::with(limits, features);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wayland-0");
     let listener = UnixListener::bind(&path).unwrap();
-    sockets.add("", WlSocket::Listening(path.clone())).unwrap();
-    sockets.add("wayland", WlSocket::Listening(path)).unwrap();
-    let mut st = WlState::new(sockets.clone(), window, limits);
-    st.set_features(features);
+    dev.sockets
+        .add("", WlSocket::Listening(path.clone()))
+        .unwrap();
+    dev.sockets
+        .add("wayland", WlSocket::Listening(path))
+        .unwrap();
     Rig {
-        mem: common::memory(),
-        st,
-        sockets,
-        _vm: vm,
+        dev,
         _dir: dir,
         listener,
     }
@@ -64,50 +66,16 @@ fn rig() -> Rig {
     rig_with(WlLimits::default(), VIRTIO_WL_F_TRANS_FLAGS)
 }
 
-fn hdr(ty: u32) -> Vec<u8> {
-    let mut v = ty.to_le_bytes().to_vec();
-    v.extend_from_slice(&[0; 4]);
-    v
-}
-
-/// A 64-byte vfd_new as the guest driver sends it.
-fn vfd_new(ty: u32, id: u32, flags: u32, size: u32, name: &str) -> Vec<u8> {
-    let mut v = hdr(ty);
-    for x in [id, flags, 0, 0, size] {
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    let mut n = [0u8; 36];
-    n[..name.len()].copy_from_slice(name.as_bytes());
-    v.extend_from_slice(&n);
-    v
-}
-
-fn close(id: u32) -> Vec<u8> {
-    let mut v = hdr(CMD_VFD_CLOSE);
-    v.extend_from_slice(&id.to_le_bytes());
-    v
-}
-
-fn send(id: u32, vfds: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut v = hdr(CMD_VFD_SEND);
-    v.extend_from_slice(&id.to_le_bytes());
-    v.extend_from_slice(&(vfds.len() as u32).to_le_bytes());
-    for x in vfds {
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.extend_from_slice(data);
-    v
-}
-
 impl Rig {
     /// Puts one command (split in two readable descriptors when long enough) and a 64-byte
     /// response buffer on a fresh out queue; returns the response bytes.
     fn submit(&mut self, cmd: &[u8]) -> Vec<u8> {
-        self.mem.write_slice(cmd, GuestAddress(CMD)).unwrap();
-        self.mem
+        self.dev.mem.write_slice(cmd, GuestAddress(CMD)).unwrap();
+        self.dev
+            .mem
             .write_slice(&[0xaa; 64], GuestAddress(RESP))
             .unwrap();
-        let mock = MockSplitQueue::create(&self.mem, GuestAddress(0x10000), 16);
+        let mock = MockSplitQueue::create(&self.dev.mem, GuestAddress(0x10000), 16);
         let split = (cmd.len() / 2) as u32;
         let parts: Vec<(u64, u32, bool)> = if split >= 1 {
             vec![
@@ -120,11 +88,14 @@ impl Rig {
         };
         mock.add_desc_chains(&common::chain(0, &parts), 0).unwrap();
         let mut q: Queue = mock.create_queue().unwrap();
-        assert!(self.st.process_out(&mut q, &self.mem));
+        assert!(self.dev.st.process_out(&mut q, &self.dev.mem));
         assert_eq!(mock.used().idx().load(), 1);
         let len = mock.used().ring().ref_at(0).unwrap().load().len() as usize;
         let mut out = vec![0u8; len];
-        self.mem.read_slice(&mut out, GuestAddress(RESP)).unwrap();
+        self.dev
+            .mem
+            .read_slice(&mut out, GuestAddress(RESP))
+            .unwrap();
         out
     }
 
@@ -144,35 +115,6 @@ impl Rig {
             pfn: le64(&r, 16).unwrap(),
             size: le32(&r, 24).unwrap(),
         }
-    }
-
-    /// Offers `count` 4096-byte in-queue buffers and returns the messages written into them.
-    fn drain_in(&mut self, count: u16) -> Vec<InMessage> {
-        let mock = MockSplitQueue::create(&self.mem, GuestAddress(0x80000), 64);
-        let descs: Vec<RawDescriptor> = (0..count)
-            .map(|i| {
-                RawDescriptor::from(SplitDescriptor::new(
-                    IN_BUFS + u64::from(i) * 4096,
-                    4096,
-                    common::WRITE,
-                    0,
-                ))
-            })
-            .collect();
-        mock.add_desc_chains(&descs, 0).unwrap();
-        let mut q: Queue = mock.create_queue().unwrap();
-        self.st.process_in(&mut q, &self.mem);
-        let used = mock.used().idx().load();
-        (0..used)
-            .map(|i| {
-                let e = mock.used().ring().ref_at(i as usize).unwrap().load();
-                let mut b = vec![0u8; e.len() as usize];
-                self.mem
-                    .read_slice(&mut b, GuestAddress(IN_BUFS + u64::from(e.id()) * 4096))
-                    .unwrap();
-                parse_in_message(&b).expect("a valid in-queue message")
-            })
-            .collect()
     }
 
     fn connect(&mut self, id: u32, name: &str) -> UnixStream {
@@ -200,10 +142,10 @@ fn alloc_maps_shm_with_absolute_pfns_and_close_frees_it() {
     assert!(a.pfn >= WINDOW >> 12 && a.pfn < (WINDOW + (4 << 30)) >> 12);
     let b = r.new_vfd(&vfd_new(CMD_VFD_NEW, 2, 0, 4096, ""));
     assert!(b.pfn >= a.pfn + 2 || b.pfn < a.pfn, "ranges are disjoint");
-    assert_eq!(r.st.shm_usage(), (12288, 2));
+    assert_eq!(r.dev.st.shm_usage(), (12288, 2));
     assert_eq!(r.code(&close(1)), RESP_OK);
     assert_eq!(r.code(&close(1)), RESP_INVALID_ID);
-    assert_eq!(r.st.shm_usage(), (4096, 1));
+    assert_eq!(r.dev.st.shm_usage(), (4096, 1));
     // The freed range is reused.
     let c = r.new_vfd(&vfd_new(CMD_VFD_NEW, 3, 0, 8192, ""));
     assert_eq!(c.pfn, a.pfn);
@@ -221,7 +163,7 @@ fn use_shmem_gives_offsets_and_legacy_flags_are_reported() {
     // A vfd without memory has pfn 4 GiB >> 12 in this mode (a host pipe, here).
     let (pr, _pw) = pipe();
     scm::send_with_fds(peer.as_fd(), b"p", &[pr.as_fd()]).unwrap();
-    r.st.read_host();
+    r.dev.st.read_host();
     match r.drain_in(4).first() {
         Some(InMessage::VfdNew(v)) => assert_eq!((v.pfn, v.size), (0x10_0000, 0)),
         other => panic!("{other:?}"),
@@ -299,21 +241,21 @@ fn every_error_code() {
         RESP_OUT_OF_MEMORY
     );
     // None of that changed the table.
-    assert_eq!(r.st.vfd_count(), 4);
+    assert_eq!(r.dev.st.vfd_count(), 4);
 }
 
 #[test]
 fn a_chain_outside_guest_memory_is_an_invalid_command() {
     let mut r = rig();
-    let mock = MockSplitQueue::create(&r.mem, GuestAddress(0x10000), 16);
+    let mock = MockSplitQueue::create(&r.dev.mem, GuestAddress(0x10000), 16);
     mock.add_desc_chains(
         &common::chain(0, &[(1 << 40, 16, false), (RESP, 64, true)]),
         0,
     )
     .unwrap();
     let mut q: Queue = mock.create_queue().unwrap();
-    assert!(r.st.process_out(&mut q, &r.mem));
-    let code: u32 = r.mem.read_obj(GuestAddress(RESP)).unwrap();
+    assert!(r.dev.st.process_out(&mut q, &r.dev.mem));
+    let code: u32 = r.dev.mem.read_obj(GuestAddress(RESP)).unwrap();
     assert_eq!(code, RESP_INVALID_CMD);
 }
 
@@ -356,8 +298,8 @@ fn send_carries_data_shm_and_pipes_to_the_host_socket() {
     let mut w = std::fs::File::from(pipe_to_guest);
     w.write_all(b"up").unwrap();
     drop(w);
-    r.st.read_host();
-    r.st.read_host();
+    r.dev.st.read_host();
+    r.dev.st.read_host();
     let msgs = r.drain_in(8);
     assert_eq!(
         msgs,
@@ -393,7 +335,7 @@ fn recv_announces_host_vfds_before_the_data_that_carries_them() {
         &[mfd.as_fd(), pr.as_fd(), ro.as_fd(), sock.as_fd()],
     )
     .unwrap();
-    assert!(r.st.read_host() >= 5);
+    assert!(r.dev.st.read_host() >= 5);
     let msgs = r.drain_in(16);
     assert_eq!(msgs.len(), 5);
     let news: Vec<VfdNew> = msgs[..4]
@@ -423,7 +365,7 @@ fn recv_announces_host_vfds_before_the_data_that_carries_them() {
             data: b"with fds".to_vec()
         }
     );
-    assert_eq!(r.st.shm_usage(), (12288, 2));
+    assert_eq!(r.dev.st.shm_usage(), (12288, 2));
     // The guest can pass a received vfd on.
     assert_eq!(r.code(&send(1, &[news[0].id], b"back")), RESP_OK);
     let mut b = [0u8; 8];
@@ -439,7 +381,7 @@ fn large_data_is_split_into_page_sized_recvs() {
     peer.write_all(&data).unwrap();
     let mut got = Vec::new();
     while got.len() < data.len() {
-        assert!(r.st.read_host() > 0);
+        assert!(r.dev.st.read_host() > 0);
         for m in r.drain_in(4) {
             match m {
                 InMessage::Recv { id: 1, vfds, data } => {
@@ -459,25 +401,25 @@ fn hup_when_the_peer_closes_and_close_drops_queued_data() {
     let mut r = rig();
     let peer = r.connect(1, "");
     drop(peer);
-    r.st.read_host();
+    r.dev.st.read_host();
     assert_eq!(r.drain_in(4), vec![InMessage::Hup { id: 1 }]);
     // Hung-up vfds are no longer polled.
-    assert!(r.st.watched_fds().is_empty());
+    assert!(r.dev.st.watched_fds().is_empty());
 
     let peer = r.connect(2, "");
     let m = memfd(4096);
     scm::send_with_fds(peer.as_fd(), b"x", &[m.as_fd()]).unwrap();
-    r.st.read_host();
-    assert_eq!(r.st.pending(), 2);
-    assert_eq!(r.st.vfd_count(), 3);
+    r.dev.st.read_host();
+    assert_eq!(r.dev.st.pending(), 2);
+    assert_eq!(r.dev.st.vfd_count(), 3);
     assert_eq!(r.code(&close(2)), RESP_OK);
     assert_eq!(
-        r.st.pending(),
+        r.dev.st.pending(),
         0,
         "queued data and its host vfds are dropped"
     );
-    assert_eq!(r.st.vfd_count(), 1);
-    assert_eq!(r.st.shm_usage(), (0, 0));
+    assert_eq!(r.dev.st.vfd_count(), 1);
+    assert_eq!(r.dev.st.shm_usage(), (0, 0));
 }
 
 #[test]
@@ -485,12 +427,12 @@ fn back_pressure_without_in_buffers() {
     let mut r = rig();
     let mut peer = r.connect(1, "");
     peer.write_all(b"one").unwrap();
-    assert_eq!(r.st.read_host(), 1);
-    assert!(r.st.backpressured());
-    assert!(r.st.watched_fds().is_empty(), "host fds are not polled");
+    assert_eq!(r.dev.st.read_host(), 1);
+    assert!(r.dev.st.backpressured());
+    assert!(r.dev.st.watched_fds().is_empty(), "host fds are not polled");
     assert!(r.drain_in(0).is_empty());
     assert_eq!(
-        r.st.pending(),
+        r.dev.st.pending(),
         1,
         "nothing lost while no buffers are posted"
     );
@@ -503,8 +445,8 @@ fn back_pressure_without_in_buffers() {
             data: b"one".to_vec()
         }]
     );
-    assert!(!r.st.backpressured());
-    assert_eq!(r.st.watched_fds().len(), 1);
+    assert!(!r.dev.st.backpressured());
+    assert_eq!(r.dev.st.watched_fds().len(), 1);
 }
 
 #[test]
@@ -537,7 +479,7 @@ fn limits_on_vfds_shm_bytes_and_shm_count() {
     // Received fds over the limit are dropped; the data still arrives.
     let m = memfd(4096);
     scm::send_with_fds(peer.as_fd(), b"d", &[m.as_fd()]).unwrap();
-    r.st.read_host();
+    r.dev.st.read_host();
     assert_eq!(
         r.drain_in(4),
         vec![InMessage::Recv {
@@ -546,7 +488,7 @@ fn limits_on_vfds_shm_bytes_and_shm_count() {
             data: b"d".to_vec()
         }]
     );
-    assert_eq!(r.st.vfd_count(), 4);
+    assert_eq!(r.dev.st.vfd_count(), 4);
 }
 
 #[test]
@@ -605,7 +547,7 @@ fn faux_accept_name_over_the_listener_then_connect() {
     hub_listener_side
         .write_all(format!("{name}\n").as_bytes())
         .unwrap();
-    r.st.read_host();
+    r.dev.st.read_host();
     assert_eq!(
         r.drain_in(2),
         vec![InMessage::Recv {
@@ -622,7 +564,7 @@ fn faux_accept_name_over_the_listener_then_connect() {
     hub_end.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"hi");
     hub_end.write_all(b"back").unwrap();
-    r.st.read_host();
+    r.dev.st.read_host();
     assert_eq!(
         r.drain_in(2),
         vec![InMessage::Recv {
@@ -637,6 +579,6 @@ fn faux_accept_name_over_the_listener_then_connect() {
         RESP_ERR
     );
     drop(hub_end);
-    r.st.read_host();
+    r.dev.st.read_host();
     assert_eq!(r.drain_in(2), vec![InMessage::Hup { id: 2 }]);
 }

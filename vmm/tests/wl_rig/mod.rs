@@ -1,6 +1,6 @@
 //! A virtio_wl device state driven against virtio-queue's mock queues in guest memory, with
 //! real KVM memory slots for its shared-memory window (this machine's /dev/kvm). Used by the
-//! hub tests (`wl_hub.rs`); one device per simulated VM.
+//! device tests (`virtio_wl.rs`) and the hub tests (`wl_hub.rs`); one device per simulated VM.
 
 #![allow(dead_code)]
 
@@ -40,13 +40,18 @@ pub struct Dev {
 impl Dev {
     /// A device with TRANS_FLAGS negotiated and default limits.
     pub fn new() -> Dev {
+        Dev::with(WlLimits::default(), VIRTIO_WL_F_TRANS_FLAGS)
+    }
+
+    /// A device with these limits and negotiated features.
+    pub fn with(limits: WlLimits, features: u64) -> Dev {
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
         let vm = Arc::new(kvm.create_vm().unwrap());
         let slots = Arc::new(MemorySlots::new(vm.clone(), 0, 64));
         let window = ShmWindow::new(Some(slots), WINDOW).unwrap();
         let sockets = WlSockets::new();
-        let mut st = WlState::new(sockets.clone(), window, WlLimits::default());
-        st.set_features(VIRTIO_WL_F_TRANS_FLAGS);
+        let mut st = WlState::new(sockets.clone(), window, limits);
+        st.set_features(features);
         Dev {
             mem: create_guest_memory(32 << 20).unwrap(),
             st,
@@ -133,7 +138,8 @@ impl Dev {
     }
 }
 
-fn hdr(ty: u32) -> Vec<u8> {
+/// A command header.
+pub fn hdr(ty: u32) -> Vec<u8> {
     let mut v = ty.to_le_bytes().to_vec();
     v.extend_from_slice(&[0; 4]);
     v
