@@ -23,6 +23,7 @@ pub mod router;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,7 +95,28 @@ pub enum HubError {
     Poll(nix::errno::Errno),
 }
 
-type Queued = (Vec<u8>, Vec<OwnedFd>);
+/// A descriptor waiting to be sent: the hub's own, or shared with the read-only cache (a
+/// memfd delivered without WRITE goes out as the cached read-only description itself, not a
+/// dup of it: SCM_RIGHTS copies it into the receiver, and the hub keeps its one copy).
+enum OutFd {
+    Own(OwnedFd),
+    Shared(Rc<OwnedFd>),
+}
+
+impl AsFd for OutFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            OutFd::Own(f) => f.as_fd(),
+            OutFd::Shared(f) => f.as_fd(),
+        }
+    }
+}
+
+fn own_all(fds: Vec<OwnedFd>) -> Vec<OutFd> {
+    fds.into_iter().map(OutFd::Own).collect()
+}
+
+type Queued = (Vec<u8>, Vec<OutFd>);
 
 struct VmSlot {
     name: String,
@@ -185,7 +207,7 @@ pub struct Hub {
     exit_when_no_vms: bool,
     /// Read-only descriptions of memfds recently delivered without WRITE (dup'ed for each
     /// delivery); emptied at every sweep so they never hold a charge.
-    ro_cache: HashMap<ObjKey, OwnedFd>,
+    ro_cache: HashMap<ObjKey, Rc<OwnedFd>>,
     last_sweep: Instant,
     max_conns_per_vm: usize,
     /// Set while a batch is read: deliveries are flushed after it.
@@ -462,7 +484,7 @@ impl Hub {
             log::warn!("vm {}: not reading its channel; event dropped", slot.name);
             return;
         }
-        slot.out.push_back((bytes, fds));
+        slot.out.push_back((bytes, own_all(fds)));
         self.flush_vm(vm);
     }
 
@@ -924,7 +946,7 @@ impl Hub {
         );
     }
 
-    fn queue_conn(&mut self, id: ConnId, s: Side, ev: &ConnEvent, fds: Vec<OwnedFd>) {
+    fn queue_conn(&mut self, id: ConnId, s: Side, ev: &ConnEvent, fds: Vec<OutFd>) {
         let bytes = match frame::encode(ev) {
             Ok(b) => b,
             Err(e) => {
@@ -1032,19 +1054,20 @@ impl Hub {
                 );
             }
             Ok(approved) => {
-                let mut fds = fds;
-                if let Err(reason) = self.attenuate_memfds(&approved, &mut fds) {
-                    drop(fds);
-                    return self.deny_frame(
-                        id,
-                        s,
-                        msg.seq,
-                        Refusal::OutOfMemory,
-                        reason,
-                        Vec::new(),
-                        Vec::new(),
-                    );
-                }
+                let fds = match self.attenuate_memfds(&approved, fds) {
+                    Ok(fds) => fds,
+                    Err(reason) => {
+                        return self.deny_frame(
+                            id,
+                            s,
+                            msg.seq,
+                            Refusal::OutOfMemory,
+                            reason,
+                            Vec::new(),
+                            Vec::new(),
+                        )
+                    }
+                };
                 router::commit(&mut self.handles, hop, &approved);
                 let mut infos = heapless::Vec::new();
                 for a in &approved {
@@ -1070,38 +1093,44 @@ impl Hub {
     }
 
     /// A memfd delivered without WRITE goes out as a read-only description, so the receiver's
-    /// kernel-level access matches its rights.
+    /// kernel-level access matches its rights. The description is made once per object and
+    /// cached; each delivery shares it (no dup per frame).
     fn attenuate_memfds(
         &mut self,
         approved: &[router::Approved],
-        fds: &mut [OwnedFd],
-    ) -> Result<(), String> {
-        for (a, fd) in approved.iter().zip(fds.iter_mut()) {
-            let writable = a.class.max_rights.contains(bulkhead_policy::Rights::WRITE);
-            if a.class.kind == FdKind::Memfd
-                && writable
-                && !a.rights.contains(bulkhead_policy::Rights::WRITE)
-            {
-                let dup = match self.ro_cache.get(&a.class.key) {
-                    Some(ro) => ro.try_clone().map_err(|e| format!("dup: {e}"))?,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Vec<OutFd>, String> {
+        let mut out = Vec::with_capacity(fds.len());
+        for (i, fd) in fds.into_iter().enumerate() {
+            let attenuate = approved.get(i).filter(|a| {
+                a.class.kind == FdKind::Memfd
+                    && a.class.max_rights.contains(bulkhead_policy::Rights::WRITE)
+                    && !a.rights.contains(bulkhead_policy::Rights::WRITE)
+            });
+            if let Some(a) = attenuate {
+                let ro = match self.ro_cache.get(&a.class.key) {
+                    Some(ro) => ro.clone(),
                     None => {
-                        let ro = self
-                            .memfd
-                            .readonly_copy(a.class.key, fd.as_fd())
-                            .map_err(|e| e.to_string())?;
+                        let ro = Rc::new(
+                            self.memfd
+                                .readonly_copy(a.class.key, fd.as_fd())
+                                .map_err(|e| e.to_string())?,
+                        );
                         if self.ro_cache.len() >= RO_CACHE {
                             self.ro_cache.clear();
                         }
-                        if let Ok(keep) = ro.try_clone() {
-                            self.ro_cache.insert(a.class.key, keep);
-                        }
+                        self.ro_cache.insert(a.class.key, ro.clone());
                         ro
                     }
                 };
-                *fd = dup;
+                // The sender's description is closed here; the receiver gets the read-only one.
+                drop(fd);
+                out.push(OutFd::Shared(ro));
+            } else {
+                out.push(OutFd::Own(fd));
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     // ---- control socket ----------------------------------------------------------------
