@@ -58,6 +58,14 @@ fn provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_ref
         h.context()
     );
     for vm in ["provider-vm", "client-vm", "intruder-vm"] {
+        let crashed = format!("bulkhead-init: {vm} exited with status 3");
+        let n = lines.iter().filter(|l| l.contains(&crashed)).count();
+        if n > 0 {
+            eprintln!(
+                "warning: {vm} was restarted {n} time(s) after a guest triple fault \
+                 (known nested-emulation flake)"
+            );
+        }
         assert!(
             saw(&format!("bulkhead-init: {vm} exited with status 0")),
             "{vm} did not end cleanly\n{}",
