@@ -183,9 +183,15 @@ impl Vcpu {
     }
 
     /// A triple fault is either the guest's last-resort reset or a crash: the registers say
-    /// which (and where), for whoever reads the log.
+    /// which (and where), for whoever reads the log. On AMD, KVM re-initialises the vCPU at a
+    /// shutdown intercept (the VMCB is undefined after it), so there is nothing to tell.
     fn log_state_at_shutdown(&self) {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 => log::warn!(
+                "bulkhead-vmm: vCPU {}: KVM already reset the vCPU (AMD): its state at the \
+                 fault is lost",
+                self.id
+            ),
             (Ok(r), Ok(s)) => log::warn!(
                 "bulkhead-vmm: vCPU {} at shutdown: rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} \
                  cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} idt={:#x}/{:#x} gdt={:#x}/{:#x}",
