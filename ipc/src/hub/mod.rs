@@ -23,7 +23,6 @@ pub mod router;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,7 +99,7 @@ pub enum HubError {
 /// dup of it: SCM_RIGHTS copies it into the receiver, and the hub keeps its one copy).
 enum OutFd {
     Own(OwnedFd),
-    Shared(Rc<OwnedFd>),
+    Shared(Arc<OwnedFd>),
 }
 
 impl AsFd for OutFd {
@@ -207,7 +206,7 @@ pub struct Hub {
     exit_when_no_vms: bool,
     /// Read-only descriptions of memfds recently delivered without WRITE (dup'ed for each
     /// delivery); emptied at every sweep so they never hold a charge.
-    ro_cache: HashMap<ObjKey, Rc<OwnedFd>>,
+    ro_cache: HashMap<ObjKey, Arc<OwnedFd>>,
     last_sweep: Instant,
     max_conns_per_vm: usize,
     /// Set while a batch is read: deliveries are flushed after it.
@@ -1111,7 +1110,7 @@ impl Hub {
                 let ro = match self.ro_cache.get(&a.class.key) {
                     Some(ro) => ro.clone(),
                     None => {
-                        let ro = Rc::new(
+                        let ro = Arc::new(
                             self.memfd
                                 .readonly_copy(a.class.key, fd.as_fd())
                                 .map_err(|e| e.to_string())?,
