@@ -1,5 +1,6 @@
-//! Init's logger: every message goes to `/dev/console` as `bulkhead-init: <msg>` and to
-//! `/dev/kmsg` as `<N>bulkhead-init: <msg>` (one record per write, N from the level).
+//! Init's logger: every message goes to `/dev/console` as `<tag>: <msg>` and to
+//! `/dev/kmsg` as `<N><tag>: <msg>` (one record per write, N from the level). The tag is
+//! `bulkhead-init`, or what the program set with [`set_tag`] (the guest init's own).
 //! Service output lines go to the console only, through a non-blocking descriptor, so a
 //! slow console drops service lines instead of stalling PID 1.
 
@@ -7,12 +8,24 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
-/// The tag in front of every message.
+/// The tag in front of every message, unless [`set_tag`] chose another.
 pub const TAG: &str = "bulkhead-init";
+
+static CHOSEN_TAG: OnceLock<&'static str> = OnceLock::new();
+
+/// Chooses the tag once, before the first message (later calls are ignored).
+pub fn set_tag(tag: &'static str) {
+    let _ = CHOSEN_TAG.set(tag);
+}
+
+/// The tag in front of every message.
+pub fn tag() -> &'static str {
+    CHOSEN_TAG.get().copied().unwrap_or(TAG)
+}
 
 /// Longest message written to kmsg (the kernel caps a record near 1 KiB).
 const MAX_KMSG: usize = 976;
@@ -103,9 +116,10 @@ pub fn kmsg_priority(level: Level) -> u8 {
 
 /// The console lines for a message: every line of it carries the tag.
 pub fn console_line(msg: &str) -> String {
-    let mut out = String::with_capacity(msg.len() + TAG.len() + 3);
+    let tag = tag();
+    let mut out = String::with_capacity(msg.len() + tag.len() + 3);
     for line in msg.split('\n') {
-        out.push_str(TAG);
+        out.push_str(tag);
         out.push_str(": ");
         out.push_str(line);
         out.push('\n');
@@ -126,7 +140,7 @@ pub fn kmsg_record(level: Level, msg: &str) -> String {
         }
         one_line.truncate(cut);
     }
-    format!("<{}>{TAG}: {one_line}\n", kmsg_priority(level))
+    format!("<{}>{}: {one_line}\n", kmsg_priority(level), tag())
 }
 
 impl Log for InitLogger {

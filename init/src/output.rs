@@ -80,6 +80,16 @@ impl OutputPipe {
         }
     }
 
+    /// A new pipe: its non-blocking read end as an `OutputPipe`, and the write end (blocking,
+    /// close-on-exec) to give a child as its stdout and stderr.
+    pub fn open() -> nix::Result<(OutputPipe, OwnedFd)> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let flags = OFlag::from_bits_retain(fcntl(&read_end, FcntlArg::F_GETFL)?);
+        fcntl(&read_end, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        Ok((OutputPipe::new(read_end), write_end))
+    }
+
     /// Reads what is available (at most `MAX_READ_PER_WAKEUP` bytes) and emits full lines.
     /// At EOF, a last partial line is emitted too.
     pub fn drain(&mut self, emit: &mut dyn FnMut(&[u8])) -> DrainResult {

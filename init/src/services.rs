@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -191,9 +190,7 @@ impl Services {
             .exec
             .split_first()
             .ok_or_else(|| "empty exec".to_string())?;
-        let (read_end, write_end) =
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-        set_nonblocking(&read_end).map_err(|e| format!("pipe: {e}"))?;
+        let (output, write_end) = OutputPipe::open().map_err(|e| format!("pipe: {e}"))?;
         let stderr_end: OwnedFd = write_end.try_clone().map_err(|e| format!("pipe: {e}"))?;
         if let Some(dir) = &recipe.runtime_dir {
             make_runtime_dir(dir, recipe.user)?;
@@ -212,7 +209,7 @@ impl Services {
         // allocated before the fork, allocating nothing.
         unsafe {
             cmd.pre_exec(move || {
-                reset_signals(sigrtmax)?;
+                crate::signals::reset_in_child(sigrtmax)?;
                 handoff::install(&raw, &mut scratch)
             });
         }
@@ -240,8 +237,7 @@ impl Services {
             warn!("too many output pipes open, dropping the oldest");
             self.pipes.remove(0);
         }
-        self.pipes
-            .push((recipe.name.clone(), OutputPipe::new(read_end)));
+        self.pipes.push((recipe.name.clone(), output));
         Ok(pid)
     }
 
@@ -413,27 +409,6 @@ impl Services {
     }
 }
 
-/// In the child, before exec: an empty signal mask and default dispositions. Init blocks
-/// every signal, and the mask survives exec; std's spawn does not reset it on this
-/// toolchain (the supervise test checks /proc/<pid>/status of a real child).
-fn reset_signals(sigrtmax: i32) -> std::io::Result<()> {
-    // SAFETY: sigemptyset/sigprocmask/signal are async-signal-safe and get valid
-    // arguments; the sigset lives on this stack frame.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        for sig in 1..=sigrtmax {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Creates `dir` (and its parents) and gives it to `user` with mode 0750.
 fn make_runtime_dir(dir: &std::path::Path, user: Option<(u32, u32)>) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
@@ -444,11 +419,4 @@ fn make_runtime_dir(dir: &std::path::Path, user: Option<(u32, u32)>) -> Result<(
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
         .map_err(|e| format!("chmod {}: {e}", dir.display()))
-}
-
-fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg};
-    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
-    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-    Ok(())
 }

@@ -68,6 +68,28 @@ pub fn disable_ctrl_alt_del() -> nix::Result<()> {
     nix::sys::reboot::set_cad_enabled(false)
 }
 
+/// In a child, between fork and exec (async-signal-safe, allocates nothing): an empty
+/// signal mask and default dispositions. Init blocks every signal, and the mask survives
+/// exec; std's spawn does not reset it on this toolchain (the supervise test checks
+/// /proc/<pid>/status of a real child).
+pub fn reset_in_child(sigrtmax: i32) -> std::io::Result<()> {
+    // SAFETY: sigemptyset/sigprocmask/signal are async-signal-safe and get valid
+    // arguments; the sigset lives on this stack frame.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for sig in 1..=sigrtmax {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

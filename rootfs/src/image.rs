@@ -1,6 +1,8 @@
-//! The host initramfs: our static init as `/init`, our binaries in `/bin`, `dev/console`,
-//! the kernel modules the system needs (with their dependency closure and a depmod-format
-//! `modules.dep`), and the system's configuration and policy files.
+//! The initramfs images. A host image: our static init as `/init`, our binaries in `/bin`,
+//! `dev/console`, the kernel modules the system needs (with their dependency closure and a
+//! depmod-format `modules.dep`), the system's configuration and policy files, and the guest
+//! images its VMs boot. A guest image: the small guest init as `/init`, the guest's
+//! programs, its modules and `etc/bulkhead/guest.toml`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,9 +54,46 @@ pub struct SystemDir {
     pub binaries: Vec<String>,
     /// `policy.d/*` files: (name, contents).
     pub policy_files: Vec<(String, Vec<u8>)>,
-    /// Guest systems (`guests/<name>/`), each shipped as
+    /// Guests (`guests/<name>/guest.toml`), each shipped as
     /// `/var/lib/bulkhead/guests/<name>.cpio.gz` next to the kernel at `GUEST_KERNEL`.
-    pub guests: Vec<(String, SystemDir)>,
+    pub guests: Vec<(String, GuestDir)>,
+}
+
+/// One guest of a system: `guests/<name>/guest.toml` (see `bulkhead_guest_init::config`).
+#[derive(Debug, Clone)]
+pub struct GuestDir {
+    pub dir: PathBuf,
+    pub guest_toml: String,
+    /// Kernel modules the guest loads.
+    pub modules: Vec<String>,
+    /// Workspace binaries its programs run from `/bin/` (besides the guest init).
+    pub binaries: Vec<String>,
+}
+
+/// The guest's PID 1.
+pub const GUEST_INIT: &str = "bulkhead-guest-init";
+/// The host's PID 1.
+pub const HOST_INIT: &str = "bulkhead-init";
+
+impl GuestDir {
+    pub fn load(dir: &Path) -> Result<Self, ImageError> {
+        let path = dir.join("guest.toml");
+        let guest_toml = std::fs::read_to_string(&path).map_err(io(&path))?;
+        // Validated with the guest init's own parser, as the host's system with init's.
+        let config =
+            bulkhead_guest_init::config::GuestConfig::parse(&guest_toml, &path).map_err(|e| {
+                ImageError::System {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        Ok(GuestDir {
+            dir: dir.to_path_buf(),
+            modules: config.modules.clone(),
+            binaries: config.binaries(),
+            guest_toml,
+        })
+    }
 }
 
 /// Where a host image carries the kernel its VMs boot.
@@ -84,7 +123,7 @@ impl SystemDir {
         let hub_exec = config.hub.iter().flat_map(|h| h.exec.iter());
         for arg in hub_exec.chain(config.service.iter().flat_map(|s| s.exec.iter())) {
             if let Some(bin) = arg.strip_prefix("/bin/") {
-                if bin != "bulkhead-init" && !binaries.iter().any(|b| b == bin) {
+                if bin != HOST_INIT && !binaries.iter().any(|b| b == bin) {
                     binaries.push(bin.to_string());
                 }
             }
@@ -107,30 +146,31 @@ impl SystemDir {
                 policy_files.push((name, data));
             }
         }
-        // Guest systems: `guests/<name>/` holds a system of the same shape, booted by
-        // bulkhead-vmm inside this host; its image is built and shipped in ours.
+        // Guests: `guests/<name>/guest.toml`, booted by bulkhead-vmm inside this host; each
+        // image is built and shipped in ours.
         let mut guests = Vec::new();
         let gdir = dir.join("guests");
         if gdir.is_dir() {
             let mut dirs: Vec<PathBuf> = std::fs::read_dir(&gdir)
                 .map_err(io(&gdir))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.join("system.toml").is_file())
+                .filter(|p| p.is_dir())
                 .collect();
             dirs.sort();
             for d in dirs {
+                if d.join("system.toml").is_file() && !d.join("guest.toml").is_file() {
+                    return Err(ImageError::System {
+                        path: d,
+                        reason: "a guest is described by guest.toml (the guest init's), \
+                                 not system.toml"
+                            .into(),
+                    });
+                }
                 let name = d
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let g = SystemDir::load(&d)?;
-                if !g.guests.is_empty() {
-                    return Err(ImageError::System {
-                        path: d,
-                        reason: "guests cannot have guests of their own".into(),
-                    });
-                }
-                guests.push((name, g));
+                guests.push((name, GuestDir::load(&d)?));
             }
         }
         Ok(Self {
@@ -143,9 +183,12 @@ impl SystemDir {
         })
     }
 
-    /// Every workspace binary this system and its guests need, init first.
+    /// Every workspace binary this system and its guests need, the inits first.
     pub fn all_binaries(&self) -> Vec<String> {
-        let mut all = vec!["bulkhead-init".to_string()];
+        let mut all = vec![HOST_INIT.to_string()];
+        if !self.guests.is_empty() {
+            all.push(GUEST_INIT.to_string());
+        }
         for b in self
             .binaries
             .iter()
@@ -210,20 +253,12 @@ impl HostImage<'_> {
     /// Assembles the archive.
     pub fn archive(&self) -> Result<Archive, ImageError> {
         let mut a = Archive::new();
-        for d in ["proc", "sys", "dev", "run", "tmp", "mnt", "var/log"] {
-            a.dir(d, 0o755)?;
-        }
-        a.dir("tmp", 0o1777)?;
-        a.char_dev("dev/console", 0o600, 5, 1)?;
-        a.char_dev("dev/null", 0o666, 1, 3)?;
+        base_tree(&mut a)?;
         for (name, path) in &self.binaries {
-            if name != "bulkhead-init" && !self.system.binaries.contains(name) {
-                continue; // a guest's binary only
-            }
-            if name == "bulkhead-init" {
+            if name == HOST_INIT {
                 a.file_from("init", 0o755, path)?;
                 a.symlink("bin/bulkhead-init", "/init")?;
-            } else {
+            } else if self.system.binaries.contains(name) {
                 a.file_from(&format!("bin/{name}"), 0o755, path)?;
             }
         }
@@ -240,45 +275,12 @@ impl HostImage<'_> {
                 data.clone(),
             )?;
         }
-        let mut index = ModuleIndex::scan(&self.kernel.modules_dir)?;
-        let workspace = crate::workspace_dir();
-        for m in &self.system.modules {
-            if crate::kmod::source_dir(&workspace, m).is_some() {
-                let ko = crate::kmod::build(&workspace, m, &self.kernel.abi)?;
-                index.add_external(m, ko);
-            }
-        }
-        let chosen = index.closure(&self.system.modules)?;
-        let base = format!("lib/modules/{}", self.kernel.abi);
-        for m in &chosen {
-            a.file_from(&format!("{base}/{}", m.rel_path), 0o644, &m.source)?;
-        }
-        a.file(
-            &format!("{base}/modules.dep"),
-            0o644,
-            modules::modules_dep(&chosen).into_bytes(),
-        )?;
-        a.file(
-            &format!("{base}/modules.softdep"),
-            0o644,
-            modules::modules_softdep(&chosen).into_bytes(),
-        )?;
-        let builtin = self.kernel.modules_dir.join("modules.builtin");
-        if builtin.exists() {
-            a.file_from(&format!("{base}/modules.builtin"), 0o644, &builtin)?;
-        }
+        add_modules(&mut a, self.kernel, &self.system.modules)?;
         if !self.system.guests.is_empty() {
             a.file_from(GUEST_KERNEL, 0o644, &self.kernel.vmlinuz)?;
         }
         for (name, guest) in &self.system.guests {
-            let img = HostImage {
-                kernel: self.kernel,
-                system: guest,
-                binaries: self.binaries.clone(),
-                extra_files: Vec::new(),
-            }
-            .archive()?
-            .write_gz(Vec::new())?;
+            let img = guest_archive(self.kernel, guest, &self.binaries)?.write_gz(Vec::new())?;
             a.file(&guest_image_path(name), 0o644, img)?;
         }
         for (path, mode, data) in &self.extra_files {
@@ -309,6 +311,84 @@ impl HostImage<'_> {
     }
 }
 
+/// What every image has: the early mount points and the two device nodes a PID 1 needs
+/// before devtmpfs is mounted.
+fn base_tree(a: &mut Archive) -> Result<(), ImageError> {
+    for d in ["proc", "sys", "dev", "run", "tmp", "mnt", "var/log"] {
+        a.dir(d, 0o755)?;
+    }
+    a.dir("tmp", 0o1777)?;
+    a.char_dev("dev/console", 0o600, 5, 1)?;
+    a.char_dev("dev/null", 0o666, 1, 3)?;
+    Ok(())
+}
+
+/// The modules `wanted` (ours built against the kernel's headers) with their dependency
+/// closure, `modules.dep`, `modules.softdep` and `modules.builtin`.
+fn add_modules(a: &mut Archive, kernel: &Kernel, wanted: &[String]) -> Result<(), ImageError> {
+    let mut index = ModuleIndex::scan(&kernel.modules_dir)?;
+    let workspace = crate::workspace_dir();
+    for m in wanted {
+        if crate::kmod::source_dir(&workspace, m).is_some() {
+            let ko = crate::kmod::build(&workspace, m, &kernel.abi)?;
+            index.add_external(m, ko);
+        }
+    }
+    let chosen = index.closure(wanted)?;
+    let base = format!("lib/modules/{}", kernel.abi);
+    for m in &chosen {
+        a.file_from(&format!("{base}/{}", m.rel_path), 0o644, &m.source)?;
+    }
+    a.file(
+        &format!("{base}/modules.dep"),
+        0o644,
+        modules::modules_dep(&chosen).into_bytes(),
+    )?;
+    a.file(
+        &format!("{base}/modules.softdep"),
+        0o644,
+        modules::modules_softdep(&chosen).into_bytes(),
+    )?;
+    let builtin = kernel.modules_dir.join("modules.builtin");
+    if builtin.exists() {
+        a.file_from(&format!("{base}/modules.builtin"), 0o644, &builtin)?;
+    }
+    Ok(())
+}
+
+/// A guest's image: the guest init as `/init`, the guest's binaries, its modules and
+/// `etc/bulkhead/guest.toml`. `binaries` are (name, path) of the built binaries.
+pub fn guest_archive(
+    kernel: &Kernel,
+    guest: &GuestDir,
+    binaries: &[(String, PathBuf)],
+) -> Result<Archive, ImageError> {
+    let mut a = Archive::new();
+    base_tree(&mut a)?;
+    let mut have_init = false;
+    for (name, path) in binaries {
+        if name == GUEST_INIT {
+            a.file_from("init", 0o755, path)?;
+            have_init = true;
+        } else if guest.binaries.contains(name) {
+            a.file_from(&format!("bin/{name}"), 0o755, path)?;
+        }
+    }
+    if !have_init {
+        return Err(ImageError::System {
+            path: guest.dir.clone(),
+            reason: format!("{GUEST_INIT} was not built"),
+        });
+    }
+    a.file(
+        bulkhead_guest_init::config::CONFIG_PATH.trim_start_matches('/'),
+        0o644,
+        guest.guest_toml.clone().into_bytes(),
+    )?;
+    add_modules(&mut a, kernel, &guest.modules)?;
+    Ok(a)
+}
+
 /// Builds the host image for a system directory: its binaries (static), its modules, its
 /// guests; writes it to `out`.
 pub fn build_system_image(
@@ -326,4 +406,60 @@ pub fn build_system_image(
         extra_files: Vec::new(),
     }
     .write(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every system in the repository (the example and the test systems) passes init's and
+    /// the guest init's parsers, so no boot is spent on a configuration mistake.
+    #[test]
+    fn every_system_in_the_repository_loads() {
+        let ws = crate::workspace_dir();
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for parent in ["tests/systems", "rootfs/examples"] {
+            for e in std::fs::read_dir(ws.join(parent)).unwrap() {
+                dirs.push(e.unwrap().path());
+            }
+        }
+        assert!(dirs.len() >= 10, "{dirs:?}");
+        let mut guests = 0;
+        for d in dirs {
+            let sys = SystemDir::load(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+            for (name, g) in &sys.guests {
+                assert!(!name.is_empty());
+                assert!(!g.modules.is_empty(), "{}", g.dir.display());
+                guests += 1;
+            }
+            let all = sys.all_binaries();
+            assert_eq!(all.first().map(String::as_str), Some(HOST_INIT));
+            assert_eq!(
+                all.contains(&GUEST_INIT.to_string()),
+                !sys.guests.is_empty()
+            );
+        }
+        assert!(guests >= 8, "only {guests} guests");
+    }
+
+    #[test]
+    fn a_guest_in_the_host_format_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("system.toml"),
+            "[host]\nwhen_idle = \"poweroff\"\n",
+        )
+        .unwrap();
+        let g = dir.path().join("guests/old");
+        std::fs::create_dir_all(&g).unwrap();
+        std::fs::write(g.join("system.toml"), "[host]\nmodules = []\n").unwrap();
+        let e = SystemDir::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("a guest is described by guest.toml"), "{e}");
+        std::fs::write(g.join("guest.toml"), "[[program]]\nname = \"x\"\n").unwrap();
+        let e = SystemDir::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("guest.toml") && e.contains("missing field"),
+            "{e}"
+        );
+    }
 }

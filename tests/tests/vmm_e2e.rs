@@ -40,8 +40,8 @@ fn vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back() {
             .cloned()
             .unwrap_or_else(|| panic!("no line with {needle:?}\n{}", h.context()))
     };
-    // The guest's own init (the same bulkhead-init) reports through the VMM's serial port.
-    line("vm: bulkhead-init: ready");
+    // The guest's own small init (bulkhead-guest-init) reports through the VMM's serial port.
+    line("vm: bulkhead-guest-init: ready");
     line("vm: check: testprog: cpus online 0-1");
     let rng = line("vm: check: testprog: hwrng ");
     let rng_hex = rng.rsplit(' ').next().unwrap_or_default().to_string();
@@ -49,7 +49,8 @@ fn vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back() {
     assert_ne!(rng_hex, "0".repeat(32), "virtio-rng gave zeros");
     let written = line("vm: check: testprog: disk marker written ");
     assert!(written.ends_with(&rng_hex), "{written} vs {rng}");
-    line("vm: bulkhead-init: powering off");
+    line("vm: bulkhead-guest-init: check exited with status 0");
+    line("vm: bulkhead-guest-init: powering off");
 
     // The guest wrote through its virtio-blk into the host's virtio-blk: the bytes are on
     // the build machine's disk image now.

@@ -20,7 +20,7 @@ fn report_restarts(h: &Host, vms: &[&str]) {
 fn l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name() {
     let mut h = Host::boot("wl");
     h.expect("peer: testprog: wl-peer listening on /run/wl-peer.sock");
-    h.expect("vm: bulkhead-init: loaded module virtio_wl");
+    h.expect("vm: bulkhead-guest-init: loaded module virtio_wl");
     h.expect_line("both sides report success", |l| {
         l.contains("FAIL:")
             || l.contains("testprog: wl guest ok")

@@ -65,9 +65,8 @@ exec = ["/bin/bulkhead-bench-vmm", "--runs", "RUNS", "--kernel", "/var/lib/bulkh
 restart = "never"
 "#;
 
-const GUEST_SYSTEM: &str = r#"# The benchmark guest: our init, no modules, no services; it powers off at once.
-[host]
-when_idle = "poweroff"
+const GUEST_SYSTEM: &str = r#"# The benchmark guest: the guest init, no modules, no programs; it powers off at once.
+modules = []
 "#;
 
 /// Builds the bench image and boots it; returns the table lines and the BENCH line.
@@ -77,7 +76,7 @@ pub fn bench_vmm(kernel: &Kernel, workspace: &Path, runs: u32) -> Result<Vec<Str
         &dir.join("system.toml"),
         &HOST_SYSTEM.replace("RUNS", &runs.to_string()),
     )?;
-    write_file(&dir.join("guests/tiny/system.toml"), GUEST_SYSTEM)?;
+    write_file(&dir.join("guests/tiny/guest.toml"), GUEST_SYSTEM)?;
     let sys = SystemDir::load(&dir).map_err(|e| BenchError::Setup(e.to_string()))?;
     let mut bins = sys.all_binaries();
     bins.push("bulkhead-vmm".into());

@@ -37,14 +37,11 @@ restart = "never"
 "#;
 
 const GUEST_SYSTEM: &str = r#"# A `bulkhead-rootfs bench wl` guest: virtio-pci, our virtio_wl module, the bench program.
-[host]
 modules = ["virtio_pci", "virtio_wl"]
-when_idle = "poweroff"
 
-[[service]]
+[[program]]
 name = "ROLE"
 exec = ["/bin/bulkhead-wl-bench", "ROLE", "--shm-mib", "SHM_MIB"]
-restart = "never"
 "#;
 
 /// Writes the bench's host system (and its two guests) into `dir` and loads it.
@@ -57,7 +54,7 @@ pub fn write_system(dir: &Path, opts: WlBenchOptions) -> Result<SystemDir, Bench
     write_file(&dir.join("system.toml"), &fill(HOST_SYSTEM))?;
     for role in ["writer", "reader"] {
         write_file(
-            &dir.join("guests").join(role).join("system.toml"),
+            &dir.join("guests").join(role).join("guest.toml"),
             &fill(GUEST_SYSTEM).replace("ROLE", role),
         )?;
     }
@@ -103,7 +100,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_generated_system_passes_inits_parser_and_ships_every_program() {
+    fn the_generated_system_passes_the_inits_parsers_and_ships_every_program() {
         let dir = tempfile::tempdir().unwrap();
         let opts = WlBenchOptions {
             rounds: 50,
@@ -122,7 +119,7 @@ mod tests {
         assert!(sys.system_toml.contains(r#""--rounds", "50""#));
         let writer = &sys.guests.iter().find(|(n, _)| n == "writer").unwrap().1;
         assert!(writer
-            .system_toml
+            .guest_toml
             .contains(r#"exec = ["/bin/bulkhead-wl-bench", "writer", "--shm-mib", "4"]"#));
     }
 }

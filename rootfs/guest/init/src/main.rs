@@ -1,0 +1,275 @@
+//! `bulkhead-guest-init`: PID 1 of a Bulkhead guest.
+//!
+//! In order: block every signal (read from a signalfd), mount the early filesystems, read
+//! `/etc/bulkhead/guest.toml`, load its modules, start its programs, then wait: their output
+//! goes to the console as `<name>: <line>`, children are reaped, and when the last program
+//! has ended the VM powers off. SIGTERM, SIGINT, SIGPWR, SIGUSR1/2 or the power button (the
+//! VMM's ACPI GED) stop the programs (SIGTERM to each process group, SIGKILL after the grace
+//! time) and power off too. It never exits; a panic powers off as well.
+//!
+//! Run as any other process it only checks a configuration (`check FILE`).
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bulkhead_guest_init::config::{GuestConfig, CONFIG_PATH};
+use bulkhead_guest_init::programs::Programs;
+use bulkhead_init::input::{self, PowerButton};
+use bulkhead_init::shutdown::{self, PowerAction};
+use bulkhead_init::{log as initlog, modules, mounts, panic, signals};
+use clap::{Parser, Subcommand};
+use log::{error, info, warn, LevelFilter};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+use nix::sys::signalfd::SignalFd;
+
+/// The tag of this init's own console lines.
+const TAG: &str = "bulkhead-guest-init";
+
+/// How long output is read after the last program ended while others still hold it open.
+const OUTPUT_LINGER: Duration = Duration::from_secs(1);
+
+fn main() {
+    panic::install();
+    if std::process::id() == 1 {
+        pid1();
+    }
+    std::process::exit(cli());
+}
+
+/// The small PID 1 of a Bulkhead guest. As PID 1 it ignores its arguments; run as any other
+/// process it checks a guest configuration.
+#[derive(Parser)]
+#[command(name = "bulkhead-guest-init", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Parse and validate a guest configuration, print what the guest would do.
+    Check {
+        /// The file (`/etc/bulkhead/guest.toml` in a guest image).
+        #[arg(default_value = CONFIG_PATH)]
+        file: PathBuf,
+    },
+}
+
+fn cli() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Check { file } => match GuestConfig::load(&file) {
+            Ok(c) => {
+                println!("modules: {}", c.modules.join(" "));
+                for p in &c.program {
+                    println!("program {}: {}", p.name, p.exec.join(" "));
+                }
+                0
+            }
+            Err(e) => {
+                eprintln!("{TAG}: {e}");
+                1
+            }
+        },
+    }
+}
+
+fn read_cmdline() -> String {
+    use std::io::Read;
+    let mut s = String::new();
+    if let Ok(f) = std::fs::File::open("/proc/cmdline") {
+        let _ = f.take(64 * 1024).read_to_string(&mut s);
+    }
+    s
+}
+
+fn pid1() -> ! {
+    let blocked = signals::block_all();
+    initlog::set_tag(TAG);
+    initlog::install(LevelFilter::Info);
+    if let Err(e) = blocked {
+        error!("cannot block signals: {e}");
+    }
+    let mounted = mounts::mount_all(&mounts::early_mounts());
+    initlog::reopen();
+    let opts = bulkhead_init::cmdline::BootOptions::from_cmdline(&read_cmdline());
+    if let Some(level) = opts.loglevel {
+        initlog::set_level(level);
+    }
+    if let Err(e) = signals::disable_ctrl_alt_del() {
+        warn!("cannot disable ctrl-alt-del: {e}");
+    }
+    let config = match GuestConfig::load(Path::new(CONFIG_PATH)) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            error!("nothing to run: powering off");
+            shutdown::finish(PowerAction::Poweroff, &mounted);
+        }
+    };
+    modules::load_all(&modules::modules_dir(), &config.modules);
+    let mut buttons = input::scan(Path::new("/dev/input"));
+    let sfd = match signals::signal_fd() {
+        Ok(sfd) => sfd,
+        Err(e) => {
+            error!("cannot create signalfd: {e}; powering off");
+            shutdown::finish(PowerAction::Poweroff, &mounted);
+        }
+    };
+    let mut programs = Programs::start(&config);
+    info!("ready");
+    let grace = Duration::from_millis(config.stop_grace_ms);
+    run(&mut programs, &sfd, &mut buttons, grace);
+    // Whatever the programs left behind (orphans, daemons) gets the same treatment.
+    programs.close_outputs();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), Signal::SIGTERM);
+    settle(&mut programs, &sfd, Duration::from_millis(200));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), Signal::SIGKILL);
+    settle(&mut programs, &sfd, Duration::from_millis(200));
+    shutdown::finish(PowerAction::Poweroff, &mounted)
+}
+
+/// Why the guest stops early.
+enum StopReason {
+    Signal(Signal),
+    PowerButton(PathBuf),
+}
+
+/// Runs until every program has ended (after a stop request, until the grace time is up).
+fn run(programs: &mut Programs, sfd: &SignalFd, buttons: &mut [PowerButton], grace: Duration) {
+    let mut kill_at: Option<Instant> = None;
+    // When the last program has ended but something it started still holds its output
+    // open, the output gets a moment more and is then let go.
+    let mut outputs_until: Option<Instant> = None;
+    loop {
+        programs.reap();
+        if programs.all_ended() {
+            info!("all programs ended");
+            return;
+        }
+        if !programs.any_running() {
+            let until = *outputs_until.get_or_insert_with(|| Instant::now() + OUTPUT_LINGER);
+            if Instant::now() >= until {
+                info!("all programs ended (their output is still held open: let go)");
+                return;
+            }
+        }
+        if let Some(at) = kill_at {
+            if Instant::now() >= at {
+                if programs.any_running() {
+                    warn!("programs still running after the grace time: SIGKILL");
+                    programs.signal_all(Signal::SIGKILL);
+                }
+                return;
+            }
+        }
+        let timeout = [kill_at, outputs_until]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(Duration::from_secs(3600), |at| {
+                at.saturating_duration_since(Instant::now())
+            });
+        let (sig_ready, button_ready, pipe_ready) = {
+            let button_fds: Vec<BorrowedFd<'_>> = buttons.iter().map(|b| b.as_fd()).collect();
+            wait(sfd.as_fd(), &button_fds, &programs.pipe_fds(), timeout)
+        };
+        let mut stop = None;
+        if sig_ready {
+            for signo in signals::read_pending(sfd) {
+                match Signal::try_from(signo) {
+                    Ok(Signal::SIGCHLD) => programs.reap(),
+                    Ok(
+                        sig @ (Signal::SIGTERM
+                        | Signal::SIGINT
+                        | Signal::SIGPWR
+                        | Signal::SIGUSR1
+                        | Signal::SIGUSR2),
+                    ) => stop = stop.or(Some(StopReason::Signal(sig))),
+                    _ => {}
+                }
+            }
+        }
+        for (b, ready) in buttons.iter_mut().zip(&button_ready) {
+            if *ready && b.pressed() {
+                stop = stop.or(Some(StopReason::PowerButton(b.path.clone())));
+            }
+        }
+        if pipe_ready.iter().any(|r| *r) {
+            programs.drain(&pipe_ready);
+        }
+        if let (Some(reason), None) = (stop, kill_at) {
+            match reason {
+                StopReason::Signal(sig) => info!("received {sig}: stopping the programs"),
+                StopReason::PowerButton(p) => {
+                    info!(
+                        "power button pressed ({}): stopping the programs",
+                        p.display()
+                    )
+                }
+            }
+            programs.signal_all(Signal::SIGTERM);
+            kill_at = Some(Instant::now() + grace);
+        }
+    }
+}
+
+/// Reaps for up to `time` (used after kill(-1) at the very end).
+fn settle(programs: &mut Programs, sfd: &SignalFd, time: Duration) {
+    let end = Instant::now() + time;
+    loop {
+        programs.reap();
+        if !bulkhead_init::shutdown::have_children() {
+            return;
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let _ = wait(sfd.as_fd(), &[], &[], left.min(Duration::from_millis(50)));
+        let _ = signals::read_pending(sfd);
+    }
+}
+
+/// One poll over the signalfd, the power buttons and the output pipes.
+fn wait(
+    sfd: BorrowedFd<'_>,
+    buttons: &[BorrowedFd<'_>],
+    pipes: &[BorrowedFd<'_>],
+    timeout: Duration,
+) -> (bool, Vec<bool>, Vec<bool>) {
+    let events = PollFlags::POLLIN;
+    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + buttons.len() + pipes.len());
+    fds.push(PollFd::new(sfd, events));
+    fds.extend(buttons.iter().map(|fd| PollFd::new(*fd, events)));
+    fds.extend(pipes.iter().map(|fd| PollFd::new(*fd, events)));
+    // Round up so a wakeup never comes a hair before the deadline.
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+    let polled = match poll(
+        &mut fds,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+    ) {
+        Ok(_) => true,
+        Err(nix::errno::Errno::EINTR) => false,
+        Err(e) => {
+            warn!("poll: {e}");
+            false
+        }
+    };
+    let mut ready = fds
+        .iter()
+        .map(|fd| polled && fd.revents().is_none_or(|r| !r.is_empty()));
+    let sig = ready.next().unwrap_or(false);
+    let b: Vec<bool> = (&mut ready).take(buttons.len()).collect();
+    let p: Vec<bool> = ready.take(pipes.len()).collect();
+    (sig, b, p)
+}
