@@ -296,24 +296,7 @@ impl Channel {
         // SAFETY: hdr was filled by a successful recvmsg on the buffers above.
         let fds = unsafe { take_rights(&hdr) };
         let len = usize::try_from(n).unwrap_or(0);
-
-        let data_trunc = hdr.msg_flags & libc::MSG_TRUNC != 0;
-        let ctrl_trunc = hdr.msg_flags & libc::MSG_CTRUNC != 0;
-        if data_trunc || ctrl_trunc || fds.len() > MAX_FDS {
-            return Err(ChannelError::Truncated {
-                data: data_trunc,
-                control: ctrl_trunc || fds.len() > MAX_FDS,
-                fds_closed: fds.len(),
-            });
-        }
-        if len == 0 {
-            if fds.is_empty() && self.peer_hung_up() {
-                return Err(ChannelError::Closed);
-            }
-            return Err(ChannelError::EmptyFrame {
-                fds_closed: fds.len(),
-            });
-        }
+        let fds = check_datagram(len, hdr.msg_flags, fds, || self.peer_hung_up())?;
         // SAFETY: recvmsg initialised the first `len` bytes of the capacity (len ≤
         // MAX_FRAME = the capacity; MSG_TRUNC was ruled out above).
         unsafe { bytes.set_len(len.min(MAX_FRAME)) };
@@ -331,6 +314,336 @@ impl Channel {
         // SAFETY: one valid pollfd, count 1, zero timeout.
         let n = unsafe { libc::poll(&mut pfd, 1, 0) };
         n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+    }
+}
+
+/// Datagrams one [`Channel::try_recv_frames`] call takes at most (one `recvmmsg(2)`).
+pub const RECV_BATCH: usize = 16;
+
+/// Datagrams one [`Channel::try_send_frames`] call sends at most (one `sendmmsg(2)`).
+pub const SEND_BATCH: usize = 16;
+
+/// Reusable receive buffers for [`Channel::try_recv_frames`]: `RECV_BATCH` data slots of
+/// `MAX_FRAME` bytes and one control buffer per slot (so every datagram's SCM_RIGHTS fds are
+/// kept apart). Allocated once; the data slots are never zeroed (the kernel writes them, and
+/// only the bytes it wrote are read).
+pub struct RecvBatch {
+    data: Vec<u8>,
+    control: Vec<[u64; CONTROL_WORDS]>,
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch").finish_non_exhaustive()
+    }
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        RecvBatch::new()
+    }
+}
+
+impl RecvBatch {
+    /// Buffers for `RECV_BATCH` datagrams.
+    pub fn new() -> RecvBatch {
+        RecvBatch {
+            data: Vec::with_capacity(RECV_BATCH * MAX_FRAME),
+            control: vec![[0u64; CONTROL_WORDS]; RECV_BATCH],
+        }
+    }
+}
+
+impl Channel {
+    /// Receives up to `max` (at most [`RECV_BATCH`]) datagrams with one non-blocking
+    /// `recvmmsg(2)` and appends one outcome per datagram to `out`, in order: the frame, or
+    /// the same error [`Channel::try_recv`] would give for that datagram alone (`Truncated`,
+    /// `EmptyFrame`, `Closed`). Every fd of every datagram is owned before any datagram is
+    /// looked at, and each datagram's fds stay with that datagram (one control buffer each);
+    /// a bad datagram closes only its own fds.
+    ///
+    /// `Err(WouldBlock)` when nothing is queued; `Err(Closed)`/`Err(Sys)` when the first
+    /// receive fails. After a `Closed` outcome nothing more is appended.
+    pub fn try_recv_frames(
+        &self,
+        batch: &mut RecvBatch,
+        max: usize,
+        out: &mut Vec<Result<RawFrame, ChannelError>>,
+    ) -> Result<(), ChannelError> {
+        let max = max.clamp(1, RECV_BATCH);
+        let base = batch.data.as_mut_ptr();
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; RECV_BATCH];
+        for (i, iov) in iovs.iter_mut().enumerate().take(max) {
+            // SAFETY: `data` has capacity RECV_BATCH * MAX_FRAME; slot i starts inside it.
+            iov.iov_base = unsafe { base.add(i * MAX_FRAME) }.cast::<c_void>();
+            iov.iov_len = MAX_FRAME;
+        }
+        // SAFETY: mmsghdr is a plain C struct for which all-zero is a valid value.
+        let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
+        let iov_base = iovs.as_mut_ptr();
+        for (i, (h, ctl)) in hdrs
+            .iter_mut()
+            .zip(batch.control.iter_mut())
+            .enumerate()
+            .take(max)
+        {
+            // SAFETY: i < max ≤ RECV_BATCH = iovs.len().
+            h.msg_hdr.msg_iov = unsafe { iov_base.add(i) };
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = ctl.as_mut_ptr().cast::<c_void>();
+            h.msg_hdr.msg_controllen = control_len();
+        }
+        let vlen = libc::c_uint::try_from(max).unwrap_or(1);
+        // SAFETY: hdrs[..max] point at live buffers: iovecs into the capacity of
+        // `batch.data` (MAX_FRAME bytes each, disjoint) and one control buffer each of at
+        // least control_len() bytes; the kernel writes at most those lengths. No timeout.
+        let n = unsafe {
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                vlen,
+                libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(sys("recvmmsg")(Errno::last()));
+        }
+        let n = usize::try_from(n).unwrap_or(0).min(max);
+        // Own every fd of every datagram before looking at anything else.
+        let mut fds: [Vec<OwnedFd>; RECV_BATCH] = Default::default();
+        for (h, slot) in hdrs.iter().zip(fds.iter_mut()).take(n) {
+            // SAFETY: the kernel filled hdrs[..n] (a successful recvmmsg) and their control
+            // buffers are still alive.
+            *slot = unsafe { take_rights(&h.msg_hdr) };
+        }
+        for (i, (h, fds)) in hdrs.iter().zip(fds).enumerate().take(n) {
+            let len = usize::try_from(h.msg_len).unwrap_or(0);
+            let flags = h.msg_hdr.msg_flags;
+            let outcome = check_datagram(len, flags, fds, || self.peer_hung_up()).map(|fds| {
+                // SAFETY: the kernel wrote `len` ≤ MAX_FRAME bytes (MSG_TRUNC was ruled out)
+                // at the start of slot i, inside the capacity of `batch.data`.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(base.add(i * MAX_FRAME), len) }.to_vec();
+                RawFrame { bytes, fds }
+            });
+            let closed = matches!(outcome, Err(ChannelError::Closed));
+            out.push(outcome);
+            if closed {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the first frames of `frames` (at most [`SEND_BATCH`]) with one non-blocking
+    /// `sendmmsg(2)`, each with its own fds in its own SCM_RIGHTS message, and returns how
+    /// many went (the caller keeps its fds, as with `send`). Bounds are checked per frame;
+    /// sending stops before the first frame out of bounds (an error if it is the first).
+    /// `Err(WouldBlock)` if the peer's queue has no room for the first.
+    pub fn try_send_frames<'a, B, F, I>(&self, frames: I) -> Result<usize, ChannelError>
+    where
+        B: AsRef<[u8]> + 'a,
+        F: AsFd + 'a,
+        I: IntoIterator<Item = (&'a B, &'a [F])>,
+    {
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; SEND_BATCH];
+        let mut control = [[0u64; CONTROL_WORDS]; SEND_BATCH];
+        let mut ctl_lens = [0usize; SEND_BATCH];
+        let mut count = 0;
+        for ((bytes, fds), (iov, (ctl, ctl_len))) in frames.into_iter().zip(
+            iovs.iter_mut()
+                .zip(control.iter_mut().zip(ctl_lens.iter_mut())),
+        ) {
+            let bytes = bytes.as_ref();
+            let bad = if bytes.is_empty() {
+                Some(FrameError::Empty)
+            } else if bytes.len() > MAX_FRAME {
+                Some(FrameError::TooLarge { limit: MAX_FRAME })
+            } else {
+                frame::check_fd_count(fds.len()).err()
+            };
+            if let Some(e) = bad {
+                if count == 0 {
+                    return Err(e.into());
+                }
+                break;
+            }
+            iov.iov_base = bytes.as_ptr().cast_mut().cast::<c_void>();
+            iov.iov_len = bytes.len();
+            *ctl_len = write_rights(ctl, fds);
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(0);
+        }
+        // SAFETY: mmsghdr is a plain C struct for which all-zero is a valid value.
+        let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+        let iov_base = iovs.as_mut_ptr();
+        for (i, (h, (ctl, len))) in hdrs
+            .iter_mut()
+            .zip(control.iter_mut().zip(ctl_lens))
+            .enumerate()
+            .take(count)
+        {
+            // SAFETY: i < count ≤ SEND_BATCH = iovs.len().
+            h.msg_hdr.msg_iov = unsafe { iov_base.add(i) };
+            h.msg_hdr.msg_iovlen = 1;
+            if len > 0 {
+                h.msg_hdr.msg_control = ctl.as_mut_ptr().cast::<c_void>();
+                h.msg_hdr.msg_controllen = len;
+            }
+        }
+        let vlen = libc::c_uint::try_from(count).unwrap_or(1);
+        // SAFETY: hdrs[..count] point at live iovecs (each over a borrowed frame's bytes,
+        // which outlive this call) and at control buffers holding one well-formed
+        // SCM_RIGHTS message of borrowed, open fds; the kernel only reads them.
+        let n = unsafe {
+            libc::sendmmsg(
+                self.fd.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                vlen,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            return Err(sys("sendmmsg")(Errno::last()));
+        }
+        let n = usize::try_from(n).unwrap_or(0).min(count);
+        for (h, iov) in hdrs.iter().zip(iovs.iter()).take(n) {
+            if usize::try_from(h.msg_len).ok() != Some(iov.iov_len) {
+                // SOCK_SEQPACKET sends are atomic; anything else is a kernel contract violation.
+                return Err(ChannelError::Sys {
+                    op: "sendmmsg (short write)",
+                    errno: Errno::EMSGSIZE,
+                });
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The checks `recv_frame_with` makes on one received datagram (`len` bytes, `flags` from
+/// its msghdr, its fds already owned): truncation, the fd bound, empty datagrams and EOF.
+fn check_datagram(
+    len: usize,
+    flags: libc::c_int,
+    fds: Vec<OwnedFd>,
+    peer_hung_up: impl FnOnce() -> bool,
+) -> Result<Vec<OwnedFd>, ChannelError> {
+    let data_trunc = flags & libc::MSG_TRUNC != 0;
+    let ctrl_trunc = flags & libc::MSG_CTRUNC != 0;
+    if data_trunc || ctrl_trunc || fds.len() > MAX_FDS {
+        return Err(ChannelError::Truncated {
+            data: data_trunc,
+            control: ctrl_trunc || fds.len() > MAX_FDS,
+            fds_closed: fds.len(),
+        });
+    }
+    if len == 0 {
+        if fds.is_empty() && peer_hung_up() {
+            return Err(ChannelError::Closed);
+        }
+        return Err(ChannelError::EmptyFrame {
+            fds_closed: fds.len(),
+        });
+    }
+    Ok(fds)
+}
+
+/// Writes one SCM_RIGHTS message carrying `fds` into `ctl`; returns the msg_controllen to
+/// use (0 when there are no fds). `fds.len()` ≤ MAX_FDS (checked by the caller), so the
+/// message fits: CMSG_SPACE(28 * 4) = 128 bytes ≤ 256.
+fn write_rights<F: AsFd>(ctl: &mut [u64; CONTROL_WORDS], fds: &[F]) -> usize {
+    if fds.is_empty() || fds.len() > MAX_FDS {
+        return 0;
+    }
+    let bytes = (fds.len() * size_of::<RawFd>()) as libc::c_uint;
+    // SAFETY: pure arithmetic.
+    let (space, len) = unsafe { (libc::CMSG_SPACE(bytes), libc::CMSG_LEN(bytes)) };
+    // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_control = ctl.as_mut_ptr().cast::<c_void>();
+    hdr.msg_controllen = space as usize;
+    // SAFETY: hdr describes `ctl`, which holds at least `space` bytes (see above), so
+    // CMSG_FIRSTHDR returns a header inside it.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&hdr) };
+    if cmsg.is_null() {
+        return 0;
+    }
+    // SAFETY: cmsg points at the start of `ctl` (8-byte aligned, room for the header and
+    // `bytes` of data); the fds are written unaligned-safe right after the header.
+    unsafe {
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = len as usize;
+        let data = libc::CMSG_DATA(cmsg);
+        for (i, fd) in fds.iter().enumerate() {
+            std::ptr::write_unaligned(
+                data.add(i * size_of::<RawFd>()).cast::<RawFd>(),
+                fd.as_fd().as_raw_fd(),
+            );
+        }
+    }
+    space as usize
+}
+
+/// Closes every fd in `fds` (emptying it) with as few system calls as possible: each run of
+/// consecutive fd numbers, two or more long, goes with one `close_range(2)`; the rest with
+/// `close(2)`. Only the exact numbers held here are closed: a run is used only when every
+/// number from its first to its last is one of these owned fds, so no other fd of the
+/// process can be in the range. If `close_range` fails (an old kernel), the run is closed
+/// one by one.
+pub fn close_fds(fds: &mut Vec<OwnedFd>) {
+    if fds.len() < 2 {
+        fds.clear();
+        return;
+    }
+    fds.sort_unstable_by_key(|f| f.as_raw_fd());
+    let mut rest = std::mem::take(fds).into_iter().peekable();
+    while let Some(first) = rest.next() {
+        let lo = first.as_raw_fd();
+        let mut run = vec![first];
+        while let Some(next) = rest.next_if(|f| {
+            run.last()
+                .is_some_and(|l| l.as_raw_fd().checked_add(1) == Some(f.as_raw_fd()))
+        }) {
+            run.push(next);
+        }
+        if run.len() < 2 {
+            continue; // dropped: close(2)
+        }
+        let hi = lo.saturating_add(i32::try_from(run.len() - 1).unwrap_or(0));
+        // The numbers lo..=hi are exactly `run` (consecutive, distinct owned fds): give up
+        // ownership, then close them in one call.
+        let raws: Vec<RawFd> = run
+            .into_iter()
+            .map(std::os::fd::IntoRawFd::into_raw_fd)
+            .collect();
+        let (Ok(first), Ok(last)) = (libc::c_uint::try_from(lo), libc::c_uint::try_from(hi)) else {
+            close_raw(&raws);
+            continue;
+        };
+        // SAFETY: every fd in first..=last is one this function owns (see above); no other
+        // code holds these numbers, and none of them is used after this call.
+        let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0 as libc::c_uint) };
+        if r != 0 {
+            close_raw(&raws);
+        }
+    }
+}
+
+fn close_raw(raws: &[RawFd]) {
+    for &raw in raws {
+        // SAFETY: `raw` was an OwnedFd whose ownership close_fds took over; it is closed
+        // exactly once, here.
+        unsafe { libc::close(raw) };
     }
 }
 

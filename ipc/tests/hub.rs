@@ -1159,3 +1159,100 @@ fn release_and_move_drop_entries() {
     send(&a_to_c, 6, &[(pw.as_fd(), Rights::WRITE)]);
     expect_refused(&a_to_c, 6, Refusal::InvalidId);
 }
+
+/// Many frames with fds sent back to back (one `sendmmsg` per 16, so the hub reads them in
+/// `recvmmsg` batches): each frame is still decided alone. The bad ones (a socket among the
+/// fds; 29 fds) are refused with one audit record each, every good one in the same batches
+/// is delivered in order with its own fds, and the hub's fd count is unchanged.
+#[test]
+fn batched_frames_are_decided_one_by_one() {
+    let mut h = TestHub::start(POLICY, &["a", "b"], &[]);
+    h.provide("a", "inbox");
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    drop(h.alloc("a", 1).unwrap());
+    h.provide("a", "inbox");
+    let before = h.hub_fds();
+    let m = memfd();
+    let (s1, _s2) = Channel::pair().unwrap();
+    let (_r, w) = nix::unistd::pipe().unwrap();
+    let many: Vec<(OwnedFd, OwnedFd)> = (0..29).map(|_| nix::unistd::pipe().unwrap()).collect();
+    let bad = |seq: u32| seq % 7 == 0;
+    let truncated = |seq: u32| seq % 13 == 0;
+    let frames: Vec<(Vec<u8>, Vec<BorrowedFd<'_>>)> = (1..=50u32)
+        .map(|seq| {
+            let (fds, rights): (Vec<BorrowedFd<'_>>, Vec<Rights>) = if truncated(seq) {
+                many.iter().map(|(_, w)| (w.as_fd(), Rights::WRITE)).unzip()
+            } else if bad(seq) {
+                vec![(m.as_fd(), RO), (s1.as_fd(), Rights::SEND)]
+                    .into_iter()
+                    .unzip()
+            } else if seq % 2 == 0 {
+                vec![(m.as_fd(), RO), (w.as_fd(), Rights::WRITE)]
+                    .into_iter()
+                    .unzip()
+            } else {
+                vec![(m.as_fd(), RO)].into_iter().unzip()
+            };
+            let msg = ConnSend {
+                seq,
+                data: seq.to_le_bytes().to_vec(),
+                rights: rights.into_iter().take(8).collect(),
+            };
+            (frame::encode(&msg).unwrap(), fds)
+        })
+        .collect();
+    // Runs of good-sized frames go with sendmmsg; the 29-fd ones need a raw sendmsg.
+    let mut sent = 0;
+    while sent < frames.len() {
+        let (bytes, fds) = &frames[sent];
+        if fds.len() > frame::MAX_FDS {
+            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let iov = [std::io::IoSlice::new(bytes)];
+            let cmsg = [ControlMessage::ScmRights(&raw)];
+            sendmsg::<()>(b_to_a.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).unwrap();
+            sent += 1;
+            continue;
+        }
+        sent += b_to_a
+            .try_send_frames(
+                frames[sent..]
+                    .iter()
+                    .take_while(|(_, f)| f.len() <= frame::MAX_FDS)
+                    .map(|(b, f)| (b, f.as_slice())),
+            )
+            .unwrap();
+    }
+    for seq in (1..=50u32).filter(|s| !bad(*s) && !truncated(*s)) {
+        let (infos, fds) = expect_deliver(&a_from_b, seq);
+        assert_eq!(fds.len(), if seq % 2 == 0 { 2 } else { 1 }, "frame {seq}");
+        assert_eq!(infos.len(), fds.len());
+        assert_eq!(infos[0].rights, RO);
+        let ino = |f: BorrowedFd<'_>| nix::sys::stat::fstat(f).unwrap().st_ino;
+        assert_eq!(ino(fds[0].as_fd()), ino(m.as_fd()));
+        if seq % 2 == 0 {
+            assert!(infos[1].write_end);
+        }
+    }
+    nothing_pending(&a_from_b);
+    for seq in 1..=50u32 {
+        if truncated(seq) {
+            expect_refused(&b_to_a, 0, Refusal::InvalidArgs);
+        } else if bad(seq) {
+            expect_refused(&b_to_a, seq, Refusal::PermissionDenied);
+        }
+    }
+    nothing_pending(&b_to_a);
+    drop(h.alloc("a", 1).unwrap()); // also flushes the audit log
+    h.provide("a", "inbox");
+    assert_eq!(h.hub_fds(), before);
+    // Every refusal is in exactly one record: a record, or `similar = n` standing for n
+    // more identical to the one before it.
+    let refused = (1..=50u32).filter(|s| bad(*s) || truncated(*s)).count() as u64;
+    let denied: u64 = h
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["allowed"] == false && r["verb"] == "transfer")
+        .map(|r| r["similar"].as_u64().filter(|n| *n > 0).unwrap_or(1))
+        .sum();
+    assert_eq!(denied, refused);
+}

@@ -338,3 +338,293 @@ proptest! {
         });
     }
 }
+
+// ---- batches: recvmmsg / sendmmsg / close_fds -------------------------------------------
+
+use bulkhead_ipc::channel::{close_fds, RawFrame, RecvBatch, RECV_BATCH, SEND_BATCH};
+
+fn recv_batch(
+    ch: &Channel,
+    batch: &mut RecvBatch,
+    max: usize,
+) -> Vec<Result<RawFrame, ChannelError>> {
+    let mut out = Vec::new();
+    ch.try_recv_frames(batch, max, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn batch_receive_keeps_each_frames_fds_with_it() {
+    no_leak(|| {
+        let (a, b) = Channel::pair().unwrap();
+        let ends = pipes(10);
+        // Frames with 0, 1, 2, 3 and 4 fds: fds k*(k-1)/2 .. of `ends`.
+        let mut next = 0;
+        for k in 0..5usize {
+            let fds: Vec<BorrowedFd<'_>> = ends[next..next + k]
+                .iter()
+                .map(|(r, _)| r.as_fd())
+                .collect();
+            a.send(
+                &Msg::Hello {
+                    name: "x".into(),
+                    n: k as u64,
+                },
+                &fds,
+            )
+            .unwrap();
+            next += k;
+        }
+        let mut batch = RecvBatch::new();
+        let got = recv_batch(&b, &mut batch, RECV_BATCH);
+        assert_eq!(got.len(), 5);
+        let mut next = 0;
+        for (k, r) in got.into_iter().enumerate() {
+            let raw = r.unwrap();
+            let msg: Msg = frame::decode(&raw.bytes).unwrap();
+            assert_eq!(
+                msg,
+                Msg::Hello {
+                    name: "x".into(),
+                    n: k as u64
+                }
+            );
+            assert_eq!(raw.fds.len(), k);
+            for (fd, (r, _)) in raw.fds.iter().zip(&ends[next..next + k]) {
+                assert!(same_file(fd.as_fd(), r.as_fd()));
+                let flags = fcntl(fd, FcntlArg::F_GETFD).unwrap();
+                assert!(FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC));
+            }
+            next += k;
+        }
+        assert!(matches!(
+            b.try_recv_frames(&mut batch, RECV_BATCH, &mut Vec::new()),
+            Err(ChannelError::WouldBlock)
+        ));
+    });
+}
+
+#[test]
+fn batch_receive_bad_frames_close_only_their_own_fds() {
+    no_leak(|| {
+        let (a, b) = Channel::pair().unwrap();
+        let ends = pipes(MAX_FDS + 1);
+        let all: Vec<RawFd> = ends.iter().map(|(r, _)| r.as_raw_fd()).collect();
+        let good = frame::encode(&Msg::Nothing).unwrap();
+        raw_send(&a, &good, &all[..1]);
+        raw_send(&a, &good, &all); // 29 fds: MSG_CTRUNC
+        raw_send(&a, &[], &all[..2]); // empty datagram with fds
+        let mut big = vec![0u8; MAX_FRAME + 1];
+        big[0] = WIRE_VERSION;
+        raw_send(&a, &big, &all[..3]); // MSG_TRUNC
+        raw_send(&a, &good, &all[1..3]);
+        let mut batch = RecvBatch::new();
+        let got = recv_batch(&b, &mut batch, RECV_BATCH);
+        assert_eq!(got.len(), 5);
+        let mut it = got.into_iter();
+        let first = it.next().unwrap().unwrap();
+        assert_eq!(first.fds.len(), 1);
+        assert!(same_file(first.fds[0].as_fd(), ends[0].0.as_fd()));
+        assert!(matches!(
+            it.next().unwrap(),
+            Err(ChannelError::Truncated {
+                control: true,
+                fds_closed: MAX_FDS,
+                ..
+            })
+        ));
+        assert!(matches!(
+            it.next().unwrap(),
+            Err(ChannelError::EmptyFrame { fds_closed: 2 })
+        ));
+        assert!(matches!(
+            it.next().unwrap(),
+            Err(ChannelError::Truncated {
+                data: true,
+                fds_closed: 3,
+                ..
+            })
+        ));
+        let last = it.next().unwrap().unwrap();
+        assert_eq!(last.fds.len(), 2);
+        assert!(same_file(last.fds[0].as_fd(), ends[1].0.as_fd()));
+        assert!(same_file(last.fds[1].as_fd(), ends[2].0.as_fd()));
+    });
+}
+
+#[test]
+fn batch_receive_reuses_buffers_without_stale_fds_and_respects_max() {
+    no_leak(|| {
+        let (a, b) = Channel::pair().unwrap();
+        let ends = pipes(1);
+        let mut batch = RecvBatch::new();
+        for _ in 0..RECV_BATCH {
+            a.send(&Msg::Nothing, &[ends[0].0.as_fd()]).unwrap();
+        }
+        assert!(recv_batch(&b, &mut batch, RECV_BATCH)
+            .into_iter()
+            .all(|r| r.unwrap().fds.len() == 1));
+        // The control buffers still hold the old fd numbers: fd-less frames must get none.
+        for i in 0..5u64 {
+            a.send(
+                &Msg::Hello {
+                    name: String::new(),
+                    n: i,
+                },
+                &[],
+            )
+            .unwrap();
+        }
+        let got = recv_batch(&b, &mut batch, 3);
+        assert_eq!(got.len(), 3, "at most `max` datagrams");
+        assert!(got.into_iter().all(|r| r.unwrap().fds.is_empty()));
+        let got = recv_batch(&b, &mut batch, RECV_BATCH);
+        assert_eq!(got.len(), 2);
+        assert!(got.into_iter().all(|r| r.unwrap().fds.is_empty()));
+    });
+}
+
+#[test]
+fn batch_receive_reports_eof_once_after_the_queued_frames() {
+    no_leak(|| {
+        let (a, b) = Channel::pair().unwrap();
+        a.send(&Msg::Nothing, &[]).unwrap();
+        a.send(&Msg::Nothing, &[]).unwrap();
+        drop(a);
+        let mut batch = RecvBatch::new();
+        let got = recv_batch(&b, &mut batch, RECV_BATCH);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(got[0].is_ok() && got[1].is_ok());
+        assert!(matches!(got[2], Err(ChannelError::Closed)));
+    });
+}
+
+#[test]
+fn batch_send_delivers_each_frame_with_its_own_fds() {
+    no_leak(|| {
+        let (a, b) = Channel::pair().unwrap();
+        let ends = pipes(SEND_BATCH + 4);
+        let frames: Vec<(Vec<u8>, Vec<BorrowedFd<'_>>)> = (0..SEND_BATCH + 4)
+            .map(|i| {
+                let bytes = frame::encode(&Msg::Hello {
+                    name: String::new(),
+                    n: i as u64,
+                })
+                .unwrap();
+                let fds = (0..=i % 3)
+                    .map(|j| ends[(i + j) % ends.len()].0.as_fd())
+                    .collect();
+                (bytes, fds)
+            })
+            .collect();
+        let sent = a
+            .try_send_frames(frames.iter().map(|(b, f)| (b, f.as_slice())))
+            .unwrap();
+        assert_eq!(sent, SEND_BATCH, "one call sends at most SEND_BATCH");
+        let rest = a
+            .try_send_frames(frames[sent..].iter().map(|(b, f)| (b, f.as_slice())))
+            .unwrap();
+        assert_eq!(rest, 4);
+        for (i, (_, fds)) in frames.iter().enumerate() {
+            let (msg, got) = b.try_recv::<Msg>().unwrap();
+            assert_eq!(
+                msg,
+                Msg::Hello {
+                    name: String::new(),
+                    n: i as u64
+                }
+            );
+            assert_eq!(got.len(), fds.len());
+            for (g, f) in got.iter().zip(fds) {
+                assert!(same_file(g.as_fd(), *f));
+            }
+        }
+        assert_nothing_pending(&b);
+    });
+}
+
+#[test]
+fn batch_send_stops_before_a_frame_out_of_bounds() {
+    no_leak(|| {
+        let (a, b) = Channel::pair().unwrap();
+        let ends = pipes(MAX_FDS + 1);
+        let ok = frame::encode(&Msg::Nothing).unwrap();
+        let none: Vec<BorrowedFd<'_>> = Vec::new();
+        let many: Vec<BorrowedFd<'_>> = ends.iter().map(|(r, _)| r.as_fd()).collect();
+        let frames = [
+            (ok.clone(), none.clone()),
+            (ok.clone(), many),
+            (ok, none.clone()),
+        ];
+        let sent = a
+            .try_send_frames(frames.iter().map(|(b, f)| (b, f.as_slice())))
+            .unwrap();
+        assert_eq!(sent, 1);
+        assert!(matches!(
+            a.try_send_frames(frames[1..].iter().map(|(b, f)| (b, f.as_slice()))),
+            Err(ChannelError::Frame(FrameError::TooManyFds { .. }))
+        ));
+        assert!(matches!(
+            a.try_send_frames([(&Vec::<u8>::new(), none.as_slice())]),
+            Err(ChannelError::Frame(FrameError::Empty))
+        ));
+        assert_eq!(b.try_recv::<Msg>().unwrap().0, Msg::Nothing);
+        assert_nothing_pending(&b);
+    });
+}
+
+#[test]
+fn batch_send_reports_back_pressure() {
+    no_leak(|| {
+        let (a, _b) = Channel::pair().unwrap();
+        let blob = frame::encode(&Msg::Blob(vec![0; 4096])).unwrap();
+        let none: [BorrowedFd<'_>; 0] = [];
+        let frames: Vec<(&Vec<u8>, &[BorrowedFd<'_>])> = vec![(&blob, &none[..]); SEND_BATCH];
+        let mut total = 0;
+        loop {
+            match a.try_send_frames(frames.iter().copied()) {
+                Ok(n) => total += n,
+                Err(ChannelError::WouldBlock) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(total < 100_000, "never filled");
+        }
+        assert!(total > 0);
+    });
+}
+
+fn is_open(raw: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries the fd table.
+    unsafe { libc::fcntl(raw, libc::F_GETFD) >= 0 }
+}
+
+#[test]
+fn close_fds_closes_exactly_the_given_fds() {
+    no_leak(|| {
+        // Contiguous runs and gaps, with bystanders in the gaps that must stay open.
+        let files: Vec<OwnedFd> = (0..12)
+            .map(|_| OwnedFd::from(File::open("/dev/null").unwrap()))
+            .collect();
+        let raws: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let mut doomed = Vec::new();
+        let mut kept = Vec::new();
+        for (i, f) in files.into_iter().enumerate() {
+            if [3, 7, 8].contains(&i) {
+                kept.push(f);
+            } else {
+                doomed.push(f);
+            }
+        }
+        doomed.reverse(); // order does not matter
+        close_fds(&mut doomed);
+        assert!(doomed.is_empty());
+        for (i, raw) in raws.iter().enumerate() {
+            assert_eq!(is_open(*raw), [3, 7, 8].contains(&i), "fd index {i}");
+        }
+        drop(kept);
+        let mut empty = Vec::new();
+        close_fds(&mut empty);
+        let mut one = vec![OwnedFd::from(File::open("/dev/null").unwrap())];
+        close_fds(&mut one);
+    });
+}

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use bulkhead_policy::{ConnectionCaps, Direction, RootDir, ValidateOptions};
 use nix::sys::socket::MsgFlags;
 
-use crate::channel::{Channel, ChannelError, ChannelListener};
+use crate::channel::{
+    close_fds, Channel, ChannelError, ChannelListener, RawFrame, RecvBatch, SEND_BATCH,
+};
 use crate::classify::{classify, FdKind, ObjKey};
 use crate::frame;
 use audit::{Audit, Entry};
@@ -46,6 +48,8 @@ pub const DEFAULT_QUEUE: usize = 64;
 const RO_CACHE: usize = 256;
 /// How often the memfd server looks for released allocations while the hub is busy.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Most frames read from one connection side per wake-up (then the others get a turn).
+const READ_BUDGET: usize = 128;
 /// Default for [`HubConfig::max_conns_per_vm`].
 pub const DEFAULT_MAX_CONNS_PER_VM: usize = 256;
 /// Most control-socket clients at once.
@@ -211,6 +215,14 @@ pub struct Hub {
     max_conns_per_vm: usize,
     /// Set while a batch is read: deliveries are flushed after it.
     defer_flush: bool,
+    /// Receive buffers for `recvmmsg` (one set, reused for every connection).
+    rx: RecvBatch,
+    /// The outcomes of one receive batch (reused, to spare an allocation per batch).
+    rx_out: Vec<Result<RawFrame, ChannelError>>,
+    /// Senders' memfds replaced by read-only descriptions: closed together by [`Hub::bury`]
+    /// once a batch is decided, before its deliveries go out (contiguous ones with one
+    /// `close_range`); never held across a poll.
+    grave: Vec<OwnedFd>,
 }
 
 #[derive(Clone, Copy)]
@@ -278,6 +290,9 @@ impl Hub {
             last_sweep: Instant::now(),
             max_conns_per_vm: cfg.max_conns_per_vm,
             defer_flush: false,
+            rx: RecvBatch::new(),
+            rx_out: Vec::new(),
+            grave: Vec::new(),
         })
     }
 
@@ -315,7 +330,13 @@ impl Hub {
                 }
                 self.dispatch(src, p.revents);
             }
+            self.bury();
         }
+    }
+
+    /// Closes the fds the hub is done with.
+    fn bury(&mut self) {
+        close_fds(&mut self.grave);
     }
 
     fn poll_set(&self) -> (Vec<libc::pollfd>, Vec<Src>) {
@@ -781,8 +802,10 @@ impl Hub {
     }
 
     fn sweep_memfds(&mut self) {
-        // The cache's own descriptions would count as holders: drop them first.
+        // The cache's own descriptions and fds waiting to be closed would count as holders:
+        // drop them first.
         self.ro_cache.clear();
+        self.bury();
         self.audit.flush();
         self.last_sweep = Instant::now();
         for key in self.memfd.sweep() {
@@ -815,42 +838,91 @@ impl Hub {
         }
     }
 
+    /// Reads frames from one side with `recvmmsg` batches until the socket is empty, the
+    /// queues are full (back-pressure: the rest stays in the sender's socket) or
+    /// `READ_BUDGET` frames were read. Each frame is still decided on its own (`route`);
+    /// after each batch the deliveries go out with `sendmmsg` and the consumed fds are
+    /// closed.
     fn read_conn_batch(&mut self, id: ConnId, s: Side) {
-        for _ in 0..64 {
+        let mut budget = READ_BUDGET;
+        while budget > 0 {
             let limit = self.queue_limit;
             let Some(c) = self.conns.get(&id) else {
                 return;
             };
-            if c.end(other(s)).out.len() >= limit || c.end(s).out.len() >= limit {
-                return; // back-pressure: leave it in the sender's socket
-            }
             if c.end(s).eof {
                 return;
             }
-            match c.end(s).sock.try_recv_frame() {
-                Ok(raw) => self.route(id, s, raw.bytes, raw.fds),
-                Err(ChannelError::WouldBlock) => return,
-                Err(ChannelError::Closed) | Err(ChannelError::Sys { .. }) => {
-                    if let Some(c) = self.conns.get_mut(&id) {
-                        let me = c.end_mut(s);
-                        me.eof = true;
-                        me.out.clear(); // refusals for a sender that left
-                    }
+            let queued = c.end(other(s)).out.len().max(c.end(s).out.len());
+            // Never read more than the queues can take: every frame read may queue one
+            // delivery (or one refusal), and the bound stays exact.
+            let room = limit.saturating_sub(queued).min(budget);
+            if room == 0 {
+                return; // back-pressure: leave it in the sender's socket
+            }
+            let mut got = std::mem::take(&mut self.rx_out);
+            got.clear();
+            let res = c.end(s).sock.try_recv_frames(&mut self.rx, room, &mut got);
+            let asked = room.min(crate::channel::RECV_BATCH);
+            match res {
+                Ok(()) => {}
+                Err(ChannelError::WouldBlock) => {
+                    self.rx_out = got;
                     return;
                 }
-                Err(e) => {
-                    // Truncated / empty / oversize: consumed, fds closed. Refuse it.
-                    self.deny_frame(
-                        id,
-                        s,
-                        0,
-                        Refusal::InvalidArgs,
-                        e.to_string(),
-                        Vec::new(),
-                        Vec::new(),
-                    );
+                Err(_) => {
+                    // Closed, or the socket failed: nothing more comes from this side.
+                    self.rx_out = got;
+                    self.end_eof(id, s);
+                    return;
                 }
             }
+            let n = got.len();
+            budget = budget.saturating_sub(n.max(1));
+            let mut eof = false;
+            for outcome in got.drain(..) {
+                match outcome {
+                    Ok(raw) => self.route(id, s, raw.bytes, raw.fds),
+                    Err(ChannelError::Closed) | Err(ChannelError::Sys { .. }) => {
+                        eof = true;
+                        break;
+                    }
+                    Err(e) => {
+                        // Truncated / empty / oversize: consumed, fds closed. Refuse it.
+                        self.deny_frame(
+                            id,
+                            s,
+                            0,
+                            Refusal::InvalidArgs,
+                            e.to_string(),
+                            Vec::new(),
+                            Vec::new(),
+                        );
+                    }
+                }
+            }
+            self.rx_out = got;
+            if eof {
+                self.end_eof(id, s);
+                return;
+            }
+            // The senders' fds this batch replaced close now, then its deliveries (and
+            // refusals) go out.
+            self.bury();
+            self.flush_conn(id, other(s));
+            self.flush_conn(id, s);
+            if n < asked {
+                return; // the socket was empty: no need for a call that says EAGAIN
+            }
+        }
+    }
+
+    /// The hub read EOF (or an error) from one side: nothing more comes from it.
+    fn end_eof(&mut self, id: ConnId, s: Side) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            let me = c.end_mut(s);
+            me.eof = true;
+            me.out.clear(); // refusals for a sender that left
         }
     }
 
@@ -1122,8 +1194,9 @@ impl Hub {
                         ro
                     }
                 };
-                // The sender's description is closed here; the receiver gets the read-only one.
-                drop(fd);
+                // The sender's description is closed (with the batch's others, see `bury`);
+                // the receiver gets the read-only one.
+                self.grave.push(fd);
                 out.push(OutFd::Shared(ro));
             } else {
                 out.push(OutFd::Own(fd));
@@ -1237,13 +1310,36 @@ fn truncate_name(s: &str) -> Name {
     n
 }
 
-/// Sends queued frames until the socket is full; `Err` if the peer is gone.
+/// Sends queued frames, `SEND_BATCH` per `sendmmsg`, until the queue is empty or the socket
+/// is full; `Err` if the peer is gone. The hub's own fds of the frames sent are closed before
+/// it returns (`close_fds`).
 fn flush(ch: &Channel, q: &mut VecDeque<Queued>) -> Result<(), ChannelError> {
-    while let Some((bytes, fds)) = q.front() {
-        let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-        match ch.send_raw(bytes, &borrowed, MsgFlags::MSG_DONTWAIT) {
-            Ok(()) => {
-                q.pop_front();
+    let mut sent_fds = Vec::new();
+    let r = flush_into(ch, q, &mut sent_fds);
+    close_fds(&mut sent_fds);
+    r
+}
+
+fn flush_into(
+    ch: &Channel,
+    q: &mut VecDeque<Queued>,
+    grave: &mut Vec<OwnedFd>,
+) -> Result<(), ChannelError> {
+    while !q.is_empty() {
+        let asked = q.len().min(SEND_BATCH);
+        match ch.try_send_frames(q.iter().map(|(bytes, fds)| (bytes, fds.as_slice()))) {
+            Ok(n) => {
+                for (_, fds) in q.drain(..n.min(q.len())) {
+                    grave.extend(fds.into_iter().filter_map(|f| match f {
+                        OutFd::Own(f) => Some(f),
+                        OutFd::Shared(_) => None,
+                    }));
+                }
+                if n < asked {
+                    // The socket filled up (POLLOUT resumes), or the next frame fails and
+                    // the next flush reports it.
+                    return Ok(());
+                }
             }
             Err(ChannelError::WouldBlock) => return Ok(()),
             Err(e) => {
