@@ -582,3 +582,78 @@ fn faux_accept_name_over_the_listener_then_connect() {
     r.dev.st.read_host();
     assert_eq!(r.drain_in(2), vec![InMessage::Hup { id: 2 }]);
 }
+
+/// A host peer that never reads must not hold the device: once the socket is full a SEND
+/// waits a bounded time and the guest gets OUT_OF_MEMORY with nothing sent, so no byte is
+/// lost or doubled, and sends go through again once the peer reads.
+#[test]
+fn a_host_socket_that_is_not_read_gives_back_pressure_not_a_stuck_device() {
+    let mut r = rig();
+    r.dev.st.set_send_wait(std::time::Duration::from_millis(20));
+    let mut peer = r.connect(1, "wayland");
+    let msg = [0x5au8; 64];
+    let mut ok = 0usize;
+    let code = loop {
+        let c = r.code(&send(1, &[], &msg));
+        if c != RESP_OK {
+            break c;
+        }
+        ok += 1;
+        assert!(ok < 1_000_000, "the socket never filled");
+    };
+    assert_eq!(code, RESP_OUT_OF_MEMORY);
+    assert!(ok > 0);
+    // The peer reads everything that was accepted: exactly `ok` messages.
+    peer.set_nonblocking(true).unwrap();
+    let mut got = 0usize;
+    let mut buf = [0u8; 65536];
+    loop {
+        match peer.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                assert!(buf[..n].iter().all(|b| *b == 0x5a));
+                got += n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, ok * msg.len());
+    assert_eq!(r.code(&send(1, &[], b"again")), RESP_OK);
+    peer.set_nonblocking(false).unwrap();
+    let mut again = [0u8; 5];
+    peer.read_exact(&mut again).unwrap();
+    assert_eq!(&again, b"again");
+}
+
+/// The same for a guest-to-host pipe whose reader does not read.
+#[test]
+fn a_pipe_that_is_not_read_gives_back_pressure_not_a_stuck_device() {
+    let mut r = rig();
+    r.dev.st.set_send_wait(std::time::Duration::from_millis(20));
+    let peer = r.connect(1, "wayland");
+    r.new_vfd(&vfd_new(CMD_VFD_NEW_PIPE, 3, VFD_WRITE, 0, ""));
+    assert_eq!(r.code(&send(1, &[3], b"p")), RESP_OK);
+    let mut buf = [0u8; 8];
+    let got = scm::recv_with_fds(peer.as_fd(), &mut buf).unwrap();
+    let read_end = got.fds.into_iter().next().unwrap();
+    let chunk = [0xa5u8; 4096];
+    let mut ok = 0usize;
+    let code = loop {
+        let c = r.code(&send(3, &[], &chunk));
+        if c != RESP_OK {
+            break c;
+        }
+        ok += 1;
+        assert!(ok < 100_000, "the pipe never filled");
+    };
+    assert_eq!(code, RESP_OUT_OF_MEMORY);
+    let mut f = std::fs::File::from(read_end);
+    let mut all = vec![0u8; ok * chunk.len()];
+    f.read_exact(&mut all).unwrap();
+    assert!(all.iter().all(|b| *b == 0xa5));
+    assert_eq!(r.code(&send(3, &[], b"more")), RESP_OK);
+    let mut more = [0u8; 4];
+    f.read_exact(&mut more).unwrap();
+    assert_eq!(&more, b"more");
+}

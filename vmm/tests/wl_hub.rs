@@ -502,7 +502,7 @@ fn a_read_only_grant_gives_the_guest_a_read_only_buffer() {
 fn back_pressure_from_a_peer_that_never_reads_answers_out_of_memory() {
     let (hub, mut chans) = TestHub::start(POLICY, &["peer", "client"], 1);
     let mut client = device(chans.pop().unwrap());
-    client.st.set_hub_send_wait(Duration::from_millis(20));
+    client.st.set_send_wait(Duration::from_millis(20));
     let peer = chans.pop().unwrap();
     hang_guard(&peer);
     peer.send(

@@ -11,7 +11,8 @@ const CMSG_BUF: usize = 256;
 #[repr(C, align(8))]
 struct CmsgBuf([u8; CMSG_BUF]);
 
-/// Sends `data` and `fds` in one message. Returns the bytes sent.
+/// Sends `data` and `fds` in one message without blocking. Returns the bytes sent;
+/// `WouldBlock` when the socket is full.
 pub fn send_with_fds(
     sock: BorrowedFd<'_>,
     data: &[u8],
@@ -55,7 +56,14 @@ pub fn send_with_fds(
     }
     loop {
         // SAFETY: `msg` points at live buffers for the duration of the call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        // Never blocks, whatever the socket's mode: the device worker must not wait on a peer.
+        let n = unsafe {
+            libc::sendmsg(
+                sock.as_raw_fd(),
+                &msg,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -66,38 +74,140 @@ pub fn send_with_fds(
     }
 }
 
-/// Sends all of `data` (the fds go with the first part). Blocks while the socket is full.
+/// Why a bounded send stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The peer took nothing before the deadline: nothing was sent (back-pressure; the
+    /// caller may try again later).
+    #[error("the peer is not reading (nothing sent)")]
+    Full,
+    /// The peer stopped reading part-way through: the stream is cut, so its write side was
+    /// shut down (later sends fail at once).
+    #[error("the peer stopped reading after {sent} of {len} bytes; write side shut down")]
+    Cut { sent: usize, len: usize },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Sends all of `data` (the fds go with the first part) without blocking for more than
+/// `wait` in all: a peer that does not read costs the device worker at most `wait`.
 pub fn send_all_with_fds(
     sock: BorrowedFd<'_>,
     data: &[u8],
     fds: &[BorrowedFd<'_>],
-) -> std::io::Result<()> {
-    let mut sent = send_with_fds(sock, data, fds)?;
-    if data.is_empty() && fds.is_empty() {
-        return Ok(());
-    }
+    wait: std::time::Duration,
+) -> Result<(), SendError> {
+    let deadline = std::time::Instant::now() + wait;
+    let left = || deadline.saturating_duration_since(std::time::Instant::now());
+    let mut sent = loop {
+        match send_with_fds(sock, data, fds) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if left().is_zero() {
+                    return Err(SendError::Full);
+                }
+                wait_writable(sock, left());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     while sent < data.len() {
         let rest = data.get(sent..).unwrap_or_default();
         match send_with_fds(sock, rest, &[]) {
             Ok(n) => sent += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_writable(sock)?,
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if left().is_zero() {
+                    // SAFETY: shutdown(2) on a descriptor we borrow; no memory involved.
+                    unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_WR) };
+                    return Err(SendError::Cut {
+                        sent,
+                        len: data.len(),
+                    });
+                }
+                wait_writable(sock, left());
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
 }
 
-fn wait_writable(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+/// Writes all of `data` to a pipe, bounded by `wait` as [`send_all_with_fds`] (a pipe cannot
+/// be shut down: when cut, the guest is told that the write failed). The pipe may be a peer's, shared
+/// with it, so its mode is left alone: each write waits for POLLOUT (room for at least one
+/// page) and then writes at most `PIPE_BUF` bytes, which never blocks.
+pub fn write_all_bounded(
+    pipe: BorrowedFd<'_>,
+    data: &[u8],
+    wait: std::time::Duration,
+) -> Result<(), SendError> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut done = 0;
+    while done < data.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if !poll_writable(pipe, left)? {
+            return Err(if done == 0 {
+                SendError::Full
+            } else {
+                SendError::Cut {
+                    sent: done,
+                    len: data.len(),
+                }
+            });
+        }
+        let rest = data.get(done..).unwrap_or_default();
+        let chunk = rest
+            .get(..rest.len().min(libc::PIPE_BUF))
+            .unwrap_or_default();
+        // SAFETY: a write(2) from a live buffer of `chunk.len()` bytes.
+        let n = unsafe { libc::write(pipe.as_raw_fd(), chunk.as_ptr().cast(), chunk.len()) };
+        if n >= 0 {
+            done += n as usize;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+        ) {
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+/// True once `fd` is writable (or has an error to report on write); false if `left`
+/// passed first.
+fn poll_writable(fd: BorrowedFd<'_>, left: std::time::Duration) -> std::io::Result<bool> {
+    let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLOUT,
         revents: 0,
     };
     // SAFETY: one valid pollfd for the duration of the call.
-    if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
-        return Err(std::io::Error::last_os_error());
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
     }
-    Ok(())
+    Ok(n > 0)
+}
+
+/// Waits until `fd` is writable or `left` passes (errors and EINTR just return).
+fn wait_writable(fd: BorrowedFd<'_>, left: std::time::Duration) {
+    let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
 }
 
 /// What one non-blocking receive produced.
@@ -167,4 +277,47 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<Re
         fds,
         truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    #[test]
+    fn a_message_larger_than_the_socket_takes_is_cut_and_the_stream_shut() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let big = vec![7u8; 8 << 20];
+        let e = send_all_with_fds(a.as_fd(), &big, &[], Duration::from_millis(20)).unwrap_err();
+        let SendError::Cut { sent, len } = e else {
+            panic!("{e}");
+        };
+        assert!(sent > 0 && sent < len, "{sent} of {len}");
+        // What got in arrives intact, then EOF: the write side was shut down.
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), sent);
+        let again = send_all_with_fds(a.as_fd(), b"x", &[], Duration::from_millis(20));
+        assert!(matches!(again, Err(SendError::Io(_))), "{again:?}");
+    }
+
+    #[test]
+    fn a_full_socket_sends_nothing_and_says_so() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let msg = [1u8; 64];
+        let wait = Duration::from_millis(10);
+        let mut n = 0;
+        let err = loop {
+            match send_all_with_fds(a.as_fd(), &msg, &[], wait) {
+                Ok(()) => n += 1,
+                Err(e) => break e,
+            }
+            assert!(n < 1_000_000);
+        };
+        assert!(matches!(err, SendError::Full), "{err}");
+    }
 }

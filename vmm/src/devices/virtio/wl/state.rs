@@ -3,7 +3,6 @@
 //! worker (`device.rs`) drives it; tests drive it step by step against mock queues.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use std::time::{Duration, Instant};
@@ -64,9 +63,10 @@ pub struct WlState {
     send_wait: Duration,
 }
 
-/// How long a VFD_SEND on a hub connection waits for room when the hub applies
-/// back-pressure, before the guest gets `RESP_OUT_OF_MEMORY`.
-pub const DEFAULT_HUB_SEND_WAIT: Duration = Duration::from_millis(500);
+/// How long a VFD_SEND waits for room when its peer (the hub, a host socket, a pipe) is
+/// not reading, before the guest gets `RESP_OUT_OF_MEMORY` (nothing sent) or `RESP_ERR`
+/// (a stream cut part-way). The device worker is never held longer than this.
+pub const DEFAULT_SEND_WAIT: Duration = Duration::from_millis(500);
 
 /// Data bytes per frame on a hub connection (a larger VFD_SEND is split; its fds go with
 /// the first frame). Leaves room for the frame's header and rights list.
@@ -98,6 +98,21 @@ fn memfd(size: u64) -> Result<OwnedFd, ResponseCode> {
         return Err(ResponseCode::OutOfMemory);
     }
     Ok(fd)
+}
+
+/// The answer to a host send that did not go through: back-pressure (nothing sent) is
+/// OUT_OF_MEMORY, as on hub connections, so the guest may try again; anything else is ERR.
+fn send_failed(id: u32, e: &scm::SendError) -> ResponseCode {
+    match e {
+        scm::SendError::Full => {
+            log::info!("bulkhead-vmm: virtio-wl: send on vfd {id:#x}: {e} (back-pressure)");
+            ResponseCode::OutOfMemory
+        }
+        _ => {
+            log::info!("bulkhead-vmm: virtio-wl: send on vfd {id:#x}: {e}");
+            ResponseCode::Err
+        }
+    }
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), ResponseCode> {
@@ -136,7 +151,7 @@ impl WlState {
             features: VIRTIO_WL_F_TRANS_FLAGS,
             hub: None,
             hub_refs: BTreeMap::new(),
-            send_wait: DEFAULT_HUB_SEND_WAIT,
+            send_wait: DEFAULT_SEND_WAIT,
         }
     }
 
@@ -150,8 +165,9 @@ impl WlState {
         self.hub.as_mut()
     }
 
-    /// Sets how long a send on a hub connection waits for room (back-pressure).
-    pub fn set_hub_send_wait(&mut self, t: Duration) {
+    /// Sets how long a send waits for room (back-pressure), on hub connections, host
+    /// sockets and pipes alike.
+    pub fn set_send_wait(&mut self, t: Duration) {
         self.send_wait = t;
     }
 
@@ -395,9 +411,8 @@ impl WlState {
                         .ok_or(ResponseCode::InvalidType)?;
                     fds.push(fd);
                 }
-                if let Err(e) = scm::send_all_with_fds(sock.as_fd(), data, &fds) {
-                    log::debug!("bulkhead-vmm: virtio-wl: send on vfd {id:#x}: {e}");
-                    return Err(ResponseCode::Err);
+                if let Err(e) = scm::send_all_with_fds(sock.as_fd(), data, &fds, self.send_wait) {
+                    return Err(send_failed(id, &e));
                 }
             }
             VfdKind::Pipe {
@@ -408,10 +423,8 @@ impl WlState {
                 if !ids.is_empty() {
                     return Err(ResponseCode::InvalidType);
                 }
-                let mut f = std::fs::File::from(local.try_clone().map_err(|_| ResponseCode::Err)?);
-                if let Err(e) = f.write_all(data) {
-                    log::debug!("bulkhead-vmm: virtio-wl: write to pipe vfd {id:#x}: {e}");
-                    return Err(ResponseCode::Err);
+                if let Err(e) = scm::write_all_bounded(local.as_fd(), data, self.send_wait) {
+                    return Err(send_failed(id, &e));
                 }
             }
             _ => return Err(ResponseCode::InvalidType),
