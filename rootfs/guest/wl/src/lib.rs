@@ -193,11 +193,15 @@ impl WlStream {
         if let Some(d) = buf.get_mut(hsize..) {
             d.copy_from_slice(data);
         }
-        // SAFETY: IOCTL_SEND reads the header and `len` data bytes, all inside `buf`.
-        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), uapi::IOCTL_SEND, buf.as_mut_ptr()) };
-        if r != 0 {
-            return Err(last("VIRTWL_IOCTL_SEND"));
-        }
+        let fd = self.fd.as_raw_fd();
+        through_back_pressure(fd, || {
+            // SAFETY: IOCTL_SEND reads the header and `len` data bytes, all inside `buf`.
+            unsafe { libc::ioctl(fd, uapi::IOCTL_SEND, buf.as_mut_ptr()) }
+        })
+        .map_err(|err| WlError::Io {
+            what: "VIRTWL_IOCTL_SEND",
+            err,
+        })?;
         Ok(())
     }
 
@@ -235,7 +239,8 @@ impl WlStream {
         Ok((buf.data.get(..n).unwrap_or_default().to_vec(), fds))
     }
 
-    /// Non-blocking mode (recv/read give `WouldBlock`, send `EAGAIN` when the queue is full).
+    /// Non-blocking mode (recv/read give `WouldBlock`, send `EAGAIN` when the queue is full
+    /// or the peer is not reading).
     pub fn set_nonblocking(&self, on: bool) -> Result<(), WlError> {
         set_nonblocking(self.fd.as_fd(), on)
     }
@@ -269,12 +274,36 @@ fn read_fd(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 fn write_fd(fd: RawFd, buf: &[u8]) -> std::io::Result<usize> {
-    // SAFETY: writes from `buf`, which has `buf.len()` readable bytes.
-    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let n = through_back_pressure(fd, || {
+        // SAFETY: writes from `buf`, which has `buf.len()` readable bytes.
+        unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) as libc::c_int }
+    })?;
     Ok(n as usize)
+}
+
+/// Runs a SEND (an ioctl or a write on a vfd) until it goes through. ENOMEM from a SEND is
+/// the device's back-pressure: the peer took nothing for a while (the device waited first)
+/// and nothing was sent. A blocking vfd tries again, as send(2) would go on waiting; a
+/// non-blocking one gets `EAGAIN`.
+fn through_back_pressure(
+    fd: RawFd,
+    mut send: impl FnMut() -> libc::c_int,
+) -> std::io::Result<libc::c_int> {
+    loop {
+        let r = send();
+        if r >= 0 {
+            return Ok(r);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOMEM) {
+            return Err(e);
+        }
+        // SAFETY: F_GETFL on an fd the caller holds open.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if fl >= 0 && fl & libc::O_NONBLOCK != 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+    }
 }
 
 impl Read for &WlStream {
