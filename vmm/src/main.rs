@@ -1,6 +1,6 @@
 //! `bulkhead-vmm`: boots one Linux VM and exits with a status that says how it ended.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -8,6 +8,7 @@ use clap::Parser;
 use bulkhead_ipc::channel::Channel;
 use bulkhead_vmm::config::{Cli, FdTaker, Source, VmConfig};
 use bulkhead_vmm::control::ControlServer;
+use bulkhead_vmm::devices::legacy::serial::SerialOut;
 use bulkhead_vmm::devices::legacy::terminal::RawTerminal;
 use bulkhead_vmm::devices::virtio::rng::device::Rng;
 use bulkhead_vmm::devices::virtio::wl::device::Wl;
@@ -51,14 +52,18 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         }
         None => kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?,
     };
-    let serial_out: Box<dyn Write + Send> = match &cfg.serial_out {
-        None => Box::new(std::io::sink()),
-        Some(None) => Box::new(std::io::stdout()),
-        // Line-buffered: one write per line, not per byte, and readers still see whole lines.
-        Some(Some(Source::Fd(fd))) => Box::new(std::io::LineWriter::new(std::fs::File::from(
+    // The serial device writes a line at a time (`serial::LineOut`), byte by byte to a
+    // terminal.
+    let serial_out = match &cfg.serial_out {
+        None => SerialOut::lines(Box::new(std::io::sink())),
+        Some(None) if std::io::stdout().is_terminal() => {
+            SerialOut::through(Box::new(std::io::stdout()))
+        }
+        Some(None) => SerialOut::lines(Box::new(std::io::stdout())),
+        Some(Some(Source::Fd(fd))) => SerialOut::lines(Box::new(std::fs::File::from(
             fds.take(*fd).map_err(|e| e.to_string())?,
         ))),
-        Some(Some(Source::Path(p))) => Box::new(std::io::LineWriter::new(
+        Some(Some(Source::Path(p))) => SerialOut::lines(Box::new(
             std::fs::File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?,
         )),
     };

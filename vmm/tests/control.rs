@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bulkhead_ipc::channel::Channel;
 use bulkhead_vmm::control::{ControlRequest, ControlResponse, ControlServer, ControlTarget};
 use bulkhead_vmm::devices::acpi::ged::PowerButton;
+use bulkhead_vmm::devices::legacy::serial::SerialOut;
 use bulkhead_vmm::vm::Vm;
 use bulkhead_vmm::vstate::exit::{ExitReason, ExitSignal};
 use vm_memory::{Bytes, GuestAddress};
@@ -68,7 +69,13 @@ fn status_shutdown_kill_over_a_socketpair() {
 #[test]
 fn kill_stops_a_spinning_guest_through_a_bound_socket() {
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
-    let vm = Vm::new(&kvm, 32 << 20, 1, Box::new(std::io::sink())).unwrap();
+    let vm = Vm::new(
+        &kvm,
+        32 << 20,
+        1,
+        SerialOut::lines(Box::new(std::io::sink())),
+    )
+    .unwrap();
     // jmp $ (spin forever)
     vm.memory()
         .write_slice(&[0xeb, 0xfe], GuestAddress(0x1000))

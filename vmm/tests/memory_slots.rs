@@ -7,6 +7,7 @@ use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
 
 use bulkhead_vmm::boot::long_mode::write_boot_structures;
+use bulkhead_vmm::devices::legacy::serial::SerialOut;
 use bulkhead_vmm::vm::Vm;
 use bulkhead_vmm::vstate::exit::ExitReason;
 use bulkhead_vmm::vstate::memory_slots::HostMapping;
@@ -40,7 +41,7 @@ fn memfd_with(byte: u8) -> std::fs::File {
 fn run(writable: bool) -> (Vec<u8>, u8) {
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
     let out = Captured::default();
-    let vm = Vm::new(&kvm, 32 << 20, 1, Box::new(out.clone())).unwrap();
+    let vm = Vm::new(&kvm, 32 << 20, 1, SerialOut::lines(Box::new(out.clone()))).unwrap();
     write_boot_structures(vm.memory()).unwrap();
     let code: Vec<u8> = vec![
         0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
@@ -83,7 +84,13 @@ fn read_only_slot_ignores_guest_writes() {
 #[test]
 fn slots_are_reused_after_drop_and_misaligned_requests_fail() {
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
-    let vm = Vm::new(&kvm, 32 << 20, 1, Box::new(std::io::sink())).unwrap();
+    let vm = Vm::new(
+        &kvm,
+        32 << 20,
+        1,
+        SerialOut::lines(Box::new(std::io::sink())),
+    )
+    .unwrap();
     let memfd = memfd_with(0);
     let m = Arc::new(HostMapping::map_fd(&memfd, 4096, true).unwrap());
     let a = vm.memory_slots().map(SHM_GPA, m.clone()).unwrap();

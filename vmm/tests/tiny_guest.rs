@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use bulkhead_vmm::devices::legacy::serial::SerialOut;
 use bulkhead_vmm::devices::virtio::rng::device::Rng;
 use bulkhead_vmm::vm::Vm;
 use bulkhead_vmm::vstate::exit::ExitReason;
@@ -35,7 +36,7 @@ fn out8(code: &mut Vec<u8>, port: u16, v: u8) {
 fn run_guest(code: &[u8], with_rng: bool) -> (ExitReason, Vec<u8>) {
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
     let out = Captured::default();
-    let mut vm = Vm::new(&kvm, 32 << 20, 1, Box::new(out.clone())).unwrap();
+    let mut vm = Vm::new(&kvm, 32 << 20, 1, SerialOut::lines(Box::new(out.clone()))).unwrap();
     if with_rng {
         vm.add_virtio_device(Box::new(Rng::new())).unwrap();
     }
@@ -133,7 +134,13 @@ fn unclaimed_ports_read_all_ones() {
 fn jumping_to_the_reset_vector_is_a_reboot() {
     // What Linux's machine_real_restart does: far jump to F000:FFF0 in real mode.
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
-    let vm = Vm::new(&kvm, 32 << 20, 1, Box::new(std::io::sink())).unwrap();
+    let vm = Vm::new(
+        &kvm,
+        32 << 20,
+        1,
+        SerialOut::lines(Box::new(std::io::sink())),
+    )
+    .unwrap();
     bulkhead_vmm::boot::reset_vector::write_reset_stub(vm.memory()).unwrap();
     vm.memory()
         .write_slice(

@@ -20,12 +20,93 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// Where the guest's serial output goes.
-pub type SerialOut = Box<dyn Write + Send>;
+/// Where the guest's serial output goes: a writer, a line at a time or byte by byte.
+pub type SerialOut = LineOut;
+
+/// Longest piece of one unterminated line held back.
+const MAX_PENDING: usize = 4096;
+
+/// The guest's console output, written a line at a time. vm-superio flushes after every
+/// byte; written through as it comes, a reader of the pipe (the host init, which prefixes
+/// each line with the VM's name) would see the VMM's own log lines land in the middle of a
+/// guest line. `LineOut` ignores those flushes and writes whole lines (a longer one in
+/// `MAX_PENDING` pieces); the rest of a last, unterminated line is written by
+/// [`LineOut::finish`] (at VM end) or on drop. On a terminal (an interactive console, where
+/// a prompt has no newline) output goes through byte by byte instead ([`LineOut::through`]).
+pub struct LineOut {
+    inner: Box<dyn Write + Send>,
+    pending: Vec<u8>,
+    whole_lines: bool,
+}
+
+impl LineOut {
+    /// Whole lines (for pipes and files).
+    pub fn lines(inner: Box<dyn Write + Send>) -> Self {
+        Self {
+            inner,
+            pending: Vec::new(),
+            whole_lines: true,
+        }
+    }
+
+    /// Every byte as it comes (for a terminal).
+    pub fn through(inner: Box<dyn Write + Send>) -> Self {
+        Self {
+            inner,
+            pending: Vec::new(),
+            whole_lines: false,
+        }
+    }
+
+    /// Writes what is held back and flushes the destination.
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            let held = std::mem::take(&mut self.pending);
+            self.inner.write_all(&held)?;
+        }
+        self.inner.flush()
+    }
+}
+
+impl Write for LineOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.whole_lines {
+            return self.inner.write(buf);
+        }
+        self.pending.extend_from_slice(buf);
+        if let Some(last_nl) = self.pending.iter().rposition(|b| *b == b'\n') {
+            let rest = self.pending.split_off(last_nl + 1);
+            let lines = std::mem::replace(&mut self.pending, rest);
+            self.inner.write_all(&lines)?;
+            self.inner.flush()?;
+        }
+        if self.pending.len() >= MAX_PENDING {
+            let held = std::mem::take(&mut self.pending);
+            self.inner.write_all(&held)?;
+            self.inner.flush()?;
+        }
+        Ok(buf.len())
+    }
+
+    /// In line mode the UART's per-byte flushes are ignored: lines are written as they
+    /// complete.
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.whole_lines {
+            return Ok(());
+        }
+        self.inner.flush()
+    }
+}
+
+impl Drop for LineOut {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
 
 /// The COM1 device.
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialOut>,
+    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, LineOut>,
 }
 
 impl SerialDevice {
@@ -53,9 +134,9 @@ impl SerialDevice {
         }
     }
 
-    /// Flushes buffered output.
+    /// Writes and flushes what is held back of an unterminated line.
     pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().flush();
+        let _ = self.uart.writer_mut().finish();
     }
 }
 
@@ -128,11 +209,17 @@ mod tests {
     fn output_reaches_the_writer_and_input_raises_the_irq() {
         let out = Shared::default();
         let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone()));
-        for b in b"hi" {
+        let mut dev = SerialDevice::new(
+            irq.try_clone().unwrap(),
+            LineOut::lines(Box::new(out.clone())),
+        );
+        for b in b"hi\nthere" {
             dev.write(0x3f8, 0, &[*b]);
         }
-        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi");
+        // Whole lines go out as they complete; the unterminated rest when flushed.
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        dev.flush();
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\nthere");
         // Enable the received-data interrupt (IER bit 0), then feed a byte.
         dev.write(0x3f8, 1, &[1]);
         assert_eq!(dev.enqueue_input(b"x"), 1);
@@ -143,5 +230,38 @@ mod tests {
         let mut rx = [0u8];
         dev.read(0x3f8, 0, &mut rx);
         assert_eq!(rx[0], b'x');
+    }
+
+    /// Each write reaches the destination as whole lines, however the UART feeds bytes,
+    /// so another writer to the same pipe cannot land in the middle of a line.
+    #[test]
+    fn lines_are_written_whole_and_long_ones_in_pieces() {
+        #[derive(Clone, Default)]
+        struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+        impl Write for Writes {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().push(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let w = Writes::default();
+        let mut out = LineOut::lines(Box::new(w.clone()));
+        for b in b"one\ntwo\nthr" {
+            out.write_all(&[*b]).unwrap();
+            out.flush().unwrap();
+        }
+        assert_eq!(
+            *w.0.lock().unwrap(),
+            vec![b"one\n".to_vec(), b"two\n".to_vec()]
+        );
+        out.write_all(&vec![b'x'; MAX_PENDING]).unwrap();
+        assert_eq!(w.0.lock().unwrap().len(), 3);
+        assert_eq!(w.0.lock().unwrap()[2].len(), MAX_PENDING + 3);
+        out.write_all(b"tail").unwrap();
+        drop(out);
+        assert_eq!(w.0.lock().unwrap()[3], b"tail".to_vec());
     }
 }
