@@ -318,10 +318,10 @@ impl Channel {
 }
 
 /// Datagrams one [`Channel::try_recv_frames`] call takes at most (one `recvmmsg(2)`).
-pub const RECV_BATCH: usize = 16;
+pub const RECV_BATCH: usize = 32;
 
 /// Datagrams one [`Channel::try_send_frames`] call sends at most (one `sendmmsg(2)`).
-pub const SEND_BATCH: usize = 16;
+pub const SEND_BATCH: usize = 32;
 
 /// Reusable receive buffers for [`Channel::try_recv_frames`]: `RECV_BATCH` data slots of
 /// `MAX_FRAME` bytes and one control buffer per slot (so every datagram's SCM_RIGHTS fds are
@@ -414,7 +414,7 @@ impl Channel {
         }
         let n = usize::try_from(n).unwrap_or(0).min(max);
         // Own every fd of every datagram before looking at anything else.
-        let mut fds: [Vec<OwnedFd>; RECV_BATCH] = Default::default();
+        let mut fds: [Vec<OwnedFd>; RECV_BATCH] = std::array::from_fn(|_| Vec::new());
         for (h, slot) in hdrs.iter().zip(fds.iter_mut()).take(n) {
             // SAFETY: the kernel filled hdrs[..n] (a successful recvmmsg) and their control
             // buffers are still alive.

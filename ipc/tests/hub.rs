@@ -1160,7 +1160,7 @@ fn release_and_move_drop_entries() {
     expect_refused(&a_to_c, 6, Refusal::InvalidId);
 }
 
-/// Many frames with fds sent back to back (one `sendmmsg` per 16, so the hub reads them in
+/// Many frames with fds sent back to back (`sendmmsg` batches, so the hub reads them in
 /// `recvmmsg` batches): each frame is still decided alone. The bad ones (a socket among the
 /// fds; 29 fds) are refused with one audit record each, every good one in the same batches
 /// is delivered in order with its own fds, and the hub's fd count is unchanged.
