@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use bulkhead_policy::{DeviceId, Policy, PolicyTree, RootDir, ValidateOptions};
+use bulkhead_policy::{DeviceId, Policy, PolicyTree, Reset, RootDir, ValidateOptions};
 use bulkhead_vfio::{bind_to_vfio_pci, Bdf, BindOptions, SysfsRoot};
-use log::{debug, error, info};
+use log::{debug, error, info, warn};
 
 /// One PCI function to hand to vfio-pci, and who it is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,8 @@ pub struct Assignment {
     pub vms: Vec<String>,
     /// The vendor:device pin from the policy.
     pub id: DeviceId,
+    /// Whether the function must have a reset method (required if any grant says so).
+    pub reset: Reset,
 }
 
 /// The functions `policy` grants, one entry per function, sorted by address.
@@ -27,10 +29,16 @@ pub fn assignments(policy: &Policy) -> Vec<Assignment> {
     for (vm, grant) in policy.all_devices() {
         by_bdf
             .entry(grant.bdf)
+            .and_modify(|a| {
+                if grant.reset == Reset::Required {
+                    a.reset = Reset::Required;
+                }
+            })
             .or_insert_with(|| Assignment {
                 bdf: grant.bdf,
                 vms: Vec::new(),
                 id: grant.id,
+                reset: grant.reset,
             })
             .vms
             .push(vm.to_string());
@@ -57,6 +65,22 @@ pub fn id_mismatch(id: &DeviceId, vendor: u16, device: u16) -> Option<String> {
         DeviceId::Pinned { .. } => Some(format!(
             "it is {vendor:04x}:{device:04x} but the policy pins {id}"
         )),
+    }
+}
+
+/// Why a function may not be handed to a VM for lack of a reset method, if so. Without one,
+/// whatever a VM left in the device (keys, DMA programming, firmware state) reaches the next
+/// VM, so `reset=required` (the default) refuses it; `reset=optional` lets it through with
+/// a warning.
+pub fn reset_refusal(reset: Reset, methods: &[String]) -> Option<String> {
+    match (reset, methods.is_empty()) {
+        (_, false) => None,
+        (Reset::Required, true) => Some(
+            "it has no reset method (sysfs reset_method is empty) and the policy requires one; \
+             write reset=optional in its grant to accept that"
+                .to_string(),
+        ),
+        (Reset::Optional, true) => None,
     }
 }
 
@@ -98,6 +122,13 @@ pub fn bind_granted(sys: &SysfsRoot) -> VmGroups {
                 if let Some(why) = id_mismatch(&a.id, f.vendor, f.device) {
                     error!("not binding {bdf} to vfio-pci (for {who}): {why}");
                     continue;
+                }
+                if let Some(why) = reset_refusal(a.reset, &f.reset_methods) {
+                    error!("not binding {bdf} to vfio-pci (for {who}): {why}");
+                    continue;
+                }
+                if f.reset_methods.is_empty() {
+                    warn!("{bdf} (for {who}) has no reset method: state a VM leaves in it is not cleared (reset=optional)");
                 }
             }
             Err(e) => {
@@ -158,6 +189,30 @@ mod tests {
             }
         );
         assert_eq!(a[1].vms, vec!["net-vm"]);
+    }
+
+    #[test]
+    fn a_function_without_reset_is_refused_unless_the_policy_says_optional() {
+        let none: Vec<String> = Vec::new();
+        let flr = vec!["flr".to_string()];
+        let why = reset_refusal(Reset::Required, &none).unwrap();
+        assert!(
+            why.contains("no reset method") && why.contains("reset=optional"),
+            "{why}"
+        );
+        assert_eq!(reset_refusal(Reset::Optional, &none), None);
+        assert_eq!(reset_refusal(Reset::Required, &flr), None);
+        // The default of a grant is required; one grant saying required wins for a function
+        // shared between VMs.
+        let p = compile(
+            "version 1\n\
+             grant a-vm device pci:0000:00:03.0 id=any shared=exclusive-run reset=optional\n\
+             grant b-vm device pci:0000:00:03.0 id=any shared=exclusive-run\n\
+             grant c-vm device pci:0000:00:04.0 id=any reset=optional\n",
+        );
+        let a = assignments(&p);
+        assert_eq!(a[0].reset, Reset::Required);
+        assert_eq!(a[1].reset, Reset::Optional);
     }
 
     #[test]

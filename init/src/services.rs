@@ -185,11 +185,35 @@ impl Services {
         }
     }
 
+    /// The running VM that holds one of `groups` (a device granted with
+    /// `shared=exclusive-run` goes to one running VM at a time), if any.
+    fn group_holder(&self, me: &str, groups: &[u32]) -> Option<(String, u32)> {
+        self.recipes
+            .iter()
+            .zip(self.sup.children())
+            .filter(|(r, (_, child))| r.name != me && child.state.pid().is_some())
+            .find_map(|(r, _)| match &r.role {
+                Role::Vm { vfio_groups, .. } => groups
+                    .iter()
+                    .find(|g| vfio_groups.contains(g))
+                    .map(|g| (r.name.clone(), *g)),
+                _ => None,
+            })
+    }
+
     fn spawn(&mut self, recipe: &Recipe) -> Result<i32, String> {
         let (prog, args) = recipe
             .exec
             .split_first()
             .ok_or_else(|| "empty exec".to_string())?;
+        if let Role::Vm { vfio_groups, .. } = &recipe.role {
+            if let Some((holder, g)) = self.group_holder(&recipe.name, vfio_groups) {
+                return Err(format!(
+                    "its devices' IOMMU group {g} is in use by {holder}, which is running \
+                     (a device shared with shared=exclusive-run goes to one VM at a time)"
+                ));
+            }
+        }
         let (output, write_end) = OutputPipe::open().map_err(|e| format!("pipe: {e}"))?;
         let stderr_end: OwnedFd = write_end.try_clone().map_err(|e| format!("pipe: {e}"))?;
         if let Some(dir) = &recipe.runtime_dir {
@@ -419,4 +443,61 @@ fn make_runtime_dir(dir: &std::path::Path, user: Option<(u32, u32)>) -> Result<(
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
         .map_err(|e| format!("chmod {}: {e}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, groups: &[u32]) -> Recipe {
+        Recipe {
+            name: name.to_string(),
+            exec: vec!["/bin/true".to_string()],
+            env: BTreeMap::new(),
+            role: Role::Vm {
+                name: name.to_string(),
+                channel: None,
+                vfio_groups: groups.to_vec(),
+            },
+            user: None,
+            runtime_dir: None,
+        }
+    }
+
+    /// A device granted to two VMs with shared=exclusive-run: while one runs, the other is
+    /// not started and the reason names the holder; once it has ended, the other may start.
+    fn never() -> RestartParams {
+        RestartParams {
+            policy: crate::config::RestartPolicy::Never,
+            delay: Duration::ZERO,
+            delay_max: Duration::ZERO,
+            stable_after: Duration::ZERO,
+            burst: 1,
+            burst_interval: Duration::from_secs(1),
+            stop_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_shared_group_goes_to_one_running_vm_at_a_time() {
+        let mut s = Services::default();
+        let first = s.add(vm("edu-vm", &[1, 2]), never());
+        s.add(vm("second-vm", &[1]), never());
+        s.add(vm("other-vm", &[3]), never());
+        assert_eq!(s.group_holder("second-vm", &[1]), None);
+        s.sup.started(first, 4242, Duration::ZERO);
+        assert_eq!(
+            s.group_holder("second-vm", &[1]),
+            Some(("edu-vm".to_string(), 1))
+        );
+        assert_eq!(s.group_holder("other-vm", &[3]), None);
+        let e = s.spawn(&vm("second-vm", &[1])).unwrap_err();
+        assert!(
+            e.contains("IOMMU group 1 is in use by edu-vm") && e.contains("exclusive-run"),
+            "{e}"
+        );
+        s.sup
+            .exited(4242, ExitKind::Exited(0), Duration::from_secs(1));
+        assert_eq!(s.group_holder("second-vm", &[1]), None);
+    }
 }

@@ -2,7 +2,8 @@
 //! QEMU's edu device, a virtio-rng behind a PCIe root port), init binds both to vfio-pci as the
 //! policy says; one bulkhead-vmm passes both through to one L2 guest. There, bulkhead-edu drives
 //! edu (registers, factorials, INTx, MSI, DMA) and the guest kernel's virtio_rng drives the rng
-//! over MSI-X. A second VMM asking for edu is refused. After the VM ends both are still bound to
+//! over MSI-X. A second VM the policy lets own edu (one running owner at a time) is not started
+//! while edu-vm runs, and a VMM outside the policy is refused. After the VM ends both are still bound to
 //! vfio-pci, the rng was reset at VM start and end, and its virtio status, read from L1, is back
 //! to its reset value.
 
@@ -14,7 +15,7 @@ const EDU: &str = "0000:00:03.0";
 const RNG: &str = "0000:01:00.0";
 
 #[test]
-fn edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vmm_is_refused() {
+fn edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vm_is_refused() {
     let mut h = Host::boot("vfio");
     h.expect("bulkhead-init: started edu-vm pid");
     // The L2 guest runs both checks at once; their lines interleave, so wait for the VM's end
@@ -98,13 +99,31 @@ fn edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vmm_is_refu
     want(&["vfio-check: OK"]);
     want(&["edu-vm exited with status 0"]);
     want(&["rng-check exited with status 0"]);
-    // The second VMM, started while the first held edu's group, was refused clearly.
+    // second-vm, which the policy lets own edu only while edu-vm is not running, was not
+    // started, and init said why and who holds the device.
+    want(&[
+        "bulkhead-init: second-vm could not start:",
+        "IOMMU group",
+        "is in use by edu-vm, which is running",
+    ]);
     assert!(
-        saw(&format!("cannot pass {EDU} through: /dev/vfio/")) && saw("is in use"),
-        "the second VMM was not refused with a clear error\n{ctx}"
+        !saw("started second-vm pid"),
+        "second-vm was started while edu-vm held edu\n{ctx}"
     );
-    assert!(
-        saw("second-vm exited with status 1"),
-        "the second VMM did not fail\n{ctx}"
-    );
+    // A VM the policy grants nothing: its VMM refused to open edu by path.
+    want(&[
+        "vm ungranted-vm: cannot pass 0000:00:03.0 through: the policy grants this VM no PCI device",
+    ]);
+    want(&["ungranted-vm exited with status 1"]);
+    // A VMM outside the policy, started while edu-vm held edu's group, was refused clearly.
+    want(&[
+        &format!("cannot pass {EDU} through: /dev/vfio/"),
+        "is in use",
+    ]);
+    want(&["rogue-vmm exited with status 1"]);
+    // edu has no reset method; its grants accept that, and init said so when binding it.
+    want(&[
+        &format!("{EDU} (for edu-vm, second-vm) has no reset method"),
+        "reset=optional",
+    ]);
 }

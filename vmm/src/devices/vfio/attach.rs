@@ -120,6 +120,10 @@ fn kvm_vfio_device(vm: &Vm, container: &Container) -> Result<DeviceFd, String> {
 impl VfioDevices {
     /// Opens the container and devices of `req` and puts the devices on `vm`'s PCI bus.
     pub fn attach(vm: &mut Vm, req: VfioRequest) -> Result<Self, String> {
+        let policy_vm = std::env::var("BULKHEAD_VM").ok();
+        if let Some(why) = policy_refusal(policy_vm.as_deref(), &req) {
+            return Err(why);
+        }
         let root = SysfsRoot::host();
         let by_path = req.group_fds.is_empty();
         let mut container = match req.container_fd {
@@ -190,8 +194,16 @@ impl VfioDevices {
 
     /// At VM end: interrupts off, reset where possible, DMA unmapped, container closed; then
     /// reports whether each device is still bound to vfio-pci on the host (it must be: nothing
-    /// hands a device back to a host driver implicitly).
+    /// hands a device back to a host driver implicitly). Dropping does the same, so a VMM
+    /// that ends on an error path leaves no device unreset and no DMA mapping behind.
     pub fn finish(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if self.container.is_none() {
+            return; // released already
+        }
         let mut bdfs = Vec::new();
         for d in &self.devices {
             let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
@@ -220,6 +232,28 @@ impl VfioDevices {
             }
         }
     }
+}
+
+impl Drop for VfioDevices {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A VMM that init started for a VM of the policy (`BULKHEAD_VM` set) passes through only
+/// what init handed it, the devices the policy grants that VM. Opening `/dev/vfio` by path
+/// instead would go around the policy, so it is refused.
+pub fn policy_refusal(vm: Option<&str>, req: &VfioRequest) -> Option<String> {
+    let vm = vm?;
+    if req.devices.is_empty() || !req.group_fds.is_empty() {
+        return None;
+    }
+    let bdfs: Vec<String> = req.devices.iter().map(|b| b.to_string()).collect();
+    Some(format!(
+        "vm {vm}: cannot pass {} through: the policy grants this VM no PCI device (init \
+         handed over no VFIO descriptors)",
+        bdfs.join(", ")
+    ))
 }
 
 #[cfg(test)]
@@ -328,5 +362,39 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         let e = group_number(&OwnedFd::from(f)).unwrap_err();
         assert!(e.contains("not /dev/vfio/<group>"), "{e}");
+    }
+
+    #[test]
+    fn a_vm_of_the_policy_passes_through_only_what_init_handed_it() {
+        let edu: Bdf = "0000:00:03.0".parse().unwrap();
+        let by_path = VfioRequest {
+            devices: vec![edu],
+            container_fd: None,
+            group_fds: Vec::new(),
+        };
+        // Started by init for a VM, asking by path: refused, and the reason names it.
+        let why = policy_refusal(Some("second-vm"), &by_path).unwrap();
+        assert!(
+            why.contains("vm second-vm") && why.contains("0000:00:03.0"),
+            "{why}"
+        );
+        assert!(why.contains("grants this VM no PCI device"), "{why}");
+        // Not a VM of the policy (a VMM run by hand), or no device: not this check's business.
+        assert_eq!(policy_refusal(None, &by_path), None);
+        let none = VfioRequest {
+            devices: Vec::new(),
+            container_fd: None,
+            group_fds: Vec::new(),
+        };
+        assert_eq!(policy_refusal(Some("vm"), &none), None);
+        // With descriptors from init: allowed here (the kernel decides which devices they
+        // reach).
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let handed = VfioRequest {
+            devices: vec![edu],
+            container_fd: None,
+            group_fds: vec![OwnedFd::from(a)],
+        };
+        assert_eq!(policy_refusal(Some("edu-vm"), &handed), None);
     }
 }

@@ -21,6 +21,9 @@ use crate::vstate::irq_routing::IrqRouting;
 /// PCI capability ID of MSI.
 pub const CAP_ID_MSI: u8 = 0x05;
 const CONTROL_ENABLE: u16 = 1;
+/// Multiple Message Capable (bits 1-3) and Multiple Message Enable (bits 4-6): the VMM
+/// routes one vector, so the guest sees a single-message capability.
+const CONTROL_MULTI_MESSAGE: u16 = 0x7e;
 const CONTROL_64BIT: u16 = 1 << 7;
 const CONTROL_PER_VECTOR_MASK: u16 = 1 << 8;
 
@@ -87,10 +90,12 @@ impl Msi {
         Some(self.guest_enable)
     }
 
-    /// The config dword `reg` as read from the device, with the guest's enable bit in it.
+    /// The config dword `reg` as read from the device, with the guest's enable bit in it and
+    /// one message only (capable and enabled).
     pub fn patch_config_read(&self, reg: usize, value: u32) -> u32 {
         if reg * 4 == self.cap {
-            (value & !(u32::from(CONTROL_ENABLE) << 16)) | (u32::from(self.guest_enable) << 16)
+            (value & !(u32::from(CONTROL_ENABLE | CONTROL_MULTI_MESSAGE) << 16))
+                | (u32::from(self.guest_enable) << 16)
         } else {
             value
         }
@@ -179,6 +184,8 @@ mod tests {
         assert_eq!(m.config_write(0x52, &[0x80, 0]), Some(false));
         assert_eq!(m.patch_config_read(0x14, 0x0081_6005), 0x0080_6005);
         assert_eq!(m.patch_config_read(0x15, 0x1), 0x1);
+        // A device capable of 8 messages (MMC = 3) with 4 enabled (MME = 2) reads as one.
+        assert_eq!(m.patch_config_read(0x14, 0x0026_6005), 0x0000_6005);
         assert!(m.covers(0x4e, 4), "a write straddling the start");
         assert!(!m.enabled());
         let m64 = super::Msi::new(0x50, 1 << 7 | 1 << 8, routing).unwrap();
