@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::devices::virtio::wl::state::WlLimits;
+
 const AFTER_HELP: &str = "\
 Exit status:
   0  the guest powered off (ACPI S5)
@@ -77,6 +79,18 @@ pub struct Cli {
     /// --wl. More are added at run time with the control socket's `wl add`.
     #[arg(long, value_parser = parse_wl_socket)]
     pub wl_socket: Vec<(String, PathBuf)>,
+    /// virtio_wl: most vfds alive at once, guest and host ids together (default 1024). A
+    /// guest request over it gets ENOMEM; an fd a host socket sends over it is dropped.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub wl_max_vfds: Option<u32>,
+    /// virtio_wl: most shared memory mapped into the guest at once, e.g. 64M, 64MiB, 1G, or
+    /// bytes (default 1G).
+    #[arg(long, value_parser = parse_wl_size)]
+    pub wl_max_shm_bytes: Option<u64>,
+    /// virtio_wl: most shared-memory vfds at once; each costs one KVM memory slot
+    /// (default 256).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub wl_max_shm_count: Option<u32>,
     /// The VM channel to the hub: an inherited SOCK_SEQPACKET socket (init passes fd 3 and
     /// sets BULKHEAD_HUB_FD). virtio_wl names not in the local registry are resolved through
     /// it: `listen:SVC` provides SVC, `SVC` / `SVC@VM` connect. Implies --wl.
@@ -127,6 +141,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("bad size {s:?} (use e.g. 256M or 1G)"))
+}
+
+/// Parses a `--wl-max-shm-bytes` size: what [`parse_size`] takes, and also `64MiB`,
+/// `64MB`, `4KiB`, `1GiB` (all powers of two).
+pub fn parse_wl_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .filter(|n| n.ends_with(['K', 'k', 'M', 'm', 'G', 'g']))
+        .unwrap_or(t);
+    parse_size(t).map_err(|_| format!("bad size {s:?} (use e.g. 64MiB, 64M, 1G or bytes)"))
 }
 
 /// Errors resolving the configuration.
@@ -181,6 +207,8 @@ pub struct VmConfig {
     pub wl: bool,
     /// virtio_wl sockets at start (name, listening path).
     pub wl_sockets: Vec<(String, PathBuf)>,
+    /// virtio_wl per-VM limits (`--wl-max-*`; defaults where not given).
+    pub wl_limits: WlLimits,
     /// The hub's VM channel (inherited descriptor).
     pub hub_fd: Option<RawFd>,
     /// PCI functions to pass through (`--vfio`).
@@ -216,6 +244,16 @@ impl From<Cli> for VmConfig {
         };
         let mut disks: Vec<Source> = c.disk.into_iter().map(Source::Path).collect();
         disks.extend(c.disk_fd.into_iter().map(Source::Fd));
+        let mut wl_limits = WlLimits::default();
+        if let Some(n) = c.wl_max_vfds {
+            wl_limits.max_vfds = n as usize;
+        }
+        if let Some(n) = c.wl_max_shm_bytes {
+            wl_limits.max_shm_bytes = n;
+        }
+        if let Some(n) = c.wl_max_shm_count {
+            wl_limits.max_shm_count = n as usize;
+        }
         VmConfig {
             kernel,
             initramfs,
@@ -229,6 +267,7 @@ impl From<Cli> for VmConfig {
             rng: c.rng,
             wl: c.wl || !c.wl_socket.is_empty() || c.hub_fd.is_some(),
             wl_sockets: c.wl_socket,
+            wl_limits,
             hub_fd: c.hub_fd,
             vfio: c.vfio,
             vfio_container_fd: c.vfio_container_fd,
@@ -337,6 +376,74 @@ mod tests {
         assert!(
             Cli::try_parse_from(["bulkhead-vmm", "--kernel", "k", "--memory", "lots"]).is_err()
         );
+    }
+
+    #[test]
+    fn wl_limits_default_and_set() {
+        let c = Cli::try_parse_from(["bulkhead-vmm", "--kernel", "k", "--wl"]).unwrap();
+        assert_eq!(VmConfig::from(c).wl_limits, WlLimits::default());
+        let c = Cli::try_parse_from([
+            "bulkhead-vmm",
+            "--kernel",
+            "k",
+            "--wl",
+            "--wl-max-vfds",
+            "64",
+            "--wl-max-shm-bytes",
+            "64MiB",
+            "--wl-max-shm-count",
+            "8",
+        ])
+        .unwrap();
+        let l = VmConfig::from(c).wl_limits;
+        assert_eq!(
+            l,
+            WlLimits {
+                max_vfds: 64,
+                max_shm_bytes: 64 << 20,
+                max_shm_count: 8
+            }
+        );
+        // Only the one given changes.
+        let c = Cli::try_parse_from([
+            "bulkhead-vmm",
+            "--kernel",
+            "k",
+            "--wl-max-shm-bytes",
+            "4096",
+        ])
+        .unwrap();
+        let l = VmConfig::from(c).wl_limits;
+        assert_eq!(l.max_shm_bytes, 4096);
+        assert_eq!(l.max_vfds, WlLimits::default().max_vfds);
+        for bad in [
+            ["--wl-max-vfds", "0"],
+            ["--wl-max-vfds", "-1"],
+            ["--wl-max-shm-count", "0"],
+            ["--wl-max-shm-bytes", "lots"],
+            ["--wl-max-shm-bytes", "64XiB"],
+            ["--wl-max-shm-bytes", "iB"],
+        ] {
+            let mut args = vec!["bulkhead-vmm", "--kernel", "k"];
+            args.extend(bad);
+            assert!(Cli::try_parse_from(&args).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn wl_sizes() {
+        assert_eq!(parse_wl_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_wl_size("64MB"), Ok(64 << 20));
+        assert_eq!(parse_wl_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_wl_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_wl_size("4KiB"), Ok(4096));
+        assert_eq!(parse_wl_size("4096"), Ok(4096));
+        assert!(
+            parse_wl_size("4096B").is_err(),
+            "a bare B is not a unit here"
+        );
+        assert!(parse_wl_size("MiB").is_err());
+        assert!(parse_wl_size("1TiB").is_err());
     }
 
     #[test]

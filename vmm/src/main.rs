@@ -14,7 +14,6 @@ use bulkhead_vmm::devices::virtio::rng::device::Rng;
 use bulkhead_vmm::devices::virtio::wl::device::Wl;
 use bulkhead_vmm::devices::virtio::wl::hub::HubLink;
 use bulkhead_vmm::devices::virtio::wl::sockets::{WlSocket, WlSockets};
-use bulkhead_vmm::devices::virtio::wl::state::WlLimits;
 use bulkhead_vmm::vm::Vm;
 use bulkhead_vmm::vstate::exit::ExitReason;
 
@@ -88,7 +87,7 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         let mut wl = Wl::new(
             sockets.clone(),
             Some(vm.memory_slots().clone()),
-            WlLimits::default(),
+            cfg.wl_limits,
         )
         .map_err(|e| e.to_string())?;
         if let Some(fd) = cfg.hub_fd {
