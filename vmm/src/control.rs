@@ -13,7 +13,7 @@
 //!
 //! `WlAdd { name, path }` adds a virtio_wl socket while the VM runs: with one fd attached
 //! (SCM_RIGHTS) it is a non-listening socket (an accepted connection, consumed by one
-//! connect), otherwise `path` names a listening socket. `name` may be a pattern with one `%d`
+//! connect; it must be a stream socket, anything else is refused with an `Error`), otherwise `path` names a listening socket. `name` may be a pattern with one `%d`
 //! (`wl-conn-%d`); the answer is `WlAdded(chosen name)`. It only touches the socket registry,
 //! never the device, so it is answered even before the guest activates the device.
 
@@ -140,9 +140,13 @@ impl ControlTarget {
                     return ControlResponse::Error("this VM has no virtio_wl device".into());
                 };
                 let socket = match (fds.pop(), path) {
-                    (Some(fd), _) if fds.is_empty() => {
-                        WlSocket::NonListening(std::os::unix::net::UnixStream::from(fd))
-                    }
+                    (Some(fd), _) if fds.is_empty() => match check_stream_socket(&fd) {
+                        Ok(()) => WlSocket::NonListening(std::os::unix::net::UnixStream::from(fd)),
+                        Err(e) => {
+                            log::warn!("bulkhead-vmm: wl add refused: {e}");
+                            return ControlResponse::Error(format!("wl add: {e}"));
+                        }
+                    },
                     (Some(_), _) => {
                         return ControlResponse::Error("wl add takes at most one fd".into())
                     }
@@ -180,6 +184,65 @@ impl ControlTarget {
             }
         }
     }
+}
+
+/// Why `wl add` refused the fd it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum WlAddFdError {
+    /// fstat(2) or getsockopt(2) failed.
+    #[error("cannot inspect the fd: {0}")]
+    Inspect(std::io::Error),
+    /// Not a socket at all.
+    #[error("the fd is not a socket (it is a {0}); wl add takes a connected stream socket")]
+    NotASocket(&'static str),
+    /// A socket, but not SOCK_STREAM.
+    #[error(
+        "the fd is a socket of type {0}, not SOCK_STREAM; wl add takes a connected stream socket"
+    )]
+    NotAStream(i32),
+}
+
+/// Checks that `fd` is a stream socket (`S_IFSOCK` by fstat, then `SO_TYPE`): the device
+/// uses it as a `UnixStream` (recvmsg/sendmsg of a byte stream with SCM_RIGHTS).
+pub fn check_stream_socket(fd: &impl AsRawFd) -> Result<(), WlAddFdError> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: an all-zero stat is valid; fstat fills it from an open fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(raw, &mut st) } != 0 {
+        return Err(WlAddFdError::Inspect(std::io::Error::last_os_error()));
+    }
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFSOCK => None,
+        libc::S_IFREG => Some("regular file"),
+        libc::S_IFIFO => Some("pipe"),
+        libc::S_IFCHR => Some("character device"),
+        libc::S_IFBLK => Some("block device"),
+        libc::S_IFDIR => Some("directory"),
+        _ => Some("file of another type"),
+    };
+    if let Some(k) = kind {
+        return Err(WlAddFdError::NotASocket(k));
+    }
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_TYPE writes one c_int into `ty`; `len` says how much room there is.
+    let r = unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            std::ptr::addr_of_mut!(ty).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(WlAddFdError::Inspect(std::io::Error::last_os_error()));
+    }
+    if ty != libc::SOCK_STREAM {
+        return Err(WlAddFdError::NotAStream(ty));
+    }
+    Ok(())
 }
 
 /// The running server; dropping it stops the thread.

@@ -247,3 +247,44 @@ fn vmmctl_wl_add_hands_over_a_connection_or_a_path() {
     accepted.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"x");
 }
+
+/// `wl add` with an fd that is not a stream socket (a pipe, a regular file, a datagram
+/// socket) is refused with a clear error over the real control socket, and no name is added.
+#[test]
+fn wl_add_refuses_fds_that_are_not_stream_sockets() {
+    let sockets = WlSockets::new();
+    let target = Arc::new(ControlTarget::new(
+        Arc::new(ExitSignal::new().unwrap()),
+        Arc::new(PowerButton::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        1,
+        64 << 20,
+        vec![],
+    ));
+    target.set_wl_sockets(sockets.clone());
+    let (client, server) = Channel::pair().unwrap();
+    let _srv = ControlServer::start(target, None, Some(server)).unwrap();
+    let add = ControlRequest::WlAdd {
+        name: "wl-conn-%d".into(),
+        path: None,
+    };
+    let (r, _w) = std::io::pipe().unwrap();
+    let file = tempfile::tempfile().unwrap();
+    let (dgram, _) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    for (fd, want) in [
+        (OwnedFd::from(r), "not a socket (it is a pipe)"),
+        (OwnedFd::from(file), "not a socket (it is a regular file)"),
+        (OwnedFd::from(dgram), "not SOCK_STREAM"),
+    ] {
+        match ask(&client, &add, &[fd]) {
+            ControlResponse::Error(e) => assert!(e.contains(want), "{e:?} lacks {want:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(sockets.names().is_empty(), "{:?}", sockets.names());
+    // A stream socket is still taken.
+    let (a, _b) = UnixStream::pair().unwrap();
+    assert_eq!(
+        ask(&client, &add, &[OwnedFd::from(a)]),
+        ControlResponse::WlAdded("wl-conn-0".into())
+    );
+}
