@@ -353,6 +353,16 @@ fn recv_announces_host_vfds_before_the_data_that_carries_them() {
     assert_eq!((news[1].flags, news[1].pfn, news[1].size), (VFD_READ, 0, 0));
     assert_eq!(news[2].size, 4096, "read-only memfd is shm too");
     assert_eq!(
+        r.dev.st.shm_writable(news[0].id),
+        Some(true),
+        "O_RDWR memfd"
+    );
+    assert_eq!(
+        r.dev.st.shm_writable(news[2].id),
+        Some(false),
+        "an O_RDONLY memfd is mapped read-only"
+    );
+    assert_eq!(
         news[3].flags,
         VFD_READ | VFD_WRITE,
         "a socket stays a socket"
@@ -656,4 +666,298 @@ fn a_pipe_that_is_not_read_gives_back_pressure_not_a_stuck_device() {
     let mut more = [0u8; 4];
     f.read_exact(&mut more).unwrap();
     assert_eq!(&more, b"more");
+}
+
+fn sealing_memfd(size: u64) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a static name; the returned fd is new and owned here.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"sealed".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(fd >= 0);
+    // SAFETY: fd is new and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    std::fs::File::from(fd.try_clone().unwrap())
+        .set_len(size)
+        .unwrap();
+    fd
+}
+
+/// An O_RDWR memfd with a write seal (F_SEAL_WRITE, or F_SEAL_FUTURE_WRITE) is mapped
+/// read-only: a writable shared mapping of it is impossible, and the guest must not get one.
+#[test]
+fn write_sealed_memfds_from_the_host_are_mapped_read_only() {
+    let mut r = rig();
+    let peer = r.connect(1, "");
+    let plain = sealing_memfd(4096);
+    let sealed = sealing_memfd(4096);
+    let future = sealing_memfd(8192);
+    for (m, seal) in [
+        (&sealed, libc::F_SEAL_WRITE),
+        (&future, libc::F_SEAL_FUTURE_WRITE),
+    ] {
+        // SAFETY: F_ADD_SEALS on a memfd created with MFD_ALLOW_SEALING.
+        let added = unsafe { libc::fcntl(m.as_raw_fd(), libc::F_ADD_SEALS, seal) };
+        assert_eq!(added, 0);
+        // SAFETY: F_GETFL on an open fd.
+        let fl = unsafe { libc::fcntl(m.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(
+            fl & libc::O_ACCMODE,
+            libc::O_RDWR,
+            "the description is O_RDWR"
+        );
+    }
+    scm::send_with_fds(
+        peer.as_fd(),
+        b"sealed",
+        &[plain.as_fd(), sealed.as_fd(), future.as_fd()],
+    )
+    .unwrap();
+    r.dev.st.read_host();
+    let msgs = r.drain_in(8);
+    assert_eq!(msgs.len(), 4, "{msgs:?}");
+    let ids: Vec<u32> = msgs[..3]
+        .iter()
+        .map(|m| match m {
+            InMessage::VfdNew(v) => v.id,
+            other => panic!("expected VFD_NEW, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(r.dev.st.shm_writable(ids[0]), Some(true), "not sealed");
+    assert_eq!(r.dev.st.shm_writable(ids[1]), Some(false), "F_SEAL_WRITE");
+    assert_eq!(
+        r.dev.st.shm_writable(ids[2]),
+        Some(false),
+        "F_SEAL_FUTURE_WRITE"
+    );
+    assert_eq!(r.dev.st.shm_usage(), (4 * 4096, 3));
+}
+
+/// A memfd from a host socket over the shm byte (or count) limit is refused before anything
+/// is mapped: no mmap, no KVM memory slot. The data still arrives.
+#[test]
+fn an_over_limit_memfd_from_the_host_is_refused_before_it_is_mapped() {
+    let limits = WlLimits {
+        max_vfds: 16,
+        max_shm_bytes: 2 * 4096,
+        max_shm_count: 2,
+    };
+    let mut r = rig_with(limits, VIRTIO_WL_F_TRANS_FLAGS);
+    let peer = r.connect(1, "");
+    let before = r.dev.st.shm_map_attempts();
+    let big = memfd(3 * 4096);
+    scm::send_with_fds(peer.as_fd(), b"too big", &[big.as_fd()]).unwrap();
+    r.dev.st.read_host();
+    assert_eq!(
+        r.drain_in(4),
+        vec![InMessage::Recv {
+            id: 1,
+            vfds: vec![],
+            data: b"too big".to_vec()
+        }]
+    );
+    assert_eq!(
+        r.dev.st.shm_map_attempts(),
+        before,
+        "never mapped (no memory slot added)"
+    );
+    assert_eq!(r.dev.st.shm_usage(), (0, 0));
+    // Within the limit it is mapped; the count limit refuses the same way.
+    let (a, b, c) = (memfd(4096), memfd(4096), memfd(4096));
+    scm::send_with_fds(peer.as_fd(), b"3", &[a.as_fd(), b.as_fd(), c.as_fd()]).unwrap();
+    r.dev.st.read_host();
+    let msgs = r.drain_in(8);
+    assert_eq!(msgs.len(), 3, "two VFD_NEW and the RECV: {msgs:?}");
+    assert_eq!(r.dev.st.shm_map_attempts(), before + 2);
+    assert_eq!(r.dev.st.shm_usage(), (2 * 4096, 2));
+}
+
+/// A socket listening at `path` with the smallest backlog, filled: further connects find
+/// it full. Returns the listener and the connections that fill it.
+fn full_listener(path: &std::path::Path) -> (OwnedFd, Vec<OwnedFd>) {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: an all-zero sockaddr_un is valid; family and path are set below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, b) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+        *d = *b as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    let sock = || {
+        // SAFETY: socket(2) with constant arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                0,
+            )
+        };
+        assert!(fd >= 0);
+        // SAFETY: a new fd owned by nothing else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    };
+    let l = sock();
+    // SAFETY: bind and listen on our socket with a valid address.
+    unsafe {
+        assert_eq!(
+            libc::bind(l.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len),
+            0
+        );
+        assert_eq!(libc::listen(l.as_raw_fd(), 0), 0);
+    }
+    let mut filling = Vec::new();
+    loop {
+        let c = sock();
+        // SAFETY: connect our socket to a valid address.
+        let r = unsafe { libc::connect(c.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.raw_os_error(), Some(libc::EAGAIN), "{e}");
+            break;
+        }
+        filling.push(c);
+        assert!(filling.len() < 1000, "the backlog never filled");
+    }
+    (l, filling)
+}
+
+/// A host listener that accepts nothing (its backlog full) must not hold the device: the
+/// connect of NEW_CTX_NAMED waits at most the send wait, then the guest gets RESP_ERR.
+/// Without the bound the connect would wait until the guard below accepts one (a hang guard,
+/// not a timing assertion) and the guest would get a vfd.
+#[test]
+fn a_listener_with_a_full_backlog_gives_err_not_a_stuck_device() {
+    let mut r = rig();
+    r.dev.st.set_send_wait(std::time::Duration::from_millis(20));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full");
+    let (listener, _filling) = full_listener(&path);
+    r.sockets
+        .add("full", WlSocket::Listening(path.clone()))
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let guard_fd = listener.try_clone().unwrap();
+    let guard = std::thread::spawn(move || {
+        if rx.recv_timeout(std::time::Duration::from_secs(10)).is_err() {
+            // SAFETY: accept(2) on our listener; the new fd is closed at once.
+            let c = unsafe {
+                libc::accept(
+                    guard_fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+            if c >= 0 {
+                // SAFETY: a new fd we own.
+                unsafe { libc::close(c) };
+            }
+        }
+    });
+    let code = r.code(&vfd_new(CMD_VFD_NEW_CTX_NAMED, 9, 0, 0, "full"));
+    let _ = tx.send(());
+    guard.join().unwrap();
+    assert_eq!(code, RESP_ERR);
+    assert_eq!(r.dev.st.vfd_count(), 0);
+    assert!(r.sockets.contains("full"), "a listening name stays");
+    // Once the listener takes one connection off its backlog, the next connect goes through.
+    // SAFETY: accept(2) on our listener (non-blocking; the backlog is not empty).
+    let c = unsafe {
+        libc::accept(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    assert!(c >= 0);
+    // SAFETY: a new fd we own.
+    unsafe { libc::close(c) };
+    let v = r.new_vfd(&vfd_new(CMD_VFD_NEW_CTX_NAMED, 9, 0, 0, "full"));
+    assert_eq!(v.flags, VFD_READ | VFD_WRITE);
+}
+
+/// Only sockets, regular files and FIFOs become vfds: a character device from a host
+/// socket is closed (logged) and the data that came with it still arrives.
+#[test]
+fn a_char_device_from_the_host_is_refused_and_the_data_still_arrives() {
+    let mut r = rig();
+    let peer = r.connect(1, "");
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
+    let (pr, _pw) = pipe();
+    scm::send_with_fds(peer.as_fd(), b"dev", &[null.as_fd(), pr.as_fd()]).unwrap();
+    r.dev.st.read_host();
+    let msgs = r.drain_in(8);
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    let InMessage::VfdNew(v) = msgs[0] else {
+        panic!("{msgs:?}")
+    };
+    assert_eq!(
+        (v.flags, v.pfn, v.size),
+        (VFD_READ, 0, 0),
+        "the FIFO is a pipe"
+    );
+    assert_eq!(
+        msgs[1],
+        InMessage::Recv {
+            id: 1,
+            vfds: vec![v.id],
+            data: b"dev".to_vec()
+        }
+    );
+    assert_eq!(r.dev.st.vfd_count(), 2, "the context and the pipe only");
+}
+
+/// A pipe the device reads may be shared with a peer that reads it too: if the peer drains
+/// it between the device's poll and its read, the read must not block the device. Without
+/// that, `read_vfd` would wait until the guard below writes (a hang guard, not a timing
+/// assertion) and deliver the guard's byte.
+#[test]
+fn a_pipe_drained_by_someone_else_does_not_block_the_device() {
+    let mut r = rig();
+    let peer = r.connect(1, "");
+    let (pr, pw) = pipe();
+    let mut ours = std::fs::File::from(pr.try_clone().unwrap());
+    scm::send_with_fds(peer.as_fd(), b"p", &[pr.as_fd()]).unwrap();
+    drop(pr);
+    r.dev.st.read_host();
+    let msgs = r.drain_in(4);
+    let InMessage::VfdNew(v) = msgs[0] else {
+        panic!("{msgs:?}")
+    };
+    let mut w = std::fs::File::from(pw);
+    w.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    ours.read_exact(&mut b).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let mut guard_w = w.try_clone().unwrap();
+    let guard = std::thread::spawn(move || {
+        if rx.recv_timeout(std::time::Duration::from_secs(10)).is_err() {
+            let _ = guard_w.write_all(b"G");
+        }
+    });
+    r.dev.st.read_vfd(v.id);
+    let _ = tx.send(());
+    guard.join().unwrap();
+    assert_eq!(r.dev.st.pending(), 0, "nothing read, nothing queued");
+    // Data is still read when it is there, and the last writer closing is a hang-up.
+    w.write_all(b"yz").unwrap();
+    r.dev.st.read_vfd(v.id);
+    assert_eq!(
+        r.drain_in(4),
+        vec![InMessage::Recv {
+            id: v.id,
+            vfds: vec![],
+            data: b"yz".to_vec()
+        }]
+    );
+    drop(w);
+    r.dev.st.read_vfd(v.id);
+    assert_eq!(r.drain_in(4), vec![InMessage::Hup { id: v.id }]);
 }

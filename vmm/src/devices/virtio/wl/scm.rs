@@ -176,6 +176,58 @@ pub fn write_all_bounded(
     Ok(())
 }
 
+/// Reads what a pipe holds now without ever blocking, and without touching its mode (the
+/// pipe may be shared with a peer, so O_NONBLOCK is left alone): another reader may have
+/// drained it between the caller's poll and this read. FIONREAD says how many bytes are
+/// there and at most that many are read, with RWF_NOWAIT where the kernel supports it on
+/// pipes (so even a reader racing between the two cannot make it wait). `Ok(0)` is end of
+/// file (empty, no writer left); `WouldBlock` means nothing to read now.
+pub fn read_pipe_now(pipe: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
+    let fd = pipe.as_raw_fd();
+    let mut avail: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int into `avail`.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut avail) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let avail = usize::try_from(avail).unwrap_or(0);
+    if avail == 0 {
+        // Empty: end of file if no writer is left (POLLHUP), otherwise a read would block.
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call; no wait.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n == 1 && pfd.revents & libc::POLLHUP != 0 && pfd.revents & libc::POLLIN == 0 {
+            return Ok(0);
+        }
+        return Err(std::io::ErrorKind::WouldBlock.into());
+    }
+    let want = avail.min(buf.len());
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: want,
+    };
+    // SAFETY: one iovec over `want` <= `buf.len()` writable bytes; offset -1 reads at the
+    // current position, as read(2) does (a pipe has no offset).
+    let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let e = std::io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) {
+        return Err(e);
+    }
+    // A kernel without RWF_NOWAIT on pipes: at most what FIONREAD saw.
+    // SAFETY: reads into `buf`, which has at least `want` writable bytes.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), want) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// True once `fd` is writable (or has an error to report on write); false if `left`
 /// passed first.
 fn poll_writable(fd: BorrowedFd<'_>, left: std::time::Duration) -> std::io::Result<bool> {

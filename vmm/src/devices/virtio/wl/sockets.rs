@@ -10,9 +10,12 @@
 //! lock, separate from the device: adding a socket never waits for the guest.
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bulkhead_ipc::hub::client::HubConn;
 
@@ -59,6 +62,14 @@ pub enum SocketError {
     /// The name is a hub connection, which only the device can take (`take`).
     #[error("wl socket {0:?} is a hub connection")]
     HubConnection(String),
+    /// The listener's backlog stayed full for the whole wait: it is not accepting.
+    #[error("connecting to {path}: the listener accepted nothing within {wait:?} (backlog full)")]
+    Busy {
+        /// The path.
+        path: String,
+        /// How long the connect waited.
+        wait: Duration,
+    },
     /// connect(2) failed.
     #[error("connecting to {path}: {err}")]
     Connect {
@@ -158,9 +169,10 @@ impl WlSockets {
         false
     }
 
-    /// Connects to `name`: connect(2) for a listening socket (outside the lock), or takes the
-    /// stream of a non-listening one (which removes the name). A hub connection is left in
-    /// place and refused (`HubConnection`); the device uses [`WlSockets::take`].
+    /// Connects to `name`: connect(2) for a listening socket (outside the lock; waiting at
+    /// most [`DEFAULT_SEND_WAIT`](super::state::DEFAULT_SEND_WAIT) for room in its backlog),
+    /// or takes the stream of a non-listening one (which removes the name). A hub connection
+    /// is left in place and refused (`HubConnection`); the device uses [`WlSockets::take`].
     pub fn connect(&self, name: &str) -> Result<UnixStream, SocketError> {
         {
             let reg = self.lock();
@@ -168,15 +180,16 @@ impl WlSockets {
                 return Err(SocketError::HubConnection(name.to_string()));
             }
         }
-        match self.take(name)? {
+        match self.take(name, super::state::DEFAULT_SEND_WAIT)? {
             Connected::Stream(s) => Ok(s),
             Connected::Hub(_) => Err(SocketError::HubConnection(name.to_string())),
         }
     }
 
     /// Connects to `name` whatever its kind: connect(2) for a listening socket (outside the
-    /// lock); a non-listening stream or a hub connection is taken (the name disappears).
-    pub fn take(&self, name: &str) -> Result<Connected, SocketError> {
+    /// lock), waiting at most `wait` while its backlog is full ([`connect_bounded`]); a
+    /// non-listening stream or a hub connection is taken (the name disappears).
+    pub fn take(&self, name: &str, wait: Duration) -> Result<Connected, SocketError> {
         let path = {
             let mut reg = self.lock();
             match reg.sockets.get(name) {
@@ -191,13 +204,89 @@ impl WlSockets {
                 }
             }
         };
-        UnixStream::connect(&path)
-            .map(Connected::Stream)
-            .map_err(|err| SocketError::Connect {
+        match connect_bounded(&path, wait) {
+            Ok(s) => Ok(Connected::Stream(s)),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Err(SocketError::Busy {
+                path: path.display().to_string(),
+                wait,
+            }),
+            Err(err) => Err(SocketError::Connect {
                 path: path.display().to_string(),
                 err,
-            })
+            }),
+        }
     }
+}
+
+fn set_send_timeout(fd: RawFd, t: Duration) -> std::io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: SO_SNDTIMEO reads one timeval from a live local.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            std::ptr::addr_of!(tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// connect(2) to the stream socket listening at `path`, waiting at most `wait` while its
+/// backlog is full; `WouldBlock` when the wait ran out.
+///
+/// A plain non-blocking connect cannot wait for a Unix socket: with the backlog full it
+/// fails with EAGAIN at once and nothing stays in progress to poll for. A blocking connect
+/// waits for room for as long as the socket's send timeout allows and wakes as soon as the
+/// listener accepts, so the connect runs with SO_SNDTIMEO = the time left, which is then
+/// put back to 0 (no timeout, the default): the socket may travel on to other processes.
+pub fn connect_bounded(path: &Path, wait: Duration) -> std::io::Result<UnixStream> {
+    // SAFETY: an all-zero sockaddr_un is valid; the family and path are set below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    let addr_len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socket(2) returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let deadline = Instant::now() + wait;
+    loop {
+        // At least a microsecond: a zero timeout would mean "wait forever".
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_micros(1));
+        set_send_timeout(fd.as_raw_fd(), left)?;
+        // SAFETY: `addr` is a valid sockaddr_un of `addr_len` bytes for the call.
+        let r = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), addr_len) };
+        if r == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) if Instant::now() < deadline => continue,
+            Some(libc::EINTR | libc::EAGAIN) => return Err(std::io::ErrorKind::WouldBlock.into()),
+            _ => return Err(e),
+        }
+    }
+    set_send_timeout(fd.as_raw_fd(), Duration::ZERO)?;
+    Ok(UnixStream::from(fd))
 }
 
 #[cfg(test)]
@@ -247,5 +336,17 @@ mod tests {
             listener.accept().unwrap();
         }
         assert!(matches!(s.connect("nope"), Err(SocketError::NotFound(_))));
+    }
+
+    #[test]
+    fn bounded_connect_leaves_no_send_timeout_and_refuses_bad_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let _listener = UnixListener::bind(&path).unwrap();
+        let c = connect_bounded(&path, Duration::from_millis(50)).unwrap();
+        assert_eq!(c.write_timeout().unwrap(), None, "SO_SNDTIMEO back to none");
+        assert!(connect_bounded(&dir.path().join("none"), Duration::from_millis(50)).is_err());
+        let long = dir.path().join("x".repeat(200));
+        assert!(connect_bounded(&long, Duration::from_millis(50)).is_err());
     }
 }

@@ -22,7 +22,9 @@ use super::protocol::{
 };
 use super::scm;
 use super::sockets::{Connected, SocketError, WlSockets};
-use super::vfd::{classify_host_fd, page_align, HubObject, ShmWindow, Vfd, VfdKind};
+use super::vfd::{
+    host_vfd_kind, inspect_host_fd, page_align, HostFd, HubObject, ShmWindow, Vfd, VfdKind,
+};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Per-VM limits.
@@ -65,7 +67,9 @@ pub struct WlState {
 
 /// How long a VFD_SEND waits for room when its peer (the hub, a host socket, a pipe) is
 /// not reading, before the guest gets `RESP_OUT_OF_MEMORY` (nothing sent) or `RESP_ERR`
-/// (a stream cut part-way). The device worker is never held longer than this.
+/// (a stream cut part-way); also how long NEW_CTX / NEW_CTX_NAMED waits for room in a
+/// listening socket's full backlog before the guest gets `RESP_ERR`. The device worker is
+/// never held longer than this.
 pub const DEFAULT_SEND_WAIT: Duration = Duration::from_millis(500);
 
 /// Data bytes per frame on a hub connection (a larger VFD_SEND is split; its fds go with
@@ -225,6 +229,12 @@ impl WlState {
     /// Number of live vfds.
     pub fn vfd_count(&self) -> usize {
         self.vfds.len()
+    }
+
+    /// How many shared-memory mappings were attempted so far (each success costs an mmap
+    /// and a KVM memory slot).
+    pub fn shm_map_attempts(&self) -> u64 {
+        self.window.map_attempts()
     }
 
     /// Shared memory in use: (bytes, count).
@@ -495,12 +505,13 @@ impl WlState {
         }
     }
 
-    /// NEW_CTX / NEW_CTX_NAMED: a name in the local registry wins; otherwise, with a hub,
-    /// `listen:<svc>` provides and anything else connects through it. Every failure is the
-    /// same `RESP_ERR` as an unknown name.
+    /// NEW_CTX / NEW_CTX_NAMED: a name in the local registry wins (a listening socket is
+    /// connected to within `send_wait`); otherwise, with a hub, `listen:<svc>` provides and
+    /// anything else connects through it. Every failure is the same `RESP_ERR` as an unknown
+    /// name.
     fn new_ctx(&mut self, id: u32, name: &str) -> Result<Response, ResponseCode> {
         self.check_new(id)?;
-        let kind = match self.sockets.take(name) {
+        let kind = match self.sockets.take(name, self.send_wait) {
             Ok(Connected::Stream(s)) => VfdKind::Socket(s),
             Ok(Connected::Hub(h)) => VfdKind::Hub(h),
             Err(SocketError::NotFound(_)) if self.hub.is_some() => {
@@ -612,24 +623,18 @@ impl WlState {
                     local,
                     guest_reads: true,
                     ..
-                } => {
-                    // SAFETY: reads into `buf`, which has `buf.len()` writable bytes.
-                    let n = unsafe {
-                        libc::read(local.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                    };
-                    if n < 0 {
-                        let e = std::io::Error::last_os_error();
+                } => match scm::read_pipe_now(local.as_fd(), &mut buf) {
+                    Ok(n) => (n, Vec::new()),
+                    Err(e)
                         if matches!(
                             e.kind(),
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                        ) {
-                            return;
-                        }
-                        (0, Vec::new())
-                    } else {
-                        (n as usize, Vec::new())
+                        ) =>
+                    {
+                        return
                     }
-                }
+                    Err(_) => (0, Vec::new()),
+                },
                 _ => return,
             }
         };
@@ -649,18 +654,26 @@ impl WlState {
             let Some(hid) = self.alloc_host_id() else {
                 continue;
             };
-            let shm_ok = self.check_shm(0).is_ok();
-            let kind = match classify_host_fd(fd, &mut self.window) {
-                Ok(VfdKind::Shm(s)) if !shm_ok || self.check_shm(s.size).is_err() => {
-                    log::warn!(
-                        "bulkhead-vmm: virtio-wl: shm limit reached; a received buffer was dropped"
-                    );
-                    self.window.unmap(s);
+            // Limits first: a buffer over them is never mapped (no mmap, no KVM slot).
+            let what = match inspect_host_fd(fd.as_fd()) {
+                Ok(w) => w,
+                Err(e) => {
+                    log::warn!("bulkhead-vmm: virtio-wl: received fd not usable ({e}); closed");
                     continue;
                 }
+            };
+            if let HostFd::Shm { size, .. } = what {
+                if self.check_shm(size).is_err() {
+                    log::warn!(
+                        "bulkhead-vmm: virtio-wl: shm limit reached; a received buffer of {size} bytes was dropped"
+                    );
+                    continue;
+                }
+            }
+            let kind = match host_vfd_kind(fd, what, &mut self.window) {
                 Ok(k) => k,
                 Err(e) => {
-                    log::warn!("bulkhead-vmm: virtio-wl: received fd not usable: {e}");
+                    log::warn!("bulkhead-vmm: virtio-wl: received fd not usable: {e:?}");
                     continue;
                 }
             };

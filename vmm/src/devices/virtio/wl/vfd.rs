@@ -204,6 +204,7 @@ pub struct ShmWindow {
     slots: Option<Arc<MemorySlots>>,
     base: u64,
     alloc: AddressAllocator,
+    map_attempts: u64,
 }
 
 impl ShmWindow {
@@ -214,7 +215,14 @@ impl ShmWindow {
             slots,
             base,
             alloc: AddressAllocator::new(0, SHM_WINDOW_SIZE)?,
+            map_attempts: 0,
         })
+    }
+
+    /// How many times [`ShmWindow::map`] was called (each success costs an mmap and a KVM
+    /// slot): tests check that refused buffers never got that far.
+    pub fn map_attempts(&self) -> u64 {
+        self.map_attempts
     }
 
     /// Guest address of the window.
@@ -241,9 +249,11 @@ impl ShmWindow {
     }
 
     /// Maps `fd` (`size` bytes, page-aligned up) into the window; read-only unless `writable`.
+    /// At most 4 GiB less a page: the size the guest is told is a u32.
     pub fn map(&mut self, fd: OwnedFd, size: u64, writable: bool) -> Result<Shm, ResponseCode> {
+        self.map_attempts += 1;
         let size = page_align(size)
-            .filter(|s| *s > 0 && *s <= SHM_WINDOW_SIZE)
+            .filter(|s| *s > 0 && u32::try_from(*s).is_ok())
             .ok_or(ResponseCode::OutOfMemory)?;
         let len = usize::try_from(size).map_err(|_| ResponseCode::OutOfMemory)?;
         let range = self
@@ -311,36 +321,106 @@ impl ShmWindow {
     }
 }
 
-/// Classifies an fd received from a host socket: shared memory (seekable, mapped), a socket,
-/// or a pipe-like fd with its direction from the access mode.
-pub fn classify_host_fd(fd: OwnedFd, window: &mut ShmWindow) -> Result<VfdKind, ResponseCode> {
+/// What an fd received from a host socket is, read from `fstat`, `F_GETFL` and `F_GET_SEALS`
+/// only: nothing about the fd (its offset, its mode) is changed, and nothing is mapped yet, so
+/// the caller can check its limits first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostFd {
+    /// A socket: stays a socket vfd (it can carry fds onward).
+    Socket,
+    /// A regular file (a memfd): shared memory of `size` bytes (its `st_size`, page-aligned),
+    /// mapped read-only unless the description is O_RDWR and the file has no write seal.
+    Shm {
+        /// Page-aligned size.
+        size: u64,
+        /// The guest's mapping may be written.
+        writable: bool,
+    },
+    /// A FIFO (pipe end): the guest reads it if it is open for reading, otherwise writes it.
+    Fifo {
+        /// Direction: true if the guest reads.
+        guest_reads: bool,
+    },
+}
+
+/// Why a received fd cannot become a vfd (it is closed and logged; the data that came with
+/// it still reaches the guest).
+#[derive(Debug, thiserror::Error)]
+pub enum HostFdError {
+    /// fstat(2) failed.
+    #[error("fstat: {0}")]
+    Fstat(std::io::Error),
+    /// A regular file that cannot be mapped.
+    #[error("a regular file that cannot be shared memory ({0})")]
+    BadFile(&'static str),
+    /// Neither a socket, a regular file nor a FIFO (a character or block device, a
+    /// directory, …).
+    #[error("unsupported file type: {0}")]
+    Unsupported(&'static str),
+}
+
+fn file_type_name(mode: libc::mode_t) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFCHR => "character device",
+        libc::S_IFBLK => "block device",
+        libc::S_IFDIR => "directory",
+        libc::S_IFLNK => "symbolic link",
+        _ => "unknown",
+    }
+}
+
+/// Classifies an fd received from a host socket (see [`HostFd`]).
+pub fn inspect_host_fd(fd: BorrowedFd<'_>) -> Result<HostFd, HostFdError> {
     let raw = fd.as_raw_fd();
-    // SAFETY: fstat on an fd we own, into a zeroed stat.
+    // SAFETY: fstat on a borrowed, open fd, into a zeroed stat.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     if unsafe { libc::fstat(raw, &mut st) } != 0 {
-        return Err(ResponseCode::Err);
+        return Err(HostFdError::Fstat(std::io::Error::last_os_error()));
     }
-    // SAFETY: F_GETFL on an fd we own.
+    // SAFETY: F_GETFL on a borrowed, open fd; only reads its flags.
     let fl = unsafe { libc::fcntl(raw, libc::F_GETFL) };
     let acc = fl & libc::O_ACCMODE;
-    if st.st_mode & libc::S_IFMT == libc::S_IFSOCK {
-        return Ok(VfdKind::Socket(UnixStream::from(fd)));
-    }
-    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-        // SAFETY: lseek on an fd we own.
-        let end = unsafe { libc::lseek(raw, 0, libc::SEEK_END) };
-        if end > 0 {
-            // SAFETY: F_GET_SEALS on an fd we own (fails harmlessly on non-memfds).
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFSOCK => Ok(HostFd::Socket),
+        libc::S_IFIFO => Ok(HostFd::Fifo {
+            guest_reads: acc != libc::O_WRONLY,
+        }),
+        libc::S_IFREG => {
+            if acc == libc::O_WRONLY {
+                return Err(HostFdError::BadFile("write-only"));
+            }
+            let size = u64::try_from(st.st_size)
+                .ok()
+                .filter(|s| *s > 0)
+                .ok_or(HostFdError::BadFile("empty"))?;
+            let size = page_align(size).ok_or(HostFdError::BadFile("too large"))?;
+            // SAFETY: F_GET_SEALS on a borrowed, open fd (fails harmlessly on non-memfds).
             let seals = unsafe { libc::fcntl(raw, libc::F_GET_SEALS) };
-            let sealed = seals > 0 && seals & libc::F_SEAL_WRITE != 0;
-            let writable = acc == libc::O_RDWR && !sealed;
-            return window.map(fd, end as u64, writable).map(VfdKind::Shm);
+            let sealed = seals > 0 && seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0;
+            Ok(HostFd::Shm {
+                size,
+                writable: acc == libc::O_RDWR && !sealed,
+            })
         }
+        _ => Err(HostFdError::Unsupported(file_type_name(st.st_mode))),
     }
-    Ok(VfdKind::Pipe {
-        local: fd,
-        remote: None,
-        guest_reads: acc != libc::O_WRONLY,
-    })
+}
+
+/// The vfd for a received fd that [`inspect_host_fd`] classified as `what`: shared memory is
+/// mapped into the window here (one KVM slot), so limits must be checked before.
+pub fn host_vfd_kind(
+    fd: OwnedFd,
+    what: HostFd,
+    window: &mut ShmWindow,
+) -> Result<VfdKind, ResponseCode> {
+    match what {
+        HostFd::Socket => Ok(VfdKind::Socket(UnixStream::from(fd))),
+        HostFd::Shm { size, writable } => window.map(fd, size, writable).map(VfdKind::Shm),
+        HostFd::Fifo { guest_reads } => Ok(VfdKind::Pipe {
+            local: fd,
+            remote: None,
+            guest_reads,
+        }),
+    }
 }
