@@ -821,6 +821,7 @@ impl Hub {
         self.defer_flush = true;
         self.read_conn_batch(id, s);
         self.defer_flush = false;
+        self.bury(); // on every path out of the read, before the deliveries go out
         self.flush_conn(id, other(s));
         self.flush_conn(id, s);
         self.finish_if_drained(id);
