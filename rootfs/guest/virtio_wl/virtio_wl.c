@@ -27,6 +27,7 @@
 #include <linux/scatterlist.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
+#include <linux/version.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
 #include <linux/vmalloc.h>
@@ -37,6 +38,20 @@
 #include <linux/virtwl.h>
 
 #define VIRTWL_MAX_SEND_DATA (1 << 20)
+
+/*
+ * Kernel API differences this driver spans (built against 6.1 and 6.12 headers):
+ * - 6.3 made vma->vm_flags read-only; vm_flags_set() changes it (and takes the VMA lock
+ *   assertion into account).
+ * - 6.12 removed no_llseek; a NULL .llseek means the same (lseek gives ESPIPE).
+ * - 6.11 replaced virtio_find_vqs()'s callbacks[] and names[] arrays with one array of
+ *   struct virtqueue_info.
+ */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 12, 0)
+#define VIRTWL_NO_LLSEEK NULL
+#else
+#define VIRTWL_NO_LLSEEK no_llseek
+#endif
 
 struct virtwl_info {
 	struct kref ref;
@@ -621,16 +636,17 @@ static int virtwl_vfd_send(struct virtwl_vfd *vfd, const char __user *data, u32 
 	if (len > VIRTWL_MAX_SEND_DATA)
 		return -EMSGSIZE;
 	for (i = 0; fds && i < VIRTWL_SEND_MAX_ALLOCS && fds[i] >= 0; i++) {
-		struct fd f = fdget(fds[i]);
+		/* fget/fput, not fdget: struct fd's layout changed in 6.12 (fd_file()). */
+		struct file *f = fget(fds[i]);
 
-		if (!f.file)
+		if (!f)
 			return -EBADF;
-		if (f.file->f_op != &virtwl_vfd_fops) {
-			fdput(f);
+		if (f->f_op != &virtwl_vfd_fops) {
+			fput(f);
 			return -EINVAL;
 		}
-		ids[count++] = ((struct virtwl_vfd *)f.file->private_data)->id;
-		fdput(f);
+		ids[count++] = ((struct virtwl_vfd *)f->private_data)->id;
+		fput(f);
 	}
 	if (!count && !len)
 		return 0;
@@ -740,7 +756,11 @@ static int virtwl_vfd_mmap(struct file *filp, struct vm_area_struct *vma)
 		return -EACCES;
 	if (vma->vm_pgoff > (size >> PAGE_SHIFT) || len > size - (vma->vm_pgoff << PAGE_SHIFT))
 		return -EINVAL;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	vm_flags_set(vma, VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_DONTDUMP);
+#else
 	vma->vm_flags |= VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_DONTDUMP;
+#endif
 	return io_remap_pfn_range(vma, vma->vm_start,
 				  (vfd->pfn << VIRTWL_PFN_SHIFT >> PAGE_SHIFT) + vma->vm_pgoff,
 				  len, vma->vm_page_prot);
@@ -755,7 +775,7 @@ static const struct file_operations virtwl_vfd_fops = {
 	.mmap = virtwl_vfd_mmap,
 	.unlocked_ioctl = virtwl_vfd_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
-	.llseek = no_llseek,
+	.llseek = VIRTWL_NO_LLSEEK,
 };
 
 /* ---- /dev/wl0 ---- */
@@ -903,7 +923,7 @@ static const struct file_operations virtwl_fops = {
 	.owner = THIS_MODULE,
 	.unlocked_ioctl = virtwl_ioctl,
 	.compat_ioctl = compat_ptr_ioctl,
-	.llseek = no_llseek,
+	.llseek = VIRTWL_NO_LLSEEK,
 };
 
 /* ---- probe/remove ---- */
@@ -922,8 +942,15 @@ static void virtwl_free_in_bufs(struct virtwl_info *vi)
 
 static int virtwl_probe(struct virtio_device *vdev)
 {
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+	struct virtqueue_info vqs_info[VIRTWL_QUEUE_COUNT] = {
+		{ .name = "in", .callback = virtwl_in_cb },
+		{ .name = "out", .callback = virtwl_out_cb },
+	};
+#else
 	vq_callback_t *callbacks[VIRTWL_QUEUE_COUNT] = { virtwl_in_cb, virtwl_out_cb };
 	static const char * const names[VIRTWL_QUEUE_COUNT] = { "in", "out" };
+#endif
 	struct virtwl_info *vi;
 	unsigned int i;
 	int ret;
@@ -942,7 +969,11 @@ static int virtwl_probe(struct virtio_device *vdev)
 	mutex_init(&vi->vfds_lock);
 	idr_init(&vi->vfds);
 
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+	ret = virtio_find_vqs(vdev, VIRTWL_QUEUE_COUNT, vi->vqs, vqs_info, NULL);
+#else
 	ret = virtio_find_vqs(vdev, VIRTWL_QUEUE_COUNT, vi->vqs, callbacks, names, NULL);
+#endif
 	if (ret)
 		goto err_free;
 
