@@ -326,7 +326,24 @@ fn base_tree(a: &mut Archive) -> Result<(), ImageError> {
 /// The modules `wanted` (ours built against the kernel's headers) with their dependency
 /// closure, `modules.dep`, `modules.softdep` and `modules.builtin`.
 fn add_modules(a: &mut Archive, kernel: &Kernel, wanted: &[String]) -> Result<(), ImageError> {
+    add_modules_and(a, kernel, wanted, &[])
+}
+
+/// As [`add_modules`], plus `if_present`: modules carried when the kernel has them.
+fn add_modules_and(
+    a: &mut Archive,
+    kernel: &Kernel,
+    wanted: &[String],
+    if_present: &[&str],
+) -> Result<(), ImageError> {
     let mut index = ModuleIndex::scan(&kernel.modules_dir)?;
+    let mut wanted = wanted.to_vec();
+    for m in if_present {
+        if index.rel_path(m).is_some() && !wanted.iter().any(|w| w == m) {
+            wanted.push(m.to_string());
+        }
+    }
+    let wanted = &wanted[..];
     let workspace = crate::workspace_dir();
     for m in wanted {
         if crate::kmod::source_dir(&workspace, m).is_some() {
@@ -385,7 +402,12 @@ pub fn guest_archive(
         0o644,
         guest.guest_toml.clone().into_bytes(),
     )?;
-    add_modules(&mut a, kernel, &guest.modules)?;
+    add_modules_and(
+        &mut a,
+        kernel,
+        &guest.modules,
+        bulkhead_guest_init::config::POWER_BUTTON_MODULES,
+    )?;
     Ok(a)
 }
 

@@ -1,5 +1,6 @@
 //! bulkhead-vmm end to end: inside a QEMU-emulated Bulkhead host (L1), our init starts
-//! bulkhead-vmm, which boots the Debian cloud kernel (L2) on nested KVM.
+//! bulkhead-vmm, which boots the Debian cloud kernel (L2) on nested KVM; the host's orderly
+//! power-off then stops the VM through its ACPI power button.
 
 use bulkhead_tests::{BootOptions, End, Host};
 
@@ -50,6 +51,13 @@ fn vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back() {
     let written = line("vm: check: testprog: disk marker written ");
     assert!(written.ends_with(&rng_hex), "{written} vs {rng}");
     line("vm: bulkhead-guest-init: check exited with status 0");
+    // The host's orderly power-off stopped the VM the way a host should: init sent the VMM
+    // SIGTERM, the VMM pressed the guest's ACPI power button, the guest's init stopped its
+    // program and powered off, and the VMM ended with status 0.
+    line("stopper: testprog: \"BULKHEAD-CHECK-DONE\" is in /dev/vda");
+    line("vm: bulkhead-vmm: INFO: SIGTERM: pressing the guest's power button");
+    line("vm: bulkhead-guest-init: power button pressed");
+    line("vm: bulkhead-guest-init: idle killed by signal SIGTERM");
     line("vm: bulkhead-guest-init: powering off");
 
     // The guest wrote through its virtio-blk into the host's virtio-blk: the bytes are on

@@ -143,6 +143,14 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         None => None,
     };
     let running = vm.start(input).map_err(|e| e.to_string())?;
+    {
+        let button = running.control_target();
+        let _stop_thread = bulkhead_vmm::vstate::stop::spawn(
+            Box::new(move || button.power_button.press()),
+            running.exit_signal().clone(),
+        )
+        .map_err(|e| format!("stop-signal thread: {e}"))?;
+    }
     if let Some(s) = wl_sockets {
         running.control_target().set_wl_sockets(s);
     }
@@ -167,8 +175,13 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists, so every thread inherits the mask (see vstate::stop).
+    let blocked = bulkhead_vmm::vstate::stop::block();
     let cli = Cli::parse();
     init_logging(cli.log_level);
+    if let Err(e) = blocked {
+        log::warn!("bulkhead-vmm: cannot block SIGTERM/SIGINT: {e}");
+    }
     let cfg = VmConfig::from(cli);
     let reason = match run(cfg) {
         Ok(r) => r,

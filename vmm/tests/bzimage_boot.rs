@@ -132,3 +132,72 @@ fn bad_inputs_exit_1_with_a_clear_message() {
         .unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("3  the guest rebooted"));
 }
+
+/// 64-bit code: prints `R` on COM1, then spins (it never looks at the power button).
+fn spin_code() -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    c.extend_from_slice(&[0xb0, b'R', 0xee]); // mov al, 'R'; out dx, al
+    c.extend_from_slice(&[0xeb, 0xfe]); // jmp $
+    c
+}
+
+/// How init stops a VM: SIGTERM presses the guest's ACPI power button (a guest that listens
+/// powers off and the VMM ends with 0); a second SIGTERM stops it at once (status 4).
+#[test]
+fn sigterm_presses_the_power_button_and_a_second_one_stops_the_vm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("bzImage");
+    std::fs::write(&kernel, fake_bzimage(&spin_code())).unwrap();
+    let serial = dir.path().join("serial");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead-vmm"))
+        .args(["--kernel", kernel.to_str().unwrap()])
+        .args(["--serial", serial.to_str().unwrap()])
+        .args(["--serial-input", "false", "--memory", "64M"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |needle: &str| {
+        while !seen.iter().any(|l: &String| l.contains(needle)) {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => seen.push(l),
+                Err(e) => panic!("no {needle:?} ({e}); stderr so far:\n{}", seen.join("\n")),
+            }
+        }
+    };
+    wait_for("vCPU(s) started");
+    // The guest runs (its byte is out; the serial file gets it when the line is written,
+    // at the latest when the VMM ends).
+    let pid = child.id().to_string();
+    let kill = |sig: &str| {
+        let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(st.success());
+    };
+    kill("-TERM");
+    wait_for("SIGTERM: pressing the guest's power button");
+    // This guest ignores the button: the VMM keeps running.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the VMM ended on the first SIGTERM"
+    );
+    kill("-TERM");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(4), "{status:?}");
+    wait_for("SIGTERM again: stopping the VM now");
+    assert_eq!(std::fs::read(&serial).unwrap(), b"R");
+}

@@ -42,7 +42,8 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: bulkhead-testprog crash [CODE] | ignore-term | sleep SECS | exit CODE | \
          check-kvm | check-vfio BDF | vm-check | wl-guest | wl-peer PATH | \
-         wl-faux-server | wl-faux-client | wl-faux-relay LISTEN SVC CTL | hub-guest | hub-audit PATH VM | run-after MS PROGRAM [ARGS...]"
+         wl-faux-server | wl-faux-client | wl-faux-relay LISTEN SVC CTL | hub-guest | hub-audit PATH VM | run-after MS PROGRAM [ARGS...] | \
+         run-when FILE NEEDLE PROGRAM [ARGS...]"
     );
     ExitCode::from(2)
 }
@@ -105,6 +106,20 @@ fn vm_check() -> ExitCode {
     match written {
         Ok(true) => {
             say(&format!("disk marker written {}", hex(&rng)));
+            // Last: a second marker at 4 KiB says every check above has been printed (the
+            // host may stop the VM once it sees it).
+            let done = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/vda")
+                .and_then(|mut f| {
+                    f.seek(SeekFrom::Start(4096))?;
+                    f.write_all(b"BULKHEAD-CHECK-DONE\n")?;
+                    f.sync_all()
+                });
+            if let Err(e) = done {
+                say(&format!("disk failed: {e}"));
+                return ExitCode::from(1);
+            }
             ExitCode::SUCCESS
         }
         Ok(false) => {
@@ -204,22 +219,53 @@ fn main() -> ExitCode {
                 return usage();
             };
             std::thread::sleep(Duration::from_millis(ms));
-            say(&format!("running {prog}"));
-            match std::process::Command::new(prog).args(&args[3..]).status() {
-                Ok(s) => {
-                    say(&format!("{prog} ended: {s}"));
-                    if s.success() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
+            run_program(prog, &args[3..])
+        }
+        "run-when" => {
+            let (Some(file), Some(needle), Some(prog)) = (args.get(1), args.get(2), args.get(3))
+            else {
+                return usage();
+            };
+            // Polls the first 64 KiB of FILE (a block device too) until NEEDLE is in it;
+            // gives up after 20 minutes.
+            let found = (0..6000).any(|_| {
+                let mut head = vec![0u8; 64 * 1024];
+                let n = std::fs::File::open(file)
+                    .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+                    .unwrap_or(0);
+                let hit = head[..n]
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_bytes());
+                if !hit {
+                    std::thread::sleep(Duration::from_millis(200));
                 }
-                Err(e) => {
-                    say(&format!("{prog} failed to start: {e}"));
-                    ExitCode::from(1)
-                }
+                hit
+            });
+            if !found {
+                say(&format!("{needle:?} never appeared in {file}"));
+                return ExitCode::from(1);
             }
+            say(&format!("{needle:?} is in {file}"));
+            run_program(prog, &args[4..])
         }
         _ => usage(),
+    }
+}
+
+fn run_program(prog: &str, args: &[String]) -> ExitCode {
+    say(&format!("running {prog}"));
+    match std::process::Command::new(prog).args(args).status() {
+        Ok(s) => {
+            say(&format!("{prog} ended: {s}"));
+            if s.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            say(&format!("{prog} failed to start: {e}"));
+            ExitCode::from(1)
+        }
     }
 }

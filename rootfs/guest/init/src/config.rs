@@ -27,6 +27,10 @@ pub const MAX_PROGRAMS: usize = 16;
 /// Longest program name (it prefixes every console line).
 pub const MAX_NAME: usize = 32;
 
+/// Loaded in every guest after its own modules, so the VMM's ACPI power button (how the host
+/// asks a VM to stop) reaches the guest init as KEY_POWER; guest images carry them.
+pub const POWER_BUTTON_MODULES: &[&str] = &["button", "evdev"];
+
 /// The `PATH` every program gets.
 pub const PROGRAM_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
 

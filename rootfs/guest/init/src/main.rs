@@ -20,7 +20,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bulkhead_guest_init::config::{GuestConfig, CONFIG_PATH};
+use bulkhead_guest_init::config::{GuestConfig, CONFIG_PATH, POWER_BUTTON_MODULES};
 use bulkhead_guest_init::programs::Programs;
 use bulkhead_init::input::{self, PowerButton};
 use bulkhead_init::shutdown::{self, PowerAction};
@@ -116,7 +116,9 @@ fn pid1() -> ! {
             shutdown::finish(PowerAction::Poweroff, &mounted);
         }
     };
-    modules::load_all(&modules::modules_dir(), &config.modules);
+    let mut wanted = config.modules.clone();
+    wanted.extend(POWER_BUTTON_MODULES.iter().map(|m| m.to_string()));
+    modules::load_all(&modules::modules_dir(), &wanted);
     let mut buttons = input::scan(Path::new("/dev/input"));
     let sfd = match signals::signal_fd() {
         Ok(sfd) => sfd,
