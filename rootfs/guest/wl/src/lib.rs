@@ -43,6 +43,16 @@ pub enum WlError {
     /// The listener context closed.
     #[error("the listener context was closed")]
     ListenerClosed,
+    /// An access outside a shared-memory mapping.
+    #[error("{len} bytes at offset {offset} are outside the {size}-byte mapping")]
+    OutOfRange {
+        /// Where the access started.
+        offset: usize,
+        /// How many bytes it covered.
+        len: usize,
+        /// The mapping's size.
+        size: usize,
+    },
 }
 
 fn last(what: &'static str) -> WlError {
@@ -387,16 +397,88 @@ impl SharedMemory {
         })
     }
 
-    /// The bytes (other VMs may change them at any time: copy before validating).
+    /// The mapping's size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-length mapping.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes, for memory only this VM writes while the slice lives (a buffer it
+    /// allocated and has not shared yet, or one the peer has finished with).
+    ///
+    /// **Not for memory another VM (or the host) writes concurrently**: a `&[u8]` promises
+    /// the bytes do not change while it lives, so the compiler may read a byte twice or
+    /// not at all and get different answers than the memory holds. Use
+    /// [`SharedMemory::read_volatile_at`] / [`SharedMemory::copy_to`] for such memory, and
+    /// validate the copy, not the shared bytes.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` maps `len` bytes for as long as `self` lives.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
-    /// The bytes, writable.
+    /// The bytes, writable; the same caveat as [`SharedMemory::as_slice`]: not for memory
+    /// another VM reads or writes concurrently (use [`SharedMemory::write_volatile_at`] /
+    /// [`SharedMemory::copy_from`]).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, and `&mut self` makes this the only slice from this process.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), WlError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(WlError::OutOfRange {
+                offset,
+                len,
+                size: self.len,
+            }),
+        }
+    }
+
+    /// Reads the byte at `offset` with a volatile load: each call reads the memory once, as
+    /// it is now, even while another VM writes it.
+    pub fn read_volatile_at(&self, offset: usize) -> Result<u8, WlError> {
+        self.check(offset, 1)?;
+        // SAFETY: `offset` < `len` (checked), so the byte is inside the live mapping.
+        Ok(unsafe { std::ptr::read_volatile(self.ptr.add(offset)) })
+    }
+
+    /// Writes the byte at `offset` with a volatile store (it reaches the memory, where
+    /// another VM may read it). On a buffer the host shared read-only the store is
+    /// dropped (see docs/virtio_wl.md).
+    pub fn write_volatile_at(&mut self, offset: usize, value: u8) -> Result<(), WlError> {
+        self.check(offset, 1)?;
+        // SAFETY: `offset` < `len` (checked), inside the live mapping; `&mut self` means no
+        // slice from `as_slice` is alive in this process.
+        unsafe { std::ptr::write_volatile(self.ptr.add(offset), value) };
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes starting at `offset` into `dst` with volatile loads (a
+    /// snapshot that may mix old and new bytes if another VM writes meanwhile: validate the
+    /// copy).
+    pub fn copy_to(&self, offset: usize, dst: &mut [u8]) -> Result<(), WlError> {
+        self.check(offset, dst.len())?;
+        for (i, d) in dst.iter_mut().enumerate() {
+            // SAFETY: offset + i < offset + dst.len() <= len (checked): inside the mapping.
+            *d = unsafe { std::ptr::read_volatile(self.ptr.add(offset + i)) };
+        }
+        Ok(())
+    }
+
+    /// Copies `src` into the memory starting at `offset` with volatile stores.
+    pub fn copy_from(&mut self, offset: usize, src: &[u8]) -> Result<(), WlError> {
+        self.check(offset, src.len())?;
+        for (i, b) in src.iter().enumerate() {
+            // SAFETY: offset + i < offset + src.len() <= len (checked): inside the mapping;
+            // `&mut self` means no slice from `as_slice` is alive in this process.
+            unsafe { std::ptr::write_volatile(self.ptr.add(offset + i), *b) };
+        }
+        Ok(())
     }
 
     /// The vfd, to send it.
@@ -478,6 +560,13 @@ impl<'a> Listener<'a> {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.ctx.fd()
     }
+
+    /// Non-blocking mode: `accept` gives `WouldBlock` (an `Io` error) when no connection
+    /// name is waiting, so a program can poll [`Listener::fd`] alongside other fds. Names
+    /// already read are still returned first.
+    pub fn set_nonblocking(&self, on: bool) -> Result<(), WlError> {
+        self.ctx.set_nonblocking(on)
+    }
 }
 
 #[cfg(test)]
@@ -503,6 +592,77 @@ mod tests {
         assert!(matches!(name_payload("a\0b"), Err(WlError::BadName(_))));
         let p = name_payload("wayland").unwrap();
         assert_eq!(&p[..8], b"wayland\0");
+    }
+
+    fn memfd(len: usize) -> OwnedFd {
+        // SAFETY: a static NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"wl-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        std::fs::File::from(fd.try_clone().unwrap())
+            .set_len(len as u64)
+            .unwrap();
+        fd
+    }
+
+    #[test]
+    fn volatile_accessors_see_the_other_mapping_and_check_bounds() {
+        let fd = memfd(4096);
+        // Two mappings of one memfd stand for two VMs sharing a buffer.
+        let mut ours = SharedMemory::map(fd.try_clone().unwrap(), 4096).unwrap();
+        let mut theirs = SharedMemory::map(fd, 4096).unwrap();
+        assert_eq!(ours.len(), 4096);
+        ours.write_volatile_at(10, 0x5a).unwrap();
+        assert_eq!(theirs.read_volatile_at(10).unwrap(), 0x5a);
+        theirs.copy_from(4090, b"at end").unwrap();
+        let mut b = [0u8; 6];
+        ours.copy_to(4090, &mut b).unwrap();
+        assert_eq!(&b, b"at end");
+        theirs.write_volatile_at(10, 0xa5).unwrap();
+        assert_eq!(
+            ours.read_volatile_at(10).unwrap(),
+            0xa5,
+            "read again, not cached"
+        );
+        assert!(matches!(
+            ours.read_volatile_at(4096),
+            Err(WlError::OutOfRange {
+                offset: 4096,
+                len: 1,
+                size: 4096
+            })
+        ));
+        assert!(ours.write_volatile_at(usize::MAX, 0).is_err());
+        assert!(ours.copy_to(4091, &mut b).is_err());
+        assert!(ours.copy_from(usize::MAX, b"x").is_err());
+        assert!(
+            ours.copy_to(4096, &mut []).is_ok(),
+            "an empty copy at the end"
+        );
+    }
+
+    #[test]
+    fn listener_set_nonblocking_sets_o_nonblock_on_its_context() {
+        let wl = Wl {
+            dev: std::fs::File::open("/dev/null").unwrap().into(),
+        };
+        let (r, _w) = std::io::pipe().unwrap();
+        let l = Listener {
+            wl: &wl,
+            ctx: WlStream::from(OwnedFd::from(r)),
+            framer: NameFramer::default(),
+            ready: Default::default(),
+        };
+        let flags = |l: &Listener<'_>| {
+            // SAFETY: F_GETFL on an open fd.
+            unsafe { libc::fcntl(l.fd().as_raw_fd(), libc::F_GETFL) }
+        };
+        assert_eq!(flags(&l) & libc::O_NONBLOCK, 0);
+        l.set_nonblocking(true).unwrap();
+        assert_ne!(flags(&l) & libc::O_NONBLOCK, 0);
+        l.set_nonblocking(false).unwrap();
+        assert_eq!(flags(&l) & libc::O_NONBLOCK, 0);
     }
 
     #[test]
