@@ -13,7 +13,8 @@
 //!
 //! `WlAdd { name, path }` adds a virtio_wl socket while the VM runs: with one fd attached
 //! (SCM_RIGHTS) it is a non-listening socket (an accepted connection, consumed by one
-//! connect; it must be a stream socket, anything else is refused with an `Error`), otherwise `path` names a listening socket. `name` may be a pattern with one `%d`
+//! connect; it must be a stream socket, anything else is refused with an `Error`),
+//! otherwise `path` names a listening socket. `name` may be a pattern with one `%d`
 //! (`wl-conn-%d`); the answer is `WlAdded(chosen name)`. It only touches the socket registry,
 //! never the device, so it is answered even before the guest activates the device.
 

@@ -110,8 +110,10 @@ impl WlSockets {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds `socket` under `name`, or, if `name` contains `%d`, under the first free name
-    /// the pattern gives (`wl-conn-%d` → `wl-conn-0`, `wl-conn-1`, …). Returns the name.
+    /// Adds `socket` under `name`, or, if `name` contains `%d`, under the pattern's next
+    /// number (`wl-conn-%d` → `wl-conn-0`, `wl-conn-1`, …): a counter per pattern that only
+    /// moves forward, skipping names taken now, so a number is never given out twice even
+    /// after its name went away. Returns the name.
     pub fn add(&self, name: &str, socket: WlSocket) -> Result<String, SocketError> {
         let pattern = name.matches("%d").count();
         if pattern > 1 {
