@@ -96,6 +96,10 @@ fn edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vm_is_refus
         "flr",
     ]);
     want(&[&format!("vfio-check: {RNG} BAR 4 + 0x14 = 0x00")]);
+    // Only an explicit request hands a function back to the host.
+    want(&[&format!(
+        "vfio-check: {RNG} released to the host from vfio-pci: driver=none"
+    )]);
     want(&["vfio-check: OK"]);
     want(&["edu-vm exited with status 0"]);
     want(&["rng-check exited with status 0"]);

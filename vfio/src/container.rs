@@ -118,10 +118,13 @@ impl Container {
     fn attach(&mut self, id: u32, file: File) -> Result<()> {
         let flags = ioctls::group_status(&file).map_err(ioctl_err("VFIO_GROUP_GET_STATUS"))?;
         if flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
-            return Err(VfioError::GroupNotViable {
-                group: id,
-                members: Vec::new(),
-            });
+            // The kernel's word is final; sysfs, where it can be read, names who is in the
+            // way (a descriptor handed over by init comes without its sysfs root).
+            let members = match group_viable(&SysfsRoot::host(), id) {
+                Err(VfioError::GroupNotViable { members, .. }) => members,
+                _ => Vec::new(),
+            };
+            return Err(VfioError::GroupNotViable { group: id, members });
         }
         if flags & VFIO_GROUP_FLAGS_CONTAINER_SET != 0 {
             return Err(VfioError::DeviceInUse {

@@ -195,7 +195,7 @@ impl VfioError {
 
 fn describe_members(members: &[GroupMember]) -> String {
     if members.is_empty() {
-        return "the kernel says it is not (sysfs shows no member on a host driver)".to_string();
+        return "the kernel says one is not (which one could not be read from sysfs)".to_string();
     }
     let mut out = String::new();
     for (i, m) in members.iter().enumerate() {

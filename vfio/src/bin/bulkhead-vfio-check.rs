@@ -6,8 +6,10 @@
 //! to 1) and has let it go again (back to 0) — without ever opening the group itself,
 //! so it cannot race a VMM for it. With `--read BAR:OFFSET` it reads one byte of a memory BAR
 //! through sysfs `resource<BAR>` (an mmap; memory decoding is switched on for the read if it
-//! was off) and with `--expect` fails unless that byte has the given value. Exit status 0 when
-//! every check holds, 1 otherwise.
+//! was off) and with `--expect` fails unless that byte has the given value. `--release`, last,
+//! is the explicit request that hands the function back to the host (nothing else ever does):
+//! it is unbound from vfio-pci and the kernel may probe a host driver for it; it waits while a
+//! VMM has its group open, up to `--wait-secs`. Exit status 0 when every check holds, 1 otherwise.
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -16,7 +18,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use bulkhead_vfio::{group_members, Bdf, SysfsRoot};
+use bulkhead_vfio::{group_members, release, Bdf, SysfsRoot, VfioError};
 use clap::Parser;
 
 /// Command-line interface.
@@ -43,6 +45,11 @@ struct Cli {
     /// Fail unless the function is bound to vfio-pci.
     #[arg(long)]
     expect_vfio_pci: bool,
+    /// After the checks, hand the function back to the host: unbind it from vfio-pci and let
+    /// the kernel probe a host driver (waits, within --wait-secs, while a VMM has its group
+    /// open).
+    #[arg(long)]
+    release: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -214,6 +221,26 @@ fn run(cli: &Cli) -> Result<bool, String> {
                 ok = false;
             }
         }
+    }
+    if cli.release {
+        // A VMM that has let the device go may still hold its group for a moment (KVM's VFIO
+        // device keeps a reference until the VMM exits): wait for it, within --wait-secs.
+        let start = Instant::now();
+        let r = loop {
+            match release(&root, bdf) {
+                Err(VfioError::DeviceInUse { .. })
+                    if start.elapsed() < Duration::from_secs(cli.wait_secs) =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => break other.map_err(|e| format!("release {bdf}: {e}"))?,
+            }
+        };
+        say(&format!(
+            "{bdf} released to the host{}: driver={}",
+            if r.was_bound { " from vfio-pci" } else { "" },
+            r.new_driver.as_deref().unwrap_or("none")
+        ));
     }
     Ok(ok)
 }
