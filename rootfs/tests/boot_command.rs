@@ -36,6 +36,38 @@ fn boot_exits_0_after_a_clean_power_off() {
     assert!(console.contains("reboot: Power down"));
 }
 
+/// README's first command as it stands (`bulkhead-rootfs boot`, the example system): the edu
+/// driver VM computes with its passed-through device and serves the result through the hub
+/// to the hello VM, and the host powers off cleanly.
+#[test]
+fn readme_first_command_boots_the_example_system() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let out = rootfs()
+        .args(["boot", "--timeout", "900"])
+        .output()
+        .expect("run bulkhead-rootfs");
+    let console = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{console}\nstderr:\n{err}"
+    );
+    for want in [
+        "bulkhead-init: bound 0000:00:03.0 to vfio-pci",
+        "bulkhead-init: started hub pid",
+        "edu-vm: driver: edu: 10! = 3628800",
+        "edu-vm: driver: edu: PASS",
+        "hello-vm: hello: hello from inside a Bulkhead VM",
+        "hello-vm: hello: factorial@edu-vm answered: 10! = 3628800",
+        "bulkhead-init: edu-vm exited with status 0",
+        "reboot: Power down",
+    ] {
+        assert!(console.contains(want), "no {want:?} in:\n{console}");
+    }
+    assert!(!console.contains("FAIL"), "{console}");
+}
+
 #[test]
 fn boot_exits_2_on_a_kernel_panic() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
