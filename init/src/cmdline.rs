@@ -131,6 +131,16 @@ impl BootOptions {
     }
 }
 
+/// `/proc/cmdline` (at most 64 KiB), or an empty string if it cannot be read.
+pub fn read_proc_cmdline() -> String {
+    use std::io::Read;
+    let mut s = String::new();
+    if let Ok(f) = std::fs::File::open("/proc/cmdline") {
+        let _ = f.take(64 * 1024).read_to_string(&mut s);
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,15 +50,6 @@ fn load_system(path: &Path) -> SystemConfig {
     }
 }
 
-fn read_cmdline() -> String {
-    use std::io::Read;
-    let mut s = String::new();
-    if let Ok(f) = std::fs::File::open("/proc/cmdline") {
-        let _ = f.take(64 * 1024).read_to_string(&mut s);
-    }
-    s
-}
-
 fn pid1() -> ! {
     // 1. Signals before anything else (and before any thread could exist).
     let blocked = signals::block_all();
@@ -72,7 +63,7 @@ fn pid1() -> ! {
     initlog::reopen();
 
     // 3. Kernel command line.
-    let opts = BootOptions::from_cmdline(&read_cmdline());
+    let opts = BootOptions::from_cmdline(&bulkhead_init::cmdline::read_proc_cmdline());
     if let Some(level) = opts.loglevel {
         initlog::set_level(level);
     }

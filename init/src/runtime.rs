@@ -53,20 +53,15 @@ struct Ready {
     pipes: Vec<bool>,
 }
 
-fn poll_all(
-    sfd: BorrowedFd<'_>,
-    control: &[BorrowedFd<'_>],
-    buttons: &[BorrowedFd<'_>],
-    pipes: &[BorrowedFd<'_>],
-    timeout: PollTimeout,
-) -> Ready {
+/// One poll(2) over groups of descriptors (POLLIN); for each group, which are ready. Any
+/// event (POLLIN, POLLHUP, POLLERR, or bits nix does not name) means "go and look". EINTR
+/// or an error reports nothing ready.
+pub fn poll_groups(groups: &[&[BorrowedFd<'_>]], timeout: PollTimeout) -> Vec<Vec<bool>> {
     let events = PollFlags::POLLIN;
-    let mut fds: Vec<PollFd<'_>> =
-        Vec::with_capacity(1 + control.len() + buttons.len() + pipes.len());
-    fds.push(PollFd::new(sfd, events));
-    fds.extend(control.iter().map(|fd| PollFd::new(*fd, events)));
-    fds.extend(buttons.iter().map(|fd| PollFd::new(*fd, events)));
-    fds.extend(pipes.iter().map(|fd| PollFd::new(*fd, events)));
+    let mut fds: Vec<PollFd<'_>> = groups
+        .iter()
+        .flat_map(|g| g.iter().map(|fd| PollFd::new(*fd, events)))
+        .collect();
     let polled = match poll(&mut fds, timeout) {
         Ok(_) => true,
         Err(nix::errno::Errno::EINTR) => false,
@@ -75,20 +70,30 @@ fn poll_all(
             false
         }
     };
-    // Any event (POLLIN, POLLHUP, POLLERR, or bits nix does not name) means "go and look".
     let mut ready = fds
         .iter()
         .map(|fd| polled && fd.revents().is_none_or(|r| !r.is_empty()));
-    let mut take = |n: usize| (&mut ready).take(n).collect::<Vec<bool>>();
-    let signals = take(1).first().copied().unwrap_or(false);
-    let control = take(control.len());
-    let buttons = take(buttons.len());
-    let pipes = take(pipes.len());
+    groups
+        .iter()
+        .map(|g| (&mut ready).take(g.len()).collect())
+        .collect()
+}
+
+fn poll_all(
+    sfd: BorrowedFd<'_>,
+    control: &[BorrowedFd<'_>],
+    buttons: &[BorrowedFd<'_>],
+    pipes: &[BorrowedFd<'_>],
+    timeout: PollTimeout,
+) -> Ready {
+    let mut groups = poll_groups(&[&[sfd], control, buttons, pipes], timeout).into_iter();
+    let mut next = || groups.next().unwrap_or_default();
+    let signals = next().first().copied().unwrap_or(false);
     Ready {
         signals,
-        control,
-        buttons,
-        pipes,
+        control: next(),
+        buttons: next(),
+        pipes: next(),
     }
 }
 

@@ -23,11 +23,12 @@ use std::time::{Duration, Instant};
 use bulkhead_guest_init::config::{GuestConfig, CONFIG_PATH, POWER_BUTTON_MODULES};
 use bulkhead_guest_init::programs::Programs;
 use bulkhead_init::input::{self, PowerButton};
+use bulkhead_init::runtime::poll_groups;
 use bulkhead_init::shutdown::{self, PowerAction};
 use bulkhead_init::{log as initlog, modules, mounts, panic, signals};
 use clap::{Parser, Subcommand};
 use log::{error, info, warn, LevelFilter};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::PollTimeout;
 use nix::sys::signal::Signal;
 use nix::sys::signalfd::SignalFd;
 
@@ -83,15 +84,6 @@ fn cli() -> i32 {
     }
 }
 
-fn read_cmdline() -> String {
-    use std::io::Read;
-    let mut s = String::new();
-    if let Ok(f) = std::fs::File::open("/proc/cmdline") {
-        let _ = f.take(64 * 1024).read_to_string(&mut s);
-    }
-    s
-}
-
 fn pid1() -> ! {
     let blocked = signals::block_all();
     initlog::set_tag(TAG);
@@ -101,7 +93,9 @@ fn pid1() -> ! {
     }
     let mounted = mounts::mount_all(&mounts::early_mounts());
     initlog::reopen();
-    let opts = bulkhead_init::cmdline::BootOptions::from_cmdline(&read_cmdline());
+    let opts = bulkhead_init::cmdline::BootOptions::from_cmdline(
+        &bulkhead_init::cmdline::read_proc_cmdline(),
+    );
     if let Some(level) = opts.loglevel {
         initlog::set_level(level);
     }
@@ -249,29 +243,11 @@ fn wait(
     pipes: &[BorrowedFd<'_>],
     timeout: Duration,
 ) -> (bool, Vec<bool>, Vec<bool>) {
-    let events = PollFlags::POLLIN;
-    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + buttons.len() + pipes.len());
-    fds.push(PollFd::new(sfd, events));
-    fds.extend(buttons.iter().map(|fd| PollFd::new(*fd, events)));
-    fds.extend(pipes.iter().map(|fd| PollFd::new(*fd, events)));
     // Round up so a wakeup never comes a hair before the deadline.
     let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-    let polled = match poll(
-        &mut fds,
-        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-    ) {
-        Ok(_) => true,
-        Err(nix::errno::Errno::EINTR) => false,
-        Err(e) => {
-            warn!("poll: {e}");
-            false
-        }
-    };
-    let mut ready = fds
-        .iter()
-        .map(|fd| polled && fd.revents().is_none_or(|r| !r.is_empty()));
-    let sig = ready.next().unwrap_or(false);
-    let b: Vec<bool> = (&mut ready).take(buttons.len()).collect();
-    let p: Vec<bool> = ready.take(pipes.len()).collect();
-    (sig, b, p)
+    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
+    let mut groups = poll_groups(&[&[sfd], buttons, pipes], timeout).into_iter();
+    let mut next = || groups.next().unwrap_or_default();
+    let sig = next().first().copied().unwrap_or(false);
+    (sig, next(), next())
 }
