@@ -68,6 +68,10 @@ pub enum PassthroughError {
     },
 }
 
+/// The command register's offset in config space, and its memory-space enable bit.
+const COMMAND_OFFSET: usize = 4;
+const COMMAND_MEMORY: u8 = 1 << 1;
+
 /// One BAR offered to the guest.
 struct Bar {
     index: usize,
@@ -96,6 +100,11 @@ pub struct VfioPciDevice {
     intx: Option<Intx>,
     msi: Option<Msi>,
     msix: Option<VfioMsix>,
+    /// The guest's memory-space enable (command register bit 1). While it is off, the BARs'
+    /// KVM slots are removed: guest accesses then find no device (reads all ones, writes
+    /// dropped), as on a real bus, instead of touching a mapping vfio-pci has revoked
+    /// (which would fail KVM_RUN).
+    mem_decode: bool,
 }
 
 fn read_u8(device: &Device, at: usize) -> Result<u8, PassthroughError> {
@@ -299,7 +308,54 @@ impl VfioPciDevice {
             intx,
             msi,
             msix,
+            mem_decode: true,
         })
+    }
+
+    /// Follows the guest's memory-space enable: removes the mapped BARs' slots when it goes
+    /// off, puts them back at the BARs' current addresses when it comes on again.
+    fn set_mem_decode(&mut self, on: bool) {
+        if on == self.mem_decode {
+            return;
+        }
+        self.mem_decode = on;
+        for bar in self.bars.iter_mut() {
+            if bar.mapping != BarMapping::DeviceMapped {
+                continue;
+            }
+            if !on {
+                bar.slot = None;
+                continue;
+            }
+            let Some(host) = bar.host.clone() else {
+                continue;
+            };
+            let Some(addr) = self
+                .bar_regs
+                .bars()
+                .find(|b| b.index == bar.index)
+                .map(|b| b.addr)
+            else {
+                continue;
+            };
+            match self.slots.map(addr, host) {
+                Ok(slot) => bar.slot = Some(slot),
+                Err(e) => log::warn!(
+                    "bulkhead-vmm: {}: BAR {} slot at {addr:#x}: {e}",
+                    self.name,
+                    bar.index
+                ),
+            }
+        }
+        log::info!(
+            "bulkhead-vmm: vfio {}: memory decoding {}",
+            self.device.bdf(),
+            if on {
+                "on: mapped BARs back in place"
+            } else {
+                "off: mapped BARs removed"
+            }
+        );
     }
 
     /// Stops VFIO signalling INTx (before MSI or MSI-X is enabled: one type at a time).
@@ -446,6 +502,9 @@ impl PciDevice for VfioPciDevice {
                 if let Err(e) = self.device.write_region(CONFIG_REGION, at as u64, data) {
                     log::warn!("bulkhead-vmm: {}: config write at {at:#x}: {e}", self.name);
                 }
+                if let Some(cmd) = COMMAND_OFFSET.checked_sub(at).and_then(|i| data.get(i)) {
+                    self.set_mem_decode(cmd & COMMAND_MEMORY != 0);
+                }
                 if self.msi.as_ref().is_some_and(|m| m.covers(at, data.len())) {
                     self.msi_config_write(at, data);
                 }
@@ -499,8 +558,12 @@ impl PciDevice for VfioPciDevice {
         if bar.mapping != BarMapping::DeviceMapped {
             return Ok(());
         }
-        // Remove the old slot before mapping the new one (they may overlap).
+        // Remove the old slot before mapping the new one (they may overlap). While memory
+        // decoding is off the BAR has no slot; it gets one at its new place when it comes on.
         bar.slot = None;
+        if !self.mem_decode {
+            return Ok(());
+        }
         if let Some(host) = bar.host.clone() {
             bar.slot = Some(
                 self.slots
