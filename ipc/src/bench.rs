@@ -90,6 +90,12 @@ fn sealed_memfd() -> Result<OwnedFd, BenchError> {
     }
     // SAFETY: a fresh fd nobody else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // Mode 0644, as every memfd the hub passes (it refuses group/other-writable ones).
+    nix::sys::stat::fchmod(
+        &fd,
+        nix::sys::stat::Mode::from_bits_truncate(crate::hub::memfd_server::MEMFD_MODE),
+    )
+    .map_err(fail("fchmod"))?;
     nix::unistd::ftruncate(&fd, 4096).map_err(fail("ftruncate"))?;
     // SAFETY: F_ADD_SEALS with an int on our own memfd.
     if unsafe { libc::fcntl(fd.as_raw_fd(), F_ADD_SEALS, F_SEAL_GROW | F_SEAL_SHRINK) } < 0 {

@@ -11,12 +11,25 @@
 //! | `S_ISFIFO` + `O_RDONLY` | pipe (read end) | read |
 //! | `S_ISFIFO` + `O_WRONLY` | pipe (write end) | write |
 //! | `S_ISREG` + seals incl. GROW and SHRINK | memfd | read, map; write unless write-sealed |
+//! | an `O_PATH` descriptor (of anything) | refused | — |
+//! | `S_ISREG` whose mode has group or other write (`0o022`) | refused | — |
 //! | anything else | refused | — |
 //!
 //! TRANSFER and DUP are bookkeeping rights (the hub's, not the kernel's), so they are always
 //! in the "can carry" set; whether a holder has them is the handle table's business.
 //! A memfd without GROW and SHRINK seals is refused: a peer could shrink it under a mapping
 //! and make the receiver's VMM fault (SIGBUS).
+//!
+//! **Reopening.** Anyone holding an fd to a memfd can open a *new* description of it through
+//! `/proc/self/fd/N`, with whatever access the file's mode allows the opener. So the hub's
+//! read-only attenuation (a new `O_RDONLY` description, see
+//! [`crate::hub::memfd_server::reopen_readonly`]) only holds if a receiver cannot reopen the
+//! file writable: memfds are made mode 0644 by their creators (the VMM and the memfd server;
+//! owner = the creator, others read-only, so the hub can still reopen read-only), and a
+//! regular file whose mode grants group or other write is refused here. This relies on DAC,
+//! so it binds receivers that run as another, unprivileged uid (a root VMM bypasses it).
+//! `O_PATH` descriptors are refused outright: they carry no access mode (`F_GETFL` would
+//! read as `O_RDONLY`) and exist only to be reopened.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -125,6 +138,16 @@ pub enum ClassifyError {
     /// A memfd opened write-only cannot be mapped.
     #[error("memfd opened write-only")]
     WriteOnlyMemfd,
+    /// An `O_PATH` descriptor: no access of its own, only a handle to reopen the object.
+    #[error("O_PATH descriptor")]
+    PathOnly,
+    /// A memfd (or other regular file) whose mode lets group or others write it: a
+    /// receiver could reopen it writable through `/proc/self/fd`.
+    #[error("memfd mode {mode:#o} lets group or others write (could be reopened writable)")]
+    WritableByOthers {
+        /// The permission bits.
+        mode: u32,
+    },
 }
 
 const BOOKKEEPING: Rights = Rights::TRANSFER.union(Rights::DUP);
@@ -137,7 +160,11 @@ pub fn classify(fd: BorrowedFd<'_>) -> Result<Classified, ClassifyError> {
         ino: st.st_ino,
     };
     let fmt = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
-    let accmode = access_mode(fd)?;
+    let fl = status_flags(fd)?;
+    if fl & libc::O_PATH != 0 {
+        return Err(ClassifyError::PathOnly);
+    }
+    let accmode = fl & libc::O_ACCMODE;
     let (kind, max, size) = if fmt == SFlag::S_IFSOCK {
         (
             FdKind::Socket,
@@ -151,6 +178,11 @@ pub fn classify(fd: BorrowedFd<'_>) -> Result<Classified, ClassifyError> {
             _ => return Err(ClassifyError::AmbiguousPipe),
         }
     } else if fmt == SFlag::S_IFREG {
+        if st.st_mode & (libc::S_IWGRP | libc::S_IWOTH) != 0 {
+            return Err(ClassifyError::WritableByOthers {
+                mode: st.st_mode & 0o7777,
+            });
+        }
         let seals = get_seals(fd)?;
         if seals & (F_SEAL_GROW | F_SEAL_SHRINK) != F_SEAL_GROW | F_SEAL_SHRINK {
             return Err(ClassifyError::UnsealedMemfd { seals });
@@ -176,7 +208,7 @@ pub fn classify(fd: BorrowedFd<'_>) -> Result<Classified, ClassifyError> {
     })
 }
 
-fn access_mode(fd: BorrowedFd<'_>) -> Result<libc::c_int, ClassifyError> {
+fn status_flags(fd: BorrowedFd<'_>) -> Result<libc::c_int, ClassifyError> {
     // SAFETY: F_GETFL takes no argument and only reads the fd's status flags.
     let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
     if fl < 0 {
@@ -185,7 +217,7 @@ fn access_mode(fd: BorrowedFd<'_>) -> Result<libc::c_int, ClassifyError> {
             errno: Errno::last(),
         });
     }
-    Ok(fl & libc::O_ACCMODE)
+    Ok(fl)
 }
 
 fn get_seals(fd: BorrowedFd<'_>) -> Result<libc::c_int, ClassifyError> {
@@ -216,6 +248,7 @@ mod tests {
         assert!(raw >= 0);
         // SAFETY: memfd_create returned a fresh fd nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
         nix::unistd::ftruncate(&fd, size).unwrap();
         if seals != 0 {
             // SAFETY: F_ADD_SEALS with an int argument on our own memfd.
@@ -256,6 +289,44 @@ mod tests {
             classify(fd.as_fd()),
             Err(ClassifyError::UnsealedMemfd { .. })
         ));
+    }
+
+    #[test]
+    fn memfd_writable_by_group_or_others_refused() {
+        for mode in [0o666, 0o646, 0o664, 0o777] {
+            let fd = memfd(F_SEAL_GROW | F_SEAL_SHRINK, 4096);
+            nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(mode)).unwrap();
+            assert_eq!(
+                classify(fd.as_fd()),
+                Err(ClassifyError::WritableByOthers { mode }),
+                "{mode:o}"
+            );
+        }
+        for mode in [0o644, 0o600, 0o444] {
+            let fd = memfd(F_SEAL_GROW | F_SEAL_SHRINK, 4096);
+            nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(mode)).unwrap();
+            assert_eq!(
+                classify(fd.as_fd()).unwrap().kind,
+                FdKind::Memfd,
+                "{mode:o}"
+            );
+        }
+    }
+
+    #[test]
+    fn o_path_descriptors_refused() {
+        let m = memfd(F_SEAL_GROW | F_SEAL_SHRINK, 4096);
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        for fd in [m.as_fd(), r.as_fd()] {
+            let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            let p = nix::fcntl::open(
+                path.as_str(),
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            assert_eq!(classify(p.as_fd()), Err(ClassifyError::PathOnly));
+        }
     }
 
     #[test]

@@ -268,6 +268,8 @@ fn memfd() -> OwnedFd {
     assert!(raw >= 0);
     // SAFETY: fresh fd.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // The mode a VMM gives its memfds (the hub refuses group/other-writable ones).
+    nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
     nix::unistd::ftruncate(&fd, 4096).unwrap();
     // SAFETY: F_ADD_SEALS with an int on our own memfd.
     assert_eq!(unsafe { libc::fcntl(fd.as_raw_fd(), 1033, 0x2 | 0x4) }, 0);
@@ -334,6 +336,139 @@ fn forwarding_readonly_memfd_asking_for_write_is_invalid_args() {
     assert_eq!(denied.len(), 1, "{denied:?}");
     assert_eq!(denied[0]["src"], "a");
     assert!(denied[0]["reason"].as_str().unwrap().contains("exceeds"));
+}
+
+/// What the receiving child of `readonly_memfds_cannot_be_reopened_writable_by_another_uid`
+/// does after fork: drop to uid/gid 65534, receive one delivery on `sock`, and for each of
+/// its `nfds` fds check that a reopen through /proc/self/fd for writing fails with EACCES
+/// while one for reading works, and that the fd itself refuses writes. Only raw system
+/// calls (the test process has other threads); the exit code says what failed.
+fn reopen_as_another_uid(sock: RawFd, nfds: usize) -> i32 {
+    // SAFETY: plain system calls on this (single-threaded, forked) process's own fds and
+    // stack buffers, each result checked; nothing allocates.
+    unsafe {
+        if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0 {
+            return 10;
+        }
+        if libc::syscall(libc::SYS_setgid, 65534) != 0 {
+            return 11;
+        }
+        if libc::syscall(libc::SYS_setuid, 65534) != 0 || libc::geteuid() != 65534 {
+            return 12;
+        }
+        let mut data = [0u8; 4096];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        let mut cbuf = [0u64; 64];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cbuf);
+        if libc::recvmsg(sock, &mut msg, 0) <= 0 {
+            return 13;
+        }
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            return 14;
+        }
+        let n = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+        if n != nfds {
+            return 15;
+        }
+        let fds = libc::CMSG_DATA(cmsg) as *const RawFd;
+        for i in 0..n {
+            let fd = fds.add(i).read_unaligned();
+            // "/proc/self/fd/<fd>\0" without allocating.
+            let mut path = [0u8; 40];
+            let prefix = b"/proc/self/fd/";
+            path[..prefix.len()].copy_from_slice(prefix);
+            let mut digits = [0u8; 12];
+            let (mut v, mut d) = (fd as u32, 0);
+            loop {
+                digits[d] = b'0' + (v % 10) as u8;
+                d += 1;
+                v /= 10;
+                if v == 0 {
+                    break;
+                }
+            }
+            for k in 0..d {
+                path[prefix.len() + k] = digits[d - 1 - k];
+            }
+            let p = path.as_ptr().cast::<libc::c_char>();
+            if libc::open(p, libc::O_RDWR | libc::O_CLOEXEC) >= 0 {
+                return 20 + i as i32;
+            }
+            if *libc::__errno_location() != libc::EACCES {
+                return 30 + i as i32;
+            }
+            if libc::open(p, libc::O_RDONLY | libc::O_CLOEXEC) < 0 {
+                return 40 + i as i32;
+            }
+            if libc::write(fd, b"x".as_ptr().cast(), 1) >= 0 {
+                return 50 + i as i32;
+            }
+        }
+        0
+    }
+}
+
+/// A read-only delivery stays read-only in a receiver of another, unprivileged uid: the
+/// memfd server's memfd and a VMM's (both mode 0644) reach a child that setuid()s away from
+/// root; reopening either through /proc/self/fd for writing fails with EACCES, for reading
+/// works. (A root receiver bypasses DAC: that is why VMMs run unprivileged.)
+#[test]
+fn readonly_memfds_cannot_be_reopened_writable_by_another_uid() {
+    let mut h = TestHub::start(POLICY, &["b", "d"], &[]);
+    h.provide("d", "noxfer");
+    let (_, b_to_d, d_from_b) = h.connect("b", "noxfer", "d").unwrap();
+    let (shm, _) = h.alloc("b", 4096).unwrap();
+    let own = memfd();
+    let sock = d_from_b.as_raw_fd();
+    // SAFETY: the child only makes raw system calls (`reopen_as_another_uid`) and _exits.
+    let pid = match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let code = reopen_as_another_uid(sock, 2);
+            // SAFETY: leaving the forked child without running the parent's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    send(&b_to_d, 1, &[(shm.as_fd(), RO), (own.as_fd(), RO)]);
+    let status = nix::sys::wait::waitpid(pid, None).unwrap();
+    assert_eq!(
+        status,
+        nix::sys::wait::WaitStatus::Exited(pid, 0),
+        "child exit codes: 2x reopened writable, 3x other errno, 4x no read-only reopen, \
+         5x write went through"
+    );
+}
+
+/// Objects a receiver could reopen writable, or that are only a handle to reopen, are
+/// refused whole: a memfd group or others may write, an O_PATH descriptor.
+#[test]
+fn writable_by_others_and_o_path_are_refused() {
+    let mut h = TestHub::start(POLICY, &["a", "b"], &[]);
+    h.provide("a", "inbox");
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let wide = memfd();
+    nix::sys::stat::fchmod(&wide, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    send(&b_to_a, 1, &[(wide.as_fd(), RO)]);
+    expect_refused(&b_to_a, 1, Refusal::PermissionDenied);
+    let m = memfd();
+    let path = nix::fcntl::open(
+        format!("/proc/self/fd/{}", m.as_raw_fd()).as_str(),
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
+    send(&b_to_a, 2, &[(path.as_fd(), Rights::READ)]);
+    expect_refused(&b_to_a, 2, Refusal::PermissionDenied);
+    send(&b_to_a, 3, &[(m.as_fd(), RO)]);
+    expect_deliver(&a_from_b, 3);
 }
 
 /// D received a memfd without TRANSFER (the noxfer contract); forwarding it is refused.

@@ -149,6 +149,10 @@ fn alloc_maps_shm_with_absolute_pfns_and_close_frees_it() {
     // The freed range is reused.
     let c = r.new_vfd(&vfd_new(CMD_VFD_NEW, 3, 0, 8192, ""));
     assert_eq!(c.pfn, a.pfn);
+    // Mode 0644: a receiver of another uid can reopen it through /proc/self/fd read-only at
+    // most (and the hub, which refuses group/other-writable memfds, passes it).
+    let st = nix::sys::stat::fstat(r.dev.st.host_fd(3).unwrap()).unwrap();
+    assert_eq!(st.st_mode & 0o7777, 0o644);
 }
 
 #[test]

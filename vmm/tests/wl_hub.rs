@@ -143,6 +143,9 @@ fn sealed_memfd(size: u64, text: &[u8]) -> OwnedFd {
     assert!(fd >= 0);
     // SAFETY: fd is new and owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fchmod on a memfd we own: the mode a VMM gives its memfds (the hub refuses
+    // group/other-writable ones).
+    assert_eq!(unsafe { libc::fchmod(fd.as_raw_fd(), 0o644) }, 0);
     let mut f = std::fs::File::from(fd.try_clone().unwrap());
     f.set_len(size).unwrap();
     f.write_all(text).unwrap();

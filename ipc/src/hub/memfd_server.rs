@@ -1,9 +1,10 @@
 //! The memfd server: shared memory for guests, charged to the VM that asked for it until
 //! the last holder closes it.
 //!
-//! Each allocation is a `memfd_create(MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL)` (falling back to
-//! mode 0600 on kernels without NOEXEC_SEAL), truncated to the page-rounded size and sealed
-//! with `F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL`.
+//! Each allocation is a `memfd_create(MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL)` (without the
+//! flag on kernels that lack it), made mode 0644 ([`MEMFD_MODE`]: a receiver of another uid
+//! cannot reopen it writable through `/proc/self/fd`), truncated to the page-rounded size and
+//! sealed with `F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL`.
 //!
 //! **Knowing when the last holder closed.** The kernel keeps no count we can read, so the
 //! server uses open-file-description locks, which live exactly as long as the description:
@@ -29,6 +30,9 @@ use crate::classify::{classify, ObjKey, F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F
 use crate::hub::handles::VmIdx;
 
 const MFD_NOEXEC_SEAL: libc::c_uint = 0x8;
+/// The mode every memfd the hub passes is made with: the creator may write, others
+/// (the hub, receivers of other uids) may only reopen it read-only.
+pub const MEMFD_MODE: libc::mode_t = 0o644;
 
 /// Why an allocation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -224,16 +228,20 @@ fn create_memfd() -> Result<OwnedFd, ShmError> {
     if raw < 0 && Errno::last() == Errno::EINVAL {
         // SAFETY: as above, without the flag older kernels do not know.
         raw = unsafe { libc::memfd_create(name.as_ptr(), base) };
-        if raw >= 0 {
-            // SAFETY: fchmod on the fd just created.
-            unsafe { libc::fchmod(raw, 0o600) };
-        }
     }
     if raw < 0 {
         return Err(sys("memfd_create")(Errno::last()));
     }
     // SAFETY: memfd_create returned a fresh fd nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // 0644 (memfds start 0777, or 0666 under NOEXEC_SEAL): a receiver of another uid can
+    // reopen it read-only at most through /proc/self/fd, so a read-only description the hub
+    // hands out stays read-only (see `classify`, which refuses group/other-writable ones).
+    // SAFETY: fchmod on the fd just created; the result is checked.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), MEMFD_MODE) } != 0 {
+        return Err(sys("fchmod")(Errno::last()));
+    }
+    Ok(fd)
 }
 
 fn whole_file(kind: libc::c_short) -> libc::flock {
@@ -351,6 +359,8 @@ mod tests {
         assert_eq!(s.usage(0), (page, 1));
         let c = classify(fd.as_fd()).unwrap();
         assert_eq!(c.size, page);
+        let st = nix::sys::stat::fstat(fd.as_fd()).unwrap();
+        assert_eq!(st.st_mode & 0o7777, MEMFD_MODE);
         // Sealed: growing fails.
         assert!(nix::unistd::ftruncate(&fd, (page * 2) as i64).is_err());
     }

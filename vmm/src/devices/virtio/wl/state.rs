@@ -76,6 +76,9 @@ pub const DEFAULT_SEND_WAIT: Duration = Duration::from_millis(500);
 /// the first frame). Leaves room for the frame's header and rights list.
 const HUB_CHUNK: usize = MAX_FRAME - 1024;
 
+/// The mode of every memfd the device creates (see `memfd`).
+pub const MEMFD_MODE: libc::mode_t = 0o644;
+
 fn memfd(size: u64) -> Result<OwnedFd, ResponseCode> {
     // SAFETY: a static NUL-terminated name; flags are valid.
     let fd = unsafe {
@@ -89,6 +92,13 @@ fn memfd(size: u64) -> Result<OwnedFd, ResponseCode> {
     }
     // SAFETY: memfd_create returned a new fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Mode 0644 (memfds start 0777): the hub (another uid) can still reopen it read-only to
+    // attenuate, but a receiver of another uid cannot reopen it writable through
+    // /proc/self/fd; the hub refuses memfds that group or others may write.
+    // SAFETY: fchmod on an fd we own.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), MEMFD_MODE) } != 0 {
+        return Err(ResponseCode::OutOfMemory);
+    }
     let len = libc::off_t::try_from(size).map_err(|_| ResponseCode::OutOfMemory)?;
     // SAFETY: ftruncate on an fd we own.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
