@@ -502,9 +502,10 @@ fn disallowed_type_in_an_otherwise_fine_frame_rejects_all() {
     let (s1, _s2) = Channel::pair().unwrap();
     send(&b_to_a, 1, &[(m.as_fd(), RO), (s1.as_fd(), Rights::SEND)]);
     expect_refused(&b_to_a, 1, Refusal::PermissionDenied);
-    // The connection's own socket over itself is a socket too.
+    // The connection's own socket over itself: `v ≠ c` comes first (step 1, InvalidId),
+    // before the type check would refuse any socket here.
     send(&b_to_a, 2, &[(b_to_a.as_fd(), Rights::SEND)]);
-    expect_refused(&b_to_a, 2, Refusal::PermissionDenied);
+    expect_refused(&b_to_a, 2, Refusal::InvalidId);
     // A pipe read end asked to carry write.
     let (r, w) = nix::unistd::pipe().unwrap();
     send(&b_to_a, 3, &[(r.as_fd(), Rights::WRITE)]);
@@ -517,6 +518,49 @@ fn disallowed_type_in_an_otherwise_fine_frame_rejects_all() {
     assert_eq!(infos[1].fd_type, FdType::Pipe);
     assert!(infos[1].write_end);
     nothing_pending(&a_from_b);
+}
+
+/// A contract that passes sockets both ways (`v ≠ c` and the socket cycle need one).
+const SOCKETS: &str = "version 1
+grant a provide socks c2s=socket:send+recv+transfer s2c=socket:send+recv+transfer max-fds=8
+grant b connect socks@a
+grant @any quota shm=64KiB shm-count=4 vfds=32
+";
+
+/// `v ≠ c`: a connection's own socket (either VMM-side end) is never carried over that
+/// connection, even when the contract passes sockets: InvalidId, the frame refused whole;
+/// another socket passes.
+#[test]
+fn a_connection_socket_over_itself_is_invalid_id() {
+    let mut h = TestHub::start(SOCKETS, &["a", "b"], &[]);
+    h.provide("a", "socks");
+    let (_, b_to_a, a_from_b) = h.connect("b", "socks", "a").unwrap();
+    send(&b_to_a, 1, &[(b_to_a.as_fd(), Rights::SEND)]);
+    expect_refused(&b_to_a, 1, Refusal::InvalidId);
+    send(&a_from_b, 2, &[(a_from_b.as_fd(), Rights::SEND)]);
+    expect_refused(&a_from_b, 2, Refusal::InvalidId);
+    let (s1, _s2) = Channel::pair().unwrap();
+    send(
+        &b_to_a,
+        3,
+        &[(s1.as_fd(), Rights::SEND), (b_to_a.as_fd(), Rights::SEND)],
+    );
+    expect_refused(&b_to_a, 3, Refusal::InvalidId);
+    send(&b_to_a, 4, &[(s1.as_fd(), Rights::SEND)]);
+    let (infos, _) = expect_deliver(&a_from_b, 4);
+    assert_eq!(infos[0].fd_type, FdType::Socket);
+    nothing_pending(&a_from_b);
+    let denied: Vec<_> = h
+        .audit_lines()
+        .into_iter()
+        .filter(|r| r["allowed"] == false && r["verb"] == "transfer")
+        .collect();
+    assert!(
+        denied
+            .iter()
+            .all(|r| r["reason"].as_str().unwrap().contains("own socket")),
+        "{denied:?}"
+    );
 }
 
 /// 29 fds cannot even arrive (MSG_CTRUNC at the hub); 9 is over max-fds=8. Both are refused

@@ -160,6 +160,9 @@ struct Conn {
     service: String,
     client: End,
     provider: End,
+    /// Identities of the connection's two VMM-side socket ends (client's, provider's): a
+    /// frame carrying either is refused (`v ≠ c`, policy.md's transfer check step 1).
+    vmm_ends: [ObjKey; 2],
     /// Decided under one generation (cached until the next apply).
     caps: Option<ConnDecision>,
     allowed_frames: u32,
@@ -676,6 +679,20 @@ impl Hub {
                 log::warn!("connect {obj}: {e}");
             }
         }
+        let key_of = |ch: &Channel| {
+            nix::sys::stat::fstat(ch.as_fd()).map(|st| ObjKey {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            })
+        };
+        let vmm_ends = match (key_of(&client_vmm), key_of(&prov_vmm)) {
+            (Ok(c), Ok(p)) => [c, p],
+            (Err(e), _) | (_, Err(e)) => {
+                log::error!("connect {obj}: fstat of a new socket: {e}");
+                self.refuse_vm(vm, tag, Refusal::OutOfMemory);
+                return;
+            }
+        };
         let id = self.next_conn;
         self.next_conn = self.next_conn.wrapping_add(1).max(1);
         rules.sort();
@@ -708,6 +725,7 @@ impl Hub {
                     hung_up: false,
                     eof: false,
                 },
+                vmm_ends,
                 caps: None,
                 allowed_frames: 0,
             },
@@ -1085,6 +1103,7 @@ impl Hub {
             return;
         };
         let (sender, receiver) = (c.end(s).vm, c.end(other(s)).vm);
+        let vmm_ends = c.vmm_ends;
         let [client_vfds, provider_vfds] = vfds;
         let (sender_vfds, receiver_vfds) = match s {
             Side::Client => (client_vfds, provider_vfds),
@@ -1105,6 +1124,7 @@ impl Hub {
             receiver,
             receiver_vfds,
             sender_vfds,
+            conn_ends: &vmm_ends,
         };
         match router::check_frame(&gen.policy, hop, &self.handles, &ins) {
             Err(rej) => {

@@ -1,8 +1,10 @@
 //! The per-frame transfer check, in the order of policy.md's "Transfer check".
 //!
 //! For every fd of a frame, with the sender's requested rights:
-//! 1. the hub's own classification succeeded, the object is not twice in the frame, and the
-//!    sender holds an entry on it (or nobody does: it is the origin) — else `InvalidId`;
+//! 1. the hub's own classification succeeded, the object is not twice in the frame, it is
+//!    not one of the connection's own sockets (`v ≠ c`: a connection carried inside itself),
+//!    and the sender holds an entry on it (or nobody does: it is the origin) — else
+//!    `InvalidId`;
 //! 2. the sender's rights include TRANSFER — else `PermissionDenied`;
 //! 3. requested ⊆ the sender's rights — else `InvalidArgs` (strict, no silent clamp);
 //! 4. the type is in the connection's caps for the direction — else `PermissionDenied`;
@@ -14,7 +16,7 @@
 
 use bulkhead_policy::{ConnectionCaps, Direction, Policy, Rights};
 
-use crate::classify::{Classified, ClassifyError, FdKind};
+use crate::classify::{Classified, ClassifyError, FdKind, ObjKey};
 use crate::hub::handles::{Handles, VmIdx};
 use crate::hub::protocol::Refusal;
 
@@ -72,6 +74,8 @@ pub struct Hop<'a> {
     pub receiver_vfds: u64,
     /// The sender's `vfds` quota (objects it sends for the first time become its entries).
     pub sender_vfds: u64,
+    /// The connection's own sockets (its VMM-side ends): never carried over it.
+    pub conn_ends: &'a [ObjKey],
 }
 
 /// Checks a whole frame; `Ok` lists the final rights per fd, in order.
@@ -82,7 +86,7 @@ pub fn check_frame(
     fds: &[FdIn],
 ) -> Result<Vec<Approved>, Rejection> {
     let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
-    let mut seen: Vec<crate::classify::ObjKey> = Vec::with_capacity(fds.len());
+    let mut seen: Vec<ObjKey> = Vec::with_capacity(fds.len());
     let mut out = Vec::with_capacity(fds.len());
     let mut new_entries: u64 = 0;
     let mut new_origins: u64 = 0;
@@ -107,6 +111,12 @@ pub fn check_frame(
             ));
         }
         seen.push(class.key);
+        if hop.conn_ends.contains(&class.key) {
+            return Err(reject(
+                Refusal::InvalidId,
+                format!("fd {i}: the connection's own socket, sent over the connection"),
+            ));
+        }
         let Some(sender_rights) = handles.rights_of(hop.sender, class.key, class.max_rights) else {
             return Err(reject(
                 Refusal::InvalidId,
@@ -201,7 +211,6 @@ pub fn describe(kind: FdKind, rights: Rights) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::ObjKey;
     use bulkhead_policy::{FdCaps, FdType};
     use proptest::prelude::*;
 
@@ -258,7 +267,7 @@ mod tests {
             for (i, (cap, req)) in hops.iter().enumerate() {
                 let (sender, receiver) = (i, i + 1);
                 let c = caps(*cap, 28);
-                let hop = Hop { caps: &c, dir: Direction::C2s, sender, receiver, receiver_vfds: 100, sender_vfds: 100 };
+                let hop = Hop { caps: &c, dir: Direction::C2s, sender, receiver, receiver_vfds: 100, sender_vfds: 100, conn_ends: &[] };
                 let before = handles.rights_of(sender, key, class.max_rights);
                 let fds = [FdIn { class: Ok(class), requested: *req }];
                 match check_frame(&policy, hop, &handles, &fds) {
@@ -298,6 +307,7 @@ mod tests {
             receiver: 1,
             receiver_vfds: 2,
             sender_vfds: 100,
+            conn_ends: &[],
         };
         let fds: Vec<FdIn> = (0..3)
             .map(|i| FdIn {
