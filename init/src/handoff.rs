@@ -36,6 +36,18 @@ pub enum Role {
     },
 }
 
+/// Opens `<dev>/kvm` read-write, close-on-exec (the handed-over copy loses close-on-exec
+/// in [`install`]).
+fn open_kvm(sys: &SysfsRoot) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(sys.dev().join("kvm"))?;
+    Ok(OwnedFd::from(f))
+}
+
 /// The VM channels of a system: one SOCK_SEQPACKET socketpair per VM name, (hub end, VMM
 /// end). A pair that cannot be made is logged and left out (that VM runs without a hub).
 pub fn make_channels(vms: &[&str]) -> BTreeMap<String, (Arc<OwnedFd>, Arc<OwnedFd>)> {
@@ -127,6 +139,12 @@ impl Handoff {
                     h.env
                         .push(("BULKHEAD_VFIO_GROUP_FDS".to_string(), groups.join(",")));
                 }
+                // /dev/kvm as a descriptor too (last, so the others keep their numbers): a
+                // VMM running as its own user needs no path.
+                let kvm = open_kvm(sys).map_err(|e| format!("/dev/kvm for {name}: {e}"))?;
+                let n = h.push(kvm);
+                h.env.push(("BULKHEAD_KVM_FD".to_string(), n.to_string()));
+                h.what.push(format!("/dev/kvm as fd {n}"));
             }
         }
         Ok(h)

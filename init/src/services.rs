@@ -138,7 +138,7 @@ impl Services {
                     exec: svc.exec.clone(),
                     env: svc.environment(),
                     role,
-                    user: None,
+                    user: svc.user.map(|u| (u, svc.group.unwrap_or(u))),
                     runtime_dir: None,
                 },
                 svc.restart_params(),
@@ -225,15 +225,24 @@ impl Services {
         }
         let raw = handoff.raw_fds();
         let mut scratch = vec![0; raw.len()];
+        if matches!(recipe.role, Role::Vm { .. }) && recipe.user.is_some() {
+            // VFIO pins all guest memory and charges it to RLIMIT_MEMLOCK, which an
+            // unprivileged VMM cannot raise: lift it here (init is root; the child inherits).
+            lift_memlock_limit();
+        }
+        let drop_privileges = recipe.user.is_some();
         // A new process group lets shutdown kill what the service itself started.
         let mut cmd = Command::new(prog);
         let sigrtmax = libc::SIGRTMAX();
         // SAFETY: the closure runs between fork and exec and only calls
-        // async-signal-safe functions (sigprocmask, signal, fcntl, dup2) on memory
+        // async-signal-safe functions (sigprocmask, signal, prctl, fcntl, dup2) on memory
         // allocated before the fork, allocating nothing.
         unsafe {
             cmd.pre_exec(move || {
                 crate::signals::reset_in_child(sigrtmax)?;
+                if drop_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 handoff::install(&raw, &mut scratch)
             });
         }
@@ -430,6 +439,22 @@ impl Services {
             }
             wait(self, deadline - now);
         }
+    }
+}
+
+/// Sets init's own RLIMIT_MEMLOCK to unlimited (children inherit it). Failure is logged:
+/// the VMM then reports the limit itself when VFIO needs more.
+fn lift_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads one rlimit from a live local.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        warn!(
+            "cannot lift RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

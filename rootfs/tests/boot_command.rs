@@ -61,6 +61,8 @@ fn readme_first_command_boots_the_example_system() {
         "hello-vm: hello: hello from inside a Bulkhead VM",
         "hello-vm: hello: factorial@edu-vm answered: 10! = 3628800",
         "bulkhead-init: edu-vm exited with status 0",
+        "edu-vm: bulkhead-vmm: INFO: running as uid 1002 gid 1002, no capabilities",
+        "hello-vm: bulkhead-vmm: INFO: running as uid 1001 gid 1001, no capabilities",
         "reboot: Power down",
     ] {
         assert!(console.contains(want), "no {want:?} in:\n{console}");

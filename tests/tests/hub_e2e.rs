@@ -72,6 +72,17 @@ fn provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_ref
     ] {
         assert!(audit.contains(want), "{want} not in {audit}");
     }
+    // Each VMM ran as its own unprivileged user, with /dev/kvm handed over by init.
+    for (vm, uid) in [
+        ("provider-vm", 1001),
+        ("client-vm", 1002),
+        ("intruder-vm", 1003),
+    ] {
+        let want = format!(
+            "{vm}: bulkhead-vmm: INFO: running as uid {uid} gid {uid}, no capabilities, no_new_privs 1"
+        );
+        assert!(saw(&want), "no {want:?}\n{}", h.context());
+    }
     // The hub wrote it, as the unprivileged user init started it as.
     assert!(
         saw("audit: hub-audit: the audit log is owned by uid 900"),

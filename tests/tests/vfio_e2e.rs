@@ -51,6 +51,12 @@ fn edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vm_is_refus
         "IOMMU group",
     ]);
     want(&["vfio: IOMMU group", "from a handed-over descriptor"]);
+    // ... and ran as its own unprivileged user: VFIO needs no privilege once init has
+    // handed over the descriptors (and lifted the locked-memory limit for DMA pinning).
+    want(&[
+        "edu-vm: bulkhead-vmm: INFO: running as uid 1001 gid 1001, no capabilities, no_new_privs 1",
+    ]);
+    want(&["edu-vm: handing over", "/dev/kvm as fd"]);
     // The VMM: edu's BAR mapped and INTx wired; the rng reset at start, its MSI-X emulated.
     want(&[&format!("vfio {EDU}: BAR 0 0x100000 bytes at")]);
     want(&[&format!("vfio {EDU}: INTx on GSI")]);

@@ -110,8 +110,9 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub vfio_group_fd: Vec<RawFd>,
-    /// /dev/kvm as an already-open file descriptor.
-    #[arg(long)]
+    /// /dev/kvm as an already-open file descriptor (init hands it over and sets
+    /// BULKHEAD_KVM_FD, so a VMM running as its own user needs no path).
+    #[arg(long, env = "BULKHEAD_KVM_FD")]
     pub kvm_fd: Option<RawFd>,
     /// Listen for control clients on this Unix socket path.
     #[arg(long, conflicts_with = "control_fd")]

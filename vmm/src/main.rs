@@ -36,7 +36,31 @@ fn init_logging(level: log::LevelFilter) {
     log::set_max_level(level);
 }
 
+/// Who this VMM runs as: uid, gid and its effective capabilities (from /proc/self/status).
+fn credentials() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().next().unwrap_or("?").to_string())
+            .unwrap_or_else(|| "?".to_string())
+    };
+    let caps = match u64::from_str_radix(&field("CapEff:"), 16) {
+        Ok(0) => "no capabilities".to_string(),
+        Ok(c) => format!("capabilities {c:#x}"),
+        Err(_) => "capabilities unknown".to_string(),
+    };
+    format!(
+        "uid {} gid {}, {caps}, no_new_privs {}",
+        field("Uid:"),
+        field("Gid:"),
+        field("NoNewPrivs:")
+    )
+}
+
 fn run(cfg: VmConfig) -> Result<ExitReason, String> {
+    log::info!("bulkhead-vmm: running as {}", credentials());
     let mut fds = FdTaker::default();
     let kvm = match cfg.kvm_fd {
         Some(fd) => {
