@@ -1290,6 +1290,8 @@ fn garbage_frames_are_refused_and_change_nothing() {
     let m = memfd();
     send(&b_to_a, 5, &[(m.as_fd(), RO)]);
     expect_deliver(&a_from_b, 5);
+    // The hub keeps a probe of a memfd it delivered attenuated while any fd to it is open.
+    drop(m);
     drop(h.alloc("a", 1).unwrap());
     h.provide("a", "inbox");
     assert_eq!(h.hub_fds(), before);
@@ -1337,6 +1339,76 @@ fn release_and_move_drop_entries() {
                              // (PermissionDenied: sink carries no pipes); released, it fails the id check.
     send(&a_to_c, 6, &[(pw.as_fd(), Rights::WRITE)]);
     expect_refused(&a_to_c, 6, Refusal::InvalidId);
+}
+
+fn release(h: &TestHub, vm: &str, fd: BorrowedFd<'_>) {
+    let st = nix::sys::stat::fstat(fd).unwrap();
+    h.vm(vm)
+        .send(
+            &VmRequest::Release {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            },
+            &[],
+        )
+        .unwrap();
+}
+
+/// TRANSFER cannot be laundered through `Release`: once every holder of an object the hub
+/// delivered with attenuated rights has released it (or moved it on), a VM that still has
+/// an fd to it and sends it again is not its "origin" with every right, but keeps the
+/// attenuated rights (a tombstone, while a description the hub passed is open). When every
+/// fd is closed, the hub lets go of the object (its probe fds too).
+#[test]
+fn released_objects_keep_their_attenuated_rights() {
+    let mut h = TestHub::start(POLICY, &["a", "b", "c", "d"], &[]);
+    h.provide("a", "inbox");
+    h.provide("c", "sink");
+    h.provide("d", "noxfer");
+    let (_, b_to_d, d_from_b) = h.connect("b", "noxfer", "d").unwrap();
+    let (_, d_to_c, c_from_d) = h.connect("d", "sink", "c").unwrap();
+    let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+    let (_, a_to_c, c_from_a) = h.connect("a", "sink", "c").unwrap();
+    drop(h.alloc("a", 1).unwrap());
+    h.provide("a", "inbox");
+    let before = h.hub_fds();
+
+    // D gets a memfd without TRANSFER; B (its origin) and D both say they closed it, but D
+    // kept its fd. Re-sent, it is not D's to forward.
+    let m = memfd();
+    send(&b_to_d, 1, &[(m.as_fd(), RO | Rights::TRANSFER)]);
+    let (infos, mut fds) = expect_deliver(&d_from_b, 1);
+    assert_eq!(infos[0].rights, RO);
+    let at_d = fds.pop().unwrap();
+    release(&h, "b", m.as_fd());
+    release(&h, "d", at_d.as_fd());
+    h.provide("a", "inbox"); // round trip: the releases are processed
+    send(&d_to_c, 2, &[(at_d.as_fd(), RO)]);
+    expect_refused(&d_to_c, 2, Refusal::PermissionDenied);
+
+    // Without lying: A gets RO+TRANSFER (no DUP) and moves it to C, its guest keeping the
+    // vfd; B and C release. A's re-send gets only what every delivery got (RO: no TRANSFER).
+    let m2 = memfd();
+    send(&b_to_a, 3, &[(m2.as_fd(), RO | Rights::TRANSFER)]);
+    let (_, mut fds) = expect_deliver(&a_from_b, 3);
+    let at_a = fds.pop().unwrap();
+    send(&a_to_c, 4, &[(at_a.as_fd(), RO)]);
+    let (infos, mut fds) = expect_deliver(&c_from_a, 4);
+    assert_eq!(infos[0].rights, RO);
+    let at_c = fds.pop().unwrap();
+    release(&h, "b", m2.as_fd());
+    release(&h, "c", at_c.as_fd());
+    h.provide("a", "inbox");
+    send(&a_to_c, 5, &[(at_a.as_fd(), RO)]);
+    expect_refused(&a_to_c, 5, Refusal::PermissionDenied);
+    nothing_pending(&c_from_a);
+    nothing_pending(&c_from_d);
+
+    // Every fd closed: a sweep (an allocation) lets the objects and their probes go.
+    drop((m, at_d, m2, at_a, at_c));
+    drop(h.alloc("a", 1).unwrap());
+    h.provide("a", "inbox");
+    assert_eq!(h.hub_fds(), before);
 }
 
 /// Many frames with fds sent back to back (`sendmmsg` batches, so the hub reads them in
@@ -1421,6 +1493,9 @@ fn batched_frames_are_decided_one_by_one() {
         }
     }
     nothing_pending(&b_to_a);
+    // The hub keeps a probe of a memfd it delivered attenuated while any fd to it is open.
+    drop(frames);
+    drop(m);
     drop(h.alloc("a", 1).unwrap()); // also flushes the audit log
     h.provide("a", "inbox");
     assert_eq!(h.hub_fds(), before);

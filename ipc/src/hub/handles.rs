@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use bulkhead_policy::Rights;
 
@@ -46,21 +47,59 @@ impl Hasher for KeyHasher {
 /// A map with [`KeyHasher`].
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
+/// Most tombstones kept at once (see [`Handles`]). When full, a `Release` that would make
+/// one is not honoured (the VM keeps its entry, still counted against its `vfds`), so a VM
+/// that churns attenuated objects only exhausts its own quota.
+pub const MAX_TOMBSTONES: usize = 16384;
+
+/// One object: who holds what, and what the hub ever delivered of it.
+#[derive(Debug, Default)]
+struct Obj {
+    holders: FastMap<VmIdx, Rights>,
+    /// The intersection of the rights of every attenuated delivery (`None`: never
+    /// delivered with less than the fd can carry).
+    cap: Option<Rights>,
+    /// VMs that held an entry on it (a VM leaves the list when it goes away or restarts:
+    /// its fds are closed then).
+    ever: Vec<VmIdx>,
+    /// A description of the object the hub keeps to ask whether any description it passed
+    /// is still open (memfds only: see [`crate::hub::memfd_server::still_held`]).
+    probe: Option<OwnedFd>,
+}
+
 /// The table.
+///
+/// **Tombstones.** When the last entry on an object goes (every holder released it, or went
+/// away) while descriptions of it may still be open (a VMM that lied in `Release`, or one
+/// that moved it without DUP and whose guest still holds the vfd), forgetting it would make
+/// the next VM to send it its origin, with every right (TRANSFER and DUP included): rights
+/// laundering. So an object the hub ever delivered with attenuated rights becomes a
+/// tombstone instead: whoever sends it next gets at most the intersection of the rights
+/// the hub delivered of it. A tombstone goes when no description can be open any more: for
+/// memfds, when the probe (an OFD-lock probe, like the memfd server's) sees no description
+/// the hub passed still open (a live object whose probe says so goes too: every holder
+/// closed it); for others (pipes, sockets: no probe can be opened without
+/// becoming a reader or writer), when every VM that ever held an entry on it has gone away
+/// or restarted; and when the memfd server sees the last holder of its allocation close.
 #[derive(Debug, Default)]
 pub struct Handles {
-    objects: FastMap<ObjKey, FastMap<VmIdx, Rights>>,
+    objects: FastMap<ObjKey, Obj>,
+    tombs: FastMap<ObjKey, Obj>,
     per_vm: FastMap<VmIdx, u64>,
 }
 
 impl Handles {
-    /// The rights `vm` has on `key`: its entry, or `origin_rights` if nobody holds the
-    /// object yet (then `vm` becomes its origin when the transfer commits); `None` if the
-    /// object is known and `vm` holds nothing on it.
+    /// The rights `vm` has on `key`: its entry; or, if nobody holds the object, the
+    /// `origin_rights` limited by what the hub ever delivered of it (a tombstone), and `vm`
+    /// becomes a holder with them when the transfer commits; `None` if the object is held
+    /// and `vm` holds nothing on it.
     pub fn rights_of(&self, vm: VmIdx, key: ObjKey, origin_rights: Rights) -> Option<Rights> {
         match self.objects.get(&key) {
-            None => Some(origin_rights),
-            Some(holders) => holders.get(&vm).copied(),
+            Some(obj) => obj.holders.get(&vm).copied(),
+            None => match self.tombs.get(&key).and_then(|t| t.cap) {
+                Some(cap) => Some(origin_rights & cap),
+                None => Some(origin_rights),
+            },
         }
     }
 
@@ -71,54 +110,149 @@ impl Handles {
 
     /// Does `vm` hold an entry on `key`?
     pub fn holds(&self, vm: VmIdx, key: ObjKey) -> bool {
-        self.objects.get(&key).is_some_and(|h| h.contains_key(&vm))
+        self.objects
+            .get(&key)
+            .is_some_and(|o| o.holders.contains_key(&vm))
     }
 
-    /// Gives `vm` `rights` on `key` (union with what it has: both were granted).
+    /// Tombstones kept now.
+    pub fn tombstones(&self) -> usize {
+        self.tombs.len()
+    }
+
+    /// Gives `vm` `rights` on `key` (union with what it has: both were granted). A
+    /// tombstone comes back to life with what it knew.
     pub fn grant(&mut self, vm: VmIdx, key: ObjKey, rights: Rights) {
-        let holders = self.objects.entry(key).or_default();
-        match holders.get_mut(&vm) {
+        if !self.objects.contains_key(&key) {
+            let obj = self.tombs.remove(&key).unwrap_or_default();
+            self.objects.insert(key, obj);
+        }
+        let Some(obj) = self.objects.get_mut(&key) else {
+            return;
+        };
+        if !obj.ever.contains(&vm) {
+            obj.ever.push(vm);
+        }
+        match obj.holders.get_mut(&vm) {
             Some(r) => *r = *r | rights,
             None => {
-                holders.insert(vm, rights);
+                obj.holders.insert(vm, rights);
                 let c = self.per_vm.entry(vm).or_insert(0);
                 *c = c.saturating_add(1);
             }
         }
     }
 
-    /// Removes `vm`'s entry on `key`.
-    pub fn release(&mut self, vm: VmIdx, key: ObjKey) {
-        let mut empty = false;
-        let mut removed = false;
-        if let Some(holders) = self.objects.get_mut(&key) {
-            removed = holders.remove(&vm).is_some();
-            empty = holders.is_empty();
-        }
-        if removed {
-            self.dec(vm);
-        }
-        if empty {
-            self.objects.remove(&key);
+    /// The hub delivered `key` with `rights`, less than the fd can carry: a sender without
+    /// an entry later gets at most what every attenuated delivery got.
+    pub fn delivered_attenuated(&mut self, key: ObjKey, rights: Rights) {
+        if let Some(obj) = self.objects.get_mut(&key) {
+            obj.cap = Some(obj.cap.map_or(rights, |c| c & rights));
         }
     }
 
-    /// Forgets every entry of `vm` (the VM went away).
+    /// Does the object (live or a tombstone) have a probe?
+    pub fn has_probe(&self, key: ObjKey) -> bool {
+        self.objects
+            .get(&key)
+            .or_else(|| self.tombs.get(&key))
+            .is_some_and(|o| o.probe.is_some())
+    }
+
+    /// Keeps `probe` for the (live) object `key` unless it has one.
+    pub fn set_probe(&mut self, key: ObjKey, probe: OwnedFd) {
+        if let Some(obj) = self.objects.get_mut(&key) {
+            obj.probe.get_or_insert(probe);
+        }
+    }
+
+    /// Removes `vm`'s entry on `key` (the VM says it closed its last fd to it). The last
+    /// entry on an object delivered attenuated leaves a tombstone; when the tombstone
+    /// table is full the entry is kept instead (returns false).
+    pub fn release(&mut self, vm: VmIdx, key: ObjKey) -> bool {
+        let Some(obj) = self.objects.get_mut(&key) else {
+            return true;
+        };
+        if !obj.holders.contains_key(&vm) {
+            return true;
+        }
+        let last = obj.holders.len() == 1;
+        if last && obj.cap.is_some() && self.tombs.len() >= MAX_TOMBSTONES {
+            log::warn!(
+                "handle table: {MAX_TOMBSTONES} tombstones; vm {vm} keeps its entry on {key:?}"
+            );
+            return false;
+        }
+        obj.holders.remove(&vm);
+        self.dec(vm);
+        if last {
+            self.bury(key);
+        }
+        true
+    }
+
+    /// An object without holders: a tombstone if it was delivered attenuated and may still
+    /// be open somewhere, else gone.
+    fn bury(&mut self, key: ObjKey) {
+        let Some(obj) = self.objects.remove(&key) else {
+            return;
+        };
+        if obj.cap.is_some() && (obj.probe.is_some() || !obj.ever.is_empty()) {
+            self.tombs.insert(key, obj);
+        }
+    }
+
+    /// Forgets every entry of `vm` (the VM went away or restarted: its fds are closed).
     pub fn forget_vm(&mut self, vm: VmIdx) {
-        self.objects.retain(|_, holders| {
-            holders.remove(&vm);
-            !holders.is_empty()
+        let mut empty = Vec::new();
+        for (key, obj) in self.objects.iter_mut() {
+            obj.holders.remove(&vm);
+            obj.ever.retain(|v| *v != vm);
+            if obj.holders.is_empty() {
+                empty.push(*key);
+            }
+        }
+        for key in empty {
+            self.bury(key);
+        }
+        self.tombs.retain(|_, t| {
+            t.ever.retain(|v| *v != vm);
+            t.probe.is_some() || !t.ever.is_empty()
         });
         self.per_vm.remove(&vm);
     }
 
     /// Forgets an object entirely (its last holder closed it).
     pub fn forget_object(&mut self, key: ObjKey) {
-        if let Some(holders) = self.objects.remove(&key) {
-            for vm in holders.keys() {
-                self.dec(*vm);
+        self.tombs.remove(&key);
+        if let Some(obj) = self.objects.remove(&key) {
+            for vm in obj.holders.keys() {
+                if let Some(c) = self.per_vm.get_mut(vm) {
+                    *c = c.saturating_sub(1);
+                }
             }
         }
+    }
+
+    /// Asks every probe whether a description the hub passed is still open (`still_held`):
+    /// if none is, nobody holds the object any more, and it goes, tombstone or live entries
+    /// alike (as the memfd server releases a charge). Returns how many objects went.
+    pub fn sweep_probes(&mut self, still_held: impl Fn(BorrowedFd<'_>) -> bool) -> usize {
+        let before = self.tombs.len();
+        self.tombs
+            .retain(|_, t| t.probe.as_ref().is_none_or(|p| still_held(p.as_fd())));
+        let mut gone = before - self.tombs.len();
+        let closed: Vec<ObjKey> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.probe.as_ref().is_some_and(|p| !still_held(p.as_fd())))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in closed {
+            self.forget_object(key);
+            gone += 1;
+        }
+        gone
     }
 
     fn dec(&mut self, vm: VmIdx) {
@@ -147,5 +281,45 @@ mod tests {
         assert_eq!(h.rights_of(1, k, Rights::ALL), None);
         h.forget_vm(0);
         assert_eq!(h.rights_of(2, k, Rights::READ), Some(Rights::READ));
+    }
+
+    #[test]
+    fn attenuated_objects_leave_tombstones_until_their_holders_are_gone() {
+        let k = ObjKey { dev: 1, ino: 3 };
+        let ro = Rights::READ | Rights::MAP;
+        let mut h = Handles::default();
+        h.grant(0, k, Rights::ALL);
+        h.grant(1, k, ro | Rights::TRANSFER);
+        h.delivered_attenuated(k, ro | Rights::TRANSFER);
+        h.grant(2, k, ro);
+        h.delivered_attenuated(k, ro);
+        for vm in [0, 1, 2] {
+            assert!(h.release(vm, k));
+        }
+        assert_eq!(h.tombstones(), 1);
+        // Whoever sends it next gets what every attenuated delivery got, at most.
+        assert_eq!(h.rights_of(1, k, Rights::ALL), Some(ro));
+        h.grant(1, k, ro);
+        assert_eq!(h.tombstones(), 0);
+        assert!(h.release(1, k));
+        assert_eq!(h.tombstones(), 1);
+        // Without a probe it lasts until every VM that held it went away.
+        h.forget_vm(0);
+        h.forget_vm(1);
+        assert_eq!(h.tombstones(), 1);
+        h.forget_vm(2);
+        assert_eq!(h.tombstones(), 0);
+        assert_eq!(h.rights_of(1, k, Rights::ALL), Some(Rights::ALL));
+        // Never delivered attenuated: forgotten with its last entry.
+        h.grant(0, k, Rights::ALL);
+        h.release(0, k);
+        assert_eq!(h.tombstones(), 0);
+        // A forgotten object (memfd server: last holder closed) leaves nothing.
+        h.grant(0, k, Rights::ALL);
+        h.grant(1, k, ro);
+        h.delivered_attenuated(k, ro);
+        h.release(1, k);
+        h.forget_object(k);
+        assert_eq!((h.tombstones(), h.count(0)), (0, 0));
     }
 }

@@ -145,21 +145,25 @@ impl MemfdServer {
         freed
     }
 
-    /// A read-only description of `fd` (see [`reopen_readonly`]), locked like the original
-    /// if it is one of this server's allocations.
-    pub fn readonly_copy(&self, key: ObjKey, fd: BorrowedFd<'_>) -> Result<OwnedFd, ShmError> {
+    /// A read-only description of `fd` (see [`reopen_readonly`]), locked like every
+    /// description the hub passes (the memfd server's charge and the handle table's
+    /// tombstones last while it is open).
+    pub fn readonly_copy(&self, fd: BorrowedFd<'_>) -> Result<OwnedFd, ShmError> {
         let ro = reopen_readonly(self.proc_fd.as_ref().map(|f| f.as_fd()), fd)?;
-        self.track_description(key, ro.as_fd())?;
+        lock_description(ro.as_fd())?;
         Ok(ro)
     }
 
-    /// A new description of an allocation (a read-only re-open) gets the same lock, so the
-    /// charge lasts while it is open too. Objects this server did not allocate need nothing.
-    pub fn track_description(&self, key: ObjKey, fd: BorrowedFd<'_>) -> Result<(), ShmError> {
-        if self.allocs.iter().any(|a| a.key == key) {
-            ofd_lock(fd, libc::F_RDLCK as libc::c_short)?;
-        }
-        Ok(())
+    /// Is `key` one of this server's live allocations (which it tracks itself)?
+    pub fn is_alloc(&self, key: ObjKey) -> bool {
+        self.allocs.iter().any(|a| a.key == key)
+    }
+
+    /// A probe for a memfd the hub passes: a description of its own (not locked), on which
+    /// [`still_held`] reports whether any locked description (see [`lock_description`])
+    /// is still open anywhere.
+    pub fn probe(&self, fd: BorrowedFd<'_>) -> Result<OwnedFd, ShmError> {
+        reopen_readonly(self.proc_fd.as_ref().map(|f| f.as_fd()), fd)
     }
 
     /// Allocates `size` bytes for `vm` within `quota`. The memfd returned is the only
@@ -252,6 +256,13 @@ fn whole_file(kind: libc::c_short) -> libc::flock {
     fl
 }
 
+/// Takes the hub's OFD read lock on a memfd description it passes (the same lock the
+/// memfd server puts on its allocations): it lasts as long as the description is open
+/// anywhere, which is what [`still_held`] asks a probe about.
+pub fn lock_description(fd: BorrowedFd<'_>) -> Result<(), ShmError> {
+    ofd_lock(fd, libc::F_RDLCK as libc::c_short)
+}
+
 fn ofd_lock(fd: BorrowedFd<'_>, kind: libc::c_short) -> Result<(), ShmError> {
     let fl = whole_file(kind);
     // SAFETY: F_OFD_SETLK reads one flock struct that lives across the call.
@@ -263,7 +274,7 @@ fn ofd_lock(fd: BorrowedFd<'_>, kind: libc::c_short) -> Result<(), ShmError> {
 }
 
 /// Does any other open file description still hold a lock on the probe's inode?
-fn still_held(probe: BorrowedFd<'_>) -> bool {
+pub fn still_held(probe: BorrowedFd<'_>) -> bool {
     let mut fl = whole_file(libc::F_WRLCK as libc::c_short);
     // SAFETY: F_OFD_GETLK reads and writes one flock struct that lives across the call.
     let r = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };

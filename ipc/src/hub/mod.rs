@@ -550,7 +550,9 @@ impl Hub {
                 }
             }
             VmRequest::AllocShm { tag, size } => self.alloc_shm(vm, tag, size),
-            VmRequest::Release { dev, ino } => self.handles.release(vm, ObjKey { dev, ino }),
+            VmRequest::Release { dev, ino } => {
+                self.handles.release(vm, ObjKey { dev, ino });
+            }
             VmRequest::Hello => {
                 log::info!(
                     "vm {}: VMM (re)started; its earlier state is forgotten",
@@ -829,6 +831,7 @@ impl Hub {
         for key in self.memfd.sweep() {
             self.handles.forget_object(key);
         }
+        self.handles.sweep_probes(memfd_server::still_held);
     }
 
     // ---- connections -------------------------------------------------------------------
@@ -1147,6 +1150,7 @@ impl Hub {
                 );
             }
             Ok(approved) => {
+                let probes = self.track_attenuated(&approved, &fds);
                 let fds = match self.attenuate_memfds(&approved, fds) {
                     Ok(fds) => fds,
                     Err(reason) => {
@@ -1162,6 +1166,9 @@ impl Hub {
                     }
                 };
                 router::commit(&mut self.handles, hop, &approved);
+                for (key, probe) in probes {
+                    self.handles.set_probe(key, probe);
+                }
                 let mut infos = heapless::Vec::new();
                 for a in &approved {
                     let info = FdInfo {
@@ -1185,6 +1192,40 @@ impl Hub {
         }
     }
 
+    /// For a memfd delivered with attenuated rights (a tombstone may have to outlive its
+    /// entries, see [`handles::Handles`]): the sender's description gets the hub's OFD lock
+    /// (read-only copies get it when made), and the first time the object is seen the hub
+    /// keeps a probe of it (returned, kept once the frame commits), so a sweep can tell when no description it passed is open.
+    /// The memfd server's own allocations are tracked by the server. A failure only costs
+    /// the probe (the tombstone then lasts until every VM that held the object is gone).
+    fn track_attenuated(
+        &mut self,
+        approved: &[router::Approved],
+        fds: &[OwnedFd],
+    ) -> Vec<(ObjKey, OwnedFd)> {
+        let mut probes = Vec::new();
+        for (a, fd) in approved.iter().zip(fds) {
+            let key = a.class.key;
+            if a.class.kind != FdKind::Memfd
+                || a.rights.contains(a.class.max_rights)
+                || self.memfd.is_alloc(key)
+            {
+                continue;
+            }
+            if let Err(e) = memfd_server::lock_description(fd.as_fd()) {
+                log::debug!("memfd {key:?}: cannot lock the sender's description: {e}");
+                continue;
+            }
+            if !self.handles.has_probe(key) {
+                match self.memfd.probe(fd.as_fd()) {
+                    Ok(p) => probes.push((key, p)),
+                    Err(e) => log::debug!("memfd {key:?}: no probe: {e}"),
+                }
+            }
+        }
+        probes
+    }
+
     /// A memfd delivered without WRITE goes out as a read-only description, so the receiver's
     /// kernel-level access matches its rights. The description is made once per object and
     /// cached; each delivery shares it (no dup per frame).
@@ -1206,7 +1247,7 @@ impl Hub {
                     None => {
                         let ro = Arc::new(
                             self.memfd
-                                .readonly_copy(a.class.key, fd.as_fd())
+                                .readonly_copy(fd.as_fd())
                                 .map_err(|e| e.to_string())?,
                         );
                         if self.ro_cache.len() >= RO_CACHE {

@@ -190,13 +190,17 @@ pub fn check_frame(
 }
 
 /// Records an approved frame in the handle table: the origin's entry if new, the
-/// receiver's rights, and a move (no DUP) removes the sender's entry.
+/// receiver's rights (and, when they are less than the fd can carry, the attenuation, for a
+/// tombstone), and a move (no DUP) removes the sender's entry.
 pub fn commit(handles: &mut Handles, hop: Hop<'_>, approved: &[Approved]) {
     for a in approved {
         if !handles.holds(hop.sender, a.class.key) {
             handles.grant(hop.sender, a.class.key, a.sender_rights);
         }
         handles.grant(hop.receiver, a.class.key, a.rights);
+        if !a.rights.contains(a.class.max_rights) {
+            handles.delivered_attenuated(a.class.key, a.rights);
+        }
         if !a.sender_rights.contains(Rights::DUP) && hop.sender != hop.receiver {
             handles.release(hop.sender, a.class.key);
         }
