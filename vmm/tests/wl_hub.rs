@@ -501,6 +501,93 @@ fn a_read_only_grant_gives_the_guest_a_read_only_buffer() {
     hub.join();
 }
 
+/// A hub frame whose fds do not all fit the device's limits is dropped whole: the guest
+/// sees none of it (no VFD_NEW, no VFD_RECV, not a message with fewer vfds), and the device
+/// releases every object of it to the hub, whose count of the VM's entries (its `vfds`
+/// quota, 2 here) stays right: the next frame with two new objects is delivered.
+#[test]
+fn a_hub_frame_that_does_not_fit_the_limits_is_dropped_whole_and_released() {
+    let policy = "version 1
+grant peer provide rosvc s2c=memfd:ro,pipe:w max-fds=8
+grant client connect rosvc@peer
+grant @any quota shm=1MiB shm-count=16 vfds=64
+grant client quota vfds=2
+";
+    let (hub, mut chans) = TestHub::start(policy, &["peer", "client"], 64);
+    let limits = WlLimits {
+        max_shm_count: 1,
+        ..WlLimits::default()
+    };
+    let mut client = Dev::with(limits, VIRTIO_WL_F_TRANS_FLAGS);
+    let link = HubLink::new(chans.pop().unwrap().into_fd(), client.sockets.clone()).unwrap();
+    client.st.set_hub(link);
+    let peer = chans.pop().unwrap();
+    hang_guard(&peer);
+    peer.send(
+        &VmRequest::Provide {
+            tag: 1,
+            service: name("rosvc"),
+        },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        peer.recv::<HubEvent>().unwrap().0,
+        HubEvent::Provided { tag: 1 }
+    );
+    client.new_vfd(&named(1, "rosvc@peer"));
+    let (ev, mut fds) = peer.recv::<HubEvent>().unwrap();
+    assert!(matches!(ev, HubEvent::Accept { .. }), "{ev:?}");
+    let mut pc = HubConn::from_fd(fds.pop().unwrap()).unwrap();
+    let ro = Rights::READ.union(Rights::MAP);
+
+    // Two buffers; the device maps one at most.
+    let (m1, m2) = (sealed_memfd(4096, b"one"), sealed_memfd(4096, b"two"));
+    pc.try_send(b"two buffers", &[(m1.as_fd(), ro), (m2.as_fd(), ro)])
+        .unwrap();
+    pc.try_send(b"after", &[]).unwrap();
+    client.pump_until(1);
+    assert_eq!(
+        client.drain_in(4),
+        vec![InMessage::Recv {
+            id: 1,
+            vfds: vec![],
+            data: b"after".to_vec()
+        }],
+        "the frame that did not fit left nothing"
+    );
+    assert_eq!((client.st.vfd_count(), client.st.shm_usage()), (1, (0, 0)));
+    assert_eq!(client.st.hub_objects(), 0);
+
+    // A round trip on the VM channel (another connect): the hub has the releases by then.
+    client.new_vfd(&named(2, "rosvc@peer"));
+    let (ev, _conn2) = peer.recv::<HubEvent>().unwrap();
+    assert!(matches!(ev, HubEvent::Accept { .. }), "{ev:?}");
+    // Two new objects against vfds=2: only fits if the two dropped ones were released.
+    let m3 = sealed_memfd(4096, b"three");
+    let (_r, w) = pipe();
+    pc.try_send(b"fits", &[(m3.as_fd(), ro), (w.as_fd(), Rights::WRITE)])
+        .unwrap();
+    client.pump_until(3);
+    let msgs = client.drain_in(4);
+    assert_eq!(msgs.len(), 3, "{msgs:?}");
+    let (a, b) = (vfd_new_of(&msgs[0]), vfd_new_of(&msgs[1]));
+    assert_eq!(
+        msgs[2],
+        InMessage::Recv {
+            id: 1,
+            vfds: vec![a.id, b.id],
+            data: b"fits".to_vec()
+        }
+    );
+    assert_eq!(read_at(client.st.host_fd(a.id).unwrap(), 5), b"three");
+
+    drop(pc);
+    drop(peer);
+    drop(client);
+    hub.join();
+}
+
 #[test]
 fn back_pressure_from_a_peer_that_never_reads_answers_out_of_memory() {
     let (hub, mut chans) = TestHub::start(POLICY, &["peer", "client"], 1);

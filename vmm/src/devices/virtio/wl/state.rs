@@ -114,6 +114,11 @@ fn memfd(size: u64) -> Result<OwnedFd, ResponseCode> {
     Ok(fd)
 }
 
+/// Does a delivered fd become a shared-memory vfd (a memfd the VM may map)?
+fn maps_shm(info: &FdInfo) -> bool {
+    info.fd_type == FdType::Memfd && info.rights.contains(Rights::MAP)
+}
+
 /// The answer to a host send that did not go through: back-pressure (nothing sent) is
 /// OUT_OF_MEMORY, as on hub connections, so the guest may try again; anything else is ERR.
 fn send_failed(id: u32, e: &scm::SendError) -> ResponseCode {
@@ -736,12 +741,9 @@ impl WlState {
             // An empty RECV would read as end-of-stream in the guest: nothing to deliver.
             return;
         }
-        let mut ids = Vec::with_capacity(fds.len());
-        for (fd, info) in fds {
-            if let Some(hid) = self.insert_hub_fd(fd, info) {
-                ids.push(hid);
-            }
-        }
+        let Some(ids) = self.insert_hub_fds(id, fds) else {
+            return;
+        };
         let mut chunks = data.chunks(MAX_RECV_DATA);
         let first = chunks.next().unwrap_or_default();
         self.pending.push_back(InMessage::Recv {
@@ -758,45 +760,113 @@ impl WlState {
         }
     }
 
-    /// A host vfd for an fd the hub delivered, typed and limited by `info` (never by the
-    /// device's own guess): a memfd is mapped read-only unless WRITE, and not at all without
-    /// MAP; a pipe end's direction comes from `write_end`. Queues its VFD_NEW.
-    fn insert_hub_fd(&mut self, fd: OwnedFd, info: FdInfo) -> Option<u32> {
-        if self.vfds.len() >= self.limits.max_vfds {
-            log::warn!("bulkhead-vmm: virtio-wl: vfd limit reached; a received fd was dropped");
-            return None;
+    /// The fds of one hub frame become host vfds all together or not at all: the limits
+    /// (vfds, shm count and bytes) are checked for the whole frame first; if it does not
+    /// fit, or a vfd cannot be made after all (fstat, mmap, no host id), the message is
+    /// dropped whole (logged; the guest never sees part of it, and the vfds made so far are
+    /// taken back), and every object of it that no other vfd holds is released to the hub,
+    /// so the hub's accounting of this VM stays right.
+    fn insert_hub_fds(&mut self, id: u32, fds: Vec<(OwnedFd, FdInfo)>) -> Option<Vec<u32>> {
+        let mut prepared = Vec::with_capacity(fds.len());
+        let mut keys = Vec::with_capacity(fds.len());
+        let mut failed = None;
+        for (fd, info) in fds {
+            // SAFETY: fstat on an fd we own, into a zeroed stat.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+                failed = Some("fstat of a received fd failed".to_string());
+                continue;
+            }
+            let key = (st.st_dev, st.st_ino);
+            let size = page_align(u64::try_from(st.st_size).unwrap_or(0)).unwrap_or(0);
+            keys.push(key);
+            prepared.push((fd, info, key, size));
         }
-        // SAFETY: fstat on an fd we own, into a zeroed stat.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            log::warn!("bulkhead-vmm: virtio-wl: fstat of a received fd failed; dropped");
-            return None;
+        let n = prepared.len();
+        let (shm_count, shm_bytes) = prepared
+            .iter()
+            .filter(|(_, info, _, _)| maps_shm(info))
+            .fold((0usize, 0u64), |(c, b), (_, _, _, size)| {
+                (c + 1, b.saturating_add(*size))
+            });
+        if failed.is_none() {
+            if self.vfds.len().saturating_add(n) > self.limits.max_vfds {
+                failed = Some(format!(
+                    "{n} vfds do not fit ({} of {} in use)",
+                    self.vfds.len(),
+                    self.limits.max_vfds
+                ));
+            } else if self.shm_count.saturating_add(shm_count) > self.limits.max_shm_count
+                || self.shm_bytes.saturating_add(shm_bytes) > self.limits.max_shm_bytes
+            {
+                failed = Some(format!(
+                    "{shm_count} buffers of {shm_bytes} bytes do not fit the shm limits"
+                ));
+            }
         }
-        let key = (st.st_dev, st.st_ino);
-        let hid = self.alloc_host_id()?;
+        let mut ids = Vec::with_capacity(n);
+        let mut inserted = Vec::with_capacity(n);
+        if failed.is_none() {
+            for (fd, info, key, size) in prepared {
+                match self.insert_hub_fd(fd, info, key, size) {
+                    Ok(hid) => {
+                        ids.push(hid);
+                        inserted.push(key);
+                    }
+                    Err(why) => {
+                        failed = Some(why.to_string());
+                        break;
+                    }
+                }
+            }
+        }
+        let Some(why) = failed else {
+            return Some(ids);
+        };
+        log::warn!(
+            "bulkhead-vmm: virtio-wl: a hub message on vfd {id:#x} with {} fds dropped whole: {why}",
+            keys.len()
+        );
+        // Take back what was made (its VFD_NEW never reaches the guest; removing the last vfd
+        // of an object releases it), then release the rest that no vfd holds.
+        self.pending
+            .retain(|m| !matches!(m, InMessage::VfdNew(v) if ids.contains(&v.id)));
+        for hid in ids {
+            self.remove_vfd(hid);
+        }
+        for key in keys {
+            if !inserted.contains(&key) && !self.hub_refs.contains_key(&key) {
+                if let Some(h) = self.hub.as_mut() {
+                    h.release(key);
+                }
+            }
+        }
+        None
+    }
+
+    /// A host vfd for an fd the hub delivered (limits already checked for its frame), typed
+    /// and limited by `info` (never by the device's own guess): a memfd is mapped read-only
+    /// unless WRITE, and not at all without MAP; a pipe end's direction comes from
+    /// `write_end`. Queues its VFD_NEW.
+    fn insert_hub_fd(
+        &mut self,
+        fd: OwnedFd,
+        info: FdInfo,
+        key: (u64, u64),
+        size: u64,
+    ) -> Result<u32, &'static str> {
+        let hid = self.alloc_host_id().ok_or("no free host vfd id")?;
         let kind = match info.fd_type {
-            FdType::Memfd if info.rights.contains(Rights::MAP) => {
-                let size = u64::try_from(st.st_size).unwrap_or(0);
-                let size = page_align(size).unwrap_or(0);
-                if self.check_shm(size).is_err() {
-                    log::warn!(
-                        "bulkhead-vmm: virtio-wl: shm limit reached; a received buffer was dropped"
-                    );
-                    return None;
-                }
+            FdType::Memfd if maps_shm(&info) => {
                 let writable = info.rights.contains(Rights::WRITE);
-                match self.window.map(fd, size, writable) {
-                    Ok(s) => {
-                        self.shm_bytes += s.size;
-                        self.shm_count += 1;
-                        VfdKind::Shm(s)
-                    }
-                    Err(_) => {
-                        log::warn!("bulkhead-vmm: virtio-wl: cannot map a received memfd");
-                        return None;
-                    }
-                }
+                let s = self
+                    .window
+                    .map(fd, size, writable)
+                    .map_err(|_| "cannot map a received memfd")?;
+                self.shm_bytes += s.size;
+                self.shm_count += 1;
+                VfdKind::Shm(s)
             }
             FdType::Pipe => VfdKind::Pipe {
                 local: fd,
@@ -813,7 +883,7 @@ impl WlState {
         });
         let d = self.insert(hid, vfd);
         self.pending.push_back(InMessage::VfdNew(d));
-        Some(hid)
+        Ok(hid)
     }
 
     /// Moves pending messages into the buffers the guest posted on the in queue. Returns true
