@@ -37,6 +37,11 @@ struct TestHub {
     tag: u32,
 }
 
+/// `--allow-root` when this test runs as root (the hub refuses root without it).
+fn allow_root() -> Option<&'static str> {
+    nix::unistd::geteuid().is_root().then_some("--allow-root")
+}
+
 fn name(s: &str) -> Name {
     Name::try_from(s).unwrap()
 }
@@ -64,6 +69,7 @@ impl TestHub {
             .arg(&audit)
             .arg("--exit-when-idle")
             .args(extra)
+            .args(allow_root())
             .stdin(Stdio::null())
             .env("RUST_LOG", "warn");
         let mut mine = HashMap::new();
@@ -983,6 +989,56 @@ fn bench_and_help_run() {
     ] {
         assert!(help.contains(opt), "{help}");
     }
+}
+
+/// As root the hub refuses to start without `--allow-root`, and says why and what to do.
+#[test]
+fn the_hub_refuses_root_without_allow_root() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // only meaningful as root (the tests run as root)
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The hub's end of a VM channel whose VMM end is already closed: a hub that starts
+    // exits at once (--exit-when-idle), so nothing here can hang.
+    let run = |extra: &[&str]| {
+        let (v, h) = Channel::pair().unwrap();
+        drop(v);
+        let raw = h.as_raw_fd();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead-hub"));
+        cmd.arg("--policy-dir")
+            .arg(dir.path())
+            .arg("--vm")
+            .arg(format!("a={raw}"))
+            .arg("--exit-when-idle")
+            .args(extra)
+            .env("RUST_LOG", "error");
+        // SAFETY: fcntl on an fd open in the child (async-signal-safe).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        drop(h);
+        out
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--allow-root") && err.contains("root") && err.contains("user"),
+        "{err}"
+    );
+    // With the flag it runs (and exits as its only VM channel is closed).
+    let out = run(&["--allow-root"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Bad `--vm` arguments are refused before anything starts.

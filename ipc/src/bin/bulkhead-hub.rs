@@ -41,6 +41,11 @@ struct Cli {
     /// Exit when every VM channel has closed.
     #[arg(long)]
     exit_when_idle: bool,
+    /// Run even with effective uid 0. The hub should run as its own unprivileged user
+    /// (init's `[hub] user`): as root it would bypass the file permissions that keep
+    /// read-only memfds read-only, and a bug in it would own the host. For tests only.
+    #[arg(long)]
+    allow_root: bool,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -124,6 +129,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    if nix::unistd::geteuid().is_root() && !cli.allow_root {
+        eprintln!(
+            "error: bulkhead-hub refuses to run as root (effective uid 0): it mediates every fd \
+             between VMs and must run as its own unprivileged user (set `user` in the \
+             [hub] section of system.toml), so that a bug in it cannot own the host and \
+             it cannot bypass the file permissions that keep read-only memfds read-only; \
+             pass --allow-root to run it as root anyway (tests only)"
+        );
+        return ExitCode::from(2);
     }
     let mut roots = vec![RootDir {
         path: cli.policy_dir.clone(),
