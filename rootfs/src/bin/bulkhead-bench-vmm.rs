@@ -28,7 +28,7 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     memory_mib: u64,
     /// The guest console line that marks "the guest's init is running".
-    #[arg(long, default_value = "bulkhead-guest-init: ready")]
+    #[arg(long, default_value = "bulkhead-guest-init: started")]
     marker: String,
 }
 

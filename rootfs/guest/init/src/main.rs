@@ -93,6 +93,7 @@ fn pid1() -> ! {
     }
     let mounted = mounts::mount_all(&mounts::early_mounts());
     initlog::reopen();
+    info!("started");
     let opts = bulkhead_init::cmdline::BootOptions::from_cmdline(
         &bulkhead_init::cmdline::read_proc_cmdline(),
     );
