@@ -569,6 +569,97 @@ fn a_connection_socket_over_itself_is_invalid_id() {
     );
 }
 
+/// Memfds and sockets both ways (policy.md's re-sending and cycle tests).
+const ECHO: &str = "version 1
+grant a provide echo c2s=memfd:rw+transfer+dup,socket:send+recv+transfer s2c=memfd:rw+transfer+dup,socket:send+recv+transfer max-fds=8
+grant b connect echo@a
+grant @any quota shm=64KiB shm-count=4 vfds=32
+grant e quota shm=8GiB shm-count=4 vfds=32
+";
+
+/// A sends a read-only buffer to B, B sends it back to A: asking for write on the way back
+/// is InvalidArgs, and what A gets back is still at most read-only (rights and a read-only
+/// description), though A is the buffer's origin.
+#[test]
+fn a_readonly_buffer_sent_back_to_its_origin_stays_readonly() {
+    let mut h = TestHub::start(ECHO, &["a", "b"], &[]);
+    h.provide("a", "echo");
+    let (_, b_to_a, a_from_b) = h.connect("b", "echo", "a").unwrap();
+    let m = memfd();
+    send(&a_from_b, 1, &[(m.as_fd(), RO | Rights::TRANSFER)]);
+    let (infos, mut fds) = expect_deliver(&b_to_a, 1);
+    assert_eq!(infos[0].rights, RO | Rights::TRANSFER);
+    let at_b = fds.pop().unwrap();
+    send(&b_to_a, 2, &[(at_b.as_fd(), RO | Rights::WRITE)]);
+    expect_refused(&b_to_a, 2, Refusal::InvalidArgs);
+    send(&b_to_a, 3, &[(at_b.as_fd(), RO | Rights::TRANSFER)]);
+    let (infos, mut fds) = expect_deliver(&a_from_b, 3);
+    assert!(infos[0].rights.is_subset_of(RO | Rights::TRANSFER));
+    assert!(!infos[0].rights.contains(Rights::WRITE));
+    let back = fds.pop().unwrap();
+    // SAFETY: F_GETFL only reads flags.
+    let fl = unsafe { libc::fcntl(back.as_raw_fd(), libc::F_GETFL) };
+    assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
+    assert!(nix::unistd::write(&back, b"x").is_err());
+}
+
+/// A socket sent inside the connection it belongs to, by a VM that got it over another
+/// connection: B sends its end of connection 1 over connection 2; A gets it, and sending it
+/// back over connection 1 (a cycle: the connection inside itself) is InvalidId. When every
+/// fd is closed, both connections close and the hub holds no more fds than before.
+#[test]
+fn a_socket_cycle_is_refused_and_leaves_nothing() {
+    let mut h = TestHub::start(ECHO, &["a", "b"], &[]);
+    h.provide("a", "echo");
+    drop(h.alloc("a", 1).unwrap());
+    h.provide("a", "echo");
+    let before = h.hub_fds();
+    let (c1, b_to_a1, a_from_b1) = h.connect("b", "echo", "a").unwrap();
+    let (c2, b_to_a2, a_from_b2) = h.connect("b", "echo", "a").unwrap();
+    send(
+        &b_to_a2,
+        1,
+        &[(b_to_a1.as_fd(), Rights::SEND | Rights::TRANSFER)],
+    );
+    let (infos, mut fds) = expect_deliver(&a_from_b2, 1);
+    assert_eq!(infos[0].fd_type, FdType::Socket);
+    let c1_end = fds.pop().unwrap();
+    send(&a_from_b1, 2, &[(c1_end.as_fd(), Rights::SEND)]);
+    expect_refused(&a_from_b1, 2, Refusal::InvalidId);
+    nothing_pending(&b_to_a1);
+    drop((b_to_a1, a_from_b1, b_to_a2, a_from_b2, c1_end));
+    for vm in ["a", "b"] {
+        let mut closed = Vec::new();
+        for _ in 0..2 {
+            match h.vm(vm).recv::<HubEvent>().unwrap().0 {
+                HubEvent::Closed { conn, .. } => closed.push(conn),
+                other => panic!("{other:?}"),
+            }
+        }
+        closed.sort();
+        assert_eq!(closed, vec![c1, c2]);
+    }
+    drop(h.alloc("a", 1).unwrap());
+    h.provide("a", "echo");
+    assert_eq!(h.hub_fds(), before);
+}
+
+/// u32::MAX bytes from the memfd server: over a 64 KiB quota it is refused (OutOfMemory)
+/// and the hub carries on; under an 8 GiB one it is a 4 GiB (page-rounded) sealed memfd.
+#[test]
+fn memfd_server_u32_max_allocation() {
+    let mut h = TestHub::start(ECHO, &["a", "e"], &[]);
+    let size = u64::from(u32::MAX);
+    assert_eq!(h.alloc("a", size).unwrap_err(), Refusal::OutOfMemory);
+    let (fd, got) = h.alloc("e", size).unwrap();
+    assert_eq!(got, 1 << 32);
+    assert_eq!(nix::sys::stat::fstat(fd.as_fd()).unwrap().st_size, 1 << 32);
+    assert!(nix::unistd::ftruncate(&fd, 1).is_err(), "sealed");
+    drop(fd);
+    let (_, small) = h.alloc("a", 1).unwrap();
+    assert_eq!(small, 4096);
+}
+
 /// 29 fds cannot even arrive (MSG_CTRUNC at the hub); 9 is over max-fds=8. Both are refused
 /// with nothing delivered and nothing leaked in the hub.
 #[test]
@@ -876,6 +967,37 @@ fn hub_fd_count_is_stable() {
     }
     drop(h.alloc("a", 1).unwrap());
     h.provide("a", "inbox");
+    assert_eq!(h.hub_fds(), before);
+}
+
+/// 200 restarts (`Hello`) of a VM that provides a service, is connected to and receives a
+/// memfd each time: the hub's fd count comes back to what it was (P6, start/stop cycles).
+#[test]
+fn two_hundred_hello_cycles_keep_the_hub_fd_count() {
+    let mut h = TestHub::start(POLICY, &["a", "b"], &[]);
+    let cycle = |h: &mut TestHub, i: u32| {
+        assert!(matches!(h.provide("a", "inbox"), HubEvent::Provided { .. }));
+        let (conn, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
+        let m = memfd();
+        send(&b_to_a, i, &[(m.as_fd(), RO)]);
+        expect_deliver(&a_from_b, i);
+        h.vm("a").send(&VmRequest::Hello, &[]).unwrap();
+        for vm in ["a", "b"] {
+            assert_eq!(
+                h.vm(vm).recv::<HubEvent>().unwrap().0,
+                HubEvent::Closed { tag: 0, conn }
+            );
+        }
+    };
+    cycle(&mut h, 0);
+    drop(h.alloc("a", 1).unwrap());
+    h.provide("b", "inbox"); // refused (no grant): a round trip all the same
+    let before = h.hub_fds();
+    for i in 1..=200 {
+        cycle(&mut h, i);
+    }
+    drop(h.alloc("a", 1).unwrap());
+    h.provide("b", "inbox");
     assert_eq!(h.hub_fds(), before);
 }
 
