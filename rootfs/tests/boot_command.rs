@@ -15,20 +15,24 @@ fn system(name: &str) -> String {
     format!("{}/../tests/systems/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-#[test]
-fn boot_exits_0_after_a_clean_power_off() {
+/// Runs `bulkhead-rootfs` with `args` (one boot at a time), asserts it exited 0 and returns
+/// the console it printed.
+fn boot_ok(args: &[&str]) -> String {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let out = rootfs()
-        .args(["boot", "--system", &system("supervise"), "--timeout", "300"])
-        .output()
-        .expect("run bulkhead-rootfs");
-    let console = String::from_utf8_lossy(&out.stdout);
+    let out = rootfs().args(args).output().expect("run bulkhead-rootfs");
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
         Some(0),
         "stdout:\n{console}\nstderr:\n{err}"
     );
+    console
+}
+
+#[test]
+fn boot_exits_0_after_a_clean_power_off() {
+    let console = boot_ok(&["boot", "--system", &system("supervise"), "--timeout", "300"]);
     assert!(
         console.contains("bulkhead-init: ready"),
         "init's progress is shown:\n{console}"
@@ -41,18 +45,7 @@ fn boot_exits_0_after_a_clean_power_off() {
 /// to the hello VM, and the host powers off cleanly.
 #[test]
 fn readme_first_command_boots_the_example_system() {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let out = rootfs()
-        .args(["boot", "--timeout", "900"])
-        .output()
-        .expect("run bulkhead-rootfs");
-    let console = String::from_utf8_lossy(&out.stdout);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout:\n{console}\nstderr:\n{err}"
-    );
+    let console = boot_ok(&["boot", "--timeout", "900"]);
     for want in [
         "bulkhead-init: bound 0000:00:03.0 to vfio-pci",
         "bulkhead-init: started hub pid",
