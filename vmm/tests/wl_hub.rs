@@ -872,3 +872,32 @@ fn the_worker_thread_polls_the_hub_channel_and_announces_accepts() {
     drop(peer);
     hub.join();
 }
+
+/// With a hub, a guest's VFD_NEW is served by the hub's memfd server: charged to the VM
+/// against the policy's `quota shm=` (1 MiB here; the device's own limit is 1 GiB), refused
+/// past it with OUT_OF_MEMORY and an audit record, and released when the guest closes it.
+#[test]
+fn guest_allocations_come_from_the_memfd_server_under_the_policy_quota() {
+    let (hub, mut chans) = TestHub::start(POLICY, &["client"], 64);
+    let mut client = device(chans.pop().unwrap());
+    let a = client.new_vfd(&alloc(1, 768 << 10));
+    assert_eq!(a.size, 768 << 10);
+    // Over the VM's quota: refused by the hub, not by the device.
+    assert_eq!(client.code(&alloc(2, 512 << 10)), RESP_OUT_OF_MEMORY);
+    let audit = hub.audit();
+    let refusal = audit
+        .lines()
+        .find(|l| l.contains("\"verb\":\"quota\""))
+        .unwrap_or_else(|| panic!("no quota record in {audit}"));
+    assert!(
+        refusal.contains("\"src\":\"client\"") && refusal.contains("\"allowed\":false"),
+        "{refusal}"
+    );
+    // The guest closes the first buffer: its charge goes, and the same request fits.
+    assert_eq!(client.code(&close(1)), RESP_OK);
+    let b = client.new_vfd(&alloc(3, 512 << 10));
+    assert_eq!(b.size, 512 << 10);
+    assert_eq!(client.st.shm_writable(3), Some(true));
+    drop(client);
+    hub.join();
+}

@@ -161,6 +161,7 @@ pub struct HubLink {
 enum Answer {
     Provided,
     Connected(ConnId, Vec<OwnedFd>),
+    Shm(u64, Vec<OwnedFd>),
 }
 
 impl HubLink {
@@ -334,7 +335,24 @@ impl HubLink {
                     .ok_or_else(|| HubError::Protocol(format!("Connected {conn} without an fd")))?;
                 HubConn::from_fd(fd).map_err(|e| HubError::Protocol(e.to_string()))
             }
-            Answer::Provided => Err(HubError::Protocol(format!("Provided for {what}"))),
+            _ => Err(HubError::Protocol(format!("a wrong answer for {what}"))),
+        }
+    }
+
+    /// Shared memory for the guest from the hub's memfd server, charged to this VM against
+    /// the policy's `quota shm= shm-count=` until the last holder closes it: a sealed memfd
+    /// of at least `size` bytes.
+    pub fn alloc_shm(&mut self, size: u64) -> Result<OwnedFd, HubError> {
+        let tag = self.tag();
+        let what = format!("{size} bytes of shared memory");
+        match self.request(&VmRequest::AllocShm { tag, size }, tag, &what)? {
+            Answer::Shm(got, fds) if got >= size => fds.into_iter().next().ok_or_else(|| {
+                HubError::Protocol(format!("ShmAllocated for {what} without an fd"))
+            }),
+            Answer::Shm(got, _) => Err(HubError::Protocol(format!(
+                "ShmAllocated {got} bytes for {what}"
+            ))),
+            _ => Err(HubError::Protocol(format!("a wrong answer for {what}"))),
         }
     }
 
@@ -364,6 +382,9 @@ impl HubLink {
                     HubEvent::Provided { tag: t } if t == tag => return Ok(Answer::Provided),
                     HubEvent::Connected { tag: t, conn } if t == tag => {
                         return Ok(Answer::Connected(conn, fds))
+                    }
+                    HubEvent::ShmAllocated { tag: t, size } if t == tag => {
+                        return Ok(Answer::Shm(size, fds))
                     }
                     HubEvent::Refused { tag: t, error } if t == tag => {
                         return Err(HubError::Refused {

@@ -371,7 +371,15 @@ impl WlState {
         self.check_new(id)?;
         let size = page_align(u64::from(size)).ok_or(ResponseCode::OutOfMemory)?;
         self.check_shm(size)?;
-        let fd = memfd(size)?;
+        // With a hub, guest memory comes from its memfd server, charged to this VM against
+        // the policy's quota; without one (or once it is gone), from a local memfd.
+        let fd = match self.hub.as_mut().filter(|h| !h.is_dead()) {
+            Some(hub) => hub.alloc_shm(size).map_err(|e| {
+                log::info!("bulkhead-vmm: virtio-wl: VFD_NEW {id:#x} of {size} bytes: {e}");
+                ResponseCode::OutOfMemory
+            })?,
+            None => memfd(size)?,
+        };
         let shm = self.window.map(fd, size, true)?;
         self.shm_bytes += shm.size;
         self.shm_count += 1;
