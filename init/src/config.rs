@@ -194,7 +194,7 @@ pub struct HubConfig {
     /// Environment; when absent the hub gets only PATH=/bin.
     pub env: Option<BTreeMap<String, String>>,
     /// Run the hub as this uid (and `group`, default the same number), with no
-    /// supplementary groups: the hub needs no privilege.
+    /// supplementary groups: the hub needs no privilege. Required (and never 0).
     pub user: Option<u32>,
     /// Its gid (default: `user`).
     pub group: Option<u32>,
@@ -391,6 +391,16 @@ impl SystemConfig {
                     "a [[service]] is named {HUB_NAME:?}, the name of the [hub]'s process"
                 ));
             }
+            match hub.user {
+                None => {
+                    return Err(
+                        "[hub]: user is required: the hub runs unprivileged (e.g. user = 900)"
+                            .to_string(),
+                    )
+                }
+                Some(0) => return Err("[hub]: user 0 is root; the hub runs unprivileged".into()),
+                Some(_) => {}
+            }
         }
         let mut vms = BTreeSet::new();
         let mut names = BTreeSet::new();
@@ -562,6 +572,8 @@ restart = "always"
         assert!(err("[host]\nhostname = \"a b\"\n").contains("hostname"));
         assert!(err(&svc("a", "\"/a\"", "group = 5")).contains("group needs user"));
         assert!(err(&svc("a", "\"/a\"", "user = 0")).contains("user 0 is root"));
+        assert!(err("[hub]\nexec = [\"/bin/hub\"]\n").contains("[hub]: user is required"));
+        assert!(err("[hub]\nexec = [\"/bin/hub\"]\nuser = 0\n").contains("user 0 is root"));
     }
 
     #[test]

@@ -368,6 +368,7 @@ fn hub_channels_are_made_and_handed_over() {
 when_idle = "stay"
 
 [hub]
+user = 65534
 exec = ["/bin/sh", "-c", "for a in \"$@\"; do echo \"arg $a\"; done; cat <&3; echo; echo eof-a; cat <&4; echo; echo eof-b; sleep 1000", "hub"]
 
 [[service]]
