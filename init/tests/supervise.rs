@@ -462,7 +462,11 @@ restart = "never"
         .iter()
         .any(|l| l.contains("cannot lift RLIMIT_MEMLOCK"));
     assert!(
-        could_not || init.seen.iter().any(|l| l.ends_with("vmm: memlock=unlimited")),
+        could_not
+            || init
+                .seen
+                .iter()
+                .any(|l| l.ends_with("vmm: memlock=unlimited")),
         "{:?}",
         init.seen
     );
