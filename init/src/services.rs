@@ -89,6 +89,26 @@ pub fn exit_kind(status: WaitStatus) -> Option<(i32, ExitKind)> {
     }
 }
 
+/// Reaps every exited child (waitpid(-1, WNOHANG) until none is left, bounded), telling
+/// `on_exit` each pid and how it ended. Orphans that reparented to us are reaped too.
+pub fn reap_exited(mut on_exit: impl FnMut(i32, ExitKind)) {
+    for _ in 0..4096 {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(status) => {
+                if let Some((pid, kind)) = exit_kind(status) {
+                    on_exit(pid, kind);
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => {
+                warn!("waitpid: {e}");
+                return;
+            }
+        }
+    }
+}
+
 impl Services {
     /// The children of a system, in start order: the hub first (with one channel per VM),
     /// then the services. `vfio_groups` maps a VM name to the IOMMU groups the policy
@@ -324,23 +344,11 @@ impl Services {
 
     /// Reaps every exited child (waitpid(-1, WNOHANG) until none is left).
     pub fn reap(&mut self, clock: &Clock) {
-        for _ in 0..4096 {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-                Ok(status) => {
-                    if let Some((pid, kind)) = exit_kind(status) {
-                        if !self.child_exited(pid, kind.clone(), clock) {
-                            debug!("reaped orphan pid {pid}: {kind}");
-                        }
-                    }
-                }
-                Err(Errno::EINTR) => {}
-                Err(e) => {
-                    warn!("waitpid: {e}");
-                    return;
-                }
+        reap_exited(|pid, kind| {
+            if !self.child_exited(pid, kind.clone(), clock) {
+                debug!("reaped orphan pid {pid}: {kind}");
             }
-        }
+        });
     }
 
     /// True exactly once: the first time every child has ended for good.
@@ -489,8 +497,6 @@ mod tests {
         }
     }
 
-    /// A device granted to two VMs with shared=exclusive-run: while one runs, the other is
-    /// not started and the reason names the holder; once it has ended, the other may start.
     fn never() -> RestartParams {
         RestartParams {
             policy: crate::config::RestartPolicy::Never,
@@ -503,6 +509,8 @@ mod tests {
         }
     }
 
+    /// A device granted to two VMs with shared=exclusive-run: while one runs, the other is
+    /// not started and the reason names the holder; once it has ended, the other may start.
     #[test]
     fn a_shared_group_goes_to_one_running_vm_at_a_time() {
         let mut s = Services::default();

@@ -25,6 +25,7 @@ use bulkhead_guest_init::programs::Programs;
 use bulkhead_init::input::{self, PowerButton};
 use bulkhead_init::runtime::poll_groups;
 use bulkhead_init::shutdown::{self, PowerAction};
+use bulkhead_init::signals::SignalAction;
 use bulkhead_init::{log as initlog, modules, mounts, panic, signals};
 use clap::{Parser, Subcommand};
 use log::{error, info, warn, LevelFilter};
@@ -182,17 +183,17 @@ fn run(programs: &mut Programs, sfd: &SignalFd, buttons: &mut [PowerButton], gra
         };
         let mut stop = None;
         if sig_ready {
-            for signo in signals::read_pending(sfd) {
-                match Signal::try_from(signo) {
-                    Ok(Signal::SIGCHLD) => programs.reap(),
-                    Ok(
-                        sig @ (Signal::SIGTERM
-                        | Signal::SIGINT
-                        | Signal::SIGPWR
-                        | Signal::SIGUSR1
-                        | Signal::SIGUSR2),
-                    ) => stop = stop.or(Some(StopReason::Signal(sig))),
-                    _ => {}
+            // The host init's meanings; a guest has one way to end: power off.
+            for sig in signals::read_pending(sfd)
+                .into_iter()
+                .filter_map(|n| Signal::try_from(n).ok())
+            {
+                match signals::action(sig) {
+                    SignalAction::Reap => programs.reap(),
+                    SignalAction::Ignore => {}
+                    SignalAction::Reboot | SignalAction::Poweroff | SignalAction::Halt => {
+                        stop = stop.or(Some(StopReason::Signal(sig)))
+                    }
                 }
             }
         }

@@ -7,12 +7,10 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use bulkhead_init::output::{DrainResult, OutputPipe};
-use bulkhead_init::services::exit_kind;
+use bulkhead_init::services::reap_exited;
 use bulkhead_init::supervisor::ExitKind;
-use log::{debug, error, info, warn};
-use nix::errno::Errno;
+use log::{debug, error, info};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::config::{GuestConfig, Program, PROGRAM_PATH};
@@ -94,29 +92,16 @@ impl Programs {
 
     /// Reaps every exited child: a program's end is logged, an orphan's is not.
     pub fn reap(&mut self) {
-        for _ in 0..4096 {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-                Ok(status) => {
-                    let Some((pid, kind)) = exit_kind(status) else {
-                        continue;
-                    };
-                    match self.list.iter_mut().find(|r| r.pid == Some(pid)) {
-                        Some(r) => {
-                            info!("{} {kind}", r.name);
-                            r.pid = None;
-                            r.ended = Some(kind);
-                        }
-                        None => debug!("reaped orphan pid {pid}: {kind}"),
-                    }
+        reap_exited(
+            |pid, kind| match self.list.iter_mut().find(|r| r.pid == Some(pid)) {
+                Some(r) => {
+                    info!("{} {kind}", r.name);
+                    r.pid = None;
+                    r.ended = Some(kind);
                 }
-                Err(Errno::EINTR) => {}
-                Err(e) => {
-                    warn!("waitpid: {e}");
-                    return;
-                }
-            }
-        }
+                None => debug!("reaped orphan pid {pid}: {kind}"),
+            },
+        );
     }
 
     /// True once every program has ended and its output has been read to the end.
