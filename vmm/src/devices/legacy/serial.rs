@@ -74,15 +74,19 @@ impl Write for LineOut {
             return self.inner.write(buf);
         }
         self.pending.extend_from_slice(buf);
-        if let Some(last_nl) = self.pending.iter().rposition(|b| *b == b'\n') {
-            let rest = self.pending.split_off(last_nl + 1);
-            let lines = std::mem::replace(&mut self.pending, rest);
-            self.inner.write_all(&lines)?;
-            self.inner.flush()?;
+        // Up to the last complete line; everything if what would stay is too long.
+        let mut cut = self
+            .pending
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |nl| nl + 1);
+        if self.pending.len() - cut >= MAX_PENDING {
+            cut = self.pending.len();
         }
-        if self.pending.len() >= MAX_PENDING {
-            let held = std::mem::take(&mut self.pending);
-            self.inner.write_all(&held)?;
+        if cut > 0 {
+            let rest = self.pending.split_off(cut);
+            let out = std::mem::replace(&mut self.pending, rest);
+            self.inner.write_all(&out)?;
             self.inner.flush()?;
         }
         Ok(buf.len())
