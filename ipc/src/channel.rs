@@ -475,9 +475,20 @@ impl Channel {
                 }
                 break;
             }
+            // A frame whose fds cannot be written is not sent at all (never without them).
+            let Some(len) = write_rights(ctl, fds) else {
+                if count == 0 {
+                    return Err(FrameError::TooManyFds {
+                        count: fds.len(),
+                        limit: MAX_FDS,
+                    }
+                    .into());
+                }
+                break;
+            };
             iov.iov_base = bytes.as_ptr().cast_mut().cast::<c_void>();
             iov.iov_len = bytes.len();
-            *ctl_len = write_rights(ctl, fds);
+            *ctl_len = len;
             count += 1;
         }
         if count == 0 {
@@ -558,11 +569,14 @@ fn check_datagram(
 }
 
 /// Writes one SCM_RIGHTS message carrying `fds` into `ctl`; returns the msg_controllen to
-/// use (0 when there are no fds). `fds.len()` ≤ MAX_FDS (checked by the caller), so the
-/// message fits: CMSG_SPACE(28 * 4) = 128 bytes ≤ 256.
-fn write_rights<F: AsFd>(ctl: &mut [u64; CONTROL_WORDS], fds: &[F]) -> usize {
-    if fds.is_empty() || fds.len() > MAX_FDS {
-        return 0;
+/// use (0 when there are no fds), or `None` if they cannot be written (more than MAX_FDS;
+/// the caller checks that first, so the message fits: CMSG_SPACE(28 * 4) = 128 bytes ≤ 256).
+fn write_rights<F: AsFd>(ctl: &mut [u64; CONTROL_WORDS], fds: &[F]) -> Option<usize> {
+    if fds.is_empty() {
+        return Some(0);
+    }
+    if fds.len() > MAX_FDS {
+        return None;
     }
     let bytes = (fds.len() * size_of::<RawFd>()) as libc::c_uint;
     // SAFETY: pure arithmetic.
@@ -575,7 +589,7 @@ fn write_rights<F: AsFd>(ctl: &mut [u64; CONTROL_WORDS], fds: &[F]) -> usize {
     // CMSG_FIRSTHDR returns a header inside it.
     let cmsg = unsafe { libc::CMSG_FIRSTHDR(&hdr) };
     if cmsg.is_null() {
-        return 0;
+        return None;
     }
     // SAFETY: cmsg points at the start of `ctl` (8-byte aligned, room for the header and
     // `bytes` of data); the fds are written unaligned-safe right after the header.
@@ -591,7 +605,7 @@ fn write_rights<F: AsFd>(ctl: &mut [u64; CONTROL_WORDS], fds: &[F]) -> usize {
             );
         }
     }
-    space as usize
+    Some(space as usize)
 }
 
 /// Closes every fd in `fds` (emptying it) with as few system calls as possible: each run of

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
 use bulkhead_ipc::channel::{Channel, ChannelError, ChannelListener};
@@ -611,10 +611,22 @@ fn is_open(raw: RawFd) -> bool {
 fn close_fds_closes_exactly_the_given_fds() {
     no_leak(|| {
         // Contiguous runs and gaps, with bystanders in the gaps that must stay open.
+        // Consecutive numbers (dup'ed to the lowest free ones from 900 up), so the doomed
+        // ones form runs of 3, 3 and 3 and the close_range path is really taken.
+        let null = File::open("/dev/null").unwrap();
         let files: Vec<OwnedFd> = (0..12)
-            .map(|_| OwnedFd::from(File::open("/dev/null").unwrap()))
+            .map(|i| {
+                let fd = fcntl(&null, FcntlArg::F_DUPFD_CLOEXEC(900 + i)).unwrap();
+                // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            })
             .collect();
+        drop(null);
         let raws: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        assert!(
+            raws.windows(2).all(|w| w[1] == w[0] + 1),
+            "not consecutive: {raws:?}"
+        );
         let mut doomed = Vec::new();
         let mut kept = Vec::new();
         for (i, f) in files.into_iter().enumerate() {

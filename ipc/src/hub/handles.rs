@@ -123,13 +123,11 @@ impl Handles {
     /// Gives `vm` `rights` on `key` (union with what it has: both were granted). A
     /// tombstone comes back to life with what it knew.
     pub fn grant(&mut self, vm: VmIdx, key: ObjKey, rights: Rights) {
-        if !self.objects.contains_key(&key) {
-            let obj = self.tombs.remove(&key).unwrap_or_default();
-            self.objects.insert(key, obj);
-        }
-        let Some(obj) = self.objects.get_mut(&key) else {
-            return;
-        };
+        let tombs = &mut self.tombs;
+        let obj = self
+            .objects
+            .entry(key)
+            .or_insert_with(|| tombs.remove(&key).unwrap_or_default());
         if !obj.ever.contains(&vm) {
             obj.ever.push(vm);
         }
@@ -227,9 +225,7 @@ impl Handles {
         self.tombs.remove(&key);
         if let Some(obj) = self.objects.remove(&key) {
             for vm in obj.holders.keys() {
-                if let Some(c) = self.per_vm.get_mut(vm) {
-                    *c = c.saturating_sub(1);
-                }
+                self.dec(*vm);
             }
         }
     }

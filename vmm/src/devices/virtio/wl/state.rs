@@ -76,8 +76,8 @@ pub const DEFAULT_SEND_WAIT: Duration = Duration::from_millis(500);
 /// the first frame). Leaves room for the frame's header and rights list.
 const HUB_CHUNK: usize = MAX_FRAME - 1024;
 
-/// The mode of every memfd the device creates (see `memfd`).
-pub const MEMFD_MODE: libc::mode_t = 0o644;
+/// The mode of every memfd the device creates (see `memfd`): the hub's, for the same reason.
+pub use bulkhead_ipc::hub::memfd_server::MEMFD_MODE;
 
 fn memfd(size: u64) -> Result<OwnedFd, ResponseCode> {
     // SAFETY: a static NUL-terminated name; flags are valid.
