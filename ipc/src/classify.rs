@@ -62,6 +62,21 @@ pub struct ObjKey {
     pub ino: u64,
 }
 
+impl ObjKey {
+    /// The object `fd` refers to (one fstat).
+    pub fn of(fd: BorrowedFd<'_>) -> nix::Result<ObjKey> {
+        fstat(fd).map(|st| ObjKey::from_stat(&st))
+    }
+
+    /// The object a stat describes.
+    pub fn from_stat(st: &libc::stat) -> ObjKey {
+        ObjKey {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }
+    }
+}
+
 /// The precise kind of an fd (finer than [`FdType`]: a pipe has two ends).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FdKind {
@@ -155,10 +170,7 @@ const BOOKKEEPING: Rights = Rights::TRANSFER.union(Rights::DUP);
 /// Classifies `fd` from the kernel's view of it.
 pub fn classify(fd: BorrowedFd<'_>) -> Result<Classified, ClassifyError> {
     let st = fstat(fd).map_err(|errno| ClassifyError::Sys { op: "fstat", errno })?;
-    let key = ObjKey {
-        dev: st.st_dev,
-        ino: st.st_ino,
-    };
+    let key = ObjKey::from_stat(&st);
     let fmt = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
     let fl = status_flags(fd)?;
     if fl & libc::O_PATH != 0 {

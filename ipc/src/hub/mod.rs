@@ -681,12 +681,7 @@ impl Hub {
                 log::warn!("connect {obj}: {e}");
             }
         }
-        let key_of = |ch: &Channel| {
-            nix::sys::stat::fstat(ch.as_fd()).map(|st| ObjKey {
-                dev: st.st_dev,
-                ino: st.st_ino,
-            })
-        };
+        let key_of = |ch: &Channel| ObjKey::of(ch.as_fd());
         let vmm_ends = match (key_of(&client_vmm), key_of(&prov_vmm)) {
             (Ok(c), Ok(p)) => [c, p],
             (Err(e), _) | (_, Err(e)) => {
