@@ -602,6 +602,8 @@ fn faux_accept_name_over_the_listener_then_connect() {
 /// lost or doubled, and sends go through again once the peer reads.
 #[test]
 fn a_host_socket_that_is_not_read_gives_back_pressure_not_a_stuck_device() {
+    let _guard =
+        HangGuard::new("a_host_socket_that_is_not_read_gives_back_pressure_not_a_stuck_device");
     let mut r = rig();
     r.dev.st.set_send_wait(std::time::Duration::from_millis(20));
     let mut peer = r.connect(1, "wayland");
@@ -643,6 +645,7 @@ fn a_host_socket_that_is_not_read_gives_back_pressure_not_a_stuck_device() {
 /// The same for a guest-to-host pipe whose reader does not read.
 #[test]
 fn a_pipe_that_is_not_read_gives_back_pressure_not_a_stuck_device() {
+    let _guard = HangGuard::new("a_pipe_that_is_not_read_gives_back_pressure_not_a_stuck_device");
     let mut r = rig();
     r.dev.st.set_send_wait(std::time::Duration::from_millis(20));
     let peer = r.connect(1, "wayland");
@@ -964,4 +967,30 @@ fn a_pipe_drained_by_someone_else_does_not_block_the_device() {
     drop(w);
     r.dev.st.read_vfd(v.id);
     assert_eq!(r.drain_in(4), vec![InMessage::Hup { id: v.id }]);
+}
+
+/// A hang guard, not a timing assertion: if a send the device should bound blocks instead,
+/// the test would never end; after two minutes the guard says which test hung and aborts
+/// the test binary, so the run fails instead of stalling.
+struct HangGuard(std::sync::mpsc::Sender<()>);
+
+impl HangGuard {
+    fn new(test: &'static str) -> HangGuard {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(std::time::Duration::from_secs(120))
+            {
+                eprintln!("{test}: hung (a send that should be bounded blocked)");
+                std::process::abort();
+            }
+        });
+        HangGuard(tx)
+    }
+}
+
+impl Drop for HangGuard {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
 }

@@ -206,7 +206,7 @@ impl WlStream {
         let fd = self.fd.as_raw_fd();
         through_back_pressure(fd, || {
             // SAFETY: IOCTL_SEND reads the header and `len` data bytes, all inside `buf`.
-            unsafe { libc::ioctl(fd, uapi::IOCTL_SEND, buf.as_mut_ptr()) }
+            unsafe { libc::ioctl(fd, uapi::IOCTL_SEND, buf.as_mut_ptr()) as isize }
         })
         .map_err(|err| WlError::Io {
             what: "VIRTWL_IOCTL_SEND",
@@ -286,19 +286,22 @@ fn read_fd(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
 fn write_fd(fd: RawFd, buf: &[u8]) -> std::io::Result<usize> {
     let n = through_back_pressure(fd, || {
         // SAFETY: writes from `buf`, which has `buf.len()` readable bytes.
-        unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) as libc::c_int }
+        unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) }
     })?;
     Ok(n as usize)
 }
 
+/// How many times a blocking SEND is tried again under back-pressure before the error is
+/// returned: the device waits about half a second each time, so about a minute in all.
+const BACK_PRESSURE_RETRIES: u32 = 120;
+
 /// Runs a SEND (an ioctl or a write on a vfd) until it goes through. ENOMEM from a SEND is
 /// the device's back-pressure: the peer took nothing for a while (the device waited first)
-/// and nothing was sent. A blocking vfd tries again, as send(2) would go on waiting; a
-/// non-blocking one gets `EAGAIN`.
-fn through_back_pressure(
-    fd: RawFd,
-    mut send: impl FnMut() -> libc::c_int,
-) -> std::io::Result<libc::c_int> {
+/// and nothing was sent. A blocking vfd tries again, as send(2) would go on waiting, but
+/// not forever (an ENOMEM that is not back-pressure must come out); a non-blocking one gets
+/// `EAGAIN` at once.
+fn through_back_pressure(fd: RawFd, mut send: impl FnMut() -> isize) -> std::io::Result<isize> {
+    let mut tries = 0;
     loop {
         let r = send();
         if r >= 0 {
@@ -312,6 +315,10 @@ fn through_back_pressure(
         let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
         if fl >= 0 && fl & libc::O_NONBLOCK != 0 {
             return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        tries += 1;
+        if tries > BACK_PRESSURE_RETRIES {
+            return Err(e);
         }
     }
 }

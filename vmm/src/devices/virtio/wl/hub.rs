@@ -335,7 +335,9 @@ impl HubLink {
                     .ok_or_else(|| HubError::Protocol(format!("Connected {conn} without an fd")))?;
                 HubConn::from_fd(fd).map_err(|e| HubError::Protocol(e.to_string()))
             }
-            _ => Err(HubError::Protocol(format!("a wrong answer for {what}"))),
+            Answer::Provided | Answer::Shm(..) => {
+                Err(HubError::Protocol(format!("a wrong answer for {what}")))
+            }
         }
     }
 
@@ -352,7 +354,9 @@ impl HubLink {
             Answer::Shm(got, _) => Err(HubError::Protocol(format!(
                 "ShmAllocated {got} bytes for {what}"
             ))),
-            _ => Err(HubError::Protocol(format!("a wrong answer for {what}"))),
+            Answer::Provided | Answer::Connected(..) => {
+                Err(HubError::Protocol(format!("a wrong answer for {what}")))
+            }
         }
     }
 
