@@ -1,16 +1,24 @@
-//! Running a host image under QEMU: the command line (TCG, `-cpu max` for nested SVM, q35
-//! with an IOMMU and QEMU's `edu` device), a console reader thread, waits with deadlines,
-//! QMP for the power button and ctrl-alt-del, and a verdict on how the machine ended.
-//! `bulkhead-rootfs boot` and the test harness both run machines through this module.
+//! Running a host image under QEMU: the command line (TCG, `-cpu max` for nested SVM, with
+//! `cx16` masked on QEMU < 8; q35 with an IOMMU and QEMU's `edu` device), a console reader
+//! thread, waits with deadlines, QMP for the power button and ctrl-alt-del, and a verdict on
+//! how the machine ended, taken from QEMU's own `SHUTDOWN` event and the emulated host
+//! kernel's own lines (never from a line a nested VM's console relayed). Machines on one
+//! build machine run one at a time (a lock file): two emulated hosts on two cores only slow
+//! each other down. `bulkhead-rootfs boot`, the benches and the test harness all run
+//! machines through this module.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
 
 /// What the kernel prints when the machine powers off / restarts / panics.
 pub const POWER_DOWN: &str = "reboot: Power down";
@@ -19,6 +27,92 @@ pub const KERNEL_PANIC: &str = "Kernel panic";
 
 /// How many console lines are kept for diagnostics.
 const KEEP_LINES: usize = 400;
+
+/// The lock file that makes machines on one build machine run one at a time
+/// (`BULKHEAD_QEMU_LOCK` overrides the path).
+pub const DEFAULT_LOCK_FILE: &str = "/tmp/bulkhead-qemu.lock";
+
+/// The line `Machine::spawn` puts first on every console it shows: which QEMU, which CPU
+/// model and why.
+pub const FIRST_LINE_PREFIX: &str = "bulkhead-qemu:";
+
+/// A QEMU version (`qemu-system-x86_64 --version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QemuVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub micro: u32,
+}
+
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+impl QemuVersion {
+    /// Parses `QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)`.
+    pub fn parse(version_output: &str) -> Option<Self> {
+        let rest = version_output
+            .lines()
+            .find_map(|l| l.split("QEMU emulator version ").nth(1))?;
+        let v = rest.split_whitespace().next()?;
+        let mut it = v.split('.').map(|n| n.parse::<u32>().ok());
+        Some(Self {
+            major: it.next()??,
+            minor: it.next().flatten().unwrap_or(0),
+            micro: it.next().flatten().unwrap_or(0),
+        })
+    }
+
+    /// Asks `qemu` for its version (once per program and path).
+    pub fn of(qemu: &Path) -> Option<Self> {
+        type Seen = Vec<(PathBuf, Option<QemuVersion>)>;
+        static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
+        let seen = SEEN.get_or_init(|| Mutex::new(Vec::new()));
+        let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, v)) = seen.iter().find(|(p, _)| p == qemu) {
+            return *v;
+        }
+        let v = Command::new(qemu)
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| Self::parse(&String::from_utf8_lossy(&o.stdout)));
+        seen.push((qemu.to_path_buf(), v));
+        v
+    }
+}
+
+/// The CPU model a Bulkhead host runs on under `version` (TCG), and why.
+///
+/// `max` exposes SVM, which the host's KVM needs for nested guests. Under QEMU 7.2 (Debian
+/// 12) the emulated host crashes at random with `-cpu max` (faults right after a
+/// `cmpxchg16b`, stack-guard hits in `exc_page_fault`, QEMU killed by a signal: 2 boots in
+/// 11 of the example with 6.1, 5 in 14 with 6.12); with `cx16` masked, none in 12; QEMU 10
+/// (Debian 13) shows no fault with plain `max`. `BULKHEAD_QEMU_CPU` overrides the choice.
+pub fn cpu_model(version: Option<QemuVersion>) -> (String, String) {
+    choose_cpu_model(version, std::env::var("BULKHEAD_QEMU_CPU").ok())
+}
+
+fn choose_cpu_model(version: Option<QemuVersion>, over: Option<String>) -> (String, String) {
+    if let Some(cpu) = over.filter(|c| !c.is_empty()) {
+        return (cpu, "set by BULKHEAD_QEMU_CPU".into());
+    }
+    match version {
+        Some(v) if v.major < 8 => (
+            "max,-cx16".into(),
+            format!(
+                "cx16 masked: QEMU {v} (< 8) crashes the emulated host at random with cmpxchg16b"
+            ),
+        ),
+        Some(v) => ("max".into(), format!("QEMU {v} needs no workaround")),
+        None => (
+            "max,-cx16".into(),
+            "QEMU version unknown: cx16 masked to be safe".into(),
+        ),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
@@ -65,6 +159,9 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
     pub qemu: PathBuf,
+    /// `-cpu` (see [`cpu_model`]), and why it was chosen.
+    pub cpu: String,
+    pub cpu_reason: String,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub append: String,
@@ -84,8 +181,12 @@ pub struct QemuConfig {
 impl QemuConfig {
     /// The default Bulkhead host machine: 2 vCPUs, 2 GiB, q35 + intel-iommu + edu.
     pub fn host(kernel: &Path, initrd: &Path, append: &str) -> Self {
+        let qemu = PathBuf::from("qemu-system-x86_64");
+        let (cpu, cpu_reason) = cpu_model(QemuVersion::of(&qemu));
         Self {
-            qemu: PathBuf::from("qemu-system-x86_64"),
+            qemu,
+            cpu,
+            cpu_reason,
             kernel: kernel.to_path_buf(),
             initrd: initrd.to_path_buf(),
             append: append.to_string(),
@@ -104,7 +205,7 @@ impl QemuConfig {
             "-accel".into(),
             "tcg,thread=multi".into(),
             "-cpu".into(),
-            "max".into(),
+            self.cpu.clone(),
             "-smp".into(),
             self.smp.to_string(),
             "-m".into(),
@@ -184,6 +285,150 @@ impl QemuConfig {
     }
 }
 
+/// How QEMU said the machine stopped (its `SHUTDOWN` event's `reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShutdownReason {
+    /// `guest-shutdown`: the emulated host powered itself off (ACPI).
+    GuestShutdown,
+    /// `guest-reset`: it asked to restart (with `-no-reboot` QEMU then exits); a kernel
+    /// panic with `panic=-1` ends this way too.
+    GuestReset,
+    /// `guest-panic`: a panic device reported it.
+    GuestPanic,
+    /// Anything else (`host-signal`, `host-qmp-quit`, …).
+    Other(String),
+}
+
+impl ShutdownReason {
+    fn parse(reason: &str) -> Self {
+        match reason {
+            "guest-shutdown" => Self::GuestShutdown,
+            "guest-reset" => Self::GuestReset,
+            "guest-panic" => Self::GuestPanic,
+            other => Self::Other(other.to_string()),
+        }
+    }
+}
+
+/// The message of a console line that the emulated host's kernel printed itself: its
+/// `[ seconds]` stamp (if any) removed. Lines a nested VM's console relayed always start
+/// with `<service>: ` and so never start with a kernel message's words.
+pub fn host_kernel_message(line: &str) -> &str {
+    if let Some(rest) = line.strip_prefix('[') {
+        if let Some((stamp, msg)) = rest.split_once(']') {
+            if stamp.trim().parse::<f64>().is_ok() {
+                return msg.strip_prefix(' ').unwrap_or(msg);
+            }
+        }
+    }
+    line
+}
+
+/// Is this the emulated host kernel's own panic line (not a relayed VM's)?
+pub fn is_host_kernel_panic(line: &str) -> bool {
+    host_kernel_message(line).starts_with(KERNEL_PANIC)
+}
+
+/// The one-at-a-time lock for machines on this build machine.
+fn machine_lock(echo: bool) -> Option<Flock<File>> {
+    let path = std::env::var_os("BULKHEAD_QEMU_LOCK")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_LOCK_FILE));
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!("{}: {e}; machines are not serialised", path.display());
+            return None;
+        }
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Some(l),
+        Err((file, _)) => {
+            let msg = format!(
+                "{FIRST_LINE_PREFIX} waiting for another machine on this build machine to end \
+                 (lock {})",
+                path.display()
+            );
+            if echo {
+                println!("{msg}");
+            } else {
+                eprintln!("{msg}");
+            }
+            match Flock::lock(file, FlockArg::LockExclusive) {
+                Ok(l) => Some(l),
+                Err((_, e)) => {
+                    log::warn!("{}: {e}; machines are not serialised", path.display());
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// A scratch directory removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new() -> std::io::Result<Self> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "bulkhead-qemu-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Reads QEMU's QMP events from their own monitor socket until QEMU exits, keeping the
+/// `SHUTDOWN` reason and showing each event among the recent console lines.
+fn watch_events(
+    path: PathBuf,
+    shutdown: Arc<Mutex<Option<ShutdownReason>>>,
+    recent: Arc<Mutex<VecDeque<String>>>,
+    ready: Sender<()>,
+) {
+    let mut qmp = match Qmp::connect(&path) {
+        Ok(q) => q,
+        Err(e) => {
+            log::warn!("QMP events: {e}; the verdict falls back to the host kernel's lines");
+            return;
+        }
+    };
+    let _ = ready.send(());
+    let _ = qmp.reader.get_ref().set_read_timeout(None);
+    while let Ok(m) = qmp.read_message() {
+        let Some(event) = m.get("event").and_then(|e| e.as_str()) else {
+            continue;
+        };
+        if let Ok(mut q) = recent.lock() {
+            if q.len() == KEEP_LINES {
+                q.pop_front();
+            }
+            q.push_back(format!("[qmp event] {event} {}", m["data"]));
+        }
+        if event == "SHUTDOWN" {
+            let reason = m["data"]["reason"].as_str().unwrap_or("unknown");
+            if let Ok(mut s) = shutdown.lock() {
+                s.get_or_insert(ShutdownReason::parse(reason));
+            }
+        }
+    }
+}
+
 /// A running QEMU. Dropping it kills QEMU.
 pub struct Machine {
     child: Child,
@@ -193,13 +438,28 @@ pub struct Machine {
     command_line: String,
     qmp_path: Option<PathBuf>,
     exited: bool,
+    shutdown: Arc<Mutex<Option<ShutdownReason>>>,
+    events: Option<std::thread::JoinHandle<()>>,
+    _scratch: ScratchDir,
+    _lock: Option<Flock<File>>,
 }
 
 impl Machine {
-    /// Starts QEMU. With `echo`, every console line is also printed on our stdout.
+    /// Starts QEMU (after any other machine on this build machine has ended). With `echo`,
+    /// every console line is also printed on our stdout. The first line says which QEMU
+    /// and CPU model run the machine.
     pub fn spawn(cfg: &QemuConfig, echo: bool) -> Result<Self, QemuError> {
+        let lock = machine_lock(echo);
+        let scratch = ScratchDir::new().map_err(|source| QemuError::Spawn {
+            program: "a scratch directory for QMP".into(),
+            source,
+        })?;
+        let events_sock = scratch.0.join("events.sock");
+        let mut args = cfg.args();
+        args.push("-qmp".into());
+        args.push(format!("unix:{},server=on,wait=off", events_sock.display()));
         let mut child = Command::new(&cfg.qemu)
-            .args(cfg.args())
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -210,6 +470,31 @@ impl Machine {
             })?;
         let (tx, rx) = mpsc::channel();
         let recent = Arc::new(Mutex::new(VecDeque::with_capacity(KEEP_LINES)));
+        let first = format!(
+            "{FIRST_LINE_PREFIX} QEMU {}, -cpu {} ({})",
+            QemuVersion::of(&cfg.qemu)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "of unknown version".into()),
+            cfg.cpu,
+            cfg.cpu_reason
+        );
+        if echo {
+            println!("{first}");
+        }
+        if let Ok(mut q) = recent.lock() {
+            q.push_back(first.clone());
+        }
+        let _ = tx.send(first);
+        let shutdown = Arc::new(Mutex::new(None));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let events = {
+            let shutdown = Arc::clone(&shutdown);
+            let recent = Arc::clone(&recent);
+            std::thread::spawn(move || watch_events(events_sock, shutdown, recent, ready_tx))
+        };
+        // The event monitor is connected before the emulated host can have done anything
+        // worth a verdict (its kernel takes seconds to boot).
+        let _ = ready_rx.recv_timeout(Duration::from_secs(10));
         let mut readers: Vec<Box<dyn Read + Send>> = Vec::new();
         if let Some(out) = child.stdout.take() {
             readers.push(Box::new(out));
@@ -262,6 +547,10 @@ impl Machine {
             command_line: cfg.command_line(),
             qmp_path: cfg.qmp.clone(),
             exited: false,
+            shutdown,
+            events: Some(events),
+            _scratch: scratch,
+            _lock: lock,
         })
     }
 
@@ -294,7 +583,8 @@ impl Machine {
         s
     }
 
-    /// Waits until a console line satisfies `pred`, failing at once on a kernel panic.
+    /// Waits until a console line satisfies `pred`, failing at once on a panic of the
+    /// emulated host's kernel (a nested VM's relayed panic is only a line).
     pub fn wait_until(
         &mut self,
         what: &str,
@@ -307,7 +597,7 @@ impl Machine {
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.all.push(line.clone());
-                    if line.contains(KERNEL_PANIC) {
+                    if is_host_kernel_panic(&line) {
                         return Err(QemuError::Panic {
                             waiting_for: what.to_string(),
                             line,
@@ -341,14 +631,18 @@ impl Machine {
         self.wait_until(needle, timeout, |l| l.contains(needle))
     }
 
-    /// Reads the console until QEMU exits and says how the machine ended. A kernel panic
-    /// ends the wait at once (QEMU is killed).
+    /// Reads the console until QEMU exits and says how the machine ended: from QEMU's
+    /// `SHUTDOWN` event (power-off or reset), a reset preceded by the host kernel's own
+    /// panic line being a panic. Only if the event monitor could not be reached do the
+    /// host kernel's own `reboot:` lines decide. A host kernel panic ends the wait at
+    /// once (QEMU is killed).
     pub fn wait_end(&mut self, timeout: Duration) -> Result<Outcome, QemuError> {
         let mut saw = None;
         let res = self.wait_until("the machine to power off", timeout, |l| {
-            if l.contains(POWER_DOWN) {
+            let msg = host_kernel_message(l);
+            if msg.starts_with(POWER_DOWN) {
                 saw = Some(Outcome::PowerOff);
-            } else if l.contains(RESTARTING) {
+            } else if msg.starts_with(RESTARTING) {
                 saw = Some(Outcome::Reboot);
             }
             false
@@ -356,7 +650,18 @@ impl Machine {
         match res {
             Err(QemuError::Exited { .. }) => {
                 let status = self.reap();
-                Ok(saw.unwrap_or(Outcome::Other(status)))
+                if let Some(events) = self.events.take() {
+                    // QEMU has exited: its monitor socket is at EOF, the thread ends.
+                    let _ = events.join();
+                }
+                let event = self.shutdown.lock().ok().and_then(|s| s.clone());
+                Ok(match event {
+                    Some(ShutdownReason::GuestShutdown) => Outcome::PowerOff,
+                    Some(ShutdownReason::GuestReset) => Outcome::Reboot,
+                    Some(ShutdownReason::GuestPanic) => Outcome::Panic("guest-panic".into()),
+                    Some(ShutdownReason::Other(_)) => Outcome::Other(status),
+                    None => saw.unwrap_or(Outcome::Other(status)),
+                })
             }
             Err(QemuError::Panic { line, .. }) => {
                 self.kill();
@@ -511,7 +816,6 @@ mod tests {
         let line = c.command_line();
         for want in [
             "-accel tcg,thread=multi",
-            "-cpu max",
             "-machine q35",
             "-device intel-iommu,intremap=on",
             "-device edu,addr=03.0",
@@ -525,5 +829,58 @@ mod tests {
         ] {
             assert!(line.contains(want), "{want:?} missing from {line}");
         }
+    }
+
+    #[test]
+    fn qemu_versions_parse_from_version_output() {
+        let deb12 = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n\
+                     Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n";
+        assert_eq!(
+            QemuVersion::parse(deb12),
+            Some(QemuVersion {
+                major: 7,
+                minor: 2,
+                micro: 22
+            })
+        );
+        let deb13 = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)";
+        assert_eq!(QemuVersion::parse(deb13).map(|v| v.major), Some(10));
+        assert_eq!(QemuVersion::parse("qemu-img version 7.2.0"), None);
+    }
+
+    #[test]
+    fn cx16_is_masked_below_qemu_8_only() {
+        let v = |major| {
+            Some(QemuVersion {
+                major,
+                minor: 0,
+                micro: 0,
+            })
+        };
+        assert_eq!(choose_cpu_model(v(7), None).0, "max,-cx16");
+        assert_eq!(choose_cpu_model(v(10), None).0, "max");
+        assert_eq!(choose_cpu_model(None, None).0, "max,-cx16");
+        assert_eq!(choose_cpu_model(v(7), Some("max".into())).0, "max");
+        let mut c = QemuConfig::host(Path::new("/k"), Path::new("/i"), "quiet");
+        c.cpu = choose_cpu_model(v(7), None).0;
+        assert!(c.command_line().contains("-cpu max,-cx16 "));
+    }
+
+    #[test]
+    fn only_the_host_kernels_own_lines_are_its_verdicts() {
+        assert!(is_host_kernel_panic(
+            "[    5.123456] Kernel panic - not syncing: Attempted to kill init!"
+        ));
+        assert!(is_host_kernel_panic("Kernel panic - not syncing: VFS"));
+        // A nested VM's console, relayed by init with its service name first.
+        assert!(!is_host_kernel_panic(
+            "hello-vm: [    1.000000] Kernel panic - not syncing: oops"
+        ));
+        assert!(!is_host_kernel_panic("hello-vm: Kernel panic"));
+        assert_eq!(
+            host_kernel_message("[   12.5] reboot: Power down"),
+            "reboot: Power down"
+        );
+        assert!(!host_kernel_message("edu-vm: reboot: Power down").starts_with(POWER_DOWN));
     }
 }
