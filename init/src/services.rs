@@ -18,7 +18,8 @@ use bulkhead_vfio::SysfsRoot;
 
 use crate::config::{RestartParams, SystemConfig, HUB_NAME};
 use crate::control::ServiceStatus;
-use crate::handoff::{self, Handoff, Role};
+use crate::handoff::{self, FdSource, Handoff, Role, ServiceFd};
+use crate::jail::{self, JailPaths, JailSpec};
 use crate::output::{DrainResult, OutputPipe};
 use crate::supervisor::{ChildId, Decision, ExitKind, State, Supervisor};
 
@@ -67,15 +68,35 @@ pub struct Recipe {
     pub user: Option<(u32, u32)>,
     /// Created (owned by `user`, mode 0750) before each start.
     pub runtime_dir: Option<std::path::PathBuf>,
+    /// Descriptors of its own (`fds` in system.toml), after those of its role.
+    pub fds: Vec<ServiceFd>,
+    /// The jail it runs in (a VMM or the hub); `user` is then the jail's.
+    pub jail: Option<JailSpec>,
 }
 
 /// Every supervised child and its plumbing.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Services {
     sup: Supervisor,
     recipes: Vec<Recipe>,
     pipes: Vec<(String, OutputPipe)>,
     idle_announced: bool,
+    jail_paths: JailPaths,
+    /// Per recipe: the cgroup's OOM kills when its current run started.
+    oom_base: BTreeMap<usize, u64>,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Services {
+            sup: Supervisor::default(),
+            recipes: Vec::new(),
+            pipes: Vec::new(),
+            idle_announced: false,
+            jail_paths: JailPaths::host(),
+            oom_base: BTreeMap::new(),
+        }
+    }
 }
 
 /// The exit of a wait status, if it is one.
@@ -113,8 +134,16 @@ impl Services {
     /// The children of a system, in start order: the hub first (with one channel per VM),
     /// then the services. `vfio_groups` maps a VM name to the IOMMU groups the policy
     /// grants it (bound to vfio-pci at boot).
-    pub fn from_config(config: &SystemConfig, vfio_groups: &BTreeMap<String, Vec<u32>>) -> Self {
-        let mut s = Services::default();
+    pub fn from_config(
+        config: &SystemConfig,
+        vfio_groups: &BTreeMap<String, Vec<u32>>,
+        jail_paths: JailPaths,
+    ) -> Self {
+        let mut s = Services {
+            jail_paths,
+            ..Services::default()
+        };
+        let mut pairs = handoff::make_socketpairs(config);
         let vm_names: Vec<&str> = config
             .service
             .iter()
@@ -138,12 +167,41 @@ impl Services {
                     },
                     user: hub.user.map(|u| (u, hub.group.unwrap_or(u))),
                     runtime_dir: hub.runtime_dir.clone(),
+                    fds: Vec::new(),
+                    jail: JailSpec::for_hub(hub),
                 },
                 hub.restart_params(),
             );
             s.sup.set_support(id);
         }
         for svc in &config.service {
+            let fds = svc
+                .fds
+                .iter()
+                .filter_map(|f| {
+                    let source = match (&f.open, &f.socketpair) {
+                        (Some(path), _) => FdSource::Open {
+                            path: path.clone(),
+                            write: f.write,
+                        },
+                        (None, Some(name)) => {
+                            let ends = pairs.get_mut(name)?;
+                            if ends.is_empty() {
+                                return None;
+                            }
+                            FdSource::Shared(ends.remove(0))
+                        }
+                        (None, None) => return None,
+                    };
+                    Some(ServiceFd {
+                        source,
+                        arg: f.arg.clone(),
+                    })
+                })
+                .collect();
+            let jail = svc.vm.as_ref().and_then(|vm| {
+                JailSpec::for_vm(svc, vm, vfio_groups.get(vm).is_some_and(|g| !g.is_empty()))
+            });
             let role = match &svc.vm {
                 None => Role::Plain,
                 Some(vm) => Role::Vm {
@@ -160,6 +218,8 @@ impl Services {
                     role,
                     user: svc.user.map(|u| (u, svc.group.unwrap_or(u))),
                     runtime_dir: None,
+                    fds,
+                    jail,
                 },
                 svc.restart_params(),
             );
@@ -239,31 +299,43 @@ impl Services {
         if let Some(dir) = &recipe.runtime_dir {
             make_runtime_dir(dir, recipe.user)?;
         }
-        let handoff = Handoff::for_role(&recipe.role, &SysfsRoot::host())?;
+        let mut handoff = Handoff::for_role(&recipe.role, &SysfsRoot::host())?;
+        handoff.add_service_fds(&recipe.fds)?;
         if !handoff.what.is_empty() {
             info!("{}: handing over {}", recipe.name, handoff.what.join(", "));
         }
         let raw = handoff.raw_fds();
         let mut scratch = vec![0; raw.len()];
-        if matches!(recipe.role, Role::Vm { .. }) && recipe.user.is_some() {
-            // VFIO pins all guest memory and charges it to RLIMIT_MEMLOCK, which an
-            // unprivileged VMM cannot raise: lift it here (init is root; the child inherits).
-            lift_memlock_limit();
-        }
+        let first_free = handoff::FIRST_FD + raw.len() as i32;
+        let mut jailed = match &recipe.jail {
+            Some(spec) => Some(
+                spec.prepare(&self.jail_paths, first_free)
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
         let drop_privileges = recipe.user.is_some();
-        // A new process group lets shutdown kill what the service itself started.
         let mut cmd = Command::new(prog);
         let sigrtmax = libc::SIGRTMAX();
-        // SAFETY: the closure runs between fork and exec and only calls
-        // async-signal-safe functions (sigprocmask, signal, prctl, fcntl, dup2) on memory
-        // allocated before the fork, allocating nothing.
+        // SAFETY: the closure runs between fork and exec. It only makes system calls on
+        // memory prepared before the fork (the signal reset, prctl, fcntl, dup2, and the
+        // jail's calls in `Prepared::enter`); init is single-threaded, so even the `caps`
+        // crate's calls there cannot meet a lock another thread held at the fork.
         unsafe {
             cmd.pre_exec(move || {
                 crate::signals::reset_in_child(sigrtmax)?;
-                if drop_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                handoff::install(&raw, &mut scratch)?;
+                match jailed.as_mut() {
+                    Some(j) => j.enter(),
+                    None => {
+                        if drop_privileges
+                            && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    }
                 }
-                handoff::install(&raw, &mut scratch)
             });
         }
         cmd.args(args)
@@ -274,14 +346,38 @@ impl Services {
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::from(write_end))
-            .stderr(Stdio::from(stderr_end))
-            .process_group(0);
-        if let Some((uid, gid)) = recipe.user {
-            // std drops the supplementary groups too when it changes the uid as root.
-            cmd.uid(uid).gid(gid);
+            .stderr(Stdio::from(stderr_end));
+        if recipe.jail.is_none() {
+            // A new process group lets shutdown kill what the service itself started (a
+            // jail makes a new session, which is one too).
+            cmd.process_group(0);
+            if let Some((uid, gid)) = recipe.user {
+                // std drops the supplementary groups too when it changes the uid as root.
+                cmd.uid(uid).gid(gid);
+            }
         }
-        let child = cmd.spawn().map_err(|e| format!("{prog}: {e}"))?;
+        let oom_before = self.oom_kills(recipe);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                // A jail step that failed said which on the child's stderr: show it.
+                drop(cmd);
+                let mut output = output;
+                output.drain(&mut |line| crate::log::service_line(&recipe.name, line));
+                return Err(format!("{prog}: {e}"));
+            }
+        };
         let pid = i32::try_from(child.id()).map_err(|_| "pid out of range".to_string())?;
+        if recipe.jail.is_some() {
+            // What the kernel says of it, once exec has succeeded (spawn waited for that).
+            match jail::observe(pid) {
+                Some(seen) => info!("{} jailed: {seen}", recipe.name),
+                None => warn!("{} jailed, but gone before init could look", recipe.name),
+            }
+            if let Some(i) = self.recipes.iter().position(|r| r.name == recipe.name) {
+                self.oom_base.insert(i, oom_before);
+            }
+        }
         // The Child handle is not needed: init reaps with waitpid(-1). Init's copies of the
         // handed-over descriptors close here.
         drop(child);
@@ -320,12 +416,39 @@ impl Services {
             .unwrap_or_default();
         // Its last words first, then the news of its end.
         self.drain_output_of(&name);
-        info!("{name} {kind}");
+        match self.jail_note(id, &kind) {
+            Some(note) => warn!("{name} {note}"),
+            None => info!("{name} {kind}"),
+        }
         if matches!(decision, Decision::Ended | Decision::Failed { .. }) {
             self.ended_for_good(id);
         }
         self.report(&name, decision);
         true
+    }
+
+    /// The cgroup's OOM kills so far, for a jailed recipe.
+    fn oom_kills(&self, recipe: &Recipe) -> u64 {
+        match (&recipe.jail, &self.jail_paths.cgroup_root) {
+            (Some(j), Some(root)) => jail::cgroup::oom_kills(root, &j.name),
+            _ => 0,
+        }
+    }
+
+    /// A seccomp or OOM kill of a jailed child, in words that name its VM.
+    fn jail_note(&self, id: ChildId, kind: &ExitKind) -> Option<String> {
+        let spec = self.recipes.get(id.0)?.jail.as_ref()?;
+        let signal = match kind {
+            ExitKind::Signaled(s) => Some(s.as_str()),
+            _ => None,
+        };
+        jail::exit_note(
+            &spec.name,
+            signal,
+            &self.jail_paths,
+            self.oom_base.get(&id.0).copied().unwrap_or(0),
+            spec.limits.memory_max,
+        )
     }
 
     /// A VMM that will not start again lets go of its hub channel, so the hub sees the VM
@@ -450,22 +573,6 @@ impl Services {
     }
 }
 
-/// Sets init's own RLIMIT_MEMLOCK to unlimited (children inherit it). Failure is logged:
-/// the VMM then reports the limit itself when VFIO needs more.
-fn lift_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads one rlimit from a live local.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        warn!(
-            "cannot lift RLIMIT_MEMLOCK: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// Creates `dir` (and its parents) and gives it to `user` with mode 0750.
 fn make_runtime_dir(dir: &std::path::Path, user: Option<(u32, u32)>) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
@@ -494,6 +601,8 @@ mod tests {
             },
             user: None,
             runtime_dir: None,
+            fds: Vec::new(),
+            jail: None,
         }
     }
 

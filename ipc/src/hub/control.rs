@@ -6,8 +6,9 @@ use bulkhead_policy::control::{decode_request, ApplyResult, Request, Response};
 use crate::hub::audit::Entry;
 use crate::hub::Hub;
 
-/// Decodes and answers one request.
-pub fn handle(hub: &mut Hub, bytes: &[u8]) -> Response {
+/// Decodes and answers one request. `from_root`: the client is uid 0; anyone else the hub
+/// admitted (its own uid) may read the status and the audit log but never apply a policy.
+pub fn handle(hub: &mut Hub, bytes: &[u8], from_root: bool) -> Response {
     let req = match decode_request(bytes) {
         Ok(r) => r,
         Err(e) => {
@@ -19,6 +20,12 @@ pub fn handle(hub: &mut Hub, bytes: &[u8]) -> Response {
     match req {
         Request::Status => Response::Status(hub.store.status()),
         Request::Log(filter) => Response::Log(hub.audit.query(&filter)),
+        Request::Apply { .. } if !from_root => {
+            log::warn!("control socket: apply refused: the client is not root");
+            Response::Error {
+                message: "permission denied: only root may apply a policy".into(),
+            }
+        }
         Request::Apply {
             tree_hash,
             root,

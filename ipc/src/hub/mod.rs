@@ -1300,7 +1300,9 @@ impl Hub {
                 match ch.try_recv_frame() {
                     Ok(raw) => {
                         drop(raw.fds);
-                        let resp = self.control_request(&raw.bytes);
+                        // SO_PEERCRED was recorded at connect: only root may apply.
+                        let from_root = ch.peer_credentials().is_ok_and(|c| c.uid == 0);
+                        let resp = self.control_request(&raw.bytes, from_root);
                         if !send_control(&ch, &resp) {
                             break false;
                         }
@@ -1353,8 +1355,13 @@ impl Hub {
     }
 
     /// Answers one control request (bytes are untrusted).
-    pub fn control_request(&mut self, bytes: &[u8]) -> bulkhead_policy::control::Response {
-        control::handle(self, bytes)
+    /// `from_root`: the client is uid 0 (the only one allowed to apply a policy).
+    pub fn control_request(
+        &mut self,
+        bytes: &[u8],
+        from_root: bool,
+    ) -> bulkhead_policy::control::Response {
+        control::handle(self, bytes, from_root)
     }
 }
 
