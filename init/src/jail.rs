@@ -11,7 +11,8 @@
 //! 2. joins the cgroup (writes `0` to `cgroup.procs`, opened by the parent);
 //! 3. rlimits: `NOFILE` explicit, `MEMLOCK` unlimited only with VFIO, `CORE` 0;
 //! 4. new mount, IPC, UTS and network namespaces;
-//! 5. an empty tmpfs as the new root (`pivot_root`) holding only the program and the paths it
+//! 5. an empty tmpfs as the new root (`pivot_root`; on an initramfs root, which cannot be
+//!    pivoted, moved over `/` and chrooted into, as switch_root does) holding only the program and the paths it
 //!    opens by name, bind-mounted read-only (the hub's runtime directory read-write), then
 //!    the tmpfs itself read-only; the VM's name as hostname;
 //! 6. every capability dropped from the bounding and ambient sets (with the `caps` crate),
@@ -594,17 +595,31 @@ impl Prepared {
                 "chdir to the new root",
                 check(libc::chdir(self.staging.as_ptr())),
             )?;
-            step(
-                "pivot_root",
-                check(
-                    libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr())
-                        as libc::c_int,
-                ),
-            )?;
-            step(
-                "detach the old root",
-                check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH)),
-            )?;
+            let pivoted = libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0;
+            if pivoted {
+                step(
+                    "detach the old root",
+                    check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH)),
+                )?;
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                // Init runs from the initramfs (rootfs), which cannot be pivoted away: move
+                // the new root over / and chroot into it, as switch_root does. The old root
+                // stays below, covered, reachable by no path (and chroot, the way out of a
+                // chroot, needs a capability the jail drops).
+                step(
+                    "move the new root over /",
+                    check(libc::mount(
+                        c".".as_ptr(),
+                        c"/".as_ptr(),
+                        none,
+                        libc::MS_MOVE,
+                        std::ptr::null(),
+                    )),
+                )?;
+                step("chroot", check(libc::chroot(c".".as_ptr())))?;
+            } else {
+                step("pivot_root", check(-1))?;
+            }
             step("chdir /", check(libc::chdir(c"/".as_ptr())))?;
             step(
                 "remount / read-only",

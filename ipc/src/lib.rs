@@ -9,6 +9,7 @@ pub mod channel;
 pub mod classify;
 pub mod frame;
 pub mod hub;
+pub mod seccomp;
 
 pub use channel::{
     peer_credentials, Channel, ChannelError, ChannelListener, PeerCredentials, RawFrame,

@@ -19,6 +19,7 @@ pub mod protocol;
 pub mod registry;
 pub mod reload;
 pub mod router;
+pub mod seccomp;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
