@@ -11,9 +11,7 @@ use bulkhead_ipc::MAX_FRAME;
 use bulkhead_policy::Rights;
 
 use super::hub::{wait_for, Resolved};
-use super::protocol::{
-    parse_command, Command, InMessage, Response, ResponseCode, VfdNew, VFD_READ,
-};
+use super::protocol::{parse_command, Command, InMessage, Response, ResponseCode, VFD_READ};
 use super::scm;
 use super::sockets::{Connected, SocketError};
 use super::state::WlState;
@@ -296,6 +294,11 @@ impl WlState {
         Ok(Response::VfdNew(self.insert(id, Vfd::new(kind))))
     }
 
+    /// NEW_PIPE: `flags` is the direction (exactly one of READ, WRITE; the parser checked).
+    /// The answer describes the vfd as created, like NEW_CTX's: with TRANS_FLAGS, READ when
+    /// the guest reads it and WRITE when it writes it. ChromiumOS's driver gives the vfd
+    /// file the mode of the answer's flags, so a write pipe answered 0 would be read-only
+    /// there.
     fn new_pipe(&mut self, id: u32, flags: u32) -> Result<Response, ResponseCode> {
         self.check_new(id)?;
         let (read_end, write_end) = pipe()?;
@@ -305,19 +308,11 @@ impl WlState {
         } else {
             (write_end, read_end)
         };
-        self.insert(
-            id,
-            Vfd::new(VfdKind::Pipe {
-                local,
-                remote: Some(remote),
-                guest_reads,
-            }),
-        );
-        Ok(Response::VfdNew(VfdNew {
-            id,
-            flags: 0,
-            pfn: 0,
-            size: 0,
-        }))
+        let vfd = Vfd::new(VfdKind::Pipe {
+            local,
+            remote: Some(remote),
+            guest_reads,
+        });
+        Ok(Response::VfdNew(self.insert(id, vfd)))
     }
 }
