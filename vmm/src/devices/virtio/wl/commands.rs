@@ -269,13 +269,17 @@ impl WlState {
     /// name.
     fn new_ctx(&mut self, id: u32, name: &str) -> Result<Response, ResponseCode> {
         self.check_new(id)?;
+        let mut listener = None;
         let kind = match self.sockets.take(name, self.send_wait) {
             Ok(Connected::Stream(s)) => VfdKind::Socket(s),
             Ok(Connected::Hub(h)) => VfdKind::Hub(h),
             Err(SocketError::NotFound(_)) if self.hub.is_some() => {
                 let hub = self.hub.as_mut().ok_or(ResponseCode::Err)?;
                 match hub.resolve(name) {
-                    Ok(Resolved::Listener(s)) => VfdKind::Socket(s),
+                    Ok(Resolved::Listener { stream, id }) => {
+                        listener = Some(id);
+                        VfdKind::Socket(stream)
+                    }
                     Ok(Resolved::Conn(h)) => VfdKind::Hub(h),
                     Err(e) => {
                         log::info!("bulkhead-vmm: virtio-wl: {name:?}: {e}");
@@ -291,7 +295,9 @@ impl WlState {
                 return Err(ResponseCode::Err);
             }
         };
-        Ok(Response::VfdNew(self.insert(id, Vfd::new(kind))))
+        let mut vfd = Vfd::new(kind);
+        vfd.listener = listener;
+        Ok(Response::VfdNew(self.insert(id, vfd)))
     }
 
     /// NEW_PIPE: `flags` is the direction (exactly one of READ, WRITE; the parser checked).

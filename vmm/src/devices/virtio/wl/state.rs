@@ -181,6 +181,9 @@ impl WlState {
                 if let Some(obj) = v.hub {
                     self.unref_hub(obj.key);
                 }
+                if let (Some(l), Some(h)) = (v.listener, self.hub.as_mut()) {
+                    h.drop_listener(l);
+                }
                 true
             }
             None => false,
