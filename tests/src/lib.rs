@@ -40,7 +40,8 @@ fn systems_dir() -> PathBuf {
     workspace_dir().join("tests/systems")
 }
 
-/// Builds (once per test process) the host image for `tests/systems/<name>`.
+/// Builds (once per test process) the host image for `tests/systems/<name>`, or for the
+/// system directory `name` when it is an absolute path (a test's variant of a system).
 pub fn image(name: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let built = BUILT.get_or_init(|| Mutex::new(HashMap::new()));
@@ -48,11 +49,16 @@ pub fn image(name: &str) -> PathBuf {
     if let Some(p) = built.get(name) {
         return p.clone();
     }
+    let src = if Path::new(name).is_absolute() {
+        PathBuf::from(name)
+    } else {
+        systems_dir().join(name)
+    };
     let out = workspace_dir()
         .join("target/bulkhead-tests")
-        .join(name)
+        .join(src.file_name().unwrap_or_default())
         .join("host.cpio.gz");
-    build_system_image(&kernel(), &workspace_dir(), &systems_dir().join(name), &out)
+    build_system_image(&kernel(), &workspace_dir(), &src, &out)
         .unwrap_or_else(|e| panic!("building the {name} image: {e}"));
     built.insert(name.to_string(), out.clone());
     out
@@ -141,8 +147,11 @@ impl Host {
         let image = image(system);
         let kernel = kernel();
         let guard = boot_lock();
-        let dir =
-            std::env::temp_dir().join(format!("bulkhead-test-{}-{}", std::process::id(), system));
+        let dir = std::env::temp_dir().join(format!(
+            "bulkhead-test-{}-{}",
+            std::process::id(),
+            system.replace('/', "_")
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let append = format!("{HOST_CMDLINE} {}", opts.append);

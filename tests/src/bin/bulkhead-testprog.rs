@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 #[path = "testprog/hub.rs"]
 mod testprog_hub;
+#[path = "testprog/jail.rs"]
+mod testprog_jail;
 #[path = "testprog/wl.rs"]
 mod testprog_wl;
 #[path = "testprog/wl_faux.rs"]
@@ -221,6 +223,8 @@ fn main() -> ExitCode {
             Some(bdf) => check_vfio(bdf),
             None => usage(),
         },
+        "jail-check" => report(testprog_jail::check(&args[1..])),
+        "escape-probe" => report(testprog_jail::probe()),
         "run-after" => {
             let (Some(ms), Some(prog)) = (args.get(1).and_then(|m| m.parse().ok()), args.get(2))
             else {
