@@ -254,6 +254,15 @@ pub fn thread_creation(l: &mut AllowList) -> &mut AllowList {
         libc::SYS_prctl,
         &[(0, SeccompCmpOp::Eq, libc::PR_SET_NAME as u64)],
     )
+    // The new thread installs its own filter on top (which only narrows what it may do).
+    .allow_if32(
+        libc::SYS_prctl,
+        &[(0, SeccompCmpOp::Eq, libc::PR_SET_NO_NEW_PRIVS as u64)],
+    )
+    .allow_if32(
+        libc::SYS_seccomp,
+        &[(0, SeccompCmpOp::Eq, libc::SECCOMP_SET_MODE_FILTER as u64)],
+    )
 }
 
 /// Unix-socket traffic on descriptors and paths (connect to a path, accept, send and

@@ -140,3 +140,46 @@ fn the_real_vmm_is_killed_by_seccomp_for_each_escape_attempt_from_a_vcpu_thread(
         .unwrap();
     assert_eq!(out.status.signal(), None, "{:?}", out.status);
 }
+
+/// A device worker is started by a vCPU (the guest's DRIVER_OK) and carries the vCPU's
+/// filter and its own: starting it, and what a worker does first (an eventfd, epoll,
+/// a memfd), must pass both.
+#[test]
+fn a_vcpu_thread_can_start_a_worker_thread() {
+    // SAFETY: the child runs filtered threads and _exits with their verdict.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            let code = std::thread::spawn(|| {
+                if bulkhead_vmm::seccomp::allow_list(bulkhead_vmm::seccomp::ThreadKind::Vcpu)
+                    .install(SeccompMode::Kill)
+                    .is_err()
+                {
+                    return 98;
+                }
+                let worker = std::thread::Builder::new().name("worker".into()).spawn(|| {
+                    if bulkhead_vmm::seccomp::allow_list(bulkhead_vmm::seccomp::ThreadKind::Worker)
+                        .install(SeccompMode::Kill)
+                        .is_err()
+                    {
+                        return 97;
+                    }
+                    let e = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK);
+                    let p = vmm_sys_util::epoll::Epoll::new();
+                    (e.is_ok() && p.is_ok()) as i32
+                });
+                match worker {
+                    Ok(t) => t.join().unwrap_or(96),
+                    Err(_) => 95,
+                }
+            })
+            .join()
+            .unwrap_or(94);
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            let s = waitpid(child, None).unwrap();
+            assert!(matches!(s, WaitStatus::Exited(_, 1)), "{s:?}");
+        }
+    }
+}
