@@ -177,6 +177,9 @@ impl Handoff {
                         .push(("BULKHEAD_VFIO_CONTAINER_FD".to_string(), n.to_string()));
                     h.what.push(format!("VFIO container as fd {n}"));
                     let mut groups = Vec::new();
+                    let ids: Vec<String> = vfio_groups.iter().map(u32::to_string).collect();
+                    h.env
+                        .push(("BULKHEAD_VFIO_GROUP_IDS".to_string(), ids.join(",")));
                     for g in vfio_groups {
                         let fd = bulkhead_vfio::open_group_fd(sys, *g)
                             .map_err(|e| format!("IOMMU group {g} for {name}: {e}"))?;
