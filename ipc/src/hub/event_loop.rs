@@ -94,6 +94,9 @@ impl Hub {
                 push(ch.as_fd(), ev, Src::Vm(i));
             }
         }
+        // An end the hub read EOF from has nothing more to give (and its VMM is gone);
+        // one that hung up while the hub was not reading it is left out until there is
+        // room to read the rest (POLLHUP alone would make the loop spin).
         let end_events = |me: &End| {
             let mut ev = 0;
             if !me.eof && me.out.len() < queue {
@@ -102,24 +105,21 @@ impl Hub {
             if !me.out.is_empty() {
                 ev |= libc::POLLOUT;
             }
-            (
-                me.eof || (me.hung_up && ev & libc::POLLOUT == 0) || ev == 0 && me.hung_up,
-                ev,
-            )
+            let skip = me.eof || (me.hung_up && ev == 0);
+            (skip, ev)
         };
         for (id, c) in &self.conns {
             for s in [Side::Client, Side::Provider] {
                 let me = c.end(s);
                 let (skip, ev) = end_events(me);
-                if skip && ev & libc::POLLOUT == 0 {
-                    continue;
+                if !skip {
+                    push(me.sock.as_fd(), ev, Src::End(At::Conn(*id, s)));
                 }
-                push(me.sock.as_fd(), ev, Src::End(At::Conn(*id, s)));
             }
         }
         for (id, m) in &self.meds {
             let (skip, ev) = end_events(&m.end);
-            if !(skip && ev & libc::POLLOUT == 0) {
+            if !skip {
                 push(m.end.sock.as_fd(), ev, Src::End(At::Med(*id)));
             }
             let t = &m.target;
