@@ -7,6 +7,7 @@ pub mod bench;
 pub mod channel;
 pub mod classify;
 pub mod frame;
+pub mod fuzz;
 pub mod hub;
 
 pub use channel::{
