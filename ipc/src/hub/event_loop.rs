@@ -8,7 +8,8 @@ use crate::channel::close_fds;
 
 use bulkhead_policy::Rights;
 
-use super::conn::{At, End, Side};
+use super::conn::Side;
+use super::end::{At, End};
 use super::handles::VmIdx;
 use super::memfd_server;
 use super::protocol::ConnId;

@@ -5,14 +5,14 @@
 //! the [`memfd_server`] and the [`audit`] log, and serves the policy control socket
 //! ([`control`]). Everything runs in one `poll(2)` loop ([`Hub::run`], `event_loop.rs`); no
 //! threads. One file per mechanism: `vm.rs` (VM channels and their requests), `conn.rs`
-//! (connections, reading them, their queues), `route.rs` (one frame: a pure `decide`, then
-//! `commit`), `attenuate.rs` (read-only descriptions, locks and probes), `queue.rs` (outbound
-//! frames), `control.rs` (the policy control socket).
+//! (connections), `end.rs` (one VMM's end: reading it, its queue, verdicts), `route.rs` (one
+//! send: a pure `decide`, then `commit`), `mediate.rs` and `target.rs` (sockets in sends),
+//! `budget.rs` (per-VM budgets), `attenuate.rs` (read-only descriptions, locks and probes),
+//! `queue.rs` (outbound queues, packed), `control.rs` (the policy control socket).
 //!
-//! Back-pressure: each side of a connection has a bounded queue of frames the hub could not
-//! yet hand to that side's VMM. While it is full, the hub stops reading from the other side,
-//! so that sender's socket fills and its VMM gets `EAGAIN`; no other connection or VM is
-//! affected.
+//! Back-pressure: each VM has budgets (`budget.rs`); a send toward a VM past them, or whose
+//! queue is full, is refused `Busy` (and `Ready` follows when there is room), and a VM that
+//! does not read is sent nothing more; no other connection or VM is affected.
 
 pub mod audit;
 pub mod client;
@@ -28,10 +28,12 @@ pub mod budget;
 
 mod attenuate;
 mod conn;
+mod end;
 mod event_loop;
 mod mediate;
 mod queue;
 mod route;
+mod target;
 mod vm;
 
 use std::collections::{BTreeMap, HashMap};

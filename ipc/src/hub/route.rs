@@ -14,7 +14,8 @@ use crate::classify::{classify, FdKind};
 use crate::frame::{self, MAX_FDS};
 
 use super::audit::Entry;
-use super::conn::{dir_from, other, At, ConnDecision, Partial, Side};
+use super::conn::{dir_from, other, ConnDecision, Side};
+use super::end::{At, Partial};
 use super::protocol::{ConnEvent, ConnId, ConnSend, FdInfo, Refusal, MAX_SEND, PART_DATA};
 use super::queue::OutFd;
 use super::router::{self, Approved, FdIn, Hop};
