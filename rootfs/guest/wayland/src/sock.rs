@@ -5,8 +5,6 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-use crate::transport::MAX_FDS;
-
 fn nix_io(e: nix::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e as i32)
 }
@@ -19,7 +17,9 @@ pub fn recv_with_fds(
     buf: &mut [u8],
     dontwait: bool,
 ) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    // Room for the most fds the kernel passes with one message (SCM_MAX_FD), so that a
+    // peer that sends more than libwayland's 28 loses none of them.
+    let mut cmsg = nix::cmsg_space!([RawFd; 253]);
     let mut iov = [IoSliceMut::new(buf)];
     let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
     if dontwait {
@@ -41,7 +41,7 @@ pub fn recv_with_fds(
                     }
                 }
                 if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-                    return Err(std::io::Error::other("fds were cut off (more than 28)"));
+                    return Err(std::io::Error::other("fds were cut off"));
                 }
                 return Ok((msg.bytes, fds));
             }

@@ -166,6 +166,15 @@ impl Weston {
         }
     }
 
+    /// Waits until desktop-shell has drawn the desktop (until then weston shows black, and
+    /// no window either, even though it renders clients' frames).
+    fn wait_desktop(&self) {
+        wait_for("weston's desktop", 60, || {
+            let img = self.screenshot();
+            img.rgba.chunks(4).any(|p| p[..3] != [0, 0, 0])
+        });
+    }
+
     /// A screenshot of weston's output (taken directly on weston's socket, not through the
     /// proxies), as RGBA rows.
     pub fn screenshot(&self) -> Image {
