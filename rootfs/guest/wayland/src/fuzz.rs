@@ -12,13 +12,15 @@ use crate::stats::Stats;
 use crate::transport::standin::StandIn;
 use crate::wire;
 
-/// Runs `data` through the parser and a client's state. The first byte chooses, bit by
-/// bit, whether each message is a request or an event; a few memfds stand for the fds
-/// that came with the stream.
-pub fn exercise(data: &[u8]) {
-    let Some((&dirs, mut rest)) = data.split_first() else {
-        return;
+/// Runs `data` through the parser and a client's state. The first 4 bytes choose, bit by
+/// bit (message `i` takes bit `i % 32`), whether each message is a request (0) or an event
+/// (1); a few memfds stand for the fds that came with the stream. Returns how many
+/// messages were handled before the end or the first error.
+pub fn exercise(data: &[u8]) -> usize {
+    let (Some(head), Some(mut rest)) = (data.get(..4), data.get(4..)) else {
+        return 0;
     };
+    let dirs = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
     let mut state = ClientState::new(Arc::new(StandIn::new()), Arc::new(Stats::default()));
     let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     for _ in 0..4 {
@@ -29,20 +31,21 @@ pub fn exercise(data: &[u8]) {
     let mut i = 0u32;
     while let Ok(Some(h)) = wire::header(rest) {
         let Some(msg) = rest.get(..h.size) else {
-            return;
+            break;
         };
         let mut out: Vec<Out> = Vec::new();
-        let r = if (dirs >> (i % 8)) & 1 == 0 {
+        let r = if (dirs >> (i % 32)) & 1 == 0 {
             state.request(msg, &mut fds, &mut out)
         } else {
             state.event(msg, &mut fds, &mut out)
         };
         if r.is_err() {
-            return;
+            break;
         }
         rest = rest.get(h.size..).unwrap_or_default();
         i += 1;
     }
+    i as usize
 }
 
 fn memfd() -> std::io::Result<OwnedFd> {
