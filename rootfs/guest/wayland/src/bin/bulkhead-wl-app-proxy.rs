@@ -4,6 +4,8 @@
 //! client gets its own virtio_wl connection to `--connect` (default `wayland@gui-vm`),
 //! through the hub. See docs/wayland.md.
 
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -4,6 +4,8 @@
 //! each connection to weston's socket `--compositor` (a path, or a name in
 //! $XDG_RUNTIME_DIR; default `wayland-0`). See docs/wayland.md.
 
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
