@@ -26,6 +26,9 @@ struct Cli {
     /// weston's socket: a path, or a name in $XDG_RUNTIME_DIR.
     #[arg(long, default_value = "wayland-0")]
     compositor: String,
+    /// The virtio_wl device node.
+    #[arg(long, default_value = "/dev/wl0")]
+    device: PathBuf,
     /// How long to wait for weston's socket when a connection comes (seconds).
     #[arg(long, default_value_t = 30)]
     wait: u64,
@@ -39,7 +42,8 @@ fn run(cli: Cli) -> Result<(), String> {
             .ok_or("XDG_RUNTIME_DIR is not set (give --compositor a path)")?;
         PathBuf::from(dir).join(&cli.compositor)
     };
-    let transport = Virtio::open().map_err(|e| format!("/dev/wl0: {e}"))?;
+    let transport =
+        Virtio::open(&cli.device).map_err(|e| format!("{}: {e}", cli.device.display()))?;
     let acceptor = transport
         .listen(&cli.service)
         .map_err(|e| format!("cannot provide {}: {e} (is it granted?)", cli.service))?;

@@ -21,10 +21,10 @@ pub struct Virtio {
 }
 
 impl Virtio {
-    /// Opens `/dev/wl0`. The device stays open for the life of the process (a proxy opens
+    /// Opens the device node (`/dev/wl0`). The device stays open for the life of the process (a proxy opens
     /// it once), which lets connections and the listener share it without lifetimes.
-    pub fn open() -> std::io::Result<Self> {
-        let wl = Wl::open().map_err(io)?;
+    pub fn open(device: &std::path::Path) -> std::io::Result<Self> {
+        let wl = Wl::open_path(device).map_err(io)?;
         Ok(Self {
             wl: Box::leak(Box::new(wl)),
         })
