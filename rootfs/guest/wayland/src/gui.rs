@@ -161,6 +161,10 @@ pub fn to_vfd(fd: OwnedFd, t: &dyn Transport) -> Option<OwnedFd> {
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG => {
             let size = usize::try_from(st.st_size).unwrap_or(0).max(1);
+            if size > crate::app::state::MAX_BLOB {
+                log::warn!("dropping a {size}-byte file from weston (too large to copy)");
+                return None;
+            }
             let (vfd, map) = match t.alloc(size) {
                 Ok(x) => x,
                 Err(e) => {
@@ -232,7 +236,7 @@ mod tests {
         // A keymap memfd: a new vfd with the same bytes.
         let v = to_vfd(memfd_with(b"xkb_keymap {};"), &t).unwrap();
         assert!(t.is_vfd(v.as_fd()));
-        let m = crate::transport::Mapping::new(v.as_fd(), 14, false).unwrap();
+        let m = crate::transport::Mapping::new_backed(v.as_fd(), 14, false).unwrap();
         let mut b = [0u8; 14];
         m.read_at(0, &mut b).unwrap();
         assert_eq!(&b, b"xkb_keymap {};");

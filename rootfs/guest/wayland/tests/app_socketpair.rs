@@ -321,7 +321,7 @@ fn surface_with_buffer(r: &mut Rig) -> Surface {
         "not the client's own memory"
     );
     assert!(st_vfd.st_size >= 40_000);
-    let vfd_map = Mapping::new(vfd.as_fd(), 40_000, false).unwrap();
+    let vfd_map = Mapping::new_backed(vfd.as_fd(), 40_000, false).unwrap();
     r.request(
         6,
         "wl_shm_pool",
@@ -562,7 +562,7 @@ fn pool_resize_makes_new_shared_memory_under_the_same_id_and_hides_its_delete_id
     r.at_far();
     r.at_far();
     commit(&mut r);
-    let m = Mapping::new(vfd.as_fd(), 80_000, false).unwrap();
+    let m = Mapping::new_backed(vfd.as_fd(), 80_000, false).unwrap();
     assert_eq!(byte(&m, 60_000), 0x44);
 }
 

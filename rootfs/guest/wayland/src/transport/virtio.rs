@@ -80,7 +80,7 @@ impl Transport for Virtio {
         let shm = self.wl.alloc(size).map_err(io)?;
         let fd = shm.fd().try_clone_to_owned()?;
         drop(shm);
-        let map = Mapping::new(fd.as_fd(), size, true)?;
+        let map = Mapping::new_backed(fd.as_fd(), size, true)?;
         Ok((fd, map))
     }
 
@@ -96,6 +96,11 @@ impl Transport for Virtio {
 
     fn received_pipe_writer(&self, fd: OwnedFd) -> Box<dyn Write + Send> {
         Box::new(PipeWriter(WlPipe::from(fd)))
+    }
+
+    fn map_received(&self, fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Mapping> {
+        // The driver refuses a mapping past the vfd's size, so all of it is backed.
+        Mapping::new_backed(fd, len, false)
     }
 
     fn is_vfd(&self, fd: BorrowedFd<'_>) -> bool {

@@ -170,12 +170,17 @@ impl Weston {
         w
     }
 
-    /// Waits until desktop-shell has drawn the desktop (until then weston shows black, and
-    /// no window either, even though it renders clients' frames).
+    /// Waits until desktop-shell has drawn the desktop and its fade-in is over: two
+    /// pictures in a row alike and not black (until then weston shows black, then a dimmed
+    /// desktop, and windows dimmed too).
     fn wait_desktop(&self) {
+        let mut last: Option<Image> = None;
         wait_for("weston's desktop", 60, || {
             let img = self.screenshot();
-            img.rgba.chunks(4).any(|p| p[..3] != [0, 0, 0])
+            let settled = img.rgba.chunks(4).any(|p| p[..3] != [0, 0, 0])
+                && last.as_ref().is_some_and(|l| l.diff(&img) == 0);
+            last = Some(img);
+            settled
         });
     }
 
