@@ -48,13 +48,35 @@ fn run(cli: Cli) -> Result<(), String> {
         .listen(&cli.service)
         .map_err(|e| format!("cannot provide {}: {e} (is it granted?)", cli.service))?;
     log::info!("providing {}, joined to {}", cli.service, path.display());
-    serve(
-        acceptor,
-        Arc::new(transport),
-        path,
-        Duration::from_secs(cli.wait),
-    )
-    .map_err(|e| format!("accept: {e}"))
+    let shared = Arc::new(transport);
+    let mut acceptor = Some(acceptor);
+    loop {
+        let a = match acceptor.take() {
+            Some(a) => a,
+            // The listener context ended (the VMM reset the device, or the hub restarted):
+            // provide the service again; connections already joined go on.
+            None => match transport.listen(&cli.service) {
+                Ok(a) => {
+                    log::info!("providing {} again", cli.service);
+                    a
+                }
+                Err(e) => {
+                    log::warn!("cannot provide {} yet: {e}", cli.service);
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = serve(
+            a,
+            shared.clone(),
+            path.clone(),
+            Duration::from_secs(cli.wait),
+        ) {
+            log::warn!("the listener ended: {e}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
 }
 
 fn main() -> ExitCode {

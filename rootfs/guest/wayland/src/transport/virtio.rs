@@ -120,7 +120,17 @@ pub struct VirtioAcceptor(Listener<'static>);
 
 impl Acceptor for VirtioAcceptor {
     fn accept(&mut self) -> std::io::Result<(Box<dyn Channel>, String)> {
-        let (s, name) = self.0.accept().map_err(io)?;
-        Ok((Box::new(Stream(s)), name))
+        loop {
+            match self.0.accept() {
+                Ok((s, name)) => return Ok((Box::new(Stream(s)), name)),
+                // A name that could not be connected (the hub dropped that connection
+                // before it was taken): that client is gone; the next one may come.
+                Err(WlError::Io {
+                    what: "VIRTWL_IOCTL_NEW",
+                    err,
+                }) => log::warn!("a connection could not be taken: {err}"),
+                Err(e) => return Err(io(e)),
+            }
+        }
     }
 }
