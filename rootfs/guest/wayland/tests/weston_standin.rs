@@ -233,3 +233,33 @@ fn standin_transport_exact_pattern_on_screen_and_only_the_damaged_rectangle_copi
         200 * 150 * 4 + 30 * 20 * 4
     );
 }
+
+#[test]
+fn standin_transport_a_malformed_client_is_cut_off_while_a_stock_client_goes_on() {
+    use std::io::{Read, Write};
+    need("weston-simple-shm", "weston");
+    let weston = Weston::headless();
+    let p = proxies(&weston, 1);
+    let s = p.apps[0].stats.clone();
+    let shm = p.apps[0].client("weston-simple-shm").spawn().unwrap();
+    wait_for("simple-shm frames", 60, || {
+        s.commits.load(Ordering::Relaxed) >= 5
+    });
+    // A client of the same proxy sends a message with an impossible size.
+    let mut bad = std::os::unix::net::UnixStream::connect(&p.apps[0].socket).unwrap();
+    bad.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    bad.write_all(&[1, 0, 0, 0, 1, 0, 6, 0]).unwrap();
+    let mut got = Vec::new();
+    bad.read_to_end(&mut got).unwrap();
+    assert!(got.len() >= 16, "a wl_display.error event, then the end");
+    assert_eq!(&got[..4], &1u32.to_ne_bytes(), "from wl_display");
+    wait_for("the error counted", 30, || {
+        s.protocol_errors.load(Ordering::Relaxed) == 1
+    });
+    let before = s.commits.load(Ordering::Relaxed);
+    wait_for("simple-shm still drawing", 60, || {
+        s.commits.load(Ordering::Relaxed) >= before + 10
+    });
+    stop(shm);
+}
