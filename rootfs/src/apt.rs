@@ -142,14 +142,26 @@ impl Apt {
             Suite::Named(s) => s.clone(),
         };
         let dir = cache.apt_dir(&name);
-        let targets = run(Command::new("apt-get")
-            .arg("indextargets")
-            .arg("--format")
-            .arg(INDEXTARGETS_FORMAT))?;
-        let mirror =
-            debian_mirror(&targets, codename().as_deref()).ok_or_else(|| AptError::NoMirror {
-                suite: name.clone(),
-            })?;
+        let find_mirror = || -> Result<Option<String>, AptError> {
+            let targets = run(Command::new("apt-get")
+                .arg("indextargets")
+                .arg("--format")
+                .arg(INDEXTARGETS_FORMAT))?;
+            Ok(debian_mirror(&targets, codename().as_deref()))
+        };
+        // The archive's Origin and Label come from its Release file: a machine whose lists
+        // were never fetched shows none yet.
+        let no_mirror = || AptError::NoMirror {
+            suite: name.clone(),
+        };
+        let mirror = match find_mirror()? {
+            Some(m) => m,
+            None if is_root() => {
+                Apt::system().update()?;
+                find_mirror()?.ok_or_else(no_mirror)?
+            }
+            None => return Err(no_mirror()),
+        };
         let keyring = Path::new(DEBIAN_KEYRING).exists().then_some(DEBIAN_KEYRING);
         let line = sources_line(&mirror, &name, keyring);
         for d in [
