@@ -173,48 +173,108 @@ fn fetch_and_unpack(
     Ok(())
 }
 
-/// Makes sure the kernel image package of `abi` is unpacked in the cache.
+/// What to do with a dependency of a kernel's image or headers package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dep {
+    /// Another part of the same kernel: download and unpack it with the package.
+    Unpack,
+    /// Needed on the build machine to build modules (a compiler, a library the kbuild
+    /// programs link): install it.
+    Install,
+    /// Neither (the image for the headers, linux-base's hooks, initramfs tools).
+    Skip,
+}
+
+/// Sorts a dependency of `linux-image-<abi>` (`headers` false) or `linux-headers-<abi>`
+/// (`headers` true). Debian 12's and 13's 6.x image package holds the whole kernel; newer
+/// ones are split into `linux-base-<abi>`, `linux-binary-<abi>` and `linux-modules-<abi>`,
+/// which are unpacked with it; headers bring `-common` and `linux-kbuild-*`.
+fn classify(dep: &str, abi: &str, headers: bool) -> Dep {
+    if dep == "linux-base" || dep.starts_with("linux-image-") {
+        Dep::Skip
+    } else if dep.starts_with("linux-") && dep.ends_with(&format!("-{abi}")) {
+        Dep::Unpack
+    } else if !headers {
+        Dep::Skip
+    } else if dep.starts_with("linux-headers-") || dep.starts_with("linux-kbuild-") {
+        Dep::Unpack
+    } else {
+        Dep::Install
+    }
+}
+
+/// `first` and the packages of the same kernel it depends on, directly or not; and what
+/// the build machine needs installed for them.
+fn kernel_packages(
+    apt: &Apt,
+    first: String,
+    abi: &str,
+    headers: bool,
+) -> Result<(Vec<String>, Vec<String>), ProvisionError> {
+    let mut pkgs = vec![first];
+    let mut tools: Vec<String> = Vec::new();
+    let mut i = 0;
+    while let Some(pkg) = pkgs.get(i).cloned() {
+        for dep in parse_depends(&apt.depends(&pkg)?) {
+            match classify(&dep, abi, headers) {
+                Dep::Unpack if !pkgs.contains(&dep) => pkgs.push(dep),
+                Dep::Install if !tools.contains(&dep) => tools.push(dep),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    Ok((pkgs, tools))
+}
+
+/// Makes sure the kernel image of `abi` (`linux-image-<abi>` and its parts) is unpacked in
+/// the cache.
 pub fn ensure_kernel(cache: &Cache, apt: &Apt, abi: &str) -> Result<(), ProvisionError> {
     let dir = cache.kernel_dir(abi);
     let done = dir.join(".complete");
     if done.exists() {
-        log::info!("kernel {abi} already in {}", dir.display());
-        return Ok(());
+        if Kernel::in_cache(cache, abi).is_ok() {
+            log::info!("kernel {abi} already in {}", dir.display());
+            return Ok(());
+        }
+        log::warn!(
+            "kernel {abi} in {} is incomplete: fetching it again",
+            dir.display()
+        );
     }
-    log::info!("downloading linux-image-{abi} into {}", dir.display());
-    fetch_and_unpack(
-        apt,
-        &[format!("linux-image-{abi}")],
-        &dir.join("dl"),
-        &dir.join("root"),
-    )?;
+    let (pkgs, _) = kernel_packages(apt, format!("linux-image-{abi}"), abi, false)?;
+    log::info!("downloading {} into {}", pkgs.join(" "), dir.display());
+    fetch_and_unpack(apt, &pkgs, &dir.join("dl"), &dir.join("root"))?;
     std::fs::write(&done, b"").map_err(io(&done))
 }
 
-/// Is this dependency of a headers package one of the packages unpacked with it?
-fn unpacked_with_headers(pkg: &str) -> bool {
-    pkg.starts_with("linux-headers-") || pkg.starts_with("linux-kbuild-")
-}
-
-/// Is this dependency of a headers package needed on the build machine to build modules
-/// (a compiler, a library the kbuild programs link)? The kernel image and linux-base are
-/// not: nothing is installed.
-fn build_machine_needs(pkg: &str) -> bool {
-    !unpacked_with_headers(pkg) && !pkg.starts_with("linux-image-") && pkg != "linux-base"
-}
-
-/// Points the headers' `include /usr/src/…` lines at the unpacked copies under `root`.
+/// Points the absolute paths in the headers' Makefile (`include /usr/src/…`,
+/// `KBUILD_OUTPUT=/usr/src/…`) that name something unpacked under `root` at the unpacked
+/// copies. A path is a word that starts with `/` at the start of a line or after a space or
+/// `=`.
 pub fn relocate_makefile(text: &str, root: &Path) -> String {
+    let prefix = root.display().to_string();
     let mut out = String::with_capacity(text.len());
     for line in text.split_inclusive('\n') {
-        match line.strip_prefix("include /") {
-            Some(rest) if root.join(rest.trim_end()).exists() => {
-                out.push_str("include ");
-                out.push_str(&root.display().to_string());
-                out.push('/');
-                out.push_str(rest);
+        let mut rest = line;
+        let mut at_word_start = true;
+        while let Some(c) = rest.chars().next() {
+            if c == '/' && at_word_start {
+                let end = rest
+                    .find(|ch: char| ch.is_whitespace())
+                    .unwrap_or(rest.len());
+                let (path, after) = rest.split_at(end);
+                if root.join(path.trim_start_matches('/')).exists() {
+                    out.push_str(&prefix);
+                }
+                out.push_str(path);
+                rest = after;
+                at_word_start = false;
+                continue;
             }
-            _ => out.push_str(line),
+            out.push(c);
+            at_word_start = c == ' ' || c == '=' || c == '\t';
+            rest = &rest[c.len_utf8()..];
         }
     }
     out
@@ -231,21 +291,7 @@ pub fn ensure_headers(cache: &Cache, apt: &Apt, abi: &str) -> Result<Vec<String>
         return Ok(text.lines().map(str::to_string).collect());
     }
     let headers = format!("linux-headers-{abi}");
-    let mut pkgs = vec![headers.clone()];
-    let mut tools: Vec<String> = Vec::new();
-    let mut i = 0;
-    while let Some(pkg) = pkgs.get(i).cloned() {
-        for dep in parse_depends(&apt.depends(&pkg)?) {
-            if unpacked_with_headers(&dep) {
-                if !pkgs.contains(&dep) {
-                    pkgs.push(dep);
-                }
-            } else if build_machine_needs(&dep) && !tools.contains(&dep) {
-                tools.push(dep);
-            }
-        }
-        i += 1;
-    }
+    let (pkgs, tools) = kernel_packages(apt, headers.clone(), abi, true)?;
     log::info!(
         "downloading {} into {} (not installed)",
         pkgs.join(" "),
@@ -351,15 +397,38 @@ mod tests {
 
     #[test]
     fn headers_bring_their_kbuild_and_common_packages_and_install_nothing_of_the_kernel() {
-        assert!(unpacked_with_headers("linux-headers-6.12.95+deb12-common"));
-        assert!(unpacked_with_headers("linux-kbuild-6.12.95+deb12"));
-        assert!(unpacked_with_headers("linux-kbuild-6.1"));
-        assert!(!build_machine_needs(
-            "linux-image-6.12.95+deb12-cloud-amd64"
-        ));
-        assert!(!build_machine_needs("linux-base"));
-        assert!(build_machine_needs("gcc-12"));
-        assert!(build_machine_needs("linux-compiler-gcc-12-x86"));
+        let abi = "6.12.95+deb12-cloud-amd64";
+        let h = |dep| classify(dep, abi, true);
+        assert_eq!(h("linux-headers-6.12.95+deb12-common"), Dep::Unpack);
+        assert_eq!(h("linux-kbuild-6.12.95+deb12"), Dep::Unpack);
+        assert_eq!(
+            classify("linux-kbuild-6.1", "6.1.0-57-cloud-amd64", true),
+            Dep::Unpack
+        );
+        assert_eq!(h("linux-image-6.12.95+deb12-cloud-amd64"), Dep::Skip);
+        assert_eq!(h("linux-base"), Dep::Skip);
+        assert_eq!(h("gcc-12"), Dep::Install);
+        assert_eq!(h("linux-compiler-gcc-12-x86"), Dep::Install);
+        // A newer kernel's per-ABI base files come along instead of being installed.
+        assert_eq!(
+            classify(
+                "linux-base-7.3.4+deb13-cloud-amd64",
+                "7.3.4+deb13-cloud-amd64",
+                true
+            ),
+            Dep::Unpack
+        );
+    }
+
+    #[test]
+    fn a_split_kernel_image_is_unpacked_whole_and_its_boot_tools_are_not_installed() {
+        let abi = "7.3.4+deb13-cloud-amd64";
+        for part in ["linux-base-", "linux-binary-", "linux-modules-"] {
+            assert_eq!(classify(&format!("{part}{abi}"), abi, false), Dep::Unpack);
+        }
+        for other in ["linux-base", "kmod", "initramfs-tools", "linux-headers-x"] {
+            assert_eq!(classify(other, abi, false), Dep::Skip, "{other}");
+        }
     }
 
     #[test]
@@ -380,5 +449,16 @@ mod tests {
         // A line naming nothing unpacked is left alone.
         let other = "include /usr/share/elsewhere.mk\nobj-m += x.o\n";
         assert_eq!(relocate_makefile(other, root), other);
+        // Newer headers also name their output directory.
+        let flavour = root.join("usr/src/linux-headers-7.3.4+deb13-cloud-amd64");
+        std::fs::create_dir_all(&flavour).unwrap();
+        let text = "KBUILD_OUTPUT=/usr/src/linux-headers-7.3.4+deb13-cloud-amd64\nx := a/usr/src\n";
+        assert_eq!(
+            relocate_makefile(text, root),
+            format!(
+                "KBUILD_OUTPUT={}/usr/src/linux-headers-7.3.4+deb13-cloud-amd64\nx := a/usr/src\n",
+                root.display()
+            )
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! Where provisioned kernels live: a cache outside the source tree
 //! (`$BULKHEAD_CACHE`, else `$XDG_CACHE_HOME/bulkhead`, else `~/.cache/bulkhead`):
 //!
-//! * `kernel/<abi>/root/`: the unpacked `linux-image-<abi>` (`boot/vmlinuz-<abi>`,
-//!   `lib/modules/<abi>/`);
+//! * `kernel/<abi>/root/`: the unpacked `linux-image-<abi>` and the parts it is split into
+//!   in newer kernels (`boot/vmlinuz-<abi>` and `lib/modules/<abi>/`, or
+//!   `usr/lib/modules/<abi>/` with `vmlinuz` inside for newer packages);
 //! * `kernel/<abi>/headers/`: the unpacked `linux-headers-<abi>` with the packages it needs
 //!   (`-common`, `linux-kbuild-*`), what out-of-tree modules build against;
 //! * `kernel/chosen/<suite>-<flavour>`: the ABI `provision` last found for that choice
@@ -145,8 +146,21 @@ pub struct Kernel {
 impl Kernel {
     pub fn in_cache(cache: &Cache, abi: &str) -> Result<Self, KernelError> {
         let root = cache.kernel_dir(abi).join("root");
-        let vmlinuz = root.join(format!("boot/vmlinuz-{abi}"));
-        let modules_dir = root.join(format!("lib/modules/{abi}"));
+        // Debian 13's packages put modules under /usr (merged /usr), Debian 12's under /lib;
+        // the bzImage is in /boot, or (kernels packaged after Debian 13's 6.12) next to the
+        // modules.
+        let modules_dir = ["lib/modules", "usr/lib/modules"]
+            .iter()
+            .map(|d| root.join(d).join(abi))
+            .find(|p| p.is_dir())
+            .unwrap_or_else(|| root.join("lib/modules").join(abi));
+        let vmlinuz = [
+            root.join(format!("boot/vmlinuz-{abi}")),
+            modules_dir.join("vmlinuz"),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| root.join(format!("boot/vmlinuz-{abi}")));
         for (p, what) in [(&vmlinuz, "vmlinuz"), (&modules_dir, "modules")] {
             if !p.exists() {
                 return Err(KernelError::Incomplete {
@@ -225,6 +239,35 @@ mod tests {
         assert!(
             e.contains("run `bulkhead-rootfs provision --flavour generic --suite backports`"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn modules_are_found_under_lib_or_usr_lib() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().to_path_buf());
+        for (abi, modules) in [
+            ("6.1.0-57-cloud-amd64", "lib/modules"),
+            ("6.12.117+deb13-cloud-amd64", "usr/lib/modules"),
+        ] {
+            let root = cache.kernel_dir(abi).join("root");
+            std::fs::create_dir_all(root.join("boot")).unwrap();
+            std::fs::write(root.join(format!("boot/vmlinuz-{abi}")), b"").unwrap();
+            assert!(Kernel::in_cache(&cache, abi).is_err());
+            std::fs::create_dir_all(root.join(modules).join(abi)).unwrap();
+            let k = Kernel::in_cache(&cache, abi).unwrap();
+            assert_eq!(k.modules_dir, root.join(modules).join(abi));
+            assert_eq!(k.vmlinuz, root.join(format!("boot/vmlinuz-{abi}")));
+        }
+        // Newer packages: the bzImage next to the modules, no /boot.
+        let abi = "7.3.4+deb13-cloud-amd64";
+        let modules = cache.kernel_dir(abi).join("root/usr/lib/modules").join(abi);
+        std::fs::create_dir_all(&modules).unwrap();
+        assert!(Kernel::in_cache(&cache, abi).is_err());
+        std::fs::write(modules.join("vmlinuz"), b"").unwrap();
+        assert_eq!(
+            Kernel::in_cache(&cache, abi).unwrap().vmlinuz,
+            modules.join("vmlinuz")
         );
     }
 
