@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cpio::{Archive, ArchiveError};
-use crate::kernel::plan::{self, KernelOverrides, KernelPlan, SystemKernels};
+use crate::kernel::plan::{KernelOverrides, KernelPlan, SystemKernels};
 use crate::kernel::Kernel;
 use crate::modules::{self, ModuleError, ModuleIndex};
 
@@ -315,22 +315,8 @@ impl HostImage<'_> {
                     path: self.system.dir.join("system.toml"),
                     reason,
                 })?;
-            let default = &self.kernels.guest_default;
-            a.file_from(GUEST_KERNEL, 0o644, &default.vmlinuz)?;
-            let mut others: Vec<&str> = Vec::new();
-            for (name, _) in &self.system.guests {
-                let k = self.kernels.guest(name);
-                let target = if k.abi == default.abi {
-                    "../vmlinuz".to_string()
-                } else {
-                    if !others.contains(&k.abi.as_str()) {
-                        a.file_from(&plan::other_kernel_path(&k.abi), 0o644, &k.vmlinuz)?;
-                        others.push(&k.abi);
-                    }
-                    format!("../kernels/{}.vmlinuz", k.abi)
-                };
-                a.symlink(&plan::guest_kernel_link(name), &target)?;
-            }
+            let names: Vec<&str> = self.system.guests.iter().map(|(n, _)| n.as_str()).collect();
+            self.kernels.add_guest_kernels(&mut a, &names)?;
         }
         for (name, guest) in &self.system.guests {
             let kernel = self.kernels.guest(name);

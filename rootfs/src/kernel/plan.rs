@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use bulkhead_init::config::{KernelConfig, SystemConfig};
 
 use super::{Cache, ChoiceOverride, Kernel, KernelChoice, KernelError};
+use crate::cpio::{Archive, ArchiveError};
 use crate::kernel::choice::ChoiceError;
 
 /// Where a host image carries the guests' default kernel.
@@ -156,6 +157,29 @@ impl SystemKernels {
         self.guests.get(name).unwrap_or(&self.guest_default)
     }
 
+    /// Puts the guests' kernels into a host image: the default at [`GUEST_KERNEL`], each
+    /// other one once at [`other_kernel_path`], and a link per guest at
+    /// [`guest_kernel_link`].
+    pub fn add_guest_kernels(&self, a: &mut Archive, guests: &[&str]) -> Result<(), ArchiveError> {
+        let default = &self.guest_default;
+        a.file_from(GUEST_KERNEL, 0o644, &default.vmlinuz)?;
+        let mut others: Vec<&str> = Vec::new();
+        for name in guests {
+            let k = self.guest(name);
+            let target = if k.abi == default.abi {
+                "../vmlinuz".to_string()
+            } else {
+                if !others.contains(&k.abi.as_str()) {
+                    a.file_from(&other_kernel_path(&k.abi), 0o644, &k.vmlinuz)?;
+                    others.push(&k.abi);
+                }
+                format!("../kernels/{}.vmlinuz", k.abi)
+            };
+            a.symlink(&guest_kernel_link(name), &target)?;
+        }
+        Ok(())
+    }
+
     /// Checks that every service booting one of the system's guest images passes it the
     /// kernel that image's modules were built for.
     pub fn check_services(&self, config: &SystemConfig) -> Result<(), String> {
@@ -264,6 +288,48 @@ mod tests {
             modules_dir: PathBuf::from("/c/m"),
             headers_dir: PathBuf::from("/c/h"),
         }
+    }
+
+    #[test]
+    fn each_guest_kernel_is_carried_once_and_linked_per_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |abi: &str| {
+            let p = dir.path().join(abi);
+            std::fs::write(&p, abi.as_bytes()).unwrap();
+            Kernel {
+                vmlinuz: p,
+                ..kernel(abi)
+            }
+        };
+        let mut k = SystemKernels::all(file("6.1"));
+        k.guests.insert("a".into(), file("6.12"));
+        k.guests.insert("b".into(), file("6.12"));
+        let mut a = Archive::new();
+        k.add_guest_kernels(&mut a, &["a", "b", "c"]).unwrap();
+        let data = |p: &str| match a.get(p) {
+            Some(crate::cpio::Node::File { data, .. }) => data.clone(),
+            other => panic!("{p}: {other:?}"),
+        };
+        let link = |p: &str| match a.get(p) {
+            Some(crate::cpio::Node::Symlink { target }) => target.clone(),
+            other => panic!("{p}: {other:?}"),
+        };
+        assert_eq!(data(GUEST_KERNEL), b"6.1");
+        assert_eq!(data("var/lib/bulkhead/kernels/6.12.vmlinuz"), b"6.12");
+        assert_eq!(
+            link("var/lib/bulkhead/guests/a.vmlinuz"),
+            "../kernels/6.12.vmlinuz"
+        );
+        assert_eq!(
+            link("var/lib/bulkhead/guests/b.vmlinuz"),
+            "../kernels/6.12.vmlinuz"
+        );
+        assert_eq!(link("var/lib/bulkhead/guests/c.vmlinuz"), "../vmlinuz");
+        let kernels = a
+            .paths()
+            .filter(|p| p.ends_with(".vmlinuz") && !p.contains("/guests/"))
+            .count();
+        assert_eq!(kernels, 1, "6.12 carried once");
     }
 
     #[test]
