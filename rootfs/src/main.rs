@@ -45,7 +45,8 @@ enum Cmd {
     /// download Debian kernels with their modules and headers into the cache (nothing of a
     /// kernel is installed): the default one (cloud, the build machine's own suite) and the
     /// one named by --flavour/--suite, or without them the tests' second kernel (cloud, the
-    /// build machine's backports: 6.12 on Debian 12). Idempotent.
+    /// build machine's backports: 6.12 on Debian 12); also install what the tests need (weston,
+    /// wl-clipboard, wayland-utils, xvfb). Idempotent.
     Provision {
         #[command(flatten)]
         kernel: ChoiceArgs,
@@ -228,6 +229,7 @@ fn run(cli: Cli) -> Result<u8, String> {
             let choices = [KernelChoice::default(), second];
             let kernels =
                 provision::provision(&cache, &choices, true).map_err(|e| e.to_string())?;
+            provision::ensure_packages(provision::TEST_PACKAGES).map_err(|e| e.to_string())?;
             for (c, k) in choices.iter().zip(&kernels) {
                 eprintln!(
                     "bulkhead-rootfs: ready: {c}: {} at {} (headers in {})",

@@ -18,6 +18,11 @@ pub const PACKAGES: &[&str] = &["qemu-system-x86"];
 /// dwarves), which writes a module's BTF when the headers carry a `vmlinux` (6.12 does).
 pub const BUILD_TOOLS: &[&str] = &["make", "gcc", "dwarves"];
 
+/// Debian packages only the tests need, installed by the `provision` command (not by `boot`
+/// or the benches): the Wayland proxies' tests run real weston and stock clients
+/// (`rootfs/guest/wayland/tests`); Xvfb gives weston a seat for keymaps and the clipboard.
+pub const TEST_PACKAGES: &[&str] = &["weston", "wl-clipboard", "wayland-utils", "xvfb"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
     #[error("missing Debian packages {missing:?}; as root, run: {command}")]
