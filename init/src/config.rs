@@ -290,6 +290,53 @@ pub struct SystemConfig {
     /// `[[service]]` tables, in start order.
     #[serde(default)]
     pub service: Vec<ServiceConfig>,
+    /// `[kernel]`: which Debian kernel the image builder boots the host (and its VMs, unless
+    /// a guest chooses its own) with; init itself does not read it.
+    pub kernel: Option<KernelConfig>,
+}
+
+/// A Debian kernel flavour.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelFlavour {
+    /// `linux-image-cloud-amd64`: small, for virtual machines (virtio, no DRM, few NICs).
+    #[default]
+    Cloud,
+    /// `linux-image-amd64`: every driver Debian builds.
+    Generic,
+}
+
+/// `[kernel]` of a system.toml or a guest.toml (read by the image builder).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelConfig {
+    /// `cloud` or `generic`.
+    pub flavour: Option<KernelFlavour>,
+    /// The Debian suite the kernel comes from: `system` (the build machine's own apt
+    /// sources), `backports` (the build machine's release's backports), or a suite or
+    /// codename such as `stable` or `bookworm-backports`.
+    pub suite: Option<String>,
+}
+
+impl KernelConfig {
+    /// Checks the suite's spelling; `at` names the table in messages.
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        match &self.suite {
+            Some(s) if !valid_suite_name(s) => Err(format!(
+                "{at} suite {s:?}: a Debian suite is 1 to 40 of [a-z0-9-] (e.g. \"system\", \"backports\", \"stable\")"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A Debian suite or codename: `[a-z0-9-]`, 1 to 40 characters, not starting with `-`.
+pub fn valid_suite_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 40
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// The supervision parameters of one child, in the units the supervisor uses. A service is
@@ -550,6 +597,9 @@ impl SystemConfig {
                 ));
             }
         }
+        if let Some(k) = &self.kernel {
+            k.validate("[kernel]")?;
+        }
         for m in &self.host.modules {
             if !valid_module_name(m) {
                 return Err(format!(
@@ -718,6 +768,24 @@ name = "second-1"
 exec = ["/bin/other"]
 restart = "always"
 "#;
+
+    #[test]
+    fn a_kernel_choice_is_read_and_checked() {
+        let c = parse("[kernel]\nflavour = \"generic\"\nsuite = \"bookworm-backports\"\n").unwrap();
+        let k = c.kernel.unwrap();
+        assert_eq!(k.flavour, Some(KernelFlavour::Generic));
+        assert_eq!(k.suite.as_deref(), Some("bookworm-backports"));
+        assert_eq!(parse("").unwrap().kernel, None);
+        for (text, want) in [
+            ("[kernel]\nflavour = \"rt\"", "unknown variant"),
+            ("[kernel]\nsuite = \"../etc\"", "a Debian suite is"),
+            ("[kernel]\nsuite = \"\"", "a Debian suite is"),
+            ("[kernel]\nversion = \"6.12\"", "unknown field"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
 
     #[test]
     fn full_example_parses() {

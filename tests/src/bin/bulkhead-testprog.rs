@@ -77,10 +77,19 @@ fn check_kvm() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Inside a VM: how many CPUs, bytes from the virtio-rng, and a marker written to the
+/// Says which kernel runs this program (`kernel <release>`).
+fn say_kernel() {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    say(&format!("kernel {release}"));
+}
+
+/// Inside a VM: which kernel, how many CPUs, bytes from the virtio-rng, and a marker written to the
 /// virtio-blk disk (`/dev/vda`) that the outside reads back after the VM has ended.
 fn vm_check() -> ExitCode {
     use std::io::{Read, Seek, SeekFrom, Write};
+    say_kernel();
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     say(&format!("cpus online {}", cpus.trim()));
     let mut rng = [0u8; 16];
@@ -201,7 +210,10 @@ fn main() -> ExitCode {
         }
         "check-kvm" => check_kvm(),
         "vm-check" => vm_check(),
-        "wl-guest" => report(testprog_wl::guest()),
+        "wl-guest" => {
+            say_kernel();
+            report(testprog_wl::guest())
+        }
         "wl-peer" => match args.get(1) {
             Some(path) => report(testprog_wl::peer(path)),
             None => usage(),
