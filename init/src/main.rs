@@ -178,6 +178,10 @@ enum Cmd {
         /// Log level.
         #[arg(long, default_value = "info", value_parser = parse_level)]
         loglevel: LevelFilter,
+        /// Log to this terminal as PID 1 logs to /dev/console (non-blocking: lines the
+        /// terminal cannot take are dropped and counted) instead of to stderr.
+        #[arg(long, value_name = "TTY")]
+        console: Option<PathBuf>,
     },
 }
 
@@ -195,7 +199,8 @@ fn cli() -> i32 {
             system,
             socket,
             loglevel,
-        } => return supervise(&system, socket.as_deref(), loglevel),
+            console,
+        } => return supervise(&system, socket.as_deref(), loglevel, console.as_deref()),
     };
     match control::request(&socket, &req) {
         Ok(Response::Ok) => 0,
@@ -227,12 +232,23 @@ fn cli() -> i32 {
     }
 }
 
-fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
+fn supervise(
+    system: &Path,
+    socket: Option<&Path>,
+    level: LevelFilter,
+    console: Option<&Path>,
+) -> i32 {
     if let Err(e) = signals::block_all() {
         eprintln!("bulkhead-init: cannot block signals: {e}");
         return 1;
     }
     initlog::install_stderr(level);
+    if let Some(tty) = console {
+        if let Err(e) = initlog::use_console(tty) {
+            eprintln!("bulkhead-init: console {}: {e}", tty.display());
+            return 1;
+        }
+    }
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         warn!("cannot become a child subreaper: {e}");
     }
