@@ -101,54 +101,69 @@ impl Runtime {
     /// Runs until a shutdown is requested; returns which one.
     pub fn run(&mut self) -> PowerAction {
         loop {
-            self.services.start_due(&self.clock);
-            if self.services.newly_idle() {
-                info!("all services ended");
-                match self.when_idle {
-                    WhenIdle::Stay => {}
-                    WhenIdle::Poweroff => return PowerAction::Poweroff,
-                    WhenIdle::Reboot => return PowerAction::Reboot,
-                    WhenIdle::Halt => return PowerAction::Halt,
-                }
-            }
-            let timeout = timeout_until(self.clock.now(), self.services.next_deadline());
-            let ready = {
-                let control_fds = self
-                    .control
-                    .as_ref()
-                    .map(|c| c.poll_fds())
-                    .unwrap_or_default();
-                let button_fds: Vec<BorrowedFd<'_>> =
-                    self.buttons.iter().map(|b| b.as_fd()).collect();
-                let pipe_fds = self.services.pipe_fds();
-                poll_all(
-                    self.sfd.as_fd(),
-                    &control_fds,
-                    &button_fds,
-                    &pipe_fds,
-                    timeout,
-                )
-            };
-            if ready.signals {
-                if let Some(action) = self.handle_signals() {
-                    return action;
-                }
-            }
-            if ready.control.iter().any(|r| *r) {
-                if let Some(action) = self.handle_control(&ready.control) {
-                    return action;
-                }
-            }
-            for (button, r) in self.buttons.iter_mut().zip(&ready.buttons) {
-                if *r && button.pressed() {
-                    info!("power button pressed ({})", button.path.display());
-                    return PowerAction::Poweroff;
-                }
-            }
-            if ready.pipes.iter().any(|r| *r) {
-                self.services.drain_output(&ready.pipes);
+            if let Some(action) = self.step() {
+                return action;
             }
         }
+    }
+
+    /// One turn of the loop: start what is due, wait for something (or the next
+    /// deadline), handle it. Returns a requested shutdown.
+    pub fn step(&mut self) -> Option<PowerAction> {
+        self.services.start_due(&self.clock);
+        if self.services.newly_idle() {
+            info!("all services ended");
+            match self.when_idle {
+                WhenIdle::Stay => {}
+                WhenIdle::Poweroff => return Some(PowerAction::Poweroff),
+                WhenIdle::Reboot => return Some(PowerAction::Reboot),
+                WhenIdle::Halt => return Some(PowerAction::Halt),
+            }
+        }
+        let timeout = timeout_until(self.clock.now(), self.services.next_deadline());
+        let ready = self.poll(timeout);
+        if ready.signals {
+            if let Some(action) = self.handle_signals() {
+                return Some(action);
+            }
+        }
+        if ready.control.iter().any(|r| *r) {
+            if let Some(action) = self.handle_control(&ready.control) {
+                return Some(action);
+            }
+        }
+        if let Some(path) = crate::input::check_ready(&mut self.buttons, &ready.buttons) {
+            info!("power button pressed ({})", path.display());
+            return Some(PowerAction::Poweroff);
+        }
+        if ready.pipes.iter().any(|r| *r) {
+            self.services.drain_output(&ready.pipes);
+        }
+        None
+    }
+
+    fn poll(&self, timeout: PollTimeout) -> Ready {
+        let control_fds = self
+            .control
+            .as_ref()
+            .map(|c| c.poll_fds())
+            .unwrap_or_default();
+        let button_fds: Vec<BorrowedFd<'_>> = self.buttons.iter().map(|b| b.as_fd()).collect();
+        let pipe_fds = self.services.pipe_fds();
+        poll_all(
+            self.sfd.as_fd(),
+            &control_fds,
+            &button_fds,
+            &pipe_fds,
+            timeout,
+        )
+    }
+
+    /// True if something the loop watches is ready right now, i.e. the next turn would not
+    /// sleep. With nothing happening this must be false, or the loop spins.
+    pub fn ready_now(&self) -> bool {
+        let r = self.poll(PollTimeout::ZERO);
+        r.signals || [r.control, r.buttons, r.pipes].iter().flatten().any(|x| *x)
     }
 
     fn handle_signals(&mut self) -> Option<PowerAction> {
@@ -261,6 +276,35 @@ fn wait_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fault injection: a power button whose device went away, faked with a pipe whose
+    /// writer has closed (it polls ready forever and reads end-of-file, as a vanished
+    /// evdev node polls POLLHUP|POLLERR and reads ENODEV). One turn of the loop drops it;
+    /// after that nothing is ready, so the loop sleeps instead of spinning.
+    #[test]
+    fn a_power_button_that_goes_away_leaves_the_poll_set_fake_device_is_a_hung_up_pipe() {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        drop(w);
+        let gone = PowerButton::for_test(std::path::PathBuf::from("/dev/input/event9"), r.into());
+        let mut rt = Runtime {
+            clock: Clock::new(),
+            services: Services::default(),
+            sfd: crate::signals::signal_fd().unwrap(),
+            control: None,
+            buttons: vec![gone],
+            when_idle: WhenIdle::Stay,
+        };
+        assert!(rt.ready_now(), "the fake vanished device must poll ready");
+        assert_eq!(rt.step(), None, "a vanished button is not a press");
+        assert!(
+            rt.buttons.is_empty(),
+            "the vanished button is still watched"
+        );
+        assert!(
+            !rt.ready_now(),
+            "the loop would wake again at once: it spins"
+        );
+    }
 
     #[test]
     fn timeouts_round_up() {
