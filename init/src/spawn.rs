@@ -77,8 +77,6 @@ impl Services {
         if !handoff.what.is_empty() {
             info!("{}: handing over {}", recipe.name, handoff.what.join(", "));
         }
-        let raw = handoff.raw_fds();
-        let mut scratch = vec![0; raw.len()];
         if matches!(recipe.role, Role::Vm { .. }) && recipe.user.is_some() {
             // VFIO pins all guest memory and charges it to RLIMIT_MEMLOCK, which an
             // unprivileged VMM cannot raise: lift it here (init is root; the child inherits).
@@ -89,15 +87,15 @@ impl Services {
         let mut cmd = Command::new(prog);
         let sigrtmax = libc::SIGRTMAX();
         // SAFETY: the closure runs between fork and exec and only calls
-        // async-signal-safe functions (sigprocmask, signal, prctl, fcntl, dup2) on memory
-        // allocated before the fork, allocating nothing.
+        // async-signal-safe functions (sigprocmask, signal, prctl) on memory allocated
+        // before the fork, allocating nothing.
         unsafe {
             cmd.pre_exec(move || {
                 crate::signals::reset_in_child(sigrtmax)?;
                 if drop_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                handoff::install(&raw, &mut scratch)
+                Ok(())
             });
         }
         cmd.args(args)
@@ -114,7 +112,8 @@ impl Services {
             // std drops the supplementary groups too when it changes the uid as root.
             cmd.uid(uid).gid(gid);
         }
-        let child = cmd.spawn().map_err(|e| format!("{prog}: {e}"))?;
+        // The handed-over descriptors are installed last, after the pre_exec above.
+        let child = handoff::spawn(&mut cmd, &handoff).map_err(|e| format!("{prog}: {e}"))?;
         let pid = i32::try_from(child.id()).map_err(|_| "pid out of range".to_string())?;
         // The Child handle is not needed: init reaps with waitpid(-1). Init's copies of the
         // handed-over descriptors close here.
