@@ -505,6 +505,8 @@ fn run_with_editor(t: &Tree, script: &str, stdin: &str, args: &[&str]) -> (i32, 
         .arg(t.base.join("hub.sock"))
         .args(args)
         .env("VISUAL", &ed)
+        .env("POLICYCTL", env!("CARGO_BIN_EXE_policyctl"))
+        .env("POLICY_ROOT", &t.root)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -592,4 +594,136 @@ fn apply_of_an_invalid_tree_never_reaches_the_hub() {
         "{err}"
     );
     assert!(!err.contains("hub control socket"), "{err}");
+}
+
+/// Many `policyctl grant` and `deny` processes on one tree at the same moment: every one of
+/// them takes effect (each read-validate-write cycle holds the tree's lock).
+#[test]
+fn concurrent_grants_and_denies_all_take_effect() {
+    let t = tree(&[("10-base.policy", BASE)]);
+    let n = 32;
+    let children: Vec<std::process::Child> = (0..n)
+        .map(|i| {
+            let verb = if i % 4 == 3 { "deny" } else { "grant" };
+            Command::new(env!("CARGO_BIN_EXE_policyctl"))
+                .arg("--root")
+                .arg(&t.root)
+                .args([verb, &format!("vm{i}"), "connect", "clipboard@clip-vm"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "policyctl #{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = read(&t.root.join("50-local.policy"));
+    let mut missing = Vec::new();
+    for i in 0..n {
+        let verb = if i % 4 == 3 { "deny" } else { "grant" };
+        let line = format!("{verb} vm{i} connect clipboard@clip-vm");
+        if !text.lines().any(|l| l == line) {
+            missing.push(line);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {n} edits were lost: {missing:?}\n{text}",
+        missing.len()
+    );
+    assert_eq!(text.lines().count(), n, "{text}");
+    // Then revokes and fmt at the same moment as more grants: all take effect too.
+    let children: Vec<std::process::Child> = (0..n)
+        .map(|i| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_policyctl"));
+            cmd.arg("--root").arg(&t.root);
+            match i % 4 {
+                0 => cmd.args(["revoke", &format!("vm{i}"), "connect", "clipboard"]),
+                1 => cmd.args(["fmt"]),
+                2 => cmd.args(["grant", &format!("late{i}"), "connect", "clipboard@clip-vm"]),
+                _ => cmd.args([
+                    "revoke",
+                    "--deny",
+                    &format!("vm{i}"),
+                    "connect",
+                    "clipboard",
+                ]),
+            };
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "policyctl #{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = read(&t.root.join("50-local.policy"));
+    let words: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    for i in 0..n {
+        let has = |verb: &str, who: &str| {
+            words
+                .iter()
+                .any(|w| w.len() == 4 && w[0] == verb && w[1] == who && w[3] == "clipboard@clip-vm")
+        };
+        match i % 4 {
+            0 | 3 => assert!(
+                !has("grant", &format!("vm{i}")) && !has("deny", &format!("vm{i}")),
+                "vm{i} not revoked:\n{text}"
+            ),
+            1 => assert!(has("grant", &format!("vm{i}")), "vm{i} lost:\n{text}"),
+            _ => {
+                assert!(has("grant", &format!("vm{i}")), "vm{i} lost:\n{text}");
+                assert!(has("grant", &format!("late{i}")), "late{i} lost:\n{text}");
+            }
+        }
+    }
+}
+
+/// `edit` refuses to write over a file that changed while the editor was open (here,
+/// another `policyctl grant` from inside the editor), and loses neither change: the other
+/// grant stays, the edited copy is kept and named.
+#[test]
+fn a_stale_edit_is_refused_and_loses_nothing() {
+    let t = tree(&[
+        ("10-base.policy", BASE),
+        ("50-local.policy", "grant mail connect wayland\n"),
+    ]);
+    let local = t.root.join("50-local.policy");
+    let (code, out, err) = run_with_editor(
+        &t,
+        "echo 'grant term connect wayland' >> \"$1\"\n\
+         \"$POLICYCTL\" --root \"$POLICY_ROOT\" grant browser connect wayland >/dev/null",
+        "w\n",
+        &["edit"],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("changed since"), "{err}");
+    let text = read(&local);
+    assert!(text.contains("grant browser connect wayland"), "{text}");
+    assert!(!text.contains("term"), "{text}");
+    let kept = err
+        .split("your version is in ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no kept copy named: {err}"));
+    let kept = kept.trim_end_matches([';', ':', ',']);
+    assert!(
+        read(Path::new(kept)).contains("grant term connect wayland"),
+        "{kept}"
+    );
 }
