@@ -1,7 +1,8 @@
 //! The server side of the policy control protocol (`bulkhead_policy::control`): status,
-//! apply (validate-then-swap, compare-and-swap on the tree hash) and the audit log.
+//! apply (validate-then-swap, compare-and-swap on the tree hash), the audit log, and the
+//! running generation's files (what `policyctl` diffs against).
 
-use bulkhead_policy::control::{decode_request, ApplyResult, Request, Response};
+use bulkhead_policy::control::{decode_request, ApplyResult, Request, Response, MAX_MESSAGE};
 
 use crate::hub::audit::Entry;
 use crate::hub::Hub;
@@ -19,6 +20,25 @@ pub fn handle(hub: &mut Hub, bytes: &[u8]) -> Response {
     match req {
         Request::Status => Response::Status(hub.store.status()),
         Request::Log(filter) => Response::Log(hub.audit.query(&filter)),
+        Request::Tree => {
+            let tree = hub.store.running_tree();
+            let size: usize = tree
+                .files
+                .iter()
+                .map(|f| f.name.len() + f.bytes.len())
+                .sum();
+            // Leave room for the framing; a bigger tree cannot travel in one message.
+            if size > MAX_MESSAGE - 4096 {
+                Response::Error {
+                    message: format!(
+                        "the running tree is {size} bytes, more than one control message \
+                         carries; compare with a directory instead (--from DIR)"
+                    ),
+                }
+            } else {
+                Response::Tree(tree)
+            }
+        }
         Request::Apply {
             tree_hash,
             root,
