@@ -5,7 +5,7 @@
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 use nix::sys::signalfd::SignalFd;
@@ -14,6 +14,7 @@ use crate::config::WhenIdle;
 use crate::control::{Command, ControlServer};
 use crate::input::PowerButton;
 use crate::services::{Clock, Services};
+use crate::setup::Setup;
 use crate::shutdown::PowerAction;
 use crate::signals::{self, SignalAction};
 
@@ -164,6 +165,57 @@ impl Runtime {
     pub fn ready_now(&self) -> bool {
         let r = self.poll(PollTimeout::ZERO);
         r.signals || [r.control, r.buttons, r.pipes].iter().flatten().any(|x| *x)
+    }
+
+    /// Waits for the setup child ([`crate::setup`]) to finish, for at most `timeout`,
+    /// while answering signals and the control socket. Returns a shutdown requested
+    /// meanwhile. Past the deadline init goes on without it (what it reported so far
+    /// counts) and says so.
+    pub fn wait_for_setup(&mut self, setup: &mut Setup, timeout: Duration) -> Option<PowerAction> {
+        let deadline = self.clock.now().saturating_add(timeout);
+        let worker = setup.pid();
+        while !setup.finished() {
+            let now = self.clock.now();
+            if now >= deadline {
+                error!(
+                    "setup (pid {worker}: kernel modules, device binding) still running after \
+                     {} ms (a driver stuck in the kernel?): going on without it",
+                    timeout.as_millis()
+                );
+                return None;
+            }
+            let (signals, control, report) = {
+                let control_fds = self
+                    .control
+                    .as_ref()
+                    .map(|c| c.poll_fds())
+                    .unwrap_or_default();
+                let mut g = poll_groups(
+                    &[&[self.sfd.as_fd()], &control_fds, &[setup.as_fd()]],
+                    timeout_until(now, Some(deadline)),
+                )
+                .into_iter();
+                let mut next = || g.next().unwrap_or_default();
+                let s = next().first().copied().unwrap_or(false);
+                let c = next();
+                let r = next().first().copied().unwrap_or(false);
+                (s, c, r)
+            };
+            if report && setup.read() {
+                debug!("setup (pid {worker}) finished");
+            }
+            if signals {
+                if let Some(action) = self.handle_signals() {
+                    return Some(action);
+                }
+            }
+            if control.iter().any(|r| *r) {
+                if let Some(action) = self.handle_control(&control) {
+                    return Some(action);
+                }
+            }
+        }
+        None
     }
 
     fn handle_signals(&mut self) -> Option<PowerAction> {
