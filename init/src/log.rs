@@ -40,6 +40,12 @@ const MAX_KMSG: usize = 976;
 /// the next line; beyond this the line is cut).
 const MAX_REST: usize = 8 * 1024;
 
+/// How often a write that found the device busy is tried again before the line is
+/// dropped, and the pause between tries: long enough for another writer's write to end
+/// (at most 1 ms in all), far from a wait for a stopped console.
+const BUSY_RETRIES: u32 = 4;
+const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_micros(250);
+
 /// What one non-blocking write attempt did.
 enum Wrote {
     /// Everything went out.
@@ -93,12 +99,25 @@ impl ConsoleWriter {
 
     fn attempt(&mut self, buf: &[u8]) -> Wrote {
         let mut off = 0;
+        let mut busy = 0;
         while off < buf.len() {
             let rest = buf.get(off..).unwrap_or_default();
             match self.file.write(rest) {
                 Ok(0) => break,
                 Ok(n) => off += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // A tty answers EAGAIN at once to a non-blocking writer while another
+                // process is in the middle of a write to it (its write lock), not only
+                // when it is full or stopped: try again a few times before dropping, unless
+                // lines are being dropped already (a stopped console costs one try a line).
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && busy < BUSY_RETRIES
+                        && self.dropped == self.reported =>
+                {
+                    busy += 1;
+                    std::thread::sleep(BUSY_PAUSE);
+                }
                 Err(_) => break,
             }
         }
