@@ -152,7 +152,13 @@ fn init_panic_powers_off_instead_of_a_kernel_panic() {
 /// once the console runs again it says how many lines it dropped.
 #[test]
 fn a_stopped_console_never_blocks_init_and_the_dropped_lines_are_counted() {
-    let mut h = Host::boot("console");
+    let mut h = Host::boot_with(
+        "console",
+        BootOptions {
+            restarts_allowed: vec!["crashy".into()],
+            ..Default::default()
+        },
+    );
     h.expect("stopper: testprog: stopping the console (TCOOFF)");
     // Everything from here on happens while the console is stopped; the next lines come
     // once init's stop sequence has sent `stopper` SIGTERM, which starts it again.
