@@ -285,7 +285,12 @@ pub fn add_rule(
             err,
         })?;
     }
-    let _lock = TreeLock::acquire(&root.path)?;
+    // A missing directory (a --root that does not exist) is reported by the tree load.
+    let _lock = if root.path.is_dir() {
+        Some(TreeLock::acquire(&root.path)?)
+    } else {
+        None
+    };
     let (_, old) = current(roots, opts)?;
     let text = rule.to_string();
     if let Some(e) = old.rules().iter().find(|e| e.rule.to_string() == text) {
@@ -357,11 +362,11 @@ pub fn remove_rule(
     opts: &ValidateOptions,
 ) -> Result<Revoked, EditError> {
     let root = roots.first().ok_or(EditError::NoRoot)?;
-    let _lock = match TreeLock::acquire(&root.path) {
-        Ok(l) => Some(l),
-        // No directory: nothing to revoke in it (the tree check below says what remains).
-        Err(EditError::Io { err, .. }) if err.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
+    // No directory: nothing to revoke in it (the tree load says what is wrong).
+    let _lock = if root.path.is_dir() {
+        Some(TreeLock::acquire(&root.path)?)
+    } else {
+        None
     };
     let (tree, old) = current(roots, opts)?;
     let mut removed = Vec::new();
