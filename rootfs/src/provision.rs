@@ -11,6 +11,11 @@ use crate::kernel::{Cache, Kernel};
 /// Debian packages the build and boot need.
 pub const PACKAGES: &[&str] = &["qemu-system-x86"];
 
+/// Debian packages only the tests need, installed by the `provision` command (not by `boot`
+/// or the benches): the Wayland proxies' tests run real weston and stock clients
+/// (`rootfs/guest/wayland/tests`); Xvfb gives weston a seat for keymaps and the clipboard.
+pub const TEST_PACKAGES: &[&str] = &["weston", "wl-clipboard", "wayland-utils", "xvfb"];
+
 /// The metapackage that names the current cloud kernel ABI.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 
