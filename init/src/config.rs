@@ -100,6 +100,10 @@ pub struct HostConfig {
     /// Grace between the final kill(-1, SIGTERM) and kill(-1, SIGKILL).
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// How long init waits for module loading and device binding (run in a child, since a
+    /// driver can hang in the kernel) before it starts the services without them.
+    #[serde(default = "default_setup_timeout_ms")]
+    pub setup_timeout_ms: u64,
 }
 
 impl Default for HostConfig {
@@ -109,12 +113,16 @@ impl Default for HostConfig {
             modules: Vec::new(),
             when_idle: WhenIdle::default(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            setup_timeout_ms: default_setup_timeout_ms(),
         }
     }
 }
 
 fn default_shutdown_grace_ms() -> u64 {
     3000
+}
+fn default_setup_timeout_ms() -> u64 {
+    60_000
 }
 fn default_restart_delay_ms() -> u64 {
     1000

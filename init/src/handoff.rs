@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
 use std::sync::Arc;
 
 use bulkhead_vfio::SysfsRoot;
@@ -236,8 +238,69 @@ impl Handoff {
     }
 }
 
+/// Close-on-exec placeholders on every descriptor number of a target range that was free;
+/// see [`Handoff::reserve_targets`]. Dropping it closes them.
+#[derive(Debug)]
+pub struct Reserved(Vec<OwnedFd>);
+
+impl Reserved {
+    /// How many numbers were free and are now held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if the range was full already.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Handoff {
+    /// Occupies every free descriptor number in `FIRST_FD..FIRST_FD + n` with a
+    /// close-on-exec placeholder, so that nothing opened from now until the spawn returns
+    /// can get one of those numbers. What matters is std's exec-error pipe: `Command::spawn`
+    /// opens it after everything else, and the child reports a failed exec through it. If it
+    /// sat on a target number, [`install`] would dup2 a handed-over descriptor over it: the
+    /// failure would go unreported (spawn says Ok) and the error bytes would be written into
+    /// the handed-over descriptor (a VM's hub channel, say). In the child the placeholders are
+    /// replaced by `install` or closed at exec.
+    pub fn reserve_targets(&self) -> std::io::Result<Reserved> {
+        let mut held = Vec::new();
+        let Some(src) = self.fds.first() else {
+            return Ok(Reserved(held));
+        };
+        let end = FIRST_FD + self.fds.len() as RawFd;
+        loop {
+            // F_DUPFD_CLOEXEC from FIRST_FD: the lowest free number at or above it.
+            let fd = src.try_clone()?;
+            if fd.as_raw_fd() >= end {
+                return Ok(Reserved(held));
+            }
+            held.push(fd);
+        }
+    }
+}
+
+/// Spawns `cmd` with `handoff`'s descriptors as fds 3, 4, … in the child: adds the
+/// [`install`] step after the caller's own `pre_exec` steps and holds
+/// [`Handoff::reserve_targets`] across the spawn. A failed exec is reported as an error.
+pub fn spawn(cmd: &mut Command, handoff: &Handoff) -> std::io::Result<Child> {
+    let raw = handoff.raw_fds();
+    let mut scratch = vec![0; raw.len()];
+    // SAFETY: install runs between fork and exec and only calls fcntl and dup2
+    // (async-signal-safe) on the two vectors, allocated here before the fork.
+    unsafe {
+        cmd.pre_exec(move || install(&raw, &mut scratch));
+    }
+    let reserved = handoff.reserve_targets()?;
+    let child = cmd.spawn();
+    drop(reserved);
+    child
+}
+
 /// In the child, between fork and exec: makes `fds[i]` descriptor `FIRST_FD + i`, without
-/// close-on-exec. Each source is first duplicated above every target, so a source that
+/// close-on-exec. Use it through [`spawn`], which keeps std's exec-error pipe out of the
+/// target range. Each source is first duplicated above every target, so a source that
 /// happens to sit on a target number is not overwritten before it is moved. `scratch` must
 /// have the length of `fds` (no allocation happens here).
 pub fn install(fds: &[RawFd], scratch: &mut [RawFd]) -> std::io::Result<()> {

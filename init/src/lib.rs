@@ -33,6 +33,7 @@ pub mod output;
 pub mod panic;
 pub mod runtime;
 pub mod services;
+pub mod setup;
 pub mod shutdown;
 pub mod signals;
 pub mod spawn;
