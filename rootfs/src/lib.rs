@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cpio;
+pub mod guest_root;
 pub mod image;
 pub mod kernel;
 pub mod kmod;

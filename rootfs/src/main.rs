@@ -65,6 +65,13 @@ enum Cmd {
         #[arg(long, default_value = "")]
         append: String,
     },
+    /// Build (or find in the cache) the ext4 root filesystem for a guest that names these
+    /// Debian packages, and print its path.
+    GuestRoot {
+        /// Debian package names, e.g. `weston wl-clipboard`.
+        #[arg(required = true)]
+        packages: Vec<String>,
+    },
     /// Benchmarks, each run inside one QEMU boot against a real peer; the last line is
     /// `BENCH <name> key=value …`.
     Bench {
@@ -179,6 +186,12 @@ fn run(cli: Cli) -> Result<u8, String> {
             for l in lines {
                 println!("{l}");
             }
+            Ok(0)
+        }
+        Cmd::GuestRoot { packages } => {
+            let img = bulkhead_rootfs::guest_root::image_for(cache.dir(), &packages)
+                .map_err(|e| e.to_string())?;
+            println!("{}", img.path.display());
             Ok(0)
         }
         Cmd::Build { system, out } => build(&cache, &workspace, &system, out).map(|_| 0),
