@@ -22,7 +22,7 @@ use bulkhead_init::control::{self, ControlServer, Request, Response};
 use bulkhead_init::runtime::Runtime;
 use bulkhead_init::services::{Clock, Services};
 use bulkhead_init::shutdown::{self, PowerAction};
-use bulkhead_init::{devices, input, log as initlog, modules, mounts, panic, signals};
+use bulkhead_init::{devices, disks, input, log as initlog, modules, mounts, panic, signals};
 use clap::{Parser, Subcommand};
 use log::{error, info, warn, LevelFilter};
 
@@ -90,6 +90,8 @@ fn pid1() -> ! {
 
     // 6. Kernel modules, each with its dependencies.
     modules::load_all(&modules::modules_dir(), &system.host.modules);
+    // Stable names for the virtio disks (a host image's guest root disks).
+    disks::link_virtio_serials(Path::new("/sys"), Path::new("/dev"));
 
     // 7. PCI functions the policy grants to VMs go to vfio-pci.
     let vfio_groups = devices::bind_granted(&bulkhead_vfio::SysfsRoot::host());

@@ -144,18 +144,26 @@ impl Services {
             s.sup.set_support(id);
         }
         for svc in &config.service {
-            let role = match &svc.vm {
-                None => Role::Plain,
-                Some(vm) => Role::Vm {
-                    name: vm.clone(),
-                    channel: channels.get(vm).map(|(_, vmm_end)| vmm_end.clone()),
-                    vfio_groups: vfio_groups.get(vm).cloned().unwrap_or_default(),
-                },
+            let (exec, role) = match &svc.vm {
+                None => (svc.exec.clone(), Role::Plain),
+                Some(vm) => {
+                    // A VMM's disks are opened by init and handed over as descriptors.
+                    let (exec, disks) = handoff::split_disks(&svc.exec);
+                    (
+                        exec,
+                        Role::Vm {
+                            name: vm.clone(),
+                            channel: channels.get(vm).map(|(_, vmm_end)| vmm_end.clone()),
+                            vfio_groups: vfio_groups.get(vm).cloned().unwrap_or_default(),
+                            disks,
+                        },
+                    )
+                }
             };
             s.add(
                 Recipe {
                     name: svc.name.clone(),
-                    exec: svc.exec.clone(),
+                    exec,
                     env: svc.environment(),
                     role,
                     user: svc.user.map(|u| (u, svc.group.unwrap_or(u))),
@@ -491,6 +499,7 @@ mod tests {
                 name: name.to_string(),
                 channel: None,
                 vfio_groups: groups.to_vec(),
+                disks: Vec::new(),
             },
             user: None,
             runtime_dir: None,

@@ -2,7 +2,11 @@
 //! `dev/console`, the kernel modules the system needs (with their dependency closure and a
 //! depmod-format `modules.dep`), the system's configuration and policy files, and the guest
 //! images its VMs boot. A guest image: the small guest init as `/init`, the guest's
-//! programs, its modules and `etc/bulkhead/guest.toml`.
+//! programs, its modules and `etc/bulkhead/guest.toml`. A guest that names Debian packages
+//! also gets a root filesystem ([`crate::guest_root`]): an ext4 image the emulated host
+//! receives as a read-only virtio disk with a serial, which the host image names
+//! `/var/lib/bulkhead/guests/<guest>.root` (a link to `/dev/disk/by-id/virtio-<serial>`)
+//! and its VMM gets as its first disk.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,6 +37,8 @@ pub enum ImageError {
     Module(#[from] ModuleError),
     #[error(transparent)]
     Kmod(#[from] crate::kmod::KmodError),
+    #[error(transparent)]
+    Root(#[from] crate::guest_root::RootError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -66,8 +72,10 @@ pub struct GuestDir {
     pub guest_toml: String,
     /// Kernel modules the guest loads.
     pub modules: Vec<String>,
-    /// Workspace binaries its programs run from `/bin/` (besides the guest init).
+    /// Workspace binaries its programs run (besides the guest init).
     pub binaries: Vec<String>,
+    /// Debian packages of its root filesystem (empty: none).
+    pub packages: Vec<String>,
 }
 
 /// The guest's PID 1.
@@ -91,6 +99,7 @@ impl GuestDir {
             dir: dir.to_path_buf(),
             modules: config.modules.clone(),
             binaries: config.binaries(),
+            packages: config.packages.clone(),
             guest_toml,
         })
     }
@@ -101,6 +110,67 @@ pub const GUEST_KERNEL: &str = "var/lib/bulkhead/vmlinuz";
 /// Where a host image carries guest image `<name>`.
 pub fn guest_image_path(name: &str) -> String {
     format!("var/lib/bulkhead/guests/{name}.cpio.gz")
+}
+
+/// Where a host image names the root disk of guest `<name>` (a guest with packages).
+pub fn guest_root_path(name: &str) -> String {
+    format!("var/lib/bulkhead/guests/{name}.root")
+}
+
+/// The virtio serial of the emulated host's disk that carries root image `img`.
+pub fn root_disk_serial(img: &crate::guest_root::RootImage) -> String {
+    format!("bh-{}", img.short_key())
+}
+
+/// Host modules a system needs when a guest has a root filesystem (the emulated host's
+/// virtio disks).
+pub const ROOT_DISK_HOST_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
+
+/// Checks that every service booting a guest with packages gives it its root disk first
+/// and read-only, and that the host loads what reaches its disks.
+fn check_root_guests(
+    config: &bulkhead_init::config::SystemConfig,
+    guests: &[(String, GuestDir)],
+) -> Result<(), String> {
+    let with_root: Vec<&String> = guests
+        .iter()
+        .filter(|(_, g)| !g.packages.is_empty())
+        .map(|(n, _)| n)
+        .collect();
+    if with_root.is_empty() {
+        return Ok(());
+    }
+    for m in ROOT_DISK_HOST_MODULES {
+        if !config.host.modules.iter().any(|h| h == m) {
+            return Err(format!(
+                "guest {} has a root filesystem: [host] modules must include {}",
+                with_root[0],
+                ROOT_DISK_HOST_MODULES.join(" and ")
+            ));
+        }
+    }
+    for svc in &config.service {
+        for g in &with_root {
+            let initramfs = format!("/{}", guest_image_path(g));
+            if !svc.exec.contains(&initramfs) {
+                continue;
+            }
+            let root = format!("/{}", guest_root_path(g));
+            let first_disk = svc
+                .exec
+                .iter()
+                .position(|a| a == "--disk")
+                .and_then(|i| svc.exec.get(i + 1));
+            if first_disk != Some(&root) || !svc.exec.iter().any(|a| a == "--disk-read-only") {
+                return Err(format!(
+                    "service {} boots guest {g}, which has a root filesystem: its exec must \
+                     give \"--disk\", \"{root}\" as the first disk, and \"--disk-read-only\"",
+                    svc.name
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl SystemDir {
@@ -173,6 +243,10 @@ impl SystemDir {
                 guests.push((name, GuestDir::load(&d)?));
             }
         }
+        check_root_guests(&config, &guests).map_err(|reason| ImageError::System {
+            path: path.clone(),
+            reason,
+        })?;
         Ok(Self {
             dir: dir.to_path_buf(),
             system_toml,
@@ -247,6 +321,8 @@ pub struct HostImage<'a> {
     pub binaries: Vec<(String, PathBuf)>,
     /// Extra files (image path, mode, contents), e.g. guest images for VMs.
     pub extra_files: Vec<(String, u32, Vec<u8>)>,
+    /// The root images of the guests with packages: (guest, image).
+    pub roots: Vec<(String, crate::guest_root::RootImage)>,
 }
 
 impl HostImage<'_> {
@@ -283,10 +359,33 @@ impl HostImage<'_> {
             let img = guest_archive(self.kernel, guest, &self.binaries)?.write_gz(Vec::new())?;
             a.file(&guest_image_path(name), 0o644, img)?;
         }
+        for (name, img) in &self.roots {
+            a.symlink(
+                &guest_root_path(name),
+                &format!("/dev/disk/by-id/virtio-{}", root_disk_serial(img)),
+            )?;
+        }
         for (path, mode, data) in &self.extra_files {
             a.file(path, *mode, data.clone())?;
         }
         Ok(a)
+    }
+
+    /// The disks the emulated host needs besides its initramfs: one read-only virtio disk
+    /// per distinct root image, with the serial its link names.
+    pub fn disks(&self) -> Vec<crate::qemu::Disk> {
+        let mut disks: Vec<crate::qemu::Disk> = Vec::new();
+        for (_, img) in &self.roots {
+            let serial = root_disk_serial(img);
+            if !disks.iter().any(|d| d.serial == serial) {
+                disks.push(crate::qemu::Disk {
+                    path: img.path.clone(),
+                    serial,
+                    read_only: true,
+                });
+            }
+        }
+        disks
     }
 
     /// Writes the gzip'd newc image to `out`.
@@ -402,32 +501,63 @@ pub fn guest_archive(
         0o644,
         guest.guest_toml.clone().into_bytes(),
     )?;
+    let mut modules = guest.modules.clone();
+    if !guest.packages.is_empty() {
+        for m in bulkhead_guest_init::config::ROOT_MODULES {
+            if !modules.iter().any(|x| x == m) {
+                modules.push(m.to_string());
+            }
+        }
+    }
     add_modules_and(
         &mut a,
         kernel,
-        &guest.modules,
+        &modules,
         bulkhead_guest_init::config::POWER_BUTTON_MODULES,
     )?;
     Ok(a)
 }
 
+/// The root images of a system's guests with packages, built or taken from the cache in
+/// `cache_dir`: (guest, image).
+pub fn guest_roots(
+    sys: &SystemDir,
+    cache_dir: &Path,
+) -> Result<Vec<(String, crate::guest_root::RootImage)>, ImageError> {
+    let mut roots = Vec::new();
+    for (name, g) in &sys.guests {
+        if !g.packages.is_empty() {
+            roots.push((
+                name.clone(),
+                crate::guest_root::image_for(cache_dir, &g.packages)?,
+            ));
+        }
+    }
+    Ok(roots)
+}
+
 /// Builds the host image for a system directory: its binaries (static), its modules, its
-/// guests; writes it to `out`.
+/// guests (and their root filesystems, in `cache_dir`); writes it to `out` and returns the
+/// disks the emulated host must be given besides it (see [`HostImage::disks`]).
 pub fn build_system_image(
     kernel: &Kernel,
+    cache_dir: &Path,
     workspace: &Path,
     system: &Path,
     out: &Path,
-) -> Result<(), ImageError> {
+) -> Result<Vec<crate::qemu::Disk>, ImageError> {
     let sys = SystemDir::load(system)?;
+    let roots = guest_roots(&sys, cache_dir)?;
     let binaries = build_binaries(workspace, &sys.all_binaries())?;
-    HostImage {
+    let host = HostImage {
         kernel,
         system: &sys,
         binaries,
         extra_files: Vec::new(),
-    }
-    .write(out)
+        roots,
+    };
+    host.write(out)?;
+    Ok(host.disks())
 }
 
 #[cfg(test)]

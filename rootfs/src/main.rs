@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bulkhead_rootfs::image::build_system_image;
 use bulkhead_rootfs::kernel::{Cache, Kernel};
-use bulkhead_rootfs::qemu::{Machine, Outcome, QemuConfig};
+use bulkhead_rootfs::qemu::{Disk, Machine, Outcome, QemuConfig};
 use bulkhead_rootfs::{provision, workspace_dir, HOST_CMDLINE};
 use clap::{Parser, Subcommand};
 
@@ -121,7 +121,7 @@ fn build(
     workspace: &std::path::Path,
     system: &std::path::Path,
     out: Option<PathBuf>,
-) -> Result<(Kernel, PathBuf), String> {
+) -> Result<(Kernel, PathBuf, Vec<Disk>), String> {
     let kernel = Kernel::current(cache).map_err(|e| e.to_string())?;
     let out = out.unwrap_or_else(|| {
         workspace
@@ -129,13 +129,21 @@ fn build(
             .join(system_name(system))
             .join("host.cpio.gz")
     });
-    build_system_image(&kernel, workspace, system, &out).map_err(|e| e.to_string())?;
+    let disks = build_system_image(&kernel, cache.dir(), workspace, system, &out)
+        .map_err(|e| e.to_string())?;
     eprintln!(
         "bulkhead-rootfs: wrote {} (kernel {})",
         out.display(),
         kernel.abi
     );
-    Ok((kernel, out))
+    for d in &disks {
+        eprintln!(
+            "bulkhead-rootfs: with disk {} (serial {})",
+            d.path.display(),
+            d.serial
+        );
+    }
+    Ok((kernel, out, disks))
 }
 
 fn run(cli: Cli) -> Result<u8, String> {
@@ -202,9 +210,10 @@ fn run(cli: Cli) -> Result<u8, String> {
         } => {
             // Install what is missing (QEMU, the kernel); quick when all is there.
             provision::provision(&cache).map_err(|e| e.to_string())?;
-            let (kernel, image) = build(&cache, &workspace, &system, None)?;
+            let (kernel, image, disks) = build(&cache, &workspace, &system, None)?;
             let cmdline = format!("{HOST_CMDLINE} {append}");
-            let cfg = QemuConfig::host(&kernel.vmlinuz, &image, cmdline.trim());
+            let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, cmdline.trim());
+            cfg.disks = disks;
             eprintln!("bulkhead-rootfs: {}", cfg.command_line());
             let mut m = Machine::spawn(&cfg, true).map_err(|e| e.to_string())?;
             let outcome = m.wait_end(Duration::from_secs(timeout));

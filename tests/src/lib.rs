@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bulkhead_rootfs::image::build_system_image;
 use bulkhead_rootfs::kernel::{Cache, Kernel};
-use bulkhead_rootfs::qemu::{Machine, Outcome, QemuConfig, Qmp};
+use bulkhead_rootfs::qemu::{Disk, Machine, Outcome, QemuConfig, Qmp};
 use bulkhead_rootfs::{workspace_dir, HOST_CMDLINE};
 
 pub use bulkhead_rootfs::qemu::{POWER_DOWN, RESTARTING};
@@ -30,9 +30,10 @@ fn systems_dir() -> PathBuf {
     workspace_dir().join("tests/systems")
 }
 
-/// Builds (once per test process) the host image for `tests/systems/<name>`.
-pub fn image(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+/// Builds (once per test process) the host image for `tests/systems/<name>`; returns it
+/// and the disks the emulated host gets besides it (guests' root filesystems).
+pub fn image_and_disks(name: &str) -> (PathBuf, Vec<Disk>) {
+    static BUILT: OnceLock<Mutex<HashMap<String, (PathBuf, Vec<Disk>)>>> = OnceLock::new();
     let built = BUILT.get_or_init(|| Mutex::new(HashMap::new()));
     let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = built.get(name) {
@@ -42,10 +43,21 @@ pub fn image(name: &str) -> PathBuf {
         .join("target/bulkhead-tests")
         .join(name)
         .join("host.cpio.gz");
-    build_system_image(&kernel(), &workspace_dir(), &systems_dir().join(name), &out)
-        .unwrap_or_else(|e| panic!("building the {name} image: {e}"));
-    built.insert(name.to_string(), out.clone());
-    out
+    let disks = build_system_image(
+        &kernel(),
+        Cache::default_location().dir(),
+        &workspace_dir(),
+        &systems_dir().join(name),
+        &out,
+    )
+    .unwrap_or_else(|e| panic!("building the {name} image: {e}"));
+    built.insert(name.to_string(), (out.clone(), disks.clone()));
+    (out, disks)
+}
+
+/// Builds (once per test process) the host image for `tests/systems/<name>`.
+pub fn image(name: &str) -> PathBuf {
+    image_and_disks(name).0
 }
 
 fn boot_lock() -> MutexGuard<'static, ()> {
@@ -85,7 +97,7 @@ impl Host {
     }
 
     pub fn boot_with(system: &str, opts: BootOptions) -> Self {
-        let image = image(system);
+        let (image, disks) = image_and_disks(system);
         let kernel = kernel();
         let guard = boot_lock();
         let dir =
@@ -95,6 +107,7 @@ impl Host {
         let append = format!("{HOST_CMDLINE} {}", opts.append);
         let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, append.trim());
         cfg.qmp = Some(dir.join("qmp.sock"));
+        cfg.disks = disks;
         if let Some(disk) = &opts.disk {
             cfg.extra.extend([
                 "-drive".to_string(),

@@ -94,6 +94,7 @@ pub fn bench_vmm(kernel: &Kernel, workspace: &Path, runs: u32) -> Result<Vec<Str
         kernel,
         system: &sys,
         binaries,
+        roots: Vec::new(),
         extra_files: extra,
     }
     .write(&image)

@@ -76,6 +76,7 @@ pub fn bench_wl(
         kernel,
         system: &sys,
         binaries,
+        roots: Vec::new(),
         extra_files: Vec::new(),
     }
     .write(&image)
