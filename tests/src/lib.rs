@@ -33,7 +33,8 @@ fn systems_dir() -> PathBuf {
 /// Builds (once per test process) the host image for `tests/systems/<name>`; returns it
 /// and the disks the emulated host gets besides it (guests' root filesystems).
 pub fn image_and_disks(name: &str) -> (PathBuf, Vec<Disk>) {
-    static BUILT: OnceLock<Mutex<HashMap<String, (PathBuf, Vec<Disk>)>>> = OnceLock::new();
+    type Built = HashMap<String, (PathBuf, Vec<Disk>)>;
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
     let built = BUILT.get_or_init(|| Mutex::new(HashMap::new()));
     let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = built.get(name) {
