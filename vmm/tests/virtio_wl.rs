@@ -248,6 +248,23 @@ fn every_error_code() {
     assert_eq!(r.dev.st.vfd_count(), 4);
 }
 
+/// NEW_PIPE is answered with the direction the device created, as NEW_CTX is: ChromiumOS's
+/// driver takes the vfd file's mode from the answer's flags, so an answer of 0 made a pipe
+/// the guest asked to write read-only there (`write(2)` → EBADF). Our driver ignores the
+/// answer's flags for pipes, so the answer harms neither.
+#[test]
+fn new_pipe_is_answered_with_the_direction_the_device_created() {
+    let mut r = rig();
+    let w = r.new_vfd(&vfd_new(CMD_VFD_NEW_PIPE, 1, VFD_WRITE, 0, ""));
+    assert_eq!((w.id, w.flags, w.pfn, w.size), (1, VFD_WRITE, 0, 0));
+    let rd = r.new_vfd(&vfd_new(CMD_VFD_NEW_PIPE, 2, VFD_READ, 0, ""));
+    assert_eq!((rd.id, rd.flags, rd.pfn, rd.size), (2, VFD_READ, 0, 0));
+    // The answer says what the device did: the guest writes vfd 1 (a SEND goes through) and
+    // reads vfd 2 (a SEND on it is refused).
+    assert_eq!(r.code(&send(1, &[], b"x")), RESP_OK);
+    assert_eq!(r.code(&send(2, &[], b"x")), RESP_INVALID_TYPE);
+}
+
 #[test]
 fn a_chain_outside_guest_memory_is_an_invalid_command() {
     let mut r = rig();

@@ -369,6 +369,67 @@ fn provider_device_faux_accepts_a_peer_and_exchanges_data_and_memfds_both_ways()
     hub.join();
 }
 
+/// A guest that opens and closes `listen:svc` contexts in a loop. Closing the vfd drops the
+/// listener with the VMM's end of its socketpair, and only the first `listen:svc` asks the
+/// hub (the VM stays the service's provider until it says Hello again; the hub has no
+/// "unprovide"), so neither the VMM's fds nor the hub's audit log grow with the loop. A
+/// listener opened after the loop still gets the faux accept.
+#[test]
+fn listen_contexts_closed_in_a_loop_leave_no_listener_and_one_audit_record() {
+    let (hub, mut chans) = TestHub::start(POLICY, &["prov", "peer"], 64);
+    let peer = chans.pop().unwrap();
+    hang_guard(&peer);
+    let mut prov = device(chans.pop().unwrap());
+    for _ in 0..100 {
+        prov.new_vfd(&named(1, "listen:svc"));
+        assert_eq!(prov.code(&close(1)), RESP_OK);
+    }
+    assert_eq!(prov.st.hub().unwrap().listener_count(), 0);
+    let provides = |audit: &str| {
+        audit
+            .lines()
+            .filter(|l| l.contains("\"src\":\"prov\"") && l.contains("\"verb\":\"provide\""))
+            .count()
+    };
+    assert_eq!(provides(&hub.audit()), 1, "{}", hub.audit());
+
+    // Still the provider: a listener opened now gets the next connection's name.
+    prov.new_vfd(&named(1, "listen:svc"));
+    assert_eq!(prov.st.hub().unwrap().listener_count(), 1);
+    peer.send(
+        &VmRequest::Connect {
+            tag: 9,
+            service: name("svc"),
+            provider: Some(name("prov")),
+        },
+        &[],
+    )
+    .unwrap();
+    let (ev, _fds) = peer.recv::<HubEvent>().unwrap();
+    let HubEvent::Connected { tag: 9, conn } = ev else {
+        panic!("{ev:?}")
+    };
+    prov.pump_until(1);
+    assert_eq!(
+        prov.drain_in(4),
+        vec![InMessage::Recv {
+            id: 1,
+            vfds: vec![],
+            data: format!("wl-conn-{conn}\n").into_bytes()
+        }]
+    );
+    assert_eq!(provides(&hub.audit()), 1);
+    // A device reset (Hello) forgets the registration: the next listen: asks again.
+    prov.st.clear();
+    assert_eq!(prov.st.hub().unwrap().listener_count(), 0);
+    prov.new_vfd(&named(1, "listen:svc"));
+    assert_eq!(provides(&hub.audit()), 2);
+
+    drop(peer);
+    drop(prov);
+    hub.join();
+}
+
 #[test]
 fn refused_connects_get_the_unknown_name_error_and_the_audit_says_why() {
     let (hub, mut chans) = TestHub::start(POLICY, &["prov", "stranger"], 64);

@@ -2,7 +2,11 @@
 //! NEW_CTX_NAMED, the faux accept, and `Release`.
 //!
 //! - `listen:<service>` → `VmRequest::Provide`. On `Provided` the guest gets a **listener
-//!   context**: one end of a socketpair; the VMM keeps the other end for the service.
+//!   context**: one end of a socketpair; the VMM keeps the other end for the service until
+//!   the guest closes the vfd ([`HubLink::drop_listener`]). The VM stays the service's
+//!   provider until it says `Hello` again (the hub has no "unprovide"), so a later
+//!   `listen:<service>` is served here without asking the hub again: a guest that opens and
+//!   closes listener contexts in a loop grows neither the VMM's fds nor the hub's audit log.
 //! - `HubEvent::Accept { service, conn, name }` (+ the connection fd): `name` is added to the
 //!   socket registry as a [`WlSocket::Hub`], and `name\n` is written to the service's
 //!   listener end. The guest reads the name and connects to it (`bulkhead-wl`'s `Listener`).
@@ -17,7 +21,7 @@
 //! hangs the guest for long. On EOF the link is dead for good: logged once, and every later
 //! hub name gets `RESP_ERR`; the VM keeps running.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -28,6 +32,9 @@ use bulkhead_ipc::hub::client::HubConn;
 use bulkhead_ipc::hub::protocol::{ConnId, HubEvent, Name, Refusal, VmRequest, MAX_NAME};
 
 use super::sockets::{WlSocket, WlSockets};
+
+/// Names one listener context of the link (see [`HubLink::drop_listener`]).
+pub type ListenerId = u64;
 
 /// Prefix of a guest name that asks to provide a service.
 pub const LISTEN_PREFIX: &str = "listen:";
@@ -151,8 +158,12 @@ pub struct HubLink {
     next_tag: u32,
     dead: bool,
     timeout: Duration,
-    /// Per service, the VMM's ends of the guest's listener contexts.
-    listeners: BTreeMap<String, Vec<UnixStream>>,
+    /// The VMM's ends of the guest's listener contexts, each with its service, in the order
+    /// they were opened.
+    listeners: BTreeMap<ListenerId, (String, UnixStream)>,
+    next_listener: ListenerId,
+    /// Services the hub registered this VM as the provider of since the last `Hello`.
+    provided: BTreeSet<String>,
     /// Faux-accepted connections not yet taken by the guest: conn → registry name.
     accepted: BTreeMap<ConnId, String>,
 }
@@ -178,6 +189,8 @@ impl HubLink {
             dead: false,
             timeout: DEFAULT_ANSWER_TIMEOUT,
             listeners: BTreeMap::new(),
+            next_listener: 0,
+            provided: BTreeSet::new(),
             accepted: BTreeMap::new(),
         };
         link.send(&VmRequest::Hello)?;
@@ -197,6 +210,17 @@ impl HubLink {
     /// The channel fd for the worker's poll set (None once dead).
     pub fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
         (!self.dead).then(|| self.chan.as_fd())
+    }
+
+    /// Listener contexts open now (the VMM's ends of their socketpairs), all services.
+    pub fn listener_count(&self) -> usize {
+        self.listeners.len()
+    }
+
+    /// The guest closed listener context `id`: its socketpair end goes (a no-op if the link
+    /// already forgot it: reset, hub gone).
+    pub fn drop_listener(&mut self, id: ListenerId) {
+        self.listeners.remove(&id);
     }
 
     /// Sends with a bounded wait for room (the hub drains VM channels promptly).
@@ -224,6 +248,7 @@ impl HubLink {
         }
         self.dead = true;
         self.listeners.clear();
+        self.provided.clear();
         for (_, name) in std::mem::take(&mut self.accepted) {
             self.sockets.remove_hub(&name);
         }
@@ -233,6 +258,7 @@ impl HubLink {
     /// reset: the guest's vfds are gone).
     pub fn reset(&mut self) {
         self.listeners.clear();
+        self.provided.clear();
         for (_, name) in std::mem::take(&mut self.accepted) {
             self.sockets.remove_hub(&name);
         }
@@ -282,34 +308,43 @@ impl HubLink {
     /// hub connection otherwise.
     pub fn resolve(&mut self, name: &str) -> Result<Resolved, HubError> {
         match parse_hub_name(name)? {
-            HubName::Provide(service) => self.provide(&service).map(Resolved::Listener),
+            HubName::Provide(service) => self
+                .provide(&service)
+                .map(|(stream, id)| Resolved::Listener { stream, id }),
             HubName::Connect(service, provider) => self
                 .connect(&service, provider.as_ref())
                 .map(Resolved::Conn),
         }
     }
 
-    fn provide(&mut self, service: &Name) -> Result<UnixStream, HubError> {
-        let tag = self.tag();
-        let what = format!("provide {service}");
-        self.request(
-            &VmRequest::Provide {
+    /// A listener context for `service`: asks the hub the first time (`Provide`), then
+    /// serves later ones from `provided`.
+    fn provide(&mut self, service: &Name) -> Result<(UnixStream, ListenerId), HubError> {
+        if self.dead {
+            return Err(HubError::Gone);
+        }
+        if !self.provided.contains(service.as_str()) {
+            let tag = self.tag();
+            let what = format!("provide {service}");
+            self.request(
+                &VmRequest::Provide {
+                    tag,
+                    service: service.clone(),
+                },
                 tag,
-                service: service.clone(),
-            },
-            tag,
-            &what,
-        )?;
+                &what,
+            )?;
+            self.provided.insert(service.to_string());
+        }
         let (guest, ours) = UnixStream::pair()?;
         ours.set_nonblocking(true)?;
         // The listener context only carries names to the guest: what the guest writes to it
         // fails (EPIPE → RESP_ERR) instead of filling a buffer nobody reads.
         ours.shutdown(std::net::Shutdown::Read)?;
-        self.listeners
-            .entry(service.to_string())
-            .or_default()
-            .push(ours);
-        Ok(guest)
+        let id = self.next_listener;
+        self.next_listener = self.next_listener.wrapping_add(1);
+        self.listeners.insert(id, (service.to_string(), ours));
+        Ok((guest, id))
     }
 
     fn connect(&mut self, service: &Name, provider: Option<&Name>) -> Result<HubConn, HubError> {
@@ -479,28 +514,23 @@ impl HubLink {
     fn announce(&mut self, service: &str, conn: ConnId, name: String) {
         let line = format!("{name}\n");
         let mut announced = false;
-        if let Some(ends) = self.listeners.get_mut(service) {
-            // The first listener that takes the line gets the connection; closed ones go.
-            ends.retain_mut(|end| {
-                if announced {
-                    return true;
+        let mut closed = Vec::new();
+        // The first listener that takes the line gets the connection; closed ones go.
+        for (id, (_, end)) in self.listeners.iter_mut().filter(|(_, (s, _))| s == service) {
+            match end.write(line.as_bytes()) {
+                Ok(n) if n == line.len() => {
+                    announced = true;
+                    break;
                 }
-                match end.write(line.as_bytes()) {
-                    Ok(n) if n == line.len() => {
-                        announced = true;
-                        true
-                    }
-                    Ok(_) => {
-                        log::warn!("bulkhead-vmm: virtio-wl: listener for {service} is full");
-                        true
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        log::warn!("bulkhead-vmm: virtio-wl: listener for {service} is full");
-                        true
-                    }
-                    Err(_) => false,
+                Ok(_) => log::warn!("bulkhead-vmm: virtio-wl: listener for {service} is full"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    log::warn!("bulkhead-vmm: virtio-wl: listener for {service} is full")
                 }
-            });
+                Err(_) => closed.push(*id),
+            }
+        }
+        for id in closed {
+            self.listeners.remove(&id);
         }
         if announced {
             log::debug!("bulkhead-vmm: virtio-wl: {service}: accepted {name}");
@@ -516,8 +546,13 @@ impl HubLink {
 
 /// What a hub name resolved to.
 pub enum Resolved {
-    /// The guest's end of a new listener context.
-    Listener(UnixStream),
+    /// The guest's end of a new listener context, and its id (for `drop_listener`).
+    Listener {
+        /// The guest's end.
+        stream: UnixStream,
+        /// Which listener it is.
+        id: ListenerId,
+    },
     /// A connection.
     Conn(HubConn),
 }

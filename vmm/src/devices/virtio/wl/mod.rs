@@ -8,11 +8,19 @@
 //!   accept, `Release`.
 //! - `vfd`: what a vfd is on the host; the shared-memory window.
 //! - `scm`: sendmsg/recvmsg with SCM_RIGHTS.
-//! - `state`: the vfd table, command handling, reading host fds, the queues.
+//! - `limits`: per-VM limits and the send wait.
+//! - `state`: the vfd table and what it holds.
+//! - `commands`: out-queue commands and their answers (hub sends among them).
+//! - `host_reads`: host fds and hub frames into in-queue messages.
+//! - `queues`: buffers through the in and out virtqueues.
 //! - `device`: the `VirtioDevice` and its worker thread.
+mod commands;
 pub mod device;
+mod host_reads;
 pub mod hub;
+pub mod limits;
 pub mod protocol;
+mod queues;
 pub mod scm;
 pub mod sockets;
 pub mod state;

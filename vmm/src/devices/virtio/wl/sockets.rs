@@ -172,7 +172,7 @@ impl WlSockets {
     }
 
     /// Connects to `name`: connect(2) for a listening socket (outside the lock; waiting at
-    /// most [`DEFAULT_SEND_WAIT`](super::state::DEFAULT_SEND_WAIT) for room in its backlog),
+    /// most [`DEFAULT_SEND_WAIT`](super::limits::DEFAULT_SEND_WAIT) for room in its backlog),
     /// or takes the stream of a non-listening one (which removes the name). A hub connection
     /// is left in place and refused (`HubConnection`); the device uses [`WlSockets::take`].
     pub fn connect(&self, name: &str) -> Result<UnixStream, SocketError> {
@@ -182,7 +182,7 @@ impl WlSockets {
                 return Err(SocketError::HubConnection(name.to_string()));
             }
         }
-        match self.take(name, super::state::DEFAULT_SEND_WAIT)? {
+        match self.take(name, super::limits::DEFAULT_SEND_WAIT)? {
             Connected::Stream(s) => Ok(s),
             Connected::Hub(_) => Err(SocketError::HubConnection(name.to_string())),
         }

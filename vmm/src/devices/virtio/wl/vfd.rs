@@ -85,6 +85,8 @@ pub struct Vfd {
     pub hung_up: bool,
     /// Set when the hub delivered it.
     pub hub: Option<HubObject>,
+    /// Set for a listener context (`listen:<service>`): the hub link's id for it.
+    pub listener: Option<super::hub::ListenerId>,
 }
 
 impl Vfd {
@@ -94,6 +96,7 @@ impl Vfd {
             kind,
             hung_up: false,
             hub: None,
+            listener: None,
         }
     }
 
