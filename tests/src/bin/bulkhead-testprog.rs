@@ -184,6 +184,14 @@ fn main() -> ExitCode {
             std::thread::sleep(Duration::from_secs(secs));
             ExitCode::SUCCESS
         }
+        "forge" => {
+            // Prints its arguments verbatim, one line each: what a hostile or confused guest
+            // could put on its console (init relays it with this service's name first).
+            for line in &args[1..] {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
         "exit" => {
             let code = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(0u8);
             say(&format!("exiting with {code}"));
