@@ -10,6 +10,7 @@ pub mod kmod;
 pub mod modules;
 pub mod provision;
 pub mod qemu;
+pub mod screens;
 
 use std::path::PathBuf;
 

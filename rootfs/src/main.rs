@@ -214,9 +214,29 @@ fn run(cli: Cli) -> Result<u8, String> {
             let cmdline = format!("{HOST_CMDLINE} {append}");
             let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, cmdline.trim());
             cfg.disks = disks;
+            // The emulated host's second serial port: screenshots from a GUI VM, if any.
+            let out_dir = image.parent().map(PathBuf::from).unwrap_or_default();
+            let screens = out_dir.join("screens.bin");
+            let _ = std::fs::remove_file(&screens);
+            cfg.second_serial = Some(screens.clone());
             eprintln!("bulkhead-rootfs: {}", cfg.command_line());
             let mut m = Machine::spawn(&cfg, true).map_err(|e| e.to_string())?;
             let outcome = m.wait_end(Duration::from_secs(timeout));
+            match bulkhead_rootfs::screens::extract(&screens, &out_dir) {
+                Ok(pictures) => {
+                    for p in pictures {
+                        eprintln!(
+                            "bulkhead-rootfs: picture {}: {} ({}x{}, {} windows)",
+                            p.name,
+                            p.png.display(),
+                            p.image.width,
+                            p.image.height,
+                            p.scene.windows().count()
+                        );
+                    }
+                }
+                Err(e) => eprintln!("bulkhead-rootfs: screenshots: {e}"),
+            }
             Ok(match outcome {
                 Ok(Outcome::PowerOff) => {
                     eprintln!("bulkhead-rootfs: the host powered off cleanly");
