@@ -76,6 +76,34 @@ pub struct GuestDir {
     pub binaries: Vec<String>,
     /// Debian packages of its root filesystem (empty: none).
     pub packages: Vec<String>,
+    /// `files/<path>` of the guest's directory, carried as `/etc/bulkhead/<path>`
+    /// (configuration for its programs, e.g. a `weston.ini`): (path, contents).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Every regular file under `dir`, as (path relative to `dir`, contents), sorted.
+fn read_tree(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, ImageError> {
+    let mut out = Vec::new();
+    if !dir.is_dir() {
+        return Ok(out);
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(io(&d))? {
+            let p = e.map_err(io(&d))?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                let rel = p
+                    .strip_prefix(dir)
+                    .map(|r| r.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                out.push((rel, std::fs::read(&p).map_err(io(&p))?));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// The guest's PID 1.
@@ -100,6 +128,7 @@ impl GuestDir {
             modules: config.modules.clone(),
             binaries: config.binaries(),
             packages: config.packages.clone(),
+            files: read_tree(&dir.join("files"))?,
             guest_toml,
         })
     }
@@ -501,6 +530,9 @@ pub fn guest_archive(
         0o644,
         guest.guest_toml.clone().into_bytes(),
     )?;
+    for (rel, data) in &guest.files {
+        a.file(&format!("etc/bulkhead/{rel}"), 0o644, data.clone())?;
+    }
     let mut modules = guest.modules.clone();
     if !guest.packages.is_empty() {
         for m in bulkhead_guest_init::config::ROOT_MODULES {

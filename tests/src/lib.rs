@@ -79,6 +79,9 @@ fn boot_lock() -> MutexGuard<'static, ()> {
 /// A booted host under test. Dropping it kills QEMU.
 pub struct Host {
     machine: Machine,
+    system: String,
+    /// The emulated host's second serial port (a GUI VM's pictures, if any).
+    screens: PathBuf,
     restarts_allowed: Vec<String>,
     _dir: TempDir,
     _serialise: MutexGuard<'static, ()>,
@@ -162,6 +165,8 @@ impl Host {
         let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, append.trim());
         cfg.qmp = Some(dir.join("qmp.sock"));
         cfg.disks = disks;
+        let screens = dir.join("screens.bin");
+        cfg.second_serial = Some(screens.clone());
         if let Some(disk) = &opts.disk {
             cfg.extra.extend([
                 "-drive".to_string(),
@@ -172,6 +177,8 @@ impl Host {
         let machine = Machine::spawn(&cfg, echo).unwrap_or_else(|e| panic!("{e}"));
         Host {
             machine,
+            system: system.to_string(),
+            screens,
             restarts_allowed: opts.restarts_allowed.clone(),
             _dir: TempDir(dir),
             _serialise: guard,
@@ -280,6 +287,17 @@ impl Host {
     /// QMP, to press buttons.
     pub fn qmp(&self) -> Qmp {
         self.machine.qmp().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The pictures a GUI VM sent so far (decoded; written under
+    /// `target/bulkhead-tests/<system>/pictures/`).
+    pub fn pictures(&self) -> Vec<bulkhead_rootfs::screens::Picture> {
+        let out = workspace_dir()
+            .join("target/bulkhead-tests")
+            .join(&self.system)
+            .join("pictures");
+        bulkhead_rootfs::screens::extract(&self.screens, &out)
+            .unwrap_or_else(|e| panic!("the pictures: {e}\n{}", self.context()))
     }
 
     /// Asserts that no line seen so far contains `needle` (anywhere: stricter than the

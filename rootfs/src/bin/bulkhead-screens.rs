@@ -31,6 +31,29 @@ struct Cli {
     /// at spaces); several for one name run in order.
     #[arg(long = "run-after", value_name = "NAME=COMMAND")]
     run_after: Vec<String>,
+    /// `NAME=SERVICE`: fault injection for tests: once picture NAME has been passed on, and
+    /// before its `--run-after` commands, SIGKILL the service's process (a VM's VMM), found
+    /// through init's control socket.
+    #[arg(long = "kill-after", value_name = "NAME=SERVICE")]
+    kill_after: Vec<String>,
+}
+
+/// SIGKILLs the running process of init's service `service`.
+fn kill_service(service: &str) -> Result<i32, String> {
+    use bulkhead_init::control::{request, Request, Response, SOCKET_PATH};
+    let answer = request(std::path::Path::new(SOCKET_PATH), &Request::Status)
+        .map_err(|e| e.to_string())?;
+    let Response::Status { services } = answer else {
+        return Err(format!("init answered {answer:?}"));
+    };
+    let pid = services
+        .iter()
+        .find(|s| s.name == service)
+        .and_then(|s| s.pid)
+        .ok_or_else(|| format!("{service} is not running"))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| format!("kill {pid}: {e}"))?;
+    Ok(pid)
 }
 
 fn raw_mode(f: &std::fs::File) {
@@ -71,6 +94,14 @@ fn main() {
             std::process::exit(2);
         }
         hooks.push((name.to_string(), argv));
+    }
+    let mut kills = Vec::new();
+    for k in &cli.kill_after {
+        let Some((name, service)) = k.split_once('=') else {
+            eprintln!("error: --kill-after {k:?}: NAME=SERVICE");
+            std::process::exit(2);
+        };
+        kills.push((name.to_string(), service.to_string()));
     }
     let mut serial = match std::fs::OpenOptions::new().write(true).open(&cli.serial) {
         Ok(f) => f,
@@ -138,6 +169,12 @@ fn main() {
                     (Err(e), _) => println!("{}: {e}", cli.serial.display()),
                 }
                 if f.kind == Kind::Png {
+                    for (_, service) in kills.iter().filter(|(n, _)| *n == f.name) {
+                        match kill_service(service) {
+                            Ok(pid) => println!("after {}: killed {service} (pid {pid}) with SIGKILL", f.name),
+                            Err(e) => println!("after {}: cannot kill {service}: {e}", f.name),
+                        }
+                    }
                     run_hooks(&hooks, &f.name);
                 }
             }

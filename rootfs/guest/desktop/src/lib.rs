@@ -19,4 +19,5 @@
 )]
 
 pub mod frame;
+pub mod pattern;
 pub mod scene;

@@ -35,7 +35,7 @@ struct Running {
 pub struct Programs {
     list: Vec<Running>,
     /// Environment every program gets before its own `env` (a guest with packages:
-    /// `XDG_RUNTIME_DIR` and `HOME`).
+    /// `XDG_RUNTIME_DIR`, `HOME` and `XDG_CACHE_HOME`).
     base_env: Vec<(String, String)>,
 }
 
@@ -47,6 +47,8 @@ impl Programs {
             vec![
                 ("XDG_RUNTIME_DIR".to_string(), RUNTIME_DIR.to_string()),
                 ("HOME".to_string(), "/root".to_string()),
+                // The root filesystem is read-only: caches (fontconfig's) go to tmpfs.
+                ("XDG_CACHE_HOME".to_string(), "/tmp/.cache".to_string()),
             ]
         } else {
             Vec::new()

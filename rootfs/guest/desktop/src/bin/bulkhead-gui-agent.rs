@@ -135,11 +135,19 @@ impl Agent {
     fn wait_scene(&self, what: &str, done: impl Fn(&Scene) -> bool) -> Result<Scene, String> {
         let end = Instant::now() + Duration::from_secs(self.cli.timeout);
         let mut last_err = String::new();
+        let mut next_report = Instant::now() + Duration::from_secs(30);
         loop {
-            match self.scene() {
+            let seen = match self.scene() {
                 Ok((s, _)) if done(&s) => return Ok(s),
-                Ok(_) => {}
-                Err(e) => last_err = e,
+                Ok((s, _)) => describe(&s),
+                Err(e) => {
+                    last_err = e.clone();
+                    e
+                }
+            };
+            if Instant::now() >= next_report {
+                println!("still waiting for {what}; now: {seen}");
+                next_report = Instant::now() + Duration::from_secs(30);
             }
             if Instant::now() >= end {
                 return Err(format!(
@@ -282,6 +290,28 @@ impl Agent {
             Step::Sleep(ms) => std::thread::sleep(Duration::from_millis(*ms)),
         }
         Ok(())
+    }
+}
+
+/// The views of a scene in a few words (for progress lines).
+fn describe(s: &Scene) -> String {
+    let v: Vec<String> = s
+        .views
+        .iter()
+        .filter(|v| v.role == "xdg_toplevel")
+        .map(|v| {
+            format!(
+                "{:?} pid {}{}",
+                v.title.as_deref().unwrap_or("?"),
+                v.pid,
+                if v.has_buffer { "" } else { " (no buffer)" }
+            )
+        })
+        .collect();
+    if v.is_empty() {
+        format!("no windows ({} views)", s.views.len())
+    } else {
+        v.join(", ")
     }
 }
 
