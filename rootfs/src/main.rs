@@ -89,6 +89,13 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// Wayland: a shm client committing 640x480 frames with full damage through the proxies
+    /// from an app VM, against the same client directly on weston in the GUI VM.
+    Wayland {
+        /// Frames per run.
+        #[arg(long, default_value_t = 200)]
+        frames: u32,
+    },
     /// virtio_wl: SEND/RECV round trips (without and with an fd) between an L2 guest and an
     /// L1 echo against a socketpair on L1, and shared-memory bandwidth between two L2 guests
     /// against memcpy on L1, inside one L1 host.
@@ -169,6 +176,23 @@ fn run(cli: Cli) -> Result<u8, String> {
             let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
             let lines = bulkhead_rootfs::bench::bench_vmm(&kernel, &workspace, runs)
                 .map_err(|e| e.to_string())?;
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(0)
+        }
+        Cmd::Bench {
+            which: BenchCmd::Wayland { frames },
+        } => {
+            provision::provision(&cache).map_err(|e| e.to_string())?;
+            let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
+            let lines = bulkhead_rootfs::bench::wayland::bench_wayland(
+                &kernel,
+                cache.dir(),
+                &workspace,
+                frames,
+            )
+            .map_err(|e| e.to_string())?;
             for l in lines {
                 println!("{l}");
             }

@@ -64,7 +64,10 @@ fn stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub() {
         |l| l.starts_with("screens: after damaged: running /bin/bulkhead-init poweroff"),
     );
     h.expect_end(End::PowerOff);
-    eprintln!("the wayland system ran for {:.0} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "the wayland system ran for {:.0} s",
+        t0.elapsed().as_secs_f64()
+    );
     let lines = h.lines().to_vec();
     let line = |prefix: &str| -> String {
         lines
@@ -87,7 +90,11 @@ fn stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub() {
         (pattern::WIDTH as i32, pattern::HEIGHT as i32)
     );
     let bad = pattern_mismatches(&both.image, w, false, both.scene.cursor());
-    assert_eq!(bad, 0, "{bad} pixels of the pattern window at ({}, {}) are wrong", w.x1, w.y1);
+    assert_eq!(
+        bad, 0,
+        "{bad} pixels of the pattern window at ({}, {}) are wrong",
+        w.x1, w.y1
+    );
     let shm = both
         .scene
         .window("simple-shm")
@@ -105,7 +112,11 @@ fn stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub() {
         h.context()
     );
     let before = picture(&pics, "before", &h);
-    assert!(before.scene.window("simple-shm").is_none(), "{}", before.scene_text);
+    assert!(
+        before.scene.window("simple-shm").is_none(),
+        "{}",
+        before.scene_text
+    );
     let w_before = before
         .scene
         .window(pattern::TITLE)
@@ -131,7 +142,10 @@ fn stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub() {
     //    else, and the proxy copied exactly that rectangle's bytes for the commit.
     let damaged = picture(&pics, "damaged", &h);
     let w_after = damaged.scene.window(pattern::TITLE).unwrap_or_else(|| {
-        panic!("the pattern window in the last picture:\n{}", damaged.scene_text)
+        panic!(
+            "the pattern window in the last picture:\n{}",
+            damaged.scene_text
+        )
     });
     assert_eq!((w_after.x1, w_after.y1), (w_before.x1, w_before.y1));
     assert_eq!(
@@ -166,17 +180,29 @@ fn stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub() {
     //    missing grant.
     line("app-c-vm: proxy: error: cannot connect to wayland@gui-vm");
     for p in &pics {
-        assert!(p.scene.window("Flower").is_none(), "{}: app-c has a window", p.name);
+        assert!(
+            p.scene.window("Flower").is_none(),
+            "{}: app-c has a window",
+            p.name
+        );
     }
     let audit: Vec<&String> = lines
         .iter()
-        .filter(|l| l.starts_with("screens: #") && l.contains(" DENY app-c-vm connect wayland@gui-vm"))
+        .filter(|l| {
+            l.starts_with("screens: #") && l.contains(" DENY app-c-vm connect wayland@gui-vm")
+        })
         .collect();
     assert_eq!(audit.len(), 1, "{audit:?}\n{}", h.context());
     assert!(audit[0].contains("NoGrant"), "{}", audit[0]);
-    assert!(!audit[0].contains("similar"), "one refusal, not several: {}", audit[0]);
     assert!(
-        !lines.iter().any(|l| l.starts_with("screens: #") && l.contains("DENY app-a-vm")),
+        !audit[0].contains("similar"),
+        "one refusal, not several: {}",
+        audit[0]
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.starts_with("screens: #") && l.contains("DENY app-a-vm")),
         "app-a was refused\n{}",
         h.context()
     );

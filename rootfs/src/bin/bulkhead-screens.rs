@@ -41,8 +41,8 @@ struct Cli {
 /// SIGKILLs the running process of init's service `service`.
 fn kill_service(service: &str) -> Result<i32, String> {
     use bulkhead_init::control::{request, Request, Response, SOCKET_PATH};
-    let answer = request(std::path::Path::new(SOCKET_PATH), &Request::Status)
-        .map_err(|e| e.to_string())?;
+    let answer =
+        request(std::path::Path::new(SOCKET_PATH), &Request::Status).map_err(|e| e.to_string())?;
     let Response::Status { services } = answer else {
         return Err(format!("init answered {answer:?}"));
     };
@@ -51,8 +51,11 @@ fn kill_service(service: &str) -> Result<i32, String> {
         .find(|s| s.name == service)
         .and_then(|s| s.pid)
         .ok_or_else(|| format!("{service} is not running"))?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
-        .map_err(|e| format!("kill {pid}: {e}"))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(|e| format!("kill {pid}: {e}"))?;
     Ok(pid)
 }
 
@@ -171,7 +174,10 @@ fn main() {
                 if f.kind == Kind::Png {
                     for (_, service) in kills.iter().filter(|(n, _)| *n == f.name) {
                         match kill_service(service) {
-                            Ok(pid) => println!("after {}: killed {service} (pid {pid}) with SIGKILL", f.name),
+                            Ok(pid) => println!(
+                                "after {}: killed {service} (pid {pid}) with SIGKILL",
+                                f.name
+                            ),
                             Err(e) => println!("after {}: cannot kill {service}: {e}", f.name),
                         }
                     }

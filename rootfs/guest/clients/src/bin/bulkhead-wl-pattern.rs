@@ -9,7 +9,10 @@ use bulkhead_wl_clients::{Res, Window};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "bulkhead-wl-pattern", about = "A window with an exact pattern for pixel and damage checks")]
+#[command(
+    name = "bulkhead-wl-pattern",
+    about = "A window with an exact pattern for pixel and damage checks"
+)]
 struct Cli {
     /// The app-side proxy's statistics file.
     #[arg(long)]

@@ -10,7 +10,10 @@ use bulkhead_wl_clients::{Res, Window};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "bulkhead-wl-shm-bench", about = "Frames per second of a full-damage shm client")]
+#[command(
+    name = "bulkhead-wl-shm-bench",
+    about = "Frames per second of a full-damage shm client"
+)]
 struct Cli {
     /// Frames to commit (after two warm-up frames).
     #[arg(long, default_value_t = 200)]
@@ -28,6 +31,9 @@ struct Cli {
     /// A label for the output line.
     #[arg(long, default_value = "bench")]
     label: String,
+    /// The window's title.
+    #[arg(long, default_value = "bulkhead-bench")]
+    title: String,
 }
 
 fn stat(path: &std::path::Path, key: &str) -> Option<u64> {
@@ -54,7 +60,7 @@ fn cpu_ticks(name: &str) -> Option<u64> {
 }
 
 fn run(cli: &Cli) -> Res<()> {
-    let mut w = Window::open("bulkhead-bench", cli.width, cli.height, false)?;
+    let mut w = Window::open(&cli.title, cli.width, cli.height, false)?;
     let size = (cli.width * cli.height * 4) as usize;
     let full = (0, 0, cli.width, cli.height);
     let mut frame = vec![0u8; size];
@@ -63,7 +69,10 @@ fn run(cli: &Cli) -> Res<()> {
         w.write(0, &frame)?;
         w.commit_and_wait(full)?;
     }
-    let copied0 = cli.stats_file.as_deref().and_then(|p| stat(p, "copied_bytes"));
+    let copied0 = cli
+        .stats_file
+        .as_deref()
+        .and_then(|p| stat(p, "copied_bytes"));
     let cpu0 = cli.proxy_name.as_deref().and_then(cpu_ticks);
     let t0 = Instant::now();
     for i in 0..cli.frames {
@@ -84,7 +93,9 @@ fn run(cli: &Cli) -> Res<()> {
     );
     if let (Some(a), Some(b)) = (
         copied0,
-        cli.stats_file.as_deref().and_then(|p| stat(p, "copied_bytes")),
+        cli.stats_file
+            .as_deref()
+            .and_then(|p| stat(p, "copied_bytes")),
     ) {
         line += &format!(
             " copied_bytes_per_frame={}",
@@ -97,7 +108,10 @@ fn run(cli: &Cli) -> Res<()> {
             .flatten()
             .unwrap_or(100) as f64;
         let cpu = (b.saturating_sub(a)) as f64 / hz;
-        line += &format!(" proxy_cpu_seconds={cpu:.2} proxy_cpu_share={:.2}", cpu / secs);
+        line += &format!(
+            " proxy_cpu_seconds={cpu:.2} proxy_cpu_share={:.2}",
+            cpu / secs
+        );
     }
     println!("{line}");
     Ok(())

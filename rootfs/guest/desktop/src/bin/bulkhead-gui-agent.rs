@@ -8,7 +8,7 @@
 //! Steps (each one argument): `mapped:T1,T2` (windows with these titles are mapped),
 //! `gone:T` (no window titled T), `shot:NAME`, `changed:NAME` (screenshots until one differs
 //! from the last one sent, which is then sent), `point:T` (pointer to the middle of T's
-//! window), `click`, `sleep:MS`. Every wait has a deadline (`--timeout`); a step that fails
+//! window), `click`, `sleep:MS`, `run:COMMAND ARGS` (its output printed). Every wait has a deadline (`--timeout`); a step that fails
 //! says why and the agent exits 1.
 
 use std::path::{Path, PathBuf};
@@ -51,6 +51,7 @@ enum Step {
     Point(String),
     Click,
     Sleep(u64),
+    Run(Vec<String>),
 }
 
 fn parse_step(s: &str) -> Result<Step, String> {
@@ -69,6 +70,9 @@ fn parse_step(s: &str) -> Result<Step, String> {
         "changed" => Ok(Step::Changed(name(arg)?)),
         "point" if !arg.is_empty() => Ok(Step::Point(arg.to_string())),
         "click" => Ok(Step::Click),
+        "run" if !arg.trim().is_empty() => Ok(Step::Run(
+            arg.split_whitespace().map(String::from).collect(),
+        )),
         "sleep" => arg
             .parse()
             .map(Step::Sleep)
@@ -288,6 +292,16 @@ impl Agent {
                 println!("clicked");
             }
             Step::Sleep(ms) => std::thread::sleep(Duration::from_millis(*ms)),
+            Step::Run(argv) => {
+                let (prog, args) = argv.split_first().ok_or("run: no command")?;
+                let out = run(
+                    Command::new(prog).args(args),
+                    Duration::from_secs(self.cli.timeout),
+                )?;
+                for l in String::from_utf8_lossy(&out).lines() {
+                    println!("{l}");
+                }
+            }
         }
         Ok(())
     }
