@@ -318,7 +318,7 @@ mod tests {
             r#"
             [[program]]
             name = "first"
-            exec = ["/bin/sh", "-c", "echo x > {}"]
+            exec = ["/bin/sh", "-c", "sleep 0.3; echo x > {}"]
             [[program]]
             name = "second"
             exec = ["/bin/sh", "-c", "exit 3"]
