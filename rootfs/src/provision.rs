@@ -17,6 +17,8 @@ pub const PACKAGES: &[&str] = &[
     "wl-clipboard",
     "wayland-utils",
     "xvfb",
+    // mkfs.ext4 -d: guests' Debian root filesystems.
+    "e2fsprogs",
 ];
 
 /// The metapackage that names the current cloud kernel ABI.
