@@ -58,7 +58,7 @@ pub type Res<T> = Result<T, String>;
 impl Window {
     /// Connects to `$WAYLAND_DISPLAY`, makes the window and waits for its first configure.
     pub fn open(title: &str, width: u32, height: u32, with_seat: bool) -> Res<Window> {
-        let conn = Connection::connect_to_env().map_err(|e| format!("connect: {e}"))?;
+        let conn = connect()?;
         let (globals, queue) =
             registry_queue_init::<State>(&conn).map_err(|e| format!("registry: {e}"))?;
         let qh = queue.handle();
@@ -166,6 +166,20 @@ impl Window {
         }
         Ok(())
     }
+}
+
+/// Connects as libwayland does: `$WAYLAND_DISPLAY` (default `wayland-0`) in
+/// `$XDG_RUNTIME_DIR`, or an absolute path.
+fn connect() -> Res<Connection> {
+    if std::env::var_os("WAYLAND_DISPLAY").is_some() || std::env::var_os("WAYLAND_SOCKET").is_some()
+    {
+        return Connection::connect_to_env().map_err(|e| format!("connect: {e}"));
+    }
+    let dir = std::env::var_os("XDG_RUNTIME_DIR").ok_or("connect: XDG_RUNTIME_DIR is not set")?;
+    let path = std::path::Path::new(&dir).join("wayland-0");
+    let stream = std::os::unix::net::UnixStream::connect(&path)
+        .map_err(|e| format!("connect {}: {e}", path.display()))?;
+    Connection::from_socket(stream).map_err(|e| format!("connect: {e}"))
 }
 
 fn memfd(name: &str) -> Res<File> {

@@ -30,14 +30,17 @@ pub struct View {
     pub y1: i32,
     pub x2: i32,
     pub y2: i32,
-    /// Weston holds a buffer for it (it is drawn).
+    /// Weston holds a buffer for it right now.
     pub has_buffer: bool,
 }
 
 impl View {
-    /// A client's window that weston draws.
+    /// A client's window that weston draws: desktop-shell puts a toplevel's view in its
+    /// layer when the surface is mapped (its first commit with a buffer). Whether weston
+    /// still holds the buffer says nothing (it lets go of a shm buffer it has drawn), and a
+    /// closing window's view lingers with pid 0 for its animation.
     pub fn is_mapped_window(&self) -> bool {
-        self.role == "xdg_toplevel" && self.pid > 0 && self.has_buffer
+        self.role == "xdg_toplevel" && self.pid > 0 && self.width() > 1 && self.height() > 1
     }
 
     /// The pointer's image.
@@ -226,7 +229,7 @@ Layer 6 (pos 0x2):
     #[test]
     fn two_windows_with_one_title_name_neither() {
         let twice = format!(
-            "{DUMP}\tView 3 (role xdg_toplevel, PID 9, surface ID 9, top-level window 'simple-shm' of y, 0x2):\n\t\tposition: (0, 0) -> (1, 1)\n\t\tSHM buffer\n"
+            "{DUMP}\tView 3 (role xdg_toplevel, PID 9, surface ID 9, top-level window 'simple-shm' of y, 0x2):\n\t\tposition: (0, 0) -> (10, 10)\n\t\tSHM buffer\n"
         );
         assert!(Scene::parse(&twice).window("simple-shm").is_none());
     }
