@@ -1,10 +1,9 @@
 //! Bulkhead IPC: the wire layer every control socket uses (frames over SOCK_SEQPACKET with
-//! fds by SCM_RIGHTS), typed capabilities ([`cap`]), fd classification ([`classify`]) and
+//! fds by SCM_RIGHTS), fd classification ([`classify`]) and
 //! the hub ([`hub`]): broker, service registry, memfd server, audit, policy reload.
 //! See `docs/ipc.md`.
 
 pub mod bench;
-pub mod cap;
 pub mod channel;
 pub mod classify;
 pub mod frame;
