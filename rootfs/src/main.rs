@@ -41,7 +41,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install QEMU from Debian's packages (as root) and download the current Debian cloud
-    /// kernel and its modules into the cache. Idempotent.
+    /// kernel and its modules into the cache; also install what the tests need (weston,
+    /// wl-clipboard, wayland-utils, xvfb). Idempotent.
     Provision,
     /// Build the host initramfs for a system directory (system.toml + policy.d/).
     Build {
@@ -162,6 +163,7 @@ fn run(cli: Cli) -> Result<u8, String> {
     match cli.command {
         Cmd::Provision => {
             let k = provision::provision(&cache).map_err(|e| e.to_string())?;
+            provision::ensure_packages(provision::TEST_PACKAGES).map_err(|e| e.to_string())?;
             eprintln!(
                 "bulkhead-rootfs: ready: kernel {} at {}",
                 k.abi,

@@ -9,17 +9,16 @@ use std::process::Command;
 use crate::kernel::{Cache, Kernel};
 
 /// Debian packages the build and boot need.
-/// weston, wl-clipboard, wayland-utils and xvfb: the Wayland proxies' tests run real weston and stock clients
-/// (`rootfs/guest/wayland/tests`; Xvfb gives weston a seat for keymaps and the clipboard).
 pub const PACKAGES: &[&str] = &[
     "qemu-system-x86",
-    "weston",
-    "wl-clipboard",
-    "wayland-utils",
-    "xvfb",
-    // mkfs.ext4 -d: guests' Debian root filesystems.
+    // mkfs.ext4 -d: guests' Debian root filesystems (`boot` builds the example's).
     "e2fsprogs",
 ];
+
+/// Debian packages only the tests need, installed by the `provision` command (not by `boot`
+/// or the benches): the Wayland proxies' tests run real weston and stock clients
+/// (`rootfs/guest/wayland/tests`); Xvfb gives weston a seat for keymaps and the clipboard.
+pub const TEST_PACKAGES: &[&str] = &["weston", "wl-clipboard", "wayland-utils", "xvfb"];
 
 /// The metapackage that names the current cloud kernel ABI.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";

@@ -1,4 +1,4 @@
-//! The exact picture `bulkhead-wl-pattern` draws, shared with the tests that look for it in
+//! The exact picture `bulkhead-wl-click-pattern` draws, shared with the tests that look for it in
 //! a screenshot: every pixel is a function of its place in the window, so a window shown one
 //! pixel off, scaled, or with stale bytes does not match.
 

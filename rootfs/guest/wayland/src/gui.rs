@@ -78,6 +78,10 @@ pub fn serve(
 /// Moves bytes and fds between one connection and weston until either side ends.
 pub fn join(far: &dyn Channel, weston: &UnixStream, t: &dyn Transport) -> String {
     let mut buf = vec![0u8; 4096];
+    // Fds that came without data (virtio_wl may deliver a message's vfds in a receive of
+    // their own): a stream socket sends fds only with at least one byte, so they wait for
+    // the next data.
+    let mut held: Vec<OwnedFd> = Vec::new();
     loop {
         let rev = match sock::poll(
             &[
@@ -99,8 +103,8 @@ pub fn join(far: &dyn Channel, weston: &UnixStream, t: &dyn Transport) -> String
             if data.is_empty() && fds.is_empty() {
                 return "the app side closed".into();
             }
-            let b: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-            if let Err(e) = sock::send_all(weston.as_fd(), &data, &b) {
+            held.extend(fds);
+            if let Err(e) = to_weston(weston, &data, &mut held) {
                 return format!("weston's socket: {e}");
             }
         }
@@ -121,6 +125,26 @@ pub fn join(far: &dyn Channel, weston: &UnixStream, t: &dyn Transport) -> String
     }
 }
 
+/// Sends `data` to weston with the `held` fds (all of them, at most 28 per `sendmsg`, the
+/// excess with the first bytes; a stream carries fds only with data). With no data the fds
+/// stay held.
+fn to_weston(weston: &UnixStream, data: &[u8], held: &mut Vec<OwnedFd>) -> std::io::Result<()> {
+    let mut at = 0;
+    while held.len() > MAX_FDS && at + 1 < data.len() {
+        let group: Vec<OwnedFd> = held.drain(..MAX_FDS).collect();
+        let b: Vec<BorrowedFd<'_>> = group.iter().map(|f| f.as_fd()).collect();
+        sock::send_all(weston.as_fd(), data.get(at..at + 1).unwrap_or_default(), &b)?;
+        at += 1;
+    }
+    let rest = data.get(at..).unwrap_or_default();
+    if rest.is_empty() {
+        return Ok(());
+    }
+    let group: Vec<OwnedFd> = held.drain(..held.len().min(MAX_FDS)).collect();
+    let b: Vec<BorrowedFd<'_>> = group.iter().map(|f| f.as_fd()).collect();
+    sock::send_all(weston.as_fd(), rest, &b)
+}
+
 /// An fd from weston as a vfd: as it is if it is one, else translated; `None` if it
 /// cannot cross.
 pub fn to_vfd(fd: OwnedFd, t: &dyn Transport) -> Option<OwnedFd> {
@@ -137,6 +161,10 @@ pub fn to_vfd(fd: OwnedFd, t: &dyn Transport) -> Option<OwnedFd> {
     match st.st_mode & libc::S_IFMT {
         libc::S_IFREG => {
             let size = usize::try_from(st.st_size).unwrap_or(0).max(1);
+            if size > crate::app::state::MAX_BLOB {
+                log::warn!("dropping a {size}-byte file from weston (too large to copy)");
+                return None;
+            }
             let (vfd, map) = match t.alloc(size) {
                 Ok(x) => x,
                 Err(e) => {
@@ -182,5 +210,74 @@ pub fn to_vfd(fd: OwnedFd, t: &dyn Transport) -> Option<OwnedFd> {
             log::warn!("dropping an fd of type {other:o} from weston");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::standin::StandIn;
+    use std::io::{Read, Write};
+
+    fn memfd_with(bytes: &[u8]) -> OwnedFd {
+        // SAFETY: a static NUL-terminated name; checked.
+        let fd = unsafe { libc::memfd_create(c"weston-keymap".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd nothing else owns.
+        let mut f =
+            std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        f.write_all(bytes).unwrap();
+        OwnedFd::from(f)
+    }
+
+    #[test]
+    fn weston_fds_become_vfds() {
+        let t = StandIn::new();
+        // A keymap memfd: a new vfd with the same bytes.
+        let v = to_vfd(memfd_with(b"xkb_keymap {};"), &t).unwrap();
+        assert!(t.is_vfd(v.as_fd()));
+        let m = crate::transport::Mapping::new_backed(v.as_fd(), 14, false).unwrap();
+        let mut b = [0u8; 14];
+        m.read_at(0, &mut b).unwrap();
+        assert_eq!(&b, b"xkb_keymap {};");
+        // weston's own pipe write end: a pipe vfd whose data reaches weston's pipe.
+        let (r, w) = sock::pipe().unwrap();
+        let v = to_vfd(w, &t).unwrap();
+        assert!(t.is_vfd(v.as_fd()));
+        std::fs::File::from(v).write_all(b"selection").unwrap();
+        let mut got = String::new();
+        std::fs::File::from(r).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "selection");
+        // A read end, a socket: dropped.
+        let (r, _w) = sock::pipe().unwrap();
+        assert!(to_vfd(r, &t).is_none());
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(to_vfd(OwnedFd::from(a), &t).is_none());
+        // A vfd: itself.
+        let (v, _m) = t.alloc(10).unwrap();
+        let ino = nix::sys::stat::fstat(v.as_fd()).unwrap().st_ino;
+        let same = to_vfd(v, &t).unwrap();
+        assert_eq!(nix::sys::stat::fstat(same.as_fd()).unwrap().st_ino, ino);
+    }
+
+    #[test]
+    fn fds_without_data_wait_and_more_than_28_go_in_several_sends() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut held: Vec<OwnedFd> = (0..40).map(|_| memfd_with(b"x")).collect();
+        to_weston(&a, &[], &mut held).unwrap();
+        assert_eq!(held.len(), 40, "no data: nothing sent");
+        to_weston(&a, b"0123456789", &mut held).unwrap();
+        assert!(held.is_empty());
+        let (mut bytes, mut fds, mut per) = (Vec::new(), 0, Vec::new());
+        while bytes.len() < 10 {
+            let mut buf = [0u8; 64];
+            let (n, f) = sock::recv_with_fds(b.as_fd(), &mut buf, false).unwrap();
+            bytes.extend_from_slice(&buf[..n]);
+            fds += f.len();
+            per.push(f.len());
+        }
+        assert_eq!(bytes, b"0123456789");
+        assert_eq!(fds, 40);
+        assert!(per.iter().all(|n| *n <= MAX_FDS), "{per:?}");
     }
 }

@@ -142,8 +142,16 @@ pub fn byte_ranges(l: &Layout, region: &Region, pool_len: u64) -> Vec<(u64, u64)
     if rects.is_empty() {
         return out;
     }
+    // Rows past the pool's end hold nothing to copy: never walk them (a buffer may claim
+    // 2^31 rows).
+    let rows_in_pool = (pool_len as i64 - base).max(0) / l.stride + 1;
     let ymin = rects.iter().map(|r| r.1).min().unwrap_or(0);
-    let ymax = rects.iter().map(|r| r.3).max().unwrap_or(0);
+    let ymax = rects
+        .iter()
+        .map(|r| r.3)
+        .max()
+        .unwrap_or(0)
+        .min(rows_in_pool);
     let mut spans: Vec<(i64, i64)> = Vec::new();
     for y in ymin..ymax {
         spans.clear();
@@ -295,6 +303,20 @@ mod tests {
             h: i64::MAX,
         });
         assert!(byte_ranges(&l(), &r, 1 << 20).is_empty());
+    }
+
+    #[test]
+    fn a_huge_buffer_in_a_small_pool_is_cheap() {
+        let l = Layout {
+            offset: 0,
+            width: 1,
+            height: i32::MAX as i64,
+            stride: 4,
+            bpp: Some(4),
+        };
+        // Only the 1025 rows that touch the pool are walked (2^31 would take seconds).
+        let v = byte_ranges(&l, &Region::Full, 4096);
+        assert_eq!(v, vec![(0, 4096)]);
     }
 
     #[test]

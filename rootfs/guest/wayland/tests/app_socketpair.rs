@@ -321,7 +321,7 @@ fn surface_with_buffer(r: &mut Rig) -> Surface {
         "not the client's own memory"
     );
     assert!(st_vfd.st_size >= 40_000);
-    let vfd_map = Mapping::new(vfd.as_fd(), 40_000, false).unwrap();
+    let vfd_map = Mapping::new_backed(vfd.as_fd(), 40_000, false).unwrap();
     r.request(
         6,
         "wl_shm_pool",
@@ -562,7 +562,7 @@ fn pool_resize_makes_new_shared_memory_under_the_same_id_and_hides_its_delete_id
     r.at_far();
     r.at_far();
     commit(&mut r);
-    let m = Mapping::new(vfd.as_fd(), 80_000, false).unwrap();
+    let m = Mapping::new_backed(vfd.as_fd(), 80_000, false).unwrap();
     assert_eq!(byte(&m, 60_000), 0x44);
 }
 
@@ -814,4 +814,34 @@ fn a_malformed_client_is_disconnected_and_another_client_goes_on() {
     good.event(3, "wl_callback", "done", &[Arg::Uint(42)], &[]);
     let m = good.at_client().unwrap();
     assert_eq!(m.object, 3);
+}
+
+#[test]
+fn a_refused_connection_closes_that_client_and_the_proxy_goes_on() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wayland-0");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let t = StandIn::new();
+    let stats = Arc::new(Stats::default());
+    let (tt, s): (Arc<dyn Transport>, _) = (Arc::new(t.clone()), stats.clone());
+    let cfg = bulkhead_wayland::app::Config {
+        connect: "wayland@gui-vm".into(),
+        max_clients: 4,
+    };
+    std::thread::spawn(move || bulkhead_wayland::app::serve(listener, tt, s, cfg));
+    // Nobody provides `wayland` (as without the grant): the client is closed at once.
+    let mut c = UnixStream::connect(&path).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut b = [0u8; 8];
+    assert_eq!(c.read(&mut b).unwrap(), 0, "closed");
+    assert_eq!(stats.clients.load(Ordering::Relaxed), 0);
+    // Once it is provided, the next client is served by the same proxy.
+    let mut acceptor = t.listen("wayland");
+    let mut c = UnixStream::connect(&path).unwrap();
+    c.write_all(&wire::encode(1, 0, &[Arg::NewId(3)])).unwrap();
+    let (far, _) = acceptor.accept().unwrap();
+    let (data, _) = far.recv().unwrap();
+    assert_eq!(data, wire::encode(1, 0, &[Arg::NewId(3)]));
+    assert_eq!(stats.clients.load(Ordering::Relaxed), 1);
 }

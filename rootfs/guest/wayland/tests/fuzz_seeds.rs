@@ -34,13 +34,16 @@ fn the_seeds_reach_deep_into_the_state() {
         let data = std::fs::read(seeds.join(name)).unwrap();
         assert_eq!(bulkhead_wayland::fuzz::exercise(&data), n, "{name}");
     }
-    // The malformed ones stop at their bad message.
+    // The malformed ones stop at their bad message. keymap_past_the_end: a keymap larger
+    // than its memory (once a SIGBUS: the copy fell back to loads through a mapping past
+    // the file's end).
     for (name, n) in [
         ("bad_size", 0),
         ("unknown_opcode", 0),
         ("missing_fd", 7),
         ("bad_string", 1),
         ("unknown_object", 0),
+        ("keymap_past_the_end", 4),
     ] {
         let data = std::fs::read(seeds.join(name)).unwrap();
         assert_eq!(bulkhead_wayland::fuzz::exercise(&data), n, "{name}");

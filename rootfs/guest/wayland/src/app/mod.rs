@@ -23,6 +23,20 @@ pub struct Config {
     pub max_clients: usize,
 }
 
+fn transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EPROTO
+        )
+    )
+}
+
 /// Accepts clients on `listener` until it fails; each gets a thread and a connection.
 pub fn serve(
     listener: UnixListener,
@@ -35,6 +49,13 @@ pub fn serve(
         let (client, _) = match listener.accept() {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if transient(&e) => {
+                // Out of fds or memory for a moment, or a client that left before it was
+                // accepted: the proxy goes on.
+                log::warn!("accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
             Err(e) => return Err(e),
         };
         if live.load(Ordering::SeqCst) >= config.max_clients {

@@ -20,6 +20,8 @@ use crate::wire::{self, Arg, Header};
 
 /// Largest shm pool a client may create (the VM's own shm quota applies too).
 pub const MAX_POOL: usize = 256 << 20;
+/// Largest blob (keymap) the proxy copies from the compositor.
+pub const MAX_BLOB: usize = 16 << 20;
 
 /// `wl_display.error` codes.
 pub mod code {
@@ -658,6 +660,9 @@ impl ClientState {
     /// the same bytes.
     fn copy_blob(&self, vfd: OwnedFd, size: usize) -> Result<OwnedFd, Fault> {
         let err = |e: std::io::Error| Fault::Compositor(format!("keymap of {size} bytes: {e}"));
+        if size > MAX_BLOB {
+            return Err(Fault::Compositor(format!("a keymap of {size} bytes")));
+        }
         // SAFETY: a static NUL-terminated name; the result is checked.
         let fd = unsafe {
             libc::memfd_create(

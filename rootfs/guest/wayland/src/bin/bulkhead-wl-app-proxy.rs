@@ -4,6 +4,8 @@
 //! client gets its own virtio_wl connection to `--connect` (default `wayland@gui-vm`),
 //! through the hub. See docs/wayland.md.
 
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +30,9 @@ struct Cli {
     /// Rewrite this file with the counters (copied_bytes=, commits=, …) after every commit.
     #[arg(long)]
     stats_file: Option<PathBuf>,
+    /// The virtio_wl device node.
+    #[arg(long, default_value = "/dev/wl0")]
+    device: PathBuf,
     /// Most clients at once.
     #[arg(long, default_value_t = 32)]
     max_clients: usize,
@@ -44,7 +49,8 @@ fn socket_path(s: &str) -> Result<PathBuf, String> {
 
 fn run(cli: Cli) -> Result<(), String> {
     let path = socket_path(&cli.socket)?;
-    let transport = Virtio::open().map_err(|e| format!("/dev/wl0: {e}"))?;
+    let transport =
+        Virtio::open(&cli.device).map_err(|e| format!("{}: {e}", cli.device.display()))?;
     // A socket left by an earlier run is replaced; a live one is not stolen (bind fails).
     if std::os::unix::net::UnixStream::connect(&path).is_err() {
         let _ = std::fs::remove_file(&path);

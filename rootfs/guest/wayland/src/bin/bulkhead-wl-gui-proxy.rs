@@ -4,6 +4,8 @@
 //! each connection to weston's socket `--compositor` (a path, or a name in
 //! $XDG_RUNTIME_DIR; default `wayland-0`). See docs/wayland.md.
 
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,6 +26,9 @@ struct Cli {
     /// weston's socket: a path, or a name in $XDG_RUNTIME_DIR.
     #[arg(long, default_value = "wayland-0")]
     compositor: String,
+    /// The virtio_wl device node.
+    #[arg(long, default_value = "/dev/wl0")]
+    device: PathBuf,
     /// How long to wait for weston's socket when a connection comes (seconds).
     #[arg(long, default_value_t = 30)]
     wait: u64,
@@ -37,18 +42,41 @@ fn run(cli: Cli) -> Result<(), String> {
             .ok_or("XDG_RUNTIME_DIR is not set (give --compositor a path)")?;
         PathBuf::from(dir).join(&cli.compositor)
     };
-    let transport = Virtio::open().map_err(|e| format!("/dev/wl0: {e}"))?;
+    let transport =
+        Virtio::open(&cli.device).map_err(|e| format!("{}: {e}", cli.device.display()))?;
     let acceptor = transport
         .listen(&cli.service)
         .map_err(|e| format!("cannot provide {}: {e} (is it granted?)", cli.service))?;
     log::info!("providing {}, joined to {}", cli.service, path.display());
-    serve(
-        acceptor,
-        Arc::new(transport),
-        path,
-        Duration::from_secs(cli.wait),
-    )
-    .map_err(|e| format!("accept: {e}"))
+    let shared = Arc::new(transport);
+    let mut acceptor = Some(acceptor);
+    loop {
+        let a = match acceptor.take() {
+            Some(a) => a,
+            // The listener context ended (the VMM reset the device, or the hub restarted):
+            // provide the service again; connections already joined go on.
+            None => match transport.listen(&cli.service) {
+                Ok(a) => {
+                    log::info!("providing {} again", cli.service);
+                    a
+                }
+                Err(e) => {
+                    log::warn!("cannot provide {} yet: {e}", cli.service);
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = serve(
+            a,
+            shared.clone(),
+            path.clone(),
+            Duration::from_secs(cli.wait),
+        ) {
+            log::warn!("the listener ended: {e}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -53,9 +53,7 @@ pub trait Transport: Send + Sync {
     /// A writer for a pipe write end received from the peer.
     fn received_pipe_writer(&self, fd: OwnedFd) -> Box<dyn Write + Send>;
     /// Maps `len` bytes of a shared-memory vfd received from the peer, read-only.
-    fn map_received(&self, fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Mapping> {
-        Mapping::new(fd, len, false)
-    }
+    fn map_received(&self, fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Mapping>;
     /// Whether `fd` is a vfd (it can be sent as it is).
     fn is_vfd(&self, fd: BorrowedFd<'_>) -> bool;
 }
@@ -66,6 +64,11 @@ pub trait Transport: Send + Sync {
 pub struct Mapping {
     ptr: *mut u8,
     len: usize,
+    writable: bool,
+    /// Every byte is known to be backed (memory this proxy sized, or a vfd the driver
+    /// bounds): only then may the proxy load or store through the pointer itself. Other
+    /// mappings are reached through system calls only, which fail instead of faulting.
+    backed: bool,
 }
 
 // SAFETY: a shared mapping owned by this value; it is only accessed through system calls
@@ -73,8 +76,19 @@ pub struct Mapping {
 unsafe impl Send for Mapping {}
 
 impl Mapping {
-    /// Maps `len` bytes of `fd` (shared), writable or not.
+    /// Maps `len` bytes of `fd` (shared), writable or not. The file may be shorter than
+    /// `len` (a peer's memory): then only system calls touch it.
     pub fn new(fd: BorrowedFd<'_>, len: usize, writable: bool) -> std::io::Result<Self> {
+        Self::map(fd, len, writable, false)
+    }
+
+    /// Maps `len` bytes of `fd`, which the caller knows are all backed: memory it sized
+    /// itself, or a vfd (the driver refuses a mapping past the vfd's size).
+    pub fn new_backed(fd: BorrowedFd<'_>, len: usize, writable: bool) -> std::io::Result<Self> {
+        Self::map(fd, len, writable, true)
+    }
+
+    fn map(fd: BorrowedFd<'_>, len: usize, writable: bool, backed: bool) -> std::io::Result<Self> {
         if len == 0 {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
         }
@@ -100,6 +114,8 @@ impl Mapping {
         Ok(Self {
             ptr: ptr.cast(),
             len,
+            writable,
+            backed,
         })
     }
 
@@ -126,6 +142,9 @@ impl Mapping {
             Some(end) if end <= self.len => {}
             _ => return Err(std::io::Error::from_raw_os_error(libc::ERANGE)),
         }
+        if !self.writable {
+            return Err(std::io::Error::from_raw_os_error(libc::EACCES));
+        }
         let mut done = 0usize;
         while done < len {
             let off = i64::try_from(src_at + done as u64)
@@ -145,12 +164,45 @@ impl Mapping {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
+                if e.raw_os_error() == Some(libc::EFAULT) && self.backed {
+                    // The kernel would not copy straight into this mapping (device memory
+                    // it does not fault in): go through a buffer.
+                    return self
+                        .fill_bounced(at + done, len - done, src, src_at + done as u64)
+                        .map(|n| done + n);
+                }
                 return Err(e);
             }
             if n == 0 {
                 break;
             }
             done += n as usize;
+        }
+        Ok(done)
+    }
+
+    fn fill_bounced(
+        &self,
+        at: usize,
+        len: usize,
+        src: BorrowedFd<'_>,
+        src_at: u64,
+    ) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::from(src.try_clone_to_owned()?);
+        let mut buf = vec![0u8; len.min(1 << 20)];
+        let mut done = 0usize;
+        while done < len {
+            let want = (len - done).min(buf.len());
+            let chunk = buf.get_mut(..want).unwrap_or_default();
+            let n = f.read_at(chunk, src_at + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            // SAFETY: `at + done + n <= at + len`, inside the mapping (checked by the
+            // caller); `buf` holds at least `n` bytes; the two never overlap.
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.add(at + done), n) };
+            done += n;
         }
         Ok(done)
     }
@@ -169,6 +221,13 @@ impl Mapping {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
+                if e.raw_os_error() == Some(libc::EFAULT) && self.backed {
+                    // As in `fill_from`: copy out through a buffer.
+                    let mut buf = vec![0u8; len - done];
+                    self.read_at(done, &mut buf)?;
+                    let mut f = std::fs::File::from(dst.try_clone_to_owned()?);
+                    return std::io::Write::write_all(&mut f, &buf);
+                }
                 return Err(e);
             }
             if n == 0 {
@@ -180,9 +239,10 @@ impl Mapping {
     }
 
     /// Reads `dst.len()` bytes at `at` (volatile loads: a snapshot; for tests and checks).
+    /// Only on a backed mapping ([`Mapping::new_backed`]).
     pub fn read_at(&self, at: usize, dst: &mut [u8]) -> std::io::Result<()> {
         match at.checked_add(dst.len()) {
-            Some(end) if end <= self.len => {}
+            Some(end) if end <= self.len && self.backed => {}
             _ => return Err(std::io::Error::from_raw_os_error(libc::ERANGE)),
         }
         for (i, d) in dst.iter_mut().enumerate() {
@@ -197,5 +257,74 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: exactly the mapping made in `new`, unmapped once.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, FromRawFd};
+
+    fn memfd(bytes: &[u8]) -> OwnedFd {
+        // SAFETY: a static NUL-terminated name; checked.
+        let fd = unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd nothing else owns.
+        let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        std::io::Write::write_all(&mut f, bytes).unwrap();
+        OwnedFd::from(f)
+    }
+
+    #[test]
+    fn fill_copies_from_a_file_and_stops_at_its_end() {
+        let dst = memfd(&[0u8; 8192]);
+        let m = Mapping::new_backed(dst.as_fd(), 8192, true).unwrap();
+        let src = memfd(b"0123456789");
+        assert_eq!(m.fill_from(100, 4, src.as_fd(), 3).unwrap(), 4);
+        let mut b = [0u8; 4];
+        m.read_at(100, &mut b).unwrap();
+        assert_eq!(&b, b"3456");
+        // A source shorter than asked (a client that shrank its pool): fewer bytes, no fault.
+        assert_eq!(m.fill_from(0, 100, src.as_fd(), 5).unwrap(), 5);
+        assert!(
+            m.fill_from(8190, 4, src.as_fd(), 0).is_err(),
+            "out of range"
+        );
+        let ro = Mapping::new(dst.as_fd(), 8192, false).unwrap();
+        assert!(ro.fill_from(0, 4, src.as_fd(), 0).is_err(), "read-only");
+    }
+
+    #[test]
+    fn a_mapping_past_the_end_of_a_short_file_fails_instead_of_faulting() {
+        // A peer's 10-byte file mapped as 1 MiB: writing it out fails (EFAULT from the
+        // kernel) and is never retried through the pointer, which would be a SIGBUS.
+        let short = memfd(b"0123456789");
+        let m = Mapping::new(short.as_fd(), 1 << 20, false).unwrap();
+        let out = memfd(b"");
+        assert!(m.write_to(1 << 20, out.as_fd()).is_err());
+        let mut b = [0u8; 4];
+        assert!(
+            m.read_at(0, &mut b).is_err(),
+            "no loads on an unbacked mapping"
+        );
+    }
+
+    #[test]
+    fn the_bounce_path_copies_the_same_bytes() {
+        let dst = memfd(&[0u8; 4096]);
+        let m = Mapping::new_backed(dst.as_fd(), 4096, true).unwrap();
+        let src = memfd(b"abcdefgh");
+        assert_eq!(m.fill_bounced(10, 8, src.as_fd(), 0).unwrap(), 8);
+        let mut b = [0u8; 8];
+        m.read_at(10, &mut b).unwrap();
+        assert_eq!(&b, b"abcdefgh");
+        let out = memfd(b"");
+        m.write_to(18, out.as_fd()).unwrap();
+        let mut got = Vec::new();
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::from(out);
+        f.rewind().unwrap();
+        f.read_to_end(&mut got).unwrap();
+        assert_eq!(&got[10..18], b"abcdefgh");
     }
 }

@@ -186,7 +186,7 @@ impl Transport for StandIn {
             & !(page - 1);
         let fd = memfd(rounded.max(page))?;
         self.register(fd.as_fd());
-        let map = Mapping::new(fd.as_fd(), size.max(1), true)?;
+        let map = Mapping::new_backed(fd.as_fd(), size.max(1), true)?;
         Ok((fd, map))
     }
 
@@ -201,6 +201,11 @@ impl Transport for StandIn {
 
     fn received_pipe_writer(&self, fd: OwnedFd) -> Box<dyn Write + Send> {
         Box::new(std::fs::File::from(fd))
+    }
+
+    fn map_received(&self, fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Mapping> {
+        // A memfd may be shorter than the peer says: mapped unbacked (system calls only).
+        Mapping::new(fd, len, false)
     }
 
     fn is_vfd(&self, fd: BorrowedFd<'_>) -> bool {

@@ -21,10 +21,10 @@ pub struct Virtio {
 }
 
 impl Virtio {
-    /// Opens `/dev/wl0`. The device stays open for the life of the process (a proxy opens
+    /// Opens the device node (`/dev/wl0`). The device stays open for the life of the process (a proxy opens
     /// it once), which lets connections and the listener share it without lifetimes.
-    pub fn open() -> std::io::Result<Self> {
-        let wl = Wl::open().map_err(io)?;
+    pub fn open(device: &std::path::Path) -> std::io::Result<Self> {
+        let wl = Wl::open_path(device).map_err(io)?;
         Ok(Self {
             wl: Box::leak(Box::new(wl)),
         })
@@ -80,7 +80,7 @@ impl Transport for Virtio {
         let shm = self.wl.alloc(size).map_err(io)?;
         let fd = shm.fd().try_clone_to_owned()?;
         drop(shm);
-        let map = Mapping::new(fd.as_fd(), size, true)?;
+        let map = Mapping::new_backed(fd.as_fd(), size, true)?;
         Ok((fd, map))
     }
 
@@ -96,6 +96,11 @@ impl Transport for Virtio {
 
     fn received_pipe_writer(&self, fd: OwnedFd) -> Box<dyn Write + Send> {
         Box::new(PipeWriter(WlPipe::from(fd)))
+    }
+
+    fn map_received(&self, fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Mapping> {
+        // The driver refuses a mapping past the vfd's size, so all of it is backed.
+        Mapping::new_backed(fd, len, false)
     }
 
     fn is_vfd(&self, fd: BorrowedFd<'_>) -> bool {
@@ -115,7 +120,17 @@ pub struct VirtioAcceptor(Listener<'static>);
 
 impl Acceptor for VirtioAcceptor {
     fn accept(&mut self) -> std::io::Result<(Box<dyn Channel>, String)> {
-        let (s, name) = self.0.accept().map_err(io)?;
-        Ok((Box::new(Stream(s)), name))
+        loop {
+            match self.0.accept() {
+                Ok((s, name)) => return Ok((Box::new(Stream(s)), name)),
+                // A name that could not be connected (the hub dropped that connection
+                // before it was taken): that client is gone; the next one may come.
+                Err(WlError::Io {
+                    what: "VIRTWL_IOCTL_NEW",
+                    err,
+                }) => log::warn!("a connection could not be taken: {err}"),
+                Err(e) => return Err(io(e)),
+            }
+        }
     }
 }

@@ -82,12 +82,14 @@ impl Weston {
             .expect("start weston");
         let socket = dir.path().join("compositor");
         wait_socket(&socket, &mut child, "weston");
-        Self {
+        let w = Self {
             child,
             xvfb: None,
             dir,
             socket,
-        }
+        };
+        w.wait_desktop();
+        w
     }
 
     /// weston's X11 backend on a private Xvfb: the same weston with a seat (keyboard and
@@ -158,20 +160,27 @@ impl Weston {
             .expect("start weston");
         let socket = dir.path().join("compositor");
         wait_socket(&socket, &mut child, "weston");
-        Self {
+        let w = Self {
             child,
             xvfb: Some(xvfb),
             dir,
             socket,
-        }
+        };
+        w.wait_desktop();
+        w
     }
 
-    /// Waits until desktop-shell has drawn the desktop (until then weston shows black, and
-    /// no window either, even though it renders clients' frames).
+    /// Waits until desktop-shell has drawn the desktop and its fade-in is over: two
+    /// pictures in a row alike and not black (until then weston shows black, then a dimmed
+    /// desktop, and windows dimmed too).
     fn wait_desktop(&self) {
+        let mut last: Option<Image> = None;
         wait_for("weston's desktop", 60, || {
             let img = self.screenshot();
-            img.rgba.chunks(4).any(|p| p[..3] != [0, 0, 0])
+            let settled = img.rgba.chunks(4).any(|p| p[..3] != [0, 0, 0])
+                && last.as_ref().is_some_and(|l| l.diff(&img) == 0);
+            last = Some(img);
+            settled
         });
     }
 
@@ -192,6 +201,13 @@ impl Weston {
             .flatten()
             .find(|e| e.path().extension().is_some_and(|x| x == "png"))
             .expect("no screenshot written");
+        // BULKHEAD_WL_TEST_SHOTS=DIR keeps every screenshot there, to look at.
+        if let Some(dir) = std::env::var_os("BULKHEAD_WL_TEST_SHOTS") {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!("{}-{n}.png", std::process::id());
+            let _ = std::fs::copy(f.path(), std::path::Path::new(&dir).join(name));
+        }
         Image::load(&f.path())
     }
 }

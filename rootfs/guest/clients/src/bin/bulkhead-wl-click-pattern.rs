@@ -1,4 +1,4 @@
-//! `bulkhead-wl-pattern`: a window with an exact picture (`bulkhead_desktop::pattern`) for
+//! `bulkhead-wl-click-pattern`: a window with an exact picture (`bulkhead_desktop::pattern`) for
 //! pixel checks. When the window is clicked, one rectangle of it changes, committed with
 //! damage for that rectangle only; once its frame is done the client says how many bytes the
 //! app-side proxy copied for that commit (the proxy's `--stats-file`, `last_commit_bytes`).
@@ -10,7 +10,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 #[command(
-    name = "bulkhead-wl-pattern",
+    name = "bulkhead-wl-click-pattern",
     about = "A window with an exact pattern for pixel and damage checks"
 )]
 struct Cli {
