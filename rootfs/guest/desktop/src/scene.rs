@@ -43,9 +43,9 @@ impl View {
         self.role == "xdg_toplevel" && self.pid > 0 && self.width() > 1 && self.height() > 1
     }
 
-    /// The pointer's image.
+    /// The pointer's image (drawn while its view is in the cursor layer).
     pub fn is_cursor(&self) -> bool {
-        self.role == "wl_pointer-cursor" && self.has_buffer
+        self.role == "wl_pointer-cursor"
     }
 
     pub fn width(&self) -> i32 {
