@@ -48,7 +48,7 @@ impl Programs {
                 ("XDG_RUNTIME_DIR".to_string(), RUNTIME_DIR.to_string()),
                 ("HOME".to_string(), "/root".to_string()),
                 // The root filesystem is read-only: caches (fontconfig's) go to tmpfs.
-                ("XDG_CACHE_HOME".to_string(), "/tmp/.cache".to_string()),
+                ("XDG_CACHE_HOME".to_string(), "/tmp".to_string()),
             ]
         } else {
             Vec::new()
