@@ -32,6 +32,8 @@ pub struct View {
     pub y2: i32,
     /// Weston holds a buffer for it right now.
     pub has_buffer: bool,
+    /// Weston's description of the view (`panel for output …`, `cursor`, …).
+    pub desc: String,
 }
 
 impl View {
@@ -77,10 +79,16 @@ fn parse_view_line(line: &str) -> Option<View> {
             let end = t.rfind("' of ").or_else(|| t.rfind("', 0x"))?;
             t.get(..end).map(str::to_string)
         });
+    let desc = rest
+        .split_once(", ")
+        .map(|(_, d)| d.rsplit_once(", 0x").map_or(d, |(d, _)| d))
+        .unwrap_or_default()
+        .to_string();
     Some(View {
         role: role.to_string(),
         pid,
         title,
+        desc,
         ..View::default()
     })
 }
@@ -154,6 +162,20 @@ impl Scene {
         it.next().is_none().then_some(first)
     }
 
+    /// desktop-shell is up: its background is there, and no nameless full-size view (the
+    /// black curtain weston shows until the shell is ready, and its fade) covers the
+    /// output.
+    pub fn shell_ready(&self) -> bool {
+        let background = self
+            .views
+            .iter()
+            .any(|v| v.desc.starts_with("background for output"));
+        let curtain = self.views.iter().any(|v| {
+            v.pid == 0 && v.role == "(null)" && v.x1 <= 0 && v.y1 <= 0 && v.width() >= 320
+        });
+        background && !curtain
+    }
+
     /// The pointer's image, when drawn.
     pub fn cursor(&self) -> Option<&View> {
         self.views.iter().find(|v| v.is_cursor())
@@ -224,6 +246,14 @@ Layer 6 (pos 0x2):
         let c = s.cursor().unwrap();
         assert_eq!((c.x1, c.y1), (319, 239));
         assert!(s.window("Flower").is_none());
+        assert!(s.shell_ready());
+        assert_eq!(s.views[1].desc, "panel for output screen0");
+        // Weston's black curtain before desktop-shell is ready.
+        let curtain = DUMP.replace(
+            "Layer 1 (pos 0xfffffffe):",
+            "Layer 0 (pos 0xffffffff):\n\tView 0 (role (null), PID 0, surface ID 0, [no description available], 0x1):\n\t\tposition: (0, 0) -> (640, 480)\n\nLayer 1 (pos 0xfffffffe):",
+        );
+        assert!(!Scene::parse(&curtain).shell_ready());
     }
 
     #[test]

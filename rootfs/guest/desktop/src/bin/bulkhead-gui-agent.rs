@@ -5,7 +5,8 @@
 //! screenshots with `weston-screenshooter`, each sent with the scene at that moment over a
 //! virtio_wl connection to a host socket (see `bulkhead_desktop::frame`).
 //!
-//! Steps (each one argument): `mapped:T1,T2` (windows with these titles are mapped),
+//! Steps (each one argument): `mapped:T1,T2` (desktop-shell is up and windows with these
+//! titles are mapped),
 //! `gone:T` (no window titled T), `shot:NAME`, `changed:NAME` (screenshots until one differs
 //! from the last one sent, which is then sent), `point:T` (pointer to the middle of T's
 //! window), `click`, `sleep:MS`, `run:COMMAND ARGS` (its output printed). Every wait has a deadline (`--timeout`); a step that fails
@@ -244,7 +245,7 @@ impl Agent {
         match step {
             Step::Mapped(titles) => {
                 self.wait_scene(&format!("windows {titles:?} mapped"), |s| {
-                    titles.iter().all(|t| s.window(t).is_some())
+                    s.shell_ready() && titles.iter().all(|t| s.window(t).is_some())
                 })?;
                 println!("mapped: {}", titles.join(", "));
                 // Their first frames reach the output at the next repaint.
