@@ -69,6 +69,11 @@ fn stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub() {
         t0.elapsed().as_secs_f64()
     );
     let lines = h.lines().to_vec();
+    // The whole console next to the pictures, for whoever reads a failure.
+    let _ = std::fs::write(
+        bulkhead_tests::workspace_path("target/bulkhead-tests/wayland/console.txt"),
+        lines.join("\n"),
+    );
     let line = |prefix: &str| -> String {
         lines
             .iter()
@@ -126,9 +131,10 @@ fn stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub() {
         0,
         "the pattern window after the kill"
     );
-    let weston_gone = lines
-        .iter()
-        .position(|l| l.starts_with("gui-vm: bulkhead-guest-init: weston "));
+    let weston_gone = lines.iter().position(|l| {
+        l.starts_with("gui-vm: bulkhead-guest-init: weston exited")
+            || l.starts_with("gui-vm: bulkhead-guest-init: weston killed")
+    });
     let last_pic = lines
         .iter()
         .position(|l| l.starts_with("screens: passed on png damaged"))
