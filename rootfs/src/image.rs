@@ -220,8 +220,12 @@ impl SystemDir {
         // e.g. a wrapper) is one of our binaries.
         let mut binaries: Vec<String> = Vec::new();
         let hub_exec = config.hub.iter().flat_map(|h| h.exec.iter());
+        // Also a command inside an argument (`--run-after NAME=/bin/policyctl apply`).
         for arg in hub_exec.chain(config.service.iter().flat_map(|s| s.exec.iter())) {
-            if let Some(bin) = arg.strip_prefix("/bin/") {
+            let inner = arg
+                .split_once("=/bin/")
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            for bin in arg.strip_prefix("/bin/").into_iter().chain(inner) {
                 if bin != HOST_INIT && !binaries.iter().any(|b| b == bin) {
                     binaries.push(bin.to_string());
                 }
@@ -624,6 +628,13 @@ mod tests {
             );
         }
         assert!(guests >= 8, "only {guests} guests");
+        // A command named inside an argument (`--run-after NAME=/bin/policyctl …`) ships too.
+        let wayland = SystemDir::load(&ws.join("tests/systems/wayland")).unwrap();
+        assert!(
+            wayland.binaries.iter().any(|b| b == "policyctl"),
+            "{:?}",
+            wayland.binaries
+        );
     }
 
     #[test]
