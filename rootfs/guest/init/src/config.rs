@@ -258,8 +258,33 @@ impl GuestConfig {
             "/bin/"
         };
         let mut out: Vec<String> = Vec::new();
-        for arg in self.program.iter().flat_map(|p| p.exec.iter()) {
-            if let Some(bin) = arg.strip_prefix(dir) {
+        // At the start of an argument, or inside one (`sh -c "… /usr/local/bin/x …"`,
+        // `run:/usr/local/bin/x …`).
+        let found = self
+            .program
+            .iter()
+            .flat_map(|p| p.exec.iter())
+            .flat_map(|arg| {
+                arg.match_indices(dir)
+                    .filter(|(i, _)| {
+                        *i == 0
+                            || !arg
+                                .as_bytes()
+                                .get(i - 1)
+                                .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'/')
+                    })
+                    .filter_map(|(i, _)| {
+                        arg.get(i + dir.len()..)?
+                            .split(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ';')
+                            .next()
+                    })
+                    .filter(|b| !b.is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            });
+        for bin in found {
+            let bin = bin.as_str();
+            {
                 if !out.iter().any(|b| b == bin) {
                     out.push(bin.to_string());
                 }
