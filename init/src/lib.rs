@@ -23,6 +23,7 @@ pub mod cmdline;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod disks;
 pub mod handoff;
 pub mod input;
 pub mod jail;

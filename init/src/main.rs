@@ -24,7 +24,7 @@ use bulkhead_init::runtime::Runtime;
 use bulkhead_init::services::{Clock, Services};
 use bulkhead_init::setup::{self, Setup};
 use bulkhead_init::shutdown::{self, PowerAction};
-use bulkhead_init::{devices, input, log as initlog, modules, mounts, panic, signals};
+use bulkhead_init::{devices, disks, input, log as initlog, modules, mounts, panic, signals};
 use clap::{Parser, Subcommand};
 use log::{error, info, warn, LevelFilter};
 
@@ -139,7 +139,9 @@ fn pid1() -> ! {
         }
     };
 
-    // 8. Power buttons (after `button` and `evdev` are loaded).
+    // 8. Stable names for the virtio disks (a host image's guest root disks), and power
+    // buttons (after `virtio_blk`, `button` and `evdev` are loaded).
+    disks::link_virtio_serials(Path::new("/sys"), Path::new("/dev"));
     rt.buttons = input::scan(Path::new("/dev/input"));
 
     // 9. The services.

@@ -204,6 +204,7 @@ mod tests {
                 name: name.to_string(),
                 channel: None,
                 vfio_groups: groups.to_vec(),
+                disks: Vec::new(),
             },
             user: None,
             runtime_dir: None,
