@@ -36,18 +36,33 @@ fn main() {
 }
 
 /// Reads and validates the system file; a broken one is logged loudly and replaced by an
-/// empty system (no services, `when_idle = "stay"`).
-fn load_system(path: &Path) -> SystemConfig {
+/// empty system (no services, `when_idle = "stay"`): init stays up, and `bulkhead-ctl ls`
+/// answers with the error (the second value).
+fn load_system(path: &Path) -> (SystemConfig, Option<String>) {
     match SystemConfig::load(path) {
         Ok(c) => {
             info!("system {}: {} services", path.display(), c.service.len());
-            c
+            (c, None)
         }
         Err(e) => {
             error!("{e}");
             error!("configuration rejected: running with no services");
-            SystemConfig::default()
+            (SystemConfig::default(), Some(e.to_string()))
         }
+    }
+}
+
+/// The read-only control socket for `[control] read_group`, if the system names one.
+fn add_read_socket(control: Option<&mut ControlServer>, system: &SystemConfig, path: &Path) {
+    let (Some(control), Some(gid)) = (control, system.control.read_group) else {
+        return;
+    };
+    match control.add_read_only(path, gid) {
+        Ok(()) => info!(
+            "read-only control socket {} for group {gid}",
+            path.display()
+        ),
+        Err(e) => error!("read-only control socket {}: {e}", path.display()),
     }
 }
 
@@ -82,7 +97,7 @@ fn pid1() -> ! {
         .system
         .clone()
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
-    let system = load_system(&path);
+    let (system, config_error) = load_system(&path);
     if let Some(name) = &system.host.hostname {
         if let Err(e) = nix::unistd::sethostname(name) {
             warn!("cannot set hostname {name}: {e}");
@@ -109,17 +124,24 @@ fn pid1() -> ! {
     if let Err(e) = control::make_private_dir(Path::new(config::INIT_RUNTIME_DIR)) {
         error!("{}: {e}", config::INIT_RUNTIME_DIR);
     }
-    let control = match ControlServer::bind(Path::new(control::SOCKET_PATH), 0) {
+    let mut control = match ControlServer::bind(Path::new(control::SOCKET_PATH), 0) {
         Ok(c) => Some(c),
         Err(e) => {
             error!("control socket {}: {e}", control::SOCKET_PATH);
             None
         }
     };
+    add_read_socket(
+        control.as_mut(),
+        &system,
+        Path::new(control::READ_SOCKET_PATH),
+    );
+    let mut services = Services::from_config(&system, &vfio_groups, JailPaths::host());
+    services.config_error = config_error;
 
     let mut rt = Runtime {
         clock: Clock::new(),
-        services: Services::from_config(&system, &vfio_groups, JailPaths::host()),
+        services,
         sfd,
         control,
         buttons,
@@ -136,7 +158,7 @@ fn pid1() -> ! {
     // 10. The event loop, until a shutdown is requested.
     let action = rt.run();
     info!("shutdown started ({})", action.name());
-    rt.stop_services();
+    rt.stop_services(system.host.shutdown_timeout_ms.map(Duration::from_millis));
     rt.kill_everything(Duration::from_millis(system.host.shutdown_grace_ms));
     shutdown::finish(action, &mounted)
 }
@@ -182,6 +204,34 @@ enum Cmd {
         /// Log level.
         #[arg(long, default_value = "info", value_parser = parse_level)]
         loglevel: LevelFilter,
+        /// Where to put the read-only socket for the system's `[control] read_group`.
+        #[arg(long)]
+        read_socket: Option<PathBuf>,
+    },
+    /// The log writer init starts for `[log] dir` (not for people): reads records from
+    /// `--input-fd` and writes each service's log file, rotated by size.
+    Logd {
+        /// The records' pipe.
+        #[arg(long)]
+        input_fd: i32,
+        /// Where the files go.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Rotate a file at this size.
+        #[arg(long)]
+        max_bytes: u64,
+        /// Rotated files kept per log.
+        #[arg(long)]
+        keep: u32,
+        /// Mount this block device on `dir` first.
+        #[arg(long)]
+        device: Option<PathBuf>,
+        /// Its filesystem.
+        #[arg(long, default_value = "ext4")]
+        fstype: String,
+        /// Copy this file (the hub's audit log) to `dir/audit.jsonl` as it grows.
+        #[arg(long)]
+        audit: Option<PathBuf>,
     },
 }
 
@@ -199,7 +249,34 @@ fn cli() -> i32 {
             system,
             socket,
             loglevel,
-        } => return supervise(&system, socket.as_deref(), loglevel),
+            read_socket,
+        } => return supervise(&system, socket.as_deref(), loglevel, read_socket.as_deref()),
+        Cmd::Logd {
+            input_fd,
+            dir,
+            max_bytes,
+            keep,
+            device,
+            fstype,
+            audit,
+        } => {
+            use std::os::fd::FromRawFd;
+            if input_fd < 3 {
+                eprintln!("logd: --input-fd must be a handed-over descriptor (3 or above)");
+                return 2;
+            }
+            // SAFETY: init hands this descriptor over at exec; nothing else owns it.
+            let input = unsafe { std::os::fd::OwnedFd::from_raw_fd(input_fd) };
+            let cfg = bulkhead_init::persist::WriterConfig {
+                dir,
+                device,
+                fstype,
+                audit,
+                max_bytes,
+                keep,
+            };
+            return bulkhead_init::persist::run_writer(&cfg, input);
+        }
     };
     match control::request(&socket, &req) {
         Ok(Response::Ok) => 0,
@@ -224,6 +301,10 @@ fn cli() -> i32 {
             eprintln!("bulkhead-init: refused: {e}");
             1
         }
+        Ok(other) => {
+            eprintln!("bulkhead-init: unexpected answer {other:?}");
+            1
+        }
         Err(e) => {
             eprintln!("bulkhead-init: {e}");
             1
@@ -231,7 +312,12 @@ fn cli() -> i32 {
     }
 }
 
-fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
+fn supervise(
+    system: &Path,
+    socket: Option<&Path>,
+    level: LevelFilter,
+    read_socket: Option<&Path>,
+) -> i32 {
     if let Err(e) = signals::block_all() {
         eprintln!("bulkhead-init: cannot block signals: {e}");
         return 1;
@@ -240,7 +326,7 @@ fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         warn!("cannot become a child subreaper: {e}");
     }
-    let config = load_system(system);
+    let (config, config_error) = load_system(system);
     let sfd = match signals::signal_fd() {
         Ok(sfd) => sfd,
         Err(e) => {
@@ -248,7 +334,7 @@ fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
             return 1;
         }
     };
-    let control = match socket {
+    let mut control = match socket {
         Some(path) => match ControlServer::bind(path, nix::unistd::geteuid().as_raw()) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -258,16 +344,21 @@ fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
         },
         None => None,
     };
+    if let Some(path) = read_socket {
+        add_read_socket(control.as_mut(), &config, path);
+    }
+    let mut services = Services::from_config(
+        &config,
+        &Default::default(),
+        JailPaths {
+            cgroup_root: None,
+            staging: std::env::temp_dir().join(format!("bulkhead-jail-{}", std::process::id())),
+        },
+    );
+    services.config_error = config_error;
     let mut rt = Runtime {
         clock: Clock::new(),
-        services: Services::from_config(
-            &config,
-            &Default::default(),
-            JailPaths {
-                cgroup_root: None,
-                staging: std::env::temp_dir().join(format!("bulkhead-jail-{}", std::process::id())),
-            },
-        ),
+        services,
         sfd,
         control,
         buttons: Vec::new(),
@@ -276,7 +367,7 @@ fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
     info!("ready");
     let action = rt.run();
     info!("shutdown started ({})", action.name());
-    rt.stop_services();
+    rt.stop_services(config.host.shutdown_timeout_ms.map(Duration::from_millis));
     if !rt.reap_remaining(Duration::from_secs(10)) {
         warn!("some descendants are still running");
     }
