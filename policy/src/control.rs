@@ -37,6 +37,8 @@ pub enum Request {
     },
     /// Audit log records.
     Log(LogFilter),
+    /// Every VM the hub has a channel for, with its live connections (`bulkhead-ctl ls`).
+    Vms,
 }
 
 /// Which audit records to return.
@@ -67,6 +69,19 @@ pub enum Response {
         /// Why.
         message: String,
     },
+    /// Answer to [`Request::Vms`].
+    Vms(Vec<VmConnections>),
+}
+
+/// One VM as the hub sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConnections {
+    /// The VM's name (its channel's).
+    pub vm: String,
+    /// Its channel is open (its VMM has not left for good).
+    pub channel_open: bool,
+    /// Connections it takes part in, as client or provider.
+    pub connections: u32,
 }
 
 /// The running generation.

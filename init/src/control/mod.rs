@@ -16,8 +16,8 @@ use bulkhead_ipc::{Channel, ChannelError, ChannelListener};
 use log::{debug, warn};
 
 pub use protocol::{
-    answer, Access, Command, Entry, Handler, Kind, ListPage, LogFrom, LogPage, Op, Request,
-    Response, ServiceStatus,
+    answer, Access, Command, Entry, Handler, Kind, ListPage, LogFrom, LogLine, LogPage, Op,
+    Request, Response, ServiceStatus,
 };
 
 /// Where init listens (root only).
@@ -63,6 +63,71 @@ pub enum ClientError {
         #[source]
         source: ChannelError,
     },
+    /// No answer in time.
+    #[error("{path}: no answer within {} s", ANSWER_TIMEOUT.as_secs())]
+    Timeout {
+        /// The socket.
+        path: String,
+    },
+}
+
+/// A connection to init's control socket, its server checked (SO_PEERCRED: root, or
+/// this very uid) before anything is sent.
+#[derive(Debug)]
+pub struct Client {
+    ch: Channel,
+    path: String,
+}
+
+/// How long a client waits for an answer (init answers at once or never).
+pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Client {
+    /// Connects to `path`.
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let wrap = |source| ClientError::Channel {
+            path: path.display().to_string(),
+            source,
+        };
+        // Only root (init) or ourselves may answer: a socket someone else put there would
+        // otherwise be trusted with a poweroff and its "Ok".
+        let ch = Channel::connect_trusted(path, bulkhead_ipc::channel::TrustedServer::Root)
+            .map_err(wrap)?;
+        Ok(Client {
+            ch,
+            path: path.display().to_string(),
+        })
+    }
+
+    /// Sends one request and waits (at most [`ANSWER_TIMEOUT`]) for its answer.
+    pub fn call(&self, req: &Request) -> Result<Response, ClientError> {
+        let wrap = |source| ClientError::Channel {
+            path: self.path.clone(),
+            source,
+        };
+        self.ch.send(req, &[]).map_err(wrap)?;
+        let mut fds = [nix::poll::PollFd::new(
+            self.ch.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(ANSWER_TIMEOUT.as_millis()).unwrap_or(u16::MAX);
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            Ok(0) => {
+                return Err(ClientError::Timeout {
+                    path: self.path.clone(),
+                })
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(wrap(ChannelError::Sys {
+                    op: "poll",
+                    errno: e,
+                }))
+            }
+        }
+        let (resp, _fds) = self.ch.recv::<Response>().map_err(wrap)?;
+        Ok(resp)
+    }
 }
 
 /// Sends one request and waits for the answer.

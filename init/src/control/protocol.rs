@@ -82,8 +82,9 @@ pub struct ServiceStatus {
     pub last_exit: Option<String>,
 }
 
-/// What kind of child an entry is.
+/// What kind of child an entry is (`service`, `vm`, `hub` in JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// A plain service.
     Service,
