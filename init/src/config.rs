@@ -104,6 +104,10 @@ pub struct HostConfig {
     /// `stop_timeout_ms`; this caps them all: one overall deadline (default: none beyond
     /// the services' own).
     pub shutdown_timeout_ms: Option<u64>,
+    /// How long init waits for module loading and device binding (run in a child, since a
+    /// driver can hang in the kernel) before it starts the services without them.
+    #[serde(default = "default_setup_timeout_ms")]
+    pub setup_timeout_ms: u64,
 }
 
 impl Default for HostConfig {
@@ -114,12 +118,16 @@ impl Default for HostConfig {
             when_idle: WhenIdle::default(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             shutdown_timeout_ms: None,
+            setup_timeout_ms: default_setup_timeout_ms(),
         }
     }
 }
 
 fn default_shutdown_grace_ms() -> u64 {
     3000
+}
+fn default_setup_timeout_ms() -> u64 {
+    60_000
 }
 fn default_restart_delay_ms() -> u64 {
     1000

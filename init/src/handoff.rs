@@ -1,10 +1,12 @@
 //! Descriptors init hands a child at exec: the hub's VM channels to the hub, a VMM's own
-//! channel and its VFIO container and groups to that VMM. They arrive as fds 3, 4, … in
+//! channel, its disks and its VFIO container and groups to that VMM. They arrive as fds 3, 4, … in
 //! order, with arguments or environment variables that name them, so the child needs no
 //! path on the host to find them.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
 use std::sync::Arc;
 
 use bulkhead_vfio::SysfsRoot;
@@ -33,6 +35,10 @@ pub enum Role {
         channel: Option<Arc<OwnedFd>>,
         /// IOMMU groups of the devices the policy grants this VM.
         vfio_groups: Vec<u32>,
+        /// Its disks (`--disk PATH` in its exec), opened by init and handed over as
+        /// `--disk-fd N` in the same order: a VMM running as its own user needs no access
+        /// to the host's block devices.
+        disks: Vec<DiskSpec>,
     },
 }
 
@@ -82,6 +88,54 @@ pub fn make_socketpairs(
         }
     }
     out
+}
+
+/// A disk a VMM gets as a descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The host path (a file or a block device; symlinks are followed).
+    pub path: std::path::PathBuf,
+    /// Opened read-only (the service's exec says `--disk-read-only`).
+    pub read_only: bool,
+}
+
+/// Splits a VMM's exec into the arguments it keeps and its `--disk PATH` disks (which init
+/// opens and hands over). `--disk=PATH` is accepted too.
+pub fn split_disks(exec: &[String]) -> (Vec<String>, Vec<DiskSpec>) {
+    let read_only = exec.iter().any(|a| a == "--disk-read-only");
+    let mut keep = Vec::with_capacity(exec.len());
+    let mut disks = Vec::new();
+    let mut it = exec.iter();
+    while let Some(a) = it.next() {
+        if a == "--disk" {
+            if let Some(p) = it.next() {
+                disks.push(DiskSpec {
+                    path: p.into(),
+                    read_only,
+                });
+                continue;
+            }
+        } else if let Some(p) = a.strip_prefix("--disk=") {
+            disks.push(DiskSpec {
+                path: p.into(),
+                read_only,
+            });
+            continue;
+        }
+        keep.push(a.clone());
+    }
+    (keep, disks)
+}
+
+/// Opens a disk for a VMM (close-on-exec; the handed-over copy loses it in [`install`]).
+fn open_disk(d: &DiskSpec) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!d.read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&d.path)?;
+    Ok(OwnedFd::from(f))
 }
 
 /// Opens `<dev>/kvm` read-write, close-on-exec (the handed-over copy loses close-on-exec
@@ -159,8 +213,21 @@ impl Handoff {
                 name,
                 channel,
                 vfio_groups,
+                disks,
             } => {
                 h.env.push(("BULKHEAD_VM".to_string(), name.clone()));
+                for d in disks {
+                    let fd = open_disk(d)
+                        .map_err(|e| format!("disk {} for {name}: {e}", d.path.display()))?;
+                    let n = h.push(fd);
+                    h.args.push("--disk-fd".to_string());
+                    h.args.push(n.to_string());
+                    h.what.push(format!(
+                        "disk {}{} as fd {n}",
+                        d.path.display(),
+                        if d.read_only { " (read-only)" } else { "" }
+                    ));
+                }
                 if let Some(end) = channel {
                     let fd = end
                         .try_clone()
@@ -236,8 +303,69 @@ impl Handoff {
     }
 }
 
+/// Close-on-exec placeholders on every descriptor number of a target range that was free;
+/// see [`Handoff::reserve_targets`]. Dropping it closes them.
+#[derive(Debug)]
+pub struct Reserved(Vec<OwnedFd>);
+
+impl Reserved {
+    /// How many numbers were free and are now held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if the range was full already.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Handoff {
+    /// Occupies every free descriptor number in `FIRST_FD..FIRST_FD + n` with a
+    /// close-on-exec placeholder, so that nothing opened from now until the spawn returns
+    /// can get one of those numbers. What matters is std's exec-error pipe: `Command::spawn`
+    /// opens it after everything else, and the child reports a failed exec through it. If it
+    /// sat on a target number, [`install`] would dup2 a handed-over descriptor over it: the
+    /// failure would go unreported (spawn says Ok) and the error bytes would be written into
+    /// the handed-over descriptor (a VM's hub channel, say). In the child the placeholders are
+    /// replaced by `install` or closed at exec.
+    pub fn reserve_targets(&self) -> std::io::Result<Reserved> {
+        let mut held = Vec::new();
+        let Some(src) = self.fds.first() else {
+            return Ok(Reserved(held));
+        };
+        let end = FIRST_FD + self.fds.len() as RawFd;
+        loop {
+            // F_DUPFD_CLOEXEC from FIRST_FD: the lowest free number at or above it.
+            let fd = src.try_clone()?;
+            if fd.as_raw_fd() >= end {
+                return Ok(Reserved(held));
+            }
+            held.push(fd);
+        }
+    }
+}
+
+/// Spawns `cmd` with `handoff`'s descriptors as fds 3, 4, … in the child: adds the
+/// [`install`] step after the caller's own `pre_exec` steps and holds
+/// [`Handoff::reserve_targets`] across the spawn. A failed exec is reported as an error.
+pub fn spawn(cmd: &mut Command, handoff: &Handoff) -> std::io::Result<Child> {
+    let raw = handoff.raw_fds();
+    let mut scratch = vec![0; raw.len()];
+    // SAFETY: install runs between fork and exec and only calls fcntl and dup2
+    // (async-signal-safe) on the two vectors, allocated here before the fork.
+    unsafe {
+        cmd.pre_exec(move || install(&raw, &mut scratch));
+    }
+    let reserved = handoff.reserve_targets()?;
+    let child = cmd.spawn();
+    drop(reserved);
+    child
+}
+
 /// In the child, between fork and exec: makes `fds[i]` descriptor `FIRST_FD + i`, without
-/// close-on-exec. Each source is first duplicated above every target, so a source that
+/// close-on-exec. Use it through [`spawn`], which keeps std's exec-error pipe out of the
+/// target range. Each source is first duplicated above every target, so a source that
 /// happens to sit on a target number is not overwritten before it is moved. `scratch` must
 /// have the length of `fds` (no allocation happens here).
 pub fn install(fds: &[RawFd], scratch: &mut [RawFd]) -> std::io::Result<()> {
@@ -259,4 +387,89 @@ pub fn install(fds: &[RawFd], scratch: &mut [RawFd]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_vmms_disks_leave_its_exec_for_the_handoff() {
+        let (keep, disks) = split_disks(&strings(&[
+            "/bin/bulkhead-vmm",
+            "--disk",
+            "/var/lib/bulkhead/guests/gui.root",
+            "--memory",
+            "256M",
+            "--disk=/dev/vdc",
+            "--disk-read-only",
+        ]));
+        assert_eq!(
+            keep,
+            strings(&["/bin/bulkhead-vmm", "--memory", "256M", "--disk-read-only"])
+        );
+        assert_eq!(
+            disks,
+            [
+                DiskSpec {
+                    path: "/var/lib/bulkhead/guests/gui.root".into(),
+                    read_only: true
+                },
+                DiskSpec {
+                    path: "/dev/vdc".into(),
+                    read_only: true
+                }
+            ]
+        );
+        let (keep, disks) = split_disks(&strings(&["/bin/bulkhead-vmm", "--disk", "/dev/vda"]));
+        assert_eq!(keep, strings(&["/bin/bulkhead-vmm"]));
+        assert!(!disks[0].read_only);
+    }
+
+    #[test]
+    fn disks_are_handed_over_in_order_and_read_only_when_asked() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.img");
+        std::fs::File::create(&a)
+            .unwrap()
+            .write_all(b"AAAA")
+            .unwrap();
+        let link = dir.path().join("a.root");
+        std::os::unix::fs::symlink(&a, &link).unwrap();
+        let role = Role::Vm {
+            name: "gui-vm".into(),
+            channel: None,
+            vfio_groups: Vec::new(),
+            disks: vec![DiskSpec {
+                path: link,
+                read_only: true,
+            }],
+        };
+        // /dev/kvm may be missing on a build machine: only the disk part is checked then.
+        match Handoff::for_role(&role, &SysfsRoot::host()) {
+            Ok(h) => {
+                assert_eq!(&h.args[..2], ["--disk-fd", "3"]);
+                let flags = nix::fcntl::fcntl(&h.fds[0], nix::fcntl::FcntlArg::F_GETFL).unwrap();
+                assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
+                assert!(h.what[0].contains("(read-only) as fd 3"), "{:?}", h.what);
+            }
+            Err(e) => assert!(e.contains("/dev/kvm"), "{e}"),
+        }
+        let missing = Role::Vm {
+            name: "x".into(),
+            channel: None,
+            vfio_groups: Vec::new(),
+            disks: vec![DiskSpec {
+                path: dir.path().join("nope"),
+                read_only: true,
+            }],
+        };
+        let e = Handoff::for_role(&missing, &SysfsRoot::host()).unwrap_err();
+        assert!(e.contains("disk ") && e.contains("nope"), "{e}");
+    }
 }

@@ -22,8 +22,9 @@ use bulkhead_init::control::{self, ControlServer, Request, Response};
 use bulkhead_init::jail::JailPaths;
 use bulkhead_init::runtime::Runtime;
 use bulkhead_init::services::{Clock, Services};
+use bulkhead_init::setup::{self, Setup};
 use bulkhead_init::shutdown::{self, PowerAction};
-use bulkhead_init::{devices, input, log as initlog, modules, mounts, panic, signals};
+use bulkhead_init::{devices, disks, input, log as initlog, modules, mounts, panic, signals};
 use clap::{Parser, Subcommand};
 use log::{error, info, warn, LevelFilter};
 
@@ -104,16 +105,7 @@ fn pid1() -> ! {
         }
     }
 
-    // 6. Kernel modules, each with its dependencies.
-    modules::load_all(&modules::modules_dir(), &system.host.modules);
-
-    // 7. PCI functions the policy grants to VMs go to vfio-pci.
-    let vfio_groups = devices::bind_granted(&bulkhead_vfio::SysfsRoot::host());
-
-    // 8. Power buttons (after `button` and `evdev` are loaded).
-    let buttons = input::scan(Path::new("/dev/input"));
-
-    // 9. Signalfd and control socket.
+    // 6. Signalfd and control socket: from here on PID 1 answers.
     let sfd = match signals::signal_fd() {
         Ok(sfd) => sfd,
         Err(e) => {
@@ -136,17 +128,45 @@ fn pid1() -> ! {
         &system,
         Path::new(control::READ_SOCKET_PATH),
     );
-    let mut services = Services::from_config(&system, &vfio_groups, JailPaths::host());
-    services.config_error = config_error;
-
     let mut rt = Runtime {
         clock: Clock::new(),
-        services,
+        services: Services::default(),
         sfd,
         control,
-        buttons,
+        buttons: Vec::new(),
         when_idle: system.host.when_idle,
     };
+
+    // 7. Kernel modules (each with its dependencies), then the PCI functions the policy
+    // grants to VMs go to vfio-pci: both can hang in a driver, so a child does them while
+    // the event loop answers, and init waits for it only so long.
+    let vfio_groups = match setup(&system, opts.test_hang_setup) {
+        Ok(mut worker) => {
+            info!(
+                "setup (kernel modules, device binding) runs in pid {}",
+                worker.pid()
+            );
+            let timeout = Duration::from_millis(system.host.setup_timeout_ms);
+            if let Some(action) = rt.wait_for_setup(&mut worker, timeout) {
+                shut_down(&mut rt, action, &system.host, &mounted);
+            }
+            worker.groups()
+        }
+        Err(e) => {
+            error!("cannot start the setup child: {e}; setting up in PID 1 itself");
+            modules::load_all(&modules::modules_dir(), &system.host.modules);
+            devices::bind_granted(&bulkhead_vfio::SysfsRoot::host())
+        }
+    };
+
+    // 8. Stable names for the virtio disks (a host image's guest root disks), and power
+    // buttons (after `virtio_blk`, `button` and `evdev` are loaded).
+    disks::link_virtio_serials(Path::new("/sys"), Path::new("/dev"));
+    rt.buttons = input::scan(Path::new("/dev/input"));
+
+    // 9. The services.
+    rt.services = Services::from_config(&system, &vfio_groups, JailPaths::host());
+    rt.services.config_error = config_error;
     info!("ready");
     if opts.test_panic {
         #[allow(clippy::panic)]
@@ -157,10 +177,32 @@ fn pid1() -> ! {
 
     // 10. The event loop, until a shutdown is requested.
     let action = rt.run();
+    shut_down(&mut rt, action, &system.host, &mounted)
+}
+
+/// Starts the setup child: modules, then device binding (or a fake hang, for tests).
+fn setup(system: &SystemConfig, fake_hang: bool) -> std::io::Result<Setup> {
+    let modules = system.host.modules.clone();
+    Setup::start(move || {
+        if fake_hang {
+            setup::fake_hang();
+        }
+        modules::load_all(&modules::modules_dir(), &modules);
+        devices::bind_granted(&bulkhead_vfio::SysfsRoot::host())
+    })
+}
+
+/// The orderly end: stop the services, kill what is left, power off / reboot / halt.
+fn shut_down(
+    rt: &mut Runtime,
+    action: PowerAction,
+    host: &config::HostConfig,
+    mounted: &[PathBuf],
+) -> ! {
     info!("shutdown started ({})", action.name());
-    rt.stop_services(system.host.shutdown_timeout_ms.map(Duration::from_millis));
-    rt.kill_everything(Duration::from_millis(system.host.shutdown_grace_ms));
-    shutdown::finish(action, &mounted)
+    rt.stop_services(host.shutdown_timeout_ms.map(Duration::from_millis));
+    rt.kill_everything(Duration::from_millis(host.shutdown_grace_ms));
+    shutdown::finish(action, mounted)
 }
 
 /// Bulkhead's PID 1. Run as any other process, it talks to a running init.
@@ -204,6 +246,10 @@ enum Cmd {
         /// Log level.
         #[arg(long, default_value = "info", value_parser = parse_level)]
         loglevel: LevelFilter,
+        /// Log to this terminal as PID 1 logs to /dev/console (non-blocking: lines the
+        /// terminal cannot take are dropped and counted) instead of to stderr.
+        #[arg(long, value_name = "TTY")]
+        console: Option<PathBuf>,
         /// Where to put the read-only socket for the system's `[control] read_group`.
         #[arg(long)]
         read_socket: Option<PathBuf>,
@@ -249,8 +295,17 @@ fn cli() -> i32 {
             system,
             socket,
             loglevel,
+            console,
             read_socket,
-        } => return supervise(&system, socket.as_deref(), loglevel, read_socket.as_deref()),
+        } => {
+            return supervise(
+                &system,
+                socket.as_deref(),
+                loglevel,
+                console.as_deref(),
+                read_socket.as_deref(),
+            )
+        }
         Cmd::Logd {
             input_fd,
             dir,
@@ -316,6 +371,7 @@ fn supervise(
     system: &Path,
     socket: Option<&Path>,
     level: LevelFilter,
+    console: Option<&Path>,
     read_socket: Option<&Path>,
 ) -> i32 {
     if let Err(e) = signals::block_all() {
@@ -323,6 +379,12 @@ fn supervise(
         return 1;
     }
     initlog::install_stderr(level);
+    if let Some(tty) = console {
+        if let Err(e) = initlog::use_console(tty) {
+            eprintln!("bulkhead-init: console {}: {e}", tty.display());
+            return 1;
+        }
+    }
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         warn!("cannot become a child subreaper: {e}");
     }

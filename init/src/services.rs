@@ -223,18 +223,26 @@ impl Services {
             let jail = svc.vm.as_ref().and_then(|vm| {
                 JailSpec::for_vm(svc, vm, vfio_groups.get(vm).is_some_and(|g| !g.is_empty()))
             });
-            let role = match &svc.vm {
-                None => Role::Plain,
-                Some(vm) => Role::Vm {
-                    name: vm.clone(),
-                    channel: channels.get(vm).map(|(_, vmm_end)| vmm_end.clone()),
-                    vfio_groups: vfio_groups.get(vm).cloned().unwrap_or_default(),
-                },
+            let (exec, role) = match &svc.vm {
+                None => (svc.exec.clone(), Role::Plain),
+                Some(vm) => {
+                    // A VMM's disks are opened by init and handed over as descriptors.
+                    let (exec, disks) = handoff::split_disks(&svc.exec);
+                    (
+                        exec,
+                        Role::Vm {
+                            name: vm.clone(),
+                            channel: channels.get(vm).map(|(_, vmm_end)| vmm_end.clone()),
+                            vfio_groups: vfio_groups.get(vm).cloned().unwrap_or_default(),
+                            disks,
+                        },
+                    )
+                }
             };
             s.add(
                 Recipe {
                     name: svc.name.clone(),
-                    exec: svc.exec.clone(),
+                    exec,
                     env: svc.environment(),
                     role,
                     user: svc.user.map(|u| (u, svc.group.unwrap_or(u))),

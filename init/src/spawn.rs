@@ -135,7 +135,12 @@ impl Services {
             }
         }
         let oom_before = self.oom_kills(recipe);
-        let child = match cmd.spawn() {
+        // Std's exec-error pipe must not land on a number the handed-over descriptors
+        // are moved to in the child (see `Handoff::reserve_targets`).
+        let reserved = handoff.reserve_targets().map_err(|e| e.to_string())?;
+        let spawned = cmd.spawn();
+        drop(reserved);
+        let child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 // A jail step that failed said which on the child's stderr: show it.
@@ -204,6 +209,7 @@ mod tests {
                 name: name.to_string(),
                 channel: None,
                 vfio_groups: groups.to_vec(),
+                disks: Vec::new(),
             },
             user: None,
             runtime_dir: None,

@@ -3,7 +3,8 @@
 //! Transport: `/run/bulkhead-hub/hub.sock`, `AF_UNIX` `SOCK_SEQPACKET`, one postcard-encoded
 //! [`Request`] per datagram, answered by one [`Response`] datagram; no fds are passed. The
 //! hub (crate `bulkhead-ipc`) implements the server; it decodes with [`decode_request`] and
-//! answers with [`encode_response`]. `policyctl apply`, `status` and `log` are the clients.
+//! answers with [`encode_response`]. `policyctl apply`, `status`, `log`, `diff --from running`
+//! and `check --against running` are the clients.
 
 use nix::sys::socket::{
     connect, recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -37,6 +38,9 @@ pub enum Request {
     },
     /// Audit log records.
     Log(LogFilter),
+    /// The running generation's source files, so a client can diff against exactly what
+    /// runs (`policyctl apply`, `diff --from running`, `check --against running`).
+    Tree,
     /// Every VM the hub has a channel for, with its live connections (`bulkhead-ctl ls`).
     Vms,
 }
@@ -69,8 +73,32 @@ pub enum Response {
         /// Why.
         message: String,
     },
+    /// Answer to [`Request::Tree`].
+    Tree(RunningTree),
     /// Answer to [`Request::Vms`].
     Vms(Vec<VmConnections>),
+}
+
+/// The running generation's sources: every file it was compiled from (included files
+/// too), by the names its tree hash covers. [`crate::PolicyTree::from_files`] rebuilds the
+/// tree; its hash must be `tree_hash`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningTree {
+    /// Generation number (0: the boot-time deny-all policy, which has no files).
+    pub generation: u64,
+    /// `sha256:<hex>` of the running tree.
+    pub tree_hash: String,
+    /// The files.
+    pub files: Vec<TreeFile>,
+}
+
+/// One source file of a running generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeFile {
+    /// Its name in provenance and in the hash (`10-base.policy`, `run/20-dispvm.policy`).
+    pub name: String,
+    /// Its contents.
+    pub bytes: Vec<u8>,
 }
 
 /// One VM as the hub sees it.

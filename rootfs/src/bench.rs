@@ -4,6 +4,8 @@
 //! - `vmm` (`bench/vmm.rs`): bulkhead-vmm against QEMU microvm, boot time and memory.
 //! - `wl` (`bench/wl.rs`): virtio_wl round trips against a socketpair, guest-to-guest shared
 //!   memory against memcpy.
+//! - `wayland` (`bench/wayland.rs`): a full-damage shm client through the Wayland proxies
+//!   against the same client directly on weston.
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use std::time::Duration;
 use crate::qemu::{Machine, Outcome, QemuConfig};
 
 pub mod vmm;
+pub mod wayland;
 pub mod wl;
 
 pub use vmm::{bench_vmm, qemu_files};

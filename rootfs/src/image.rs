@@ -2,7 +2,11 @@
 //! `dev/console`, the kernel modules the system needs (with their dependency closure and a
 //! depmod-format `modules.dep`), the system's configuration and policy files, and the guest
 //! images its VMs boot. A guest image: the small guest init as `/init`, the guest's
-//! programs, its modules and `etc/bulkhead/guest.toml`.
+//! programs, its modules and `etc/bulkhead/guest.toml`. A guest that names Debian packages
+//! also gets a root filesystem ([`crate::guest_root`]): an ext4 image the emulated host
+//! receives as a read-only virtio disk with a serial, which the host image names
+//! `/var/lib/bulkhead/guests/<guest>.root` (a link to `/dev/disk/by-id/virtio-<serial>`)
+//! and its VMM gets as its first disk.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,6 +42,8 @@ pub enum ImageError {
     Choice(#[from] crate::kernel::choice::ChoiceError),
     #[error(transparent)]
     Kernel(#[from] crate::kernel::KernelError),
+    #[error(transparent)]
+    Root(#[from] crate::guest_root::RootError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -73,10 +79,40 @@ pub struct GuestDir {
     pub guest_toml: String,
     /// Kernel modules the guest loads.
     pub modules: Vec<String>,
-    /// Workspace binaries its programs run from `/bin/` (besides the guest init).
+    /// Workspace binaries its programs run (besides the guest init).
     pub binaries: Vec<String>,
     /// `[kernel]`: the guest's own kernel choice, if not the host's.
     pub kernel: Option<bulkhead_init::config::KernelConfig>,
+    /// Debian packages of its root filesystem (empty: none).
+    pub packages: Vec<String>,
+    /// `files/<path>` of the guest's directory, carried as `/etc/bulkhead/<path>`
+    /// (configuration for its programs, e.g. a `weston.ini`): (path, contents).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Every regular file under `dir`, as (path relative to `dir`, contents), sorted.
+fn read_tree(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, ImageError> {
+    let mut out = Vec::new();
+    if !dir.is_dir() {
+        return Ok(out);
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(io(&d))? {
+            let p = e.map_err(io(&d))?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                let rel = p
+                    .strip_prefix(dir)
+                    .map(|r| r.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                out.push((rel, std::fs::read(&p).map_err(io(&p))?));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// The guest's PID 1.
@@ -101,6 +137,8 @@ impl GuestDir {
             modules: config.modules.clone(),
             binaries: config.binaries(),
             kernel: config.kernel.clone(),
+            packages: config.packages.clone(),
+            files: read_tree(&dir.join("files"))?,
             guest_toml,
         })
     }
@@ -112,6 +150,67 @@ pub use crate::kernel::plan::GUEST_KERNEL;
 /// Where a host image carries guest image `<name>`.
 pub fn guest_image_path(name: &str) -> String {
     format!("var/lib/bulkhead/guests/{name}.cpio.gz")
+}
+
+/// Where a host image names the root disk of guest `<name>` (a guest with packages).
+pub fn guest_root_path(name: &str) -> String {
+    format!("var/lib/bulkhead/guests/{name}.root")
+}
+
+/// The virtio serial of the emulated host's disk that carries root image `img`.
+pub fn root_disk_serial(img: &crate::guest_root::RootImage) -> String {
+    format!("bh-{}", img.short_key())
+}
+
+/// Host modules a system needs when a guest has a root filesystem (the emulated host's
+/// virtio disks).
+pub const ROOT_DISK_HOST_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
+
+/// Checks that every service booting a guest with packages gives it its root disk first
+/// and read-only, and that the host loads what reaches its disks.
+fn check_root_guests(
+    config: &bulkhead_init::config::SystemConfig,
+    guests: &[(String, GuestDir)],
+) -> Result<(), String> {
+    let with_root: Vec<&String> = guests
+        .iter()
+        .filter(|(_, g)| !g.packages.is_empty())
+        .map(|(n, _)| n)
+        .collect();
+    if with_root.is_empty() {
+        return Ok(());
+    }
+    for m in ROOT_DISK_HOST_MODULES {
+        if !config.host.modules.iter().any(|h| h == m) {
+            return Err(format!(
+                "guest {} has a root filesystem: [host] modules must include {}",
+                with_root[0],
+                ROOT_DISK_HOST_MODULES.join(" and ")
+            ));
+        }
+    }
+    for svc in &config.service {
+        for g in &with_root {
+            let initramfs = format!("/{}", guest_image_path(g));
+            if !svc.exec.contains(&initramfs) {
+                continue;
+            }
+            let root = format!("/{}", guest_root_path(g));
+            let first_disk = svc
+                .exec
+                .iter()
+                .position(|a| a == "--disk")
+                .and_then(|i| svc.exec.get(i + 1));
+            if first_disk != Some(&root) || !svc.exec.iter().any(|a| a == "--disk-read-only") {
+                return Err(format!(
+                    "service {} boots guest {g}, which has a root filesystem: its exec must \
+                     give \"--disk\", \"{root}\" as the first disk, and \"--disk-read-only\"",
+                    svc.name
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl SystemDir {
@@ -133,8 +232,12 @@ impl SystemDir {
         // e.g. a wrapper) is one of our binaries.
         let mut binaries: Vec<String> = Vec::new();
         let hub_exec = config.hub.iter().flat_map(|h| h.exec.iter());
+        // Also a command inside an argument (`--run-after NAME=/bin/policyctl apply`).
         for arg in hub_exec.chain(config.service.iter().flat_map(|s| s.exec.iter())) {
-            if let Some(bin) = arg.strip_prefix("/bin/") {
+            let inner = arg
+                .split_once("=/bin/")
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            for bin in arg.strip_prefix("/bin/").into_iter().chain(inner) {
                 if bin != HOST_INIT && !binaries.iter().any(|b| b == bin) {
                     binaries.push(bin.to_string());
                 }
@@ -185,6 +288,10 @@ impl SystemDir {
                 guests.push((name, GuestDir::load(&d)?));
             }
         }
+        check_root_guests(&config, &guests).map_err(|reason| ImageError::System {
+            path: path.clone(),
+            reason,
+        })?;
         Ok(Self {
             dir: dir.to_path_buf(),
             system_toml,
@@ -271,6 +378,8 @@ pub struct HostImage<'a> {
     pub binaries: Vec<(String, PathBuf)>,
     /// Extra files (image path, mode, contents), e.g. guest images for VMs.
     pub extra_files: Vec<(String, u32, Vec<u8>)>,
+    /// The root images of the guests with packages: (guest, image).
+    pub roots: Vec<(String, crate::guest_root::RootImage)>,
 }
 
 impl HostImage<'_> {
@@ -323,10 +432,33 @@ impl HostImage<'_> {
             let img = guest_archive(kernel, guest, &self.binaries)?.write_gz(Vec::new())?;
             a.file(&guest_image_path(name), 0o644, img)?;
         }
+        for (name, img) in &self.roots {
+            a.symlink(
+                &guest_root_path(name),
+                &format!("/dev/disk/by-id/virtio-{}", root_disk_serial(img)),
+            )?;
+        }
         for (path, mode, data) in &self.extra_files {
             a.file(path, *mode, data.clone())?;
         }
         Ok(a)
+    }
+
+    /// The disks the emulated host needs besides its initramfs: one read-only virtio disk
+    /// per distinct root image, with the serial its link names.
+    pub fn disks(&self) -> Vec<crate::qemu::Disk> {
+        let mut disks: Vec<crate::qemu::Disk> = Vec::new();
+        for (_, img) in &self.roots {
+            let serial = root_disk_serial(img);
+            if !disks.iter().any(|d| d.serial == serial) {
+                disks.push(crate::qemu::Disk {
+                    path: img.path.clone(),
+                    serial,
+                    read_only: true,
+                });
+            }
+        }
+        disks
     }
 
     /// Writes the gzip'd newc image to `out`.
@@ -444,33 +576,67 @@ pub fn guest_archive(
         0o644,
         guest.guest_toml.clone().into_bytes(),
     )?;
+    for (rel, data) in &guest.files {
+        a.file(&format!("etc/bulkhead/{rel}"), 0o644, data.clone())?;
+    }
+    let mut modules = guest.modules.clone();
+    if !guest.packages.is_empty() {
+        for m in bulkhead_guest_init::config::ROOT_MODULES {
+            if !modules.iter().any(|x| x == m) {
+                modules.push(m.to_string());
+            }
+        }
+    }
     add_modules_and(
         &mut a,
         kernel,
-        &guest.modules,
+        &modules,
         bulkhead_guest_init::config::POWER_BUTTON_MODULES,
     )?;
     Ok(a)
 }
 
+/// The root images of a system's guests with packages, built or taken from the cache in
+/// `cache_dir`: (guest, image).
+pub fn guest_roots(
+    sys: &SystemDir,
+    cache_dir: &Path,
+) -> Result<Vec<(String, crate::guest_root::RootImage)>, ImageError> {
+    let mut roots = Vec::new();
+    for (name, g) in &sys.guests {
+        if !g.packages.is_empty() {
+            roots.push((
+                name.clone(),
+                crate::guest_root::image_for(cache_dir, &g.packages)?,
+            ));
+        }
+    }
+    Ok(roots)
+}
+
 /// Builds the host image for a system directory with `kernels` (see
-/// [`SystemDir::kernel_plan`]): its binaries (static), its modules, its guests; writes it
-/// to `out`.
+/// [`SystemDir::kernel_plan`]): its binaries (static), its modules, its guests (and their
+/// root filesystems, in `cache_dir`); writes it to `out` and returns the disks the emulated
+/// host must be given besides it (see [`HostImage::disks`]).
 pub fn build_system_image(
     kernels: &SystemKernels,
+    cache_dir: &Path,
     workspace: &Path,
     system: &Path,
     out: &Path,
-) -> Result<(), ImageError> {
+) -> Result<Vec<crate::qemu::Disk>, ImageError> {
     let sys = SystemDir::load(system)?;
+    let roots = guest_roots(&sys, cache_dir)?;
     let binaries = build_binaries(workspace, &sys.all_binaries())?;
-    HostImage {
+    let host = HostImage {
         kernels,
         system: &sys,
         binaries,
         extra_files: Vec::new(),
-    }
-    .write(out)
+        roots,
+    };
+    host.write(out)?;
+    Ok(host.disks())
 }
 
 #[cfg(test)]
@@ -505,6 +671,13 @@ mod tests {
             );
         }
         assert!(guests >= 8, "only {guests} guests");
+        // A command named inside an argument (`--run-after NAME=/bin/policyctl …`) ships too.
+        let wayland = SystemDir::load(&ws.join("tests/systems/wayland")).unwrap();
+        assert!(
+            wayland.binaries.iter().any(|b| b == "policyctl"),
+            "{:?}",
+            wayland.binaries
+        );
     }
 
     #[test]

@@ -6,12 +6,14 @@ pub mod apt;
 pub mod bench;
 pub mod compressed;
 pub mod cpio;
+pub mod guest_root;
 pub mod image;
 pub mod kernel;
 pub mod kmod;
 pub mod modules;
 pub mod provision;
 pub mod qemu;
+pub mod screens;
 
 use std::path::PathBuf;
 

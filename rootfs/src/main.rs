@@ -7,7 +7,7 @@ use std::time::Duration;
 use bulkhead_rootfs::image::{build_system_image, SystemDir};
 use bulkhead_rootfs::kernel::plan::{KernelOverrides, SystemKernels};
 use bulkhead_rootfs::kernel::{Cache, ChoiceOverride, Kernel, KernelChoice};
-use bulkhead_rootfs::qemu::{Machine, Outcome, QemuConfig};
+use bulkhead_rootfs::qemu::{Disk, Machine, Outcome, QemuConfig};
 use bulkhead_rootfs::{provision, workspace_dir, HOST_CMDLINE};
 use clap::{Parser, Subcommand};
 
@@ -77,6 +77,13 @@ enum Cmd {
         #[command(flatten)]
         kernels: KernelArgs,
     },
+    /// Build (or find in the cache) the ext4 root filesystem for a guest that names these
+    /// Debian packages, and print its path.
+    GuestRoot {
+        /// Debian package names, e.g. `weston wl-clipboard`.
+        #[arg(required = true)]
+        packages: Vec<String>,
+    },
     /// Benchmarks, each run inside one QEMU boot against a real peer; the last line is
     /// `BENCH <name> key=value …`.
     Bench {
@@ -93,6 +100,13 @@ enum BenchCmd {
         /// Boots per VMM.
         #[arg(long, default_value_t = 3)]
         runs: u32,
+    },
+    /// Wayland: a shm client committing 640x480 frames with full damage through the proxies
+    /// from an app VM, against the same client directly on weston in the GUI VM.
+    Wayland {
+        /// Frames per run.
+        #[arg(long, default_value_t = 200)]
+        frames: u32,
     },
     /// virtio_wl: SEND/RECV round trips (without and with an fd) between an L2 guest and an
     /// L1 echo against a socketpair on L1, and shared-memory bandwidth between two L2 guests
@@ -179,7 +193,7 @@ fn build(
     out: Option<PathBuf>,
     over: &KernelOverrides,
     provision: bool,
-) -> Result<(SystemKernels, PathBuf), String> {
+) -> Result<(SystemKernels, PathBuf, Vec<Disk>), String> {
     let sys = SystemDir::load(system).map_err(|e| e.to_string())?;
     let plan = sys.kernel_plan(over).map_err(|e| e.to_string())?;
     if provision {
@@ -197,7 +211,8 @@ fn build(
             .join(name)
             .join("host.cpio.gz")
     });
-    build_system_image(&kernels, workspace, system, &out).map_err(|e| e.to_string())?;
+    let disks = build_system_image(&kernels, cache.dir(), workspace, system, &out)
+        .map_err(|e| e.to_string())?;
     let mut guests: Vec<String> = Vec::new();
     for (name, _) in &sys.guests {
         guests.push(format!("{name} {}", kernels.guest(name).abi));
@@ -209,7 +224,14 @@ fn build(
         if guests.is_empty() { "" } else { "; guests: " },
         guests.join(", ")
     );
-    Ok((kernels, out))
+    for d in &disks {
+        eprintln!(
+            "bulkhead-rootfs: with disk {} (serial {})",
+            d.path.display(),
+            d.serial
+        );
+    }
+    Ok((kernels, out, disks))
 }
 
 fn run(cli: Cli) -> Result<u8, String> {
@@ -254,6 +276,24 @@ fn run(cli: Cli) -> Result<u8, String> {
             Ok(0)
         }
         Cmd::Bench {
+            which: BenchCmd::Wayland { frames },
+        } => {
+            provision::provision(&cache, &[KernelChoice::default()], false)
+                .map_err(|e| e.to_string())?;
+            let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
+            let lines = bulkhead_rootfs::bench::wayland::bench_wayland(
+                &kernel,
+                cache.dir(),
+                &workspace,
+                frames,
+            )
+            .map_err(|e| e.to_string())?;
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(0)
+        }
+        Cmd::Bench {
             which:
                 BenchCmd::Wl {
                     rounds,
@@ -274,6 +314,12 @@ fn run(cli: Cli) -> Result<u8, String> {
             for l in lines {
                 println!("{l}");
             }
+            Ok(0)
+        }
+        Cmd::GuestRoot { packages } => {
+            let img = bulkhead_rootfs::guest_root::image_for(cache.dir(), &packages)
+                .map_err(|e| e.to_string())?;
+            println!("{}", img.path.display());
             Ok(0)
         }
         Cmd::Build {
@@ -297,12 +343,33 @@ fn run(cli: Cli) -> Result<u8, String> {
         } => {
             // Install what is missing (QEMU, the kernels); quick when all is there.
             let over = kernels.overrides()?;
-            let (kernels, image) = build(&cache, &workspace, &system, None, &over, true)?;
+            let (kernels, image, disks) = build(&cache, &workspace, &system, None, &over, true)?;
             let cmdline = format!("{HOST_CMDLINE} {append}");
-            let cfg = QemuConfig::host(&kernels.host.vmlinuz, &image, cmdline.trim());
+            let mut cfg = QemuConfig::host(&kernels.host.vmlinuz, &image, cmdline.trim());
+            cfg.disks = disks;
+            // The emulated host's second serial port: screenshots from a GUI VM, if any.
+            let out_dir = image.parent().map(PathBuf::from).unwrap_or_default();
+            let screens = out_dir.join("screens.bin");
+            let _ = std::fs::remove_file(&screens);
+            cfg.second_serial = Some(screens.clone());
             eprintln!("bulkhead-rootfs: {}", cfg.command_line());
             let mut m = Machine::spawn(&cfg, true).map_err(|e| e.to_string())?;
             let outcome = m.wait_end(Duration::from_secs(timeout));
+            match bulkhead_rootfs::screens::extract(&screens, &out_dir) {
+                Ok(pictures) => {
+                    for p in pictures {
+                        eprintln!(
+                            "bulkhead-rootfs: picture {}: {} ({}x{}, {} windows)",
+                            p.name,
+                            p.png.display(),
+                            p.image.width,
+                            p.image.height,
+                            p.scene.windows().count()
+                        );
+                    }
+                }
+                Err(e) => eprintln!("bulkhead-rootfs: screenshots: {e}"),
+            }
             Ok(match outcome {
                 Ok(Outcome::PowerOff) => {
                     eprintln!("bulkhead-rootfs: the host powered off cleanly");

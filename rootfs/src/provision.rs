@@ -11,7 +11,11 @@ use crate::apt::{self, parse_depends, Apt, AptError};
 use crate::kernel::{self, choice, Cache, Kernel, KernelChoice};
 
 /// Debian packages the build and boot need.
-pub const PACKAGES: &[&str] = &["qemu-system-x86"];
+pub const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    // mkfs.ext4 -d: guests' Debian root filesystems (`boot` builds the example's).
+    "e2fsprogs",
+];
 
 /// What building an out-of-tree module against unpacked headers needs on the build
 /// machine, besides the compiler the headers name: `make`, `gcc`, and `pahole` (package

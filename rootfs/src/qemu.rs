@@ -155,6 +155,16 @@ pub enum Outcome {
     Other(Option<i32>),
 }
 
+/// A disk image given to the machine as a virtio-blk device with a serial (the emulated
+/// host finds it as `/dev/disk/by-id/virtio-<serial>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// At most 20 bytes (virtio-blk's id field).
+    pub serial: String,
+    pub read_only: bool,
+}
+
 /// A QEMU machine description.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
@@ -174,6 +184,8 @@ pub struct QemuConfig {
     pub second_serial: Option<PathBuf>,
     /// A QMP socket.
     pub qmp: Option<PathBuf>,
+    /// Disks with serials (a host image's guest root filesystems).
+    pub disks: Vec<Disk>,
     /// Extra raw arguments.
     pub extra: Vec<String>,
 }
@@ -195,6 +207,7 @@ impl QemuConfig {
             iommu_and_edu: true,
             second_serial: None,
             qmp: None,
+            disks: Vec::new(),
             extra: Vec::new(),
         }
     }
@@ -255,6 +268,19 @@ impl QemuConfig {
         if let Some(p) = &self.qmp {
             a.push("-qmp".into());
             a.push(format!("unix:{},server=on,wait=off", p.display()));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            a.push("-drive".into());
+            a.push(format!(
+                "file={},format=raw,if=none,id=bhdisk{i}{}",
+                d.path.display(),
+                if d.read_only { ",readonly=on" } else { "" }
+            ));
+            a.push("-device".into());
+            a.push(format!(
+                "virtio-blk-pci,drive=bhdisk{i},serial={}",
+                d.serial
+            ));
         }
         a.extend([
             "-kernel".into(),
@@ -813,6 +839,11 @@ mod tests {
         let mut c = QemuConfig::host(Path::new("/k"), Path::new("/i"), "console=ttyS0 quiet");
         c.qmp = Some(PathBuf::from("/tmp/q.sock"));
         c.second_serial = Some(PathBuf::from("/tmp/s1"));
+        c.disks.push(Disk {
+            path: PathBuf::from("/c/root.ext4"),
+            serial: "bh-0123456789ab".into(),
+            read_only: true,
+        });
         let line = c.command_line();
         for want in [
             "-accel tcg,thread=multi",
@@ -826,6 +857,8 @@ mod tests {
             "-serial file:/tmp/s1",
             "-qmp unix:/tmp/q.sock,server=on,wait=off",
             "-append 'console=ttyS0 quiet'",
+            "-drive file=/c/root.ext4,format=raw,if=none,id=bhdisk0,readonly=on",
+            "-device virtio-blk-pci,drive=bhdisk0,serial=bh-0123456789ab",
         ] {
             assert!(line.contains(want), "{want:?} missing from {line}");
         }

@@ -40,27 +40,130 @@ fn boot_exits_0_after_a_clean_power_off() {
     assert!(console.contains("reboot: Power down"));
 }
 
-/// README's first command as it stands (`bulkhead-rootfs boot`, the example system): the edu
-/// driver VM computes with its passed-through device and serves the result through the hub
-/// to the hello VM, and the host powers off cleanly.
-#[test]
-fn readme_first_command_boots_the_example_system() {
-    let console = boot_ok(&["boot", "--timeout", "900"]);
-    for want in [
-        "bulkhead-init: bound 0000:00:03.0 to vfio-pci",
-        "bulkhead-init: started hub pid",
-        "edu-vm: driver: edu: 10! = 3628800",
-        "edu-vm: driver: edu: PASS",
-        "hello-vm: hello: hello from inside a Bulkhead VM",
-        "hello-vm: hello: factorial@edu-vm answered: 10! = 3628800",
-        "bulkhead-init: edu-vm exited with status 0",
-        "edu-vm: bulkhead-vmm: INFO: running as uid 1002 gid 1002, no capabilities",
-        "hello-vm: bulkhead-vmm: INFO: running as uid 1001 gid 1001, no capabilities",
-        "reboot: Power down",
-    ] {
-        assert!(console.contains(want), "no {want:?} in:\n{console}");
+/// The share of pixels in `w`'s rectangle of `img` that are clearly coloured (the desktop's
+/// background pattern is grey: r, g and b within a few steps of each other).
+fn coloured_share(img: &bulkhead_rootfs::screens::Image, w: &bulkhead_desktop::scene::View) -> f64 {
+    let (mut n, mut coloured) = (0u64, 0u64);
+    for y in w.y1.max(0)..w.y2 {
+        for x in w.x1.max(0)..w.x2 {
+            if let Some([r, g, b, _]) = img.pixel(i64::from(x), i64::from(y)) {
+                n += 1;
+                let (hi, lo) = (r.max(g).max(b), r.min(g).min(b));
+                if hi - lo > 60 {
+                    coloured += 1;
+                }
+            }
+        }
     }
-    assert!(!console.contains("FAIL"), "{console}");
+    coloured as f64 / n.max(1) as f64
+}
+
+/// README's first command as it stands (`bulkhead-rootfs boot`, the example system): gui-vm
+/// shows the windows of stock clients from two app VMs through the hub; a third app VM is
+/// refused (the hub's audit log names the missing grant) until the host runs `policyctl
+/// grant` and `policyctl apply`, after which its window appears too; two pictures are written
+/// as PNGs and their paths printed; and the host powers off cleanly. The pictures are decoded here: each window
+/// weston reports is on screen with its client's colours, and app3's window is in the
+/// second picture only.
+#[test]
+fn readme_first_command_boots_the_example_desktop() {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let out = rootfs()
+        .args(["boot", "--timeout", "1500"])
+        .output()
+        .expect("run bulkhead-rootfs");
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{console}\nstderr:\n{err}"
+    );
+    let starts = |prefix: &str| console.lines().any(|l| l.starts_with(prefix));
+    for want in [
+        "bulkhead-init: started hub pid",
+        "gui-vm: bulkhead-guest-init: root filesystem: /dev/vda (read-only)",
+        "app3-vm: proxy: error: cannot connect to wayland@gui-vm",
+        "gui-vm: agent: sent picture desktop",
+        "screens: after desktop: running /bin/policyctl grant app3-vm connect wayland@gui-vm",
+        "gui-vm: agent: sent picture granted",
+        "screens: after granted: running /bin/bulkhead-init poweroff",
+        "gui-vm: bulkhead-vmm: INFO: running as uid 1001 gid 1001, no capabilities",
+        "app1-vm: bulkhead-vmm: INFO: running as uid 1002 gid 1002, no capabilities",
+    ] {
+        assert!(starts(want), "no line starting {want:?} in:\n{console}");
+    }
+    // The hub's own audit record of app3-vm's refusal, printed by policyctl on the host.
+    let audit = console
+        .lines()
+        .find(|l| l.starts_with("screens: #") && l.contains(" DENY app3-vm connect wayland@gui-vm"))
+        .unwrap_or_else(|| panic!("no audit record of app3-vm's refusal:\n{console}"));
+    assert!(audit.contains("NoGrant"), "{audit}");
+    assert!(console.contains("reboot: Power down"));
+    assert!(!console.lines().any(|l| l.contains("FAIL")), "{console}");
+    // The pictures, as `boot` wrote and named them.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bulkhead/demo");
+    for name in ["desktop", "granted"] {
+        let line = format!(
+            "picture {name}: {}",
+            dir.join(format!("{name}.png")).display()
+        );
+        assert!(err.contains(&line), "no {line:?} in:\n{err}");
+    }
+    let pics = bulkhead_rootfs::screens::extract(&dir.join("screens.bin"), &dir.join("check"))
+        .expect("decode the pictures");
+    let pic = |n: &str| {
+        pics.iter()
+            .find(|p| p.name == n)
+            .unwrap_or_else(|| panic!("no picture {n}"))
+    };
+    let (desktop, granted) = (pic("desktop"), pic("granted"));
+    for p in [desktop, granted] {
+        assert_eq!((p.image.width, p.image.height), (640, 480), "{}", p.name);
+    }
+    // app1's and app2's windows are on screen with their clients' colours.
+    for t in ["simple-shm", "Flower"] {
+        let w = desktop.scene.window(t).unwrap_or_else(|| {
+            panic!(
+                "desktop: weston has no window {t:?}:\n{}",
+                desktop.scene_text
+            )
+        });
+        let share = coloured_share(&desktop.image, w);
+        assert!(
+            share > 0.05,
+            "desktop: window {t:?} at ({}, {}) is not on screen ({share:.3} coloured)",
+            w.x1,
+            w.y1
+        );
+        assert!(granted.scene.window(t).is_some(), "granted: {t:?} went");
+    }
+    // app3's window is only in the second picture, and there it covers what the first
+    // picture showed at its place.
+    assert!(
+        desktop.scene.window("simple-damage").is_none(),
+        "desktop: app3 has a window"
+    );
+    let w = granted
+        .scene
+        .window("simple-damage")
+        .unwrap_or_else(|| panic!("granted: no app3 window:\n{}", granted.scene_text));
+    let (mut n, mut changed) = (0u64, 0u64);
+    for y in w.y1.max(0)..w.y2.min(480) {
+        for x in w.x1.max(0)..w.x2.min(640) {
+            n += 1;
+            let (x, y) = (i64::from(x), i64::from(y));
+            if desktop.image.pixel(x, y) != granted.image.pixel(x, y) {
+                changed += 1;
+            }
+        }
+    }
+    assert!(
+        changed * 2 > n,
+        "granted: app3's window at ({}, {}) changed only {changed} of {n} pixels",
+        w.x1,
+        w.y1
+    );
 }
 
 #[test]

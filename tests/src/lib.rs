@@ -22,7 +22,7 @@ use std::time::Duration;
 use bulkhead_rootfs::image::{build_system_image, SystemDir};
 use bulkhead_rootfs::kernel::plan::{KernelOverrides, SystemKernels};
 use bulkhead_rootfs::kernel::{Cache, ChoiceOverride, Kernel, KernelChoice};
-use bulkhead_rootfs::qemu::{Machine, Outcome, QemuConfig, Qmp};
+use bulkhead_rootfs::qemu::{Disk, Machine, Outcome, QemuConfig, Qmp};
 use bulkhead_rootfs::{workspace_dir, HOST_CMDLINE};
 
 pub use bulkhead_rootfs::qemu::{POWER_DOWN, RESTARTING};
@@ -96,10 +96,19 @@ pub fn image(name: &str) -> PathBuf {
     image_with(name, &KernelOverrides::default()).0
 }
 
+/// Builds (once per test process) the host image for the system `name` with its default
+/// kernels; returns it and the disks the emulated host gets besides it (guests' root
+/// filesystems).
+pub fn image_and_disks(name: &str) -> (PathBuf, Vec<Disk>) {
+    let (image, _, disks) = image_with(name, &KernelOverrides::default());
+    (image, disks)
+}
+
 /// Builds (once per test process and kernel choice) the host image for
-/// `tests/systems/<name>` with the kernels `over` chooses; returns it and the kernels.
-pub fn image_with(name: &str, over: &KernelOverrides) -> (PathBuf, SystemKernels) {
-    type Built = HashMap<(String, String), (PathBuf, SystemKernels)>;
+/// `tests/systems/<name>` with the kernels `over` chooses; returns it, the kernels and the
+/// disks the emulated host gets besides it.
+pub fn image_with(name: &str, over: &KernelOverrides) -> (PathBuf, SystemKernels, Vec<Disk>) {
+    type Built = HashMap<(String, String), (PathBuf, SystemKernels, Vec<Disk>)>;
     static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
     let built = BUILT.get_or_init(|| Mutex::new(HashMap::new()));
     let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
@@ -122,10 +131,16 @@ pub fn image_with(name: &str, over: &KernelOverrides) -> (PathBuf, SystemKernels
         .join("target/bulkhead-tests")
         .join(dir)
         .join("host.cpio.gz");
-    build_system_image(&kernels, &workspace_dir(), &src, &out)
-        .unwrap_or_else(|e| panic!("building the {name} image: {e}"));
-    built.insert(key, (out.clone(), kernels.clone()));
-    (out, kernels)
+    let disks = build_system_image(
+        &kernels,
+        Cache::default_location().dir(),
+        &workspace_dir(),
+        &src,
+        &out,
+    )
+    .unwrap_or_else(|e| panic!("building the {name} image: {e}"));
+    built.insert(key, (out.clone(), kernels.clone(), disks.clone()));
+    (out, kernels, disks)
 }
 
 fn boot_lock() -> MutexGuard<'static, ()> {
@@ -136,6 +151,9 @@ fn boot_lock() -> MutexGuard<'static, ()> {
 /// A booted host under test. Dropping it kills QEMU.
 pub struct Host {
     machine: Machine,
+    system: String,
+    /// The emulated host's second serial port (a GUI VM's pictures, if any).
+    screens: PathBuf,
     restarts_allowed: Vec<String>,
     _dir: TempDir,
     _serialise: MutexGuard<'static, ()>,
@@ -210,7 +228,7 @@ impl Host {
     }
 
     pub fn boot_with(system: &str, opts: BootOptions) -> Self {
-        let (image, kernels) = image_with(system, &opts.kernels);
+        let (image, kernels, disks) = image_with(system, &opts.kernels);
         let kernel = &kernels.host;
         let guard = boot_lock();
         let dir = std::env::temp_dir().join(format!(
@@ -223,6 +241,9 @@ impl Host {
         let append = format!("{HOST_CMDLINE} {}", opts.append);
         let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, append.trim());
         cfg.qmp = Some(dir.join("qmp.sock"));
+        cfg.disks = disks;
+        let screens = dir.join("screens.bin");
+        cfg.second_serial = Some(screens.clone());
         if let Some(disk) = &opts.disk {
             cfg.extra.extend([
                 "-drive".to_string(),
@@ -233,6 +254,8 @@ impl Host {
         let machine = Machine::spawn(&cfg, echo).unwrap_or_else(|e| panic!("{e}"));
         Host {
             machine,
+            system: system.to_string(),
+            screens,
             restarts_allowed: opts.restarts_allowed.clone(),
             _dir: TempDir(dir),
             _serialise: guard,
@@ -341,6 +364,17 @@ impl Host {
     /// QMP, to press buttons.
     pub fn qmp(&self) -> Qmp {
         self.machine.qmp().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The pictures a GUI VM sent so far (decoded; written under
+    /// `target/bulkhead-tests/<system>/pictures/`).
+    pub fn pictures(&self) -> Vec<bulkhead_rootfs::screens::Picture> {
+        let out = workspace_dir()
+            .join("target/bulkhead-tests")
+            .join(&self.system)
+            .join("pictures");
+        bulkhead_rootfs::screens::extract(&self.screens, &out)
+            .unwrap_or_else(|e| panic!("the pictures: {e}\n{}", self.context()))
     }
 
     /// Asserts that no line seen so far contains `needle` (anywhere: stricter than the

@@ -1,9 +1,10 @@
 //! The server side of the policy control protocol (`bulkhead_policy::control`): status,
-//! apply (validate-then-swap, compare-and-swap on the tree hash) and the audit log; the
-//! control socket's clients (peer uid 0 or the hub's own) and what an apply leaves behind
-//! (connections the new generation no longer allows).
+//! apply (validate-then-swap, compare-and-swap on the tree hash), the audit log and the
+//! running generation's files (what `policyctl` diffs against); the control socket's
+//! clients (peer uid 0 or the hub's own) and what an apply leaves behind (connections the
+//! new generation no longer allows).
 
-use bulkhead_policy::control::{decode_request, ApplyResult, Request, Response};
+use bulkhead_policy::control::{decode_request, ApplyResult, Request, Response, MAX_MESSAGE};
 
 use std::os::fd::AsRawFd;
 
@@ -33,6 +34,25 @@ pub fn handle(hub: &mut Hub, bytes: &[u8], from_root: bool) -> Response {
             log::warn!("control socket: apply refused: the client is not root");
             Response::Error {
                 message: "permission denied: only root may apply a policy".into(),
+            }
+        }
+        Request::Tree => {
+            let tree = hub.store.running_tree();
+            let size: usize = tree
+                .files
+                .iter()
+                .map(|f| f.name.len() + f.bytes.len())
+                .sum();
+            // Leave room for the framing; a bigger tree cannot travel in one message.
+            if size > MAX_MESSAGE - 4096 {
+                Response::Error {
+                    message: format!(
+                        "the running tree is {size} bytes, more than one control message \
+                         carries; compare with a directory instead (--from DIR)"
+                    ),
+                }
+            } else {
+                Response::Tree(tree)
             }
         }
         Request::Apply {

@@ -95,6 +95,7 @@ pub fn bench_vmm(kernel: &Kernel, workspace: &Path, runs: u32) -> Result<Vec<Str
         kernels: &SystemKernels::all(kernel.clone()),
         system: &sys,
         binaries,
+        roots: Vec::new(),
         extra_files: extra,
     }
     .write(&image)

@@ -77,6 +77,7 @@ pub fn bench_wl(
         kernels: &SystemKernels::all(kernel.clone()),
         system: &sys,
         binaries,
+        roots: Vec::new(),
         extra_files: Vec::new(),
     }
     .write(&image)

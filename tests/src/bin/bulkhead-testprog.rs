@@ -4,6 +4,8 @@
 
 use std::process::ExitCode;
 
+#[path = "testprog/console.rs"]
+mod testprog_console;
 #[path = "testprog/hub.rs"]
 mod testprog_hub;
 #[path = "testprog/jail.rs"]
@@ -43,6 +45,7 @@ fn report(r: Result<String, String>) -> ExitCode {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: bulkhead-testprog crash [CODE] | ignore-term | sleep SECS | exit CODE | \
+         stop-console SERVICE COUNT | \
          check-kvm | check-vfio BDF | vm-check | wl-guest | wl-peer PATH | \
          wl-faux-server | wl-faux-client | wl-faux-relay LISTEN SVC CTL | hub-guest | hub-audit PATH VM | run-after MS PROGRAM [ARGS...] | \
          run-when FILE NEEDLE PROGRAM [ARGS...]"
@@ -208,6 +211,10 @@ fn main() -> ExitCode {
             say(&format!("exiting with {code}"));
             ExitCode::from(code)
         }
+        "stop-console" => match (args.get(1), args.get(2).and_then(|n| n.parse().ok())) {
+            (Some(service), Some(more)) => testprog_console::stop_console(service, more),
+            _ => usage(),
+        },
         "check-kvm" => check_kvm(),
         "vm-check" => vm_check(),
         "wl-guest" => {

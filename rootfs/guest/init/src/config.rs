@@ -14,8 +14,28 @@
 //! suite = "backports"
 //! ```
 //!
-//! Every program starts at boot; the VM powers off when the last one has ended (at once
-//! when there is none: a guest that only boots, as the VMM benchmark's).
+//! Every program starts at boot (or, with `wait_for = "/path"`, once that path exists); the
+//! VM powers off when the last one has ended (at once when there is none: a guest that only
+//! boots, as the VMM benchmark's).
+//!
+//! A guest that names Debian packages gets a root filesystem made of them:
+//!
+//! ```toml
+//! packages = ["weston", "wl-clipboard"]  # the image builder makes an ext4 of their closure
+//!
+//! [[program]]
+//! name = "shm"
+//! exec = ["/usr/bin/weston-simple-shm"]   # Debian's programs at their Debian paths
+//! wait_for = "/run/user/0/wayland-0"      # started once the path exists
+//! [[program]]
+//! name = "proxy"
+//! exec = ["/usr/local/bin/bulkhead-wl-app-proxy"]  # ours, from the initramfs
+//! ```
+//!
+//! The VMM gives it as the first disk (`/dev/vda`, read-only); the guest init mounts it
+//! read-only as `/`, with tmpfs on `/tmp` and `/run`, and `/run/user/0` (mode 0700) as every
+//! program's `XDG_RUNTIME_DIR`. Bulkhead's own binaries, still carried by the initramfs,
+//! appear at `/usr/local/bin`, and `/etc/bulkhead` is the initramfs's.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,7 +57,45 @@ pub const MAX_NAME: usize = 32;
 pub const POWER_BUTTON_MODULES: &[&str] = &["button", "evdev"];
 
 /// The `PATH` every program gets.
-pub const PROGRAM_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
+pub const PROGRAM_PATH: &str = "/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin";
+
+/// A guest with packages: the disk its root filesystem is on (the VMM's first disk).
+pub const ROOT_DEVICE: &str = "/dev/vda";
+
+/// A guest with packages: the modules that reach its root disk, loaded before its own.
+pub const ROOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "ext4"];
+
+/// A guest with packages: where its programs find Bulkhead's binaries (from the initramfs).
+pub const LOCAL_BIN: &str = "/usr/local/bin";
+
+/// A guest with packages: every program's `XDG_RUNTIME_DIR` (tmpfs, mode 0700).
+pub const RUNTIME_DIR: &str = "/run/user/0";
+
+/// Most packages one guest names (their closure is apt's business).
+pub const MAX_PACKAGES: usize = 64;
+
+/// Is `name` a Debian package name (Debian policy §5.6.1: lower-case letters, digits and
+/// `+-.`, at least two characters, starting with a letter or digit; an optional `:arch`)?
+/// Names reach apt's command line, so nothing else gets through.
+pub fn valid_package_name(name: &str) -> bool {
+    let (pkg, arch) = match name.split_once(':') {
+        Some((p, a)) => (p, Some(a)),
+        None => (name, None),
+    };
+    let pkg_ok = pkg.len() >= 2
+        && pkg.len() <= 100
+        && pkg
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && pkg
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+    let arch_ok = arch.is_none_or(|a| {
+        !a.is_empty() && a.len() <= 32 && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    pkg_ok && arch_ok
+}
 
 /// A guest configuration that cannot be used, and why.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +118,10 @@ pub struct GuestConfig {
     /// Kernel modules to load, in this order, each after its dependencies.
     #[serde(default)]
     pub modules: Vec<String>,
+    /// Debian packages its root filesystem is made of (empty: the guest runs from its
+    /// initramfs alone).
+    #[serde(default)]
+    pub packages: Vec<String>,
     /// Milliseconds between SIGTERM and SIGKILL when the VM is asked to stop.
     #[serde(default = "default_grace")]
     pub stop_grace_ms: u64,
@@ -78,9 +140,13 @@ pub struct Program {
     pub name: String,
     /// The absolute path of the program, then its arguments.
     pub exec: Vec<String>,
-    /// Environment besides `PATH`.
+    /// Environment besides `PATH` (and, with packages, `XDG_RUNTIME_DIR` and `HOME`).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// An absolute path: the program starts once it exists (a socket another program
+    /// makes, for example).
+    #[serde(default)]
+    pub wait_for: Option<String>,
 }
 
 fn default_grace() -> u64 {
@@ -113,6 +179,12 @@ impl GuestConfig {
     fn validate(&self) -> Result<(), String> {
         if self.program.len() > MAX_PROGRAMS {
             return Err(format!("at most {MAX_PROGRAMS} programs"));
+        }
+        if self.packages.len() > MAX_PACKAGES {
+            return Err(format!("at most {MAX_PACKAGES} packages"));
+        }
+        if let Some(bad) = self.packages.iter().find(|p| !valid_package_name(p)) {
+            return Err(format!("package {bad:?}: not a Debian package name"));
         }
         if self.stop_grace_ms > 60_000 {
             return Err("stop_grace_ms is at most 60000".into());
@@ -157,6 +229,21 @@ impl GuestConfig {
             if p.exec.iter().any(|a| a.contains('\0')) {
                 return Err(format!("program {:?}: exec has a NUL byte", p.name));
             }
+            if let Some(w) = &p.wait_for {
+                if !w.starts_with('/') || w.contains('\0') || w.len() > 4096 {
+                    return Err(format!(
+                        "program {:?}: wait_for {w:?} is not an absolute path",
+                        p.name
+                    ));
+                }
+            }
+            if self.has_root() && p.exec.iter().any(|a| a.starts_with("/bin/bulkhead-")) {
+                return Err(format!(
+                    "program {:?}: in a guest with packages Bulkhead's binaries are at \
+                     {LOCAL_BIN}/ (/bin is Debian's)",
+                    p.name
+                ));
+            }
             for (k, v) in &p.env {
                 if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
                     return Err(format!("program {:?}: bad environment entry {k:?}", p.name));
@@ -166,12 +253,48 @@ impl GuestConfig {
         Ok(())
     }
 
-    /// Every `/bin/<name>` the programs run (as the program or as an argument): the
-    /// binaries the guest image must carry.
+    /// True if the guest has a root filesystem of Debian packages.
+    pub fn has_root(&self) -> bool {
+        !self.packages.is_empty()
+    }
+
+    /// Every Bulkhead binary the programs run (as the program or as an argument): the
+    /// binaries the guest image must carry. They are `/bin/<name>` in a guest without
+    /// packages, `/usr/local/bin/<name>` in one with (where `/bin` is Debian's).
     pub fn binaries(&self) -> Vec<String> {
+        let dir = if self.has_root() {
+            "/usr/local/bin/"
+        } else {
+            "/bin/"
+        };
         let mut out: Vec<String> = Vec::new();
-        for arg in self.program.iter().flat_map(|p| p.exec.iter()) {
-            if let Some(bin) = arg.strip_prefix("/bin/") {
+        // At the start of an argument, or inside one (`sh -c "… /usr/local/bin/x …"`,
+        // `run:/usr/local/bin/x …`).
+        let found = self
+            .program
+            .iter()
+            .flat_map(|p| p.exec.iter())
+            .flat_map(|arg| {
+                arg.match_indices(dir)
+                    .filter(|(i, _)| {
+                        *i == 0
+                            || !arg
+                                .as_bytes()
+                                .get(i - 1)
+                                .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'/')
+                    })
+                    .filter_map(|(i, _)| {
+                        arg.get(i + dir.len()..)?
+                            .split(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ';')
+                            .next()
+                    })
+                    .filter(|b| !b.is_empty())
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            });
+        for bin in found {
+            let bin = bin.as_str();
+            {
                 if !out.iter().any(|b| b == bin) {
                     out.push(bin.to_string());
                 }
@@ -228,6 +351,61 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_with_debian_packages() {
+        let c = parse(
+            r#"
+            packages = ["weston", "wl-clipboard"]
+            [[program]]
+            name = "proxy"
+            exec = ["/usr/local/bin/bulkhead-wl-app-proxy"]
+            [[program]]
+            name = "shm"
+            exec = ["/usr/bin/weston-simple-shm"]
+            wait_for = "/run/user/0/wayland-0"
+            "#,
+        )
+        .unwrap();
+        assert!(c.has_root());
+        assert_eq!(c.binaries(), ["bulkhead-wl-app-proxy"]);
+        assert_eq!(
+            c.program[1].wait_for.as_deref(),
+            Some("/run/user/0/wayland-0")
+        );
+        // /bin/x is Debian's there, never one of ours.
+        let c = parse("packages = [\"dash\"]\n[[program]]\nname = \"sh\"\nexec = [\"/bin/sh\"]\n")
+            .unwrap();
+        assert!(c.binaries().is_empty());
+    }
+
+    #[test]
+    fn only_debian_package_names_pass() {
+        for ok in [
+            "weston",
+            "wl-clipboard",
+            "libstdc++6",
+            "g++",
+            "libc6:amd64",
+            "xz-utils",
+        ] {
+            assert!(valid_package_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a",
+            "Weston",
+            "-rf",
+            "weston;reboot",
+            "a b",
+            "pkg=1.0",
+            "pkg/bookworm",
+            "x:",
+            "../x",
+        ] {
+            assert!(!valid_package_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_guest_that_only_boots() {
         let c = parse("modules = []").unwrap();
         assert!(c.program.is_empty());
@@ -269,6 +447,16 @@ mod tests {
             ),
             ("[host]\nmodules = []", "unknown field"),
             ("modules = ", "guest.toml"),
+            ("packages = [\"weston;reboot\"]", "not a Debian package name"),
+            ("packages = [\"Weston\"]", "not a Debian package name"),
+            (
+                "packages = [\"weston\"]\n[[program]]\nname = \"p\"\nexec = [\"/bin/bulkhead-x\"]",
+                "Bulkhead's binaries are at /usr/local/bin/",
+            ),
+            (
+                "[[program]]\nname = \"p\"\nexec = [\"/x\"]\nwait_for = \"run/x\"",
+                "not an absolute path",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(text).unwrap_err().to_string();

@@ -1,7 +1,8 @@
 //! `bulkhead-guest-init`: PID 1 of a Bulkhead guest.
 //!
 //! In order: block every signal (read from a signalfd), mount the early filesystems, read
-//! `/etc/bulkhead/guest.toml`, load its modules, start its programs, then wait: their output
+//! `/etc/bulkhead/guest.toml`, load its modules, make its Debian root disk `/` if it names
+//! packages, start its programs (each with `wait_for` once its path exists), then wait: their output
 //! goes to the console as `<name>: <line>`, children are reaped, and when the last program
 //! has ended the VM powers off. SIGTERM, SIGINT, SIGPWR, SIGUSR1/2 or the power button (the
 //! VMM's ACPI GED) stop the programs (SIGTERM to each process group, SIGKILL after the grace
@@ -20,7 +21,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bulkhead_guest_init::config::{GuestConfig, CONFIG_PATH, POWER_BUTTON_MODULES};
+use bulkhead_guest_init::config::{GuestConfig, CONFIG_PATH, POWER_BUTTON_MODULES, ROOT_MODULES};
 use bulkhead_guest_init::programs::Programs;
 use bulkhead_init::input::{self, PowerButton};
 use bulkhead_init::runtime::poll_groups;
@@ -38,6 +39,9 @@ const TAG: &str = "bulkhead-guest-init";
 
 /// How long output is read after the last program ended while others still hold it open.
 const OUTPUT_LINGER: Duration = Duration::from_secs(1);
+
+/// How often the paths programs wait for are looked at.
+const WAIT_POLL: Duration = Duration::from_millis(100);
 
 fn main() {
     panic::install();
@@ -112,9 +116,29 @@ fn pid1() -> ! {
             shutdown::finish(PowerAction::Poweroff, &mounted);
         }
     };
-    let mut wanted = config.modules.clone();
+    let mut wanted: Vec<String> = Vec::new();
+    if config.has_root() {
+        wanted.extend(ROOT_MODULES.iter().map(|m| m.to_string()));
+    }
+    wanted.extend(config.modules.iter().cloned());
     wanted.extend(POWER_BUTTON_MODULES.iter().map(|m| m.to_string()));
     modules::load_all(&modules::modules_dir(), &wanted);
+    if config.has_root() {
+        match bulkhead_guest_init::root::switch() {
+            Ok(()) => {
+                initlog::reopen();
+                info!(
+                    "root filesystem: {} (read-only)",
+                    bulkhead_guest_init::config::ROOT_DEVICE
+                );
+            }
+            Err(e) => {
+                error!("cannot switch to the root filesystem: {e}");
+                error!("nothing to run: powering off");
+                shutdown::finish(PowerAction::Poweroff, &mounted);
+            }
+        }
+    }
     let mut buttons = input::scan(Path::new("/dev/input"));
     let sfd = match signals::signal_fd() {
         Ok(sfd) => sfd,
@@ -143,13 +167,18 @@ enum StopReason {
 }
 
 /// Runs until every program has ended (after a stop request, until the grace time is up).
-fn run(programs: &mut Programs, sfd: &SignalFd, buttons: &mut [PowerButton], grace: Duration) {
+fn run(programs: &mut Programs, sfd: &SignalFd, buttons: &mut Vec<PowerButton>, grace: Duration) {
     let mut kill_at: Option<Instant> = None;
     // When the last program has ended but something it started still holds its output
     // open, the output gets a moment more and is then let go.
     let mut outputs_until: Option<Instant> = None;
     loop {
         programs.reap();
+        if kill_at.is_none() {
+            programs.start_ready();
+        } else {
+            programs.cancel_waiting();
+        }
         if programs.all_ended() {
             info!("all programs ended");
             return;
@@ -170,7 +199,9 @@ fn run(programs: &mut Programs, sfd: &SignalFd, buttons: &mut [PowerButton], gra
                 return;
             }
         }
-        let timeout = [kill_at, outputs_until]
+        // A program waiting for its path is looked at again every WAIT_POLL.
+        let waiting = programs.any_waiting().then(|| Instant::now() + WAIT_POLL);
+        let timeout = [kill_at, outputs_until, waiting]
             .into_iter()
             .flatten()
             .min()
@@ -197,10 +228,9 @@ fn run(programs: &mut Programs, sfd: &SignalFd, buttons: &mut [PowerButton], gra
                 }
             }
         }
-        for (b, ready) in buttons.iter_mut().zip(&button_ready) {
-            if *ready && b.pressed() {
-                stop = stop.or(Some(StopReason::PowerButton(b.path.clone())));
-            }
+        // A button that went away leaves the watch list (it would poll ready forever).
+        if let Some(path) = input::check_ready(buttons, &button_ready) {
+            stop = stop.or(Some(StopReason::PowerButton(path)));
         }
         if pipe_ready.iter().any(|r| *r) {
             programs.drain(&pipe_ready);

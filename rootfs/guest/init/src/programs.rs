@@ -1,6 +1,7 @@
-//! The guest's programs: started once at boot, each in its own process group with its
-//! stdout and stderr on one pipe that init turns into `<name>: <line>` console lines;
-//! reaped with waitpid(-1), so orphans that reparent to PID 1 are reaped too.
+//! The guest's programs: started once at boot (a program with `wait_for` once its path
+//! exists), each in its own process group with its stdout and stderr on one pipe that init
+//! turns into `<name>: <line>` console lines; reaped with waitpid(-1), so orphans that
+//! reparent to PID 1 are reaped too.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
@@ -13,12 +14,14 @@ use log::{debug, error, info};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::config::{GuestConfig, Program, PROGRAM_PATH};
+use crate::config::{GuestConfig, Program, PROGRAM_PATH, RUNTIME_DIR};
 
 /// One program and what is left of it.
 #[derive(Debug)]
 struct Running {
     name: String,
+    /// Waiting for its `wait_for` path: how to start it then.
+    waiting: Option<(Program, std::path::PathBuf)>,
     /// Its pid (and process group) while it runs.
     pid: Option<i32>,
     /// Its output until the last writer closed it.
@@ -31,38 +34,114 @@ struct Running {
 #[derive(Debug, Default)]
 pub struct Programs {
     list: Vec<Running>,
+    /// Environment every program gets before its own `env` (a guest with packages:
+    /// `XDG_RUNTIME_DIR`, `HOME` and `XDG_CACHE_HOME`).
+    base_env: Vec<(String, String)>,
 }
 
 impl Programs {
-    /// Starts every program of `config`, in order. One that cannot start is logged and
-    /// counts as ended.
+    /// Starts every program of `config`, in order, except those waiting for a path (see
+    /// [`Programs::start_ready`]). One that cannot start is logged and counts as ended.
     pub fn start(config: &GuestConfig) -> Programs {
-        let sigrtmax = libc::SIGRTMAX();
-        let list = config
-            .program
-            .iter()
-            .map(|p| match spawn(p, sigrtmax) {
-                Ok((pid, output)) => {
-                    info!("started {} pid {pid}", p.name);
+        let base_env = if config.has_root() {
+            vec![
+                ("XDG_RUNTIME_DIR".to_string(), RUNTIME_DIR.to_string()),
+                ("HOME".to_string(), "/root".to_string()),
+                // The root filesystem is read-only: caches (fontconfig's) go to tmpfs.
+                ("XDG_CACHE_HOME".to_string(), "/tmp".to_string()),
+            ]
+        } else {
+            Vec::new()
+        };
+        let mut programs = Programs {
+            list: Vec::new(),
+            base_env,
+        };
+        for p in &config.program {
+            let r = match &p.wait_for {
+                Some(path) if !std::path::Path::new(path).exists() => {
+                    info!("{} waits for {path}", p.name);
                     Running {
                         name: p.name.clone(),
-                        pid: Some(pid),
-                        output: Some(output),
+                        waiting: Some((p.clone(), path.into())),
+                        pid: None,
+                        output: None,
                         ended: None,
                     }
                 }
-                Err(e) => {
-                    error!("{} could not start: {e}", p.name);
-                    Running {
-                        name: p.name.clone(),
-                        pid: None,
-                        output: None,
-                        ended: Some(ExitKind::SpawnFailed(e)),
-                    }
+                _ => programs.launch(p),
+            };
+            programs.list.push(r);
+        }
+        programs
+    }
+
+    fn launch(&self, p: &Program) -> Running {
+        match spawn(p, &self.base_env, libc::SIGRTMAX()) {
+            Ok((pid, output)) => {
+                info!("started {} pid {pid}", p.name);
+                Running {
+                    name: p.name.clone(),
+                    waiting: None,
+                    pid: Some(pid),
+                    output: Some(output),
+                    ended: None,
                 }
-            })
-            .collect();
-        Programs { list }
+            }
+            Err(e) => {
+                error!("{} could not start: {e}", p.name);
+                Running {
+                    name: p.name.clone(),
+                    waiting: None,
+                    pid: None,
+                    output: None,
+                    ended: Some(ExitKind::SpawnFailed(e)),
+                }
+            }
+        }
+    }
+
+    /// True while some program waits for its path.
+    pub fn any_waiting(&self) -> bool {
+        self.list.iter().any(|r| r.waiting.is_some())
+    }
+
+    /// Starts the waiting programs whose path now exists.
+    pub fn start_ready(&mut self) {
+        for i in 0..self.list.len() {
+            let ready = self
+                .list
+                .get(i)
+                .and_then(|r| r.waiting.as_ref())
+                .is_some_and(|(_, path)| path.exists());
+            if !ready {
+                continue;
+            }
+            let Some((p, _)) = self.list.get_mut(i).and_then(|r| r.waiting.take()) else {
+                continue;
+            };
+            let started = self.launch(&p);
+            if let Some(slot) = self.list.get_mut(i) {
+                *slot = started;
+            }
+        }
+    }
+
+    /// Gives up on the programs still waiting (the VM is stopping): they count as ended.
+    pub fn cancel_waiting(&mut self) {
+        for r in &mut self.list {
+            if let Some((_, path)) = r.waiting.take() {
+                info!(
+                    "{} never started ({} did not appear)",
+                    r.name,
+                    path.display()
+                );
+                r.ended = Some(ExitKind::SpawnFailed(format!(
+                    "{} did not appear",
+                    path.display()
+                )));
+            }
+        }
     }
 
     /// The output pipes still open, in a fixed order (see [`Programs::drain`]).
@@ -111,9 +190,12 @@ impl Programs {
             .all(|r| r.ended.is_some() && r.output.is_none())
     }
 
-    /// True while a program's process is alive (its output may still be open by others).
+    /// True while a program's process is alive (its output may still be open by others) or
+    /// a program still waits to start.
     pub fn any_running(&self) -> bool {
-        self.list.iter().any(|r| r.pid.is_some())
+        self.list
+            .iter()
+            .any(|r| r.pid.is_some() || r.waiting.is_some())
     }
 
     /// Sends `sig` to the process group of every program still running.
@@ -141,7 +223,11 @@ impl Programs {
     }
 }
 
-fn spawn(p: &Program, sigrtmax: i32) -> Result<(i32, OutputPipe), String> {
+fn spawn(
+    p: &Program,
+    base_env: &[(String, String)],
+    sigrtmax: i32,
+) -> Result<(i32, OutputPipe), String> {
     let (prog, args) = p
         .exec
         .split_first()
@@ -157,6 +243,7 @@ fn spawn(p: &Program, sigrtmax: i32) -> Result<(i32, OutputPipe), String> {
     cmd.args(args)
         .env_clear()
         .env("PATH", PROGRAM_PATH)
+        .envs(base_env.iter().map(|(k, v)| (k, v)))
         .envs(&p.env)
         .current_dir("/")
         .stdin(Stdio::null())
@@ -220,6 +307,46 @@ mod tests {
             matches!(got[2], ("missing", Some(ExitKind::SpawnFailed(e))) if e.contains("/nonexistent/program")),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn a_program_waits_for_its_path() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("ready");
+        let mut p = Programs::start(&config(&format!(
+            r#"
+            [[program]]
+            name = "first"
+            exec = ["/bin/sh", "-c", "sleep 0.3; echo x > {}"]
+            [[program]]
+            name = "second"
+            exec = ["/bin/sh", "-c", "exit 3"]
+            wait_for = "{}"
+            "#,
+            flag.display(),
+            flag.display()
+        )));
+        assert!(p.any_waiting());
+        for _ in 0..2000 {
+            p.reap();
+            p.start_ready();
+            let ready = vec![true; p.pipe_fds().len()];
+            p.drain(&ready);
+            if p.all_ended() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!p.any_waiting());
+        assert_eq!(p.outcomes()[1], ("second", Some(&ExitKind::Exited(3))));
+        // One that never gets its path counts as ended once the VM stops.
+        let mut q = Programs::start(&config(
+            "[[program]]\nname = \"w\"\nexec = [\"/bin/true\"]\nwait_for = \"/nonexistent/x\"\n",
+        ));
+        assert!(q.any_running() && !q.all_ended());
+        q.cancel_waiting();
+        assert!(q.all_ended());
     }
 
     #[test]
