@@ -100,6 +100,10 @@ pub struct HostConfig {
     /// Grace between the final kill(-1, SIGTERM) and kill(-1, SIGKILL).
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// At shutdown every service gets SIGTERM at once and SIGKILL at its own
+    /// `stop_timeout_ms`; this caps them all: one overall deadline (default: none beyond
+    /// the services' own).
+    pub shutdown_timeout_ms: Option<u64>,
     /// How long init waits for module loading and device binding (run in a child, since a
     /// driver can hang in the kernel) before it starts the services without them.
     #[serde(default = "default_setup_timeout_ms")]
@@ -113,6 +117,7 @@ impl Default for HostConfig {
             modules: Vec::new(),
             when_idle: WhenIdle::default(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            shutdown_timeout_ms: None,
             setup_timeout_ms: default_setup_timeout_ms(),
         }
     }
@@ -261,20 +266,67 @@ pub struct HubConfig {
     pub cpu_weight: Option<u32>,
     /// Jail: RLIMIT_NOFILE (soft and hard); the hub's budgets need headroom.
     pub nofile: Option<u64>,
+    /// What happens to the VMs (every service with `vm =`: they all have a hub channel)
+    /// when the hub fails past its start limit.
+    #[serde(default)]
+    pub on_failure: HubFailure,
+    /// First restart delay (default 200 ms; doubles like a service's).
+    pub restart_delay_ms: Option<u64>,
+    /// Start limit: at most this many starts in `burst_interval_ms` (default 5), then the
+    /// hub is failed and `on_failure` applies.
+    pub burst: Option<u32>,
+    /// The start limit's window (default 60 s).
+    pub burst_interval_ms: Option<u64>,
+    /// SIGTERM → SIGKILL at a stop (default 5 s).
+    pub stop_timeout_ms: Option<u64>,
+}
+
+/// `[hub] on_failure`: what init does with the VMs once the hub has failed for good.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HubFailure {
+    /// Stop them (power button, stop timeout, SIGKILL); they stay stopped until an
+    /// operator starts them.
+    #[default]
+    StopVms,
+    /// Stop them and hold them: init starts them again by itself once the hub runs again
+    /// (`bulkhead-ctl reset-failed hub`).
+    HoldVms,
 }
 
 impl HubConfig {
     /// The hub's supervision: restarted whenever it ends, quickly.
     pub fn restart_params(&self) -> RestartParams {
+        let delay = Duration::from_millis(self.restart_delay_ms.unwrap_or(200));
         RestartParams {
             policy: RestartPolicy::Always,
-            delay: Duration::from_millis(200),
-            delay_max: Duration::from_millis(default_restart_delay_max_ms()),
+            delay,
+            delay_max: Duration::from_millis(default_restart_delay_max_ms()).max(delay),
             stable_after: Duration::from_millis(default_stable_after_ms()),
-            burst: default_burst(),
-            burst_interval: Duration::from_millis(default_burst_interval_ms()),
-            stop_timeout: Duration::from_millis(default_stop_timeout_ms()),
+            burst: self.burst.unwrap_or_else(default_burst),
+            burst_interval: Duration::from_millis(
+                self.burst_interval_ms
+                    .unwrap_or_else(default_burst_interval_ms),
+            ),
+            stop_timeout: Duration::from_millis(
+                self.stop_timeout_ms.unwrap_or_else(default_stop_timeout_ms),
+            ),
         }
+    }
+
+    /// The `--control-socket` its command line names, if any (where `bulkhead-ctl ls`
+    /// asks the hub for its connections).
+    pub fn control_socket(&self) -> Option<PathBuf> {
+        let mut it = self.exec.iter();
+        while let Some(a) = it.next() {
+            if a == "--control-socket" {
+                return it.next().map(PathBuf::from);
+            }
+            if let Some(p) = a.strip_prefix("--control-socket=") {
+                return Some(PathBuf::from(p));
+            }
+        }
+        None
     }
 
     /// The environment the hub runs with.
@@ -301,6 +353,133 @@ pub struct SystemConfig {
     /// `[kernel]`: which Debian kernel the image builder boots the host (and its VMs, unless
     /// a guest chooses its own) with; init itself does not read it.
     pub kernel: Option<KernelConfig>,
+    /// `[control]`: who else may read the host's state.
+    #[serde(default)]
+    pub control: ControlConfig,
+    /// `[log]`: the services' log rings and where they are kept on disk.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[control]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Members of this group (a gid: the host has no /etc/group) may run `bulkhead-ctl ls`
+    /// and `log`, through a second, read-only socket (`/run/bulkhead-read/init.sock`, in a
+    /// directory root:<gid> 0750). Everything else stays root's.
+    pub read_group: Option<u32>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Lines each service's ring in init's memory keeps (`bulkhead-ctl log`).
+    #[serde(default = "default_ring_lines")]
+    pub ring_lines: u32,
+    /// Bytes each ring keeps, e.g. `64K`.
+    #[serde(default = "default_ring_bytes")]
+    pub ring_bytes: String,
+    /// A directory where every service's lines are also written, one file per service
+    /// (`<name>.log`), rotated by size: a disk on real hardware. Absent: memory only.
+    pub dir: Option<PathBuf>,
+    /// A block device the log writer mounts on `dir` first (e.g. `/dev/vda`).
+    pub device: Option<PathBuf>,
+    /// Its filesystem (default `ext4`).
+    pub fstype: Option<String>,
+    /// A file to copy into `dir` as it grows (the hub's audit log), rotated the same way.
+    pub audit: Option<PathBuf>,
+    /// A file is rotated (`.1`, `.2`, …) once it reaches this size, e.g. `1M`.
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: String,
+    /// Rotated files kept per log.
+    #[serde(default = "default_keep_files")]
+    pub keep_files: u32,
+}
+
+fn default_ring_lines() -> u32 {
+    1000
+}
+fn default_ring_bytes() -> String {
+    "64K".into()
+}
+fn default_max_file_bytes() -> String {
+    "1M".into()
+}
+fn default_keep_files() -> u32 {
+    4
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            ring_lines: default_ring_lines(),
+            ring_bytes: default_ring_bytes(),
+            dir: None,
+            device: None,
+            fstype: None,
+            audit: None,
+            max_file_bytes: default_max_file_bytes(),
+            keep_files: default_keep_files(),
+        }
+    }
+}
+
+impl LogConfig {
+    /// The ring's byte bound.
+    pub fn ring_bytes(&self) -> usize {
+        parse_size(&self.ring_bytes)
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(64 << 10)
+    }
+
+    /// The rotation size.
+    pub fn max_file_bytes(&self) -> u64 {
+        parse_size(&self.max_file_bytes).unwrap_or(1 << 20)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=100_000).contains(&self.ring_lines) {
+            return Err("[log] ring_lines must be 1 to 100000".into());
+        }
+        let rb = parse_size(&self.ring_bytes).map_err(|e| format!("[log] ring_bytes: {e}"))?;
+        if !(1024..=(16 << 20)).contains(&rb) {
+            return Err("[log] ring_bytes must be 1K to 16M".into());
+        }
+        let mb =
+            parse_size(&self.max_file_bytes).map_err(|e| format!("[log] max_file_bytes: {e}"))?;
+        if mb < 4096 {
+            return Err("[log] max_file_bytes must be at least 4K".into());
+        }
+        if !(1..=100).contains(&self.keep_files) {
+            return Err("[log] keep_files must be 1 to 100".into());
+        }
+        for (what, p) in [
+            ("dir", &self.dir),
+            ("device", &self.device),
+            ("audit", &self.audit),
+        ] {
+            if let Some(p) = p {
+                if !p.is_absolute() || p == Path::new("/") {
+                    return Err(format!(
+                        "[log] {what} {}: an absolute path other than /",
+                        p.display()
+                    ));
+                }
+            }
+        }
+        if self.dir.is_none() && (self.device.is_some() || self.audit.is_some()) {
+            return Err("[log] device and audit need dir".into());
+        }
+        if let Some(t) = &self.fstype {
+            if t.is_empty() || t.len() > 32 || !t.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(format!("[log] fstype {t:?}: a filesystem name like ext4"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A Debian kernel flavour.
@@ -608,6 +787,13 @@ impl SystemConfig {
         if let Some(k) = &self.kernel {
             k.validate("[kernel]")?;
         }
+        self.log.validate()?;
+        if self.control.read_group == Some(0) {
+            return Err("[control] read_group 0 is root's group; name the operators' own".into());
+        }
+        if self.host.shutdown_timeout_ms == Some(0) {
+            return Err("[host] shutdown_timeout_ms must be at least 1".into());
+        }
         for m in &self.host.modules {
             if !valid_module_name(m) {
                 return Err(format!(
@@ -661,6 +847,9 @@ impl SystemConfig {
             if let Some(m) = &hub.memory_max {
                 parse_size(m).map_err(|e| format!("[hub]: memory_max: {e}"))?;
             }
+            if hub.burst == Some(0) || hub.burst_interval_ms == Some(0) {
+                return Err("[hub]: burst and burst_interval_ms must be at least 1".into());
+            }
             if let Some(d) = &hub.runtime_dir {
                 if d.starts_with(INIT_RUNTIME_DIR) {
                     return Err(format!(
@@ -685,6 +874,11 @@ impl SystemConfig {
             }
             if !names.insert(s.name.as_str()) {
                 return Err(format!("{at}: duplicate service name"));
+            }
+            if self.log.dir.is_some() && s.name == "logd" {
+                return Err(format!(
+                    "{at}: \"logd\" is the name of the log writer init starts for [log] dir"
+                ));
             }
             if let Some(vm) = &s.vm {
                 if !valid_name(vm) {

@@ -37,18 +37,33 @@ fn main() {
 }
 
 /// Reads and validates the system file; a broken one is logged loudly and replaced by an
-/// empty system (no services, `when_idle = "stay"`).
-fn load_system(path: &Path) -> SystemConfig {
+/// empty system (no services, `when_idle = "stay"`): init stays up, and `bulkhead-ctl ls`
+/// answers with the error (the second value).
+fn load_system(path: &Path) -> (SystemConfig, Option<String>) {
     match SystemConfig::load(path) {
         Ok(c) => {
             info!("system {}: {} services", path.display(), c.service.len());
-            c
+            (c, None)
         }
         Err(e) => {
             error!("{e}");
             error!("configuration rejected: running with no services");
-            SystemConfig::default()
+            (SystemConfig::default(), Some(e.to_string()))
         }
+    }
+}
+
+/// The read-only control socket for `[control] read_group`, if the system names one.
+fn add_read_socket(control: Option<&mut ControlServer>, system: &SystemConfig, path: &Path) {
+    let (Some(control), Some(gid)) = (control, system.control.read_group) else {
+        return;
+    };
+    match control.add_read_only(path, gid) {
+        Ok(()) => info!(
+            "read-only control socket {} for group {gid}",
+            path.display()
+        ),
+        Err(e) => error!("read-only control socket {}: {e}", path.display()),
     }
 }
 
@@ -83,7 +98,7 @@ fn pid1() -> ! {
         .system
         .clone()
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
-    let system = load_system(&path);
+    let (system, config_error) = load_system(&path);
     if let Some(name) = &system.host.hostname {
         if let Err(e) = nix::unistd::sethostname(name) {
             warn!("cannot set hostname {name}: {e}");
@@ -101,13 +116,18 @@ fn pid1() -> ! {
     if let Err(e) = control::make_private_dir(Path::new(config::INIT_RUNTIME_DIR)) {
         error!("{}: {e}", config::INIT_RUNTIME_DIR);
     }
-    let control = match ControlServer::bind(Path::new(control::SOCKET_PATH), 0) {
+    let mut control = match ControlServer::bind(Path::new(control::SOCKET_PATH), 0) {
         Ok(c) => Some(c),
         Err(e) => {
             error!("control socket {}: {e}", control::SOCKET_PATH);
             None
         }
     };
+    add_read_socket(
+        control.as_mut(),
+        &system,
+        Path::new(control::READ_SOCKET_PATH),
+    );
     let mut rt = Runtime {
         clock: Clock::new(),
         services: Services::default(),
@@ -128,7 +148,7 @@ fn pid1() -> ! {
             );
             let timeout = Duration::from_millis(system.host.setup_timeout_ms);
             if let Some(action) = rt.wait_for_setup(&mut worker, timeout) {
-                shut_down(&mut rt, action, system.host.shutdown_grace_ms, &mounted);
+                shut_down(&mut rt, action, &system.host, &mounted);
             }
             worker.groups()
         }
@@ -146,6 +166,7 @@ fn pid1() -> ! {
 
     // 9. The services.
     rt.services = Services::from_config(&system, &vfio_groups, JailPaths::host());
+    rt.services.config_error = config_error;
     info!("ready");
     if opts.test_panic {
         #[allow(clippy::panic)]
@@ -156,7 +177,7 @@ fn pid1() -> ! {
 
     // 10. The event loop, until a shutdown is requested.
     let action = rt.run();
-    shut_down(&mut rt, action, system.host.shutdown_grace_ms, &mounted)
+    shut_down(&mut rt, action, &system.host, &mounted)
 }
 
 /// Starts the setup child: modules, then device binding (or a fake hang, for tests).
@@ -172,10 +193,15 @@ fn setup(system: &SystemConfig, fake_hang: bool) -> std::io::Result<Setup> {
 }
 
 /// The orderly end: stop the services, kill what is left, power off / reboot / halt.
-fn shut_down(rt: &mut Runtime, action: PowerAction, grace_ms: u64, mounted: &[PathBuf]) -> ! {
+fn shut_down(
+    rt: &mut Runtime,
+    action: PowerAction,
+    host: &config::HostConfig,
+    mounted: &[PathBuf],
+) -> ! {
     info!("shutdown started ({})", action.name());
-    rt.stop_services();
-    rt.kill_everything(Duration::from_millis(grace_ms));
+    rt.stop_services(host.shutdown_timeout_ms.map(Duration::from_millis));
+    rt.kill_everything(Duration::from_millis(host.shutdown_grace_ms));
     shutdown::finish(action, mounted)
 }
 
@@ -224,6 +250,34 @@ enum Cmd {
         /// terminal cannot take are dropped and counted) instead of to stderr.
         #[arg(long, value_name = "TTY")]
         console: Option<PathBuf>,
+        /// Where to put the read-only socket for the system's `[control] read_group`.
+        #[arg(long)]
+        read_socket: Option<PathBuf>,
+    },
+    /// The log writer init starts for `[log] dir` (not for people): reads records from
+    /// `--input-fd` and writes each service's log file, rotated by size.
+    Logd {
+        /// The records' pipe.
+        #[arg(long)]
+        input_fd: i32,
+        /// Where the files go.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Rotate a file at this size.
+        #[arg(long)]
+        max_bytes: u64,
+        /// Rotated files kept per log.
+        #[arg(long)]
+        keep: u32,
+        /// Mount this block device on `dir` first.
+        #[arg(long)]
+        device: Option<PathBuf>,
+        /// Its filesystem.
+        #[arg(long, default_value = "ext4")]
+        fstype: String,
+        /// Copy this file (the hub's audit log) to `dir/audit.jsonl` as it grows.
+        #[arg(long)]
+        audit: Option<PathBuf>,
     },
 }
 
@@ -242,7 +296,42 @@ fn cli() -> i32 {
             socket,
             loglevel,
             console,
-        } => return supervise(&system, socket.as_deref(), loglevel, console.as_deref()),
+            read_socket,
+        } => {
+            return supervise(
+                &system,
+                socket.as_deref(),
+                loglevel,
+                console.as_deref(),
+                read_socket.as_deref(),
+            )
+        }
+        Cmd::Logd {
+            input_fd,
+            dir,
+            max_bytes,
+            keep,
+            device,
+            fstype,
+            audit,
+        } => {
+            use std::os::fd::FromRawFd;
+            if input_fd < 3 {
+                eprintln!("logd: --input-fd must be a handed-over descriptor (3 or above)");
+                return 2;
+            }
+            // SAFETY: init hands this descriptor over at exec; nothing else owns it.
+            let input = unsafe { std::os::fd::OwnedFd::from_raw_fd(input_fd) };
+            let cfg = bulkhead_init::persist::WriterConfig {
+                dir,
+                device,
+                fstype,
+                audit,
+                max_bytes,
+                keep,
+            };
+            return bulkhead_init::persist::run_writer(&cfg, input);
+        }
     };
     match control::request(&socket, &req) {
         Ok(Response::Ok) => 0,
@@ -267,6 +356,10 @@ fn cli() -> i32 {
             eprintln!("bulkhead-init: refused: {e}");
             1
         }
+        Ok(other) => {
+            eprintln!("bulkhead-init: unexpected answer {other:?}");
+            1
+        }
         Err(e) => {
             eprintln!("bulkhead-init: {e}");
             1
@@ -279,6 +372,7 @@ fn supervise(
     socket: Option<&Path>,
     level: LevelFilter,
     console: Option<&Path>,
+    read_socket: Option<&Path>,
 ) -> i32 {
     if let Err(e) = signals::block_all() {
         eprintln!("bulkhead-init: cannot block signals: {e}");
@@ -294,7 +388,7 @@ fn supervise(
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         warn!("cannot become a child subreaper: {e}");
     }
-    let config = load_system(system);
+    let (config, config_error) = load_system(system);
     let sfd = match signals::signal_fd() {
         Ok(sfd) => sfd,
         Err(e) => {
@@ -302,7 +396,7 @@ fn supervise(
             return 1;
         }
     };
-    let control = match socket {
+    let mut control = match socket {
         Some(path) => match ControlServer::bind(path, nix::unistd::geteuid().as_raw()) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -312,16 +406,21 @@ fn supervise(
         },
         None => None,
     };
+    if let Some(path) = read_socket {
+        add_read_socket(control.as_mut(), &config, path);
+    }
+    let mut services = Services::from_config(
+        &config,
+        &Default::default(),
+        JailPaths {
+            cgroup_root: None,
+            staging: std::env::temp_dir().join(format!("bulkhead-jail-{}", std::process::id())),
+        },
+    );
+    services.config_error = config_error;
     let mut rt = Runtime {
         clock: Clock::new(),
-        services: Services::from_config(
-            &config,
-            &Default::default(),
-            JailPaths {
-                cgroup_root: None,
-                staging: std::env::temp_dir().join(format!("bulkhead-jail-{}", std::process::id())),
-            },
-        ),
+        services,
         sfd,
         control,
         buttons: Vec::new(),
@@ -330,7 +429,7 @@ fn supervise(
     info!("ready");
     let action = rt.run();
     info!("shutdown started ({})", action.name());
-    rt.stop_services();
+    rt.stop_services(config.host.shutdown_timeout_ms.map(Duration::from_millis));
     if !rt.reap_remaining(Duration::from_secs(10)) {
         warn!("some descendants are still running");
     }

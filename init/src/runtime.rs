@@ -13,6 +13,7 @@ use nix::sys::signalfd::SignalFd;
 use crate::config::WhenIdle;
 use crate::control::{Command, ControlServer};
 use crate::input::PowerButton;
+use crate::operate::{Operator, ShuttingDown};
 use crate::services::{Clock, Services};
 use crate::setup::Setup;
 use crate::shutdown::PowerAction;
@@ -111,6 +112,7 @@ impl Runtime {
     /// One turn of the loop: start what is due, wait for something (or the next
     /// deadline), handle it. Returns a requested shutdown.
     pub fn step(&mut self) -> Option<PowerAction> {
+        self.services.enforce_stop_timers(self.clock.now());
         self.services.start_due(&self.clock);
         if self.services.newly_idle() {
             info!("all services ended");
@@ -240,11 +242,11 @@ impl Runtime {
 
     fn handle_control(&mut self, ready: &[bool]) -> Option<PowerAction> {
         let control = self.control.as_mut()?;
-        if ready.first().copied().unwrap_or(false) {
-            control.accept_pending();
-        }
-        let services = &self.services;
-        let commands = control.serve(&mut || services.status(), true);
+        let mut op = Operator {
+            services: &mut self.services,
+            now: self.clock.now(),
+        };
+        let commands = control.serve(ready, &mut op, true);
         let cmd = commands.first()?;
         info!("control socket: {cmd:?} requested");
         Some(match cmd {
@@ -264,15 +266,16 @@ impl Runtime {
         );
     }
 
-    /// The whole stop sequence for the supervised children (reverse start order, SIGTERM,
-    /// stop timeout, SIGKILL).
-    pub fn stop_services(&mut self) {
+    /// The whole stop sequence for the supervised children: every service at once
+    /// (SIGTERM, its stop timeout capped by `overall`, SIGKILL), then the hub.
+    pub fn stop_services(&mut self, overall: Option<Duration>) {
         let sfd = &self.sfd;
         let mut control = self.control.as_mut();
         let clock = self.clock;
-        self.services.stop_all(&clock, &mut |services, timeout| {
-            wait_once(sfd, services, control.as_deref_mut(), timeout)
-        });
+        self.services
+            .stop_all(&clock, overall, &mut |services, timeout| {
+                wait_once(sfd, services, control.as_deref_mut(), timeout)
+            });
     }
 
     /// kill(-1) stage (PID 1 only).
@@ -316,11 +319,12 @@ fn wait_once(
         services.drain_output(&ready.pipes);
     }
     if let Some(control) = control {
-        if ready.control.first().copied().unwrap_or(false) {
-            control.accept_pending();
-        }
         if ready.control.iter().any(|r| *r) {
-            let _ = control.serve(&mut || services.status(), false);
+            let mut h = ShuttingDown {
+                services,
+                now: Duration::ZERO,
+            };
+            let _ = control.serve(&ready.control, &mut h, false);
         }
     }
 }

@@ -12,13 +12,14 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::config::{RestartParams, SystemConfig, HUB_NAME};
-use crate::control::ServiceStatus;
+use crate::config::{HubFailure, RestartParams, SystemConfig, HUB_NAME};
 use crate::handoff::{self, FdSource, Role, ServiceFd};
 use crate::jail::{self, JailPaths, JailSpec};
 use crate::output::{DrainResult, OutputPipe};
+use crate::ring::LogRing;
 pub use crate::spawn::Recipe;
-use crate::supervisor::{ChildId, Decision, ExitKind, Supervisor};
+use crate::stop::StopTimer;
+use crate::supervisor::{ChildId, Decision, ExitKind, State, Supervisor};
 
 /// A monotonic clock measured from init's start.
 #[derive(Debug, Clone, Copy)]
@@ -51,12 +52,34 @@ impl Default for Clock {
 pub struct Services {
     pub(crate) sup: Supervisor,
     pub(crate) recipes: Vec<Recipe>,
-    pub(crate) pipes: Vec<(String, OutputPipe)>,
+    /// Output pipes, by recipe index (a pipe outlives its run while grandchildren hold it).
+    pub(crate) pipes: Vec<(usize, OutputPipe)>,
     idle_announced: bool,
     /// Where jails live (cgroups, the staging directory of new roots).
     pub(crate) jail_paths: JailPaths,
     /// Per recipe: the cgroup's OOM kills when its current run started.
     pub(crate) oom_base: BTreeMap<usize, u64>,
+    /// Stops in progress, by recipe index: when SIGKILL is due.
+    pub(crate) stop_timers: BTreeMap<usize, StopTimer>,
+    /// Each recipe's log ring.
+    pub(crate) rings: Vec<LogRing>,
+    /// (lines, bytes) of a new ring.
+    pub(crate) ring_limits: (usize, usize),
+    /// Lines not yet handed to the persistent log writer.
+    pub(crate) persist: Option<crate::persist::Sink>,
+    /// Why system.toml was rejected, if it was (answered to `bulkhead-ctl ls`).
+    pub config_error: Option<String>,
+    /// The hub's control socket, for clients that ask it about connections.
+    pub(crate) hub_socket: Option<String>,
+    /// The hub, if the system has one.
+    pub(crate) hub: Option<ChildId>,
+    /// What the VMs do once the hub has failed.
+    pub(crate) on_hub_failure: HubFailure,
+    /// Ends of the hub's runs so far: a VM registered under an older count restarts once
+    /// the hub runs again.
+    pub(crate) hub_ends: u64,
+    /// Per VM recipe: `hub_ends` when its current run started.
+    pub(crate) hub_gen: BTreeMap<usize, u64>,
 }
 
 impl Default for Services {
@@ -68,6 +91,16 @@ impl Default for Services {
             idle_announced: false,
             jail_paths: JailPaths::host(),
             oom_base: BTreeMap::new(),
+            stop_timers: BTreeMap::new(),
+            rings: Vec::new(),
+            ring_limits: (1000, 64 << 10),
+            persist: None,
+            config_error: None,
+            hub_socket: None,
+            hub: None,
+            on_hub_failure: HubFailure::default(),
+            hub_ends: 0,
+            hub_gen: BTreeMap::new(),
         }
     }
 }
@@ -114,8 +147,22 @@ impl Services {
     ) -> Self {
         let mut s = Services {
             jail_paths,
+            ring_limits: (config.log.ring_lines as usize, config.log.ring_bytes()),
+            hub_socket: config
+                .hub
+                .as_ref()
+                .and_then(|h| h.control_socket())
+                .map(|p| p.display().to_string()),
+            on_hub_failure: config
+                .hub
+                .as_ref()
+                .map(|h| h.on_failure)
+                .unwrap_or_default(),
             ..Services::default()
         };
+        if let Some(dir) = &config.log.dir {
+            s.add_log_writer(config, dir);
+        }
         let mut pairs = handoff::make_socketpairs(config);
         let vm_names: Vec<&str> = config
             .service
@@ -146,6 +193,7 @@ impl Services {
                 hub.restart_params(),
             );
             s.sup.set_support(id);
+            s.hub = Some(id);
         }
         for svc in &config.service {
             let fds = svc
@@ -208,11 +256,72 @@ impl Services {
         s
     }
 
+    /// The log writer (`bulkhead-init logd`, see [`crate::persist`]): a support child
+    /// started before the hub (so stopped after it), fed through a pipe init writes to
+    /// without blocking.
+    fn add_log_writer(&mut self, config: &SystemConfig, dir: &std::path::Path) {
+        let (sink, read_end) = match crate::persist::pipe() {
+            Ok(p) => p,
+            Err(e) => {
+                error!("cannot make the log writer's pipe: {e}; logs stay in memory");
+                return;
+            }
+        };
+        let me = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "/bin/bulkhead-init".into());
+        let mut exec = vec![me];
+        exec.extend(crate::persist::writer_args(&config.log, dir));
+        let id = self.add(
+            Recipe {
+                name: crate::persist::LOGD_NAME.to_string(),
+                exec,
+                env: BTreeMap::from([("PATH".to_string(), "/bin".to_string())]),
+                role: Role::Plain,
+                user: None,
+                runtime_dir: None,
+                fds: vec![ServiceFd {
+                    source: FdSource::Shared(std::sync::Arc::new(read_end)),
+                    arg: "--input-fd={fd}".into(),
+                }],
+                jail: None,
+            },
+            RestartParams {
+                policy: crate::config::RestartPolicy::Always,
+                delay: Duration::from_millis(200),
+                delay_max: Duration::from_secs(10),
+                stable_after: Duration::from_secs(30),
+                burst: 10,
+                burst_interval: Duration::from_secs(60),
+                stop_timeout: Duration::from_secs(5),
+            },
+        );
+        self.sup.set_support(id);
+        self.persist = Some(sink);
+    }
+
     /// Adds one child.
     pub fn add(&mut self, recipe: Recipe, params: RestartParams) -> ChildId {
         let id = self.sup.add(&recipe.name, params);
         self.recipes.push(recipe);
+        self.rings
+            .push(LogRing::new(self.ring_limits.0, self.ring_limits.1));
         id
+    }
+
+    /// Appends init's own line about child `id` to its log ring (and the persistent log).
+    pub(crate) fn note(&mut self, id: ChildId, text: &str) {
+        let (boot, unix) = crate::ring::now_stamps();
+        let text = text.as_bytes();
+        let text = text
+            .get(..text.len().min(crate::output::MAX_LINE))
+            .unwrap_or(text);
+        if let Some(ring) = self.rings.get_mut(id.0) {
+            ring.push(text, true, boot, unix);
+        }
+        if let (Some(sink), Some(r)) = (self.persist.as_mut(), self.recipes.get(id.0)) {
+            sink.line(&r.name, true, boot, unix, text);
+        }
     }
 
     /// The supervisor (read-only).
@@ -220,9 +329,12 @@ impl Services {
         &self.sup
     }
 
-    /// The earliest pending start.
+    /// The earliest pending start or SIGKILL.
     pub fn next_deadline(&self) -> Option<Duration> {
-        self.sup.next_deadline()
+        match (self.sup.next_deadline(), self.next_stop_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Starts every child whose time has come.
@@ -236,28 +348,59 @@ impl Services {
                 Ok(pid) => {
                     let k = self.sup.started(id, pid, now);
                     info!("started {} pid {pid} (start {k})", recipe.name);
+                    self.note(id, &format!("started pid {pid} (start {k})"));
+                    self.after_start(id, &recipe, now);
                 }
                 Err(e) => {
                     error!("{} could not start: {e}", recipe.name);
+                    self.note(id, &format!("could not start: {e}"));
                     let d = self.sup.spawn_failed(id, e, now);
-                    self.report(&recipe.name, d);
+                    self.report(id, d);
                 }
             }
         }
     }
 
-    pub(crate) fn report(&mut self, name: &str, decision: Decision) {
-        match decision {
+    pub(crate) fn report(&mut self, id: ChildId, decision: Decision) {
+        let name = self
+            .sup
+            .child(id)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        let line = match decision {
             Decision::Restart { delay } => {
-                info!("{name} restarting in {} ms", delay.as_millis())
+                let l = format!("restarting in {} ms", delay.as_millis());
+                info!("{name} {l}");
+                l
             }
-            Decision::Failed { burst, interval } => error!(
-                "{name} failed: start limit reached ({burst} starts in {} ms)",
-                interval.as_millis()
-            ),
-            Decision::Ended => debug!("{name} ended for good"),
-            Decision::Stopped => debug!("{name} stopped"),
-        }
+            Decision::Failed { burst, interval } => {
+                let l = format!(
+                    "failed: start limit reached ({burst} starts in {} ms)",
+                    interval.as_millis()
+                );
+                error!("{name} {l}");
+                l
+            }
+            Decision::Ended => {
+                debug!("{name} ended for good");
+                "ended for good".into()
+            }
+            Decision::Stopped => {
+                let held = self.sup.child(id).is_some_and(|c| c.state == State::Held);
+                let l = if held {
+                    "stopped; held until the hub runs again"
+                } else {
+                    "stopped"
+                };
+                info!("{name} {l}");
+                l.into()
+            }
+            Decision::Restarting => {
+                info!("{name} stopped; starting it again");
+                "stopped; starting it again".into()
+            }
+        };
+        self.note(id, &line);
     }
 
     /// Handles one reaped child. Returns false for pids that are not ours (orphans).
@@ -271,15 +414,26 @@ impl Services {
             .map(|c| c.name.clone())
             .unwrap_or_default();
         // Its last words first, then the news of its end.
-        self.drain_output_of(&name);
-        match self.jail_note(id, &kind) {
-            Some(note) => warn!("{name} {note}"),
-            None => info!("{name} {kind}"),
-        }
+        self.drain_output_of(id.0);
+        let how = match self.jail_note(id, &kind) {
+            Some(note) => {
+                warn!("{name} {note}");
+                note
+            }
+            None => {
+                info!("{name} {kind}");
+                kind.to_string()
+            }
+        };
+        self.note(id, &how);
         if matches!(decision, Decision::Ended | Decision::Failed { .. }) {
             self.ended_for_good(id);
         }
-        self.report(&name, decision);
+        let failed = matches!(decision, Decision::Failed { .. });
+        self.report(id, decision);
+        if Some(id) == self.hub {
+            self.hub_ended(failed, clock.now());
+        }
         true
     }
 
@@ -330,9 +484,14 @@ impl Services {
         });
     }
 
-    /// True exactly once: the first time every child has ended for good.
+    /// True once each time every child has ended for good (again after something was
+    /// started since).
     pub fn newly_idle(&mut self) -> bool {
-        if self.idle_announced || !self.sup.all_ended() {
+        if !self.sup.all_ended() {
+            self.idle_announced = false;
+            return false;
+        }
+        if self.idle_announced {
             return false;
         }
         self.idle_announced = true;
@@ -347,36 +506,51 @@ impl Services {
     /// Drains the pipes marked readable (same order as `pipe_fds`).
     pub fn drain_output(&mut self, readable: &[bool]) {
         let mut i = 0;
-        self.pipes.retain_mut(|(name, pipe)| {
+        let recipes = &self.recipes;
+        let rings = &mut self.rings;
+        let persist = &mut self.persist;
+        self.pipes.retain_mut(|(owner, pipe)| {
             let ready = readable.get(i).copied().unwrap_or(false);
             i += 1;
             if !ready {
                 return true;
             }
-            pipe.drain(&mut |line| crate::log::service_line(name, line)) == DrainResult::Open
+            let name = recipes.get(*owner).map_or("?", |r| r.name.as_str());
+            let ring = rings.get_mut(*owner);
+            pipe.drain(&mut line_sink(name, ring, persist.as_mut())) == DrainResult::Open
         });
     }
 
-    fn drain_output_of(&mut self, name: &str) {
+    fn drain_output_of(&mut self, index: usize) {
+        let recipes = &self.recipes;
+        let rings = &mut self.rings;
+        let persist = &mut self.persist;
         self.pipes.retain_mut(|(owner, pipe)| {
-            if owner != name {
+            if *owner != index {
                 return true;
             }
-            pipe.drain(&mut |line| crate::log::service_line(owner, line)) == DrainResult::Open
+            let name = recipes.get(*owner).map_or("?", |r| r.name.as_str());
+            let ring = rings.get_mut(*owner);
+            pipe.drain(&mut line_sink(name, ring, persist.as_mut())) == DrainResult::Open
         });
     }
+}
 
-    /// Status of every child for the control socket.
-    pub fn status(&self) -> Vec<ServiceStatus> {
-        self.sup
-            .children()
-            .map(|(_, c)| ServiceStatus {
-                name: c.name.clone(),
-                state: c.state.name().to_string(),
-                pid: c.state.pid(),
-                starts: c.starts,
-                last_exit: c.last_exit.as_ref().map(|e| e.to_string()),
-            })
-            .collect()
+/// Where one line of a service's output goes: the console (`<name>: <line>`, dropped if
+/// the console is busy), its ring, and the persistent log writer if there is one.
+fn line_sink<'a>(
+    name: &'a str,
+    mut ring: Option<&'a mut LogRing>,
+    mut persist: Option<&'a mut crate::persist::Sink>,
+) -> impl FnMut(&[u8]) + 'a {
+    move |line: &[u8]| {
+        crate::log::service_line(name, line);
+        let (boot, unix) = crate::ring::now_stamps();
+        if let Some(r) = ring.as_deref_mut() {
+            r.push(line, false, boot, unix);
+        }
+        if let Some(p) = persist.as_deref_mut() {
+            p.line(name, false, boot, unix, line);
+        }
     }
 }

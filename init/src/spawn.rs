@@ -169,7 +169,12 @@ impl Services {
             warn!("too many output pipes open, dropping the oldest");
             self.pipes.remove(0);
         }
-        self.pipes.push((recipe.name.clone(), output));
+        let index = self
+            .recipes
+            .iter()
+            .position(|r| r.name == recipe.name)
+            .unwrap_or(usize::MAX);
+        self.pipes.push((index, output));
         Ok(pid)
     }
 }

@@ -57,17 +57,37 @@ pub enum State {
         /// Start time.
         since: Duration,
     },
-    /// Asked to stop (shutdown); not restarted when it exits.
+    /// Asked to stop (by an operator, the hub's failure, or shutdown); `then` says what
+    /// happens once it has exited.
     Stopping {
         /// Process id.
         pid: i32,
+        /// What follows its exit.
+        then: AfterStop,
     },
+    /// Stopped because the hub it needs failed; started again once the hub runs
+    /// (`[hub] on_failure = "hold-vms"`).
+    Held,
     /// Ended for good under its restart policy.
     Done,
     /// Gave up: start limit reached.
     Failed,
-    /// Stopped by shutdown.
+    /// Stopped: by an operator, by the hub's failure, or by shutdown. Not restarted until
+    /// someone starts it.
     Stopped,
+}
+
+/// What happens to a child once a requested stop has ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterStop {
+    /// It stays stopped (an operator's `stop`).
+    Stop,
+    /// It is started again at once (`restart`, or a VM after the hub restarted).
+    Restart,
+    /// It waits for the hub (see [`State::Held`]).
+    Hold,
+    /// The machine is going down.
+    Shutdown,
 }
 
 impl State {
@@ -77,6 +97,7 @@ impl State {
             State::Waiting { .. } => "waiting",
             State::Running { .. } => "running",
             State::Stopping { .. } => "stopping",
+            State::Held => "held",
             State::Done => "done",
             State::Failed => "failed",
             State::Stopped => "stopped",
@@ -86,7 +107,7 @@ impl State {
     /// The live process, if any.
     pub fn pid(&self) -> Option<i32> {
         match self {
-            State::Running { pid, .. } | State::Stopping { pid } => Some(*pid),
+            State::Running { pid, .. } | State::Stopping { pid, .. } => Some(*pid),
             _ => None,
         }
     }
@@ -109,8 +130,10 @@ pub enum Decision {
         /// The window.
         interval: Duration,
     },
-    /// It was being stopped by shutdown.
+    /// It was being stopped and stays stopped (or held, or the machine goes down).
     Stopped,
+    /// It was being restarted on request: it starts again at once.
+    Restarting,
 }
 
 /// One supervised child.
@@ -250,9 +273,21 @@ impl Supervisor {
         let failure = kind.is_failure();
         c.last_exit = Some(kind);
         let since = match c.state {
-            State::Stopping { .. } => {
-                c.state = State::Stopped;
-                return Decision::Stopped;
+            State::Stopping { then, .. } => {
+                return match then {
+                    AfterStop::Restart => {
+                        c.state = State::Waiting { at: now };
+                        Decision::Restarting
+                    }
+                    AfterStop::Hold => {
+                        c.state = State::Held;
+                        Decision::Stopped
+                    }
+                    AfterStop::Stop | AfterStop::Shutdown => {
+                        c.state = State::Stopped;
+                        Decision::Stopped
+                    }
+                };
             }
             State::Running { since, .. } => since,
             _ => now,
@@ -292,32 +327,152 @@ impl Supervisor {
         Decision::Restart { delay }
     }
 
-    /// True when no child runs or waits to run, i.e. every one is done or failed, support
-    /// processes aside. Vacuously true with no children.
+    /// True when no child runs or waits to run, i.e. every one is done, failed or stopped,
+    /// support processes aside. Vacuously true with no children.
     pub fn all_ended(&self) -> bool {
         self.children
             .iter()
             .filter(|c| !c.support)
-            .all(|c| matches!(c.state, State::Done | State::Failed))
+            .all(|c| matches!(c.state, State::Done | State::Failed | State::Stopped))
     }
 
     /// Shutdown: cancels pending restarts and returns the live children in reverse start
-    /// order, each moved to `Stopping`.
-    pub fn begin_stop(&mut self) -> Vec<(ChildId, i32)> {
-        let mut live: Vec<(u64, ChildId, i32)> = Vec::new();
+    /// order, each moved to `Stopping` (those already stopping stay so, their end now
+    /// final), with whether it is a support process (stopped last).
+    pub fn begin_stop(&mut self) -> Vec<(ChildId, i32, bool)> {
+        let mut live: Vec<(u64, ChildId, i32, bool)> = Vec::new();
         for (i, c) in self.children.iter_mut().enumerate() {
             match c.state {
-                State::Waiting { .. } => c.state = State::Stopped,
-                State::Running { pid, .. } => {
-                    c.state = State::Stopping { pid };
-                    live.push((c.start_seq, ChildId(i), pid));
+                State::Waiting { .. } | State::Held => c.state = State::Stopped,
+                State::Running { pid, .. } | State::Stopping { pid, .. } => {
+                    c.state = State::Stopping {
+                        pid,
+                        then: AfterStop::Shutdown,
+                    };
+                    live.push((c.start_seq, ChildId(i), pid, c.support));
                 }
                 _ => {}
             }
         }
         live.sort_by_key(|entry| std::cmp::Reverse(entry.0));
-        live.into_iter().map(|(_, id, pid)| (id, pid)).collect()
+        live.into_iter()
+            .map(|(_, id, pid, support)| (id, pid, support))
+            .collect()
     }
+
+    /// A request to stop a child (an operator's `stop` or `restart`, the hub's failure):
+    /// a running one moves to `Stopping` with `then` and its pid is returned, for the caller
+    /// to signal; one that is not running moves where `then` leads at once (`Restart`:
+    /// due now). A child already stopping keeps its pid and gets the new `then`.
+    pub fn request_stop(&mut self, id: ChildId, then: AfterStop, now: Duration) -> Option<i32> {
+        let c = self.children.get_mut(id.0)?;
+        match c.state {
+            State::Running { pid, .. } => {
+                c.state = State::Stopping { pid, then };
+                Some(pid)
+            }
+            State::Stopping { pid, then: old } => {
+                if old != AfterStop::Shutdown {
+                    c.state = State::Stopping { pid, then };
+                }
+                None
+            }
+            _ => {
+                c.state = match (then, &c.state) {
+                    (AfterStop::Restart, State::Failed) => State::Failed,
+                    (AfterStop::Restart, _) => State::Waiting { at: now },
+                    (AfterStop::Hold, State::Done | State::Failed) => c.state.clone(),
+                    (AfterStop::Hold, _) => State::Held,
+                    (AfterStop::Stop | AfterStop::Shutdown, State::Failed) => State::Failed,
+                    (AfterStop::Stop | AfterStop::Shutdown, _) => State::Stopped,
+                };
+                None
+            }
+        }
+    }
+
+    /// An operator's `start`: a child that is not running (stopped, done, held, or backing
+    /// off) is due at once and its backoff starts over. A failed one is refused: its start
+    /// limit holds until `reset-failed`.
+    pub fn request_start(&mut self, id: ChildId, now: Duration) -> Result<StartOutcome, String> {
+        let c = self
+            .children
+            .get_mut(id.0)
+            .ok_or_else(|| "no such child".to_string())?;
+        match c.state {
+            State::Running { .. } => Ok(StartOutcome::AlreadyRunning),
+            State::Stopping { pid, then } => {
+                if then == AfterStop::Shutdown {
+                    return Err("the machine is shutting down".into());
+                }
+                c.state = State::Stopping {
+                    pid,
+                    then: AfterStop::Restart,
+                };
+                Ok(StartOutcome::AfterStop)
+            }
+            State::Failed => Err(format!(
+                "{} failed (start limit reached: {} starts in {} ms); `reset-failed {}` \
+                 forgets its starts and starts it",
+                c.name,
+                c.params.burst,
+                c.params.burst_interval.as_millis(),
+                c.name
+            )),
+            State::Waiting { .. } | State::Held | State::Done | State::Stopped => {
+                c.consecutive = 0;
+                c.state = State::Waiting { at: now };
+                Ok(StartOutcome::Due)
+            }
+        }
+    }
+
+    /// An operator's `reset-failed`: forgets the child's start history (burst window and
+    /// backoff); a failed child is started again at once. Returns whether it was failed.
+    pub fn reset_failed(&mut self, id: ChildId, now: Duration) -> bool {
+        let Some(c) = self.children.get_mut(id.0) else {
+            return false;
+        };
+        c.recent_starts.clear();
+        c.consecutive = 0;
+        if c.state == State::Failed {
+            c.state = State::Waiting { at: now };
+            return true;
+        }
+        false
+    }
+
+    /// Moves every held child to "due now" (the hub runs again); returns them.
+    pub fn release_held(&mut self, now: Duration) -> Vec<ChildId> {
+        let mut out = Vec::new();
+        for (i, c) in self.children.iter_mut().enumerate() {
+            if c.state == State::Held {
+                c.consecutive = 0;
+                c.state = State::Waiting { at: now };
+                out.push(ChildId(i));
+            }
+        }
+        out
+    }
+
+    /// The id of the child called `name`.
+    pub fn find(&self, name: &str) -> Option<ChildId> {
+        self.children
+            .iter()
+            .position(|c| c.name == name)
+            .map(ChildId)
+    }
+}
+
+/// What an operator's `start` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartOutcome {
+    /// It is due now.
+    Due,
+    /// It was running already.
+    AlreadyRunning,
+    /// It is stopping; it starts again once it has exited.
+    AfterStop,
 }
 
 /// `first * 2^n`, capped at `max`.
@@ -478,7 +633,7 @@ mod tests {
         s.started(c, 3, ms(2));
         s.exited(3, ExitKind::Exited(1), ms(3));
         let order = s.begin_stop();
-        assert_eq!(order, vec![(a, 1), (b, 2)]);
+        assert_eq!(order, vec![(a, 1, false), (b, 2, false)]);
         assert_eq!(s.child(c).unwrap().state, State::Stopped);
         assert_eq!(
             s.exited(1, ExitKind::Exited(0), ms(4)),
@@ -503,6 +658,101 @@ mod tests {
             Some((vm, Decision::Ended))
         );
         assert!(s.all_ended());
+    }
+
+    #[test]
+    fn an_operator_stops_starts_and_restarts_without_counting_a_failure() {
+        let mut s = Supervisor::new();
+        let id = s.add("vm", params(RestartPolicy::Always));
+        start_due(&mut s, ms(0), 10);
+        // stop: Stopping, then Stopped on exit, never restarted.
+        assert_eq!(s.request_stop(id, AfterStop::Stop, ms(5)), Some(10));
+        assert_eq!(
+            s.exited(10, ExitKind::Signaled("SIGKILL".into()), ms(6)),
+            Some((id, Decision::Stopped))
+        );
+        assert_eq!(s.child(id).unwrap().state, State::Stopped);
+        assert!(s.due(ms(1_000_000)).is_empty());
+        assert!(s.all_ended(), "a stopped service is not waited for");
+        // start: due at once.
+        assert_eq!(s.request_start(id, ms(7)), Ok(StartOutcome::Due));
+        assert_eq!(start_due(&mut s, ms(7), 11), Some(2));
+        assert_eq!(s.request_start(id, ms(8)), Ok(StartOutcome::AlreadyRunning));
+        // restart: stopping, then due at once when it exits (no backoff).
+        assert_eq!(s.request_stop(id, AfterStop::Restart, ms(9)), Some(11));
+        assert_eq!(
+            s.exited(11, ExitKind::Exited(0), ms(10)),
+            Some((id, Decision::Restarting))
+        );
+        assert_eq!(start_due(&mut s, ms(10), 12), Some(3));
+        // A start while it is stopping turns the stop into a restart.
+        assert_eq!(s.request_stop(id, AfterStop::Stop, ms(11)), Some(12));
+        assert_eq!(s.request_start(id, ms(11)), Ok(StartOutcome::AfterStop));
+        assert_eq!(
+            s.exited(12, ExitKind::Exited(0), ms(12)),
+            Some((id, Decision::Restarting))
+        );
+    }
+
+    #[test]
+    fn a_failed_child_needs_reset_failed_which_starts_it_again() {
+        let mut s = Supervisor::new();
+        let mut p = params(RestartPolicy::OnFailure);
+        p.burst = 2;
+        let id = s.add("crashy", p);
+        start_due(&mut s, ms(0), 1);
+        assert!(matches!(
+            s.exited(1, ExitKind::Exited(1), ms(1)),
+            Some((_, Decision::Restart { .. }))
+        ));
+        start_due(&mut s, ms(1001), 2);
+        assert!(matches!(
+            s.exited(2, ExitKind::Exited(1), ms(1002)),
+            Some((_, Decision::Failed { .. }))
+        ));
+        let e = s.request_start(id, ms(1003)).unwrap_err();
+        assert!(e.contains("reset-failed crashy"), "{e}");
+        assert_eq!(s.request_stop(id, AfterStop::Restart, ms(1003)), None);
+        assert_eq!(s.child(id).unwrap().state, State::Failed);
+        assert!(s.reset_failed(id, ms(1004)));
+        assert_eq!(start_due(&mut s, ms(1004), 3), Some(3));
+        // Its history is gone: the next failure backs off from the first delay.
+        assert_eq!(
+            s.exited(3, ExitKind::Exited(1), ms(1005)),
+            Some((id, Decision::Restart { delay: ms(1000) }))
+        );
+        assert!(!s.reset_failed(id, ms(1006)), "not failed now");
+    }
+
+    #[test]
+    fn held_children_wait_for_the_hub_and_shutdown_takes_everyone() {
+        let mut s = Supervisor::new();
+        let hub = s.add("hub", params(RestartPolicy::Always));
+        s.set_support(hub);
+        let vm = s.add("vm", params(RestartPolicy::Always));
+        let idle = s.add("idle", params(RestartPolicy::Always));
+        for (i, id) in s.due(ms(0)).into_iter().enumerate() {
+            s.started(id, 10 + i as i32, ms(0));
+        }
+        assert_eq!(s.request_stop(vm, AfterStop::Hold, ms(1)), Some(11));
+        assert_eq!(
+            s.exited(11, ExitKind::Exited(0), ms(2)),
+            Some((vm, Decision::Stopped))
+        );
+        assert_eq!(s.child(vm).unwrap().state, State::Held);
+        assert!(!s.all_ended(), "a held VM waits to come back");
+        assert!(s.due(ms(1_000_000)).is_empty());
+        assert_eq!(s.release_held(ms(3)), vec![vm]);
+        assert_eq!(s.due(ms(3)), vec![vm]);
+        // Shutdown: the support process comes last and is marked.
+        s.request_stop(idle, AfterStop::Stop, ms(4));
+        let order = s.begin_stop();
+        assert_eq!(order, vec![(idle, 12, false), (hub, 10, true)]);
+        assert_eq!(s.child(vm).unwrap().state, State::Stopped);
+        assert_eq!(
+            s.request_start(idle, ms(5)).unwrap_err(),
+            "the machine is shutting down"
+        );
     }
 
     #[test]

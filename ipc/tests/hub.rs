@@ -1494,3 +1494,22 @@ fn apply_is_refused_unless_the_client_is_root() {
         .unwrap();
     assert!(matches!(resp, Response::Applied(_)), "{resp:?}");
 }
+
+/// `Request::Vms` (what `bulkhead-ctl ls` shows): each VM with the connections it takes
+/// part in, as client or provider.
+#[test]
+fn control_socket_counts_each_vms_connections() {
+    let mut h = TestHub::start(POLICY, &["a", "b", "c"], &[]);
+    h.provide("a", "inbox");
+    h.provide("c", "sink");
+    let _ab = h.connect("b", "inbox", "a").unwrap();
+    let _ac = h.connect("a", "sink", "c").unwrap();
+    let Response::Vms(vms) = h.control(&Request::Vms) else {
+        panic!("no Vms answer")
+    };
+    let count = |n: &str| vms.iter().find(|v| v.vm == n).map(|v| v.connections);
+    assert_eq!(count("a"), Some(2));
+    assert_eq!(count("b"), Some(1));
+    assert_eq!(count("c"), Some(1));
+    assert!(vms.iter().all(|v| v.channel_open));
+}

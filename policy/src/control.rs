@@ -41,6 +41,8 @@ pub enum Request {
     /// The running generation's source files, so a client can diff against exactly what
     /// runs (`policyctl apply`, `diff --from running`, `check --against running`).
     Tree,
+    /// Every VM the hub has a channel for, with its live connections (`bulkhead-ctl ls`).
+    Vms,
 }
 
 /// Which audit records to return.
@@ -73,6 +75,8 @@ pub enum Response {
     },
     /// Answer to [`Request::Tree`].
     Tree(RunningTree),
+    /// Answer to [`Request::Vms`].
+    Vms(Vec<VmConnections>),
 }
 
 /// The running generation's sources: every file it was compiled from (included files
@@ -95,6 +99,17 @@ pub struct TreeFile {
     pub name: String,
     /// Its contents.
     pub bytes: Vec<u8>,
+}
+
+/// One VM as the hub sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConnections {
+    /// The VM's name (its channel's).
+    pub vm: String,
+    /// Its channel is open (its VMM has not left for good).
+    pub channel_open: bool,
+    /// Connections it takes part in, as client or provider.
+    pub connections: u32,
 }
 
 /// The running generation.

@@ -119,6 +119,8 @@ fn read_tree(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, ImageError> {
 pub const GUEST_INIT: &str = "bulkhead-guest-init";
 /// The host's PID 1.
 pub const HOST_INIT: &str = "bulkhead-init";
+/// The operator's tool, in every host image.
+pub const HOST_CTL: &str = "bulkhead-ctl";
 
 impl GuestDir {
     pub fn load(dir: &Path) -> Result<Self, ImageError> {
@@ -242,6 +244,10 @@ impl SystemDir {
                     binaries.push(bin.to_string());
                 }
             }
+        }
+        // Every host can be operated (`bulkhead-ctl ls`, `log`, `stop`, …).
+        if !binaries.iter().any(|b| b == HOST_CTL) {
+            binaries.push(HOST_CTL.to_string());
         }
         let mut policy_files = Vec::new();
         let pdir = dir.join("policy.d");

@@ -29,6 +29,7 @@ pub fn handle(hub: &mut Hub, bytes: &[u8], from_root: bool) -> Response {
     match req {
         Request::Status => Response::Status(hub.store.status()),
         Request::Log(filter) => Response::Log(hub.audit.query(&filter)),
+        Request::Vms => Response::Vms(hub.vm_connections()),
         Request::Apply { .. } if !from_root => {
             log::warn!("control socket: apply refused: the client is not root");
             Response::Error {
@@ -105,6 +106,25 @@ pub fn handle(hub: &mut Hub, bytes: &[u8], from_root: bool) -> Response {
 }
 
 impl Hub {
+    /// Each VM with the number of connections it takes part in.
+    pub(super) fn vm_connections(&self) -> Vec<bulkhead_policy::control::VmConnections> {
+        self.vms
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| bulkhead_policy::control::VmConnections {
+                vm: slot.name.clone(),
+                channel_open: slot.chan.is_some(),
+                connections: self
+                    .conns
+                    .values()
+                    .filter(|c| c.client.vm == i || c.provider.vm == i)
+                    .count()
+                    .try_into()
+                    .unwrap_or(u32::MAX),
+            })
+            .collect()
+    }
+
     pub(super) fn accept_control(&mut self) {
         let Some(l) = &self.control else {
             return;

@@ -10,6 +10,8 @@ mod testprog_console;
 mod testprog_hub;
 #[path = "testprog/jail.rs"]
 mod testprog_jail;
+#[path = "testprog/ops.rs"]
+mod testprog_ops;
 #[path = "testprog/wl.rs"]
 mod testprog_wl;
 #[path = "testprog/wl_faux.rs"]
@@ -47,7 +49,7 @@ fn usage() -> ExitCode {
         "usage: bulkhead-testprog crash [CODE] | ignore-term | sleep SECS | exit CODE | \
          stop-console SERVICE COUNT | \
          check-kvm | check-vfio BDF | vm-check | wl-guest | wl-peer PATH | \
-         wl-faux-server | wl-faux-client | wl-faux-relay LISTEN SVC CTL | hub-guest | hub-audit PATH VM | run-after MS PROGRAM [ARGS...] | \
+         wl-faux-server | wl-faux-client | wl-faux-relay LISTEN SVC CTL | hub-guest | hub-audit PATH VM | ops-tick | ops-drive CTL | run-after MS PROGRAM [ARGS...] | \
          run-when FILE NEEDLE PROGRAM [ARGS...]"
     );
     ExitCode::from(2)
@@ -244,6 +246,11 @@ fn main() -> ExitCode {
         },
         "jail-check" => report(testprog_jail::check(&args[1..])),
         "escape-probe" => report(testprog_jail::probe()),
+        "ops-tick" => testprog_ops::tick(),
+        "ops-drive" => match args.get(1) {
+            Some(ctl) => report(testprog_ops::drive(ctl)),
+            None => usage(),
+        },
         "run-after" => {
             let (Some(ms), Some(prog)) = (args.get(1).and_then(|m| m.parse().ok()), args.get(2))
             else {
