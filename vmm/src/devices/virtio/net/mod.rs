@@ -11,9 +11,12 @@
 //! - `worker`: the data thread while the guest has the device activated.
 //! - `stats`: counters.
 //! - `device`: the `VirtioDevice` (config space: MAC, link status, MTU).
+//! - `fuzz`: the body of the `net_chains` fuzz target (vmm/fuzz).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod device;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod header;
 pub mod hub;
 pub mod link;
