@@ -69,6 +69,9 @@ fn split_param(token: &str) -> Param {
 pub struct BootOptions {
     /// `bulkhead.test_panic=1`: panic on purpose right after setup (tests the panic hook).
     pub test_panic: bool,
+    /// `bulkhead.test_hang=setup`: fault injection for tests; the setup child (module
+    /// loading, device binding) hangs instead of working, as a wedged driver would.
+    pub test_hang_setup: bool,
     /// `bulkhead.loglevel=debug|info|warn`.
     pub loglevel: Option<LevelFilter>,
     /// `bulkhead.system=/path/to/system.toml`: read this instead of the default.
@@ -97,6 +100,13 @@ impl BootOptions {
                     Some(other) => opts
                         .warnings
                         .push(format!("bulkhead.test_panic={other}: expected 1 or 0")),
+                },
+                "test_hang" => match value {
+                    Some("setup") => opts.test_hang_setup = true,
+                    _ => opts.warnings.push(format!(
+                        "bulkhead.test_hang={}: expected setup",
+                        value.unwrap_or("")
+                    )),
                 },
                 "loglevel" => match value.map(str::to_ascii_lowercase).as_deref() {
                     Some("debug") => opts.loglevel = Some(LevelFilter::Debug),
@@ -201,9 +211,10 @@ mod tests {
     fn bulkhead_options() {
         let o = BootOptions::from_cmdline(
             "console=ttyS0 bulkhead.test_panic=1 bulkhead.loglevel=debug \
-             bulkhead.system=\"/etc/x y.toml\" systemd.unit=foo",
+             bulkhead.system=\"/etc/x y.toml\" systemd.unit=foo bulkhead.test_hang=setup",
         );
         assert!(o.test_panic);
+        assert!(o.test_hang_setup);
         assert_eq!(o.loglevel, Some(LevelFilter::Debug));
         assert_eq!(o.system, Some(PathBuf::from("/etc/x y.toml")));
         assert!(o.warnings.is_empty(), "{:?}", o.warnings);

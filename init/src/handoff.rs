@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
 use std::sync::Arc;
 
 use bulkhead_vfio::SysfsRoot;
@@ -34,6 +36,54 @@ pub enum Role {
         /// IOMMU groups of the devices the policy grants this VM.
         vfio_groups: Vec<u32>,
     },
+}
+
+/// Where a descriptor from a service's `fds` comes from.
+#[derive(Debug, Clone)]
+pub enum FdSource {
+    /// A path init opens at each start (as root, before the jail).
+    Open {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Read-write (else read-only).
+        write: bool,
+    },
+    /// One end of a socketpair init made when it read the system (kept across restarts).
+    Shared(Arc<OwnedFd>),
+}
+
+/// One descriptor of a service's `fds`, and the argument that names it (`{fd}` replaced by
+/// its number).
+#[derive(Debug, Clone)]
+pub struct ServiceFd {
+    /// Where it comes from.
+    pub source: FdSource,
+    /// The argument template.
+    pub arg: String,
+}
+
+/// The socketpairs a system's `fds` name: one per name, (first service's end, second's).
+pub fn make_socketpairs(
+    config: &crate::config::SystemConfig,
+) -> BTreeMap<String, Vec<Arc<OwnedFd>>> {
+    let mut out: BTreeMap<String, Vec<Arc<OwnedFd>>> = BTreeMap::new();
+    for f in config.service.iter().flat_map(|s| s.fds.iter()) {
+        let Some(name) = &f.socketpair else { continue };
+        if out.contains_key(name) {
+            continue;
+        }
+        let ty = match f.kind.as_deref() {
+            Some("seqpacket") => SockType::SeqPacket,
+            _ => SockType::Stream,
+        };
+        match socketpair(AddressFamily::Unix, ty, None, SockFlag::SOCK_CLOEXEC) {
+            Ok((a, b)) => {
+                out.insert(name.clone(), vec![Arc::new(a), Arc::new(b)]);
+            }
+            Err(e) => log::error!("cannot make socketpair {name}: {e}"),
+        }
+    }
+    out
 }
 
 /// Opens `<dev>/kvm` read-write, close-on-exec (the handed-over copy loses close-on-exec
@@ -129,6 +179,9 @@ impl Handoff {
                         .push(("BULKHEAD_VFIO_CONTAINER_FD".to_string(), n.to_string()));
                     h.what.push(format!("VFIO container as fd {n}"));
                     let mut groups = Vec::new();
+                    let ids: Vec<String> = vfio_groups.iter().map(u32::to_string).collect();
+                    h.env
+                        .push(("BULKHEAD_VFIO_GROUP_IDS".to_string(), ids.join(",")));
                     for g in vfio_groups {
                         let fd = bulkhead_vfio::open_group_fd(sys, *g)
                             .map_err(|e| format!("IOMMU group {g} for {name}: {e}"))?;
@@ -150,14 +203,104 @@ impl Handoff {
         Ok(h)
     }
 
+    /// Appends a service's own `fds` (after what its role is owed), each with its argument.
+    pub fn add_service_fds(&mut self, fds: &[ServiceFd]) -> Result<(), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        for f in fds {
+            let fd = match &f.source {
+                FdSource::Open { path, write } => std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(*write)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(path)
+                    .map(OwnedFd::from)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+                FdSource::Shared(end) => end
+                    .try_clone()
+                    .map_err(|e| format!("socketpair end: {e}"))?,
+            };
+            let what = match &f.source {
+                FdSource::Open { path, write } => {
+                    format!("{} ({})", path.display(), if *write { "rw" } else { "ro" })
+                }
+                FdSource::Shared(_) => "a socketpair end".to_string(),
+            };
+            let n = self.push(fd);
+            self.args.push(f.arg.replace("{fd}", &n.to_string()));
+            self.what.push(format!("{what} as fd {n}"));
+        }
+        Ok(())
+    }
+
     /// The raw numbers of the descriptors, in target order (for [`install`]).
     pub fn raw_fds(&self) -> Vec<RawFd> {
         self.fds.iter().map(|f| f.as_raw_fd()).collect()
     }
 }
 
+/// Close-on-exec placeholders on every descriptor number of a target range that was free;
+/// see [`Handoff::reserve_targets`]. Dropping it closes them.
+#[derive(Debug)]
+pub struct Reserved(Vec<OwnedFd>);
+
+impl Reserved {
+    /// How many numbers were free and are now held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if the range was full already.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Handoff {
+    /// Occupies every free descriptor number in `FIRST_FD..FIRST_FD + n` with a
+    /// close-on-exec placeholder, so that nothing opened from now until the spawn returns
+    /// can get one of those numbers. What matters is std's exec-error pipe: `Command::spawn`
+    /// opens it after everything else, and the child reports a failed exec through it. If it
+    /// sat on a target number, [`install`] would dup2 a handed-over descriptor over it: the
+    /// failure would go unreported (spawn says Ok) and the error bytes would be written into
+    /// the handed-over descriptor (a VM's hub channel, say). In the child the placeholders are
+    /// replaced by `install` or closed at exec.
+    pub fn reserve_targets(&self) -> std::io::Result<Reserved> {
+        let mut held = Vec::new();
+        let Some(src) = self.fds.first() else {
+            return Ok(Reserved(held));
+        };
+        let end = FIRST_FD + self.fds.len() as RawFd;
+        loop {
+            // F_DUPFD_CLOEXEC from FIRST_FD: the lowest free number at or above it.
+            let fd = src.try_clone()?;
+            if fd.as_raw_fd() >= end {
+                return Ok(Reserved(held));
+            }
+            held.push(fd);
+        }
+    }
+}
+
+/// Spawns `cmd` with `handoff`'s descriptors as fds 3, 4, … in the child: adds the
+/// [`install`] step after the caller's own `pre_exec` steps and holds
+/// [`Handoff::reserve_targets`] across the spawn. A failed exec is reported as an error.
+pub fn spawn(cmd: &mut Command, handoff: &Handoff) -> std::io::Result<Child> {
+    let raw = handoff.raw_fds();
+    let mut scratch = vec![0; raw.len()];
+    // SAFETY: install runs between fork and exec and only calls fcntl and dup2
+    // (async-signal-safe) on the two vectors, allocated here before the fork.
+    unsafe {
+        cmd.pre_exec(move || install(&raw, &mut scratch));
+    }
+    let reserved = handoff.reserve_targets()?;
+    let child = cmd.spawn();
+    drop(reserved);
+    child
+}
+
 /// In the child, between fork and exec: makes `fds[i]` descriptor `FIRST_FD + i`, without
-/// close-on-exec. Each source is first duplicated above every target, so a source that
+/// close-on-exec. Use it through [`spawn`], which keeps std's exec-error pipe out of the
+/// target range. Each source is first duplicated above every target, so a source that
 /// happens to sit on a target number is not overwritten before it is moved. `scratch` must
 /// have the length of `fds` (no allocation happens here).
 pub fn install(fds: &[RawFd], scratch: &mut [RawFd]) -> std::io::Result<()> {

@@ -2,7 +2,8 @@
 //! power-off (what logind does). With QEMU, `system_powerdown` raises the ACPI power
 //! button, which the `button` module turns into such an input device.
 //!
-//! Devices are scanned once, after modules are loaded; hot-plugged ones are not watched.
+//! Devices are scanned once, after modules are loaded; hot-plugged ones are not watched,
+//! and one that goes away (ENODEV) is dropped from the watch list.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -10,7 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 
 /// EV_KEY event type.
 pub const EV_KEY: u16 = 1;
@@ -65,13 +66,35 @@ impl AsFd for PowerButton {
 }
 
 impl PowerButton {
-    /// Reads pending events; true if the button was pressed.
-    pub fn pressed(&mut self) -> bool {
+    /// A button over any readable file, for fault-injection tests (a device that goes
+    /// away, faked with a pipe).
+    #[doc(hidden)]
+    pub fn for_test(path: PathBuf, file: File) -> Self {
+        PowerButton { path, file }
+    }
+}
+
+/// What reading a power button found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ButtonEvent {
+    /// KEY_POWER was pressed.
+    Pressed,
+    /// Nothing that matters (other keys, releases, or no event after all).
+    Nothing,
+    /// The device went away (ENODEV: unplugged, its driver unbound or unloaded) or fails
+    /// for good; why, in words.
+    Gone(String),
+}
+
+impl PowerButton {
+    /// Reads pending events (bounded).
+    pub fn read_events(&mut self) -> ButtonEvent {
         let mut buf = [0u8; INPUT_EVENT_SIZE * 16];
         let mut pressed = false;
         for _ in 0..16 {
             match self.file.read(&mut buf) {
-                Ok(0) => break,
+                // evdev never reads 0 while the device exists (no event is EAGAIN).
+                Ok(0) => return ButtonEvent::Gone("end of file".to_string()),
                 Ok(n) => {
                     let data = buf.get(..n).unwrap_or_default();
                     for ev in data.chunks_exact(INPUT_EVENT_SIZE) {
@@ -80,11 +103,48 @@ impl PowerButton {
                         }
                     }
                 }
-                Err(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return ButtonEvent::Gone(e.to_string()),
             }
         }
-        pressed
+        if pressed {
+            ButtonEvent::Pressed
+        } else {
+            ButtonEvent::Nothing
+        }
     }
+}
+
+/// Reads the buttons `ready` marks (same order as `buttons`) and returns the path of one
+/// that was pressed. A button that went away is logged and removed, so it leaves the poll
+/// set: a vanished evdev device polls ready (POLLHUP|POLLERR) forever, and keeping it
+/// would make the event loop spin.
+pub fn check_ready(buttons: &mut Vec<PowerButton>, ready: &[bool]) -> Option<PathBuf> {
+    let mut pressed = None;
+    let mut i = 0;
+    buttons.retain_mut(|b| {
+        let r = ready.get(i).copied().unwrap_or(false);
+        i += 1;
+        if !r {
+            return true;
+        }
+        match b.read_events() {
+            ButtonEvent::Pressed => {
+                pressed = pressed.take().or_else(|| Some(b.path.clone()));
+                true
+            }
+            ButtonEvent::Nothing => true,
+            ButtonEvent::Gone(why) => {
+                warn!(
+                    "power button {} is gone ({why}): no longer watched",
+                    b.path.display()
+                );
+                false
+            }
+        }
+    });
+    pressed
 }
 
 fn has_power_key(file: &File) -> bool {

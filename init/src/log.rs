@@ -1,13 +1,19 @@
 //! Init's logger: every message goes to `/dev/console` as `<tag>: <msg>` and to
 //! `/dev/kmsg` as `<N><tag>: <msg>` (one record per write, N from the level). The tag is
 //! `bulkhead-init`, or what the program set with [`set_tag`] (the guest init's own).
-//! Service output lines go to the console only, through a non-blocking descriptor, so a
-//! slow console drops service lines instead of stalling PID 1.
+//! Service output lines go to the console only.
+//!
+//! Every write to the console and to kmsg is non-blocking ([`ConsoleWriter`]): a console
+//! that is slow or stopped (^S, `tcflow(TCOOFF)`, a serial line nobody reads) makes init
+//! drop lines and count them, and the count is written out as soon as the console takes
+//! lines again; it never holds up reaping, the control socket or shutdown. Records written
+//! to kmsg are dropped the same way if the kernel refuses them (its rate limit).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -30,42 +36,231 @@ pub fn tag() -> &'static str {
 /// Longest message written to kmsg (the kernel caps a record near 1 KiB).
 const MAX_KMSG: usize = 976;
 
+/// Most bytes kept of a line the console took only in part (the rest goes out before
+/// the next line; beyond this the line is cut).
+const MAX_REST: usize = 8 * 1024;
+
+/// How often a write that found the device busy is tried again before the line is
+/// dropped, and the pause between tries: long enough for another writer's write to end
+/// (at most 1 ms in all), far from a wait for a stopped console.
+const BUSY_RETRIES: u32 = 4;
+const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_micros(250);
+
+/// What one non-blocking write attempt did.
+enum Wrote {
+    /// Everything went out.
+    All,
+    /// The device took part of it; the rest is kept.
+    Part,
+    /// Nothing went out (the device is busy, stopped, or failed).
+    Nothing,
+}
+
+/// A console (or `/dev/kmsg`) that never blocks its writer. The descriptor is
+/// non-blocking; a line the device cannot take now is dropped and counted, and the count
+/// is written out, before the next line, once the device takes lines again. A line the
+/// device took only in part is finished before any other line, so lines never interleave.
+#[derive(Debug)]
+pub struct ConsoleWriter {
+    file: File,
+    /// The unwritten tail of a line the device took only in part.
+    rest: Vec<u8>,
+    /// Lines dropped in all.
+    dropped: u64,
+    /// Of those, how many a report line has already announced.
+    reported: u64,
+    /// Whether a report line is written at all (not to kmsg, whose records are each a
+    /// message of their own).
+    report: bool,
+}
+
+impl ConsoleWriter {
+    /// Wraps `file`, making its open file description non-blocking.
+    pub fn new(file: File) -> std::io::Result<Self> {
+        set_nonblocking(&file)?;
+        Ok(ConsoleWriter {
+            file,
+            rest: Vec::new(),
+            dropped: 0,
+            reported: 0,
+            report: true,
+        })
+    }
+
+    /// Opens `path` for writing, non-blocking, without making it a controlling terminal.
+    pub fn open(path: &Path) -> Option<Self> {
+        open_write(path).and_then(|f| ConsoleWriter::new(f).ok())
+    }
+
+    /// Lines dropped so far because the device could not take them.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    fn attempt(&mut self, buf: &[u8]) -> Wrote {
+        let mut off = 0;
+        let mut busy = 0;
+        while off < buf.len() {
+            let rest = buf.get(off..).unwrap_or_default();
+            match self.file.write(rest) {
+                Ok(0) => break,
+                Ok(n) => off += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // A tty answers EAGAIN at once to a non-blocking writer while another
+                // process is in the middle of a write to it (its write lock), not only
+                // when it is full or stopped: try again a few times before dropping, unless
+                // lines are being dropped already (a stopped console costs one try a line).
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && busy < BUSY_RETRIES
+                        && self.dropped == self.reported =>
+                {
+                    busy += 1;
+                    std::thread::sleep(BUSY_PAUSE);
+                }
+                Err(_) => break,
+            }
+        }
+        if off >= buf.len() {
+            return Wrote::All;
+        }
+        if off == 0 {
+            return Wrote::Nothing;
+        }
+        let rest = buf.get(off..).unwrap_or_default();
+        self.rest.clear();
+        if rest.len() > MAX_REST {
+            self.rest
+                .extend_from_slice(rest.get(..MAX_REST).unwrap_or_default());
+            self.rest.extend_from_slice(" [cut]\n".as_bytes());
+        } else {
+            self.rest.extend_from_slice(rest);
+        }
+        Wrote::Part
+    }
+
+    /// Finishes a line the device took in part; true once nothing is left.
+    fn flush_rest(&mut self) -> bool {
+        if self.rest.is_empty() {
+            return true;
+        }
+        let rest = std::mem::take(&mut self.rest);
+        match self.attempt(&rest) {
+            Wrote::All => true,
+            Wrote::Part => false,
+            Wrote::Nothing => {
+                self.rest = rest;
+                false
+            }
+        }
+    }
+
+    /// Writes `buf` (one or more whole lines, each ending in a newline) without blocking.
+    /// Returns false if it was dropped.
+    pub fn write_line(&mut self, buf: &[u8]) -> bool {
+        if !self.flush_rest() {
+            self.dropped += 1;
+            return false;
+        }
+        if self.report && self.dropped > self.reported {
+            let n = self.dropped - self.reported;
+            let note = console_line(&format!(
+                "console was busy: {n} lines dropped ({} in all)",
+                self.dropped
+            ));
+            match self.attempt(note.as_bytes()) {
+                Wrote::All => self.reported = self.dropped,
+                Wrote::Part => {
+                    self.reported = self.dropped;
+                    self.dropped += 1;
+                    return false;
+                }
+                Wrote::Nothing => {
+                    self.dropped += 1;
+                    return false;
+                }
+            }
+        }
+        match self.attempt(buf) {
+            Wrote::All | Wrote::Part => true,
+            Wrote::Nothing => {
+                self.dropped += 1;
+                false
+            }
+        }
+    }
+}
+
+fn set_nonblocking(file: &File) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?);
+    fcntl(file, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
 #[derive(Default)]
 struct Sinks {
-    console: Option<File>,
-    kmsg: Option<File>,
-    /// Non-blocking console for service output.
-    output: Option<File>,
+    /// The console: init's own lines and the services' output, never blocking.
+    console: Option<ConsoleWriter>,
+    /// `/dev/kmsg`, never blocking.
+    kmsg: Option<ConsoleWriter>,
 }
 
 /// The `log` backend.
 pub struct InitLogger {
     sinks: Mutex<Sinks>,
-    dropped_lines: AtomicU64,
 }
 
 static LOGGER: InitLogger = InitLogger {
     sinks: Mutex::new(Sinks {
         console: None,
         kmsg: None,
-        output: None,
     }),
-    dropped_lines: AtomicU64::new(0),
 };
 
-/// Installs the logger at `level` and opens the console and kmsg (whatever exists now).
+fn sinks() -> std::sync::MutexGuard<'static, Sinks> {
+    LOGGER
+        .sinks
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Installs the logger at `level` (PID 1): until [`reopen`] finds `/dev/console`, lines
+/// go to the kernel's console on fd 2, made non-blocking like the rest.
 pub fn install(level: LevelFilter) {
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level);
     }
+    let early = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .and_then(|fd| ConsoleWriter::new(File::from(fd)).ok());
+    if let Some(early) = early {
+        sinks().console = Some(early);
+    }
     reopen();
 }
 
-/// Installs the logger writing to stderr only (the non-PID-1 test mode).
+/// Installs the logger writing to stderr only (the non-PID-1 test mode), blocking as any
+/// command-line program does, unless [`use_console`] names a console.
 pub fn install_stderr(level: LevelFilter) {
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level);
     }
+}
+
+/// Writes everything to `path` as PID 1 writes to `/dev/console` (non-blocking, dropping
+/// and counting what it cannot take); for `bulkhead-init supervise --console`.
+pub fn use_console(path: &Path) -> std::io::Result<()> {
+    let file = open_write(path).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("cannot open {}", path.display()),
+        )
+    })?;
+    sinks().console = Some(ConsoleWriter::new(file)?);
+    Ok(())
 }
 
 /// Changes the level (after the command line is read).
@@ -73,34 +268,35 @@ pub fn set_level(level: LevelFilter) {
     log::set_max_level(level);
 }
 
-fn open_write(path: &str, nonblocking: bool) -> Option<File> {
-    let mut flags = libc::O_NOCTTY | libc::O_CLOEXEC;
-    if nonblocking {
-        flags |= libc::O_NONBLOCK;
-    }
+fn open_write(path: &Path) -> Option<File> {
     OpenOptions::new()
         .write(true)
-        .custom_flags(flags)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .ok()
 }
 
 /// (Re)opens `/dev/console` and `/dev/kmsg`, e.g. after devtmpfs is mounted. Until the
-/// console opens, messages go to stderr (the kernel's console on fd 2).
+/// console opens, messages go to the kernel's console on fd 2. Drop counts carry over.
 pub fn reopen() {
-    let console = open_write("/dev/console", false);
-    let output = open_write("/dev/console", true);
-    let kmsg = open_write("/dev/kmsg", false);
-    let mut sinks = LOGGER
-        .sinks
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if console.is_some() {
-        sinks.console = console;
-        sinks.output = output;
+    let console = ConsoleWriter::open(Path::new("/dev/console"));
+    let kmsg = ConsoleWriter::open(Path::new("/dev/kmsg")).map(|mut k| {
+        k.report = false;
+        k
+    });
+    let mut sinks = sinks();
+    if let Some(mut console) = console {
+        if let Some(old) = &sinks.console {
+            console.dropped = old.dropped;
+            console.reported = old.reported;
+        }
+        sinks.console = Some(console);
     }
-    if kmsg.is_some() {
-        sinks.kmsg = kmsg;
+    if let Some(mut kmsg) = kmsg {
+        if let Some(old) = &sinks.kmsg {
+            kmsg.dropped = old.dropped;
+        }
+        sinks.kmsg = Some(kmsg);
     }
 }
 
@@ -153,21 +349,18 @@ impl Log for InitLogger {
             return;
         }
         let msg = record.args().to_string();
-        let mut sinks = self
-            .sinks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let line = console_line(&msg);
+        let mut sinks = sinks();
         match sinks.console.as_mut() {
             Some(c) => {
-                let _ = c.write_all(line.as_bytes());
+                c.write_line(line.as_bytes());
             }
             None => {
                 let _ = std::io::stderr().write_all(line.as_bytes());
             }
         }
         if let Some(k) = sinks.kmsg.as_mut() {
-            let _ = k.write_all(kmsg_record(record.level(), &msg).as_bytes());
+            k.write_line(kmsg_record(record.level(), &msg).as_bytes());
         }
     }
 
@@ -182,38 +375,37 @@ pub fn service_line(name: &str, line: &[u8]) {
     buf.extend_from_slice(b": ");
     buf.extend_from_slice(line);
     buf.push(b'\n');
-    let mut sinks = LOGGER
-        .sinks
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let ok = match sinks.output.as_mut() {
-        Some(out) => out.write(&buf).is_ok_and(|n| n == buf.len()),
-        None => std::io::stderr().write_all(&buf).is_ok(),
-    };
-    if !ok {
-        LOGGER.dropped_lines.fetch_add(1, Ordering::Relaxed);
+    let mut sinks = sinks();
+    match sinks.console.as_mut() {
+        Some(c) => {
+            c.write_line(&buf);
+        }
+        None => {
+            let _ = std::io::stderr().write_all(&buf);
+        }
     }
 }
 
-/// Service output lines dropped so far because the console was busy.
+/// Console lines (init's own and the services') dropped so far because the console was
+/// busy or stopped.
 pub fn dropped_lines() -> u64 {
-    LOGGER.dropped_lines.load(Ordering::Relaxed)
+    sinks().console.as_ref().map_or(0, ConsoleWriter::dropped)
 }
 
 /// Last-resort message (panic hook): opens fresh descriptors, takes no lock, so it works
 /// even if the panic happened while the logger was held.
 pub fn emergency(msg: &str) {
     let line = console_line(msg);
-    match open_write("/dev/console", false) {
+    match open_write(Path::new("/dev/console")) {
         Some(mut c) => {
-            let _ = c.write_all(line.as_bytes());
+            let _ = c.write(line.as_bytes());
         }
         None => {
-            let _ = std::io::stderr().write_all(line.as_bytes());
+            let _ = std::io::stderr().write(line.as_bytes());
         }
     }
-    if let Some(mut k) = open_write("/dev/kmsg", false) {
-        let _ = k.write_all(kmsg_record(Level::Error, msg).as_bytes());
+    if let Some(mut k) = open_write(Path::new("/dev/kmsg")) {
+        let _ = k.write(kmsg_record(Level::Error, msg).as_bytes());
     }
 }
 
@@ -234,5 +426,116 @@ mod tests {
         let rec = kmsg_record(Level::Warn, &long);
         assert!(rec.len() <= MAX_KMSG + 32);
         assert!(rec.starts_with("<4>bulkhead-init: é"));
+    }
+
+    /// A pty whose slave side is `ConsoleWriter`'s device: (master, slave kept open, the
+    /// writer on the slave's path).
+    fn pty() -> (File, std::os::fd::OwnedFd, ConsoleWriter) {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let path = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&pty.slave)
+        ))
+        .unwrap();
+        let writer = ConsoleWriter::open(&path).unwrap();
+        (File::from(pty.master), pty.slave, writer)
+    }
+
+    /// Reads what the master side has until `needle` has come (it must already be there).
+    fn read_until(master: &mut File, needle: &str) -> String {
+        use std::io::Read;
+        let mut got = String::new();
+        let mut buf = [0u8; 4096];
+        while !got.contains(needle) {
+            let n = master.read(&mut buf).unwrap();
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        got
+    }
+
+    /// Runs `f` on a thread; fails the test (instead of hanging it) if it never returns.
+    fn must_return<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!("{what} blocked: the writer must never wait for the console")
+            })
+    }
+
+    /// A console stopped with tcflow(TCOOFF) (what ^S does) takes nothing: every line is
+    /// dropped at once, none blocks the writer, and once the console runs again the count
+    /// comes out before the next line.
+    #[test]
+    fn a_stopped_console_never_blocks_and_the_drop_count_comes_out_later() {
+        let (mut master, slave, mut writer) = pty();
+        nix::sys::termios::tcflow(&slave, nix::sys::termios::FlowArg::TCOOFF).unwrap();
+        let (writer, dropped) = must_return("writing to a stopped console", move || {
+            let mut dropped = 0;
+            for i in 0..10_000 {
+                if !writer.write_line(console_line(&format!("line {i}")).as_bytes()) {
+                    dropped += 1;
+                }
+            }
+            (writer, dropped)
+        });
+        assert!(dropped > 0, "a stopped console took 10000 lines");
+        assert_eq!(writer.dropped(), dropped);
+        let mut writer = writer;
+        nix::sys::termios::tcflow(&slave, nix::sys::termios::FlowArg::TCOON).unwrap();
+        assert!(writer.write_line(console_line("after").as_bytes()));
+        let got = read_until(&mut master, "bulkhead-init: after");
+        let note =
+            format!("bulkhead-init: console was busy: {dropped} lines dropped ({dropped} in all)");
+        let at_note = got
+            .find(&note)
+            .unwrap_or_else(|| panic!("no {note:?} in {got:?}"));
+        assert!(at_note < got.find("bulkhead-init: after").unwrap());
+    }
+
+    /// A console nobody reads fills up; lines it takes in part are finished before any
+    /// other, so what comes out is whole lines only, and nothing blocks.
+    #[test]
+    fn a_full_console_gets_whole_lines_only() {
+        let (mut master, _slave, writer) = pty();
+        let line = format!("{}\n", "x".repeat(99));
+        let mut writer = must_return("writing to a full console", move || {
+            let mut writer = writer;
+            let mut dropped = 0;
+            while dropped < 100 {
+                if !writer.write_line(line.as_bytes()) {
+                    dropped += 1;
+                }
+            }
+            writer
+        });
+        assert!(writer.dropped() >= 100);
+        // Drain the console, then one more line goes out after the note.
+        let mut reader = master.try_clone().unwrap();
+        let drained = must_return("draining the console", move || {
+            read_until(&mut reader, "\n")
+        });
+        let mut all = drained;
+        loop {
+            if writer.write_line(console_line("end").as_bytes()) {
+                break;
+            }
+            let mut buf = [0u8; 4096];
+            let n = std::io::Read::read(&mut master, &mut buf).unwrap();
+            all.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        all.push_str(&read_until(&mut master, "bulkhead-init: end"));
+        for l in all.split('\n').map(|l| l.trim_end_matches('\r')) {
+            assert!(
+                l.is_empty()
+                    || l == "x".repeat(99)
+                    || l.starts_with("bulkhead-init: console was busy: ")
+                    || l == "bulkhead-init: end",
+                "a line came out mangled: {l:?}"
+            );
+        }
+        assert!(all.contains("bulkhead-init: console was busy: "));
     }
 }

@@ -19,8 +19,10 @@ use std::time::Duration;
 use bulkhead_init::cmdline::BootOptions;
 use bulkhead_init::config::{self, SystemConfig};
 use bulkhead_init::control::{self, ControlServer, Request, Response};
+use bulkhead_init::jail::JailPaths;
 use bulkhead_init::runtime::Runtime;
 use bulkhead_init::services::{Clock, Services};
+use bulkhead_init::setup::{self, Setup};
 use bulkhead_init::shutdown::{self, PowerAction};
 use bulkhead_init::{devices, input, log as initlog, modules, mounts, panic, signals};
 use clap::{Parser, Subcommand};
@@ -88,16 +90,7 @@ fn pid1() -> ! {
         }
     }
 
-    // 6. Kernel modules, each with its dependencies.
-    modules::load_all(&modules::modules_dir(), &system.host.modules);
-
-    // 7. PCI functions the policy grants to VMs go to vfio-pci.
-    let vfio_groups = devices::bind_granted(&bulkhead_vfio::SysfsRoot::host());
-
-    // 8. Power buttons (after `button` and `evdev` are loaded).
-    let buttons = input::scan(Path::new("/dev/input"));
-
-    // 9. Signalfd and control socket.
+    // 6. Signalfd and control socket: from here on PID 1 answers.
     let sfd = match signals::signal_fd() {
         Ok(sfd) => sfd,
         Err(e) => {
@@ -105,6 +98,9 @@ fn pid1() -> ! {
             shutdown::finish(PowerAction::Poweroff, &mounted);
         }
     };
+    if let Err(e) = control::make_private_dir(Path::new(config::INIT_RUNTIME_DIR)) {
+        error!("{}: {e}", config::INIT_RUNTIME_DIR);
+    }
     let control = match ControlServer::bind(Path::new(control::SOCKET_PATH), 0) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -112,15 +108,42 @@ fn pid1() -> ! {
             None
         }
     };
-
     let mut rt = Runtime {
         clock: Clock::new(),
-        services: Services::from_config(&system, &vfio_groups),
+        services: Services::default(),
         sfd,
         control,
-        buttons,
+        buttons: Vec::new(),
         when_idle: system.host.when_idle,
     };
+
+    // 7. Kernel modules (each with its dependencies), then the PCI functions the policy
+    // grants to VMs go to vfio-pci: both can hang in a driver, so a child does them while
+    // the event loop answers, and init waits for it only so long.
+    let vfio_groups = match setup(&system, opts.test_hang_setup) {
+        Ok(mut worker) => {
+            info!(
+                "setup (kernel modules, device binding) runs in pid {}",
+                worker.pid()
+            );
+            let timeout = Duration::from_millis(system.host.setup_timeout_ms);
+            if let Some(action) = rt.wait_for_setup(&mut worker, timeout) {
+                shut_down(&mut rt, action, system.host.shutdown_grace_ms, &mounted);
+            }
+            worker.groups()
+        }
+        Err(e) => {
+            error!("cannot start the setup child: {e}; setting up in PID 1 itself");
+            modules::load_all(&modules::modules_dir(), &system.host.modules);
+            devices::bind_granted(&bulkhead_vfio::SysfsRoot::host())
+        }
+    };
+
+    // 8. Power buttons (after `button` and `evdev` are loaded).
+    rt.buttons = input::scan(Path::new("/dev/input"));
+
+    // 9. The services.
+    rt.services = Services::from_config(&system, &vfio_groups, JailPaths::host());
     info!("ready");
     if opts.test_panic {
         #[allow(clippy::panic)]
@@ -131,10 +154,27 @@ fn pid1() -> ! {
 
     // 10. The event loop, until a shutdown is requested.
     let action = rt.run();
+    shut_down(&mut rt, action, system.host.shutdown_grace_ms, &mounted)
+}
+
+/// Starts the setup child: modules, then device binding (or a fake hang, for tests).
+fn setup(system: &SystemConfig, fake_hang: bool) -> std::io::Result<Setup> {
+    let modules = system.host.modules.clone();
+    Setup::start(move || {
+        if fake_hang {
+            setup::fake_hang();
+        }
+        modules::load_all(&modules::modules_dir(), &modules);
+        devices::bind_granted(&bulkhead_vfio::SysfsRoot::host())
+    })
+}
+
+/// The orderly end: stop the services, kill what is left, power off / reboot / halt.
+fn shut_down(rt: &mut Runtime, action: PowerAction, grace_ms: u64, mounted: &[PathBuf]) -> ! {
     info!("shutdown started ({})", action.name());
     rt.stop_services();
-    rt.kill_everything(Duration::from_millis(system.host.shutdown_grace_ms));
-    shutdown::finish(action, &mounted)
+    rt.kill_everything(Duration::from_millis(grace_ms));
+    shutdown::finish(action, mounted)
 }
 
 /// Bulkhead's PID 1. Run as any other process, it talks to a running init.
@@ -178,6 +218,10 @@ enum Cmd {
         /// Log level.
         #[arg(long, default_value = "info", value_parser = parse_level)]
         loglevel: LevelFilter,
+        /// Log to this terminal as PID 1 logs to /dev/console (non-blocking: lines the
+        /// terminal cannot take are dropped and counted) instead of to stderr.
+        #[arg(long, value_name = "TTY")]
+        console: Option<PathBuf>,
     },
 }
 
@@ -195,7 +239,8 @@ fn cli() -> i32 {
             system,
             socket,
             loglevel,
-        } => return supervise(&system, socket.as_deref(), loglevel),
+            console,
+        } => return supervise(&system, socket.as_deref(), loglevel, console.as_deref()),
     };
     match control::request(&socket, &req) {
         Ok(Response::Ok) => 0,
@@ -227,12 +272,23 @@ fn cli() -> i32 {
     }
 }
 
-fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
+fn supervise(
+    system: &Path,
+    socket: Option<&Path>,
+    level: LevelFilter,
+    console: Option<&Path>,
+) -> i32 {
     if let Err(e) = signals::block_all() {
         eprintln!("bulkhead-init: cannot block signals: {e}");
         return 1;
     }
     initlog::install_stderr(level);
+    if let Some(tty) = console {
+        if let Err(e) = initlog::use_console(tty) {
+            eprintln!("bulkhead-init: console {}: {e}", tty.display());
+            return 1;
+        }
+    }
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         warn!("cannot become a child subreaper: {e}");
     }
@@ -256,7 +312,14 @@ fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
     };
     let mut rt = Runtime {
         clock: Clock::new(),
-        services: Services::from_config(&config, &Default::default()),
+        services: Services::from_config(
+            &config,
+            &Default::default(),
+            JailPaths {
+                cgroup_root: None,
+                staging: std::env::temp_dir().join(format!("bulkhead-jail-{}", std::process::id())),
+            },
+        ),
         sfd,
         control,
         buttons: Vec::new(),

@@ -23,6 +23,12 @@ pub fn install() {
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
         crate::log::emergency(&format!("panic: {msg}{location}"));
+        if std::process::id() != 1 {
+            // A child PID 1 forked without exec (the setup child) inherits this hook: it
+            // must end itself, not the machine.
+            // SAFETY: _exit ends this process at once; nothing of PID 1's runs.
+            unsafe { libc::_exit(101) }
+        }
         crate::log::emergency("powering off");
         nix::unistd::sync();
         let _ = reboot(RebootMode::RB_POWER_OFF);

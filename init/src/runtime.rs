@@ -5,7 +5,7 @@
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 use nix::sys::signalfd::SignalFd;
@@ -14,6 +14,7 @@ use crate::config::WhenIdle;
 use crate::control::{Command, ControlServer};
 use crate::input::PowerButton;
 use crate::services::{Clock, Services};
+use crate::setup::Setup;
 use crate::shutdown::PowerAction;
 use crate::signals::{self, SignalAction};
 
@@ -101,54 +102,120 @@ impl Runtime {
     /// Runs until a shutdown is requested; returns which one.
     pub fn run(&mut self) -> PowerAction {
         loop {
-            self.services.start_due(&self.clock);
-            if self.services.newly_idle() {
-                info!("all services ended");
-                match self.when_idle {
-                    WhenIdle::Stay => {}
-                    WhenIdle::Poweroff => return PowerAction::Poweroff,
-                    WhenIdle::Reboot => return PowerAction::Reboot,
-                    WhenIdle::Halt => return PowerAction::Halt,
-                }
+            if let Some(action) = self.step() {
+                return action;
             }
-            let timeout = timeout_until(self.clock.now(), self.services.next_deadline());
-            let ready = {
+        }
+    }
+
+    /// One turn of the loop: start what is due, wait for something (or the next
+    /// deadline), handle it. Returns a requested shutdown.
+    pub fn step(&mut self) -> Option<PowerAction> {
+        self.services.start_due(&self.clock);
+        if self.services.newly_idle() {
+            info!("all services ended");
+            match self.when_idle {
+                WhenIdle::Stay => {}
+                WhenIdle::Poweroff => return Some(PowerAction::Poweroff),
+                WhenIdle::Reboot => return Some(PowerAction::Reboot),
+                WhenIdle::Halt => return Some(PowerAction::Halt),
+            }
+        }
+        let timeout = timeout_until(self.clock.now(), self.services.next_deadline());
+        let ready = self.poll(timeout);
+        if ready.signals {
+            if let Some(action) = self.handle_signals() {
+                return Some(action);
+            }
+        }
+        if ready.control.iter().any(|r| *r) {
+            if let Some(action) = self.handle_control(&ready.control) {
+                return Some(action);
+            }
+        }
+        if let Some(path) = crate::input::check_ready(&mut self.buttons, &ready.buttons) {
+            info!("power button pressed ({})", path.display());
+            return Some(PowerAction::Poweroff);
+        }
+        if ready.pipes.iter().any(|r| *r) {
+            self.services.drain_output(&ready.pipes);
+        }
+        None
+    }
+
+    fn poll(&self, timeout: PollTimeout) -> Ready {
+        let control_fds = self
+            .control
+            .as_ref()
+            .map(|c| c.poll_fds())
+            .unwrap_or_default();
+        let button_fds: Vec<BorrowedFd<'_>> = self.buttons.iter().map(|b| b.as_fd()).collect();
+        let pipe_fds = self.services.pipe_fds();
+        poll_all(
+            self.sfd.as_fd(),
+            &control_fds,
+            &button_fds,
+            &pipe_fds,
+            timeout,
+        )
+    }
+
+    /// True if something the loop watches is ready right now, i.e. the next turn would not
+    /// sleep. With nothing happening this must be false, or the loop spins.
+    pub fn ready_now(&self) -> bool {
+        let r = self.poll(PollTimeout::ZERO);
+        r.signals || [r.control, r.buttons, r.pipes].iter().flatten().any(|x| *x)
+    }
+
+    /// Waits for the setup child ([`crate::setup`]) to finish, for at most `timeout`,
+    /// while answering signals and the control socket. Returns a shutdown requested
+    /// meanwhile. Past the deadline init goes on without it (what it reported so far
+    /// counts) and says so.
+    pub fn wait_for_setup(&mut self, setup: &mut Setup, timeout: Duration) -> Option<PowerAction> {
+        let deadline = self.clock.now().saturating_add(timeout);
+        let worker = setup.pid();
+        while !setup.finished() {
+            let now = self.clock.now();
+            if now >= deadline {
+                error!(
+                    "setup (pid {worker}: kernel modules, device binding) still running after \
+                     {} ms (a driver stuck in the kernel?): going on without it",
+                    timeout.as_millis()
+                );
+                return None;
+            }
+            let (signals, control, report) = {
                 let control_fds = self
                     .control
                     .as_ref()
                     .map(|c| c.poll_fds())
                     .unwrap_or_default();
-                let button_fds: Vec<BorrowedFd<'_>> =
-                    self.buttons.iter().map(|b| b.as_fd()).collect();
-                let pipe_fds = self.services.pipe_fds();
-                poll_all(
-                    self.sfd.as_fd(),
-                    &control_fds,
-                    &button_fds,
-                    &pipe_fds,
-                    timeout,
+                let mut g = poll_groups(
+                    &[&[self.sfd.as_fd()], &control_fds, &[setup.as_fd()]],
+                    timeout_until(now, Some(deadline)),
                 )
+                .into_iter();
+                let mut next = || g.next().unwrap_or_default();
+                let s = next().first().copied().unwrap_or(false);
+                let c = next();
+                let r = next().first().copied().unwrap_or(false);
+                (s, c, r)
             };
-            if ready.signals {
+            if report && setup.read() {
+                debug!("setup (pid {worker}) finished");
+            }
+            if signals {
                 if let Some(action) = self.handle_signals() {
-                    return action;
+                    return Some(action);
                 }
             }
-            if ready.control.iter().any(|r| *r) {
-                if let Some(action) = self.handle_control(&ready.control) {
-                    return action;
+            if control.iter().any(|r| *r) {
+                if let Some(action) = self.handle_control(&control) {
+                    return Some(action);
                 }
-            }
-            for (button, r) in self.buttons.iter_mut().zip(&ready.buttons) {
-                if *r && button.pressed() {
-                    info!("power button pressed ({})", button.path.display());
-                    return PowerAction::Poweroff;
-                }
-            }
-            if ready.pipes.iter().any(|r| *r) {
-                self.services.drain_output(&ready.pipes);
             }
         }
+        None
     }
 
     fn handle_signals(&mut self) -> Option<PowerAction> {
@@ -261,6 +328,35 @@ fn wait_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fault injection: a power button whose device went away, faked with a pipe whose
+    /// writer has closed (it polls ready forever and reads end-of-file, as a vanished
+    /// evdev node polls POLLHUP|POLLERR and reads ENODEV). One turn of the loop drops it;
+    /// after that nothing is ready, so the loop sleeps instead of spinning.
+    #[test]
+    fn a_power_button_that_goes_away_leaves_the_poll_set_fake_device_is_a_hung_up_pipe() {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        drop(w);
+        let gone = PowerButton::for_test(std::path::PathBuf::from("/dev/input/event9"), r.into());
+        let mut rt = Runtime {
+            clock: Clock::new(),
+            services: Services::default(),
+            sfd: crate::signals::signal_fd().unwrap(),
+            control: None,
+            buttons: vec![gone],
+            when_idle: WhenIdle::Stay,
+        };
+        assert!(rt.ready_now(), "the fake vanished device must poll ready");
+        assert_eq!(rt.step(), None, "a vanished button is not a press");
+        assert!(
+            rt.buttons.is_empty(),
+            "the vanished button is still watched"
+        );
+        assert!(
+            !rt.ready_now(),
+            "the loop would wake again at once: it spins"
+        );
+    }
 
     #[test]
     fn timeouts_round_up() {

@@ -108,6 +108,10 @@ pub fn kill_everything(
 
 /// Announces the end, syncs, unmounts in reverse, calls reboot(2). Never returns.
 pub fn finish(action: PowerAction, mounted: &[PathBuf]) -> ! {
+    let dropped = crate::log::dropped_lines();
+    if dropped > 0 {
+        warn!("{dropped} console lines were dropped in all (the console was busy or stopped; kmsg has init's own)");
+    }
     info!("{}", action.message());
     nix::unistd::sync();
     crate::mounts::unmount_all(mounted);

@@ -10,6 +10,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzz; // the body of ipc/fuzz's target and of tests/fuzz_seeds.rs: a harness, not the hub
 pub mod hub;
+pub mod seccomp;
 
 pub use channel::{
     peer_credentials, Channel, ChannelError, ChannelListener, PeerCredentials, RawFrame,

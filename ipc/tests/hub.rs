@@ -7,7 +7,7 @@ mod common;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use bulkhead_ipc::channel::{Channel, ChannelError};
 use bulkhead_ipc::frame;
@@ -1398,4 +1398,99 @@ fn batched_frames_are_decided_one_by_one() {
         .map(|r| r["similar"].as_u64().filter(|n| *n > 0).unwrap_or(1))
         .sum();
     assert_eq!(denied, refused);
+}
+
+/// The hub admits its own uid on the control socket (status, log), but applies a policy
+/// only for root: a process running as the hub's user cannot swap the policy. The hub runs
+/// as uid 65534 here, the way init runs it as `[hub] user`.
+#[test]
+fn apply_is_refused_unless_the_client_is_root() {
+    use bulkhead_policy::control::{HubClient, Request, Response};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("needs root to run the hub as another uid");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pdir = dir.path().join("policy.d");
+    std::fs::create_dir(&pdir).unwrap();
+    std::fs::write(pdir.join("10-test.policy"), "version 1\n").unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
+    let control = run.join("hub.sock");
+    /// Kills the hub even when an assertion fails.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _hub = Killed(
+        Command::new(env!("CARGO_BIN_EXE_bulkhead-hub"))
+            .arg("--policy-dir")
+            .arg(&pdir)
+            .arg("--control-socket")
+            .arg(&control)
+            .uid(65534)
+            .gid(65534)
+            .stdin(Stdio::null())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..2000 {
+        if control.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let tree_hash = match HubClient::connect(&control)
+        .unwrap()
+        .request(&Request::Status)
+    {
+        Ok(Response::Status(s)) => s.tree_hash,
+        other => panic!("{other:?}"),
+    };
+    let apply = Request::Apply {
+        tree_hash,
+        root: pdir.clone(),
+        if_match: None,
+        revoke_live: false,
+    };
+    // As the hub's own user: refused.
+    let (r, w) = nix::unistd::pipe().unwrap();
+    // SAFETY: the child switches uid, asks once, writes a verdict byte and _exits.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            // SAFETY: integer arguments.
+            unsafe { libc::setresuid(65534, 65534, 65534) };
+            let verdict = match HubClient::connect(&control).and_then(|c| c.request(&apply)) {
+                Ok(Response::Error { message }) if message.contains("only root may apply") => b'R',
+                Ok(Response::Applied(_)) => b'A',
+                _ => b'?',
+            };
+            let _ = nix::unistd::write(&w, &[verdict]);
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child: kid } => {
+            drop(w);
+            let mut b = [0u8; 1];
+            let _ = nix::unistd::read(&r, &mut b);
+            let _ = nix::sys::wait::waitpid(kid, None);
+            assert_eq!(b[0], b'R', "the hub's own uid was not refused");
+        }
+    }
+    // As root: applied.
+    let resp = HubClient::connect(&control)
+        .unwrap()
+        .request(&apply)
+        .unwrap();
+    assert!(matches!(resp, Response::Applied(_)), "{resp:?}");
 }

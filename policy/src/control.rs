@@ -1,9 +1,10 @@
 //! The hub's policy control socket: message types and a small client.
 //!
-//! Transport: `/run/bulkhead/hub.sock`, `AF_UNIX` `SOCK_SEQPACKET`, one postcard-encoded
+//! Transport: `/run/bulkhead-hub/hub.sock`, `AF_UNIX` `SOCK_SEQPACKET`, one postcard-encoded
 //! [`Request`] per datagram, answered by one [`Response`] datagram; no fds are passed. The
 //! hub (crate `bulkhead-ipc`) implements the server; it decodes with [`decode_request`] and
-//! answers with [`encode_response`]. `policyctl apply`, `status` and `log` are the clients.
+//! answers with [`encode_response`]. `policyctl apply`, `status`, `log`, `diff --from running`
+//! and `check --against running` are the clients.
 
 use nix::sys::socket::{
     connect, recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -13,7 +14,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// Where the hub listens.
-pub const HUB_SOCKET: &str = "/run/bulkhead/hub.sock";
+pub const HUB_SOCKET: &str = "/run/bulkhead-hub/hub.sock";
 /// Largest datagram either side sends or accepts.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 
@@ -37,6 +38,9 @@ pub enum Request {
     },
     /// Audit log records.
     Log(LogFilter),
+    /// The running generation's source files, so a client can diff against exactly what
+    /// runs (`policyctl apply`, `diff --from running`, `check --against running`).
+    Tree,
 }
 
 /// Which audit records to return.
@@ -67,6 +71,30 @@ pub enum Response {
         /// Why.
         message: String,
     },
+    /// Answer to [`Request::Tree`].
+    Tree(RunningTree),
+}
+
+/// The running generation's sources: every file it was compiled from (included files
+/// too), by the names its tree hash covers. [`crate::PolicyTree::from_files`] rebuilds the
+/// tree; its hash must be `tree_hash`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningTree {
+    /// Generation number (0: the boot-time deny-all policy, which has no files).
+    pub generation: u64,
+    /// `sha256:<hex>` of the running tree.
+    pub tree_hash: String,
+    /// The files.
+    pub files: Vec<TreeFile>,
+}
+
+/// One source file of a running generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeFile {
+    /// Its name in provenance and in the hash (`10-base.policy`, `run/20-dispvm.policy`).
+    pub name: String,
+    /// Its contents.
+    pub bytes: Vec<u8>,
 }
 
 /// The running generation.
@@ -183,6 +211,17 @@ pub enum ControlError {
     /// The hub closed the connection without answering.
     #[error("hub control socket {0}: closed without an answer")]
     Closed(PathBuf),
+    /// The process at the socket is not the hub (nor root, nor us).
+    #[error(
+        "hub control socket {path}: answered by uid {uid}, which is neither root, you, nor \
+         the owner of the socket's directory (writable by its owner only): not trusted"
+    )]
+    UntrustedServer {
+        /// The socket.
+        path: PathBuf,
+        /// The peer's uid.
+        uid: u32,
+    },
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, ControlError> {
@@ -216,6 +255,34 @@ pub fn decode_response(bytes: &[u8]) -> Result<Response, postcard::Error> {
     postcard::from_bytes(bytes)
 }
 
+/// Who answers on the hub's control socket (SO_PEERCRED), checked before any answer is
+/// trusted: root, the client's own uid, or the owner of the socket's directory when only
+/// that owner can write there (the hub's runtime directory, made by init for the hub's
+/// user). Anyone else could have put a socket at the path and would be refused.
+fn check_server(fd: &OwnedFd, path: &Path) -> Result<(), ControlError> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    use std::os::unix::fs::MetadataExt;
+    let cred = getsockopt(fd, sockopt::PeerCredentials).map_err(|errno| ControlError::Io {
+        path: path.to_path_buf(),
+        what: "SO_PEERCRED",
+        errno,
+    })?;
+    let uid = cred.uid();
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+        return Ok(());
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if let Ok(meta) = std::fs::metadata(dir) {
+        if meta.mode() & 0o022 == 0 && meta.uid() == uid {
+            return Ok(());
+        }
+    }
+    Err(ControlError::UntrustedServer {
+        path: path.to_path_buf(),
+        uid,
+    })
+}
+
 /// A connection to the hub's control socket.
 pub struct HubClient {
     fd: OwnedFd,
@@ -244,6 +311,7 @@ impl HubClient {
         .map_err(io("socket"))?;
         let addr = UnixAddr::new(path).map_err(io("address"))?;
         connect(fd.as_raw_fd(), &addr).map_err(io("connect"))?;
+        check_server(&fd, path)?;
         Ok(HubClient {
             fd,
             path: path.to_path_buf(),

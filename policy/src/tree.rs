@@ -390,6 +390,39 @@ impl PolicyTree {
         )
     }
 
+    /// Rebuild a loaded tree from every one of its files `(name, contents)`, included files
+    /// too, as a hub exports its running generation ([`crate::control::RunningTree`]). Each
+    /// file is parsed as it is, without following includes (their targets are in the
+    /// list), so the hash is the loaded tree's.
+    pub fn from_files(files: &[(String, Vec<u8>)]) -> PolicyTree {
+        let mut sorted: Vec<&(String, Vec<u8>)> = files.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        sorted.dedup_by(|a, b| a.0 == b.0);
+        let mut diags = Vec::new();
+        let mut out = Vec::with_capacity(sorted.len());
+        let mut parsed = Vec::with_capacity(sorted.len());
+        for (name, bytes) in sorted {
+            let (p, mut d) = parse_bytes(name, name, bytes);
+            diags.append(&mut d);
+            parsed.push(p);
+            out.push(SourceFile {
+                name: name.clone(),
+                display: name.clone(),
+                root: None,
+                rel: name.clone(),
+                bytes: bytes.clone(),
+            });
+        }
+        let hash = tree_hash(&out);
+        PolicyTree {
+            roots: Vec::new(),
+            files: out,
+            parsed,
+            diagnostics: diags,
+            hash,
+        }
+    }
+
     fn walk<'a>(
         roots: &'a [RootDir],
         top: Vec<(Option<usize>, String)>,
@@ -507,6 +540,57 @@ mod tests {
         assert_eq!(a.hash, b.hash);
         assert_ne!(a.hash, c.hash);
         assert!(a.hash.starts_with("sha256:"));
+    }
+
+    /// A tree loaded from two roots (the transient one's names carry `run/`) with an
+    /// included file comes back from its exported files with the same hash and policy.
+    #[test]
+    fn a_loaded_tree_rebuilt_from_its_files_has_the_same_hash_and_rules() {
+        let d = tempfile::tempdir().unwrap();
+        let etc = d.path().join("etc");
+        let run = d.path().join("run");
+        std::fs::create_dir_all(etc.join("vendor")).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(
+            etc.join("10-base.policy"),
+            "version 1\ninclude vendor/apps.policy\ngrant gpu-vm provide wayland c2s=memfd:ro\n",
+        )
+        .unwrap();
+        std::fs::write(etc.join("vendor/apps.policy"), "group apps browser mail\n").unwrap();
+        std::fs::write(
+            run.join("20-dispvm.policy"),
+            "grant @apps connect wayland\n",
+        )
+        .unwrap();
+        let roots = vec![
+            RootDir {
+                path: etc,
+                prefix: String::new(),
+                required: true,
+            },
+            RootDir {
+                path: run,
+                prefix: "run/".into(),
+                required: false,
+            },
+        ];
+        let loaded = PolicyTree::load(&roots);
+        assert_eq!(loaded.files.len(), 3);
+        let files: Vec<(String, Vec<u8>)> = loaded
+            .files
+            .iter()
+            .map(|f| (f.name.clone(), f.bytes.clone()))
+            .collect();
+        let rebuilt = PolicyTree::from_files(&files);
+        assert_eq!(rebuilt.hash, loaded.hash);
+        let opts = ValidateOptions::default();
+        let (a, b) = (
+            loaded.compile(&opts).unwrap(),
+            rebuilt.compile(&opts).unwrap(),
+        );
+        assert_eq!(a.policy.rules().len(), b.policy.rules().len());
+        assert!(b.policy.check_connect("mail", "wayland", None).is_allowed());
+        assert_eq!(crate::diff::diff(&a.policy, &b.policy), Vec::new());
     }
 
     #[test]

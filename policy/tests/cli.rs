@@ -229,39 +229,31 @@ fn validate_reports_locations_and_json() {
     assert!(out.starts_with("ok: 2 files, 4 rules"), "{out}");
 }
 
+/// `--if-match` names the hub's running generation, so checking it needs the hub (the
+/// compare against a running hub is in ipc/tests/policyctl.rs); a malformed hash is a usage
+/// error before anything is contacted.
 #[test]
-fn apply_with_stale_hash_is_refused_before_contacting_anything() {
+fn apply_if_match_is_checked_against_the_hub() {
     let old = tree(&[("10-base.policy", BASE)]);
     let new = tree(&[
         ("10-base.policy", BASE),
         ("50-local.policy", "grant browser connect wayland\n"),
     ]);
-    let stale = format!("sha256:{}", "0".repeat(64));
     let from = old.root.to_str().unwrap();
-    let (code, _, err) = run(&new, &["apply", "--from", from, "--if-match", &stale]);
-    assert_eq!(code, 1);
-    assert!(err.contains("refused: stale --if-match"), "{err}");
-    assert!(!err.contains("hub control socket"), "{err}");
-    // Even a dry run refuses a stale hash.
-    assert_eq!(
-        run(
-            &new,
-            &["apply", "--dry-run", "--from", from, "--if-match", &stale]
-        )
-        .0,
-        1
-    );
-    // A malformed hash is a usage error.
-    assert_eq!(run(&new, &["apply", "--if-match", "md5:abc"]).0, 2);
-    // The right hash passes the check and then needs the hub, which is not running.
-    let current = tree_hash(&old);
-    let (code, _, err) = run(&new, &["apply", "--from", from, "--if-match", &current]);
-    assert_eq!(code, 1);
     let sock = new.base.join("hub.sock");
-    assert!(
-        err.contains(&format!("no hub control socket at {}", sock.display())),
-        "{err}"
-    );
+    let no_hub = format!("no hub control socket at {}", sock.display());
+    assert_eq!(run(&new, &["apply", "--if-match", "md5:abc"]).0, 2);
+    // The tree in --from is only the diff's base: its hash does not satisfy --if-match.
+    let current = tree_hash(&old);
+    for args in [
+        &["apply", "--from", from, "--if-match", &current][..],
+        &["apply", "--dry-run", "--from", from, "--if-match", &current][..],
+        &["apply", "--dry-run"][..],
+    ] {
+        let (code, _, err) = run(&new, args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains(&no_hub), "{args:?}: {err}");
+    }
 }
 
 #[test]
@@ -323,7 +315,6 @@ fn fake_hub_apply_roundtrip() {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     let t = tree(&[("10-base.policy", BASE)]);
-    let expected = tree_hash(&t);
     let path = t.base.join("hub.sock");
     let lfd = socket(
         AddressFamily::Unix,
@@ -334,37 +325,70 @@ fn fake_hub_apply_roundtrip() {
     .unwrap();
     bind(lfd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
     listen(&lfd, Backlog::new(1).unwrap()).unwrap();
+    // The tree the fake hub says it runs: the base file only.
+    let running: Vec<TreeFile> = vec![TreeFile {
+        name: "10-base.policy".into(),
+        bytes: BASE.as_bytes().to_vec(),
+    }];
+    let running_hash = bulkhead_policy::PolicyTree::from_files(&[(
+        "10-base.policy".to_string(),
+        BASE.as_bytes().to_vec(),
+    )])
+    .hash;
+    std::fs::write(
+        t.root.join("50-local.policy"),
+        "grant browser connect wayland\n",
+    )
+    .unwrap();
+    let expected = tree_hash(&t);
+    let hash = running_hash.clone();
     let server = std::thread::spawn(move || {
-        let raw = accept(lfd.as_raw_fd()).unwrap();
-        // SAFETY: `accept` just returned this fd and nothing else owns it.
-        let conn = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        let n = recv(conn.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
-        let req = decode_request(&buf[..n]).unwrap();
-        let Request::Apply { tree_hash, .. } = req.clone() else {
-            panic!("{req:?}")
-        };
-        let resp = Response::Applied(ApplyResult {
-            generation: 2,
-            tree_hash,
-            no_longer_allowed: vec![LiveCap {
-                kind: "connection".into(),
-                vm: "mail".into(),
-                description: "mail → clipboard@clip-vm".into(),
-            }],
-            revoked: false,
-        });
-        send(
-            conn.as_raw_fd(),
-            &encode_response(&resp).unwrap(),
-            MsgFlags::empty(),
-        )
-        .unwrap();
-        req
+        let mut reqs = Vec::new();
+        // policyctl asks for the running tree, then applies: one connection each.
+        for _ in 0..2 {
+            let raw = accept(lfd.as_raw_fd()).unwrap();
+            // SAFETY: `accept` just returned this fd and nothing else owns it.
+            let conn = unsafe { OwnedFd::from_raw_fd(raw) };
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            let n = recv(conn.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+            let req = decode_request(&buf[..n]).unwrap();
+            let resp = match req.clone() {
+                Request::Tree => Response::Tree(RunningTree {
+                    generation: 1,
+                    tree_hash: hash.clone(),
+                    files: running.clone(),
+                }),
+                Request::Apply { tree_hash, .. } => Response::Applied(ApplyResult {
+                    generation: 2,
+                    tree_hash,
+                    no_longer_allowed: vec![LiveCap {
+                        kind: "connection".into(),
+                        vm: "mail".into(),
+                        description: "mail → clipboard@clip-vm".into(),
+                    }],
+                    revoked: false,
+                }),
+                other => panic!("{other:?}"),
+            };
+            send(
+                conn.as_raw_fd(),
+                &encode_response(&resp).unwrap(),
+                MsgFlags::empty(),
+            )
+            .unwrap();
+            reqs.push(req);
+        }
+        reqs.pop().unwrap()
     });
     let (code, out, err) = run(&t, &["apply"]);
     let req = server.join().unwrap();
     assert_eq!(code, 0, "{out}{err}");
+    // The diff is from what the hub runs, not from the tree on disk.
+    assert!(
+        out.contains(&format!("from running generation 1 ({running_hash})")),
+        "{out}"
+    );
+    assert!(out.contains("+ browser connect wayland@gpu-vm"), "{out}");
     assert!(out.contains("applied: generation 2"), "{out}");
     assert!(
         out.contains("no longer allowed: connection mail mail → clipboard@clip-vm"),
@@ -505,6 +529,8 @@ fn run_with_editor(t: &Tree, script: &str, stdin: &str, args: &[&str]) -> (i32, 
         .arg(t.base.join("hub.sock"))
         .args(args)
         .env("VISUAL", &ed)
+        .env("POLICYCTL", env!("CARGO_BIN_EXE_policyctl"))
+        .env("POLICY_ROOT", &t.root)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -592,4 +618,136 @@ fn apply_of_an_invalid_tree_never_reaches_the_hub() {
         "{err}"
     );
     assert!(!err.contains("hub control socket"), "{err}");
+}
+
+/// Many `policyctl grant` and `deny` processes on one tree at the same moment: every one of
+/// them takes effect (each read-validate-write cycle holds the tree's lock).
+#[test]
+fn concurrent_grants_and_denies_all_take_effect() {
+    let t = tree(&[("10-base.policy", BASE)]);
+    let n = 32;
+    let children: Vec<std::process::Child> = (0..n)
+        .map(|i| {
+            let verb = if i % 4 == 3 { "deny" } else { "grant" };
+            Command::new(env!("CARGO_BIN_EXE_policyctl"))
+                .arg("--root")
+                .arg(&t.root)
+                .args([verb, &format!("vm{i}"), "connect", "clipboard@clip-vm"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "policyctl #{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = read(&t.root.join("50-local.policy"));
+    let mut missing = Vec::new();
+    for i in 0..n {
+        let verb = if i % 4 == 3 { "deny" } else { "grant" };
+        let line = format!("{verb} vm{i} connect clipboard@clip-vm");
+        if !text.lines().any(|l| l == line) {
+            missing.push(line);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {n} edits were lost: {missing:?}\n{text}",
+        missing.len()
+    );
+    assert_eq!(text.lines().count(), n, "{text}");
+    // Then revokes and fmt at the same moment as more grants: all take effect too.
+    let children: Vec<std::process::Child> = (0..n)
+        .map(|i| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_policyctl"));
+            cmd.arg("--root").arg(&t.root);
+            match i % 4 {
+                0 => cmd.args(["revoke", &format!("vm{i}"), "connect", "clipboard"]),
+                1 => cmd.args(["fmt"]),
+                2 => cmd.args(["grant", &format!("late{i}"), "connect", "clipboard@clip-vm"]),
+                _ => cmd.args([
+                    "revoke",
+                    "--deny",
+                    &format!("vm{i}"),
+                    "connect",
+                    "clipboard",
+                ]),
+            };
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "policyctl #{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = read(&t.root.join("50-local.policy"));
+    let words: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    for i in 0..n {
+        let has = |verb: &str, who: &str| {
+            words
+                .iter()
+                .any(|w| w.len() == 4 && w[0] == verb && w[1] == who && w[3] == "clipboard@clip-vm")
+        };
+        match i % 4 {
+            0 | 3 => assert!(
+                !has("grant", &format!("vm{i}")) && !has("deny", &format!("vm{i}")),
+                "vm{i} not revoked:\n{text}"
+            ),
+            1 => assert!(has("grant", &format!("vm{i}")), "vm{i} lost:\n{text}"),
+            _ => {
+                assert!(has("grant", &format!("vm{i}")), "vm{i} lost:\n{text}");
+                assert!(has("grant", &format!("late{i}")), "late{i} lost:\n{text}");
+            }
+        }
+    }
+}
+
+/// `edit` refuses to write over a file that changed while the editor was open (here,
+/// another `policyctl grant` from inside the editor), and loses neither change: the other
+/// grant stays, the edited copy is kept and named.
+#[test]
+fn a_stale_edit_is_refused_and_loses_nothing() {
+    let t = tree(&[
+        ("10-base.policy", BASE),
+        ("50-local.policy", "grant mail connect wayland\n"),
+    ]);
+    let local = t.root.join("50-local.policy");
+    let (code, out, err) = run_with_editor(
+        &t,
+        "echo 'grant term connect wayland' >> \"$1\"\n\
+         \"$POLICYCTL\" --root \"$POLICY_ROOT\" grant browser connect wayland >/dev/null",
+        "w\n",
+        &["edit"],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("changed since"), "{err}");
+    let text = read(&local);
+    assert!(text.contains("grant browser connect wayland"), "{text}");
+    assert!(!text.contains("term"), "{text}");
+    let kept = err
+        .split("your version is in ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no kept copy named: {err}"));
+    let kept = kept.trim_end_matches([';', ':', ',']);
+    assert!(
+        read(Path::new(kept)).contains("grant term connect wayland"),
+        "{kept}"
+    );
 }

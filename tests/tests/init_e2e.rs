@@ -1,6 +1,8 @@
 //! End-to-end tests of PID 1: each boots the Debian cloud kernel under QEMU (TCG, `-cpu max`,
 //! q35 + intel-iommu + edu) with a Bulkhead host image whose `/init` is bulkhead-init.
 
+use std::time::Duration;
+
 use bulkhead_tests::{uptime_ms, BootOptions, End, Host};
 
 #[test]
@@ -141,4 +143,62 @@ fn init_panic_powers_off_instead_of_a_kernel_panic() {
     h.expect("bulkhead-init: panic:");
     h.expect_end(End::PowerOff);
     h.assert_never_saw("Kernel panic");
+}
+
+/// The console stopped as ^S does (`tcflow(TCOOFF)` on the emulated host's /dev/console)
+/// while a service crashes and restarts every 20 ms: init drops its lines instead of
+/// blocking on the console, keeps restarting the service, answers `bulkhead-init status`
+/// and then `bulkhead-init poweroff` (both asked while the console is still stopped), and
+/// once the console runs again it says how many lines it dropped.
+#[test]
+fn a_stopped_console_never_blocks_init_and_the_dropped_lines_are_counted() {
+    let mut h = Host::boot_with(
+        "console",
+        BootOptions {
+            restarts_allowed: vec!["crashy".into()],
+            ..Default::default()
+        },
+    );
+    h.expect("stopper: testprog: stopping the console (TCOOFF)");
+    // Everything from here on happens while the console is stopped; the next lines come
+    // once init's stop sequence has sent `stopper` SIGTERM, which starts it again.
+    let note = h.expect_line_within(
+        "init's count of dropped lines",
+        Duration::from_secs(300),
+        |l| l.starts_with("bulkhead-init: console was busy: "),
+    );
+    let dropped: u64 = note
+        .split("console was busy: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {note:?}\n{}", h.context()));
+    // 150 restarts of crashy while stopped, each `started`, `exited`, `restarting` from
+    // init and crashy's own line: 600 lines, of which the tty's buffer (4 KiB) holds ~100.
+    assert!(dropped >= 150, "only {dropped} lines dropped: {note}");
+    h.expect("stopper: testprog: console running again (TCOON)");
+    h.expect("bulkhead-init: powering off");
+    h.expect_end(End::PowerOff);
+    h.assert_never_saw("stopper: testprog: FAIL");
+}
+
+/// Fault injection: with `bulkhead.test_hang=setup` the setup child (module loading and
+/// vfio-pci binding, both of which can hang in a driver) hangs as a wedged driver would.
+/// PID 1 has its signalfd up already and takes ctrl-alt-del.
+#[test]
+fn a_setup_that_fakes_a_hung_driver_still_lets_ctrl_alt_del_reboot() {
+    let mut h = Host::boot_with(
+        "idle",
+        BootOptions {
+            append: "bulkhead.test_hang=setup".into(),
+            ..Default::default()
+        },
+    );
+    // The child's own line (it may come before or after init's "runs in pid N").
+    h.expect("bulkhead-init: setup: hanging on purpose");
+    h.qmp().ctrl_alt_delete().unwrap_or_else(|e| panic!("{e}"));
+    h.expect("bulkhead-init: received SIGINT");
+    h.expect("bulkhead-init: rebooting");
+    h.expect_end(End::Reboot);
+    h.assert_never_saw("bulkhead-init: ready");
 }

@@ -261,6 +261,11 @@ fn the_vmm_connects_at_start_and_a_guest_sees_the_mac_and_the_link_up() {
         "{stderr}"
     );
     assert!(stderr.contains("is virtio-net"), "{stderr}");
+    // The link thread did its work under the worker's seccomp filter (the default, kill).
+    assert!(
+        stderr.contains("seccomp filters installed (Kill mode)"),
+        "{stderr}"
+    );
     assert_eq!(
         std::fs::read(&serial_path).unwrap(),
         b"\x52\x54\x00\xab\xcd\xefU",

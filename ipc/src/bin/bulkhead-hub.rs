@@ -10,6 +10,7 @@ use bulkhead_ipc::hub::budget::{
     Budgets, DEFAULT_VM_BYTES, DEFAULT_VM_FDS, DEFAULT_VM_INFLIGHT, DEFAULT_VM_TOMBSTONES,
 };
 use bulkhead_ipc::hub::{Hub, HubConfig, DEFAULT_MAX_CONNS_PER_VM, DEFAULT_QUEUE};
+use bulkhead_ipc::seccomp::SeccompMode;
 use bulkhead_ipc::Channel;
 use bulkhead_ipc::MAX_FDS;
 use bulkhead_policy::RootDir;
@@ -59,6 +60,10 @@ struct Cli {
     /// Exit when every VM channel has closed.
     #[arg(long)]
     exit_when_idle: bool,
+    /// seccomp: `kill` the hub on a system call outside its list (default), or `log` it
+    /// and let it through (development).
+    #[arg(long, default_value = "kill", value_parser = parse_seccomp)]
+    seccomp: SeccompMode,
     /// Run even with effective uid 0. The hub should run as its own unprivileged user
     /// (init's `[hub] user`): as root it would bypass the file permissions that keep
     /// read-only memfds read-only, and a bug in it would own the host. For tests only.
@@ -79,6 +84,10 @@ enum Cmd {
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=10000))]
         samples: u32,
     },
+}
+
+fn parse_seccomp(s: &str) -> Result<SeccompMode, String> {
+    s.parse()
 }
 
 fn adopt_fd(spec: &str) -> Result<(String, OwnedFd), String> {
@@ -190,6 +199,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Sockets bound, audit log open, policy loaded: nothing from a VM or a client has been
+    // read yet. From here on, only the calls on the hub's list.
+    if let Err(e) = bulkhead_ipc::hub::seccomp::allow_list().install(cli.seccomp) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    log::info!("seccomp filter installed ({:?} mode)", cli.seccomp);
     log::info!(
         "hub running: policy generation {} ({})",
         hub.store().current().number,

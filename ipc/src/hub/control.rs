@@ -1,9 +1,10 @@
 //! The server side of the policy control protocol (`bulkhead_policy::control`): status,
-//! apply (validate-then-swap, compare-and-swap on the tree hash) and the audit log; the
-//! control socket's clients (peer uid 0 or the hub's own) and what an apply leaves behind
-//! (connections the new generation no longer allows).
+//! apply (validate-then-swap, compare-and-swap on the tree hash), the audit log and the
+//! running generation's files (what `policyctl` diffs against); the control socket's
+//! clients (peer uid 0 or the hub's own) and what an apply leaves behind (connections the
+//! new generation no longer allows).
 
-use bulkhead_policy::control::{decode_request, ApplyResult, Request, Response};
+use bulkhead_policy::control::{decode_request, ApplyResult, Request, Response, MAX_MESSAGE};
 
 use std::os::fd::AsRawFd;
 
@@ -14,8 +15,9 @@ use crate::hub::audit::Entry;
 use crate::hub::protocol::ConnId;
 use crate::hub::{Hub, MAX_CONTROL_CLIENTS};
 
-/// Decodes and answers one request.
-pub fn handle(hub: &mut Hub, bytes: &[u8]) -> Response {
+/// Decodes and answers one request. `from_root`: the client is uid 0; anyone else the hub
+/// admitted (its own uid) may read the status and the audit log but never apply a policy.
+pub fn handle(hub: &mut Hub, bytes: &[u8], from_root: bool) -> Response {
     let req = match decode_request(bytes) {
         Ok(r) => r,
         Err(e) => {
@@ -27,6 +29,31 @@ pub fn handle(hub: &mut Hub, bytes: &[u8]) -> Response {
     match req {
         Request::Status => Response::Status(hub.store.status()),
         Request::Log(filter) => Response::Log(hub.audit.query(&filter)),
+        Request::Apply { .. } if !from_root => {
+            log::warn!("control socket: apply refused: the client is not root");
+            Response::Error {
+                message: "permission denied: only root may apply a policy".into(),
+            }
+        }
+        Request::Tree => {
+            let tree = hub.store.running_tree();
+            let size: usize = tree
+                .files
+                .iter()
+                .map(|f| f.name.len() + f.bytes.len())
+                .sum();
+            // Leave room for the framing; a bigger tree cannot travel in one message.
+            if size > MAX_MESSAGE - 4096 {
+                Response::Error {
+                    message: format!(
+                        "the running tree is {size} bytes, more than one control message \
+                         carries; compare with a directory instead (--from DIR)"
+                    ),
+                }
+            } else {
+                Response::Tree(tree)
+            }
+        }
         Request::Apply {
             tree_hash,
             root,
@@ -113,7 +140,9 @@ impl Hub {
                 match ch.try_recv_frame() {
                     Ok(raw) => {
                         drop(raw.fds);
-                        let resp = self.control_request(&raw.bytes);
+                        // SO_PEERCRED was recorded at connect: only root may apply.
+                        let from_root = ch.peer_credentials().is_ok_and(|c| c.uid == 0);
+                        let resp = self.control_request(&raw.bytes, from_root);
                         if !send_control(&ch, &resp) {
                             break false;
                         }
@@ -189,9 +218,14 @@ impl Hub {
         out
     }
 
-    /// Answers one control request (bytes are untrusted).
-    pub fn control_request(&mut self, bytes: &[u8]) -> bulkhead_policy::control::Response {
-        handle(self, bytes)
+    /// Answers one control request (bytes are untrusted). `from_root`: the client is uid 0
+    /// (the only one allowed to apply a policy).
+    pub fn control_request(
+        &mut self,
+        bytes: &[u8],
+        from_root: bool,
+    ) -> bulkhead_policy::control::Response {
+        handle(self, bytes, from_root)
     }
 }
 

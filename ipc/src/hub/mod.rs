@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod registry;
 pub mod reload;
 pub mod router;
+pub mod seccomp;
 
 pub mod budget;
 

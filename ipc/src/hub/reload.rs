@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bulkhead_policy::control::{RejectedApply, StatusInfo};
+use bulkhead_policy::control::{RejectedApply, RunningTree, StatusInfo, TreeFile};
 use bulkhead_policy::{Policy, PolicyTree, RootDir, ValidateOptions};
 
 /// One validated policy with its number.
@@ -21,6 +21,8 @@ pub struct Generation {
     pub number: u64,
     /// The policy.
     pub policy: Policy,
+    /// The files it was compiled from (for `policyctl` to diff against what runs).
+    pub files: Vec<TreeFile>,
 }
 
 /// The running generation and how to load new ones.
@@ -43,11 +45,24 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A loaded and validated tree: the policy, its hash, its files.
+type Loaded = (Policy, String, Vec<TreeFile>);
+
 /// Loads and validates a tree; the error is every diagnostic, one per line.
-pub fn load_tree(roots: &[RootDir], opts: &ValidateOptions) -> Result<(Policy, String), String> {
+pub fn load_tree(roots: &[RootDir], opts: &ValidateOptions) -> Result<Loaded, String> {
     let tree = PolicyTree::load(roots);
     match tree.compile(opts) {
-        Ok(c) => Ok((c.policy, tree.hash)),
+        Ok(c) => {
+            let files = tree
+                .files
+                .into_iter()
+                .map(|f| TreeFile {
+                    name: f.name,
+                    bytes: f.bytes,
+                })
+                .collect();
+            Ok((c.policy, tree.hash, files))
+        }
         Err(diags) => Err(diags
             .0
             .iter()
@@ -62,11 +77,19 @@ impl PolicyStore {
     /// the reason (the caller reports it loudly); the hub still starts, fail-closed.
     pub fn boot(roots: Vec<RootDir>, opts: ValidateOptions) -> (PolicyStore, Option<String>) {
         let (gen, err) = match load_tree(&roots, &opts) {
-            Ok((policy, _)) => (Generation { number: 1, policy }, None),
+            Ok((policy, _, files)) => (
+                Generation {
+                    number: 1,
+                    policy,
+                    files,
+                },
+                None,
+            ),
             Err(e) => (
                 Generation {
                     number: 0,
                     policy: Policy::deny_all(),
+                    files: Vec::new(),
                 },
                 Some(e),
             ),
@@ -107,16 +130,16 @@ impl PolicyStore {
         } else {
             RootDir::staging(root)
         };
-        let result = load_tree(&roots, &self.opts).and_then(|(policy, hash)| {
+        let result = load_tree(&roots, &self.opts).and_then(|(policy, hash, files)| {
             if hash != tree_hash {
                 return Err(format!(
                     "the tree at {} hashes to {hash}, not {tree_hash} (changed since it was validated)",
                     root.display()
                 ));
             }
-            Ok(policy)
+            Ok((policy, files))
         });
-        let policy = match result {
+        let (policy, files) = match result {
             Ok(p) => p,
             Err(reason) => return Err(self.reject(tree_hash, reason)),
         };
@@ -134,6 +157,7 @@ impl PolicyStore {
         let next = Arc::new(Generation {
             number: cur.number.saturating_add(1),
             policy,
+            files,
         });
         *cur = Arc::clone(&next);
         Ok(next)
@@ -156,6 +180,16 @@ impl PolicyStore {
             tree_hash: cur.policy.tree_hash().to_string(),
             files: cur.policy.files().to_vec(),
             last_rejected: lock(&self.last_rejected).clone(),
+        }
+    }
+
+    /// The running generation's files (`policyctl`'s diff base).
+    pub fn running_tree(&self) -> RunningTree {
+        let cur = self.current();
+        RunningTree {
+            generation: cur.number,
+            tree_hash: cur.policy.tree_hash().to_string(),
+            files: cur.files.clone(),
         }
     }
 

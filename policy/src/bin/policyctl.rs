@@ -92,28 +92,30 @@ enum Cmd {
     Explain(CheckArgs),
     /// Semantic diff per VM (+ added, - removed, ~ changed), not a text diff.
     Diff {
-        /// The old tree: a directory (default: the installed tree).
-        #[arg(long, value_name = "DIR")]
+        /// The old tree: a directory, or `running` for the hub's running generation
+        /// (default: the installed tree).
+        #[arg(long, value_name = "DIR|running")]
         from: Option<PathBuf>,
         /// The new tree: a directory (default: --root or the installed tree).
         #[arg(long, value_name = "DIR")]
         to: Option<PathBuf>,
     },
-    /// Validate, show the diff, then ask the hub to swap generations atomically. Lists live
-    /// capabilities the new policy no longer allows.
+    /// Validate, show the diff from the hub's running generation, then ask the hub to swap
+    /// generations atomically. Lists live capabilities the new policy no longer allows.
     Apply {
-        /// Validate and diff only; contact nothing.
+        /// Validate and show the diff only; apply nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Refuse unless the current tree hashes to this (compare-and-swap; checked here
-        /// first, then by the hub against its running generation).
+        /// Refuse unless the hub's running generation hashes to this (compare-and-swap:
+        /// checked here first, then by the hub at the swap). `policyctl status` prints it.
         #[arg(long, value_name = "sha256:HEX")]
         if_match: Option<String>,
         /// Tear down live capabilities the new policy no longer allows.
         #[arg(long)]
         revoke_live: bool,
-        /// The current tree to diff against (default: the installed tree).
-        #[arg(long, value_name = "DIR")]
+        /// Diff from this directory instead of the hub's running generation (`running`,
+        /// the default); with --dry-run and no --if-match, no hub is needed.
+        #[arg(long, value_name = "DIR|running")]
         from: Option<PathBuf>,
     },
     /// visudo-like: edit a copy of FILE in $EDITOR, validate the tree with it, then

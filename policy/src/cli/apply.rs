@@ -1,19 +1,91 @@
-//! `policyctl apply`: validate, show the diff, then ask the hub to swap generations
-//! atomically (compare-and-swap with `--if-match`).
+//! `policyctl apply`: validate, show the diff from what the hub runs (or `--from DIR`),
+//! then ask the hub to swap generations atomically (compare-and-swap with `--if-match`,
+//! which names the running generation's hash).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::hub::{hub_request, hub_unexpected};
+use super::hub::{hub_request, hub_unexpected, is_running, running};
 use super::{print_diags, print_json, Ctx, FAIL, OK, USAGE};
 use crate::control::{Request, Response};
-use crate::{diff, Policy, PolicyTree, RootDir};
+use crate::diff::{self, Change};
+use crate::{Policy, PolicyTree, RootDir};
 
 fn valid_hash(h: &str) -> bool {
     h.strip_prefix("sha256:").is_some_and(|x| {
         x.len() == 64
             && x.chars()
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    })
+}
+
+/// What `apply` is about to do: the new tree (validated), what it is compared with, and
+/// the semantic diff between them.
+pub struct Plan {
+    /// The new tree's hash.
+    pub tree_hash: String,
+    /// Its files.
+    pub files: usize,
+    /// Its primary directory (what the hub is asked to load).
+    pub root: Option<PathBuf>,
+    /// What it is compared with: `running generation N (sha256:…)` or a directory.
+    pub base: String,
+    /// From the base to the new tree.
+    pub changes: Vec<Change>,
+}
+
+/// Validates the new tree and computes the diff from the hub's running generation (or
+/// `from`); with `if_match`, refuses unless the running generation hashes to it. Errors
+/// and refusals are printed; the error is the exit code.
+pub fn plan(cx: &Ctx, if_match: Option<&str>, from: Option<&Path>) -> Result<Plan, u8> {
+    if let Some(h) = if_match {
+        if !valid_hash(h) {
+            eprintln!("error: --if-match takes sha256:<64 lowercase hex digits>, as printed by `policyctl status`");
+            return Err(USAGE);
+        }
+    }
+    let roots = cx.roots(None);
+    let (tree, new) = cx.load_overrides(&roots, &HashMap::new(), true)?;
+    print_diags(cx, &new.warnings);
+    // What the new tree is compared with: --from DIR, or what the hub runs. --if-match is
+    // always about what the hub runs.
+    let from = from.filter(|d| !is_running(Some(d)));
+    let running = if from.is_none() || if_match.is_some() {
+        Some(running(cx)?)
+    } else {
+        None
+    };
+    // Compare-and-swap, first step: refuse a stale hash before sending the apply (the hub
+    // checks it again at the swap, against the generation running then).
+    if let (Some(h), Some(r)) = (if_match, &running) {
+        if h != r.tree_hash {
+            if cx.json {
+                print_json(
+                    &serde_json::json!({"status": "refused", "reason": "stale --if-match", "running": r.tree_hash, "generation": r.generation, "if_match": h}),
+                );
+            } else {
+                eprintln!("error: refused: stale --if-match: the hub runs generation {} ({}), not {h}; review `policyctl apply --dry-run` and retry with that hash", r.generation, r.tree_hash);
+            }
+            return Err(FAIL);
+        }
+    }
+    let (base, old) = match (from, running) {
+        (Some(d), _) => {
+            let old = PolicyTree::load(&RootDir::staging(d))
+                .compile(&cx.opts)
+                .map(|c| c.policy)
+                .unwrap_or_else(|_| Policy::deny_all());
+            (d.display().to_string(), old)
+        }
+        (None, Some(r)) => (r.describe(), r.policy),
+        (None, None) => return Err(FAIL),
+    };
+    Ok(Plan {
+        changes: diff::diff(&old, &new.policy),
+        tree_hash: tree.hash.clone(),
+        files: tree.files.len(),
+        root: tree.primary_root().map(Path::to_path_buf),
+        base,
     })
 }
 
@@ -25,42 +97,19 @@ pub fn run(
     revoke_live: bool,
     from: Option<&Path>,
 ) -> u8 {
-    if let Some(h) = if_match {
-        if !valid_hash(h) {
-            eprintln!("error: --if-match takes sha256:<64 lowercase hex digits>, as printed by `policyctl validate` or `status`");
-            return USAGE;
-        }
-    }
-    let roots = cx.roots(None);
-    let (tree, new) = match cx.load_overrides(&roots, &HashMap::new(), true) {
-        Ok(x) => x,
+    let Plan {
+        tree_hash,
+        files,
+        root,
+        base,
+        changes,
+    } = match plan(cx, if_match, from) {
+        Ok(p) => p,
         Err(c) => return c,
     };
-    print_diags(cx, &new.warnings);
-    let from_roots = match from {
-        Some(d) => RootDir::staging(d),
-        None => RootDir::defaults(),
-    };
-    let from_tree = PolicyTree::load(&from_roots);
-    // Compare-and-swap, first step: refuse a stale hash before contacting anything.
-    if let Some(h) = if_match {
-        if h != from_tree.hash {
-            if cx.json {
-                print_json(
-                    &serde_json::json!({"status": "refused", "reason": "stale --if-match", "current": from_tree.hash, "if_match": h}),
-                );
-            } else {
-                eprintln!("error: refused: stale --if-match: the current tree is {}, not {h}; review `policyctl diff` and retry with the current hash", from_tree.hash);
-            }
-            return FAIL;
-        }
-    }
-    let changes = match from_tree.compile(&cx.opts) {
-        Ok(old) => diff::diff(&old.policy, &new.policy),
-        Err(_) => diff::diff(&Policy::deny_all(), &new.policy),
-    };
     if !cx.json {
-        println!("new tree {} ({} files)", tree.hash, tree.files.len());
+        println!("from {base}");
+        println!("to   new tree {tree_hash} ({files} files)");
         for c in &changes {
             println!("{c}");
         }
@@ -68,18 +117,18 @@ pub fn run(
     if dry_run {
         if cx.json {
             print_json(
-                &serde_json::json!({"status": "dry-run", "tree_hash": tree.hash, "changes": changes}),
+                &serde_json::json!({"status": "dry-run", "from": base, "tree_hash": tree_hash, "changes": changes}),
             );
         } else {
             println!("dry run: nothing applied");
         }
         return OK;
     }
-    let Some(root) = tree.primary_root().map(Path::to_path_buf) else {
+    let Some(root) = root else {
         return FAIL;
     };
     let req = Request::Apply {
-        tree_hash: tree.hash.clone(),
+        tree_hash,
         root,
         if_match: if_match.map(String::from),
         revoke_live,

@@ -1,9 +1,10 @@
 //! `policyctl check` / `explain`: ALLOW or DENY with the rules that decided it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::ValueEnum;
 
+use super::hub::{is_running, running};
 use super::{load_current, print_json, Ctx, FAIL, OK, USAGE};
 use crate::explain::{
     explain_connect, explain_device, explain_provide, Explanation, TransferQuery,
@@ -29,8 +30,9 @@ pub struct CheckArgs {
     /// Number of fds in the message.
     #[arg(long, default_value_t = 1)]
     count: u32,
-    /// Evaluate against this tree instead of --root / the installed tree.
-    #[arg(long, value_name = "DIR")]
+    /// Evaluate against this tree (a directory, or `running` for the hub's running
+    /// generation) instead of --root / the installed tree.
+    #[arg(long, value_name = "DIR|running")]
     against: Option<PathBuf>,
 }
 
@@ -73,11 +75,11 @@ fn print_explanation(cx: &Ctx, ex: &Explanation) {
 
 /// Runs `check` (and `explain`).
 pub fn run(cx: &Ctx, a: &CheckArgs) -> u8 {
-    if a.against.as_deref() == Some(Path::new("running")) {
-        eprintln!("error: --against running needs a check request in the hub's control protocol, which it does not have yet; use --against DIR");
-        return USAGE;
-    }
-    let p = match load_current(cx, a.against.as_deref()) {
+    let p = match a.against.as_deref() {
+        d if is_running(d) => running(cx).map(|r| r.policy),
+        d => load_current(cx, d),
+    };
+    let p = match p {
         Ok(p) => p,
         Err(c) => return c,
     };

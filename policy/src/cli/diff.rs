@@ -2,16 +2,14 @@
 
 use std::path::Path;
 
-use super::{load_current, print_json, Ctx, FAIL, OK, USAGE};
+use super::hub::{is_running, running};
+use super::{load_current, print_json, Ctx, FAIL, OK};
 use crate::{diff, RootDir};
 
 /// Runs `diff`.
 pub fn run(cx: &Ctx, from: Option<&Path>, to: Option<&Path>) -> u8 {
-    if from == Some(Path::new("running")) {
-        eprintln!("error: --from running needs the hub to export its tree, which it does not yet; use --from DIR");
-        return USAGE;
-    }
     let old = match from {
+        Some(_) if is_running(from) => running(cx).map(|r| r.policy),
         Some(d) => load_current(cx, Some(d)),
         None => cx.load(&RootDir::defaults()).map(|(_, c)| c.policy),
     };

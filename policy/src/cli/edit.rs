@@ -28,7 +28,17 @@ pub fn run(cx: &Ctx, file: &str) -> u8 {
         return USAGE;
     };
     let target = root.path.join(file);
-    let original = std::fs::read(&target).unwrap_or_default();
+    // What the file holds now (None: it does not exist); the write is refused if that
+    // changes before it.
+    let read_at_start = match std::fs::read(&target) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", target.display());
+            return FAIL;
+        }
+    };
+    let original = read_at_start.clone().unwrap_or_default();
     let old = match cx.load(&roots) {
         Ok((_, c)) => c.policy,
         Err(code) => return code,
@@ -48,6 +58,7 @@ pub fn run(cx: &Ctx, file: &str) -> u8 {
     let editor = std::env::var("VISUAL")
         .or_else(|_| std::env::var("EDITOR"))
         .unwrap_or_else(|_| "vi".into());
+    let mut keep_scratch = false;
     let code = loop {
         let status = std::process::Command::new("sh")
             .arg("-c")
@@ -82,9 +93,24 @@ pub fn run(cx: &Ctx, file: &str) -> u8 {
                 match prompt("(e)dit again / (d)iscard / (w)rite / (a)pply?").as_str() {
                     "e" => continue,
                     w @ ("w" | "a") => {
-                        if let Err(e) = edit::atomic_write(&target, &edited) {
-                            eprintln!("error: {e}");
-                            break FAIL;
+                        match edit::replace_if_unchanged(
+                            &roots,
+                            &target,
+                            read_at_start.as_deref(),
+                            &edited,
+                            &copy,
+                            &cx.opts,
+                        ) {
+                            Ok(_) => {}
+                            Err(e @ edit::EditError::Changed { .. }) => {
+                                eprintln!("error: {e}");
+                                keep_scratch = true;
+                                break FAIL;
+                            }
+                            Err(e) => {
+                                eprintln!("error: {e}");
+                                break FAIL;
+                            }
                         }
                         println!("wrote {}", target.display());
                         if w == "a" {
@@ -100,7 +126,9 @@ pub fn run(cx: &Ctx, file: &str) -> u8 {
             }
         }
     };
-    let _ = std::fs::remove_dir_all(&scratch);
+    if !keep_scratch {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     code
 }
 

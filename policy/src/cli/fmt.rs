@@ -6,6 +6,18 @@ use crate::{edit, fmt as pfmt, PolicyTree};
 /// Runs `fmt`.
 pub fn run(cx: &Ctx, check: bool) -> u8 {
     let roots = cx.roots(None);
+    // Rewrites hold the directory's lock from the read to the last write, so a grant
+    // running at the same moment is neither lost nor reformatted away.
+    let _lock = match roots.first() {
+        Some(r) if !check && r.path.is_dir() => match edit::TreeLock::acquire(&r.path) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return FAIL;
+            }
+        },
+        _ => None,
+    };
     let tree = PolicyTree::load(&roots);
     let mut code = OK;
     let mut changed = Vec::new();

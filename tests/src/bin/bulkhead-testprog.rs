@@ -4,8 +4,12 @@
 
 use std::process::ExitCode;
 
+#[path = "testprog/console.rs"]
+mod testprog_console;
 #[path = "testprog/hub.rs"]
 mod testprog_hub;
+#[path = "testprog/jail.rs"]
+mod testprog_jail;
 #[path = "testprog/wl.rs"]
 mod testprog_wl;
 #[path = "testprog/wl_faux.rs"]
@@ -41,6 +45,7 @@ fn report(r: Result<String, String>) -> ExitCode {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: bulkhead-testprog crash [CODE] | ignore-term | sleep SECS | exit CODE | \
+         stop-console SERVICE COUNT | \
          check-kvm | check-vfio BDF | vm-check | wl-guest | wl-peer PATH | \
          wl-faux-server | wl-faux-client | wl-faux-relay LISTEN SVC CTL | hub-guest | hub-audit PATH VM | run-after MS PROGRAM [ARGS...] | \
          run-when FILE NEEDLE PROGRAM [ARGS...]"
@@ -75,10 +80,19 @@ fn check_kvm() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Inside a VM: how many CPUs, bytes from the virtio-rng, and a marker written to the
+/// Says which kernel runs this program (`kernel <release>`).
+fn say_kernel() {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    say(&format!("kernel {release}"));
+}
+
+/// Inside a VM: which kernel, how many CPUs, bytes from the virtio-rng, and a marker written to the
 /// virtio-blk disk (`/dev/vda`) that the outside reads back after the VM has ended.
 fn vm_check() -> ExitCode {
     use std::io::{Read, Seek, SeekFrom, Write};
+    say_kernel();
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     say(&format!("cpus online {}", cpus.trim()));
     let mut rng = [0u8; 16];
@@ -197,9 +211,16 @@ fn main() -> ExitCode {
             say(&format!("exiting with {code}"));
             ExitCode::from(code)
         }
+        "stop-console" => match (args.get(1), args.get(2).and_then(|n| n.parse().ok())) {
+            (Some(service), Some(more)) => testprog_console::stop_console(service, more),
+            _ => usage(),
+        },
         "check-kvm" => check_kvm(),
         "vm-check" => vm_check(),
-        "wl-guest" => report(testprog_wl::guest()),
+        "wl-guest" => {
+            say_kernel();
+            report(testprog_wl::guest())
+        }
         "wl-peer" => match args.get(1) {
             Some(path) => report(testprog_wl::peer(path)),
             None => usage(),
@@ -221,6 +242,8 @@ fn main() -> ExitCode {
             Some(bdf) => check_vfio(bdf),
             None => usage(),
         },
+        "jail-check" => report(testprog_jail::check(&args[1..])),
+        "escape-probe" => report(testprog_jail::probe()),
         "run-after" => {
             let (Some(ms), Some(prog)) = (args.get(1).and_then(|m| m.parse().ok()), args.get(2))
             else {

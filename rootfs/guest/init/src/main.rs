@@ -143,7 +143,7 @@ enum StopReason {
 }
 
 /// Runs until every program has ended (after a stop request, until the grace time is up).
-fn run(programs: &mut Programs, sfd: &SignalFd, buttons: &mut [PowerButton], grace: Duration) {
+fn run(programs: &mut Programs, sfd: &SignalFd, buttons: &mut Vec<PowerButton>, grace: Duration) {
     let mut kill_at: Option<Instant> = None;
     // When the last program has ended but something it started still holds its output
     // open, the output gets a moment more and is then let go.
@@ -197,10 +197,9 @@ fn run(programs: &mut Programs, sfd: &SignalFd, buttons: &mut [PowerButton], gra
                 }
             }
         }
-        for (b, ready) in buttons.iter_mut().zip(&button_ready) {
-            if *ready && b.pressed() {
-                stop = stop.or(Some(StopReason::PowerButton(b.path.clone())));
-            }
+        // A button that went away leaves the watch list (it would poll ready forever).
+        if let Some(path) = input::check_ready(buttons, &button_ready) {
+            stop = stop.or(Some(StopReason::PowerButton(path)));
         }
         if pipe_ready.iter().any(|r| *r) {
             programs.drain(&pipe_ready);

@@ -97,6 +97,7 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
                 let Activation {
                     mem,
                     mut queues,

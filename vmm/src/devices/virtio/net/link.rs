@@ -268,7 +268,12 @@ impl LinkThread {
         let stop_t = stop.try_clone()?;
         let thread = std::thread::Builder::new()
             .name("virtio-net-link".into())
-            .spawn(move || run(&shared, hub.as_mut(), &stop_t))?;
+            .spawn(move || {
+                // Started by main before main's own filter: a worker's filter first (its
+                // calls: the hub channel and connection, poll, eventfds, the ring's mmap).
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
+                run(&shared, hub.as_mut(), &stop_t)
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),

@@ -59,6 +59,8 @@ impl NetWorker {
         let thread = std::thread::Builder::new()
             .name("virtio-net".into())
             .spawn(move || {
+                // Started by a vCPU (the guest's DRIVER_OK): the worker filter first.
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
                 let _stop = stop_t; // registered in `epoll`: kept open while it runs
                 run(&shared, activation, &epoll)
             })?;

@@ -127,7 +127,10 @@ impl WlWorker {
         let stop_thread = stop.try_clone()?;
         let thread = std::thread::Builder::new()
             .name("virtio-wl".into())
-            .spawn(move || run(&state, activation, &stop_thread))?;
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
+                run(&state, activation, &stop_thread)
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),
