@@ -376,3 +376,95 @@ fn app_vms_reach_the_peer_through_the_bridge_and_not_each_other() {
     b.send(&b.ping(peer_mac, b.mac, 0x3333));
     b.wait_for("B's echo reply after A left", |f| is_echo_reply(f, 0x3333));
 }
+
+/// One app VM floods netd with frames it must drop or that go nowhere (another VM's source
+/// address, headers the kernel refuses, runts, broadcasts of junk) while another app VM
+/// pings the peer: every one of the other's pings is answered, and netd's counters show the
+/// flood was seen and dropped.
+#[test]
+fn a_flood_of_malformed_frames_from_one_app_vm_does_not_stop_another() {
+    let mut netd = Netd::start();
+    let mut a = App::connect(&netd, 20);
+    let mut b = App::connect(&netd, 21);
+    netd.expect("netd: unix-2 (52:54:00:00:00:15) joined");
+    let req = b.arp_request(PEER_IP);
+    let reply = b.ask(&req, "B's ARP reply", is_arp_reply_from_peer);
+    let peer_mac: [u8; 6] = reply[22..28].try_into().unwrap();
+
+    // A's flood runs on its own thread, as fast as its ring takes it.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let sent = std::sync::Arc::new(AtomicU64::new(0));
+    let flooder = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let spoofed = a.ping(peer_mac, b.mac, 0x0bad);
+        let mut bad_hdr = [0u8; HDR];
+        bad_hdr[1] = 0x42; // no such GSO type
+        let mut junk = vec![0xffu8; 6];
+        junk.extend_from_slice(&a.mac);
+        junk.extend_from_slice(&[0x88, 0xb5]);
+        junk.resize(1500, 0xa5);
+        let runt = [0u8; 10];
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let frames: [(&[u8], [u8; HDR]); 4] = [
+                    (&spoofed, [0; HDR]),
+                    (&junk, bad_hdr),
+                    (&runt, [0; HDR]),
+                    (&junk, [0; HDR]),
+                ];
+                for (f, h) in frames {
+                    let rec = [h.to_vec(), f.to_vec()].concat();
+                    if a.tx.push(&rec).unwrap() {
+                        sent.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        std::thread::yield_now();
+                    }
+                    if a.tx.kick_needed().unwrap() {
+                        let _ = a.conn.kick();
+                    }
+                }
+                while let Some(r) = a.rx.peek().unwrap() {
+                    a.rx.pop(r).unwrap();
+                }
+                if a.rx.space_kick_needed().unwrap() {
+                    let _ = a.conn.kick();
+                }
+            }
+            a
+        })
+    };
+    // B pings all along; every ping is answered.
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut pings = 0u16;
+    while pings < 30 || sent.load(Ordering::SeqCst) < 20_000 {
+        assert!(
+            Instant::now() < end,
+            "the flood did not reach 20 000 frames in time"
+        );
+        let id = 0x4000 + pings;
+        b.send(&b.ping(peer_mac, b.mac, id));
+        b.wait_for("B's echo reply during the flood", |f| is_echo_reply(f, id));
+        pings += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let a = flooder.join().unwrap();
+    drop(a);
+    // netd saw the flood and dropped what it had to.
+    let bye = netd.expect("netd: unix-1 gone (hung up)");
+    let count = |what: &str| -> u64 {
+        bye.split(|c| c == ',' || c == ';')
+            .map(str::trim)
+            .find(|p| p.ends_with(what))
+            .and_then(|p| p.split(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count(" spoofed") > 2_000 && count(" refused") > 2_000,
+        "{bye}"
+    );
+    println!(
+        "B: {pings} pings answered during a flood of {} frames",
+        sent.load(Ordering::SeqCst)
+    );
+}
