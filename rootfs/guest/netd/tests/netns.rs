@@ -453,7 +453,7 @@ fn a_flood_of_malformed_frames_from_one_app_vm_does_not_stop_another() {
     // netd saw the flood and dropped what it had to.
     let bye = netd.expect("netd: unix-1 gone (hung up)");
     let count = |what: &str| -> u64 {
-        bye.split(|c| c == ',' || c == ';')
+        bye.split([',', ';'])
             .map(str::trim)
             .find(|p| p.ends_with(what))
             .and_then(|p| p.split(' ').next()?.parse().ok())
