@@ -161,6 +161,8 @@ pub struct BootOptions {
     pub restarts_allowed: Vec<String>,
     /// Kernels other than the systems' own choices (default: theirs).
     pub kernels: KernelOverrides,
+    /// Two NICs on a closed QEMU hub (`QemuConfig::net_hub`): the net VM's and a peer's.
+    pub net_hub: bool,
 }
 
 /// One restart init made: the service and how its run before ended
@@ -223,6 +225,7 @@ impl Host {
         let append = format!("{HOST_CMDLINE} {}", opts.append);
         let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, append.trim());
         cfg.qmp = Some(dir.join("qmp.sock"));
+        cfg.net_hub = opts.net_hub;
         if let Some(disk) = &opts.disk {
             cfg.extra.extend([
                 "-drive".to_string(),
