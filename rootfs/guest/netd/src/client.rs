@@ -214,9 +214,12 @@ impl Client {
                 break;
             }
             let len = rec.len();
-            let frame = self.buf.get_mut(..len).unwrap_or_default();
+            let Some(frame) = self.buf.get_mut(..len) else {
+                // The ring bounds records by MAX_PAYLOAD, the buffer's size.
+                return Err(Gone::Broken(format!("a {len}-byte record")));
+            };
             // SAFETY: the record is `len` bytes inside the mapping (checked by the ring);
-            // `frame` is ours.
+            // `frame` is ours and exactly `len` bytes long.
             unsafe { std::ptr::copy_nonoverlapping(rec.ptr(), frame.as_mut_ptr(), len) };
             r.tx.pop(rec).map_err(broken)?;
             n += 1;
