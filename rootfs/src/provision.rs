@@ -25,7 +25,16 @@ pub const BUILD_TOOLS: &[&str] = &["make", "gcc", "dwarves"];
 /// Debian packages only the tests need, installed by the `provision` command (not by `boot`
 /// or the benches): the Wayland proxies' tests run real weston and stock clients
 /// (`rootfs/guest/wayland/tests`); Xvfb gives weston a seat for keymaps and the clipboard.
-pub const TEST_PACKAGES: &[&str] = &["weston", "wl-clipboard", "wayland-utils", "xvfb"];
+/// bulkhead-netd's test runs it in network namespaces of its own (`unshare`, util-linux)
+/// with a bridge and veth pairs made by iproute2 (`rootfs/guest/netd/tests`).
+pub const TEST_PACKAGES: &[&str] = &[
+    "weston",
+    "wl-clipboard",
+    "wayland-utils",
+    "xvfb",
+    "iproute2",
+    "util-linux",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {

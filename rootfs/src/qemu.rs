@@ -28,6 +28,11 @@ pub const KERNEL_PANIC: &str = "Kernel panic";
 /// How many console lines are kept for diagnostics.
 const KEEP_LINES: usize = 400;
 
+/// With `QemuConfig::net_hub`: the net VM's NIC (1af4:1041, alone behind a root port).
+pub const NETVM_NIC: &str = "0000:02:00.0";
+/// With `QemuConfig::net_hub`: the test peer's NIC, on the same QEMU hub.
+pub const PEER_NIC: &str = "0000:00:12.0";
+
 /// The lock file that makes machines on one build machine run one at a time
 /// (`BULKHEAD_QEMU_LOCK` overrides the path).
 pub const DEFAULT_LOCK_FILE: &str = "/tmp/bulkhead-qemu.lock";
@@ -180,6 +185,11 @@ pub struct QemuConfig {
     /// q35 with `intel-iommu`, one `edu` device (00:03.0) and a `virtio-rng-pci` behind a
     /// PCIe root port (01:00.0: MSI-X, FLR).
     pub iommu_and_edu: bool,
+    /// Two NICs on one QEMU network hub with nothing else on it, so no packet leaves the
+    /// QEMU process: a `virtio-net-pci` alone behind a PCIe root port ([`NETVM_NIC`]: its
+    /// own IOMMU group, for a net VM by VFIO) and one on the root bus ([`PEER_NIC`], for a
+    /// test peer in its own network namespace). Only with `iommu_and_edu` (q35, the IOMMU).
+    pub net_hub: bool,
     /// A second serial port (the guest's ttyS1) written to this file.
     pub second_serial: Option<PathBuf>,
     /// A QMP socket.
@@ -205,6 +215,7 @@ impl QemuConfig {
             memory_mib: 2048,
             smp: 2,
             iommu_and_edu: true,
+            net_hub: false,
             second_serial: None,
             qmp: None,
             disks: Vec::new(),
@@ -241,6 +252,24 @@ impl QemuConfig {
                     "pcie-root-port,id=rp1,chassis=1,addr=10.0",
                     "-device",
                     "virtio-rng-pci,bus=rp1,addr=00.0,iommu_platform=on",
+                ]
+                .map(String::from),
+            );
+        }
+        if self.iommu_and_edu && self.net_hub {
+            a.extend(
+                [
+                    "-device",
+                    "pcie-root-port,id=rp2,chassis=2,addr=11.0",
+                    "-netdev",
+                    "hubport,id=netvm-nic,hubid=0",
+                    "-device",
+                    // iommu_platform=on: its DMA goes through intel-iommu (a VM's IOVAs).
+                    "virtio-net-pci,netdev=netvm-nic,bus=rp2,addr=00.0,iommu_platform=on,mac=52:54:00:b0:00:01",
+                    "-netdev",
+                    "hubport,id=peer-nic,hubid=0",
+                    "-device",
+                    "virtio-net-pci,netdev=peer-nic,addr=12.0,mac=52:54:00:b0:00:02",
                 ]
                 .map(String::from),
             );
@@ -862,6 +891,33 @@ mod tests {
         ] {
             assert!(line.contains(want), "{want:?} missing from {line}");
         }
+    }
+
+    #[test]
+    fn the_net_hub_adds_two_nics_on_one_closed_hub_and_only_when_asked() {
+        let mut c = QemuConfig::host(Path::new("/k"), Path::new("/i"), "quiet");
+        let plain = c.command_line();
+        assert!(!plain.contains("virtio-net-pci") && !plain.contains("-netdev"));
+        assert!(plain.contains("-nic none"), "no default NIC");
+        c.net_hub = true;
+        let line = c.command_line();
+        for want in [
+            "-device pcie-root-port,id=rp2,chassis=2,addr=11.0",
+            "-netdev hubport,id=netvm-nic,hubid=0",
+            "virtio-net-pci,netdev=netvm-nic,bus=rp2,addr=00.0,iommu_platform=on",
+            "-netdev hubport,id=peer-nic,hubid=0",
+            "virtio-net-pci,netdev=peer-nic,addr=12.0",
+            "-nic none",
+        ] {
+            assert!(line.contains(want), "{want:?} missing from {line}");
+        }
+        // Nothing but the two hub ports: no user, tap, socket or bridge backend.
+        for backend in [
+            "user", "tap,", "socket", "stream", "dgram", "bridge", "vde", "l2tpv3",
+        ] {
+            assert!(!line.contains(&format!("-netdev {backend}")), "{line}");
+        }
+        assert_eq!(line.matches("-netdev ").count(), 2);
     }
 
     #[test]

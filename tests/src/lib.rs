@@ -179,6 +179,8 @@ pub struct BootOptions {
     pub restarts_allowed: Vec<String>,
     /// Kernels other than the systems' own choices (default: theirs).
     pub kernels: KernelOverrides,
+    /// Two NICs on a closed QEMU hub (`QemuConfig::net_hub`): the net VM's and a peer's.
+    pub net_hub: bool,
 }
 
 /// One restart init made: the service and how its run before ended
@@ -244,6 +246,7 @@ impl Host {
         cfg.disks = disks;
         let screens = dir.join("screens.bin");
         cfg.second_serial = Some(screens.clone());
+        cfg.net_hub = opts.net_hub;
         if let Some(disk) = &opts.disk {
             cfg.extra.extend([
                 "-drive".to_string(),

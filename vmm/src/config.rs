@@ -96,6 +96,15 @@ pub struct Cli {
     /// it: `listen:SVC` provides SVC, `SVC` / `SVC@VM` connect. Implies --wl.
     #[arg(long, env = "BULKHEAD_HUB_FD")]
     pub hub_fd: Option<RawFd>,
+    /// A virtio-net device whose backend is the hub service SERVICE@VM (the net VM's
+    /// `net@net-vm`): the VMM connects at start through the hub channel (--hub-fd) and again
+    /// whenever the connection closes; the guest sees the link up only while it is
+    /// connected. Needs --net-mac.
+    #[arg(long, value_parser = parse_net_service, requires_all = ["net_mac", "hub_fd"])]
+    pub net: Option<String>,
+    /// The virtio-net device's MAC address (52:54:00:12:34:56).
+    #[arg(long, value_parser = crate::devices::virtio::net::device::parse_mac, requires = "net")]
+    pub net_mac: Option<[u8; 6]>,
     /// Pass a host PCI function through (bound to vfio-pci), e.g. 0000:00:03.0. Repeatable.
     #[arg(long)]
     pub vfio: Vec<String>,
@@ -133,6 +142,11 @@ pub struct Cli {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
+}
+
+fn parse_net_service(s: &str) -> Result<String, String> {
+    crate::devices::virtio::net::hub::check_service(s)?;
+    Ok(s.to_string())
 }
 
 fn parse_seccomp(s: &str) -> Result<bulkhead_ipc::seccomp::SeccompMode, String> {
@@ -226,6 +240,8 @@ pub struct VmConfig {
     pub wl_limits: WlLimits,
     /// The hub's VM channel (inherited descriptor).
     pub hub_fd: Option<RawFd>,
+    /// virtio-net: its backend service (`net@net-vm`) and MAC.
+    pub net: Option<(String, [u8; 6])>,
     /// PCI functions to pass through (`--vfio`).
     pub vfio: Vec<String>,
     /// The VFIO container as an inherited descriptor.
@@ -288,6 +304,7 @@ impl From<Cli> for VmConfig {
             wl_sockets: c.wl_socket,
             wl_limits,
             hub_fd: c.hub_fd,
+            net: c.net.zip(c.net_mac),
             vfio: c.vfio,
             vfio_container_fd: c.vfio_container_fd,
             vfio_group_fds: c.vfio_group_fd,

@@ -10,6 +10,8 @@ use bulkhead_vmm::config::{Cli, FdTaker, Source, VmConfig};
 use bulkhead_vmm::control::ControlServer;
 use bulkhead_vmm::devices::legacy::serial::SerialOut;
 use bulkhead_vmm::devices::legacy::terminal::RawTerminal;
+use bulkhead_vmm::devices::virtio::net::device::Net;
+use bulkhead_vmm::devices::virtio::net::hub::WlHub;
 use bulkhead_vmm::devices::virtio::rng::device::Rng;
 use bulkhead_vmm::devices::virtio::wl::device::Wl;
 use bulkhead_vmm::devices::virtio::wl::hub::HubLink;
@@ -138,8 +140,19 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
             log::info!("bulkhead-vmm: virtio-wl: hub channel ready (Hello sent)");
             wl.set_hub(link);
         }
+        let wl_state = wl.state().clone();
         vm.add_virtio_device(Box::new(wl))
             .map_err(|e| e.to_string())?;
+        if let Some((service, mac)) = &cfg.net {
+            if cfg.hub_fd.is_none() {
+                return Err(format!("--net {service}: needs the hub channel (--hub-fd)"));
+            }
+            let mut net = Net::new(*mac, service).map_err(|e| format!("virtio-net: {e}"))?;
+            net.start_link(Box::new(WlHub(wl_state)))
+                .map_err(|e| format!("virtio-net: {e}"))?;
+            vm.add_virtio_device(Box::new(net))
+                .map_err(|e| e.to_string())?;
+        }
         Some(sockets)
     } else {
         None

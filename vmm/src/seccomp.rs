@@ -10,7 +10,8 @@
 //! |---|---|---|
 //! | [`ThreadKind::Main`] | `main`, after it has started the others (its filter last) | — |
 //! | [`ThreadKind::Vcpu`] | `vcpu<N>` | main, before its own filter |
-//! | [`ThreadKind::Worker`] | virtio queue workers, `virtio-wl`, `serial-in` | a vCPU (the guest's DRIVER_OK write) or main |
+//! | [`ThreadKind::Worker`] | virtio queue workers, `virtio-wl`, `virtio-net`, `serial-in` | a vCPU (the guest's DRIVER_OK write) or main |
+//! | [`ThreadKind::Worker`] | `virtio-net-link` (connects to the net VM, maps the ring) | main, at start |
 //! | [`ThreadKind::Control`] | `control` (the control socket), `stop-signals` | main |
 //!
 //! So the vCPU list holds everything a device worker needs as well (a worker's effective

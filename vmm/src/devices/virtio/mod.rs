@@ -6,6 +6,7 @@
 //! of it to the PCI bus in `vm.rs`.
 
 pub mod blk;
+pub mod net;
 pub mod rng;
 pub mod transport_pci;
 pub mod wl;
