@@ -136,6 +136,10 @@ pub struct VirtioPciDevice {
     bar_addr: u64,
     vm: Option<Arc<VmFd>>,
     activated: bool,
+    /// While the device's reset is finishing (its worker has not exited yet), the status
+    /// the guest reads: the one it had. The driver waits for 0 before using the device
+    /// again (virtio 1.x §2.1.2, §4.1.4.3.2), and no vCPU ever waits for the worker.
+    resetting: Option<u8>,
 }
 
 impl VirtioPciDevice {
@@ -299,6 +303,7 @@ impl VirtioPciDevice {
             bar_addr: addr,
             vm: None,
             activated: false,
+            resetting: None,
         })
     }
 
@@ -320,9 +325,24 @@ impl VirtioPciDevice {
         }
     }
 
-    /// The current device status byte.
-    pub fn status(&self) -> u8 {
-        self.common.status
+    /// The device status byte the guest reads now (the old one while a reset finishes).
+    pub fn status(&mut self) -> u8 {
+        if self.reset_finished() {
+            self.common.status
+        } else {
+            self.resetting.unwrap_or(self.common.status)
+        }
+    }
+
+    /// True unless the device is still finishing a reset. Never waits.
+    fn reset_finished(&mut self) -> bool {
+        if self.resetting.is_some() {
+            if self.device.reset_pending() {
+                return false;
+            }
+            self.resetting = None;
+        }
+        true
     }
 
     /// The MSI-X vectors (tests read their eventfds).
@@ -335,6 +355,7 @@ impl VirtioPciDevice {
     }
 
     fn read_common(&mut self, offset: u64, len: usize) -> u32 {
+        let status = self.status();
         let c = &self.common;
         let feature_word = |features: u64, select: u32| match select {
             0 => features as u32,
@@ -353,7 +374,7 @@ impl VirtioPciDevice {
             0x0c => u64::from(feature_word(c.driver_features, c.driver_feature_select)),
             0x10 => u64::from(c.msix_config),
             0x12 => self.queues.len() as u64,
-            0x14 => u64::from(c.status),
+            0x14 => u64::from(status),
             0x15 => u64::from(c.config_generation),
             0x16 => u64::from(c.queue_select),
             0x18 => q.map_or(0, |q| u64::from(q.size())),
@@ -442,6 +463,15 @@ impl VirtioPciDevice {
             self.reset();
             return;
         }
+        if !self.reset_finished() {
+            // The driver must wait for status 0 first; a write before that is ignored (the
+            // device's previous worker may still be finishing its last request).
+            log::debug!(
+                "bulkhead-vmm: {}: status {new:#x} written while a reset is finishing; ignored",
+                self.name
+            );
+            return;
+        }
         let old = self.common.status;
         let mut new = new | old; // bits are only ever added, except by a reset
         if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
@@ -522,10 +552,14 @@ impl VirtioPciDevice {
         }
     }
 
+    /// The guest wrote status 0. The device is told to stop without waiting for it (this
+    /// runs on a vCPU holding the device's lock); until it has, the guest reads the old
+    /// status and writes of other values are ignored.
     fn reset(&mut self) {
         if self.activated {
             self.device.reset();
             self.activated = false;
+            self.resetting = Some(self.common.status.max(1));
         }
         for q in self.queues.iter_mut() {
             q.reset();
