@@ -34,4 +34,6 @@ pub mod runtime;
 pub mod services;
 pub mod shutdown;
 pub mod signals;
+pub mod spawn;
+pub mod stop;
 pub mod supervisor;

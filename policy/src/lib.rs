@@ -9,6 +9,7 @@
 
 pub mod ast;
 pub mod bench;
+pub mod cli;
 pub mod control;
 pub mod diag;
 pub mod diff;

@@ -3,6 +3,16 @@
 //! `bulkhead_rootfs::qemu`, and gives tests waits with deadlines. Every failure message
 //! carries the QEMU command line and the last console lines. Boots run one at a time (the
 //! machine has two cores; parallel TCG guests only slow each other down).
+//!
+//! Whose line is it: the emulated host's init prints `bulkhead-init: …`, and it relays every
+//! console line of a service or nested VM as `<service>: …`. The waits and lookups here
+//! match a needle at the **start** of a line, so a needle that begins with the speaker's
+//! name (`bulkhead-init: `, `edu-vm: `) can only be met by that speaker: a VM that prints
+//! `bulkhead-init: ready` shows up as `vm: bulkhead-init: ready` and meets nothing.
+//! [`Host::expect_end`] also accounts for every restart init made during the test: a
+//! restart the test did not declare with [`BootOptions::restarts_allowed`] fails it, except
+//! the documented nested-emulation flake (a VMM exiting 3 after a guest triple fault), which
+//! is reported.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -56,6 +66,7 @@ fn boot_lock() -> MutexGuard<'static, ()> {
 /// A booted host under test. Dropping it kills QEMU.
 pub struct Host {
     machine: Machine,
+    restarts_allowed: Vec<String>,
     _dir: TempDir,
     _serialise: MutexGuard<'static, ()>,
 }
@@ -76,6 +87,48 @@ pub struct BootOptions {
     pub append: String,
     /// A raw disk image given to the host as a virtio-blk disk (its `/dev/vda`).
     pub disk: Option<PathBuf>,
+    /// Services whose restarts by init are part of what the test exercises.
+    pub restarts_allowed: Vec<String>,
+}
+
+/// One restart init made: the service and how its run before ended
+/// (`exited with status 3`, `killed by signal SIGKILL`, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restart {
+    pub service: String,
+    pub how: String,
+}
+
+/// The VMM's exit status when its guest's vCPU hit a triple fault or shutdown: under
+/// software emulation this happens now and then (README's known flakes).
+pub const VMM_GUEST_CRASH_STATUS: &str = "exited with status 3";
+
+/// Every restart init announced in `lines` (`bulkhead-init: <svc> restarting in …`), each
+/// with how the run before it ended.
+pub fn restarts(lines: &[String]) -> Vec<Restart> {
+    let mut last_end: HashMap<String, String> = HashMap::new();
+    let mut out = Vec::new();
+    for l in lines {
+        let Some(rest) = l.strip_prefix("bulkhead-init: ") else {
+            continue;
+        };
+        if let Some((svc, how)) = rest.split_once(' ') {
+            if how.starts_with("exited with ") || how.starts_with("killed by ") {
+                last_end.insert(svc.to_string(), how.to_string());
+                continue;
+            }
+            if how.starts_with("restarting in ") {
+                out.push(Restart {
+                    service: svc.to_string(),
+                    how: last_end
+                        .get(svc)
+                        .cloned()
+                        .unwrap_or_else(|| "ended (no exit line seen)".into()),
+                });
+            }
+        }
+    }
+    out
 }
 
 impl Host {
@@ -105,24 +158,42 @@ impl Host {
         let machine = Machine::spawn(&cfg, echo).unwrap_or_else(|e| panic!("{e}"));
         Host {
             machine,
+            restarts_allowed: opts.restarts_allowed.clone(),
             _dir: TempDir(dir),
             _serialise: guard,
         }
     }
 
-    /// Waits for a console line containing `needle`; fails the test (with the QEMU command
-    /// line and the last console lines) on timeout, kernel panic or QEMU exit.
+    /// Waits for a console line that starts with `needle`; fails the test (with the QEMU
+    /// command line and the last console lines) on timeout, host kernel panic or QEMU exit.
     pub fn expect(&mut self, needle: &str) -> String {
+        self.expect_within(needle, STEP_TIMEOUT)
+    }
+
+    /// Waits for a console line that starts with `needle`, for up to `timeout`.
+    pub fn expect_within(&mut self, needle: &str, timeout: Duration) -> String {
         self.machine
-            .wait_for(needle, STEP_TIMEOUT)
+            .wait_until(needle, timeout, |l| l.starts_with(needle))
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Waits for a console line containing `needle`, for up to `timeout`.
-    pub fn expect_within(&mut self, needle: &str, timeout: Duration) -> String {
-        self.machine
-            .wait_for(needle, timeout)
-            .unwrap_or_else(|e| panic!("{e}"))
+    /// Has a line that starts with `needle` been seen?
+    pub fn saw(&self, needle: &str) -> bool {
+        self.lines().iter().any(|l| l.starts_with(needle))
+    }
+
+    /// The first line seen that starts with `needle`; fails the test if there is none.
+    pub fn line_starting(&self, needle: &str) -> String {
+        self.lines()
+            .iter()
+            .find(|l| l.starts_with(needle))
+            .cloned()
+            .unwrap_or_else(|| panic!("no line starting {needle:?}\n{}", self.context()))
+    }
+
+    /// Every restart init made so far.
+    pub fn restarts(&self) -> Vec<Restart> {
+        restarts(self.lines())
     }
 
     /// Waits for a console line satisfying `pred`.
@@ -142,7 +213,8 @@ impl Host {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Waits until QEMU exits and checks how the machine ended.
+    /// Waits until QEMU exits and checks how the machine ended, then accounts for the
+    /// restarts init made (see the module's doc).
     pub fn expect_end(&mut self, want: Outcome) {
         let got = self
             .machine
@@ -154,6 +226,31 @@ impl Host {
             "the machine ended differently\n{}",
             self.machine.context()
         );
+        self.check_restarts();
+    }
+
+    /// Reports every restart; fails on one the test did not declare, unless it is the
+    /// nested-emulation flake (a VMM that exited 3).
+    pub fn check_restarts(&self) {
+        for r in self.restarts() {
+            if self.restarts_allowed.contains(&r.service) {
+                continue;
+            }
+            if r.how == VMM_GUEST_CRASH_STATUS {
+                eprintln!(
+                    "warning: init restarted {} after it {} (a guest triple fault: the known \
+                     nested-emulation flake)",
+                    r.service, r.how
+                );
+                continue;
+            }
+            panic!(
+                "init restarted {} after it {} during the test\n{}",
+                r.service,
+                r.how,
+                self.context()
+            );
+        }
     }
 
     /// Every console line seen so far.
@@ -171,7 +268,8 @@ impl Host {
         self.machine.qmp().unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Asserts that no line seen so far contains `needle`.
+    /// Asserts that no line seen so far contains `needle` (anywhere: stricter than the
+    /// start-of-line matches above).
     pub fn assert_never_saw(&self, needle: &str) {
         if let Some(l) = self.lines().iter().find(|l| l.contains(needle)) {
             panic!("unexpected console line {l:?}\n{}", self.context());
@@ -195,3 +293,35 @@ pub fn workspace_path(rel: &str) -> PathBuf {
 }
 
 pub use bulkhead_rootfs::qemu::Outcome as End;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_are_read_from_inits_own_lines_with_how_the_run_before_ended() {
+        let lines: Vec<String> = [
+            "bulkhead-init: edu-vm exited with status 3",
+            "bulkhead-init: edu-vm restarting in 500 ms",
+            "hello-vm: bulkhead-init: fake-vm restarting in 1 ms",
+            "bulkhead-init: crashy killed by signal SIGSEGV",
+            "bulkhead-init: crashy restarting in 100 ms",
+            "bulkhead-init: edu-vm exited with status 0",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            restarts(&lines),
+            vec![
+                Restart {
+                    service: "edu-vm".into(),
+                    how: "exited with status 3".into()
+                },
+                Restart {
+                    service: "crashy".into(),
+                    how: "killed by signal SIGSEGV".into()
+                },
+            ]
+        );
+    }
+}

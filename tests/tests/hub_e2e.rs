@@ -32,36 +32,17 @@ fn provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_ref
     );
     h.expect_end(End::PowerOff);
     let lines = h.lines().to_vec();
-    let saw = |needle: &str| lines.iter().any(|l| l.contains(needle));
-    // A VM that crashes under nested emulation (its VMM exits 3) is restarted by init; its
-    // peer's run at that moment may fail and be restarted too. Failures are tolerated only
-    // then, and reported; every VM's last run must end with status 0 and every PASS below
-    // must have been printed.
-    let fails: Vec<&String> = lines.iter().filter(|l| l.contains("FAIL")).collect();
-    let crashed = saw("exited with status 3");
-    let fail_text = fails
-        .iter()
-        .map(|l| l.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert!(
-        fails.is_empty() || crashed,
-        "a part failed without any VM crash:\n{fail_text}\n{}",
-        h.context()
-    );
-    if !fails.is_empty() {
-        eprintln!(
-            "warning: failures during a run a VM crash interrupted (the runs after the restart \
-             passed):\n{fail_text}"
-        );
-    }
+    let saw = |needle: &str| h.saw(needle);
+    // No part may fail, whatever else happened (a VM restarted after the known
+    // nested-emulation flake is reported by the harness; its peers' runs must still pass).
+    h.assert_never_saw("FAIL");
     for want in PASSES {
         assert!(saw(want), "no line {want:?}\n{}", h.context());
     }
     // The audit record of the refusal names the VM, the object and why: no connect grant.
     let audit = lines
         .iter()
-        .find(|l| l.contains("audit: testprog: hub-audit: "))
+        .find(|l| l.starts_with("audit: testprog: hub-audit: "))
         .unwrap_or_else(|| panic!("no audit record\n{}", h.context()));
     for want in [
         "\"src\":\"intruder\"",
@@ -90,14 +71,6 @@ fn provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_ref
         h.context()
     );
     for vm in ["provider-vm", "client-vm", "intruder-vm"] {
-        let crashed = format!("bulkhead-init: {vm} exited with status 3");
-        let n = lines.iter().filter(|l| l.contains(&crashed)).count();
-        if n > 0 {
-            eprintln!(
-                "warning: {vm} was restarted {n} time(s) after a guest triple fault \
-                 (known nested-emulation flake)"
-            );
-        }
         let prefix = format!("bulkhead-init: {vm} exited with ");
         let last = lines.iter().rev().find(|l| l.starts_with(&prefix));
         assert_eq!(

@@ -42,7 +42,13 @@ fn basic_host_loads_kvm_binds_granted_devices_to_vfio_and_powers_off_cleanly() {
 
 #[test]
 fn crashing_service_is_restarted_with_growing_delays_then_given_up() {
-    let mut h = Host::boot("supervise");
+    let mut h = Host::boot_with(
+        "supervise",
+        BootOptions {
+            restarts_allowed: vec!["crashy".into()],
+            ..Default::default()
+        },
+    );
     let mut starts = Vec::new();
     for _ in 0..4 {
         let l = h.expect("crashy: testprog: start uptime_ms=");
