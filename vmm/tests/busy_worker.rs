@@ -111,9 +111,9 @@ fn rig(cmds: &[Vec<u8>]) -> Rig {
     link.set_answer_timeout(ANSWER_TIMEOUT);
     wl.set_hub(link);
     assert_eq!(hub.recv::<VmRequest>().unwrap().0, VmRequest::Hello);
-    let dev: Shared = Arc::new(Mutex::new(
-        VirtioPciDevice::new_unrouted(Box::new(wl), mem.clone(), BAR, SHM).unwrap(),
-    ));
+    let mut pci = VirtioPciDevice::new_unrouted(Box::new(wl), mem.clone(), BAR, SHM).unwrap();
+    pci.config_write(1, 0, &[0x02]); // memory decoding on
+    let dev: Shared = Arc::new(Mutex::new(pci));
 
     let inq = MockSplitQueue::create(mem, GuestAddress(0x18000), 16);
     let out = MockSplitQueue::create(mem, GuestAddress(0x10000), 16);

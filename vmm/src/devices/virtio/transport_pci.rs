@@ -12,7 +12,13 @@
 //! | 0x4000 | MSI-X table (queues + 1 vectors)                 |
 //! | 0x5000 | MSI-X pending bits                               |
 //!
-//! Interrupts are MSI-X only (no INTx): each vector is an irqfd on its own GSI.
+//! Interrupts are MSI-X only (no INTx): each vector is an irqfd on its own GSI. A vector
+//! number the device does not have reads back as `VIRTIO_MSI_NO_VECTOR`.
+//!
+//! BAR 0 decodes only while the command register's memory-space bit is set (it is clear at
+//! power-on; the guest's PCI core sets it before a driver starts, and may clear it while it
+//! sizes BARs): otherwise reads give all ones, writes are dropped, and the queues'
+//! ioeventfds are not registered.
 //!
 //! A device with shared-memory regions (`VirtioDevice::shm_regions`) also gets BAR 2: 64-bit,
 //! prefetchable, in the 64-bit window, holding the regions back to back (each 4 KiB-aligned),
@@ -135,6 +141,9 @@ pub struct VirtioPciDevice {
     notify: Vec<EventFd>,
     bar_addr: u64,
     vm: Option<Arc<VmFd>>,
+    /// The queues' ioeventfds are registered at `bar_addr` (only while memory decoding is
+    /// on).
+    ioevents_at: Option<u64>,
     activated: bool,
     /// While the device's reset is finishing (its worker has not exited yet), the status
     /// the guest reads: the one it had. The driver waits for 0 before using the device
@@ -160,8 +169,8 @@ impl VirtioPciDevice {
             None => None,
         };
         let mut dev = Self::build(device, mem, msix, addr, shm_addr)?;
+        // The ioeventfds are registered when the guest turns memory decoding on.
         dev.vm = Some(routing.vm().clone());
-        dev.register_ioeventfds(addr)?;
         Ok(dev)
     }
 
@@ -302,6 +311,7 @@ impl VirtioPciDevice {
             notify,
             bar_addr: addr,
             vm: None,
+            ioevents_at: None,
             activated: false,
             resetting: None,
         })
@@ -315,6 +325,37 @@ impl VirtioPciDevice {
                 .map_err(|e| TransportError::Notify(format!("ioeventfd at {addr:#x}: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Registers the ioeventfds at BAR 0's address while memory decoding is on, and takes
+    /// them away while it is off (or from an address BAR 0 left).
+    fn sync_ioeventfds(&mut self) {
+        let want = self.config.memory_enabled().then_some(self.bar_addr);
+        if want == self.ioevents_at {
+            return;
+        }
+        if let Some(old) = self.ioevents_at.take() {
+            self.unregister_ioeventfds(old);
+        }
+        if let Some(new) = want {
+            match self.register_ioeventfds(new) {
+                Ok(()) => self.ioevents_at = Some(new),
+                Err(e) => {
+                    // Notifications then arrive as trapped writes (slower, still served).
+                    log::warn!("bulkhead-vmm: {}: {e}", self.name);
+                    self.unregister_ioeventfds(new);
+                }
+            }
+        }
+    }
+
+    /// A vector number as the guest wrote it, or NO_VECTOR if the device has no such vector.
+    fn checked_vector(&self, v: u16) -> u16 {
+        if usize::from(v) < self.msix.count() {
+            v
+        } else {
+            VIRTIO_MSI_NO_VECTOR
+        }
     }
 
     fn unregister_ioeventfds(&self, base: u64) {
@@ -416,7 +457,7 @@ impl VirtioPciDevice {
                 }
                 _ => {}
             },
-            0x10 => self.common.msix_config = value as u16,
+            0x10 => self.common.msix_config = self.checked_vector(value as u16),
             0x14 => self.write_status(value as u8),
             0x16 => self.common.queue_select = value as u16,
             0x18 if !live => {
@@ -426,8 +467,9 @@ impl VirtioPciDevice {
             }
             0x1a => {
                 let qsel = usize::from(self.common.queue_select);
+                let vector = self.checked_vector(value as u16);
                 if let Some(v) = self.queue_vectors.get_mut(qsel) {
-                    *v = value as u16;
+                    *v = vector;
                 }
             }
             0x1c if !live => {
@@ -618,6 +660,8 @@ impl PciDevice for VirtioPciDevice {
 
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) -> Option<BarMove> {
         let mv = self.config.write(reg, offset, data);
+        // The command register's memory-space bit may have changed.
+        self.sync_ioeventfds();
         // The MSI-X message control word (cap + 2) may have changed.
         let ctrl_reg = (self.msix_cap + 2) / 4;
         if reg == ctrl_reg {
@@ -642,7 +686,7 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bar_read(&mut self, index: usize, offset: u64, data: &mut [u8]) {
-        if index != 0 {
+        if index != 0 || !self.config.memory_enabled() {
             data.fill(0xff);
             return;
         }
@@ -674,7 +718,7 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bar_write(&mut self, index: usize, offset: u64, data: &[u8]) {
-        if index != 0 {
+        if index != 0 || !self.config.memory_enabled() {
             return;
         }
         match offset {
@@ -705,8 +749,8 @@ impl PciDevice for VirtioPciDevice {
         if mv.index != 0 {
             return Ok(());
         }
-        self.unregister_ioeventfds(mv.old);
         self.bar_addr = mv.new;
-        self.register_ioeventfds(mv.new).map_err(|e| e.to_string())
+        self.sync_ioeventfds();
+        Ok(())
     }
 }
