@@ -189,6 +189,24 @@ fn features_not_offered_are_refused() {
     assert_ne!(st & status::FEATURES_OK, 0);
 }
 
+/// Once FEATURES_OK is set the features are settled: a driver that writes the feature
+/// words afterwards (with bits the device never offered) changes nothing, so what the
+/// device is activated with is what it accepted.
+#[test]
+fn driver_features_are_frozen_once_features_ok_is_set() {
+    let mut d = device(Box::new(Rng::new()), common::memory());
+    assert_ne!(negotiate(&mut d, 1) & status::FEATURES_OK, 0);
+    w32(&mut d, 0x08, 1);
+    w32(&mut d, 0x0c, 0b11); // VERSION_1 and ACCESS_PLATFORM (not offered)
+    w32(&mut d, 0x08, 0);
+    w32(&mut d, 0x0c, 0xffff_ffff);
+    w32(&mut d, 0x08, 1);
+    assert_eq!(r32(&mut d, 0x0c), 1, "high word as accepted");
+    w32(&mut d, 0x08, 0);
+    assert_eq!(r32(&mut d, 0x0c), 0, "low word as accepted");
+    assert_ne!(r8(&mut d, 0x14) & status::FEATURES_OK, 0);
+}
+
 #[test]
 fn rng_request_round_trip_with_msix_interrupt_and_reset() {
     let mem = common::memory();

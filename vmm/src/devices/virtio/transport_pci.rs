@@ -443,10 +443,12 @@ impl VirtioPciDevice {
 
     fn write_common(&mut self, offset: u64, value: u32) {
         let live = self.activated;
+        // The features are settled once FEATURES_OK is set (virtio 1.x §3.1.1).
+        let settled = live || self.common.status & status::FEATURES_OK != 0;
         match offset {
             0x00 => self.common.device_feature_select = value,
             0x08 => self.common.driver_feature_select = value,
-            0x0c if !live => match self.common.driver_feature_select {
+            0x0c if !settled => match self.common.driver_feature_select {
                 0 => {
                     self.common.driver_features =
                         (self.common.driver_features & !0xffff_ffff) | u64::from(value)
