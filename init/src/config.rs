@@ -178,10 +178,50 @@ pub struct ServiceConfig {
     pub user: Option<u32>,
     /// Its gid (default: `user`).
     pub group: Option<u32>,
+    /// Descriptors init opens (or makes) and hands over at exec, after its own (the hub
+    /// channel, VFIO, /dev/kvm): a jailed VMM reaches a host disk or socket only this way.
+    #[serde(default)]
+    pub fds: Vec<FdSpec>,
+    /// Jail (a service with `vm =`): extra host paths (files or directories) bind-mounted
+    /// read-only at the same path. Regular files named in `exec` are added by themselves.
+    #[serde(default)]
+    pub read_only: Vec<PathBuf>,
+    /// Jail: what the VMM may use beyond guest memory (`--memory`), e.g. `128M`; its
+    /// cgroup's memory.max is the sum.
+    pub memory_overhead: Option<String>,
+    /// Jail: the cgroup's pids.max (threads count).
+    pub pids_max: Option<u32>,
+    /// Jail: the cgroup's cpu.weight (1 to 10000).
+    pub cpu_weight: Option<u32>,
+    /// Jail: RLIMIT_NOFILE (soft and hard).
+    pub nofile: Option<u64>,
+}
+
+/// One descriptor a service is handed: a file init opens, or one end of a socketpair init
+/// makes for two services. `arg` is appended to `exec` with `{fd}` replaced by its number.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FdSpec {
+    /// A path init opens (as root, before the jail): read-only unless `write`.
+    pub open: Option<PathBuf>,
+    /// Open `open` for writing too.
+    #[serde(default)]
+    pub write: bool,
+    /// The name of a socketpair (SOCK_SEQPACKET for `seqpacket`, SOCK_STREAM for
+    /// `stream`): the two services that name it get one end each, kept across restarts.
+    pub socketpair: Option<String>,
+    /// `stream` (default) or `seqpacket`, for `socketpair`.
+    pub kind: Option<String>,
+    /// The argument that names it, e.g. `--disk-fd={fd}`.
+    pub arg: String,
 }
 
 /// Name of the hub's child in messages and status.
 pub const HUB_NAME: &str = "hub";
+
+/// Init's own directory: root's alone (mode 0700), for its control socket and the transient
+/// policy. Nobody else's runtime directory may be inside it.
+pub const INIT_RUNTIME_DIR: &str = "/run/bulkhead";
 
 /// `[hub]`: the hub process, started before every service. Init makes one SOCK_SEQPACKET
 /// socketpair per `vm`, keeps both ends across restarts, and appends `--vm NAME=FD` for
@@ -199,8 +239,20 @@ pub struct HubConfig {
     /// Its gid (default: `user`).
     pub group: Option<u32>,
     /// A directory init creates before each start, owned by the hub's user, mode 0750, for
-    /// its control socket and audit log (e.g. `/run/bulkhead`).
+    /// its control socket and audit log (e.g. `/run/bulkhead-hub`); the one place the jailed
+    /// hub may write. Never init's own directory (`/run/bulkhead`).
     pub runtime_dir: Option<PathBuf>,
+    /// Jail: extra host paths bind-mounted read-only (e.g. the policy directories).
+    #[serde(default)]
+    pub read_only: Vec<PathBuf>,
+    /// Jail: the hub's cgroup memory.max, e.g. `256M`.
+    pub memory_max: Option<String>,
+    /// Jail: the cgroup's pids.max.
+    pub pids_max: Option<u32>,
+    /// Jail: the cgroup's cpu.weight (1 to 10000).
+    pub cpu_weight: Option<u32>,
+    /// Jail: RLIMIT_NOFILE (soft and hard); the hub's budgets need headroom.
+    pub nofile: Option<u64>,
 }
 
 impl HubConfig {
@@ -238,6 +290,53 @@ pub struct SystemConfig {
     /// `[[service]]` tables, in start order.
     #[serde(default)]
     pub service: Vec<ServiceConfig>,
+    /// `[kernel]`: which Debian kernel the image builder boots the host (and its VMs, unless
+    /// a guest chooses its own) with; init itself does not read it.
+    pub kernel: Option<KernelConfig>,
+}
+
+/// A Debian kernel flavour.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelFlavour {
+    /// `linux-image-cloud-amd64`: small, for virtual machines (virtio, no DRM, few NICs).
+    #[default]
+    Cloud,
+    /// `linux-image-amd64`: every driver Debian builds.
+    Generic,
+}
+
+/// `[kernel]` of a system.toml or a guest.toml (read by the image builder).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelConfig {
+    /// `cloud` or `generic`.
+    pub flavour: Option<KernelFlavour>,
+    /// The Debian suite the kernel comes from: `system` (the build machine's own apt
+    /// sources), `backports` (the build machine's release's backports), or a suite or
+    /// codename such as `stable` or `bookworm-backports`.
+    pub suite: Option<String>,
+}
+
+impl KernelConfig {
+    /// Checks the suite's spelling; `at` names the table in messages.
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        match &self.suite {
+            Some(s) if !valid_suite_name(s) => Err(format!(
+                "{at} suite {s:?}: a Debian suite is 1 to 40 of [a-z0-9-] (e.g. \"system\", \"backports\", \"stable\")"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A Debian suite or codename: `[a-z0-9-]`, 1 to 40 characters, not starting with `-`.
+pub fn valid_suite_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 40
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// The supervision parameters of one child, in the units the supervisor uses. A service is
@@ -316,7 +415,145 @@ fn check_exec(at: &str, exec: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Parses `256M`, `1G`, `4096K`, `64MiB` or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").unwrap_or(t);
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (t.get(..i).unwrap_or(""), 1u64 << 10),
+        Some((i, 'M' | 'm')) => (t.get(..i).unwrap_or(""), 1 << 20),
+        Some((i, 'G' | 'g')) => (t.get(..i).unwrap_or(""), 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s:?} (use e.g. 256M or 1G)"))
+}
+
+/// The limits and paths of a jail, checked the same way for services and the hub.
+fn check_jail_knobs(
+    at: &str,
+    read_only: &[PathBuf],
+    cpu_weight: Option<u32>,
+    pids_max: Option<u32>,
+    nofile: Option<u64>,
+) -> Result<(), String> {
+    for p in read_only {
+        if !p.is_absolute() || p == Path::new("/") {
+            return Err(format!(
+                "{at}: read_only {}: an absolute path other than /",
+                p.display()
+            ));
+        }
+    }
+    if cpu_weight.is_some_and(|w| !(1..=10_000).contains(&w)) {
+        return Err(format!("{at}: cpu_weight must be 1 to 10000"));
+    }
+    if pids_max == Some(0) {
+        return Err(format!("{at}: pids_max must be at least 1"));
+    }
+    if nofile.is_some_and(|n| n < 16) {
+        return Err(format!("{at}: nofile must be at least 16"));
+    }
+    Ok(())
+}
+
 impl SystemConfig {
+    /// Every service with a `user` and the hub run as a uid and gid of their own, never 0:
+    /// the hub's attenuation (read-only memfds, pipe directions) holds only if no two
+    /// processes it mediates share a uid.
+    fn check_users(&self) -> Result<(), String> {
+        let mut uids: BTreeMap<u32, String> = BTreeMap::new();
+        let mut gids: BTreeMap<u32, String> = BTreeMap::new();
+        let hub = self
+            .hub
+            .iter()
+            .map(|h| ("[hub]".to_string(), h.user, h.group));
+        let services = self
+            .service
+            .iter()
+            .map(|s| (format!("[[service]] {:?}", s.name), s.user, s.group));
+        for (who, user, group) in hub.chain(services) {
+            let Some(uid) = user.filter(|u| *u != 0) else {
+                continue; // none, or 0 (refused below with its own message)
+            };
+            let gid = group.unwrap_or(uid);
+            if gid == 0 {
+                return Err(format!("{who}: group 0 is root's; use a group of its own"));
+            }
+            if let Some(other) = uids.insert(uid, who.clone()) {
+                return Err(format!(
+                    "{who}: user {uid} is also {other}'s; each jailed process needs a uid of \
+                     its own"
+                ));
+            }
+            if let Some(other) = gids.insert(gid, who.clone()) {
+                return Err(format!(
+                    "{who}: group {gid} is also {other}'s; each jailed process needs a gid of \
+                     its own"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `fds`: a path or a socketpair each, an `arg` that names it, and every socketpair
+    /// shared by exactly two services.
+    fn check_fds(&self) -> Result<(), String> {
+        let mut pairs: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for s in &self.service {
+            let at = format!("[[service]] {:?}", s.name);
+            for f in &s.fds {
+                if !f.arg.contains("{fd}") || f.arg.contains('\0') {
+                    return Err(format!(
+                        "{at}: fds: arg {:?} must contain {{fd}} (e.g. \"--disk-fd={{fd}}\")",
+                        f.arg
+                    ));
+                }
+                match (&f.open, &f.socketpair) {
+                    (Some(p), None) => {
+                        if !p.is_absolute() {
+                            return Err(format!("{at}: fds: open {} is not absolute", p.display()));
+                        }
+                        if f.kind.is_some() {
+                            return Err(format!("{at}: fds: kind is for a socketpair"));
+                        }
+                    }
+                    (None, Some(name)) => {
+                        if !valid_name(name) {
+                            return Err(format!(
+                                "{at}: fds: socketpair {name:?} must match [a-z0-9-]+"
+                            ));
+                        }
+                        if f.write {
+                            return Err(format!("{at}: fds: write is for open"));
+                        }
+                        if !matches!(f.kind.as_deref(), None | Some("stream" | "seqpacket")) {
+                            return Err(format!("{at}: fds: kind must be stream or seqpacket"));
+                        }
+                        pairs.entry(name).or_default().push(&s.name);
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{at}: fds: each entry has either open or socketpair"
+                        ))
+                    }
+                }
+            }
+        }
+        for (name, users) in pairs {
+            if users.len() != 2 {
+                return Err(format!(
+                    "socketpair {name:?} is named by {} service(s) ({}); it needs exactly two",
+                    users.len(),
+                    users.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Parses and validates the text of a system.toml; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<SystemConfig, ConfigError> {
         let config: SystemConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -360,6 +597,9 @@ impl SystemConfig {
                 ));
             }
         }
+        if let Some(k) = &self.kernel {
+            k.validate("[kernel]")?;
+        }
         for m in &self.host.modules {
             if !valid_module_name(m) {
                 return Err(format!(
@@ -402,6 +642,30 @@ impl SystemConfig {
                 Some(_) => {}
             }
         }
+        if let Some(hub) = &self.hub {
+            check_jail_knobs(
+                "[hub]",
+                &hub.read_only,
+                hub.cpu_weight,
+                hub.pids_max,
+                hub.nofile,
+            )?;
+            if let Some(m) = &hub.memory_max {
+                parse_size(m).map_err(|e| format!("[hub]: memory_max: {e}"))?;
+            }
+            if let Some(d) = &hub.runtime_dir {
+                if d.starts_with(INIT_RUNTIME_DIR) {
+                    return Err(format!(
+                        "[hub]: runtime_dir {} is inside {INIT_RUNTIME_DIR}, init's own \
+                         root-only directory (its control socket and the transient policy); \
+                         give the hub a directory of its own, e.g. /run/bulkhead-hub",
+                        d.display()
+                    ));
+                }
+            }
+        }
+        self.check_users()?;
+        self.check_fds()?;
         let mut vms = BTreeSet::new();
         let mut names = BTreeSet::new();
         for (i, s) in self.service.iter().enumerate() {
@@ -422,6 +686,17 @@ impl SystemConfig {
                 }
                 if !vms.insert(vm.as_str()) {
                     return Err(format!("{at}: vm {vm:?} is run by another service too"));
+                }
+                if vm == HUB_NAME {
+                    return Err(format!(
+                        "{at}: vm {vm:?} is the name of the hub's cgroup; pick another"
+                    ));
+                }
+                if s.user.is_none() {
+                    return Err(format!(
+                        "{at}: a VM's service needs its own user (e.g. user = 1001): every \
+                         VMM runs jailed as a uid no other service has"
+                    ));
                 }
             }
             check_exec(&at, &s.exec)?;
@@ -444,6 +719,10 @@ impl SystemConfig {
                     "{at}: restart_delay_max_ms ({}) is below restart_delay_ms ({})",
                     s.restart_delay_max_ms, s.restart_delay_ms
                 ));
+            }
+            check_jail_knobs(&at, &s.read_only, s.cpu_weight, s.pids_max, s.nofile)?;
+            if let Some(m) = &s.memory_overhead {
+                parse_size(m).map_err(|e| format!("{at}: memory_overhead: {e}"))?;
             }
             if let Some(env) = &s.env {
                 for (k, v) in env {
@@ -489,6 +768,24 @@ name = "second-1"
 exec = ["/bin/other"]
 restart = "always"
 "#;
+
+    #[test]
+    fn a_kernel_choice_is_read_and_checked() {
+        let c = parse("[kernel]\nflavour = \"generic\"\nsuite = \"bookworm-backports\"\n").unwrap();
+        let k = c.kernel.unwrap();
+        assert_eq!(k.flavour, Some(KernelFlavour::Generic));
+        assert_eq!(k.suite.as_deref(), Some("bookworm-backports"));
+        assert_eq!(parse("").unwrap().kernel, None);
+        for (text, want) in [
+            ("[kernel]\nflavour = \"rt\"", "unknown variant"),
+            ("[kernel]\nsuite = \"../etc\"", "a Debian suite is"),
+            ("[kernel]\nsuite = \"\"", "a Debian suite is"),
+            ("[kernel]\nversion = \"6.12\"", "unknown field"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
 
     #[test]
     fn full_example_parses() {
@@ -574,6 +871,46 @@ restart = "always"
         assert!(err(&svc("a", "\"/a\"", "user = 0")).contains("user 0 is root"));
         assert!(err("[hub]\nexec = [\"/bin/hub\"]\n").contains("[hub]: user is required"));
         assert!(err("[hub]\nexec = [\"/bin/hub\"]\nuser = 0\n").contains("user 0 is root"));
+    }
+
+    /// The jail's build-time checks: a VM's service needs a user, every uid and gid is
+    /// one process's alone (hub included), the hub's directory is not init's, `fds` entries
+    /// are well formed and each socketpair has exactly two ends.
+    #[test]
+    fn jail_rules_are_checked_when_the_system_is_read() {
+        let vm = |name: &str, user: &str| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nvm = \"{name}\"\nexec = [\"/bin/vmm\"]\n{user}\n"
+            )
+        };
+        assert!(err(&vm("a", "")).contains("needs its own user"));
+        let two = format!("{}{}", vm("a", "user = 5"), vm("b", "user = 5"));
+        assert!(err(&two).contains("user 5 is also"), "{}", err(&two));
+        let two = format!("{}{}", vm("a", "user = 5"), vm("b", "user = 6\ngroup = 5"));
+        assert!(err(&two).contains("group 5 is also"), "{}", err(&two));
+        let hub = "[hub]\nexec = [\"/bin/hub\"]\nuser = 7\n";
+        let clash = format!("{hub}{}", vm("a", "user = 7"));
+        assert!(err(&clash).contains("user 7 is also"));
+        let inside = format!("{hub}runtime_dir = \"/run/bulkhead/hub\"\n");
+        assert!(err(&inside).contains("init's own"), "{}", err(&inside));
+        assert!(err(&vm("hub", "user = 9")).contains("hub's cgroup"));
+        assert!(err(&vm("a", "user = 9\ncpu_weight = 0")).contains("cpu_weight"));
+        assert!(err(&vm("a", "user = 9\nread_only = [\"/\"]")).contains("read_only"));
+        assert!(err(&vm("a", "user = 9\nmemory_overhead = \"lots\"")).contains("memory_overhead"));
+        let fds = |f: &str| vm("a", &format!("user = 9\nfds = [{f}]"));
+        assert!(err(&fds("{ open = \"/x\", arg = \"--disk\" }")).contains("{fd}"));
+        assert!(err(&fds("{ open = \"x\", arg = \"{fd}\" }")).contains("not absolute"));
+        assert!(err(&fds("{ arg = \"{fd}\" }")).contains("either open or socketpair"));
+        assert!(err(&fds("{ socketpair = \"p\", arg = \"{fd}\" }")).contains("exactly two"));
+        let pair = format!(
+            "{}[[service]]\nname = \"peer\"\nexec = [\"/bin/p\"]\nfds = [{{ socketpair = \"p\", arg = \"{{fd}}\" }}]\n",
+            fds("{ socketpair = \"p\", arg = \"--link={fd}\" }")
+        );
+        let c = parse(&pair).unwrap();
+        assert_eq!(c.service[0].fds[0].socketpair.as_deref(), Some("p"));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("G").is_err());
     }
 
     #[test]

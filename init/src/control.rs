@@ -62,6 +62,22 @@ pub enum Response {
     Error(String),
 }
 
+/// Makes `dir` root's alone (owner 0:0, mode 0700, not a symlink): init's control socket
+/// and the transient policy live there, where no service (the hub included) can replace
+/// them.
+pub fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::create_dir_all(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other("not a directory"));
+    }
+    if meta.uid() != 0 || meta.gid() != 0 {
+        std::os::unix::fs::chown(dir, Some(0), Some(0))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Errors of the client side.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -82,7 +98,10 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
         path: path.display().to_string(),
         source,
     };
-    let ch = Channel::connect(path).map_err(wrap)?;
+    // Only root (init) or ourselves may answer: a socket someone else put there would
+    // otherwise be trusted with a poweroff and its "Ok".
+    let ch =
+        Channel::connect_trusted(path, bulkhead_ipc::channel::TrustedServer::Root).map_err(wrap)?;
     ch.send(req, &[]).map_err(wrap)?;
     let (resp, _fds) = ch.recv::<Response>().map_err(wrap)?;
     Ok(resp)

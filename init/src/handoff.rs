@@ -36,6 +36,54 @@ pub enum Role {
     },
 }
 
+/// Where a descriptor from a service's `fds` comes from.
+#[derive(Debug, Clone)]
+pub enum FdSource {
+    /// A path init opens at each start (as root, before the jail).
+    Open {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Read-write (else read-only).
+        write: bool,
+    },
+    /// One end of a socketpair init made when it read the system (kept across restarts).
+    Shared(Arc<OwnedFd>),
+}
+
+/// One descriptor of a service's `fds`, and the argument that names it (`{fd}` replaced by
+/// its number).
+#[derive(Debug, Clone)]
+pub struct ServiceFd {
+    /// Where it comes from.
+    pub source: FdSource,
+    /// The argument template.
+    pub arg: String,
+}
+
+/// The socketpairs a system's `fds` name: one per name, (first service's end, second's).
+pub fn make_socketpairs(
+    config: &crate::config::SystemConfig,
+) -> BTreeMap<String, Vec<Arc<OwnedFd>>> {
+    let mut out: BTreeMap<String, Vec<Arc<OwnedFd>>> = BTreeMap::new();
+    for f in config.service.iter().flat_map(|s| s.fds.iter()) {
+        let Some(name) = &f.socketpair else { continue };
+        if out.contains_key(name) {
+            continue;
+        }
+        let ty = match f.kind.as_deref() {
+            Some("seqpacket") => SockType::SeqPacket,
+            _ => SockType::Stream,
+        };
+        match socketpair(AddressFamily::Unix, ty, None, SockFlag::SOCK_CLOEXEC) {
+            Ok((a, b)) => {
+                out.insert(name.clone(), vec![Arc::new(a), Arc::new(b)]);
+            }
+            Err(e) => log::error!("cannot make socketpair {name}: {e}"),
+        }
+    }
+    out
+}
+
 /// Opens `<dev>/kvm` read-write, close-on-exec (the handed-over copy loses close-on-exec
 /// in [`install`]).
 fn open_kvm(sys: &SysfsRoot) -> std::io::Result<OwnedFd> {
@@ -129,6 +177,9 @@ impl Handoff {
                         .push(("BULKHEAD_VFIO_CONTAINER_FD".to_string(), n.to_string()));
                     h.what.push(format!("VFIO container as fd {n}"));
                     let mut groups = Vec::new();
+                    let ids: Vec<String> = vfio_groups.iter().map(u32::to_string).collect();
+                    h.env
+                        .push(("BULKHEAD_VFIO_GROUP_IDS".to_string(), ids.join(",")));
                     for g in vfio_groups {
                         let fd = bulkhead_vfio::open_group_fd(sys, *g)
                             .map_err(|e| format!("IOMMU group {g} for {name}: {e}"))?;
@@ -148,6 +199,35 @@ impl Handoff {
             }
         }
         Ok(h)
+    }
+
+    /// Appends a service's own `fds` (after what its role is owed), each with its argument.
+    pub fn add_service_fds(&mut self, fds: &[ServiceFd]) -> Result<(), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        for f in fds {
+            let fd = match &f.source {
+                FdSource::Open { path, write } => std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(*write)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(path)
+                    .map(OwnedFd::from)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+                FdSource::Shared(end) => end
+                    .try_clone()
+                    .map_err(|e| format!("socketpair end: {e}"))?,
+            };
+            let what = match &f.source {
+                FdSource::Open { path, write } => {
+                    format!("{} ({})", path.display(), if *write { "rw" } else { "ro" })
+                }
+                FdSource::Shared(_) => "a socketpair end".to_string(),
+            };
+            let n = self.push(fd);
+            self.args.push(f.arg.replace("{fd}", &n.to_string()));
+            self.what.push(format!("{what} as fd {n}"));
+        }
+        Ok(())
     }
 
     /// The raw numbers of the descriptors, in target order (for [`install`]).

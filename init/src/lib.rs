@@ -25,6 +25,7 @@ pub mod control;
 pub mod devices;
 pub mod handoff;
 pub mod input;
+pub mod jail;
 pub mod log;
 pub mod modules;
 pub mod mounts;

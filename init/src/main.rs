@@ -19,6 +19,7 @@ use std::time::Duration;
 use bulkhead_init::cmdline::BootOptions;
 use bulkhead_init::config::{self, SystemConfig};
 use bulkhead_init::control::{self, ControlServer, Request, Response};
+use bulkhead_init::jail::JailPaths;
 use bulkhead_init::runtime::Runtime;
 use bulkhead_init::services::{Clock, Services};
 use bulkhead_init::shutdown::{self, PowerAction};
@@ -105,6 +106,9 @@ fn pid1() -> ! {
             shutdown::finish(PowerAction::Poweroff, &mounted);
         }
     };
+    if let Err(e) = control::make_private_dir(Path::new(config::INIT_RUNTIME_DIR)) {
+        error!("{}: {e}", config::INIT_RUNTIME_DIR);
+    }
     let control = match ControlServer::bind(Path::new(control::SOCKET_PATH), 0) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -115,7 +119,7 @@ fn pid1() -> ! {
 
     let mut rt = Runtime {
         clock: Clock::new(),
-        services: Services::from_config(&system, &vfio_groups),
+        services: Services::from_config(&system, &vfio_groups, JailPaths::host()),
         sfd,
         control,
         buttons,
@@ -256,7 +260,14 @@ fn supervise(system: &Path, socket: Option<&Path>, level: LevelFilter) -> i32 {
     };
     let mut rt = Runtime {
         clock: Clock::new(),
-        services: Services::from_config(&config, &Default::default()),
+        services: Services::from_config(
+            &config,
+            &Default::default(),
+            JailPaths {
+                cgroup_root: None,
+                staging: std::env::temp_dir().join(format!("bulkhead-jail-{}", std::process::id())),
+            },
+        ),
         sfd,
         control,
         buttons: Vec::new(),

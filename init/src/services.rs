@@ -14,7 +14,8 @@ use nix::unistd::Pid;
 
 use crate::config::{RestartParams, SystemConfig, HUB_NAME};
 use crate::control::ServiceStatus;
-use crate::handoff::{self, Role};
+use crate::handoff::{self, FdSource, Role, ServiceFd};
+use crate::jail::{self, JailPaths, JailSpec};
 use crate::output::{DrainResult, OutputPipe};
 pub use crate::spawn::Recipe;
 use crate::supervisor::{ChildId, Decision, ExitKind, Supervisor};
@@ -46,12 +47,29 @@ impl Default for Clock {
 }
 
 /// Every supervised child and its plumbing.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Services {
     pub(crate) sup: Supervisor,
     pub(crate) recipes: Vec<Recipe>,
     pub(crate) pipes: Vec<(String, OutputPipe)>,
     idle_announced: bool,
+    /// Where jails live (cgroups, the staging directory of new roots).
+    pub(crate) jail_paths: JailPaths,
+    /// Per recipe: the cgroup's OOM kills when its current run started.
+    pub(crate) oom_base: BTreeMap<usize, u64>,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Services {
+            sup: Supervisor::default(),
+            recipes: Vec::new(),
+            pipes: Vec::new(),
+            idle_announced: false,
+            jail_paths: JailPaths::host(),
+            oom_base: BTreeMap::new(),
+        }
+    }
 }
 
 /// The exit of a wait status, if it is one.
@@ -89,8 +107,16 @@ impl Services {
     /// The children of a system, in start order: the hub first (with one channel per VM),
     /// then the services. `vfio_groups` maps a VM name to the IOMMU groups the policy
     /// grants it (bound to vfio-pci at boot).
-    pub fn from_config(config: &SystemConfig, vfio_groups: &BTreeMap<String, Vec<u32>>) -> Self {
-        let mut s = Services::default();
+    pub fn from_config(
+        config: &SystemConfig,
+        vfio_groups: &BTreeMap<String, Vec<u32>>,
+        jail_paths: JailPaths,
+    ) -> Self {
+        let mut s = Services {
+            jail_paths,
+            ..Services::default()
+        };
+        let mut pairs = handoff::make_socketpairs(config);
         let vm_names: Vec<&str> = config
             .service
             .iter()
@@ -114,12 +140,41 @@ impl Services {
                     },
                     user: hub.user.map(|u| (u, hub.group.unwrap_or(u))),
                     runtime_dir: hub.runtime_dir.clone(),
+                    fds: Vec::new(),
+                    jail: JailSpec::for_hub(hub),
                 },
                 hub.restart_params(),
             );
             s.sup.set_support(id);
         }
         for svc in &config.service {
+            let fds = svc
+                .fds
+                .iter()
+                .filter_map(|f| {
+                    let source = match (&f.open, &f.socketpair) {
+                        (Some(path), _) => FdSource::Open {
+                            path: path.clone(),
+                            write: f.write,
+                        },
+                        (None, Some(name)) => {
+                            let ends = pairs.get_mut(name)?;
+                            if ends.is_empty() {
+                                return None;
+                            }
+                            FdSource::Shared(ends.remove(0))
+                        }
+                        (None, None) => return None,
+                    };
+                    Some(ServiceFd {
+                        source,
+                        arg: f.arg.clone(),
+                    })
+                })
+                .collect();
+            let jail = svc.vm.as_ref().and_then(|vm| {
+                JailSpec::for_vm(svc, vm, vfio_groups.get(vm).is_some_and(|g| !g.is_empty()))
+            });
             let role = match &svc.vm {
                 None => Role::Plain,
                 Some(vm) => Role::Vm {
@@ -136,6 +191,8 @@ impl Services {
                     role,
                     user: svc.user.map(|u| (u, svc.group.unwrap_or(u))),
                     runtime_dir: None,
+                    fds,
+                    jail,
                 },
                 svc.restart_params(),
             );
@@ -207,12 +264,39 @@ impl Services {
             .unwrap_or_default();
         // Its last words first, then the news of its end.
         self.drain_output_of(&name);
-        info!("{name} {kind}");
+        match self.jail_note(id, &kind) {
+            Some(note) => warn!("{name} {note}"),
+            None => info!("{name} {kind}"),
+        }
         if matches!(decision, Decision::Ended | Decision::Failed { .. }) {
             self.ended_for_good(id);
         }
         self.report(&name, decision);
         true
+    }
+
+    /// The cgroup's OOM kills so far, for a jailed recipe.
+    pub(crate) fn oom_kills(&self, recipe: &Recipe) -> u64 {
+        match (&recipe.jail, &self.jail_paths.cgroup_root) {
+            (Some(j), Some(root)) => jail::cgroup::oom_kills(root, &j.name),
+            _ => 0,
+        }
+    }
+
+    /// A seccomp or OOM kill of a jailed child, in words that name its VM.
+    fn jail_note(&self, id: ChildId, kind: &ExitKind) -> Option<String> {
+        let spec = self.recipes.get(id.0)?.jail.as_ref()?;
+        let signal = match kind {
+            ExitKind::Signaled(s) => Some(s.as_str()),
+            _ => None,
+        };
+        jail::exit_note(
+            &spec.name,
+            signal,
+            &self.jail_paths,
+            self.oom_base.get(&id.0).copied().unwrap_or(0),
+            spec.limits.memory_max,
+        )
     }
 
     /// A VMM that will not start again lets go of its hub channel, so the hub sees the VM

@@ -1,8 +1,7 @@
 //! Starting one child from its recipe: the exclusivity check for shared VFIO devices, the
 //! output pipe, the descriptors handed over at exec (see [`crate::handoff`]) and the
-//! process itself. What limits the child (its uid and gid, `no_new_privs`, RLIMIT_MEMLOCK,
-//! its runtime directory) is kept in the functions at the end of this file, apart from the
-//! spawning, so that one module (`jail.rs`) can take it whole.
+//! process itself. What limits a VMM or the hub (uid and gid, capabilities, namespaces,
+//! cgroup, rlimits, Landlock) is `crate::jail`, prepared here and entered in the child.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -12,7 +11,8 @@ use std::process::{Command, Stdio};
 use bulkhead_vfio::SysfsRoot;
 use log::{info, warn};
 
-use crate::handoff::{self, Handoff, Role};
+use crate::handoff::{self, Handoff, Role, ServiceFd};
+use crate::jail::{self, JailSpec};
 use crate::output::OutputPipe;
 use crate::services::Services;
 
@@ -35,6 +35,10 @@ pub struct Recipe {
     pub user: Option<(u32, u32)>,
     /// Created (owned by `user`, mode 0750) before each start.
     pub runtime_dir: Option<std::path::PathBuf>,
+    /// Descriptors of its own (`fds` in system.toml), after those of its role.
+    pub fds: Vec<ServiceFd>,
+    /// The jail it runs in (a VMM or the hub, see [`crate::jail`]); `user` is the jail's.
+    pub jail: Option<JailSpec>,
 }
 
 impl Services {
@@ -73,31 +77,43 @@ impl Services {
         if let Some(dir) = &recipe.runtime_dir {
             make_runtime_dir(dir, recipe.user)?;
         }
-        let handoff = Handoff::for_role(&recipe.role, &SysfsRoot::host())?;
+        let mut handoff = Handoff::for_role(&recipe.role, &SysfsRoot::host())?;
+        handoff.add_service_fds(&recipe.fds)?;
         if !handoff.what.is_empty() {
             info!("{}: handing over {}", recipe.name, handoff.what.join(", "));
         }
         let raw = handoff.raw_fds();
         let mut scratch = vec![0; raw.len()];
-        if matches!(recipe.role, Role::Vm { .. }) && recipe.user.is_some() {
-            // VFIO pins all guest memory and charges it to RLIMIT_MEMLOCK, which an
-            // unprivileged VMM cannot raise: lift it here (init is root; the child inherits).
-            lift_memlock_limit();
-        }
+        let first_free = handoff::FIRST_FD + raw.len() as i32;
+        let mut jailed = match &recipe.jail {
+            Some(spec) => Some(
+                spec.prepare(&self.jail_paths, first_free)
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
         let drop_privileges = recipe.user.is_some();
-        // A new process group lets shutdown kill what the service itself started.
         let mut cmd = Command::new(prog);
         let sigrtmax = libc::SIGRTMAX();
-        // SAFETY: the closure runs between fork and exec and only calls
-        // async-signal-safe functions (sigprocmask, signal, prctl, fcntl, dup2) on memory
-        // allocated before the fork, allocating nothing.
+        // SAFETY: the closure runs between fork and exec. It only makes system calls on
+        // memory prepared before the fork (the signal reset, prctl, fcntl, dup2, and the
+        // jail's calls in `Prepared::enter`); init is single-threaded, so even the `caps`
+        // crate's calls there cannot meet a lock another thread held at the fork.
         unsafe {
             cmd.pre_exec(move || {
                 crate::signals::reset_in_child(sigrtmax)?;
-                if drop_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                handoff::install(&raw, &mut scratch)?;
+                match jailed.as_mut() {
+                    Some(j) => j.enter(),
+                    None => {
+                        if drop_privileges
+                            && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    }
                 }
-                handoff::install(&raw, &mut scratch)
             });
         }
         cmd.args(args)
@@ -108,14 +124,38 @@ impl Services {
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(Stdio::from(write_end))
-            .stderr(Stdio::from(stderr_end))
-            .process_group(0);
-        if let Some((uid, gid)) = recipe.user {
-            // std drops the supplementary groups too when it changes the uid as root.
-            cmd.uid(uid).gid(gid);
+            .stderr(Stdio::from(stderr_end));
+        if recipe.jail.is_none() {
+            // A new process group lets shutdown kill what the service itself started (a
+            // jail makes a new session, which is one too).
+            cmd.process_group(0);
+            if let Some((uid, gid)) = recipe.user {
+                // std drops the supplementary groups too when it changes the uid as root.
+                cmd.uid(uid).gid(gid);
+            }
         }
-        let child = cmd.spawn().map_err(|e| format!("{prog}: {e}"))?;
+        let oom_before = self.oom_kills(recipe);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                // A jail step that failed said which on the child's stderr: show it.
+                drop(cmd);
+                let mut output = output;
+                output.drain(&mut |line| crate::log::service_line(&recipe.name, line));
+                return Err(format!("{prog}: {e}"));
+            }
+        };
         let pid = i32::try_from(child.id()).map_err(|_| "pid out of range".to_string())?;
+        if recipe.jail.is_some() {
+            // What the kernel says of it, once exec has succeeded (spawn waited for that).
+            match jail::observe(pid) {
+                Some(seen) => info!("{} jailed: {seen}", recipe.name),
+                None => warn!("{} jailed, but gone before init could look", recipe.name),
+            }
+            if let Some(i) = self.recipes.iter().position(|r| r.name == recipe.name) {
+                self.oom_base.insert(i, oom_before);
+            }
+        }
         // The Child handle is not needed: init reaps with waitpid(-1). Init's copies of the
         // handed-over descriptors close here.
         drop(child);
@@ -129,23 +169,7 @@ impl Services {
     }
 }
 
-// ── What limits the child (to move to jail.rs) ───────────────────────────────────────
-
-/// Sets init's own RLIMIT_MEMLOCK to unlimited (children inherit it). Failure is logged:
-/// the VMM then reports the limit itself when VFIO needs more.
-fn lift_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads one rlimit from a live local.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        warn!(
-            "cannot lift RLIMIT_MEMLOCK: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
+// ── The hub's runtime directory (the rest of what limits a child is in jail.rs) ─────────
 
 /// Creates `dir` (and its parents) and gives it to `user` with mode 0750.
 fn make_runtime_dir(dir: &std::path::Path, user: Option<(u32, u32)>) -> Result<(), String> {
@@ -178,6 +202,8 @@ mod tests {
             },
             user: None,
             runtime_dir: None,
+            fds: Vec::new(),
+            jail: None,
         }
     }
 

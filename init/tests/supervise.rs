@@ -369,17 +369,23 @@ when_idle = "stay"
 
 [hub]
 user = 65534
+read_only = ["/bin", "/lib", "/lib64", "/usr"]
+nofile = 1024
 exec = ["/bin/sh", "-c", "for a in \"$@\"; do echo \"arg $a\"; done; cat <&3; echo; echo eof-a; cat <&4; echo; echo eof-b; sleep 1000", "hub"]
 
 [[service]]
 name = "vm-a"
 vm = "a"
+user = 2001
+read_only = ["/bin", "/lib", "/lib64", "/usr"]
 exec = ["/bin/sh", "-c", "echo fd=$BULKHEAD_HUB_FD vm=$BULKHEAD_VM; printf one-record-from-a >&3"]
 restart = "never"
 
 [[service]]
 name = "vm-b"
 vm = "b"
+user = 2002
+read_only = ["/bin", "/lib", "/lib64", "/usr"]
 exec = ["/bin/sh", "-c", "echo fd=$BULKHEAD_HUB_FD vm=$BULKHEAD_VM; printf one-record-from-b >&3"]
 restart = "never"
 
@@ -422,12 +428,19 @@ restart = "never"
     assert_eq!(init.wait_exit(), 0);
 }
 
-/// `user =` on a VM's service: the VMM runs as that user with no capabilities and
-/// no_new_privs, gets /dev/kvm as a descriptor (it needs no path) and an unlimited locked
-/// memory limit (VFIO pins guest memory). What is tested is init's part, on a real child.
+/// The jail around a VM's service (needs root, like init): its own user and group, no
+/// capability in any set (init reads the kernel's view of the running child and says so),
+/// no_new_privs, /dev/kvm as a descriptor, a root that holds only the paths it was given
+/// (read-only), its own hostname (UTS namespace), no network interface but loopback, the
+/// limits set in the child, and the descriptors of `fds`: a file init opened and one end
+/// of a socketpair whose other end another service holds. (A shell stands in for the VMM:
+/// what is tested is init's jail, on a real child.)
 #[test]
-fn a_vm_service_runs_as_its_own_user_with_kvm_handed_over() {
-    let mut init = Init::start(
+fn a_vm_service_runs_jailed_with_only_what_it_was_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, "DISK-CONTENTS\n").unwrap();
+    let mut init = Init::start(&format!(
         r#"
 [host]
 when_idle = "poweroff"
@@ -437,39 +450,82 @@ name = "vmm"
 vm = "jailed"
 user = 65534
 group = 65533
-exec = ["/bin/sh", "-c", "grep -E '^(Uid|Gid|CapEff|NoNewPrivs):' /proc/self/status | tr -s '\t ' '  '; echo kvm=$(readlink /proc/self/fd/$BULKHEAD_KVM_FD); echo memlock=$(ulimit -l); echo groups=$(id -G)"]
+read_only = ["/bin", "/lib", "/lib64", "/usr"]
+fds = [{{ open = "{disk}", arg = "--disk-fd={{fd}}" }}, {{ socketpair = "link", arg = "--link={{fd}}" }}]
+exec = ["/bin/sh", "-c", "echo args=$*; echo uid=$(id -u) gid=$(id -g) groups=$(id -G); for d in /etc /proc /sys /dev /tmp /run /bin; do [ -e $d ] && echo has $d; done; echo host=$(hostname); echo kvm=$BULKHEAD_KVM_FD; echo nofile=$(ulimit -n) core=$(ulimit -c) memlock=$(ulimit -l); if touch /x 2>&-; then echo root-writable; else echo root-read-only; fi; if [ -e {disk} ]; then echo disk-path-visible; else echo disk-path-hidden; fi; cat <&4; echo hello-from-the-jail >&5; echo done", "vmm"]
+restart = "never"
+
+[[service]]
+name = "peer"
+fds = [{{ socketpair = "link", arg = "{{fd}}" }}]
+exec = ["/bin/sh", "-c", "head -n 1 <&$1", "peer"]
 restart = "never"
 "#,
-    );
+        disk = disk.display()
+    ));
     for want in [
-        "vmm: Uid: 65534 65534 65534 65534",
-        "vmm: Gid: 65533 65533 65533 65533",
-        "vmm: CapEff: 0000000000000000",
-        "vmm: NoNewPrivs: 1",
-        "vmm: kvm=/dev/kvm",
-        "vmm: groups=65533",
-        "vmm: memlock=",
+        "vmm: args=--disk-fd=4 --link=5",
+        "vmm: uid=65534 gid=65533 groups=65533",
+        "vmm: has /bin",
+        "vmm: host=jailed",
+        "vmm: kvm=3",
+        "vmm: nofile=4096 core=0 memlock=64",
+        "vmm: root-read-only",
+        "vmm: disk-path-hidden",
+        "vmm: DISK-CONTENTS",
+        "peer: hello-from-the-jail",
     ] {
-        if !init.seen.iter().any(|l| l.contains(want)) {
+        if !init.seen.iter().any(|l| l.ends_with(want)) {
             init.expect(want);
         }
     }
-    assert_eq!(init.wait_exit(), 0);
-    // Lifting the limit needs CAP_SYS_RESOURCE, which PID 1 has and a test sandbox may not:
-    // where init could not, it said so.
-    let could_not = init
+    // Init's own view of the child, from /proc: every capability set empty (bounding and
+    // ambient included), no_new_privs, and the four namespaces of its own.
+    let jailed = init
         .seen
         .iter()
-        .any(|l| l.contains("cannot lift RLIMIT_MEMLOCK"));
-    assert!(
-        could_not
-            || init
-                .seen
-                .iter()
-                .any(|l| l.ends_with("vmm: memlock=unlimited")),
-        "{:?}",
-        init.seen
+        .find(|l| l.contains("vmm jailed: "))
+        .cloned()
+        .unwrap_or_else(|| panic!("no jailed line: {:?}", init.seen));
+    for want in [
+        "uid 65534",
+        "gid 65533",
+        "CapEff 0x0 CapPrm 0x0 CapBnd 0x0 CapAmb 0x0",
+        "NoNewPrivs 1",
+        "own mnt ipc uts net namespaces",
+    ] {
+        assert!(jailed.contains(want), "{want} not in {jailed}");
+    }
+    if !init.seen.iter().any(|l| l.ends_with("vmm: done")) {
+        init.expect("vmm: done");
+    }
+    for hidden in ["/etc", "/proc", "/sys", "/dev", "/tmp", "/run"] {
+        let line = format!("vmm: has {hidden}");
+        assert!(!init.seen.iter().any(|l| l.ends_with(&line)), "{line}");
+    }
+    assert_eq!(init.wait_exit(), 0);
+}
+
+/// A VM's service whose jail cannot be built does not start: a path it names that does not
+/// exist is refused with the path, counted as a failed start.
+#[test]
+fn a_jail_that_cannot_be_built_is_a_failed_start() {
+    let mut init = Init::start(
+        r#"
+[host]
+when_idle = "poweroff"
+
+[[service]]
+name = "vmm"
+vm = "broken"
+user = 65534
+read_only = ["/does/not/exist"]
+exec = ["/bin/true"]
+restart = "never"
+"#,
     );
+    init.expect("vmm could not start: jail: /does/not/exist");
+    assert_eq!(init.wait_exit(), 0);
 }
 
 #[test]
@@ -484,7 +540,7 @@ fn hub_and_vm_names_are_validated() {
             "named \"hub\"",
         ),
         (
-            "[[service]]\nname = \"x\"\nvm = \"a\"\nexec = [\"/bin/true\"]\n[[service]]\nname = \"y\"\nvm = \"a\"\nexec = [\"/bin/true\"]\n",
+            "[[service]]\nname = \"x\"\nvm = \"a\"\nuser = 2001\nexec = [\"/bin/true\"]\n[[service]]\nname = \"y\"\nvm = \"a\"\nuser = 2002\nexec = [\"/bin/true\"]\n",
             "vm \"a\" is run by another service too",
         ),
         (

@@ -60,6 +60,9 @@ pub enum ChannelError {
         /// How many fds arrived and were closed.
         fds_closed: usize,
     },
+    /// The process answering on a control socket is not one the client may trust.
+    #[error("untrusted server: {0}")]
+    UntrustedServer(String),
     /// A system call failed.
     #[error("{op}: {errno}")]
     Sys {
@@ -110,6 +113,47 @@ pub fn peer_credentials(fd: BorrowedFd<'_>) -> Result<PeerCredentials, ChannelEr
     })
 }
 
+/// Which server a control client trusts (checked with SO_PEERCRED before it reads an
+/// answer). Root and the client's own uid are always trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrustedServer {
+    /// Only root (init's control socket).
+    Root,
+    /// Also the owner of the directory the socket is in, if that directory is writable by
+    /// its owner alone: only that user could have put the socket there (the hub's runtime
+    /// directory, a VMM's).
+    DirOwner,
+}
+
+/// Checks the credentials of the process at the other end of `fd`, connected to `path`.
+pub fn check_server(
+    fd: BorrowedFd<'_>,
+    path: &Path,
+    trust: TrustedServer,
+) -> Result<PeerCredentials, ChannelError> {
+    use std::os::unix::fs::MetadataExt;
+    let cred = peer_credentials(fd)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid == 0 || cred.uid == me {
+        return Ok(cred);
+    }
+    if trust == TrustedServer::DirOwner {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| ChannelError::UntrustedServer(format!("{}: {e}", dir.display())))?;
+        if meta.mode() & 0o022 == 0 && meta.uid() == cred.uid {
+            return Ok(cred);
+        }
+    }
+    Err(ChannelError::UntrustedServer(format!(
+        "{} is answered by uid {} (pid {}), which is neither root, you, nor the owner of a \
+         directory only its owner can write",
+        path.display(),
+        cred.uid,
+        cred.pid
+    )))
+}
+
 /// A connected SOCK_SEQPACKET socket that speaks frames.
 #[derive(Debug)]
 pub struct Channel {
@@ -156,6 +200,14 @@ impl Channel {
     /// SO_PEERCRED of the other end.
     pub fn peer_credentials(&self) -> Result<PeerCredentials, ChannelError> {
         peer_credentials(self.fd.as_fd())
+    }
+
+    /// Connects to a control socket and checks who answers there (SO_PEERCRED) before
+    /// anything is sent or read.
+    pub fn connect_trusted(path: &Path, trust: TrustedServer) -> Result<Channel, ChannelError> {
+        let ch = Channel::connect(path)?;
+        check_server(ch.fd.as_fd(), path, trust)?;
+        Ok(ch)
     }
 
     /// Sets or clears O_NONBLOCK on the socket (affects `send`/`recv`; the `try_*` calls

@@ -1,6 +1,6 @@
 //! The hub's policy control socket: message types and a small client.
 //!
-//! Transport: `/run/bulkhead/hub.sock`, `AF_UNIX` `SOCK_SEQPACKET`, one postcard-encoded
+//! Transport: `/run/bulkhead-hub/hub.sock`, `AF_UNIX` `SOCK_SEQPACKET`, one postcard-encoded
 //! [`Request`] per datagram, answered by one [`Response`] datagram; no fds are passed. The
 //! hub (crate `bulkhead-ipc`) implements the server; it decodes with [`decode_request`] and
 //! answers with [`encode_response`]. `policyctl apply`, `status` and `log` are the clients.
@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// Where the hub listens.
-pub const HUB_SOCKET: &str = "/run/bulkhead/hub.sock";
+pub const HUB_SOCKET: &str = "/run/bulkhead-hub/hub.sock";
 /// Largest datagram either side sends or accepts.
 pub const MAX_MESSAGE: usize = 256 * 1024;
 
@@ -183,6 +183,17 @@ pub enum ControlError {
     /// The hub closed the connection without answering.
     #[error("hub control socket {0}: closed without an answer")]
     Closed(PathBuf),
+    /// The process at the socket is not the hub (nor root, nor us).
+    #[error(
+        "hub control socket {path}: answered by uid {uid}, which is neither root, you, nor \
+         the owner of the socket's directory (writable by its owner only): not trusted"
+    )]
+    UntrustedServer {
+        /// The socket.
+        path: PathBuf,
+        /// The peer's uid.
+        uid: u32,
+    },
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, ControlError> {
@@ -216,6 +227,34 @@ pub fn decode_response(bytes: &[u8]) -> Result<Response, postcard::Error> {
     postcard::from_bytes(bytes)
 }
 
+/// Who answers on the hub's control socket (SO_PEERCRED), checked before any answer is
+/// trusted: root, the client's own uid, or the owner of the socket's directory when only
+/// that owner can write there (the hub's runtime directory, made by init for the hub's
+/// user). Anyone else could have put a socket at the path and would be refused.
+fn check_server(fd: &OwnedFd, path: &Path) -> Result<(), ControlError> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    use std::os::unix::fs::MetadataExt;
+    let cred = getsockopt(fd, sockopt::PeerCredentials).map_err(|errno| ControlError::Io {
+        path: path.to_path_buf(),
+        what: "SO_PEERCRED",
+        errno,
+    })?;
+    let uid = cred.uid();
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+        return Ok(());
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if let Ok(meta) = std::fs::metadata(dir) {
+        if meta.mode() & 0o022 == 0 && meta.uid() == uid {
+            return Ok(());
+        }
+    }
+    Err(ControlError::UntrustedServer {
+        path: path.to_path_buf(),
+        uid,
+    })
+}
+
 /// A connection to the hub's control socket.
 pub struct HubClient {
     fd: OwnedFd,
@@ -244,6 +283,7 @@ impl HubClient {
         .map_err(io("socket"))?;
         let addr = UnixAddr::new(path).map_err(io("address"))?;
         connect(fd.as_raw_fd(), &addr).map_err(io("connect"))?;
+        check_server(&fd, path)?;
         Ok(HubClient {
             fd,
             path: path.to_path_buf(),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::cpio::{Archive, ArchiveError};
+use crate::kernel::plan::{KernelOverrides, KernelPlan, SystemKernels};
 use crate::kernel::Kernel;
 use crate::modules::{self, ModuleError, ModuleIndex};
 
@@ -33,6 +34,10 @@ pub enum ImageError {
     Module(#[from] ModuleError),
     #[error(transparent)]
     Kmod(#[from] crate::kmod::KmodError),
+    #[error(transparent)]
+    Choice(#[from] crate::kernel::choice::ChoiceError),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
@@ -57,6 +62,8 @@ pub struct SystemDir {
     /// Guests (`guests/<name>/guest.toml`), each shipped as
     /// `/var/lib/bulkhead/guests/<name>.cpio.gz` next to the kernel at `GUEST_KERNEL`.
     pub guests: Vec<(String, GuestDir)>,
+    /// `[kernel]`: the kernel the host boots (and guests that choose none).
+    pub kernel: Option<bulkhead_init::config::KernelConfig>,
 }
 
 /// One guest of a system: `guests/<name>/guest.toml` (see `bulkhead_guest_init::config`).
@@ -68,6 +75,8 @@ pub struct GuestDir {
     pub modules: Vec<String>,
     /// Workspace binaries its programs run from `/bin/` (besides the guest init).
     pub binaries: Vec<String>,
+    /// `[kernel]`: the guest's own kernel choice, if not the host's.
+    pub kernel: Option<bulkhead_init::config::KernelConfig>,
 }
 
 /// The guest's PID 1.
@@ -91,13 +100,15 @@ impl GuestDir {
             dir: dir.to_path_buf(),
             modules: config.modules.clone(),
             binaries: config.binaries(),
+            kernel: config.kernel.clone(),
             guest_toml,
         })
     }
 }
 
-/// Where a host image carries the kernel its VMs boot.
-pub const GUEST_KERNEL: &str = "var/lib/bulkhead/vmlinuz";
+/// Where a host image carries the kernel its VMs boot (unless a guest chooses another: see
+/// [`crate::kernel::plan`]).
+pub use crate::kernel::plan::GUEST_KERNEL;
 /// Where a host image carries guest image `<name>`.
 pub fn guest_image_path(name: &str) -> String {
     format!("var/lib/bulkhead/guests/{name}.cpio.gz")
@@ -117,6 +128,7 @@ impl SystemDir {
                 }
             })?;
         let modules = config.host.modules.clone();
+        let kernel = config.kernel.clone();
         // Every `/bin/<name>` the hub or a service runs (as the program or as an argument,
         // e.g. a wrapper) is one of our binaries.
         let mut binaries: Vec<String> = Vec::new();
@@ -180,7 +192,18 @@ impl SystemDir {
             binaries,
             policy_files,
             guests,
+            kernel,
         })
+    }
+
+    /// Which kernel the host and each guest boot, with the command line's `over`rides.
+    pub fn kernel_plan(&self, over: &KernelOverrides) -> Result<KernelPlan, ImageError> {
+        let guests: Vec<(String, Option<bulkhead_init::config::KernelConfig>)> = self
+            .guests
+            .iter()
+            .map(|(n, g)| (n.clone(), g.kernel.clone()))
+            .collect();
+        Ok(KernelPlan::new(self.kernel.as_ref(), &guests, over)?)
     }
 
     /// Every workspace binary this system and its guests need, the inits first.
@@ -241,7 +264,8 @@ pub fn build_binaries(
 /// Everything that goes into a host image.
 #[derive(Debug, Clone)]
 pub struct HostImage<'a> {
-    pub kernel: &'a Kernel,
+    /// The host's kernel and each guest's.
+    pub kernels: &'a SystemKernels,
     pub system: &'a SystemDir,
     /// (name, path) of every binary; `bulkhead-init` becomes `/init`.
     pub binaries: Vec<(String, PathBuf)>,
@@ -275,12 +299,28 @@ impl HostImage<'_> {
                 data.clone(),
             )?;
         }
-        add_modules(&mut a, self.kernel, &self.system.modules)?;
+        add_modules(&mut a, &self.kernels.host, &self.system.modules)?;
         if !self.system.guests.is_empty() {
-            a.file_from(GUEST_KERNEL, 0o644, &self.kernel.vmlinuz)?;
+            let config = bulkhead_init::config::SystemConfig::parse(
+                &self.system.system_toml,
+                &self.system.dir.join("system.toml"),
+            )
+            .map_err(|e| ImageError::System {
+                path: self.system.dir.clone(),
+                reason: e.to_string(),
+            })?;
+            self.kernels
+                .check_services(&config)
+                .map_err(|reason| ImageError::System {
+                    path: self.system.dir.join("system.toml"),
+                    reason,
+                })?;
+            let names: Vec<&str> = self.system.guests.iter().map(|(n, _)| n.as_str()).collect();
+            self.kernels.add_guest_kernels(&mut a, &names)?;
         }
         for (name, guest) in &self.system.guests {
-            let img = guest_archive(self.kernel, guest, &self.binaries)?.write_gz(Vec::new())?;
+            let kernel = self.kernels.guest(name);
+            let img = guest_archive(kernel, guest, &self.binaries)?.write_gz(Vec::new())?;
             a.file(&guest_image_path(name), 0o644, img)?;
         }
         for (path, mode, data) in &self.extra_files {
@@ -347,14 +387,16 @@ fn add_modules_and(
     let workspace = crate::workspace_dir();
     for m in wanted {
         if crate::kmod::source_dir(&workspace, m).is_some() {
-            let ko = crate::kmod::build(&workspace, m, &kernel.abi)?;
+            let ko = crate::kmod::build(&workspace, m, kernel)?;
             index.add_external(m, ko);
         }
     }
     let chosen = index.closure(wanted)?;
     let base = format!("lib/modules/{}", kernel.abi);
     for m in &chosen {
-        a.file_from(&format!("{base}/{}", m.rel_path), 0o644, &m.source)?;
+        // Decompressed if the kernel ships it compressed (`rel_path` is the `.ko`).
+        let data = modules::read_module(&m.source)?;
+        a.file(&format!("{base}/{}", m.rel_path), 0o644, data)?;
     }
     a.file(
         &format!("{base}/modules.dep"),
@@ -411,10 +453,11 @@ pub fn guest_archive(
     Ok(a)
 }
 
-/// Builds the host image for a system directory: its binaries (static), its modules, its
-/// guests; writes it to `out`.
+/// Builds the host image for a system directory with `kernels` (see
+/// [`SystemDir::kernel_plan`]): its binaries (static), its modules, its guests; writes it
+/// to `out`.
 pub fn build_system_image(
-    kernel: &Kernel,
+    kernels: &SystemKernels,
     workspace: &Path,
     system: &Path,
     out: &Path,
@@ -422,7 +465,7 @@ pub fn build_system_image(
     let sys = SystemDir::load(system)?;
     let binaries = build_binaries(workspace, &sys.all_binaries())?;
     HostImage {
-        kernel,
+        kernels,
         system: &sys,
         binaries,
         extra_files: Vec::new(),

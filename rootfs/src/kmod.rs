@@ -1,9 +1,11 @@
-//! Our out-of-tree kernel modules (the virtio_wl guest driver), built against the Debian
-//! `linux-headers-<abi>` package of the kernel the images boot, into the build directory
-//! (never the source tree).
+//! Our out-of-tree kernel modules (the virtio_wl guest driver), built for each kernel an
+//! image boots against that kernel's Debian `linux-headers-<abi>`, unpacked in the cache by
+//! `provision` (never installed), into the build directory (never the source tree).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use crate::kernel::Kernel;
 
 /// Module name → source directory (relative to the workspace).
 pub const OUT_OF_TREE: &[(&str, &str)] = &[("virtio_wl", "rootfs/guest/virtio_wl")];
@@ -15,7 +17,7 @@ pub enum KmodError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("kernel headers for {abi} are missing ({dir}): run `bulkhead-rootfs provision` as root (it installs linux-headers-{abi})")]
+    #[error("kernel headers for {abi} are missing ({dir}): run `bulkhead-rootfs provision` (it unpacks linux-headers-{abi} into the cache)")]
     NoHeaders { abi: String, dir: PathBuf },
     #[error("building {name} failed: {detail}")]
     Build { name: String, detail: String },
@@ -28,11 +30,6 @@ pub fn source_dir(workspace: &Path, name: &str) -> Option<PathBuf> {
         .iter()
         .find(|(m, _)| *m == n)
         .map(|(_, dir)| workspace.join(dir))
-}
-
-/// The headers directory Debian's `linux-headers-<abi>` installs.
-pub fn headers_dir(abi: &str) -> PathBuf {
-    PathBuf::from(format!("/usr/src/linux-headers-{abi}"))
 }
 
 fn copy_sources(from: &Path, to: &Path) -> Result<(), KmodError> {
@@ -66,17 +63,18 @@ fn copy_tree(from: &Path, to: &Path, in_include: bool) -> Result<(), KmodError> 
     Ok(())
 }
 
-/// Builds module `name` for kernel `abi` and returns the `.ko`.
-pub fn build(workspace: &Path, name: &str, abi: &str) -> Result<PathBuf, KmodError> {
+/// Builds module `name` for `kernel` and returns the `.ko`.
+pub fn build(workspace: &Path, name: &str, kernel: &Kernel) -> Result<PathBuf, KmodError> {
+    let abi = &kernel.abi;
     let src = source_dir(workspace, name).ok_or_else(|| KmodError::Build {
         name: name.to_string(),
         detail: "not one of our out-of-tree modules".into(),
     })?;
-    let headers = headers_dir(abi);
+    let headers = &kernel.headers_dir;
     if !headers.join("Makefile").exists() {
         return Err(KmodError::NoHeaders {
             abi: abi.to_string(),
-            dir: headers,
+            dir: headers.clone(),
         });
     }
     let n = crate::modules::normalize(name);
@@ -84,7 +82,7 @@ pub fn build(workspace: &Path, name: &str, abi: &str) -> Result<PathBuf, KmodErr
     copy_sources(&src, &out)?;
     let res = Command::new("make")
         .arg("-C")
-        .arg(&headers)
+        .arg(headers)
         .arg(format!("M={}", out.display()))
         .arg("modules")
         .output()

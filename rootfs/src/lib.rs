@@ -1,7 +1,10 @@
-//! Bulkhead's build side: provisioning (QEMU and the Debian cloud kernel), initramfs
-//! images (newc cpio), kernel module closures, and running images under QEMU.
+//! Bulkhead's build side: provisioning (QEMU, and Debian kernels with their headers in a
+//! cache), initramfs images (newc cpio), kernel module closures, and running images under
+//! QEMU.
 
+pub mod apt;
 pub mod bench;
+pub mod compressed;
 pub mod cpio;
 pub mod image;
 pub mod kernel;

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bulkhead_rootfs::image::build_system_image;
-use bulkhead_rootfs::kernel::{Cache, Kernel};
+use bulkhead_rootfs::image::{build_system_image, SystemDir};
+use bulkhead_rootfs::kernel::plan::{KernelOverrides, SystemKernels};
+use bulkhead_rootfs::kernel::{Cache, ChoiceOverride, Kernel, KernelChoice};
 use bulkhead_rootfs::qemu::{Machine, Outcome, QemuConfig};
 use bulkhead_rootfs::{provision, workspace_dir, HOST_CMDLINE};
 use clap::{Parser, Subcommand};
@@ -40,9 +41,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install QEMU from Debian's packages (as root) and download the current Debian cloud
-    /// kernel and its modules into the cache. Idempotent.
-    Provision,
+    /// Install QEMU and the module build tools from Debian's packages (as root), and
+    /// download Debian kernels with their modules and headers into the cache (nothing of a
+    /// kernel is installed): the default one (cloud, the build machine's own suite) and the
+    /// one named by --flavour/--suite, or without them the tests' second kernel (cloud, the
+    /// build machine's backports: 6.12 on Debian 12); also install what the tests need (weston,
+    /// wl-clipboard, wayland-utils, xvfb). Idempotent.
+    Provision {
+        #[command(flatten)]
+        kernel: ChoiceArgs,
+    },
     /// Build the host initramfs for a system directory (system.toml + policy.d/).
     Build {
         /// The system directory.
@@ -51,6 +59,8 @@ enum Cmd {
         /// Output file (default target/bulkhead/<system>/host.cpio.gz).
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        kernels: KernelArgs,
     },
     /// Provision if needed, build a system's host image and boot it under QEMU (TCG, q35,
     /// intel-iommu, edu); the console is shown; exits 0 only if the host powered off cleanly.
@@ -64,6 +74,8 @@ enum Cmd {
         /// Extra kernel command line arguments (e.g. `bulkhead.loglevel=debug`).
         #[arg(long, default_value = "")]
         append: String,
+        #[command(flatten)]
+        kernels: KernelArgs,
     },
     /// Benchmarks, each run inside one QEMU boot against a real peer; the last line is
     /// `BENCH <name> key=value …`.
@@ -98,6 +110,55 @@ enum BenchCmd {
     },
 }
 
+/// One kernel choice on the command line.
+#[derive(clap::Args)]
+struct ChoiceArgs {
+    /// Kernel flavour: `cloud` (linux-image-cloud-amd64) or `generic` (linux-image-amd64).
+    #[arg(long)]
+    flavour: Option<String>,
+    /// Debian suite of the kernel: `system` (the build machine's apt sources), `backports`
+    /// (its release's backports), or a suite name (`stable`, `bookworm-backports`, …).
+    #[arg(long)]
+    suite: Option<String>,
+}
+
+impl ChoiceArgs {
+    fn parse(&self) -> Result<ChoiceOverride, String> {
+        ChoiceOverride::parse(self.flavour.as_deref(), self.suite.as_deref())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Kernel choices of a system on the command line, over its files' `[kernel]` tables.
+#[derive(clap::Args)]
+struct KernelArgs {
+    /// The host's kernel flavour (`cloud`, `generic`); guests that choose none follow it.
+    #[arg(long)]
+    flavour: Option<String>,
+    /// The host's kernel suite (`system`, `backports`, a suite name); guests that choose
+    /// none follow it.
+    #[arg(long)]
+    suite: Option<String>,
+    /// Every guest's kernel flavour, over the guests' own choices.
+    #[arg(long)]
+    guest_flavour: Option<String>,
+    /// Every guest's kernel suite, over the guests' own choices.
+    #[arg(long)]
+    guest_suite: Option<String>,
+}
+
+impl KernelArgs {
+    fn overrides(&self) -> Result<KernelOverrides, String> {
+        let parse = |f: &Option<String>, s: &Option<String>| {
+            ChoiceOverride::parse(f.as_deref(), s.as_deref()).map_err(|e| e.to_string())
+        };
+        Ok(KernelOverrides {
+            host: parse(&self.flavour, &self.suite)?,
+            guests: parse(&self.guest_flavour, &self.guest_suite)?,
+        })
+    }
+}
+
 fn default_system() -> PathBuf {
     workspace_dir().join("rootfs/examples/demo")
 }
@@ -109,26 +170,46 @@ fn system_name(system: &std::path::Path) -> String {
         .unwrap_or_else(|| "system".into())
 }
 
+/// Builds a system's host image with the kernels its files and `over` choose; with
+/// `provision`, fetches those kernels first (quick when they are in the cache).
 fn build(
     cache: &Cache,
     workspace: &std::path::Path,
     system: &std::path::Path,
     out: Option<PathBuf>,
-) -> Result<(Kernel, PathBuf), String> {
-    let kernel = Kernel::current(cache).map_err(|e| e.to_string())?;
+    over: &KernelOverrides,
+    provision: bool,
+) -> Result<(SystemKernels, PathBuf), String> {
+    let sys = SystemDir::load(system).map_err(|e| e.to_string())?;
+    let plan = sys.kernel_plan(over).map_err(|e| e.to_string())?;
+    if provision {
+        provision::provision(cache, &plan.choices(), false).map_err(|e| e.to_string())?;
+    }
+    let kernels = plan.resolve(cache).map_err(|e| e.to_string())?;
     let out = out.unwrap_or_else(|| {
+        let mut name = system_name(system);
+        let tag = over.tag();
+        if !tag.is_empty() {
+            name = format!("{name}-{tag}");
+        }
         workspace
             .join("target/bulkhead")
-            .join(system_name(system))
+            .join(name)
             .join("host.cpio.gz")
     });
-    build_system_image(&kernel, workspace, system, &out).map_err(|e| e.to_string())?;
+    build_system_image(&kernels, workspace, system, &out).map_err(|e| e.to_string())?;
+    let mut guests: Vec<String> = Vec::new();
+    for (name, _) in &sys.guests {
+        guests.push(format!("{name} {}", kernels.guest(name).abi));
+    }
     eprintln!(
-        "bulkhead-rootfs: wrote {} (kernel {})",
+        "bulkhead-rootfs: wrote {} (host kernel {}{}{})",
         out.display(),
-        kernel.abi
+        kernels.host.abi,
+        if guests.is_empty() { "" } else { "; guests: " },
+        guests.join(", ")
     );
-    Ok((kernel, out))
+    Ok((kernels, out))
 }
 
 fn run(cli: Cli) -> Result<u8, String> {
@@ -138,19 +219,32 @@ fn run(cli: Cli) -> Result<u8, String> {
         .unwrap_or_else(Cache::default_location);
     let workspace = cli.workspace.unwrap_or_else(workspace_dir);
     match cli.command {
-        Cmd::Provision => {
-            let k = provision::provision(&cache).map_err(|e| e.to_string())?;
-            eprintln!(
-                "bulkhead-rootfs: ready: kernel {} at {}",
-                k.abi,
-                k.vmlinuz.display()
-            );
+        Cmd::Provision { kernel } => {
+            let over = kernel.parse()?;
+            let second = if over.is_empty() {
+                KernelChoice::second()
+            } else {
+                KernelChoice::default().with(&over)
+            };
+            let choices = [KernelChoice::default(), second];
+            let kernels =
+                provision::provision(&cache, &choices, true).map_err(|e| e.to_string())?;
+            provision::ensure_packages(provision::TEST_PACKAGES).map_err(|e| e.to_string())?;
+            for (c, k) in choices.iter().zip(&kernels) {
+                eprintln!(
+                    "bulkhead-rootfs: ready: {c}: {} at {} (headers in {})",
+                    k.abi,
+                    k.vmlinuz.display(),
+                    k.headers_dir.display()
+                );
+            }
             Ok(0)
         }
         Cmd::Bench {
             which: BenchCmd::Vmm { runs },
         } => {
-            provision::provision(&cache).map_err(|e| e.to_string())?;
+            provision::provision(&cache, &[KernelChoice::default()], false)
+                .map_err(|e| e.to_string())?;
             let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
             let lines = bulkhead_rootfs::bench::bench_vmm(&kernel, &workspace, runs)
                 .map_err(|e| e.to_string())?;
@@ -167,7 +261,8 @@ fn run(cli: Cli) -> Result<u8, String> {
                     reps,
                 },
         } => {
-            provision::provision(&cache).map_err(|e| e.to_string())?;
+            provision::provision(&cache, &[KernelChoice::default()], false)
+                .map_err(|e| e.to_string())?;
             let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
             let opts = bulkhead_rootfs::bench::wl::WlBenchOptions {
                 rounds,
@@ -181,17 +276,30 @@ fn run(cli: Cli) -> Result<u8, String> {
             }
             Ok(0)
         }
-        Cmd::Build { system, out } => build(&cache, &workspace, &system, out).map(|_| 0),
+        Cmd::Build {
+            system,
+            out,
+            kernels,
+        } => build(
+            &cache,
+            &workspace,
+            &system,
+            out,
+            &kernels.overrides()?,
+            false,
+        )
+        .map(|_| 0),
         Cmd::Boot {
             system,
             timeout,
             append,
+            kernels,
         } => {
-            // Install what is missing (QEMU, the kernel); quick when all is there.
-            provision::provision(&cache).map_err(|e| e.to_string())?;
-            let (kernel, image) = build(&cache, &workspace, &system, None)?;
+            // Install what is missing (QEMU, the kernels); quick when all is there.
+            let over = kernels.overrides()?;
+            let (kernels, image) = build(&cache, &workspace, &system, None, &over, true)?;
             let cmdline = format!("{HOST_CMDLINE} {append}");
-            let cfg = QemuConfig::host(&kernel.vmlinuz, &image, cmdline.trim());
+            let cfg = QemuConfig::host(&kernels.host.vmlinuz, &image, cmdline.trim());
             eprintln!("bulkhead-rootfs: {}", cfg.command_line());
             let mut m = Machine::spawn(&cfg, true).map_err(|e| e.to_string())?;
             let outcome = m.wait_end(Duration::from_secs(timeout));

@@ -3,7 +3,8 @@
 //!
 //! Debian's kernel package ships no `modules.dep` (depmod runs at install time), so the
 //! dependencies are read from each module's own `.modinfo` (`depends=a,b`,
-//! `softdep=pre: x post: y`).
+//! `softdep=pre: x post: y`), through the file's compression if it has one (6.12's
+//! `.ko.xz`); images carry modules decompressed, as `.ko`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -28,8 +29,11 @@ pub enum ModuleError {
         dir: PathBuf,
         needed_by: String,
     },
-    #[error("module {0:?} is compressed; only uncompressed .ko files are supported")]
-    Compressed(String),
+    #[error("{path}: {source}")]
+    Decompress {
+        path: PathBuf,
+        source: crate::compressed::DecompressError,
+    },
 }
 
 /// Module names treat `-` and `_` alike; the kernel uses `_`.
@@ -41,6 +45,8 @@ pub fn normalize(name: &str) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModInfo {
     pub name: Option<String>,
+    /// The kernel release and options it was built for (a kernel loads only its own).
+    pub vermagic: Option<String>,
     pub depends: Vec<String>,
     pub softdep_pre: Vec<String>,
     pub softdep_post: Vec<String>,
@@ -58,6 +64,7 @@ pub fn parse_modinfo(section: &[u8]) -> ModInfo {
         };
         match key {
             "name" => info.name = Some(normalize(value)),
+            "vermagic" => info.vermagic = Some(value.to_string()),
             "depends" => info
                 .depends
                 .extend(value.split(',').filter(|d| !d.is_empty()).map(normalize)),
@@ -81,12 +88,23 @@ pub fn parse_modinfo(section: &[u8]) -> ModInfo {
     info
 }
 
-/// Reads `.modinfo` from a module file.
+/// A module file's contents (decompressed).
+pub fn read_module(path: &Path) -> Result<Vec<u8>, ModuleError> {
+    crate::compressed::read_module(path).map_err(|e| match e {
+        crate::compressed::ReadError::Io(source) => ModuleError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        crate::compressed::ReadError::Decompress(source) => ModuleError::Decompress {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+/// Reads `.modinfo` from a module file (compressed or not).
 pub fn read_modinfo(path: &Path) -> Result<ModInfo, ModuleError> {
-    let data = std::fs::read(path).map_err(|source| ModuleError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let data = read_module(path)?;
     let file = object::File::parse(&*data).map_err(|e| ModuleError::BadElf {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -103,7 +121,8 @@ pub fn read_modinfo(path: &Path) -> Result<ModInfo, ModuleError> {
     Ok(parse_modinfo(bytes))
 }
 
-/// The modules of one kernel release: name → path relative to `lib/modules/<abi>/`.
+/// The modules of one kernel release: name → path relative to `lib/modules/<abi>/` (of the
+/// file as it is, compressed or not).
 #[derive(Debug, Clone)]
 pub struct ModuleIndex {
     dir: PathBuf,
@@ -117,9 +136,10 @@ pub struct ModuleIndex {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChosenModule {
     pub name: String,
-    /// Where the `.ko` is on the build machine.
+    /// Where the module file is on the build machine (perhaps compressed: read it with
+    /// [`read_module`]).
     pub source: PathBuf,
-    /// Path relative to `lib/modules/<abi>/`.
+    /// Its path in images, relative to `lib/modules/<abi>/`: always a plain `.ko`.
     pub rel_path: String,
     /// Direct dependencies (normalised names).
     pub depends: Vec<String>,
@@ -129,6 +149,14 @@ pub struct ChosenModule {
 
 fn stem(file_name: &str) -> Option<&str> {
     file_name.strip_suffix(".ko")
+}
+
+/// The image path of a module file: its compression suffix dropped.
+fn image_path(rel: &str) -> String {
+    match rel.rsplit_once(".ko.") {
+        Some((base, _)) => format!("{base}.ko"),
+        None => rel.to_string(),
+    }
 }
 
 impl ModuleIndex {
@@ -157,15 +185,17 @@ impl ModuleIndex {
                     continue;
                 }
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(s) = stem(&name) {
-                    if let Ok(rel) = path.strip_prefix(dir) {
-                        by_name.insert(normalize(s), rel.to_string_lossy().into_owned());
+                let Some((s, compression)) = crate::compressed::Compression::split(&name) else {
+                    continue;
+                };
+                if let Ok(rel) = path.strip_prefix(dir) {
+                    let rel = rel.to_string_lossy().into_owned();
+                    // A plain `.ko` wins over a compressed one of the same name.
+                    if compression.is_none() {
+                        by_name.insert(normalize(s), rel);
+                    } else {
+                        by_name.entry(normalize(s)).or_insert(rel);
                     }
-                } else if name.contains(".ko.") {
-                    let s = name.split(".ko.").next().unwrap_or(&name);
-                    by_name
-                        .entry(normalize(s))
-                        .or_insert_with(|| format!("compressed:{name}"));
                 }
             }
         }
@@ -233,9 +263,6 @@ impl ModuleIndex {
                 });
             };
             let rel = rel.to_string();
-            if rel.starts_with("compressed:") {
-                return Err(ModuleError::Compressed(name));
-            }
             let source = self
                 .external
                 .get(&name)
@@ -254,7 +281,7 @@ impl ModuleIndex {
                 ChosenModule {
                     name,
                     source,
-                    rel_path: rel,
+                    rel_path: image_path(&rel),
                     depends: info.depends,
                     softdep_pre: info.softdep_pre,
                     softdep_post: info.softdep_post,
@@ -367,10 +394,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn images_carry_compressed_modules_as_plain_ko() {
+        assert_eq!(
+            image_path("kernel/arch/x86/kvm/kvm-amd.ko.xz"),
+            "kernel/arch/x86/kvm/kvm-amd.ko"
+        );
+        assert_eq!(image_path("extra/virtio_wl.ko"), "extra/virtio_wl.ko");
+    }
+
+    #[test]
     fn modinfo_fields_are_split_and_normalised() {
-        let raw = b"license=GPL\0depends=vfio-pci-core,vfio\0name=vfio_pci\0softdep=pre: a-b post: vfio_iommu_type1 c\0\0";
+        let raw = b"license=GPL\0depends=vfio-pci-core,vfio\0name=vfio_pci\0softdep=pre: a-b post: vfio_iommu_type1 c\0vermagic=6.1.0-57-cloud-amd64 SMP mod_unload\0\0";
         let info = parse_modinfo(raw);
         assert_eq!(info.name.as_deref(), Some("vfio_pci"));
+        assert_eq!(
+            info.vermagic.as_deref(),
+            Some("6.1.0-57-cloud-amd64 SMP mod_unload")
+        );
         assert_eq!(info.depends, ["vfio_pci_core", "vfio"]);
         assert_eq!(info.softdep_pre, ["a_b"]);
         assert_eq!(info.softdep_post, ["vfio_iommu_type1", "c"]);

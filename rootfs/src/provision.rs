@@ -1,18 +1,27 @@
 //! `bulkhead-rootfs provision`: everything a fresh Debian machine needs to build and boot
-//! Bulkhead: QEMU from Debian's packages, and the current Debian cloud kernel with its
-//! modules unpacked into a cache outside the source tree. Safe to run again: work already
-//! done is skipped.
+//! Bulkhead: QEMU and the tools that build our out-of-tree guest module, from Debian's
+//! packages, and each chosen Debian kernel with its modules and its headers unpacked into
+//! a cache outside the source tree. No kernel is ever installed on the build machine.
+//! Safe to run again: work already done is skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::kernel::{Cache, Kernel};
+use crate::apt::{self, parse_depends, Apt, AptError};
+use crate::kernel::{self, choice, Cache, Kernel, KernelChoice};
 
 /// Debian packages the build and boot need.
 pub const PACKAGES: &[&str] = &["qemu-system-x86"];
 
-/// The metapackage that names the current cloud kernel ABI.
-pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
+/// What building an out-of-tree module against unpacked headers needs on the build
+/// machine, besides the compiler the headers name: `make`, `gcc`, and `pahole` (package
+/// dwarves), which writes a module's BTF when the headers carry a `vmlinux` (6.12 does).
+pub const BUILD_TOOLS: &[&str] = &["make", "gcc", "dwarves"];
+
+/// Debian packages only the tests need, installed by the `provision` command (not by `boot`
+/// or the benches): the Wayland proxies' tests run real weston and stock clients
+/// (`rootfs/guest/wayland/tests`); Xvfb gives weston a seat for keymaps and the clipboard.
+pub const TEST_PACKAGES: &[&str] = &["weston", "wl-clipboard", "wayland-utils", "xvfb"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -21,36 +30,34 @@ pub enum ProvisionError {
         missing: Vec<String>,
         command: String,
     },
-    #[error("`{command}` failed: {detail}")]
-    Command { command: String, detail: String },
-    #[error(
-        "could not find the kernel ABI in `apt-cache depends {KERNEL_METAPACKAGE}` output: {0:?}"
-    )]
-    NoAbi(String),
+    #[error(transparent)]
+    Apt(#[from] AptError),
+    #[error("could not find the kernel ABI of {metapackage} in {source_desc}: {detail}")]
+    NoAbi {
+        metapackage: String,
+        source_desc: String,
+        detail: String,
+    },
+    #[error("the headers of {abi} need {packages:?} on the build machine, which its apt cannot install ({detail}); a kernel of a newer Debian release needs a build machine of that release (on Debian 12, the 6.12 line is suite \"backports\")")]
+    Tools {
+        abi: String,
+        packages: Vec<String>,
+        detail: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
 }
 
-fn run(cmd: &mut Command) -> Result<String, ProvisionError> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd.output().map_err(|e| ProvisionError::Command {
-        command: shown.clone(),
-        detail: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(ProvisionError::Command {
-            command: shown,
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
+    move |source| ProvisionError::Io {
+        path: path.to_path_buf(),
+        source,
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn is_root() -> bool {
@@ -94,19 +101,23 @@ pub fn ensure_packages(pkgs: &[&str]) -> Result<(), ProvisionError> {
         });
     }
     log::info!("installing {}", missing.join(" "));
-    apt_update()?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing))?;
+    let install = || {
+        apt::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing),
+        )
+    };
+    if install().is_err() {
+        // Perhaps only stale package lists.
+        Apt::system().update()?;
+        install()?;
+    }
     Ok(())
 }
 
-fn apt_update() -> Result<(), ProvisionError> {
-    run(Command::new("apt-get").args(["update", "-q"])).map(|_| ())
-}
-
-/// Parses `apt-cache depends linux-image-cloud-amd64` for the ABI it depends on.
+/// Parses `apt-cache depends <metapackage>` for the kernel ABI it depends on.
 pub fn parse_abi(apt_cache_depends: &str) -> Option<String> {
     apt_cache_depends.lines().find_map(|l| {
         let dep = l.trim().strip_prefix("Depends:")?.trim();
@@ -119,89 +130,252 @@ pub fn parse_abi(apt_cache_depends: &str) -> Option<String> {
     })
 }
 
-/// The current cloud kernel ABI according to apt (updating the package lists once if they
-/// know nothing yet and we are root).
-pub fn current_abi() -> Result<String, ProvisionError> {
-    let query = || run(Command::new("apt-cache").args(["depends", KERNEL_METAPACKAGE]));
-    match query().ok().as_deref().and_then(parse_abi) {
+/// The current kernel ABI of `flavour` in `apt`'s suite (fetching the package lists first
+/// when there are none, or when `refresh` asks and the lists are private).
+pub fn current_abi(
+    apt: &Apt,
+    flavour: kernel::Flavour,
+    refresh: bool,
+) -> Result<String, ProvisionError> {
+    let meta = choice::metapackage(flavour);
+    if !apt.is_system() && (refresh || !apt.has_lists()) {
+        log::info!("fetching the package lists of {}", apt.describe());
+        apt.update()?;
+    }
+    let no_abi = |detail: String| ProvisionError::NoAbi {
+        metapackage: meta.to_string(),
+        source_desc: apt.describe(),
+        detail,
+    };
+    match apt.depends(meta).ok().as_deref().and_then(parse_abi) {
         Some(abi) => Ok(abi),
-        None if is_root() => {
-            apt_update()?;
-            let out = query()?;
-            parse_abi(&out).ok_or(ProvisionError::NoAbi(out))
-        }
-        None => Err(ProvisionError::NoAbi(
+        None if apt.is_system() && !is_root() => Err(no_abi(
             "no package lists; run `apt-get update` as root".into(),
         )),
+        None => {
+            apt.update()?;
+            let out = apt.depends(meta)?;
+            parse_abi(&out).ok_or_else(|| no_abi(out))
+        }
     }
 }
 
-/// Downloads one package's .deb into `dir` and unpacks it into `root`.
-fn fetch_and_unpack(pkg: &str, dir: &Path, root: &Path) -> Result<(), ProvisionError> {
-    std::fs::create_dir_all(dir).map_err(|source| ProvisionError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    run(Command::new("apt-get")
-        .current_dir(dir)
-        // apt's download sandbox user cannot write into root's cache.
-        .args(["-q", "-o", "APT::Sandbox::User=root", "download", pkg]))?;
-    let deb = std::fs::read_dir(dir)
-        .map_err(|source| ProvisionError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
-                .unwrap_or(false)
-        })
-        .ok_or_else(|| ProvisionError::Command {
-            command: format!("apt-get download {pkg}"),
-            detail: "no .deb appeared".into(),
-        })?;
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root))?;
+/// Downloads `pkgs` into `dl`, unpacks them all into `root` (emptied first), and removes
+/// the downloads.
+fn fetch_and_unpack(
+    apt: &Apt,
+    pkgs: &[String],
+    dl: &Path,
+    root: &Path,
+) -> Result<(), ProvisionError> {
+    let _ = std::fs::remove_dir_all(root);
+    let _ = std::fs::remove_dir_all(dl);
+    let debs = apt.download(pkgs, dl)?;
+    for deb in &debs {
+        apt::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(root))?;
+    }
+    let _ = std::fs::remove_dir_all(dl);
     Ok(())
 }
 
-/// Makes sure the kernel for `abi` is unpacked in the cache and recorded as current.
-pub fn ensure_kernel(cache: &Cache, abi: &str) -> Result<Kernel, ProvisionError> {
-    let dir = cache.kernel_dir(abi);
-    let done = dir.join(".complete");
-    if !done.exists() {
-        log::info!("downloading linux-image-{abi} into {}", dir.display());
-        let root = dir.join("root");
-        let _ = std::fs::remove_dir_all(&root);
-        fetch_and_unpack(&format!("linux-image-{abi}"), &dir.join("dl"), &root)?;
-        std::fs::write(&done, b"").map_err(|source| ProvisionError::Io {
-            path: done.clone(),
-            source,
-        })?;
-    } else {
-        log::info!("kernel {abi} already in {}", dir.display());
-    }
-    cache
-        .set_current(abi)
-        .map_err(|source| ProvisionError::Io {
-            path: cache.dir().to_path_buf(),
-            source,
-        })?;
-    Kernel::in_cache(cache, abi).map_err(|e| ProvisionError::Command {
-        command: "locate the unpacked kernel".into(),
-        detail: e.to_string(),
-    })
+/// What to do with a dependency of a kernel's image or headers package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dep {
+    /// Another part of the same kernel: download and unpack it with the package.
+    Unpack,
+    /// Needed on the build machine to build modules (a compiler, a library the kbuild
+    /// programs link): install it.
+    Install,
+    /// Neither (the image for the headers, linux-base's hooks, initramfs tools).
+    Skip,
 }
 
-/// The whole `provision` command: QEMU, the kernel, and what building our out-of-tree
-/// guest modules needs (that kernel's headers, make, gcc).
-pub fn provision(cache: &Cache) -> Result<Kernel, ProvisionError> {
-    ensure_packages(PACKAGES)?;
-    let abi = current_abi()?;
-    log::info!("current Debian cloud kernel ABI: {abi}");
+/// Sorts a dependency of `linux-image-<abi>` (`headers` false) or `linux-headers-<abi>`
+/// (`headers` true). Debian 12's and 13's 6.x image package holds the whole kernel; newer
+/// ones are split into `linux-base-<abi>`, `linux-binary-<abi>` and `linux-modules-<abi>`,
+/// which are unpacked with it; headers bring `-common` and `linux-kbuild-*`.
+fn classify(dep: &str, abi: &str, headers: bool) -> Dep {
+    if dep == "linux-base" || dep.starts_with("linux-image-") {
+        Dep::Skip
+    } else if dep.starts_with("linux-") && dep.ends_with(&format!("-{abi}")) {
+        Dep::Unpack
+    } else if !headers {
+        Dep::Skip
+    } else if dep.starts_with("linux-headers-") || dep.starts_with("linux-kbuild-") {
+        Dep::Unpack
+    } else {
+        Dep::Install
+    }
+}
+
+/// `first` and the packages of the same kernel it depends on, directly or not; and what
+/// the build machine needs installed for them.
+fn kernel_packages(
+    apt: &Apt,
+    first: String,
+    abi: &str,
+    headers: bool,
+) -> Result<(Vec<String>, Vec<String>), ProvisionError> {
+    let mut pkgs = vec![first];
+    let mut tools: Vec<String> = Vec::new();
+    let mut i = 0;
+    while let Some(pkg) = pkgs.get(i).cloned() {
+        for dep in parse_depends(&apt.depends(&pkg)?) {
+            match classify(&dep, abi, headers) {
+                Dep::Unpack if !pkgs.contains(&dep) => pkgs.push(dep),
+                Dep::Install if !tools.contains(&dep) => tools.push(dep),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    Ok((pkgs, tools))
+}
+
+/// Makes sure the kernel image of `abi` (`linux-image-<abi>` and its parts) is unpacked in
+/// the cache.
+pub fn ensure_kernel(cache: &Cache, apt: &Apt, abi: &str) -> Result<(), ProvisionError> {
+    let dir = cache.kernel_dir(abi);
+    let done = dir.join(".complete");
+    if done.exists() {
+        if Kernel::in_cache(cache, abi).is_ok() {
+            log::info!("kernel {abi} already in {}", dir.display());
+            return Ok(());
+        }
+        log::warn!(
+            "kernel {abi} in {} is incomplete: fetching it again",
+            dir.display()
+        );
+    }
+    let (pkgs, _) = kernel_packages(apt, format!("linux-image-{abi}"), abi, false)?;
+    log::info!("downloading {} into {}", pkgs.join(" "), dir.display());
+    fetch_and_unpack(apt, &pkgs, &dir.join("dl"), &dir.join("root"))?;
+    std::fs::write(&done, b"").map_err(io(&done))
+}
+
+/// Points the absolute paths in the headers' Makefile (`include /usr/src/…`,
+/// `KBUILD_OUTPUT=/usr/src/…`) that name something unpacked under `root` at the unpacked
+/// copies. A path is a word that starts with `/` at the start of a line or after a space or
+/// `=`.
+pub fn relocate_makefile(text: &str, root: &Path) -> String {
+    let prefix = root.display().to_string();
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let mut rest = line;
+        let mut at_word_start = true;
+        while let Some(c) = rest.chars().next() {
+            if c == '/' && at_word_start {
+                let end = rest
+                    .find(|ch: char| ch.is_whitespace())
+                    .unwrap_or(rest.len());
+                let (path, after) = rest.split_at(end);
+                if root.join(path.trim_start_matches('/')).exists() {
+                    out.push_str(&prefix);
+                }
+                out.push_str(path);
+                rest = after;
+                at_word_start = false;
+                continue;
+            }
+            out.push(c);
+            at_word_start = c == ' ' || c == '=' || c == '\t';
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    out
+}
+
+/// Makes sure the headers of `abi` (linux-headers-<abi> with the -common and kbuild packages
+/// it depends on) are unpacked in the cache, and returns the Debian packages the build
+/// machine needs to build against them (recorded, so a later run asks apt nothing).
+pub fn ensure_headers(cache: &Cache, apt: &Apt, abi: &str) -> Result<Vec<String>, ProvisionError> {
+    let dir = cache.kernel_dir(abi);
+    let done = dir.join(".headers-complete");
+    if let Ok(text) = std::fs::read_to_string(&done) {
+        log::info!("headers of {abi} already in {}", dir.display());
+        return Ok(text.lines().map(str::to_string).collect());
+    }
     let headers = format!("linux-headers-{abi}");
-    ensure_packages(&[headers.as_str(), "make", "gcc"])?;
-    ensure_kernel(cache, &abi)
+    let (pkgs, tools) = kernel_packages(apt, headers.clone(), abi, true)?;
+    log::info!(
+        "downloading {} into {} (not installed)",
+        pkgs.join(" "),
+        dir.display()
+    );
+    let root = kernel::headers_root(cache, abi);
+    fetch_and_unpack(apt, &pkgs, &dir.join("dl-headers"), &root)?;
+    let src = root.join("usr/src");
+    let rd = std::fs::read_dir(&src).map_err(io(&src))?;
+    for e in rd.flatten() {
+        let mk = e.path().join("Makefile");
+        if mk.is_file() && !mk.is_symlink() {
+            let text = std::fs::read_to_string(&mk).map_err(io(&mk))?;
+            let moved = relocate_makefile(&text, &root);
+            if moved != text {
+                std::fs::write(&mk, moved).map_err(io(&mk))?;
+            }
+        }
+    }
+    let headers_dir = kernel::headers_dir(cache, abi);
+    if !headers_dir.join("Makefile").is_file() {
+        return Err(ProvisionError::Io {
+            path: headers_dir,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{headers} unpacked without its Makefile"),
+            ),
+        });
+    }
+    let mut record = tools.join("\n");
+    record.push('\n');
+    std::fs::write(&done, record).map_err(io(&done))?;
+    Ok(tools)
+}
+
+/// Fetches `choice`'s current kernel and headers into the cache, installs what building
+/// against them needs, records the ABI for the choice, and returns the kernel.
+pub fn provision_kernel(
+    cache: &Cache,
+    choice: &KernelChoice,
+    refresh: bool,
+) -> Result<Kernel, ProvisionError> {
+    let apt = Apt::for_suite(cache, &choice.suite)?;
+    let abi = current_abi(&apt, choice.flavour, refresh)?;
+    log::info!("{choice}: {abi} ({})", apt.describe());
+    ensure_kernel(cache, &apt, &abi)?;
+    let tools = ensure_headers(cache, &apt, &abi)?;
+    let mut need: Vec<&str> = BUILD_TOOLS.to_vec();
+    need.extend(tools.iter().map(String::as_str));
+    match ensure_packages(&need) {
+        Err(ProvisionError::Apt(e)) => {
+            return Err(ProvisionError::Tools {
+                abi,
+                packages: tools,
+                detail: e.to_string(),
+            })
+        }
+        r => r?,
+    }
+    cache.set_chosen(choice, &abi).map_err(io(cache.dir()))?;
+    Ok(Kernel::in_cache(cache, &abi)?)
+}
+
+/// The whole `provision` command: QEMU, then every kernel in `choices` (each once).
+pub fn provision(
+    cache: &Cache,
+    choices: &[KernelChoice],
+    refresh: bool,
+) -> Result<Vec<Kernel>, ProvisionError> {
+    ensure_packages(PACKAGES)?;
+    let mut done: Vec<&KernelChoice> = Vec::new();
+    let mut kernels = Vec::new();
+    for c in choices {
+        if !done.contains(&c) {
+            kernels.push(provision_kernel(cache, c, refresh)?);
+            done.push(c);
+        }
+    }
+    Ok(kernels)
 }
 
 #[cfg(test)]
@@ -212,6 +386,8 @@ mod tests {
     fn abi_is_read_from_apt_cache_depends() {
         let out = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
         assert_eq!(parse_abi(out).as_deref(), Some("6.1.0-56-cloud-amd64"));
+        let bpo = "linux-image-amd64\n  Depends: linux-image-6.12.95+deb12-amd64\n";
+        assert_eq!(parse_abi(bpo).as_deref(), Some("6.12.95+deb12-amd64"));
         assert_eq!(parse_abi("linux-image-cloud-amd64\n"), None);
         assert_eq!(parse_abi("  Depends: linux-image-6.1;rm -rf /\n"), None);
     }
@@ -221,6 +397,73 @@ mod tests {
         assert_eq!(
             apt_install_line(&["a".into(), "b".into()]),
             "apt-get update && apt-get install -y --no-install-recommends a b"
+        );
+    }
+
+    #[test]
+    fn headers_bring_their_kbuild_and_common_packages_and_install_nothing_of_the_kernel() {
+        let abi = "6.12.95+deb12-cloud-amd64";
+        let h = |dep| classify(dep, abi, true);
+        assert_eq!(h("linux-headers-6.12.95+deb12-common"), Dep::Unpack);
+        assert_eq!(h("linux-kbuild-6.12.95+deb12"), Dep::Unpack);
+        assert_eq!(
+            classify("linux-kbuild-6.1", "6.1.0-57-cloud-amd64", true),
+            Dep::Unpack
+        );
+        assert_eq!(h("linux-image-6.12.95+deb12-cloud-amd64"), Dep::Skip);
+        assert_eq!(h("linux-base"), Dep::Skip);
+        assert_eq!(h("gcc-12"), Dep::Install);
+        assert_eq!(h("linux-compiler-gcc-12-x86"), Dep::Install);
+        // A newer kernel's per-ABI base files come along instead of being installed.
+        assert_eq!(
+            classify(
+                "linux-base-7.3.4+deb13-cloud-amd64",
+                "7.3.4+deb13-cloud-amd64",
+                true
+            ),
+            Dep::Unpack
+        );
+    }
+
+    #[test]
+    fn a_split_kernel_image_is_unpacked_whole_and_its_boot_tools_are_not_installed() {
+        let abi = "7.3.4+deb13-cloud-amd64";
+        for part in ["linux-base-", "linux-binary-", "linux-modules-"] {
+            assert_eq!(classify(&format!("{part}{abi}"), abi, false), Dep::Unpack);
+        }
+        for other in ["linux-base", "kmod", "initramfs-tools", "linux-headers-x"] {
+            assert_eq!(classify(other, abi, false), Dep::Skip, "{other}");
+        }
+    }
+
+    #[test]
+    fn the_headers_makefile_includes_the_unpacked_common_makefile() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let common = root.join("usr/src/linux-headers-6.12.95+deb12-common");
+        std::fs::create_dir_all(&common).unwrap();
+        std::fs::write(common.join("Makefile"), "").unwrap();
+        let text = "include /usr/src/linux-headers-6.12.95+deb12-common/Makefile\n";
+        assert_eq!(
+            relocate_makefile(text, root),
+            format!(
+                "include {}/usr/src/linux-headers-6.12.95+deb12-common/Makefile\n",
+                root.display()
+            )
+        );
+        // A line naming nothing unpacked is left alone.
+        let other = "include /usr/share/elsewhere.mk\nobj-m += x.o\n";
+        assert_eq!(relocate_makefile(other, root), other);
+        // Newer headers also name their output directory.
+        let flavour = root.join("usr/src/linux-headers-7.3.4+deb13-cloud-amd64");
+        std::fs::create_dir_all(&flavour).unwrap();
+        let text = "KBUILD_OUTPUT=/usr/src/linux-headers-7.3.4+deb13-cloud-amd64\nx := a/usr/src\n";
+        assert_eq!(
+            relocate_makefile(text, root),
+            format!(
+                "KBUILD_OUTPUT={}/usr/src/linux-headers-7.3.4+deb13-cloud-amd64\nx := a/usr/src\n",
+                root.display()
+            )
         );
     }
 }

@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use bulkhead_rootfs::image::build_system_image;
-use bulkhead_rootfs::kernel::{Cache, Kernel};
+use bulkhead_rootfs::image::{build_system_image, SystemDir};
+use bulkhead_rootfs::kernel::plan::{KernelOverrides, SystemKernels};
+use bulkhead_rootfs::kernel::{Cache, ChoiceOverride, Kernel, KernelChoice};
 use bulkhead_rootfs::qemu::{Machine, Outcome, QemuConfig, Qmp};
 use bulkhead_rootfs::{workspace_dir, HOST_CMDLINE};
 
@@ -36,26 +37,95 @@ pub fn kernel() -> Kernel {
         .unwrap_or_else(|e| panic!("{e} (the README's test command does this for you)"))
 }
 
+/// The tests' second kernel ([`KernelChoice::second`]: Debian's cloud kernel from the build
+/// machine's backports, the 6.12 line on Debian 12), which `provision` fetches, as a choice.
+pub fn second_kernel() -> ChoiceOverride {
+    let c = KernelChoice::second();
+    ChoiceOverride {
+        flavour: Some(c.flavour),
+        suite: Some(c.suite),
+    }
+}
+
+/// Host and guests on the second kernel.
+pub fn all_on_second_kernel() -> KernelOverrides {
+    KernelOverrides {
+        host: second_kernel(),
+        guests: second_kernel(),
+    }
+}
+
+/// The guests on the second kernel, the host on the default one.
+pub fn guests_on_second_kernel() -> KernelOverrides {
+    KernelOverrides {
+        guests: second_kernel(),
+        ..Default::default()
+    }
+}
+
 fn systems_dir() -> PathBuf {
     workspace_dir().join("tests/systems")
 }
 
-/// Builds (once per test process) the host image for `tests/systems/<name>`.
+/// A system's directory: `tests/systems/<name>`, or `name` itself when it is an absolute
+/// path (a test's variant of a system).
+fn system_src(name: &str) -> PathBuf {
+    if Path::new(name).is_absolute() {
+        PathBuf::from(name)
+    } else {
+        systems_dir().join(name)
+    }
+}
+
+/// The kernels the system `name` (see [`system_src`]) boots with `over`; fails the test
+/// with the command to run when one is not provisioned.
+pub fn kernels(name: &str, over: &KernelOverrides) -> SystemKernels {
+    let sys = SystemDir::load(&system_src(name))
+        .unwrap_or_else(|e| panic!("loading the {name} system: {e}"));
+    sys.kernel_plan(over)
+        .and_then(|p| {
+            p.resolve(&Cache::default_location())
+                .map_err(bulkhead_rootfs::image::ImageError::from)
+        })
+        .unwrap_or_else(|e| panic!("{e} (the README's test command does this for you)"))
+}
+
+/// Builds (once per test process) the host image for the system `name` (see
+/// [`system_src`]).
 pub fn image(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    image_with(name, &KernelOverrides::default()).0
+}
+
+/// Builds (once per test process and kernel choice) the host image for
+/// `tests/systems/<name>` with the kernels `over` chooses; returns it and the kernels.
+pub fn image_with(name: &str, over: &KernelOverrides) -> (PathBuf, SystemKernels) {
+    type Built = HashMap<(String, String), (PathBuf, SystemKernels)>;
+    static BUILT: OnceLock<Mutex<Built>> = OnceLock::new();
     let built = BUILT.get_or_init(|| Mutex::new(HashMap::new()));
     let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(p) = built.get(name) {
-        return p.clone();
+    let key = (name.to_string(), over.tag());
+    if let Some(b) = built.get(&key) {
+        return b.clone();
     }
+    let kernels = kernels(name, over);
+    let src = system_src(name);
+    let base = src
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = if key.1.is_empty() {
+        base
+    } else {
+        format!("{base}-{}", key.1)
+    };
     let out = workspace_dir()
         .join("target/bulkhead-tests")
-        .join(name)
+        .join(dir)
         .join("host.cpio.gz");
-    build_system_image(&kernel(), &workspace_dir(), &systems_dir().join(name), &out)
+    build_system_image(&kernels, &workspace_dir(), &src, &out)
         .unwrap_or_else(|e| panic!("building the {name} image: {e}"));
-    built.insert(name.to_string(), out.clone());
-    out
+    built.insert(key, (out.clone(), kernels.clone()));
+    (out, kernels)
 }
 
 fn boot_lock() -> MutexGuard<'static, ()> {
@@ -89,6 +159,8 @@ pub struct BootOptions {
     pub disk: Option<PathBuf>,
     /// Services whose restarts by init are part of what the test exercises.
     pub restarts_allowed: Vec<String>,
+    /// Kernels other than the systems' own choices (default: theirs).
+    pub kernels: KernelOverrides,
 }
 
 /// One restart init made: the service and how its run before ended
@@ -138,11 +210,14 @@ impl Host {
     }
 
     pub fn boot_with(system: &str, opts: BootOptions) -> Self {
-        let image = image(system);
-        let kernel = kernel();
+        let (image, kernels) = image_with(system, &opts.kernels);
+        let kernel = &kernels.host;
         let guard = boot_lock();
-        let dir =
-            std::env::temp_dir().join(format!("bulkhead-test-{}-{}", std::process::id(), system));
+        let dir = std::env::temp_dir().join(format!(
+            "bulkhead-test-{}-{}",
+            std::process::id(),
+            system.replace('/', "_")
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let append = format!("{HOST_CMDLINE} {}", opts.append);

@@ -106,10 +106,15 @@ fn service_ignoring_sigterm_is_killed_after_its_timeout_at_poweroff() {
     h.assert_never_saw("bulkhead-init: stubborn restarting");
 }
 
+/// Also: a service's forged panic and power-off lines (the `forger` of the `idle` system)
+/// are not taken for the host's own: the host is still up and then reboots.
 #[test]
 fn ctrl_alt_del_reboots_the_host() {
     let mut h = Host::boot("idle");
     h.expect("sleeper: testprog: sleeping");
+    h.expect("bulkhead-init: forger exited with status 0");
+    assert!(h.saw("forger: Kernel panic - not syncing: forged by a service"));
+    assert!(h.saw("forger: reboot: Power down"));
     h.qmp().ctrl_alt_delete().unwrap_or_else(|e| panic!("{e}"));
     h.expect("bulkhead-init: rebooting");
     h.expect_end(End::Reboot);

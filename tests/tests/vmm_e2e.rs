@@ -1,16 +1,30 @@
 //! bulkhead-vmm end to end: inside a QEMU-emulated Bulkhead host (L1), our init starts
 //! bulkhead-vmm, which boots the Debian cloud kernel (L2) on nested KVM; the host's orderly
-//! power-off then stops the VM through its ACPI power button.
+//! power-off then stops the VM through its ACPI power button. Once with the default kernel
+//! and once with host and guest on the second (the build machine's backports: 6.12 on
+//! Debian 12), so a kernel change is caught.
 
-use bulkhead_tests::{BootOptions, End, Host};
+use bulkhead_rootfs::kernel::plan::KernelOverrides;
+use bulkhead_tests::{all_on_second_kernel, kernels, BootOptions, End, Host};
 
 #[test]
 fn vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back() {
-    let disk = tempfile_disk();
+    vmm_boots(KernelOverrides::default());
+}
+
+#[test]
+fn vmm_boots_debian_on_the_second_kernel_inside_a_host_on_the_second_kernel() {
+    vmm_boots(all_on_second_kernel());
+}
+
+fn vmm_boots(over: KernelOverrides) {
+    let want = kernels("vmm", &over);
+    let disk = tempfile_disk(&over.tag());
     let mut h = Host::boot_with(
         "vmm",
         BootOptions {
             disk: Some(disk.clone()),
+            kernels: over,
             ..Default::default()
         },
     );
@@ -32,6 +46,17 @@ fn vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back() {
             .cloned()
             .unwrap_or_else(|| panic!("no line with {needle:?}\n{}", h.context()))
     };
+    // The host loaded its modules from the image (built for the host kernel's release), and
+    // the guest runs the kernel chosen for it.
+    assert!(
+        h.saw("bulkhead-init: loaded module kvm_amd"),
+        "{}",
+        h.context()
+    );
+    line(&format!(
+        "vm: check: testprog: kernel {}",
+        want.guest("check").abi
+    ));
     // The guest's own small init (bulkhead-guest-init) reports through the VMM's serial port.
     line("vm: bulkhead-guest-init: ready");
     line("vm: check: testprog: cpus online 0-1");
@@ -63,8 +88,8 @@ fn vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back() {
     let _ = std::fs::remove_file(&disk);
 }
 
-fn tempfile_disk() -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("bulkhead-vmm-disk-{}.img", std::process::id()));
+fn tempfile_disk(tag: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("bulkhead-vmm-disk-{}{tag}.img", std::process::id()));
     std::fs::write(&p, vec![0u8; 1 << 20]).expect("create the disk image");
     p
 }

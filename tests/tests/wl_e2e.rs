@@ -1,13 +1,37 @@
 //! virtio_wl end to end: bulkhead-vmm's virtio_wl device, our guest kernel module and the
 //! `bulkhead-wl` guest library, inside an L2 guest booted in a QEMU-emulated Bulkhead host.
+//! The exchange with a host socket runs twice: on the default kernel, and with the guest on
+//! the second (the build machine's backports: 6.12 on Debian 12, its module built against
+//! that kernel's headers) inside a host on the default one.
 
-use bulkhead_tests::{End, Host};
+use bulkhead_rootfs::kernel::plan::KernelOverrides;
+use bulkhead_tests::{guests_on_second_kernel, kernels, BootOptions, End, Host};
 
 #[test]
 fn l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name() {
-    let mut h = Host::boot("wl");
+    wl_exchange(KernelOverrides::default());
+}
+
+#[test]
+fn l2_guest_on_the_second_kernel_exchanges_with_a_host_socket_inside_a_default_host() {
+    wl_exchange(guests_on_second_kernel());
+}
+
+fn wl_exchange(over: KernelOverrides) {
+    let want = kernels("wl", &over);
+    let mut h = Host::boot_with(
+        "wl",
+        BootOptions {
+            kernels: over,
+            ..Default::default()
+        },
+    );
     h.expect("peer: testprog: wl-peer listening on /run/wl-peer.sock");
     h.expect("vm: bulkhead-guest-init: loaded module virtio_wl");
+    h.expect(&format!(
+        "vm: check: testprog: kernel {}",
+        want.guest("wl").abi
+    ));
     h.expect_line("both sides report success", |l| {
         l.contains("FAIL:")
             || l.contains("testprog: wl guest ok")

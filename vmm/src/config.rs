@@ -120,9 +120,23 @@ pub struct Cli {
     /// A control connection (a connected socket) already open as this file descriptor.
     #[arg(long)]
     pub control_fd: Option<RawFd>,
+    /// seccomp filters (one per thread kind): `kill` the process on a call outside its list
+    /// (default), or `log` it and let it through (development; the kernel logs
+    /// `type=1326 … syscall=N`).
+    #[arg(long, default_value = "kill", value_parser = parse_seccomp)]
+    pub seccomp: bulkhead_ipc::seccomp::SeccompMode,
+    /// Test only: instead of running the VM, make one escape attempt from a thread under
+    /// the vCPU filter (open-host-file, socket-inet, ptrace, mount, ofd-unlock, fork,
+    /// memory) and report it; the jail and the filter should stop each.
+    #[arg(long, hide = true)]
+    pub test_escape: Option<String>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
+}
+
+fn parse_seccomp(s: &str) -> Result<bulkhead_ipc::seccomp::SeccompMode, String> {
+    s.parse()
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -224,6 +238,10 @@ pub struct VmConfig {
     pub control_socket: Option<PathBuf>,
     /// Control connection fd.
     pub control_fd: Option<RawFd>,
+    /// seccomp mode.
+    pub seccomp: bulkhead_ipc::seccomp::SeccompMode,
+    /// Test only: an escape attempt instead of the VM.
+    pub test_escape: Option<String>,
 }
 
 impl From<Cli> for VmConfig {
@@ -276,6 +294,8 @@ impl From<Cli> for VmConfig {
             kvm_fd: c.kvm_fd,
             control_socket: c.control_socket,
             control_fd: c.control_fd,
+            seccomp: c.seccomp,
+            test_escape: c.test_escape,
         }
     }
 }

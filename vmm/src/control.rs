@@ -289,7 +289,10 @@ impl ControlServer {
         let stop_thread = stop.try_clone()?;
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || serve(&target, listener, connected, &stop_thread))?;
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Control);
+                serve(&target, listener, connected, &stop_thread)
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),

@@ -9,5 +9,6 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod seccomp;
 pub mod vm;
 pub mod vstate;

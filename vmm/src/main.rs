@@ -14,6 +14,7 @@ use bulkhead_vmm::devices::virtio::rng::device::Rng;
 use bulkhead_vmm::devices::virtio::wl::device::Wl;
 use bulkhead_vmm::devices::virtio::wl::hub::HubLink;
 use bulkhead_vmm::devices::virtio::wl::sockets::{WlSocket, WlSockets};
+use bulkhead_vmm::seccomp::{self, ThreadKind};
 use bulkhead_vmm::vm::Vm;
 use bulkhead_vmm::vstate::exit::ExitReason;
 
@@ -36,31 +37,48 @@ fn init_logging(level: log::LevelFilter) {
     log::set_max_level(level);
 }
 
-/// Who this VMM runs as: uid, gid and its effective capabilities (from /proc/self/status).
+/// Who this VMM runs as: uid, gid, its effective capabilities and no_new_privs, asked of
+/// the kernel directly (a jailed VMM has no /proc).
 fn credentials() -> String {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.split_whitespace().next().unwrap_or("?").to_string())
-            .unwrap_or_else(|| "?".to_string())
-    };
-    let caps = match u64::from_str_radix(&field("CapEff:"), 16) {
-        Ok(0) => "no capabilities".to_string(),
-        Ok(c) => format!("capabilities {c:#x}"),
+    let caps = match caps::read(None, caps::CapSet::Effective) {
+        Ok(c) if c.is_empty() => "no capabilities".to_string(),
+        Ok(c) => format!("capabilities {c:?}"),
         Err(_) => "capabilities unknown".to_string(),
     };
-    format!(
-        "uid {} gid {}, {caps}, no_new_privs {}",
-        field("Uid:"),
-        field("Gid:"),
-        field("NoNewPrivs:")
-    )
+    // SAFETY: getuid/getgid take no arguments; prctl(PR_GET_NO_NEW_PRIVS) takes integers.
+    let (uid, gid, nnp) = unsafe {
+        (
+            libc::getuid(),
+            libc::getgid(),
+            libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0),
+        )
+    };
+    format!("uid {uid} gid {gid}, {caps}, no_new_privs {nnp}")
+}
+
+/// No filesystem access at all from here on (Landlock, where the kernel has it): every file
+/// the VMM needs is open. Threads started later inherit it.
+fn forbid_filesystem() {
+    use landlock::{Access, AccessFs, Ruleset, RulesetAttr, RulesetStatus, ABI};
+    let result = Ruleset::default()
+        .handle_access(AccessFs::from_all(ABI::V6))
+        .and_then(|r| r.create())
+        .and_then(|r| r.restrict_self());
+    match result {
+        Ok(s) if s.ruleset == RulesetStatus::NotEnforced => {
+            log::warn!("bulkhead-vmm: Landlock not available: filesystem access not restricted")
+        }
+        Ok(_) => log::info!("bulkhead-vmm: Landlock: no filesystem access from here on"),
+        Err(e) => log::warn!("bulkhead-vmm: Landlock: {e}"),
+    }
 }
 
 fn run(cfg: VmConfig) -> Result<ExitReason, String> {
     log::info!("bulkhead-vmm: running as {}", credentials());
+    seccomp::enable(cfg.seccomp);
+    if let Some(attempt) = &cfg.test_escape {
+        return Ok(escape::attempt(attempt));
+    }
     let mut fds = FdTaker::default();
     let kvm = match cfg.kvm_fd {
         Some(fd) => {
@@ -153,6 +171,8 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
     drop(kernel);
     drop(initramfs);
 
+    // Every file is open: from here on, none by path.
+    forbid_filesystem();
     // Interactive use: the guest gets keys raw; restored when `run` returns.
     let _raw_terminal = if cfg.serial_input {
         RawTerminal::enable()
@@ -192,6 +212,12 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
     } else {
         None
     };
+    // Every long-lived thread is running and filtered: now the main thread too.
+    seccomp::apply(ThreadKind::Main).map_err(|e| e.to_string())?;
+    log::info!(
+        "bulkhead-vmm: seccomp filters installed ({:?} mode): main, vcpu, worker, control",
+        cfg.seccomp
+    );
     let reason = running.wait();
     let reason = running.stop(reason);
     if let Some(v) = vfio {
@@ -199,6 +225,8 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
     }
     Ok(reason)
 }
+
+mod escape;
 
 fn main() -> ExitCode {
     // Before any thread exists, so every thread inherits the mask (see vstate::stop).

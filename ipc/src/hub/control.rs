@@ -1,13 +1,22 @@
 //! The server side of the policy control protocol (`bulkhead_policy::control`): status,
-//! apply (validate-then-swap, compare-and-swap on the tree hash) and the audit log.
+//! apply (validate-then-swap, compare-and-swap on the tree hash) and the audit log; the
+//! control socket's clients (peer uid 0 or the hub's own) and what an apply leaves behind
+//! (connections the new generation no longer allows).
 
 use bulkhead_policy::control::{decode_request, ApplyResult, Request, Response};
 
-use crate::hub::audit::Entry;
-use crate::hub::Hub;
+use std::os::fd::AsRawFd;
 
-/// Decodes and answers one request.
-pub fn handle(hub: &mut Hub, bytes: &[u8]) -> Response {
+use nix::sys::socket::MsgFlags;
+
+use crate::channel::{Channel, ChannelError};
+use crate::hub::audit::Entry;
+use crate::hub::protocol::ConnId;
+use crate::hub::{Hub, MAX_CONTROL_CLIENTS};
+
+/// Decodes and answers one request. `from_root`: the client is uid 0; anyone else the hub
+/// admitted (its own uid) may read the status and the audit log but never apply a policy.
+pub fn handle(hub: &mut Hub, bytes: &[u8], from_root: bool) -> Response {
     let req = match decode_request(bytes) {
         Ok(r) => r,
         Err(e) => {
@@ -19,6 +28,12 @@ pub fn handle(hub: &mut Hub, bytes: &[u8]) -> Response {
     match req {
         Request::Status => Response::Status(hub.store.status()),
         Request::Log(filter) => Response::Log(hub.audit.query(&filter)),
+        Request::Apply { .. } if !from_root => {
+            log::warn!("control socket: apply refused: the client is not root");
+            Response::Error {
+                message: "permission denied: only root may apply a policy".into(),
+            }
+        }
         Request::Apply {
             tree_hash,
             root,
@@ -66,5 +81,145 @@ pub fn handle(hub: &mut Hub, bytes: &[u8]) -> Response {
                 }
             }
         },
+    }
+}
+
+impl Hub {
+    pub(super) fn accept_control(&mut self) {
+        let Some(l) = &self.control else {
+            return;
+        };
+        loop {
+            match l.accept() {
+                Ok(ch) => {
+                    let ok = ch
+                        .peer_credentials()
+                        .is_ok_and(|c| c.uid == 0 || c.uid == nix::unistd::geteuid().as_raw());
+                    if !ok || self.clients.len() >= MAX_CONTROL_CLIENTS {
+                        log::warn!("control socket: refused a client (credentials or too many)");
+                        continue;
+                    }
+                    if ch.set_nonblocking(true).is_ok() {
+                        self.clients.push(ch);
+                    }
+                }
+                Err(ChannelError::WouldBlock) => return,
+                Err(e) => {
+                    log::warn!("control socket accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn serve_control(&mut self) {
+        let mut keep = Vec::new();
+        let clients = std::mem::take(&mut self.clients);
+        for ch in clients {
+            let alive = loop {
+                match ch.try_recv_frame() {
+                    Ok(raw) => {
+                        drop(raw.fds);
+                        // SO_PEERCRED was recorded at connect: only root may apply.
+                        let from_root = ch.peer_credentials().is_ok_and(|c| c.uid == 0);
+                        let resp = self.control_request(&raw.bytes, from_root);
+                        if !send_control(&ch, &resp) {
+                            break false;
+                        }
+                    }
+                    Err(ChannelError::WouldBlock) => break true,
+                    Err(ChannelError::EmptyFrame { .. }) | Err(ChannelError::Truncated { .. }) => {
+                        let resp = bulkhead_policy::control::Response::Error {
+                            message: "bad request".into(),
+                        };
+                        if !send_control(&ch, &resp) {
+                            break false;
+                        }
+                    }
+                    Err(_) => break false,
+                }
+            };
+            if alive {
+                keep.push(ch);
+            }
+        }
+        self.clients = keep;
+    }
+
+    /// Connections the running generation no longer allows, as `LiveCap`s; with `revoke`,
+    /// they are closed.
+    pub(super) fn no_longer_allowed(
+        &mut self,
+        revoke: bool,
+    ) -> Vec<bulkhead_policy::control::LiveCap> {
+        let gen = self.store.current();
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            if self.conn_caps(id, &gen).is_none() {
+                if let Some(c) = self.conns.get(&id) {
+                    out.push(bulkhead_policy::control::LiveCap {
+                        kind: "connection".into(),
+                        vm: self.vm_name(c.client.vm),
+                        description: format!(
+                            "{} → {}@{} (conn {id})",
+                            self.vm_name(c.client.vm),
+                            c.service,
+                            self.vm_name(c.provider.vm)
+                        ),
+                    });
+                }
+                if revoke {
+                    self.close_conn(id, 0);
+                }
+            }
+        }
+        let meds: Vec<ConnId> = self.meds.keys().copied().collect();
+        for id in meds {
+            if self.med_allowed(id) {
+                continue;
+            }
+            if let Some(m) = self.meds.get(&id) {
+                out.push(bulkhead_policy::control::LiveCap {
+                    kind: "mediated socket".into(),
+                    vm: self.vm_name(m.end.vm),
+                    description: format!(
+                        "a socket of {} passed over {}@{} (conn {id})",
+                        self.vm_name(m.owner),
+                        m.origin.0,
+                        self.vm_name(m.origin.2)
+                    ),
+                });
+            }
+            if revoke {
+                self.close_med(id);
+            }
+        }
+        out
+    }
+
+    /// Answers one control request (bytes are untrusted). `from_root`: the client is uid 0
+    /// (the only one allowed to apply a policy).
+    pub fn control_request(
+        &mut self,
+        bytes: &[u8],
+        from_root: bool,
+    ) -> bulkhead_policy::control::Response {
+        handle(self, bytes, from_root)
+    }
+}
+
+fn send_control(ch: &Channel, resp: &bulkhead_policy::control::Response) -> bool {
+    match bulkhead_policy::control::encode_response(resp) {
+        Ok(bytes) => nix::sys::socket::send(
+            ch.as_raw_fd(),
+            &bytes,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        )
+        .is_ok(),
+        Err(e) => {
+            log::error!("control: cannot encode a response: {e}");
+            false
+        }
     }
 }

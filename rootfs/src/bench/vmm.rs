@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::{boot_and_collect, write_file, BenchError};
 use crate::image::{build_binaries, HostImage, SystemDir};
+use crate::kernel::plan::SystemKernels;
 use crate::kernel::Kernel;
 use crate::qemu::QemuConfig;
 
@@ -91,7 +92,7 @@ pub fn bench_vmm(kernel: &Kernel, workspace: &Path, runs: u32) -> Result<Vec<Str
     }
     let image = dir.join("host.cpio.gz");
     HostImage {
-        kernel,
+        kernels: &SystemKernels::all(kernel.clone()),
         system: &sys,
         binaries,
         extra_files: extra,

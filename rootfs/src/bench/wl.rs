@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::{boot_and_collect, write_file, BenchError};
 use crate::image::{build_binaries, HostImage, SystemDir};
+use crate::kernel::plan::SystemKernels;
 use crate::kernel::Kernel;
 use crate::qemu::QemuConfig;
 
@@ -73,7 +74,7 @@ pub fn bench_wl(
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     let image = dir.join("host.cpio.gz");
     HostImage {
-        kernel,
+        kernels: &SystemKernels::all(kernel.clone()),
         system: &sys,
         binaries,
         extra_files: Vec::new(),

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 #[path = "testprog/hub.rs"]
 mod testprog_hub;
+#[path = "testprog/jail.rs"]
+mod testprog_jail;
 #[path = "testprog/wl.rs"]
 mod testprog_wl;
 #[path = "testprog/wl_faux.rs"]
@@ -75,10 +77,19 @@ fn check_kvm() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Inside a VM: how many CPUs, bytes from the virtio-rng, and a marker written to the
+/// Says which kernel runs this program (`kernel <release>`).
+fn say_kernel() {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    say(&format!("kernel {release}"));
+}
+
+/// Inside a VM: which kernel, how many CPUs, bytes from the virtio-rng, and a marker written to the
 /// virtio-blk disk (`/dev/vda`) that the outside reads back after the VM has ended.
 fn vm_check() -> ExitCode {
     use std::io::{Read, Seek, SeekFrom, Write};
+    say_kernel();
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
     say(&format!("cpus online {}", cpus.trim()));
     let mut rng = [0u8; 16];
@@ -184,6 +195,14 @@ fn main() -> ExitCode {
             std::thread::sleep(Duration::from_secs(secs));
             ExitCode::SUCCESS
         }
+        "forge" => {
+            // Prints its arguments verbatim, one line each: what a hostile or confused guest
+            // could put on its console (init relays it with this service's name first).
+            for line in &args[1..] {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
         "exit" => {
             let code = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(0u8);
             say(&format!("exiting with {code}"));
@@ -191,7 +210,10 @@ fn main() -> ExitCode {
         }
         "check-kvm" => check_kvm(),
         "vm-check" => vm_check(),
-        "wl-guest" => report(testprog_wl::guest()),
+        "wl-guest" => {
+            say_kernel();
+            report(testprog_wl::guest())
+        }
         "wl-peer" => match args.get(1) {
             Some(path) => report(testprog_wl::peer(path)),
             None => usage(),
@@ -213,6 +235,8 @@ fn main() -> ExitCode {
             Some(bdf) => check_vfio(bdf),
             None => usage(),
         },
+        "jail-check" => report(testprog_jail::check(&args[1..])),
+        "escape-probe" => report(testprog_jail::probe()),
         "run-after" => {
             let (Some(ms), Some(prog)) = (args.get(1).and_then(|m| m.parse().ok()), args.get(2))
             else {

@@ -65,13 +65,16 @@ fn main() -> ExitCode {
             }
         }
     }
-    let result = Channel::connect(&cli.socket)
-        .and_then(|c| {
-            use std::os::fd::AsFd;
-            let b: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
-            c.send(&req, &b).map(|_| c)
-        })
-        .and_then(|c| c.recv::<ControlResponse>().map(|(r, _)| r));
+    // The VMM that answers must be root, us, or the owner of the socket's directory (a
+    // directory only that owner can write).
+    let result =
+        Channel::connect_trusted(&cli.socket, bulkhead_ipc::channel::TrustedServer::DirOwner)
+            .and_then(|c| {
+                use std::os::fd::AsFd;
+                let b: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+                c.send(&req, &b).map(|_| c)
+            })
+            .and_then(|c| c.recv::<ControlResponse>().map(|(r, _)| r));
     match result {
         Ok(ControlResponse::Status(s)) => {
             println!(

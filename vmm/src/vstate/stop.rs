@@ -35,6 +35,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("stop-signals".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Control);
             let set = stop_set();
             let mut pressed = false;
             loop {

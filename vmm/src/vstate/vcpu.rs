@@ -221,6 +221,7 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Vcpu);
                 let id = self.id;
                 let exit = buses.exit.clone();
                 // A bug in a device model must end the VM with an error, not hang it.

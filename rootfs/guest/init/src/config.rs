@@ -8,6 +8,10 @@
 //! name = "driver"                         # its console lines read "driver: …"
 //! exec = ["/bin/bulkhead-edu", "--serve", "factorial"]
 //! env = { RUST_LOG = "info" }             # optional; PATH is set for every program
+//!
+//! [kernel]                                # optional: the image builder boots this guest
+//! flavour = "generic"                     # with another Debian kernel than the host's
+//! suite = "backports"
 //! ```
 //!
 //! Every program starts at boot; the VM powers off when the last one has ended (at once
@@ -16,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use bulkhead_init::config::KernelConfig;
 use serde::Deserialize;
 
 /// Where the guest image carries its configuration.
@@ -61,6 +66,8 @@ pub struct GuestConfig {
     /// The programs the VM is for.
     #[serde(default)]
     pub program: Vec<Program>,
+    /// The Debian kernel this guest boots when not the host's (read by the image builder).
+    pub kernel: Option<KernelConfig>,
 }
 
 /// One program of the guest.
@@ -109,6 +116,9 @@ impl GuestConfig {
         }
         if self.stop_grace_ms > 60_000 {
             return Err("stop_grace_ms is at most 60000".into());
+        }
+        if let Some(k) = &self.kernel {
+            k.validate("[kernel]")?;
         }
         for m in &self.modules {
             let ok = !m.is_empty()
@@ -200,6 +210,21 @@ mod tests {
         assert_eq!(c.program.len(), 2);
         assert_eq!(c.program[1].env["RUST_LOG"], "debug");
         assert_eq!(c.binaries(), ["bulkhead-edu", "bulkhead-hwrng"]);
+    }
+
+    #[test]
+    fn a_guest_may_choose_its_kernel() {
+        let c = parse("[kernel]\nflavour = \"generic\"\nsuite = \"backports\"\n").unwrap();
+        let k = c.kernel.unwrap();
+        assert_eq!(
+            k.flavour,
+            Some(bulkhead_init::config::KernelFlavour::Generic)
+        );
+        assert_eq!(k.suite.as_deref(), Some("backports"));
+        let e = parse("[kernel]\nsuite = \"Bad Suite\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a Debian suite is"), "{e}");
     }
 
     #[test]

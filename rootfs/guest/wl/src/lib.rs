@@ -365,6 +365,13 @@ impl WlPipe {
     }
 }
 
+impl From<OwnedFd> for WlPipe {
+    /// A pipe over a received pipe vfd (the caller knows it is one).
+    fn from(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+}
+
 impl Read for &WlPipe {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         read_fd(self.fd.as_raw_fd(), buf)

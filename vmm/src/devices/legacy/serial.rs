@@ -101,6 +101,7 @@ pub fn spawn_input_thread(
     std::thread::Builder::new()
         .name("serial-in".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
             let mut buf = [0u8; 64];
             loop {
                 let n = match input.read(&mut buf) {

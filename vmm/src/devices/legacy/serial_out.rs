@@ -163,7 +163,10 @@ impl SerialOut {
         let theirs = shared.clone();
         std::thread::Builder::new()
             .name("serial-out".into())
-            .spawn(move || drain(&theirs, out))?;
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
+                drain(&theirs, out)
+            })?;
         Ok(Self { shared })
     }
 

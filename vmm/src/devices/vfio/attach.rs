@@ -76,8 +76,24 @@ pub struct VfioDevices {
     mem: GuestMemoryMmap,
 }
 
-/// The group number of an open `/dev/vfio/<n>` descriptor, from its /proc link.
+/// The group number of an open `/dev/vfio/<n>` descriptor: as init names it
+/// (`BULKHEAD_VFIO_GROUP_IDS`, in the order of `BULKHEAD_VFIO_GROUP_FDS`: a jailed VMM has no
+/// /proc), else from its /proc link.
 fn group_number(fd: &OwnedFd) -> Result<u32, String> {
+    if let (Ok(fds), Ok(ids)) = (
+        std::env::var("BULKHEAD_VFIO_GROUP_FDS"),
+        std::env::var("BULKHEAD_VFIO_GROUP_IDS"),
+    ) {
+        let me = fd.as_raw_fd().to_string();
+        if let Some(id) = fds
+            .split(',')
+            .zip(ids.split(','))
+            .find(|(f, _)| *f == me)
+            .and_then(|(_, id)| id.parse().ok())
+        {
+            return Ok(id);
+        }
+    }
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map_err(|e| format!("vfio group fd {}: {e}", fd.as_raw_fd()))?;
     link.file_name()

@@ -205,6 +205,7 @@ pub fn spawn_queue_worker<H: QueueHandler>(
             log::error!("bulkhead-vmm: device worker epoll: {e}");
             return;
         }
+        crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
         let Activation {
             mem,
             mut queues,

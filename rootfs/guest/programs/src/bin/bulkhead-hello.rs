@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 fn first_line(path: &str) -> String {
     std::fs::read_to_string(path)
@@ -34,20 +35,42 @@ fn pci_devices() -> Vec<String> {
     out
 }
 
+/// How long `--ask` waits for the provider: well inside `bulkhead-rootfs boot`'s own
+/// timeout (600 s), and several times what the example's edu driver VM needs to offer its
+/// service under software emulation (tens of seconds).
+const ASK_WAIT: Duration = Duration::from_secs(180);
+
+/// The pause between two connection attempts: growing from 1 s to at most 10 s, so a
+/// provider that never comes costs a few dozen refused attempts, not hundreds.
+fn retry_pause(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(4)).min(Duration::from_secs(10))
+}
+
 /// Asks `target` (`service@vm`, reached through the hub) for `n!`, retrying while the
-/// provider is still booting. Returns the answer.
+/// provider is still booting, for at most `ASK_WAIT`. Returns the answer, or one error that
+/// says how long it tried and what the hub answered last.
 fn ask(target: &str, n: &str) -> Result<String, String> {
     let wl = bulkhead_wl::Wl::open().map_err(|e| format!("open /dev/wl0: {e}"))?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+    let start = Instant::now();
+    let mut attempt = 0u32;
     let conn = loop {
         match wl.connect(target) {
             Ok(c) => break c,
             // The hub's answer is the same whether the provider is not up yet or we may
             // not connect: keep asking for a while.
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_secs(2))
+            Err(e) => {
+                let pause = retry_pause(attempt);
+                attempt += 1;
+                if start.elapsed() + pause > ASK_WAIT {
+                    return Err(format!(
+                        "gave up after {} s and {attempt} attempts: the hub refused every \
+                         connection (is {target} running and offering it, and does the \
+                         policy let this VM connect?); last answer: {e}",
+                        start.elapsed().as_secs()
+                    ));
+                }
+                std::thread::sleep(pause);
             }
-            Err(e) => return Err(format!("connect {target}: {e}")),
         }
     };
     conn.send(n.as_bytes(), &[])
@@ -98,4 +121,25 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_back_off_and_all_fit_well_inside_the_boot_timeout() {
+        assert_eq!(retry_pause(0), Duration::from_secs(1));
+        assert_eq!(retry_pause(3), Duration::from_secs(8));
+        assert_eq!(retry_pause(40), Duration::from_secs(10));
+        let mut waited = Duration::ZERO;
+        let mut attempts = 0;
+        while waited + retry_pause(attempts) <= ASK_WAIT {
+            waited += retry_pause(attempts);
+            attempts += 1;
+        }
+        assert!(attempts < 30, "{attempts} attempts");
+        // `bulkhead-rootfs boot` gives up after 600 s.
+        assert!(ASK_WAIT * 3 <= Duration::from_secs(600));
+    }
 }

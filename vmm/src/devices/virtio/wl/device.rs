@@ -156,6 +156,7 @@ impl VirtioDevice for Wl {
         let state = self.state.clone();
         let window_move = self.window_move.clone();
         let thread = WorkerThread::spawn("virtio-wl", move |stop| {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
             run(&state, &window_move, activation, &stop);
             // Whatever ended the loop (a reset, mostly), the guest's vfds go with it.
             lock(&state).clear();
@@ -213,6 +214,8 @@ fn run(
             if stop.requested() {
                 return;
             }
+            // Deliveries a SEND read while it waited for its verdict.
+            st.read_buffered();
             if let Some(q) = queues.get_mut(in_pos) {
                 if st.process_in(&mut q.queue, &mem) {
                     notify(interrupt.as_ref(), IN_QUEUE);

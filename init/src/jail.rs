@@ -1,0 +1,815 @@
+//! The jail init builds around every VMM (a service with `vm =`) and around the hub, between
+//! fork and exec: what a taken-over process could still reach is what init handed it.
+//!
+//! In the parent (init), before the fork, [`JailSpec::prepare`] does everything that may
+//! allocate or fail with a message: the cgroup `/sys/fs/cgroup/bulkhead/<name>` and its limits,
+//! the mount plan (every path as a C string, every bind source opened `O_PATH`), the Landlock
+//! ruleset. In the child, [`Prepared::enter`] only makes system calls on that memory, in this
+//! order:
+//!
+//! 1. `setsid` (its own session and process group);
+//! 2. joins the cgroup (writes `0` to `cgroup.procs`, opened by the parent);
+//! 3. rlimits: `NOFILE` explicit, `MEMLOCK` unlimited only with VFIO, `CORE` 0;
+//! 4. new mount, IPC, UTS and network namespaces;
+//! 5. an empty tmpfs as the new root (`pivot_root`; on an initramfs root, which cannot be
+//!    pivoted, moved over `/` and chrooted into, as switch_root does) holding only the program and the paths it
+//!    opens by name, bind-mounted read-only (the hub's runtime directory read-write), then
+//!    the tmpfs itself read-only; the VM's name as hostname;
+//! 6. every capability dropped from the bounding and ambient sets (with the `caps` crate),
+//!    no supplementary groups, gid and uid switched (the kernel clears permitted and
+//!    effective), inheritable cleared;
+//! 7. `no_new_privs`;
+//! 8. every descriptor above the handed-over ones marked close-on-exec;
+//! 9. Landlock, where the kernel has it: file access only beneath the bound paths, no TCP,
+//!    no abstract sockets or signals outside the jail.
+//!
+//! seccomp is the process's own business (the VMM and the hub install their filters after
+//! setup, before reading any input): init cannot know which thread does what.
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use caps::{CapSet, Capability};
+use landlock::{
+    Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreated,
+    RulesetCreatedAttr, Scope, ABI,
+};
+use log::warn;
+
+/// Where the jails of a host live.
+#[derive(Debug, Clone)]
+pub struct JailPaths {
+    /// The cgroup2 mount (`/sys/fs/cgroup`); `None` runs without cgroups (test mode).
+    pub cgroup_root: Option<PathBuf>,
+    /// An empty directory the child mounts its new root on (in its own mount namespace).
+    pub staging: PathBuf,
+}
+
+impl JailPaths {
+    /// PID 1's: `/sys/fs/cgroup` and `/run/bulkhead/jail`.
+    pub fn host() -> JailPaths {
+        JailPaths {
+            cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
+            staging: Path::new(crate::config::INIT_RUNTIME_DIR).join("jail"),
+        }
+    }
+}
+
+/// Where a jail's cgroup is, below the cgroup2 root.
+pub const CGROUP_PARENT: &str = "bulkhead";
+
+/// Defaults of the knobs system.toml may override.
+pub mod defaults {
+    /// A VMM's memory beyond guest RAM: its own heap and stacks, KVM's structures, and the
+    /// virtio_wl shared memory its guest touches first (the policy's shm quota).
+    pub const VMM_OVERHEAD: u64 = 128 << 20;
+    /// Guest RAM when the VMM's command line does not say (`bulkhead-vmm`'s own default).
+    pub const GUEST_MEMORY: u64 = 256 << 20;
+    /// The hub's memory.max.
+    pub const HUB_MEMORY: u64 = 256 << 20;
+    /// Threads and processes of one VMM (vCPUs, device workers, control, serial, stop).
+    pub const VMM_PIDS: u32 = 128;
+    /// The hub is one thread.
+    pub const HUB_PIDS: u32 = 32;
+    /// The kernel's default weight, set explicitly.
+    pub const CPU_WEIGHT: u32 = 100;
+    /// A VMM's descriptors: virtio_wl vfds (1024 at most) and its devices.
+    pub const VMM_NOFILE: u64 = 4096;
+    /// The hub holds two descriptors per connection (256 per VM by default), fds in flight
+    /// and its VM channels: headroom for its per-VM budgets.
+    pub const HUB_NOFILE: u64 = 65536;
+    /// Locked memory without VFIO.
+    pub const MEMLOCK: u64 = 64 << 10;
+}
+
+/// Errors building a jail (in the parent; the service does not start).
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// A path could not be used.
+    #[error("jail: {path}: {source}")]
+    Path {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cgroup could not be made or limited.
+    #[error("jail: cgroup {path}: {source}")]
+    Cgroup {
+        /// The cgroup file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something else (a NUL in a path, a relative path…).
+    #[error("jail: {0}")]
+    Invalid(String),
+}
+
+/// The cgroup limits of one jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// memory.max in bytes.
+    pub memory_max: u64,
+    /// pids.max.
+    pub pids_max: u32,
+    /// cpu.weight.
+    pub cpu_weight: u32,
+}
+
+/// Everything that defines one jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailSpec {
+    /// The cgroup's leaf and the hostname: the VM's name, or `hub`.
+    pub name: String,
+    /// Its uid (never 0).
+    pub uid: u32,
+    /// Its gid (never 0).
+    pub gid: u32,
+    /// The program (bound read-only and executable).
+    pub program: PathBuf,
+    /// Host paths bound read-only at the same place.
+    pub read_only: Vec<PathBuf>,
+    /// Host paths bound read-write at the same place (the hub's runtime directory).
+    pub read_write: Vec<PathBuf>,
+    /// Its cgroup's limits.
+    pub limits: Limits,
+    /// RLIMIT_NOFILE.
+    pub nofile: u64,
+    /// RLIMIT_MEMLOCK unlimited (VFIO pins all guest memory), else [`defaults::MEMLOCK`].
+    pub memlock_unlimited: bool,
+}
+
+/// The regular files a command line names by absolute path (`/x` or `--opt=/x`): what a
+/// program opens by name, bound read-only into its jail. Directories, devices and sockets
+/// are never bound by themselves (`read_only` and `fds` in system.toml say those).
+pub fn files_named_in(exec: &[String]) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for arg in exec.iter().skip(1) {
+        let path = match arg.split_once('=') {
+            Some((opt, p)) if opt.starts_with("--") => p,
+            _ => arg.as_str(),
+        };
+        if !path.starts_with('/') {
+            continue;
+        }
+        let p = PathBuf::from(path);
+        if std::fs::metadata(&p).is_ok_and(|m| m.is_file()) && !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Guest memory from a VMM command line (`--memory 256M` or `--memory=256M`).
+pub fn guest_memory(exec: &[String]) -> u64 {
+    let mut it = exec.iter();
+    while let Some(a) = it.next() {
+        let v = if a == "--memory" {
+            it.next().map(String::as_str)
+        } else {
+            a.strip_prefix("--memory=")
+        };
+        if let Some(v) = v {
+            if let Ok(n) = crate::config::parse_size(v) {
+                return n;
+            }
+        }
+    }
+    defaults::GUEST_MEMORY
+}
+
+impl JailSpec {
+    /// The jail of a VM's service: the VM's name, the service's user, guest memory (from
+    /// `--memory`) plus the overhead as memory.max, and unlimited locked memory only when
+    /// the policy grants it a device (VFIO).
+    pub fn for_vm(svc: &crate::config::ServiceConfig, vm: &str, vfio: bool) -> Option<JailSpec> {
+        let uid = svc.user?;
+        let overhead = svc
+            .memory_overhead
+            .as_deref()
+            .and_then(|m| crate::config::parse_size(m).ok())
+            .unwrap_or(defaults::VMM_OVERHEAD);
+        let mut read_only = files_named_in(&svc.exec);
+        read_only.extend(svc.read_only.iter().cloned());
+        Some(JailSpec {
+            name: vm.to_string(),
+            uid,
+            gid: svc.group.unwrap_or(uid),
+            program: PathBuf::from(svc.exec.first()?),
+            read_only,
+            read_write: Vec::new(),
+            limits: Limits {
+                memory_max: guest_memory(&svc.exec).saturating_add(overhead),
+                pids_max: svc.pids_max.unwrap_or(defaults::VMM_PIDS),
+                cpu_weight: svc.cpu_weight.unwrap_or(defaults::CPU_WEIGHT),
+            },
+            nofile: svc.nofile.unwrap_or(defaults::VMM_NOFILE),
+            memlock_unlimited: vfio,
+        })
+    }
+
+    /// The hub's jail: cgroup `hub`, its runtime directory the one writable place, the
+    /// files and directories its command line names (policy directories) read-only.
+    pub fn for_hub(hub: &crate::config::HubConfig) -> Option<JailSpec> {
+        let uid = hub.user?;
+        let read_write: Vec<PathBuf> = hub.runtime_dir.iter().cloned().collect();
+        let mut read_only: Vec<PathBuf> = Vec::new();
+        for p in files_named_in(&hub.exec)
+            .into_iter()
+            .chain(dirs_named_in(&hub.exec))
+            .chain(hub.read_only.iter().cloned())
+        {
+            if !read_write.iter().any(|w| p.starts_with(w)) && !read_only.contains(&p) {
+                read_only.push(p);
+            }
+        }
+        Some(JailSpec {
+            name: crate::config::HUB_NAME.to_string(),
+            uid,
+            gid: hub.group.unwrap_or(uid),
+            program: PathBuf::from(hub.exec.first()?),
+            read_only,
+            read_write,
+            limits: Limits {
+                memory_max: hub
+                    .memory_max
+                    .as_deref()
+                    .and_then(|m| crate::config::parse_size(m).ok())
+                    .unwrap_or(defaults::HUB_MEMORY),
+                pids_max: hub.pids_max.unwrap_or(defaults::HUB_PIDS),
+                cpu_weight: hub.cpu_weight.unwrap_or(defaults::CPU_WEIGHT),
+            },
+            nofile: hub.nofile.unwrap_or(defaults::HUB_NOFILE),
+            memlock_unlimited: false,
+        })
+    }
+}
+
+/// The directories a command line names by absolute path (the hub's policy directories).
+fn dirs_named_in(exec: &[String]) -> Vec<PathBuf> {
+    exec.iter()
+        .skip(1)
+        .filter(|a| a.starts_with('/'))
+        .map(PathBuf::from)
+        .filter(|p| p != Path::new("/") && p.is_dir())
+        .collect()
+}
+
+/// One bind mount of the plan.
+#[derive(Debug)]
+struct Bind {
+    /// The source, opened `O_PATH` by the parent.
+    _src: OwnedFd,
+    /// The source's path (in the child's copy of init's mounts).
+    src_proc: CString,
+    /// Where it goes below the staging directory.
+    target: CString,
+    /// The remount flags (read-only or not).
+    flags: libc::c_ulong,
+}
+
+/// A jail made ready in the parent; [`Prepared::enter`] runs in the child.
+#[derive(Debug)]
+pub struct Prepared {
+    cgroup_procs: Option<OwnedFd>,
+    rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    staging: CString,
+    dirs: Vec<CString>,
+    files: Vec<CString>,
+    binds: Vec<Bind>,
+    hostname: Vec<u8>,
+    uid: u32,
+    gid: u32,
+    bounding: Vec<Capability>,
+    landlock: Option<RulesetCreated>,
+    /// Descriptors from this number up are closed at exec.
+    close_from: u32,
+}
+
+impl JailSpec {
+    /// Builds the cgroup and the mount plan, and opens what the child needs. `first_free`
+    /// is the first descriptor number after the handed-over ones (everything from there up
+    /// is closed at exec).
+    pub fn prepare(&self, paths: &JailPaths, first_free: RawFd) -> Result<Prepared, JailError> {
+        if self.uid == 0 || self.gid == 0 {
+            return Err(JailError::Invalid(format!(
+                "{} would run as root (uid {} gid {})",
+                self.name, self.uid, self.gid
+            )));
+        }
+        let cgroup_procs = match &paths.cgroup_root {
+            Some(root) => Some(cgroup::prepare(root, &self.name, &self.limits)?),
+            None => None,
+        };
+        let mut rlimits = vec![
+            (libc::RLIMIT_NOFILE, self.nofile),
+            (libc::RLIMIT_CORE, 0),
+            (
+                libc::RLIMIT_MEMLOCK,
+                if self.memlock_unlimited {
+                    libc::RLIM_INFINITY
+                } else {
+                    defaults::MEMLOCK
+                },
+            ),
+        ];
+        rlimits.sort();
+        std::fs::create_dir_all(&paths.staging).map_err(|source| JailError::Path {
+            path: paths.staging.clone(),
+            source,
+        })?;
+        let staging = cstring(paths.staging.as_os_str().as_bytes())?;
+
+        // The mount plan: every bind's target and the directories above it.
+        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut files: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut binds = Vec::new();
+        let ro =
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        let rw =
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        let mut all: Vec<(&Path, libc::c_ulong)> = vec![(self.program.as_path(), ro)];
+        all.extend(self.read_only.iter().map(|p| (p.as_path(), ro)));
+        all.extend(self.read_write.iter().map(|p| (p.as_path(), rw)));
+        let mut seen = BTreeSet::new();
+        let mut landlock_rules: Vec<(PathFd, bool, bool)> = Vec::new();
+        for (path, flags) in all {
+            if !path.is_absolute() || path == Path::new("/") {
+                return Err(JailError::Invalid(format!(
+                    "{}: only absolute paths other than / are bound into a jail",
+                    path.display()
+                )));
+            }
+            if !seen.insert(path.to_path_buf()) {
+                continue;
+            }
+            let src = open_path(path)?;
+            let meta = std::fs::metadata(path).map_err(|source| JailError::Path {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let rel = path.strip_prefix("/").unwrap_or(path);
+            let target = paths.staging.join(rel);
+            for a in target.ancestors().skip(1) {
+                if a.starts_with(&paths.staging) && a != paths.staging {
+                    dirs.insert(a.to_path_buf());
+                }
+            }
+            if meta.is_dir() {
+                dirs.insert(target.clone());
+            } else {
+                files.insert(target.clone());
+            }
+            // By name: a descriptor of the parent's would name a mount of init's namespace,
+            // which the child, in its own, cannot bind from.
+            let src_proc = cstring(path.as_os_str().as_bytes())?;
+            let writable = flags & libc::MS_RDONLY == 0;
+            if let Ok(fd) = PathFd::new(path) {
+                landlock_rules.push((fd, meta.is_dir(), writable));
+            }
+            binds.push(Bind {
+                _src: src,
+                src_proc,
+                target: cstring(target.as_os_str().as_bytes())?,
+                flags,
+            });
+        }
+        // Parents before children (BTreeSet order sorts a path before what is below it).
+        let dirs = dirs
+            .iter()
+            .map(|d| cstring(d.as_os_str().as_bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let files = files
+            .iter()
+            .map(|f| cstring(f.as_os_str().as_bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bounding = caps::runtime::thread_all_supported().into_iter().collect();
+        Ok(Prepared {
+            cgroup_procs,
+            rlimits,
+            staging,
+            dirs,
+            files,
+            binds,
+            hostname: self.name.as_bytes().to_vec(),
+            uid: self.uid,
+            gid: self.gid,
+            bounding,
+            landlock: landlock_ruleset(&self.name, landlock_rules),
+            close_from: u32::try_from(first_free).unwrap_or(3),
+        })
+    }
+}
+
+/// The Landlock ruleset: every file access right handled, granted only beneath the bound
+/// paths (read and execute, plus everything for a writable one); TCP bind and connect
+/// handled with no rule (none); abstract unix sockets and signals scoped to the jail.
+/// `None` (logged) where the kernel has no Landlock.
+fn landlock_ruleset(name: &str, rules: Vec<(PathFd, bool, bool)>) -> Option<RulesetCreated> {
+    let abi = ABI::V6;
+    let build = || -> Result<RulesetCreated, landlock::RulesetError> {
+        let read = AccessFs::from_read(abi) | AccessFs::Execute;
+        let mut created = Ruleset::default()
+            .handle_access(AccessFs::from_all(abi))?
+            .handle_access(AccessNet::from_all(abi))?
+            .scope(Scope::from_all(abi))?
+            .create()?;
+        for (fd, is_dir, writable) in rules {
+            let access = match (is_dir, writable) {
+                (_, true) => AccessFs::from_all(abi),
+                (true, false) => read,
+                (false, false) => read & AccessFs::from_file(abi),
+            };
+            created = created.add_rule(PathBeneath::new(fd, access))?;
+        }
+        Ok(created)
+    };
+    match build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!("{name}: no Landlock ruleset: {e}");
+            None
+        }
+    }
+}
+
+fn cstring(b: &[u8]) -> Result<CString, JailError> {
+    CString::new(b).map_err(|_| JailError::Invalid("a path contains a NUL byte".into()))
+}
+
+fn open_path(path: &Path) -> Result<OwnedFd, JailError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(path)
+        .map(OwnedFd::from)
+        .map_err(|source| JailError::Path {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn check(r: libc::c_int) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Which step of [`Prepared::enter`] failed: the error that reaches init (through the exec
+/// error pipe) is the OS error only, so the child keeps the step in its errno's company.
+fn step(what: &'static str, r: std::io::Result<()>) -> std::io::Result<()> {
+    if r.is_err() {
+        // Only the errno crosses back to init through std's exec-error pipe: say which step
+        // on stderr (init's pipe from this child), without allocating.
+        for part in [
+            b"jail: ".as_slice(),
+            what.as_bytes(),
+            b" failed\n".as_slice(),
+        ] {
+            // SAFETY: writes a live byte slice to stderr.
+            unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
+        }
+    }
+    r
+}
+
+impl Prepared {
+    /// In the child, between fork and exec (after the handed-over descriptors are in
+    /// place): enters the jail. Only system calls on memory prepared by the parent.
+    pub fn enter(&mut self) -> std::io::Result<()> {
+        // SAFETY: setsid has no memory arguments.
+        step("setsid", check(unsafe { libc::setsid() }))?;
+        if let Some(fd) = &self.cgroup_procs {
+            // SAFETY: writes two bytes from a static buffer to a descriptor we own.
+            let n = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+            step("join cgroup", check(if n == 1 { 0 } else { -1 }))?;
+        }
+        for (res, value) in &self.rlimits {
+            let lim = libc::rlimit {
+                rlim_cur: *value,
+                rlim_max: *value,
+            };
+            // SAFETY: setrlimit reads one rlimit from a live local.
+            step("setrlimit", check(unsafe { libc::setrlimit(*res, &lim) }))?;
+        }
+        let flags =
+            libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
+        // SAFETY: unshare has no memory arguments.
+        step("unshare", check(unsafe { libc::unshare(flags) }))?;
+        self.mount_root()?;
+        // SAFETY: sethostname reads `len` bytes of a live Vec.
+        let r = unsafe { libc::sethostname(self.hostname.as_ptr().cast(), self.hostname.len()) };
+        step("sethostname", check(r))?;
+        step("capabilities", self.drop_privileges())?;
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        step("no_new_privs", check(r))?;
+        // SAFETY: close_range with integer arguments; CLOEXEC only marks descriptors.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                self.close_from,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            )
+        };
+        step("close_range", check(if r < 0 { -1 } else { 0 }))?;
+        if let Some(ruleset) = self.landlock.take() {
+            if let Err(e) = ruleset.restrict_self() {
+                return Err(std::io::Error::other(format!("landlock: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn mount_root(&self) -> std::io::Result<()> {
+        let none = std::ptr::null::<libc::c_char>();
+        // SAFETY: every mount/mkdir/open/chdir below gets NUL-terminated strings that live in
+        // `self` (or are literals) for the whole call; the null pointers are the documented
+        // "none" arguments.
+        unsafe {
+            step(
+                "make / private",
+                check(libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )),
+            )?;
+            step(
+                "mount the tmpfs root",
+                check(libc::mount(
+                    c"tmpfs".as_ptr(),
+                    self.staging.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    c"mode=0755,size=256k,nr_inodes=4096".as_ptr().cast(),
+                )),
+            )?;
+            for d in &self.dirs {
+                step("mkdir", check(libc::mkdir(d.as_ptr(), 0o755)))?;
+            }
+            for f in &self.files {
+                let fd = libc::open(
+                    f.as_ptr(),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o444,
+                );
+                step("create a file", check(fd))?;
+                libc::close(fd);
+            }
+            for b in &self.binds {
+                step(
+                    "bind",
+                    check(libc::mount(
+                        b.src_proc.as_ptr(),
+                        b.target.as_ptr(),
+                        none,
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    )),
+                )?;
+                step(
+                    "remount a bind",
+                    check(libc::mount(
+                        none,
+                        b.target.as_ptr(),
+                        none,
+                        b.flags,
+                        std::ptr::null(),
+                    )),
+                )?;
+            }
+            step(
+                "chdir to the new root",
+                check(libc::chdir(self.staging.as_ptr())),
+            )?;
+            let pivoted = libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0;
+            if pivoted {
+                step(
+                    "detach the old root",
+                    check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH)),
+                )?;
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                // Init runs from the initramfs (rootfs), which cannot be pivoted away: move
+                // the new root over / and chroot into it, as switch_root does. The old root
+                // stays below, covered, reachable by no path (and chroot, the way out of a
+                // chroot, needs a capability the jail drops).
+                step(
+                    "move the new root over /",
+                    check(libc::mount(
+                        c".".as_ptr(),
+                        c"/".as_ptr(),
+                        none,
+                        libc::MS_MOVE,
+                        std::ptr::null(),
+                    )),
+                )?;
+                step("chroot", check(libc::chroot(c".".as_ptr())))?;
+            } else {
+                step("pivot_root", check(-1))?;
+            }
+            step("chdir /", check(libc::chdir(c"/".as_ptr())))?;
+            step(
+                "remount / read-only",
+                check(libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    none,
+                    libc::MS_BIND
+                        | libc::MS_REMOUNT
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV,
+                    std::ptr::null(),
+                )),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn drop_privileges(&self) -> std::io::Result<()> {
+        let caps_err = |e: caps::errors::CapsError| std::io::Error::other(e.to_string());
+        for c in &self.bounding {
+            caps::drop(None, CapSet::Bounding, *c).map_err(caps_err)?;
+        }
+        caps::clear(None, CapSet::Ambient).map_err(caps_err)?;
+        // SAFETY: setgroups with a zero count reads no memory; the others take integers.
+        unsafe {
+            check(libc::setgroups(0, std::ptr::null()))?;
+            check(libc::setresgid(self.gid, self.gid, self.gid))?;
+            check(libc::setresuid(self.uid, self.uid, self.uid))?;
+        }
+        // The uid switch cleared permitted and effective; inheritable stays unless cleared.
+        for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+            caps::clear(None, set).map_err(caps_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// The cgroup of one jail.
+pub mod cgroup {
+    use super::*;
+
+    fn err(path: &Path) -> impl FnOnce(std::io::Error) -> JailError + '_ {
+        move |source| JailError::Cgroup {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn write(path: &Path, value: &str) -> Result<(), JailError> {
+        std::fs::write(path, value).map_err(err(path))
+    }
+
+    /// `<root>/bulkhead/<name>`.
+    pub fn dir(root: &Path, name: &str) -> PathBuf {
+        root.join(CGROUP_PARENT).join(name)
+    }
+
+    /// Enables the memory, pids and cpu controllers for `<root>/bulkhead` and its children.
+    pub fn setup(root: &Path) -> Result<(), JailError> {
+        let parent = root.join(CGROUP_PARENT);
+        std::fs::create_dir_all(&parent).map_err(err(&parent))?;
+        for dir in [root, parent.as_path()] {
+            write(&dir.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
+        }
+        Ok(())
+    }
+
+    /// Makes (or reuses) the jail's cgroup, kills what an earlier run left in it, writes
+    /// its limits and opens its `cgroup.procs` for the child to join.
+    pub fn prepare(root: &Path, name: &str, limits: &Limits) -> Result<OwnedFd, JailError> {
+        if !root
+            .join(CGROUP_PARENT)
+            .join("cgroup.subtree_control")
+            .exists()
+        {
+            setup(root)?;
+        }
+        let dir = dir(root, name);
+        std::fs::create_dir_all(&dir).map_err(err(&dir))?;
+        let procs = dir.join("cgroup.procs");
+        let leftovers = std::fs::read_to_string(&procs).map_err(err(&procs))?;
+        if !leftovers.trim().is_empty() {
+            warn!("cgroup of {name} still has processes from an earlier run: killing them");
+            write(&dir.join("cgroup.kill"), "1")?;
+        }
+        write(&dir.join("memory.max"), &limits.memory_max.to_string())?;
+        write(&dir.join("memory.swap.max"), "0")?;
+        write(&dir.join("memory.oom.group"), "1")?;
+        write(&dir.join("pids.max"), &limits.pids_max.to_string())?;
+        write(&dir.join("cpu.weight"), &limits.cpu_weight.to_string())?;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&procs)
+            .map(OwnedFd::from)
+            .map_err(err(&procs))
+    }
+
+    /// `oom_kill` of the cgroup's memory.events (0 when it cannot be read).
+    pub fn oom_kills(root: &Path, name: &str) -> u64 {
+        let path = dir(root, name).join("memory.events");
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// What init says about a jailed child's end, beyond "exited"/"killed by": a seccomp kill
+/// (SIGSYS) or an OOM kill in its cgroup (`oom_kills_before` from its start).
+pub fn exit_note(
+    vm: &str,
+    signal: Option<&str>,
+    paths: &JailPaths,
+    oom_kills_before: u64,
+    memory_max: u64,
+) -> Option<String> {
+    if signal == Some("SIGSYS") {
+        return Some(format!(
+            "killed by seccomp (SIGSYS): vm {vm} made a system call its filter forbids"
+        ));
+    }
+    let root = paths.cgroup_root.as_ref()?;
+    let now = cgroup::oom_kills(root, vm);
+    if now > oom_kills_before {
+        return Some(format!(
+            "killed by the OOM killer: vm {vm} reached its cgroup's memory.max ({} MiB; \
+             {} OOM kill(s) in /{CGROUP_PARENT}/{vm})",
+            memory_max >> 20,
+            now - oom_kills_before
+        ));
+    }
+    None
+}
+
+/// How a running child is jailed, as the kernel reports it (`/proc/<pid>`): its uid and
+/// gid, capability sets, no_new_privs, seccomp mode, which namespaces differ from init's,
+/// and its cgroup. `None` if the process is gone.
+pub fn observe(pid: i32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().next().unwrap_or("?").to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    let cap = |name: &str| -> String {
+        let v = field(name);
+        match u64::from_str_radix(&v, 16) {
+            Ok(n) => format!("{n:#x}"),
+            Err(_) => v,
+        }
+    };
+    let own: Vec<&str> = ["mnt", "ipc", "uts", "net"]
+        .into_iter()
+        .filter(|ns| {
+            let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
+            mine.is_some() && theirs.is_some() && mine != theirs
+        })
+        .collect();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        })
+        .unwrap_or_else(|| "?".into());
+    Some(format!(
+        "uid {} gid {}, CapEff {} CapPrm {} CapBnd {} CapAmb {}, NoNewPrivs {}, own {} \
+         namespaces, cgroup {cgroup}",
+        field("Uid:"),
+        field("Gid:"),
+        cap("CapEff:"),
+        cap("CapPrm:"),
+        cap("CapBnd:"),
+        cap("CapAmb:"),
+        field("NoNewPrivs:"),
+        if own.is_empty() {
+            "no".to_string()
+        } else {
+            own.join(" ")
+        },
+    ))
+}

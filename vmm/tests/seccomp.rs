@@ -1,0 +1,185 @@
+//! The VMM's seccomp filters, for real: each kind's list installed in a forked child, the
+//! calls a taken-over VMM would try first kill it with SIGSYS; and the real binary's
+//! test-only escape mode (`--test-escape`, from a vCPU-filtered thread) killed the same way.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+
+use bulkhead_vmm::seccomp::{allow_list, SeccompMode, ALL_KINDS};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult};
+
+/// The calls a taken-over VMM would try first.
+const FORBIDDEN: [&str; 10] = [
+    "openat",
+    "socket(AF_INET)",
+    "ptrace",
+    "mount",
+    "fcntl(F_OFD_SETLK)",
+    "fcntl(F_SETLKW)",
+    "kill",
+    "execve",
+    "unshare",
+    "fork (clone without CLONE_THREAD)",
+];
+
+/// Makes attempt `i` (an index into FORBIDDEN), or with `usize::MAX` what every thread
+/// does all the time (returns 1 when it worked).
+fn attempt(i: usize) -> i32 {
+    let unlock = libc::flock {
+        l_type: libc::F_UNLCK as i16,
+        l_whence: 0,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: raw system calls on NUL-terminated literals and live locals, in a child
+    // process that ends right after.
+    unsafe {
+        match i {
+            0 => libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY),
+            1 => libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0),
+            2 => libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0) as i32,
+            3 => libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            ),
+            4 => libc::fcntl(0, libc::F_OFD_SETLK, &unlock),
+            5 => libc::fcntl(0, libc::F_SETLKW, &unlock),
+            6 => libc::kill(1, 0),
+            7 => libc::execve(c"/bin/true".as_ptr(), std::ptr::null(), std::ptr::null()),
+            8 => libc::unshare(libc::CLONE_NEWUSER),
+            9 => libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) as i32,
+            _ => {
+                (libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) == 0
+                    && libc::fcntl(0, libc::F_GETFD) >= -1
+                    && libc::getpid() > 0) as i32
+            }
+        }
+    }
+}
+
+/// Runs attempt `i` in a child that installed `kind`'s filter (kill mode) first.
+fn in_filtered_child(kind: bulkhead_vmm::seccomp::ThreadKind, i: usize) -> WaitStatus {
+    let prog = allow_list(kind).compile(SeccompMode::Kill).unwrap();
+    // SAFETY: the child installs the filter, makes raw system calls and _exits.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            let code = match seccompiler::apply_filter(&prog) {
+                Ok(()) => attempt(i),
+                Err(_) => 99,
+            };
+            // SAFETY: _exit ends the child at once.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => waitpid(child, None).unwrap(),
+    }
+}
+
+fn sigsys(s: WaitStatus) -> bool {
+    matches!(s, WaitStatus::Signaled(_, Signal::SIGSYS, _))
+}
+
+#[test]
+fn every_kind_kills_the_escape_calls_and_allows_its_own() {
+    for kind in ALL_KINDS {
+        for (i, what) in FORBIDDEN.iter().enumerate() {
+            let s = in_filtered_child(kind, i);
+            assert!(sigsys(s), "{kind:?}: {what} not killed: {s:?}");
+        }
+        let s = in_filtered_child(kind, usize::MAX);
+        assert!(matches!(s, WaitStatus::Exited(_, 1)), "{kind:?}: {s:?}");
+    }
+}
+
+/// The real binary: every escape attempt but memory (tested in a cgroup under QEMU) ends
+/// the process by SIGSYS.
+#[test]
+fn the_real_vmm_is_killed_by_seccomp_for_each_escape_attempt_from_a_vcpu_thread() {
+    for attempt in [
+        "open-host-file",
+        "socket-inet",
+        "ptrace",
+        "mount",
+        "ofd-unlock",
+        "fork",
+        "kill",
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-vmm"))
+            .args(["--kernel", "/dev/null", "--test-escape", attempt])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "{attempt}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // In log mode the same call is let through (and logged by the kernel): the attempt then
+    // fails or succeeds on its own, the process is not killed.
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-vmm"))
+        .args([
+            "--kernel",
+            "/dev/null",
+            "--seccomp",
+            "log",
+            "--test-escape",
+            "ofd-unlock",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), None, "{:?}", out.status);
+}
+
+/// A device worker is started by a vCPU (the guest's DRIVER_OK) and carries the vCPU's
+/// filter and its own: starting it, and what a worker does first (an eventfd, epoll,
+/// a memfd), must pass both.
+#[test]
+fn a_vcpu_thread_can_start_a_worker_thread() {
+    // SAFETY: the child runs filtered threads and _exits with their verdict.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            let code = std::thread::spawn(|| {
+                if bulkhead_vmm::seccomp::allow_list(bulkhead_vmm::seccomp::ThreadKind::Vcpu)
+                    .install(SeccompMode::Kill)
+                    .is_err()
+                {
+                    return 98;
+                }
+                let worker = std::thread::Builder::new().name("worker".into()).spawn(|| {
+                    if bulkhead_vmm::seccomp::allow_list(bulkhead_vmm::seccomp::ThreadKind::Worker)
+                        .install(SeccompMode::Kill)
+                        .is_err()
+                    {
+                        return 97;
+                    }
+                    let e = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK);
+                    let p = vmm_sys_util::epoll::Epoll::new();
+                    (e.is_ok() && p.is_ok()) as i32
+                });
+                match worker {
+                    Ok(t) => t.join().unwrap_or(96),
+                    Err(_) => 95,
+                }
+            })
+            .join()
+            .unwrap_or(94);
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            let s = waitpid(child, None).unwrap();
+            assert!(matches!(s, WaitStatus::Exited(_, 1)), "{s:?}");
+        }
+    }
+}
