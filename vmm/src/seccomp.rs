@@ -85,6 +85,9 @@ fn worker_list() -> AllowList {
     unix_traffic(&mut l);
     l.allow(&[
         libc::SYS_memfd_create,
+        // virtio_wl makes its memfds mode 0644 (`MEMFD_MODE`, so another uid cannot reopen
+        // them writable through /proc).
+        libc::SYS_fchmod,
         libc::SYS_ftruncate,
         libc::SYS_fallocate,
         libc::SYS_fsync,
