@@ -96,7 +96,8 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         None => kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?,
     };
     // The serial device writes a line at a time (`serial::LineOut`), byte by byte to a
-    // terminal.
+    // terminal, from its own thread behind a bounded queue (`serial::SerialOut`): a
+    // destination that takes nothing never holds up a vCPU.
     let serial_out = match &cfg.serial_out {
         None => SerialOut::lines(Box::new(std::io::sink())),
         Some(None) if std::io::stdout().is_terminal() => {
@@ -109,7 +110,8 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         Some(Some(Source::Path(p))) => SerialOut::lines(Box::new(
             std::fs::File::create(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?,
         )),
-    };
+    }
+    .map_err(|e| format!("serial output thread: {e}"))?;
     let mut kernel = fds.open(&cfg.kernel, false).map_err(|e| e.to_string())?;
     let mut initramfs = match &cfg.initramfs {
         Some(s) => Some(fds.open(s, false).map_err(|e| e.to_string())?),

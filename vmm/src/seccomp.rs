@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | [`ThreadKind::Main`] | `main`, after it has started the others (its filter last) | — |
 //! | [`ThreadKind::Vcpu`] | `vcpu<N>` | main, before its own filter |
-//! | [`ThreadKind::Worker`] | virtio queue workers, `virtio-wl`, `virtio-net`, `serial-in` | a vCPU (the guest's DRIVER_OK write) or main |
+//! | [`ThreadKind::Worker`] | virtio queue workers, `virtio-wl`, `virtio-net`, `serial-in`, `serial-out` | a vCPU (the guest's DRIVER_OK write) or main |
 //! | [`ThreadKind::Worker`] | `virtio-net-link` (connects to the net VM, maps the ring) | main, at start |
 //! | [`ThreadKind::Control`] | `control` (the control socket), `stop-signals` | main |
 //!
@@ -86,6 +86,9 @@ fn worker_list() -> AllowList {
     unix_traffic(&mut l);
     l.allow(&[
         libc::SYS_memfd_create,
+        // virtio_wl makes its memfds mode 0644 (`MEMFD_MODE`, so another uid cannot reopen
+        // them writable through /proc).
+        libc::SYS_fchmod,
         libc::SYS_ftruncate,
         libc::SYS_fallocate,
         libc::SYS_fsync,

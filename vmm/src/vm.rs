@@ -393,6 +393,15 @@ impl RunningVm {
         }
     }
 
+    /// Bytes of the guest's serial output dropped so far because its destination did not
+    /// take them.
+    pub fn serial_output_dropped(&self) -> u64 {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .output_dropped()
+    }
+
     /// Stops the vCPUs (kicking them out of KVM_RUN), flushes serial output and disks.
     pub fn stop(mut self, reason: ExitReason) -> ExitReason {
         self.exit.request(reason);

@@ -137,6 +137,7 @@ fn bad_inputs_exit_1_with_a_clear_message() {
 fn spin_code() -> Vec<u8> {
     let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
     c.extend_from_slice(&[0xb0, b'R', 0xee]); // mov al, 'R'; out dx, al
+    c.extend_from_slice(&[0xb0, b'\n', 0xee]); // mov al, '\n'; out dx, al
     c.extend_from_slice(&[0xeb, 0xfe]); // jmp $
     c
 }
@@ -181,8 +182,15 @@ fn sigterm_presses_the_power_button_and_a_second_one_stops_the_vm() {
         }
     };
     wait_for("vCPU(s) started");
-    // The guest runs (its byte is out; the serial file gets it when the line is written,
-    // at the latest when the VMM ends).
+    // The guest runs: its line reaches the serial file (a hang guard, not a timing
+    // assertion), so the signals below reach a running guest.
+    for _ in 0..60_000 {
+        if std::fs::read(&serial).unwrap_or_default() == b"R\n" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(std::fs::read(&serial).unwrap(), b"R\n", "the guest's line");
     let pid = child.id().to_string();
     let kill = |sig: &str| {
         let st = Command::new("kill").args([sig, &pid]).status().unwrap();
@@ -199,5 +207,5 @@ fn sigterm_presses_the_power_button_and_a_second_one_stops_the_vm() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(4), "{status:?}");
     wait_for("SIGTERM again: stopping the VM now");
-    assert_eq!(std::fs::read(&serial).unwrap(), b"R");
+    assert_eq!(std::fs::read(&serial).unwrap(), b"R\n");
 }

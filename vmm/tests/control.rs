@@ -73,7 +73,7 @@ fn kill_stops_a_spinning_guest_through_a_bound_socket() {
         &kvm,
         32 << 20,
         1,
-        SerialOut::lines(Box::new(std::io::sink())),
+        SerialOut::lines(Box::new(std::io::sink())).unwrap(),
     )
     .unwrap();
     // jmp $ (spin forever)

@@ -41,7 +41,13 @@ fn memfd_with(byte: u8) -> std::fs::File {
 fn run(writable: bool) -> (Vec<u8>, u8) {
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
     let out = Captured::default();
-    let vm = Vm::new(&kvm, 32 << 20, 1, SerialOut::lines(Box::new(out.clone()))).unwrap();
+    let vm = Vm::new(
+        &kvm,
+        32 << 20,
+        1,
+        SerialOut::lines(Box::new(out.clone())).unwrap(),
+    )
+    .unwrap();
     write_boot_structures(vm.memory()).unwrap();
     let code: Vec<u8> = vec![
         0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
@@ -88,7 +94,7 @@ fn slots_are_reused_after_drop_and_misaligned_requests_fail() {
         &kvm,
         32 << 20,
         1,
-        SerialOut::lines(Box::new(std::io::sink())),
+        SerialOut::lines(Box::new(std::io::sink())).unwrap(),
     )
     .unwrap();
     let memfd = memfd_with(0);

@@ -100,6 +100,57 @@ fn every_kind_kills_the_escape_calls_and_allows_its_own() {
     }
 }
 
+/// What virtio_wl's VFD_NEW does without a hub (`commands::memfd`), as raw calls: a
+/// sealable memfd made mode 0644, sized and sealed. Returns 1 when all of it worked.
+fn guest_memfd() -> i32 {
+    // SAFETY: raw system calls on a literal name and the fd they return, in a child that
+    // ends right after.
+    unsafe {
+        let fd = libc::memfd_create(
+            c"bulkhead-wl".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        );
+        (fd >= 0
+            && libc::fchmod(fd, 0o644) == 0
+            && libc::ftruncate(fd, 8192) == 0
+            && libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_GROW | libc::F_SEAL_SHRINK,
+            ) == 0) as i32
+    }
+}
+
+/// A worker started by a vCPU (virtio_wl's, on the guest's DRIVER_OK) carries both
+/// filters; under them it makes the guest's shared memory (before, `fchmod` was on
+/// neither list and the first VFD_NEW killed the VMM with SIGSYS).
+#[test]
+fn a_worker_started_by_a_vcpu_can_make_guest_shared_memory() {
+    use bulkhead_vmm::seccomp::ThreadKind;
+    let vcpu = allow_list(ThreadKind::Vcpu)
+        .compile(SeccompMode::Kill)
+        .unwrap();
+    let worker = allow_list(ThreadKind::Worker)
+        .compile(SeccompMode::Kill)
+        .unwrap();
+    // SAFETY: the child installs the filters, makes raw system calls and _exits.
+    let s = match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            let code = match (
+                seccompiler::apply_filter(&vcpu),
+                seccompiler::apply_filter(&worker),
+            ) {
+                (Ok(()), Ok(())) => guest_memfd(),
+                _ => 99,
+            };
+            // SAFETY: _exit ends the child at once.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => waitpid(child, None).unwrap(),
+    };
+    assert!(matches!(s, WaitStatus::Exited(_, 1)), "{s:?}");
+}
+
 /// The real binary: every escape attempt but memory (tested in a cgroup under QEMU) ends
 /// the process by SIGSYS.
 #[test]

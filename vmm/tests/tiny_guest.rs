@@ -3,6 +3,7 @@
 //! PCI configuration reads through 0xcf8/0xcfc see the host bridge and the virtio devices.
 
 use std::io::Write;
+use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
 
 use bulkhead_vmm::devices::legacy::serial::SerialOut;
@@ -36,7 +37,13 @@ fn out8(code: &mut Vec<u8>, port: u16, v: u8) {
 fn run_guest(code: &[u8], with_rng: bool) -> (ExitReason, Vec<u8>) {
     let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
     let out = Captured::default();
-    let mut vm = Vm::new(&kvm, 32 << 20, 1, SerialOut::lines(Box::new(out.clone()))).unwrap();
+    let mut vm = Vm::new(
+        &kvm,
+        32 << 20,
+        1,
+        SerialOut::lines(Box::new(out.clone())).unwrap(),
+    )
+    .unwrap();
     if with_rng {
         vm.add_virtio_device(Box::new(Rng::new())).unwrap();
     }
@@ -63,6 +70,58 @@ fn serial_output_then_acpi_poweroff() {
     assert_eq!(reason, ExitReason::Poweroff);
     assert_eq!(reason.exit_code(), 0);
     assert_eq!(out, b"Hello\n");
+}
+
+/// A guest that prints far more than its serial destination takes (a pipe nobody reads,
+/// which fills at 64 KiB) still runs to its power-off: the vCPU never waits for the output,
+/// and what did not fit in the VMM's queue is counted as dropped.
+#[test]
+fn serial_output_to_a_pipe_nobody_reads_never_blocks_the_guest() {
+    const BYTES: u32 = 1 << 19;
+    let mut fds = [0; 2];
+    // SAFETY: room for two fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: two new fds owned by nothing else.
+    let (reader, writer) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    let mut code = Vec::new();
+    code.extend_from_slice(&[0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    code.extend_from_slice(&[0xb0, b'x']); // mov al, 'x'
+    code.extend_from_slice(&[0x66, 0xb9]); // mov ecx, BYTES
+    code.extend_from_slice(&BYTES.to_le_bytes());
+    code.push(0xee); // loop: out dx, al
+    code.extend_from_slice(&[0x66, 0x49]); // dec ecx
+    code.extend_from_slice(&[0x75, 0xfb]); // jnz loop
+    out8(&mut code, 0x600, (5 << 2) | (1 << 5));
+    code.push(0xf4);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let out = SerialOut::lines(Box::new(std::fs::File::from(writer))).unwrap();
+        let vm = Vm::new(&kvm, 32 << 20, 1, out).unwrap();
+        vm.memory()
+            .write_slice(&code, GuestAddress(u64::from(ENTRY)))
+            .unwrap();
+        vm.vcpu(0).unwrap().configure_real_mode(ENTRY).unwrap();
+        let running = vm.start(None).unwrap();
+        let reason = running.wait();
+        let dropped = running.serial_output_dropped();
+        let _ = tx.send((running.stop(reason), dropped));
+    });
+    // A hang guard, not a timing assertion: a vCPU blocked on the pipe never gets here.
+    let (reason, dropped) = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the guest never powered off: its vCPU is stuck writing serial output");
+    assert_eq!(reason, ExitReason::Poweroff);
+    assert!(
+        dropped > 0 && dropped < u64::from(BYTES),
+        "{dropped} dropped"
+    );
+    drop(reader);
 }
 
 #[test]
@@ -138,7 +197,7 @@ fn jumping_to_the_reset_vector_is_a_reboot() {
         &kvm,
         32 << 20,
         1,
-        SerialOut::lines(Box::new(std::io::sink())),
+        SerialOut::lines(Box::new(std::io::sink())).unwrap(),
     )
     .unwrap();
     bulkhead_vmm::boot::reset_vector::write_reset_stub(vm.memory()).unwrap();

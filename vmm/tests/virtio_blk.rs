@@ -167,6 +167,22 @@ fn malformed_requests_get_error_statuses() {
     );
 }
 
+/// Every guest address and length is added with checks: a status or data descriptor that
+/// ends past the top of the 64-bit address space is a malformed chain (returned with
+/// nothing written, or an I/O error), never an overflow.
+#[test]
+fn descriptors_at_the_top_of_the_address_space_do_not_overflow() {
+    let r = rig(4, false);
+    header(&r.mem, VIRTIO_BLK_T_IN, 0);
+    let top = u64::MAX - 7;
+    let status_wraps = common::chain(0, &[(HDR, 16, false), (DATA, 512, true), (top, 16, true)]);
+    assert_eq!(submit(&r, &status_wraps), (0, 0xaa));
+    let data_wraps = common::chain(0, &[(HDR, 16, false), (top, 512, true), (STATUS, 1, true)]);
+    assert_eq!(submit(&r, &data_wraps).1, VIRTIO_BLK_S_IOERR);
+    let header_wraps = common::chain(0, &[(top, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    assert_eq!(submit(&r, &header_wraps).1, VIRTIO_BLK_S_IOERR);
+}
+
 #[test]
 fn looping_chain_terminates() {
     let r = rig(4, false);

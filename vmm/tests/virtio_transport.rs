@@ -22,6 +22,11 @@ fn r32(d: &mut VirtioPciDevice, off: u64) -> u32 {
     d.bar_read(0, off, &mut b);
     u32::from_le_bytes(b)
 }
+fn r16(d: &mut VirtioPciDevice, off: u64) -> u16 {
+    let mut b = [0u8; 2];
+    d.bar_read(0, off, &mut b);
+    u16::from_le_bytes(b)
+}
 fn r8(d: &mut VirtioPciDevice, off: u64) -> u8 {
     let mut b = [0u8; 1];
     d.bar_read(0, off, &mut b);
@@ -35,6 +40,17 @@ fn w16(d: &mut VirtioPciDevice, off: u64, v: u16) {
 }
 fn w8(d: &mut VirtioPciDevice, off: u64, v: u8) {
     d.bar_write(0, off, &[v]);
+}
+
+/// A transport at BAR with memory decoding enabled (what the guest's PCI core does before
+/// a driver touches BAR 0).
+fn device(
+    dev: Box<dyn VirtioDevice>,
+    mem: bulkhead_vmm::vstate::memory::GuestMemoryMmap,
+) -> VirtioPciDevice {
+    let mut d = VirtioPciDevice::new_unrouted(dev, mem, BAR, SHM).unwrap();
+    d.config_write(1, 0, &[0x02]);
+    d
 }
 
 /// Walks the capability list: (id, offset) pairs, plus virtio cfg_type for vendor caps.
@@ -65,6 +81,18 @@ fn enable_msix(d: &mut VirtioPciDevice) {
     }
 }
 
+/// What a driver does after writing status 0: reads the status until it is 0 (a hang guard
+/// of 20 s, not a timing assertion).
+fn wait_for_reset(d: &mut VirtioPciDevice) {
+    for _ in 0..20_000 {
+        if r8(d, 0x14) == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!("the device's reset never finished");
+}
+
 fn negotiate(d: &mut VirtioPciDevice, driver_features_hi: u32) -> u8 {
     w8(d, 0x14, status::ACKNOWLEDGE);
     w8(d, 0x14, status::ACKNOWLEDGE | status::DRIVER);
@@ -81,7 +109,7 @@ fn negotiate(d: &mut VirtioPciDevice, driver_features_hi: u32) -> u8 {
 #[test]
 fn pci_identity_and_capabilities() {
     let mem = common::memory();
-    let mut d = VirtioPciDevice::new_unrouted(Box::new(Rng::new()), mem, BAR, SHM).unwrap();
+    let mut d = device(Box::new(Rng::new()), mem);
     assert_eq!(d.config_read(0), 0x1044_1af4);
     assert_eq!(d.config_read(4), BAR as u32);
     let caps = capabilities(&mut d);
@@ -102,10 +130,52 @@ fn pci_identity_and_capabilities() {
     assert_eq!(u16::from_le_bytes(nq), 1);
 }
 
+/// A vector number the device does not have reads back as NO_VECTOR (virtio 1.x
+/// §4.1.4.3.2: the driver checks the read-back to learn that the mapping failed), for the
+/// configuration vector and the queues' alike. The rng has two vectors (0, 1).
 #[test]
-fn features_not_offered_are_refused() {
+fn an_out_of_range_msix_vector_reads_back_no_vector() {
+    let mut d = device(Box::new(Rng::new()), common::memory());
+    for (off, v, back) in [
+        (0x10, 1, 1),
+        (0x10, 2, 0xffff),
+        (0x10, 0x7fff, 0xffff),
+        (0x1a, 0, 0),
+        (0x1a, 5, 0xffff),
+        (0x1a, 0xfffe, 0xffff),
+        (0x1a, 0xffff, 0xffff),
+    ] {
+        w16(&mut d, off, v);
+        assert_eq!(r16(&mut d, off), back, "vector {v:#x} at {off:#x}");
+    }
+}
+
+/// With the command register's memory-decode bit clear (as at power-on, and while a
+/// driver sizes BARs), BAR 0 does not decode: reads give all ones and writes are dropped.
+#[test]
+fn bar0_decodes_only_with_the_memory_bit_set() {
     let mut d =
         VirtioPciDevice::new_unrouted(Box::new(Rng::new()), common::memory(), BAR, SHM).unwrap();
+    assert_eq!(d.config_read(1) & 0x2, 0, "decode is off at power-on");
+    assert_eq!(r16(&mut d, 0x12), 0xffff, "num_queues");
+    assert_eq!(r32(&mut d, 0x04), 0xffff_ffff, "device features");
+    w8(&mut d, 0x14, status::ACKNOWLEDGE);
+    d.config_write(1, 0, &[0x02]);
+    assert_eq!(r16(&mut d, 0x12), 1, "one queue");
+    assert_eq!(
+        r8(&mut d, 0x14),
+        0,
+        "the write while decode was off was dropped"
+    );
+    w8(&mut d, 0x14, status::ACKNOWLEDGE);
+    assert_eq!(r8(&mut d, 0x14), status::ACKNOWLEDGE);
+    d.config_write(1, 0, &[0x00]);
+    assert_eq!(r8(&mut d, 0x14), 0xff);
+}
+
+#[test]
+fn features_not_offered_are_refused() {
+    let mut d = device(Box::new(Rng::new()), common::memory());
     // Bit 33 (VIRTIO_F_ACCESS_PLATFORM) is not offered.
     let st = negotiate(&mut d, 0b11);
     assert_eq!(st & status::FEATURES_OK, 0);
@@ -119,10 +189,28 @@ fn features_not_offered_are_refused() {
     assert_ne!(st & status::FEATURES_OK, 0);
 }
 
+/// Once FEATURES_OK is set the features are settled: a driver that writes the feature
+/// words afterwards (with bits the device never offered) changes nothing, so what the
+/// device is activated with is what it accepted.
+#[test]
+fn driver_features_are_frozen_once_features_ok_is_set() {
+    let mut d = device(Box::new(Rng::new()), common::memory());
+    assert_ne!(negotiate(&mut d, 1) & status::FEATURES_OK, 0);
+    w32(&mut d, 0x08, 1);
+    w32(&mut d, 0x0c, 0b11); // VERSION_1 and ACCESS_PLATFORM (not offered)
+    w32(&mut d, 0x08, 0);
+    w32(&mut d, 0x0c, 0xffff_ffff);
+    w32(&mut d, 0x08, 1);
+    assert_eq!(r32(&mut d, 0x0c), 1, "high word as accepted");
+    w32(&mut d, 0x08, 0);
+    assert_eq!(r32(&mut d, 0x0c), 0, "low word as accepted");
+    assert_ne!(r8(&mut d, 0x14) & status::FEATURES_OK, 0);
+}
+
 #[test]
 fn rng_request_round_trip_with_msix_interrupt_and_reset() {
     let mem = common::memory();
-    let mut d = VirtioPciDevice::new_unrouted(Box::new(Rng::new()), mem.clone(), BAR, SHM).unwrap();
+    let mut d = device(Box::new(Rng::new()), mem.clone());
     let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
     enable_msix(&mut d);
     assert_ne!(negotiate(&mut d, 1) & status::FEATURES_OK, 0);
@@ -161,9 +249,10 @@ fn rng_request_round_trip_with_msix_interrupt_and_reset() {
     assert_eq!(r8(&mut d, 0x1000), 1);
     assert_eq!(r8(&mut d, 0x1000), 0);
 
-    // Reset: status 0, queue disabled, vectors cleared.
+    // Reset: status 0 (once the worker has stopped: a driver polls for it), queue
+    // disabled, vectors cleared.
     w8(&mut d, 0x14, 0);
-    assert_eq!(d.status(), 0);
+    wait_for_reset(&mut d);
     assert_eq!(r32(&mut d, 0x1c) & 0xffff, 0);
     let mut v = [0u8; 2];
     d.bar_read(0, 0x1a, &mut v);
@@ -173,7 +262,7 @@ fn rng_request_round_trip_with_msix_interrupt_and_reset() {
 #[test]
 fn rng_skips_read_only_buffers() {
     let mem = common::memory();
-    let mut d = VirtioPciDevice::new_unrouted(Box::new(Rng::new()), mem.clone(), BAR, SHM).unwrap();
+    let mut d = device(Box::new(Rng::new()), mem.clone());
     let mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
     enable_msix(&mut d);
     negotiate(&mut d, 1);

@@ -862,7 +862,11 @@ static long virtwl_ioctl_new(struct virtwl_info *vi, struct virtwl_ioctl_new __u
 	vfd->flags = le32_to_cpu(resp->flags);
 	vfd->pfn = le64_to_cpu(resp->pfn);
 	vfd->size = le32_to_cpu(resp->size);
-	/* The device answers pipes with flags 0: keep the direction that was asked for. */
+	/*
+	 * A pipe keeps the direction that was asked for, whatever the answer's flags say (a
+	 * device may answer 0; ChromiumOS's driver then makes even a write pipe O_RDONLY).
+	 * See docs/virtio_wl.md, "Our driver and ChromiumOS's".
+	 */
 	if (wire == VIRTIO_WL_CMD_VFD_NEW_PIPE)
 		vfd->flags = le32_to_cpu(req->flags);
 	if (wire == VIRTIO_WL_CMD_VFD_NEW && !vfd->pfn) {

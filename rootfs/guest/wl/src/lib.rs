@@ -11,6 +11,11 @@
 //!
 //! Fds are owned (`OwnedFd`): what is sent cannot be closed under the sender, and received
 //! fds are owned at once. See docs/virtio_wl.md.
+//!
+//! It uses the device the way ChromiumOS programs do, so a program works over ChromiumOS's
+//! `virtio_wl` driver too: every write goes through `VIRTWL_IOCTL_SEND` (that driver gives
+//! a vfd file the access mode of the device's answer flags, so `write(2)` on a pipe may be
+//! refused with EBADF where the ioctl works), reads use `read(2)` or `VIRTWL_IOCTL_RECV`.
 
 pub mod uapi;
 
@@ -185,34 +190,10 @@ impl WlStream {
         if fds.len() > SEND_MAX_ALLOCS {
             return Err(WlError::TooManyFds);
         }
-        let len = u32::try_from(data.len()).map_err(|_| WlError::Io {
-            what: "send",
-            err: std::io::Error::from_raw_os_error(libc::EMSGSIZE),
-        })?;
-        let mut hdr = IoctlTxn {
-            fds: [-1; SEND_MAX_ALLOCS],
-            len,
-        };
-        for (slot, fd) in hdr.fds.iter_mut().zip(fds) {
-            *slot = fd.as_raw_fd();
-        }
-        let hsize = std::mem::size_of::<IoctlTxn>();
-        let mut buf = vec![0u8; hsize + data.len()];
-        // SAFETY: `buf` has room for the header; IoctlTxn is plain old data.
-        unsafe { std::ptr::write_unaligned(buf.as_mut_ptr().cast::<IoctlTxn>(), hdr) };
-        if let Some(d) = buf.get_mut(hsize..) {
-            d.copy_from_slice(data);
-        }
-        let fd = self.fd.as_raw_fd();
-        through_back_pressure(fd, || {
-            // SAFETY: IOCTL_SEND reads the header and `len` data bytes, all inside `buf`.
-            unsafe { libc::ioctl(fd, uapi::IOCTL_SEND, buf.as_mut_ptr()) as isize }
-        })
-        .map_err(|err| WlError::Io {
+        send_txn(self.fd.as_raw_fd(), data, fds).map_err(|err| WlError::Io {
             what: "VIRTWL_IOCTL_SEND",
             err,
-        })?;
-        Ok(())
+        })
     }
 
     /// Receives one message: its data (at most 4096 bytes) and fds. Empty data and no fds
@@ -274,6 +255,43 @@ impl From<OwnedFd> for WlStream {
     }
 }
 
+/// One `VIRTWL_IOCTL_SEND` of `data` with `fds` (at most 28) on vfd `fd`, through the
+/// device's back-pressure ([`through_back_pressure`]).
+fn send_txn(fd: RawFd, data: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    let len =
+        u32::try_from(data.len()).map_err(|_| std::io::Error::from_raw_os_error(libc::EMSGSIZE))?;
+    let mut hdr = IoctlTxn {
+        fds: [-1; SEND_MAX_ALLOCS],
+        len,
+    };
+    for (slot, f) in hdr.fds.iter_mut().zip(fds) {
+        *slot = f.as_raw_fd();
+    }
+    let hsize = std::mem::size_of::<IoctlTxn>();
+    let mut buf = vec![0u8; hsize + data.len()];
+    // SAFETY: `buf` has room for the header; IoctlTxn is plain old data.
+    unsafe { std::ptr::write_unaligned(buf.as_mut_ptr().cast::<IoctlTxn>(), hdr) };
+    if let Some(d) = buf.get_mut(hsize..) {
+        d.copy_from_slice(data);
+    }
+    through_back_pressure(fd, || {
+        // SAFETY: IOCTL_SEND reads the header and `len` data bytes, all inside `buf`.
+        unsafe { libc::ioctl(fd, uapi::IOCTL_SEND, buf.as_mut_ptr()) as isize }
+    })?;
+    Ok(())
+}
+
+/// Most data bytes one `write` on a vfd sends (one SEND; `write_all` sends the rest): small
+/// enough for any driver's kernel buffer, as ChromiumOS programs send.
+pub const MAX_WRITE: usize = 32 << 10;
+
+/// `write` on a vfd: one SEND of at most [`MAX_WRITE`] bytes and no fds, never `write(2)`.
+fn write_vfd(fd: RawFd, buf: &[u8]) -> std::io::Result<usize> {
+    let n = buf.len().min(MAX_WRITE);
+    send_txn(fd, buf.get(..n).unwrap_or_default(), &[])?;
+    Ok(n)
+}
+
 fn read_fd(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
     // SAFETY: reads into `buf`, which has `buf.len()` writable bytes.
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
@@ -283,19 +301,11 @@ fn read_fd(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n as usize)
 }
 
-fn write_fd(fd: RawFd, buf: &[u8]) -> std::io::Result<usize> {
-    let n = through_back_pressure(fd, || {
-        // SAFETY: writes from `buf`, which has `buf.len()` readable bytes.
-        unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) }
-    })?;
-    Ok(n as usize)
-}
-
 /// How many times a blocking SEND is tried again under back-pressure before the error is
 /// returned: the device waits about half a second each time, so about a minute in all.
 const BACK_PRESSURE_RETRIES: u32 = 120;
 
-/// Runs a SEND (an ioctl or a write on a vfd) until it goes through. ENOMEM from a SEND is
+/// Runs a SEND until it goes through. ENOMEM from a SEND is
 /// the device's back-pressure: the peer took nothing for a while (the device waited first)
 /// and nothing was sent. A blocking vfd tries again, as send(2) would go on waiting, but
 /// not forever (an ENOMEM that is not back-pressure must come out); a non-blocking one gets
@@ -331,7 +341,7 @@ impl Read for &WlStream {
 
 impl Write for &WlStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        write_fd(self.fd.as_raw_fd(), buf)
+        write_vfd(self.fd.as_raw_fd(), buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -370,7 +380,7 @@ impl Read for &WlPipe {
 
 impl Write for &WlPipe {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        write_fd(self.fd.as_raw_fd(), buf)
+        write_vfd(self.fd.as_raw_fd(), buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())

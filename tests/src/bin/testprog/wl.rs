@@ -4,7 +4,10 @@
 //! (zero copy: a write after sending is seen by the other side), a host memfd, and a pipe
 //! in each direction with its hang-up (EOF and POLLHUP). The guest also checks the driver's
 //! errors: ENOTTY for a dmabuf, ENODEV for an unknown name, EINVAL for an mmap beyond an
-//! allocation, EAGAIN for a non-blocking recv with nothing queued.
+//! allocation, EAGAIN for a non-blocking recv with nothing queued. The pipe to the host is
+//! written as under ChromiumOS's driver, where a guest's write pipe may be an O_RDONLY file
+//! (fault injection: `write(2)` on it is refused with EBADF), which `bulkhead-wl` writes
+//! through `VIRTWL_IOCTL_SEND`.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -61,6 +64,49 @@ fn want_errno(what: &str, got: Option<i32>, want: i32) -> Result<(), String> {
     }
 }
 
+/// Fault injection: ChromiumOS's driver gives a vfd file the access mode of the device's
+/// answer flags, so a guest's write pipe can be O_RDONLY there and `write(2)` on it fails
+/// with EBADF. On a thread of its own, a seccomp filter makes `write(2)` on this one fd fail
+/// just so (checked first); `bulkhead-wl` must still get `data` through (it writes with
+/// `VIRTWL_IOCTL_SEND`, as ChromiumOS programs do).
+fn write_where_write2_is_refused(pipe: &bulkhead_wl::WlPipe, data: &[u8]) -> Result<(), String> {
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+    let fd = pipe.fd().as_raw_fd();
+    let cond = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, fd as u64)
+        .map_err(e("seccomp condition"))?;
+    let rule = SeccompRule::new(vec![cond]).map_err(e("seccomp rule"))?;
+    let filter = SeccompFilter::new(
+        [(libc::SYS_write, vec![rule])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EBADF as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(e("seccomp filter"))?;
+    let prog: BpfProgram = filter.try_into().map_err(e("seccomp program"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            seccompiler::apply_filter(&prog).map_err(e("apply the seccomp filter"))?;
+            // SAFETY: a write of 1 byte from a live buffer; the filter refuses it.
+            let r = unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            if r != -1 || errno != Some(libc::EBADF) {
+                return Err(format!(
+                    "the injected fault is not active: write(2) gave {r}, errno {errno:?}"
+                ));
+            }
+            let mut w = pipe;
+            w.write_all(data).map_err(e(
+                "pipe write with write(2) refused (as on an O_RDONLY vfd)",
+            ))
+        })
+        .join()
+        .map_err(|_| "the pipe-writing thread panicked".to_string())?
+    })
+}
+
 /// The driver's error answers that need no peer.
 fn guest_errors(wl: &bulkhead_wl::Wl) -> Result<(), String> {
     use bulkhead_wl::uapi::{IoctlNew, IOCTL_NEW};
@@ -110,9 +156,7 @@ pub fn guest() -> Res {
         .map_err(e("send"))?;
     // Zero copy: written after the send, seen by the host.
     put_cstr(shm.as_mut_slice(), 100, "after-send");
-    (&to_host)
-        .write_all(b"guest-pipe-data")
-        .map_err(e("pipe write"))?;
+    write_where_write2_is_refused(&to_host, b"guest-pipe-data")?;
     drop(to_host); // closing our end is the host's EOF
     let (data, fds) = stream.recv().map_err(e("recv"))?;
     if data != b"hello from host" || fds.len() != 1 {
@@ -162,7 +206,8 @@ pub fn guest() -> Res {
     stream.set_nonblocking(false).map_err(e("blocking"))?;
     stream.send(b"done", &[]).map_err(e("send done"))?;
     Ok(
-        "wl guest ok: data, shared memory both ways, host memfd, pipes both ways with POLLHUP, \
+        "wl guest ok: data, shared memory both ways, host memfd, pipes both ways with POLLHUP \
+        (the write pipe written with write(2) refused, as on ChromiumOS's driver), \
         ENOTTY/ENODEV/EINVAL/EAGAIN"
             .into(),
     )

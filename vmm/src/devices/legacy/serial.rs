@@ -1,14 +1,20 @@
 //! COM1: a 16550A UART (vm-superio) on ports 0x3f8..0x3ff whose interrupt reaches IOAPIC pin 4
-//! through an irqfd. Output goes to any writer (stdout or a file); input comes from a reader
-//! thread that feeds the receive FIFO.
+//! through an irqfd. Output goes through a bounded queue to any writer (stdout, a file, a
+//! pipe; `serial_out`), so a destination that takes nothing never holds up a vCPU; input
+//! comes from a reader thread that feeds the receive FIFO.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use super::serial_out::{LineOut, SerialOut};
 use crate::devices::bus::BusDevice;
+
+/// How long the VM's end waits for queued output to reach its destination.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
 
 /// The serial interrupt line: an eventfd bound to the UART's GSI with an irqfd.
 pub struct EventFdTrigger(pub EventFd);
@@ -20,97 +26,9 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// Where the guest's serial output goes: a writer, a line at a time or byte by byte.
-pub type SerialOut = LineOut;
-
-/// Longest piece of one unterminated line held back.
-const MAX_PENDING: usize = 4096;
-
-/// The guest's console output, written a line at a time. vm-superio flushes after every
-/// byte; written through as it comes, a reader of the pipe (the host init, which prefixes
-/// each line with the VM's name) would see the VMM's own log lines land in the middle of a
-/// guest line. `LineOut` ignores those flushes and writes whole lines (a longer one in
-/// `MAX_PENDING` pieces); the rest of a last, unterminated line is written by
-/// [`LineOut::finish`] (at VM end) or on drop. On a terminal (an interactive console, where
-/// a prompt has no newline) output goes through byte by byte instead ([`LineOut::through`]).
-pub struct LineOut {
-    inner: Box<dyn Write + Send>,
-    pending: Vec<u8>,
-    whole_lines: bool,
-}
-
-impl LineOut {
-    /// Whole lines (for pipes and files).
-    pub fn lines(inner: Box<dyn Write + Send>) -> Self {
-        Self {
-            inner,
-            pending: Vec::new(),
-            whole_lines: true,
-        }
-    }
-
-    /// Every byte as it comes (for a terminal).
-    pub fn through(inner: Box<dyn Write + Send>) -> Self {
-        Self {
-            inner,
-            pending: Vec::new(),
-            whole_lines: false,
-        }
-    }
-
-    /// Writes what is held back and flushes the destination.
-    pub fn finish(&mut self) -> std::io::Result<()> {
-        if !self.pending.is_empty() {
-            let held = std::mem::take(&mut self.pending);
-            self.inner.write_all(&held)?;
-        }
-        self.inner.flush()
-    }
-}
-
-impl Write for LineOut {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if !self.whole_lines {
-            return self.inner.write(buf);
-        }
-        self.pending.extend_from_slice(buf);
-        // Up to the last complete line; everything if what would stay is too long.
-        let mut cut = self
-            .pending
-            .iter()
-            .rposition(|b| *b == b'\n')
-            .map_or(0, |nl| nl + 1);
-        if self.pending.len() - cut >= MAX_PENDING {
-            cut = self.pending.len();
-        }
-        if cut > 0 {
-            let rest = self.pending.split_off(cut);
-            let out = std::mem::replace(&mut self.pending, rest);
-            self.inner.write_all(&out)?;
-            self.inner.flush()?;
-        }
-        Ok(buf.len())
-    }
-
-    /// In line mode the UART's per-byte flushes are ignored: lines are written as they
-    /// complete.
-    fn flush(&mut self) -> std::io::Result<()> {
-        if self.whole_lines {
-            return Ok(());
-        }
-        self.inner.flush()
-    }
-}
-
-impl Drop for LineOut {
-    fn drop(&mut self) {
-        let _ = self.finish();
-    }
-}
-
 /// The COM1 device.
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, LineOut>,
+    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialOut>,
 }
 
 impl SerialDevice {
@@ -138,9 +56,23 @@ impl SerialDevice {
         }
     }
 
-    /// Writes and flushes what is held back of an unterminated line.
+    /// At the VM's end (never on a vCPU): waits a bounded time for queued output to reach
+    /// its destination, with what is held back of an unterminated line, and logs how much
+    /// guest output was dropped in all, if any.
     pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().finish();
+        let out = self.uart.writer_mut();
+        if !out.flush_within(FINAL_FLUSH) {
+            log::warn!("bulkhead-vmm: serial: output still queued at the end was not written");
+        }
+        let dropped = out.dropped();
+        if dropped > 0 {
+            log::warn!("bulkhead-vmm: serial: {dropped} bytes of guest output were dropped in all");
+        }
+    }
+
+    /// Bytes of guest output dropped so far because the destination did not take them.
+    pub fn output_dropped(&mut self) -> u64 {
+        self.uart.writer_mut().dropped()
     }
 }
 
@@ -197,6 +129,7 @@ pub fn spawn_input_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -216,15 +149,23 @@ mod tests {
         let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let mut dev = SerialDevice::new(
             irq.try_clone().unwrap(),
-            LineOut::lines(Box::new(out.clone())),
+            SerialOut::lines(Box::new(out.clone())).unwrap(),
         );
         for b in b"hi\nthere" {
             dev.write(0x3f8, 0, &[*b]);
         }
-        // Whole lines go out as they complete; the unterminated rest when flushed.
+        // Whole lines go out as they complete (from the writer thread: a hang guard, not a
+        // timing assertion); the unterminated rest when flushed.
+        for _ in 0..20_000 {
+            if out.0.lock().unwrap().as_slice() == b"hi\n" {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
         dev.flush();
         assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\nthere");
+        assert_eq!(dev.output_dropped(), 0);
         // Enable the received-data interrupt (IER bit 0), then feed a byte.
         dev.write(0x3f8, 1, &[1]);
         assert_eq!(dev.enqueue_input(b"x"), 1);
@@ -235,38 +176,5 @@ mod tests {
         let mut rx = [0u8];
         dev.read(0x3f8, 0, &mut rx);
         assert_eq!(rx[0], b'x');
-    }
-
-    /// Each write reaches the destination as whole lines, however the UART feeds bytes,
-    /// so another writer to the same pipe cannot land in the middle of a line.
-    #[test]
-    fn lines_are_written_whole_and_long_ones_in_pieces() {
-        #[derive(Clone, Default)]
-        struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
-        impl Write for Writes {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().push(b.to_vec());
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let w = Writes::default();
-        let mut out = LineOut::lines(Box::new(w.clone()));
-        for b in b"one\ntwo\nthr" {
-            out.write_all(&[*b]).unwrap();
-            out.flush().unwrap();
-        }
-        assert_eq!(
-            *w.0.lock().unwrap(),
-            vec![b"one\n".to_vec(), b"two\n".to_vec()]
-        );
-        out.write_all(&vec![b'x'; MAX_PENDING]).unwrap();
-        assert_eq!(w.0.lock().unwrap().len(), 3);
-        assert_eq!(w.0.lock().unwrap()[2].len(), MAX_PENDING + 3);
-        out.write_all(b"tail").unwrap();
-        drop(out);
-        assert_eq!(w.0.lock().unwrap()[3], b"tail".to_vec());
     }
 }

@@ -83,6 +83,10 @@ pub enum ActivateError {
     /// The worker thread could not start.
     #[error("cannot start the device worker: {0}")]
     Worker(std::io::Error),
+    /// The worker of the previous activation has not exited yet (the transport activates
+    /// only after a reset finished, so only a broken caller sees this).
+    #[error("the device's previous worker has not stopped yet")]
+    StillStopping,
 }
 
 /// A shared-memory region a device asks for (virtio 1.2 shared memory capability).
@@ -121,8 +125,16 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts the device with the negotiated features and the enabled queues.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
-    /// Stops the device (the guest reset it); it may be activated again.
+    /// Stops the device (the guest reset it) without waiting: a worker thread is told to stop
+    /// and finishes the request in hand on its own. Runs on a vCPU holding the device's lock,
+    /// so it must never join a thread or wait for a lock a worker may hold across a wait.
     fn reset(&mut self);
+    /// True while a reset is still finishing (a worker has not exited yet); the transport
+    /// shows the guest a non-zero status until then, and activates the device again only
+    /// after. Never waits.
+    fn reset_pending(&mut self) -> bool {
+        false
+    }
     /// PCI class and subclass the transport reports.
     fn pci_class(&self) -> (u8, u8) {
         (0xff, 0x00)
@@ -134,7 +146,8 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
     /// Where the regions are now: called once when the transport is built and again if the
-    /// guest moves the BAR (the device must move its memory slots).
+    /// guest moves the BAR (the device must move its memory slots). Runs with the bus's and
+    /// the device's locks held, so it must not wait for a worker.
     fn set_shm_regions(&mut self, _regions: &[ShmRegion]) {}
 }
 

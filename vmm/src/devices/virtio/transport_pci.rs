@@ -12,7 +12,13 @@
 //! | 0x4000 | MSI-X table (queues + 1 vectors)                 |
 //! | 0x5000 | MSI-X pending bits                               |
 //!
-//! Interrupts are MSI-X only (no INTx): each vector is an irqfd on its own GSI.
+//! Interrupts are MSI-X only (no INTx): each vector is an irqfd on its own GSI. A vector
+//! number the device does not have reads back as `VIRTIO_MSI_NO_VECTOR`.
+//!
+//! BAR 0 decodes only while the command register's memory-space bit is set (it is clear at
+//! power-on; the guest's PCI core sets it before a driver starts, and may clear it while it
+//! sizes BARs): otherwise reads give all ones, writes are dropped, and the queues'
+//! ioeventfds are not registered.
 //!
 //! A device with shared-memory regions (`VirtioDevice::shm_regions`) also gets BAR 2: 64-bit,
 //! prefetchable, in the 64-bit window, holding the regions back to back (each 4 KiB-aligned),
@@ -135,7 +141,14 @@ pub struct VirtioPciDevice {
     notify: Vec<EventFd>,
     bar_addr: u64,
     vm: Option<Arc<VmFd>>,
+    /// The queues' ioeventfds are registered at `bar_addr` (only while memory decoding is
+    /// on).
+    ioevents_at: Option<u64>,
     activated: bool,
+    /// While the device's reset is finishing (its worker has not exited yet), the status
+    /// the guest reads: the one it had. The driver waits for 0 before using the device
+    /// again (virtio 1.x §2.1.2, §4.1.4.3.2), and no vCPU ever waits for the worker.
+    resetting: Option<u8>,
 }
 
 impl VirtioPciDevice {
@@ -156,8 +169,8 @@ impl VirtioPciDevice {
             None => None,
         };
         let mut dev = Self::build(device, mem, msix, addr, shm_addr)?;
+        // The ioeventfds are registered when the guest turns memory decoding on.
         dev.vm = Some(routing.vm().clone());
-        dev.register_ioeventfds(addr)?;
         Ok(dev)
     }
 
@@ -298,7 +311,9 @@ impl VirtioPciDevice {
             notify,
             bar_addr: addr,
             vm: None,
+            ioevents_at: None,
             activated: false,
+            resetting: None,
         })
     }
 
@@ -312,6 +327,37 @@ impl VirtioPciDevice {
         Ok(())
     }
 
+    /// Registers the ioeventfds at BAR 0's address while memory decoding is on, and takes
+    /// them away while it is off (or from an address BAR 0 left).
+    fn sync_ioeventfds(&mut self) {
+        let want = self.config.memory_enabled().then_some(self.bar_addr);
+        if want == self.ioevents_at {
+            return;
+        }
+        if let Some(old) = self.ioevents_at.take() {
+            self.unregister_ioeventfds(old);
+        }
+        if let Some(new) = want {
+            match self.register_ioeventfds(new) {
+                Ok(()) => self.ioevents_at = Some(new),
+                Err(e) => {
+                    // Notifications then arrive as trapped writes (slower, still served).
+                    log::warn!("bulkhead-vmm: {}: {e}", self.name);
+                    self.unregister_ioeventfds(new);
+                }
+            }
+        }
+    }
+
+    /// A vector number as the guest wrote it, or NO_VECTOR if the device has no such vector.
+    fn checked_vector(&self, v: u16) -> u16 {
+        if usize::from(v) < self.msix.count() {
+            v
+        } else {
+            VIRTIO_MSI_NO_VECTOR
+        }
+    }
+
     fn unregister_ioeventfds(&self, base: u64) {
         let Some(vm) = &self.vm else { return };
         for (i, evt) in self.notify.iter().enumerate() {
@@ -320,9 +366,24 @@ impl VirtioPciDevice {
         }
     }
 
-    /// The current device status byte.
-    pub fn status(&self) -> u8 {
-        self.common.status
+    /// The device status byte the guest reads now (the old one while a reset finishes).
+    pub fn status(&mut self) -> u8 {
+        if self.reset_finished() {
+            self.common.status
+        } else {
+            self.resetting.unwrap_or(self.common.status)
+        }
+    }
+
+    /// True unless the device is still finishing a reset. Never waits.
+    fn reset_finished(&mut self) -> bool {
+        if self.resetting.is_some() {
+            if self.device.reset_pending() {
+                return false;
+            }
+            self.resetting = None;
+        }
+        true
     }
 
     /// The MSI-X vectors (tests read their eventfds).
@@ -335,6 +396,7 @@ impl VirtioPciDevice {
     }
 
     fn read_common(&mut self, offset: u64, len: usize) -> u32 {
+        let status = self.status();
         let c = &self.common;
         let feature_word = |features: u64, select: u32| match select {
             0 => features as u32,
@@ -353,7 +415,7 @@ impl VirtioPciDevice {
             0x0c => u64::from(feature_word(c.driver_features, c.driver_feature_select)),
             0x10 => u64::from(c.msix_config),
             0x12 => self.queues.len() as u64,
-            0x14 => u64::from(c.status),
+            0x14 => u64::from(status),
             0x15 => u64::from(c.config_generation),
             0x16 => u64::from(c.queue_select),
             0x18 => q.map_or(0, |q| u64::from(q.size())),
@@ -381,10 +443,12 @@ impl VirtioPciDevice {
 
     fn write_common(&mut self, offset: u64, value: u32) {
         let live = self.activated;
+        // The features are settled once FEATURES_OK is set (virtio 1.x §3.1.1).
+        let settled = live || self.common.status & status::FEATURES_OK != 0;
         match offset {
             0x00 => self.common.device_feature_select = value,
             0x08 => self.common.driver_feature_select = value,
-            0x0c if !live => match self.common.driver_feature_select {
+            0x0c if !settled => match self.common.driver_feature_select {
                 0 => {
                     self.common.driver_features =
                         (self.common.driver_features & !0xffff_ffff) | u64::from(value)
@@ -395,7 +459,7 @@ impl VirtioPciDevice {
                 }
                 _ => {}
             },
-            0x10 => self.common.msix_config = value as u16,
+            0x10 => self.common.msix_config = self.checked_vector(value as u16),
             0x14 => self.write_status(value as u8),
             0x16 => self.common.queue_select = value as u16,
             0x18 if !live => {
@@ -405,8 +469,9 @@ impl VirtioPciDevice {
             }
             0x1a => {
                 let qsel = usize::from(self.common.queue_select);
+                let vector = self.checked_vector(value as u16);
                 if let Some(v) = self.queue_vectors.get_mut(qsel) {
-                    *v = value as u16;
+                    *v = vector;
                 }
             }
             0x1c if !live => {
@@ -440,6 +505,15 @@ impl VirtioPciDevice {
     fn write_status(&mut self, new: u8) {
         if new == 0 {
             self.reset();
+            return;
+        }
+        if !self.reset_finished() {
+            // The driver must wait for status 0 first; a write before that is ignored (the
+            // device's previous worker may still be finishing its last request).
+            log::debug!(
+                "bulkhead-vmm: {}: status {new:#x} written while a reset is finishing; ignored",
+                self.name
+            );
             return;
         }
         let old = self.common.status;
@@ -522,10 +596,14 @@ impl VirtioPciDevice {
         }
     }
 
+    /// The guest wrote status 0. The device is told to stop without waiting for it (this
+    /// runs on a vCPU holding the device's lock); until it has, the guest reads the old
+    /// status and writes of other values are ignored.
     fn reset(&mut self) {
         if self.activated {
             self.device.reset();
             self.activated = false;
+            self.resetting = Some(self.common.status.max(1));
         }
         for q in self.queues.iter_mut() {
             q.reset();
@@ -584,6 +662,8 @@ impl PciDevice for VirtioPciDevice {
 
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) -> Option<BarMove> {
         let mv = self.config.write(reg, offset, data);
+        // The command register's memory-space bit may have changed.
+        self.sync_ioeventfds();
         // The MSI-X message control word (cap + 2) may have changed.
         let ctrl_reg = (self.msix_cap + 2) / 4;
         if reg == ctrl_reg {
@@ -608,7 +688,7 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bar_read(&mut self, index: usize, offset: u64, data: &mut [u8]) {
-        if index != 0 {
+        if index != 0 || !self.config.memory_enabled() {
             data.fill(0xff);
             return;
         }
@@ -640,7 +720,7 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bar_write(&mut self, index: usize, offset: u64, data: &[u8]) {
-        if index != 0 {
+        if index != 0 || !self.config.memory_enabled() {
             return;
         }
         match offset {
@@ -671,8 +751,8 @@ impl PciDevice for VirtioPciDevice {
         if mv.index != 0 {
             return Ok(());
         }
-        self.unregister_ioeventfds(mv.old);
         self.bar_addr = mv.new;
-        self.register_ioeventfds(mv.new).map_err(|e| e.to_string())
+        self.sync_ioeventfds();
+        Ok(())
     }
 }

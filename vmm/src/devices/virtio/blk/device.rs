@@ -8,7 +8,7 @@ use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 use super::request::{self, Disk, ID_BYTES, SECTOR_SIZE};
-use crate::devices::virtio::worker::{serve_chains, QueueHandler, Worker};
+use crate::devices::virtio::worker::{serve_chains, spawn_queue_worker, QueueHandler, WorkerSlot};
 use crate::devices::virtio::{
     device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -25,7 +25,7 @@ const SEG_MAX: u32 = 254;
 pub struct Block {
     disk: Arc<Disk>,
     config: Vec<u8>,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl Block {
@@ -53,7 +53,7 @@ impl Block {
                 id: idb,
             }),
             config,
-            worker: None,
+            worker: WorkerSlot::default(),
         })
     }
 
@@ -114,12 +114,19 @@ impl VirtioDevice for Block {
             return Err(ActivateError::MissingQueue(0));
         }
         let handler = BlockHandler::new(self.disk.clone());
-        self.worker =
-            Some(Worker::spawn("virtio-blk", handler, activation).map_err(ActivateError::Worker)?);
+        if self.worker.pending() {
+            return Err(ActivateError::StillStopping);
+        }
+        self.worker.start(
+            spawn_queue_worker("virtio-blk", handler, activation).map_err(ActivateError::Worker)?,
+        );
         Ok(())
     }
     fn reset(&mut self) {
-        self.worker = None;
+        self.worker.stop();
+    }
+    fn reset_pending(&mut self) -> bool {
+        self.worker.pending()
     }
     fn pci_class(&self) -> (u8, u8) {
         (0x01, 0x80) // mass storage, other

@@ -1,7 +1,8 @@
 //! Parsing and executing one virtio-blk request against a raw image file. Every field comes
 //! from the guest: the chain shape, the header, the sector range and every buffer address are
 //! checked, and a bad request gets an error status (or, if it has no status byte, is returned
-//! with nothing written).
+//! with nothing written). All arithmetic on guest addresses, lengths and sectors is checked:
+//! a range that would pass the top of the address space (or of the disk) is malformed.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -93,10 +94,12 @@ pub struct Outcome {
 
 /// Executes the request formed by `descs` (in chain order).
 pub fn execute(disk: &Disk, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Outcome {
+    // The status byte is the last byte of the last descriptor.
     let status_addr = descs
         .last()
         .filter(|d| d.is_write_only() && d.len() >= 1 && descs.len() >= 2)
-        .map(|d| GuestAddress(d.addr().0 + u64::from(d.len()) - 1));
+        .and_then(|d| d.addr().0.checked_add(u64::from(d.len()) - 1))
+        .map(GuestAddress);
     let mut written = 0u32;
     let res = match status_addr {
         None => Err(RequestError::BadChain),
@@ -129,8 +132,13 @@ fn run(
     let kind: u32 = mem
         .read_obj(GuestAddress(header.addr().0))
         .map_err(|_| RequestError::GuestMemory)?;
+    let sector_addr = header
+        .addr()
+        .0
+        .checked_add(8)
+        .ok_or(RequestError::GuestMemory)?;
     let sector: u64 = mem
-        .read_obj(GuestAddress(header.addr().0.wrapping_add(8)))
+        .read_obj(GuestAddress(sector_addr))
         .map_err(|_| RequestError::GuestMemory)?;
     // The last descriptor is the status; the data buffers are in between. A status descriptor
     // longer than one byte carries data before its last byte.
@@ -142,7 +150,17 @@ fn run(
     if status_desc.len() > 1 {
         buffers.push((status_desc.addr().0, u64::from(status_desc.len()) - 1, true));
     }
-    let total: u64 = buffers.iter().map(|b| b.1).sum();
+    // Each buffer must lie below the top of the address space.
+    if buffers
+        .iter()
+        .any(|(addr, len, _)| addr.checked_add(*len).is_none())
+    {
+        return Err(RequestError::GuestMemory);
+    }
+    let total = buffers
+        .iter()
+        .try_fold(0u64, |t, b| t.checked_add(b.1))
+        .ok_or(RequestError::OutOfRange)?;
 
     match kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
@@ -157,7 +175,11 @@ fn run(
                 .checked_mul(SECTOR_SIZE)
                 .ok_or(RequestError::OutOfRange)?;
             let end = start.checked_add(total).ok_or(RequestError::OutOfRange)?;
-            if end > disk.sectors * SECTOR_SIZE {
+            let disk_end = disk
+                .sectors
+                .checked_mul(SECTOR_SIZE)
+                .ok_or(RequestError::OutOfRange)?;
+            if end > disk_end {
                 return Err(RequestError::OutOfRange);
             }
             let mut pos = start;
@@ -183,8 +205,8 @@ fn run(
                             .map_err(|_| RequestError::GuestMemory)?;
                         *written = written.saturating_add(n as u32);
                     }
-                    done += n as u64;
-                    pos += n as u64;
+                    done = done.checked_add(n as u64).ok_or(RequestError::BadChain)?;
+                    pos = pos.checked_add(n as u64).ok_or(RequestError::OutOfRange)?;
                 }
             }
             Ok(())

@@ -5,7 +5,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::devices::virtio::worker::{serve_chains, QueueHandler, Worker};
+use crate::devices::virtio::worker::{serve_chains, spawn_queue_worker, QueueHandler, WorkerSlot};
 use crate::devices::virtio::{
     device_type, read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -18,7 +18,7 @@ const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
 /// The entropy device.
 #[derive(Default)]
 pub struct Rng {
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl Rng {
@@ -105,12 +105,19 @@ impl VirtioDevice for Rng {
         if !activation.queues.iter().any(|q| q.index == 0) {
             return Err(ActivateError::MissingQueue(0));
         }
-        self.worker = Some(
-            Worker::spawn("virtio-rng", RngHandler, activation).map_err(ActivateError::Worker)?,
+        if self.worker.pending() {
+            return Err(ActivateError::StillStopping);
+        }
+        self.worker.start(
+            spawn_queue_worker("virtio-rng", RngHandler, activation)
+                .map_err(ActivateError::Worker)?,
         );
         Ok(())
     }
     fn reset(&mut self) {
-        self.worker = None;
+        self.worker.stop();
+    }
+    fn reset_pending(&mut self) -> bool {
+        self.worker.pending()
     }
 }

@@ -1,10 +1,15 @@
 //! The virtio_wl device (ID 63): two queues (0 = in, device → guest; 1 = out, guest →
 //! device), a 4 GiB shared-memory region (shmid 0) where shm vfds are mapped, and a worker
 //! thread that polls the queues and the host fds of the vfds.
+//!
+//! The worker holds the state's lock while it serves a command, which may wait (a send to
+//! a peer that is not reading, a hub answer), so nothing a vCPU does waits for that lock:
+//! a guest reset tells the worker to stop (it checks between chains, clears the state
+//! itself and exits; the transport shows the guest a non-zero status until it has), and a
+//! move of BAR 2 is handed to the worker when the lock is busy.
 
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -12,6 +17,7 @@ use super::protocol::{VIRTIO_ID_WL, VIRTIO_WL_F_TRANS_FLAGS, VIRTIO_WL_F_USE_SHM
 use super::sockets::WlSockets;
 use super::state::{WlLimits, WlState};
 use super::vfd::{ShmWindow, SHM_WINDOW_SIZE};
+use crate::devices::virtio::worker::{StopSignal, WorkerSlot, WorkerThread};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Activation, ShmRegion, ShmRegionSpec, VirtioDevice,
     VirtioInterrupt, VIRTIO_F_VERSION_1,
@@ -26,11 +32,28 @@ const QUEUE_SIZES: [u16; 2] = [256, 256];
 /// The shared-memory region id of the vfd window.
 pub const SHM_REGION_ID: u8 = 0;
 
+/// A move of the shared-memory window that waits for the state's lock: whoever holds the
+/// lock next applies it (the worker, woken by `wake`, or the next activation).
+struct WindowMove {
+    base: Mutex<Option<u64>>,
+    wake: EventFd,
+}
+
+impl WindowMove {
+    fn apply(&self, st: &mut WlState) {
+        let base = self.base.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(b) = base {
+            st.move_window(b);
+        }
+    }
+}
+
 /// The virtio_wl device.
 pub struct Wl {
     sockets: WlSockets,
     state: Arc<Mutex<WlState>>,
-    worker: Option<WlWorker>,
+    worker: WorkerSlot,
+    window_move: Arc<WindowMove>,
 }
 
 fn lock(state: &Mutex<WlState>) -> MutexGuard<'_, WlState> {
@@ -50,7 +73,11 @@ impl Wl {
         Ok(Self {
             sockets: sockets.clone(),
             state: Arc::new(Mutex::new(WlState::new(sockets, window, limits))),
-            worker: None,
+            worker: WorkerSlot::default(),
+            window_move: Arc::new(WindowMove {
+                base: Mutex::new(None),
+                wake: EventFd::new(EFD_NONBLOCK)?,
+            }),
         })
     }
 
@@ -92,9 +119,23 @@ impl VirtioDevice for Wl {
             size: SHM_WINDOW_SIZE,
         }]
     }
+    /// Never waits for the state's lock (the worker may hold it across a wait): if it is
+    /// busy, the worker applies the move before its next command.
     fn set_shm_regions(&mut self, regions: &[ShmRegion]) {
-        if let Some(r) = regions.iter().find(|r| r.id == SHM_REGION_ID) {
-            lock(&self.state).move_window(r.guest_addr);
+        let Some(r) = regions.iter().find(|r| r.id == SHM_REGION_ID) else {
+            return;
+        };
+        *self
+            .window_move
+            .base
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(r.guest_addr);
+        match self.state.try_lock() {
+            Ok(mut st) => self.window_move.apply(&mut st),
+            Err(TryLockError::Poisoned(p)) => self.window_move.apply(&mut p.into_inner()),
+            Err(TryLockError::WouldBlock) => {
+                let _ = self.window_move.wake.write(1);
+            }
         }
     }
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
@@ -103,47 +144,33 @@ impl VirtioDevice for Wl {
                 return Err(ActivateError::MissingQueue(q));
             }
         }
-        lock(&self.state).set_features(activation.features);
-        self.worker =
-            Some(WlWorker::spawn(self.state.clone(), activation).map_err(ActivateError::Worker)?);
+        // No worker runs now, so the lock is free (or held for a moment by a test).
+        if self.worker.pending() {
+            return Err(ActivateError::StillStopping);
+        }
+        {
+            let mut st = lock(&self.state);
+            self.window_move.apply(&mut st);
+            st.set_features(activation.features);
+        }
+        let state = self.state.clone();
+        let window_move = self.window_move.clone();
+        let thread = WorkerThread::spawn("virtio-wl", move |stop| {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
+            run(&state, &window_move, activation, &stop);
+            // Whatever ended the loop (a reset, mostly), the guest's vfds go with it.
+            lock(&state).clear();
+        })
+        .map_err(ActivateError::Worker)?;
+        self.worker.start(thread);
         Ok(())
     }
+    /// Tells the worker to stop; it clears the state when it exits.
     fn reset(&mut self) {
-        self.worker = None;
-        lock(&self.state).clear();
+        self.worker.stop();
     }
-}
-
-/// The worker thread; dropping it stops and joins it.
-pub struct WlWorker {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl WlWorker {
-    /// Starts serving `activation`'s queues with `state`.
-    pub fn spawn(state: Arc<Mutex<WlState>>, activation: Activation) -> std::io::Result<Self> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let stop_thread = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name("virtio-wl".into())
-            .spawn(move || {
-                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
-                run(&state, activation, &stop_thread)
-            })?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for WlWorker {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = self.stop.write(1);
-            let _ = t.join();
-        }
+    fn reset_pending(&mut self) -> bool {
+        self.worker.pending()
     }
 }
 
@@ -151,7 +178,12 @@ fn notify(interrupt: &dyn VirtioInterrupt, index: usize) {
     interrupt.notify_queue(index);
 }
 
-fn run(state: &Mutex<WlState>, activation: Activation, stop: &EventFd) {
+fn run(
+    state: &Mutex<WlState>,
+    window_move: &WindowMove,
+    activation: Activation,
+    stop: &StopSignal,
+) {
     let Activation {
         mem,
         mut queues,
@@ -165,13 +197,22 @@ fn run(state: &Mutex<WlState>, activation: Activation, stop: &EventFd) {
         return;
     };
     loop {
-        // Work first (buffers may have been posted before activation), then wait.
+        // Work first (buffers may have been posted before activation), then wait. The stop
+        // flag is checked between chains: a reset waits for one command at most.
         {
             let mut st = lock(state);
+            window_move.apply(&mut st);
             if let Some(q) = queues.get_mut(out_pos) {
-                if st.process_out(&mut q.queue, &mem) {
+                let go_on = |st: &mut WlState| {
+                    window_move.apply(st);
+                    !stop.requested()
+                };
+                if st.process_out_while(&mut q.queue, &mem, go_on) {
                     notify(interrupt.as_ref(), OUT_QUEUE);
                 }
+            }
+            if stop.requested() {
+                return;
             }
             // Deliveries a SEND read while it waited for its verdict.
             st.read_buffered();
@@ -185,24 +226,25 @@ fn run(state: &Mutex<WlState>, activation: Activation, stop: &EventFd) {
             let st = lock(state);
             (st.watched_fds(), st.hub_fd())
         };
-        let mut fds = Vec::with_capacity(4 + watched.len());
+        let mut fds = Vec::with_capacity(5 + watched.len());
         let pfd = |fd: i32| libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
-        fds.push(pfd(stop.as_raw_fd()));
+        fds.push(pfd(stop.eventfd().as_raw_fd()));
         for pos in [out_pos, in_pos] {
             fds.push(pfd(queues.get(pos).map_or(-1, |q| q.notify.as_raw_fd())));
         }
         // The hub channel (faux accepts, closes) is polled even under back-pressure: its
         // events only touch the registry and listener contexts, never the in queue.
         fds.push(pfd(hub_fd.unwrap_or(-1)));
+        fds.push(pfd(window_move.wake.as_raw_fd()));
         fds.extend(watched.iter().map(|(_, fd)| pfd(*fd)));
         // SAFETY: `fds` is a valid pollfd array for the duration of the call (a -1 entry is
         // ignored by poll); the watched fds stay open because only this thread closes vfds
-        // (commands run here) — a device reset stops this thread before clearing the table;
-        // the hub channel is owned by the state and never closed while it lives.
+        // (commands and the final clear run here); the hub channel is owned by the state and
+        // never closed while it lives.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -211,7 +253,7 @@ fn run(state: &Mutex<WlState>, activation: Activation, stop: &EventFd) {
             log::error!("bulkhead-vmm: virtio-wl: poll failed");
             return;
         }
-        if fds.first().is_some_and(|p| p.revents != 0) {
+        if stop.requested() {
             return;
         }
         for pos in [out_pos, in_pos] {
@@ -219,11 +261,12 @@ fn run(state: &Mutex<WlState>, activation: Activation, stop: &EventFd) {
                 let _ = q.notify.read();
             }
         }
+        let _ = window_move.wake.read();
         let mut st = lock(state);
         if fds.get(3).is_some_and(|p| p.revents != 0) {
             st.read_hub();
         }
-        for ((id, _), p) in watched.iter().zip(fds.iter().skip(4)) {
+        for ((id, _), p) in watched.iter().zip(fds.iter().skip(5)) {
             if p.revents != 0 {
                 st.read_vfd(*id);
             }

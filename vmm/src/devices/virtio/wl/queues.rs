@@ -56,8 +56,24 @@ impl WlState {
 
     /// Handles every command on the out queue. Returns true if buffers were used.
     pub fn process_out(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        self.process_out_while(queue, mem, |_| true)
+    }
+
+    /// Handles the commands on the out queue until it is empty or `go_on` says false, which
+    /// is asked before each chain (a command may wait, bounded, for a peer or the hub, and a
+    /// guest can post a queue's worth of them): the worker stops there when told to, and
+    /// applies a move of the shared-memory window that waited for it.
+    pub fn process_out_while(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        mut go_on: impl FnMut(&mut Self) -> bool,
+    ) -> bool {
         let mut used = false;
         loop {
+            if !go_on(self) {
+                return used;
+            }
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
