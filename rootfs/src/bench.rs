@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::qemu::{Machine, Outcome, QemuConfig};
 
+pub mod probe;
 pub mod vmm;
 pub mod wl;
 

@@ -79,9 +79,13 @@ enum BenchCmd {
     /// Boot time to the guest's init and VMM memory beyond guest RAM: bulkhead-vmm against
     /// QEMU `-M microvm -accel kvm`, same kernel and initramfs, inside one L1 host.
     Vmm {
-        /// Boots per VMM.
-        #[arg(long, default_value_t = 3)]
+        /// Boots per VMM (interleaved).
+        #[arg(long, default_value_t = 5)]
         runs: u32,
+        /// Another static bulkhead-vmm build to measure in the same boot, as NAME=PATH
+        /// (repeatable), e.g. the binary from before a change.
+        #[arg(long = "also-vmm", value_name = "NAME=PATH")]
+        also_vmm: Vec<String>,
     },
     /// virtio_wl: SEND/RECV round trips (without and with an fd) between an L2 guest and an
     /// L1 echo against a socketpair on L1, and shared-memory bandwidth between two L2 guests
@@ -150,11 +154,16 @@ fn run(cli: Cli) -> Result<u8, String> {
             Ok(0)
         }
         Cmd::Bench {
-            which: BenchCmd::Vmm { runs },
+            which: BenchCmd::Vmm { runs, also_vmm },
         } => {
             provision::provision(&cache).map_err(|e| e.to_string())?;
             let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
-            let lines = bulkhead_rootfs::bench::bench_vmm(&kernel, &workspace, runs)
+            let also = also_vmm
+                .iter()
+                .map(|s| bulkhead_rootfs::bench::vmm::AlsoVmm::parse(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            let lines = bulkhead_rootfs::bench::bench_vmm(&kernel, &workspace, runs, &also)
                 .map_err(|e| e.to_string())?;
             for l in lines {
                 println!("{l}");
