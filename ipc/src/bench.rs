@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::channel::{Channel, ChannelError};
 use crate::classify::{F_ADD_SEALS, F_SEAL_GROW, F_SEAL_SHRINK};
-use crate::hub::protocol::{ConnEvent, ConnSend, HubEvent, VmRequest};
-use crate::hub::{Hub, HubConfig, DEFAULT_MAX_CONNS_PER_VM, DEFAULT_QUEUE};
+use crate::hub::budget::Budgets;
+use crate::hub::client::{ClientError, HubConn, Incoming};
+use crate::hub::protocol::{HubEvent, Refusal, VmRequest};
+use crate::hub::{Hub, HubConfig};
 
 /// Bench parameters.
 #[derive(Debug, Clone, Copy)]
@@ -145,9 +147,8 @@ fn run_in(dir: &std::path::Path, opts: BenchOptions) -> Result<BenchResult, Benc
         roots: RootDir::staging(dir),
         audit: Some(dir.join("audit.jsonl")),
         control_socket: None,
-        queue_limit: DEFAULT_QUEUE,
         exit_when_no_vms: true,
-        max_conns_per_vm: DEFAULT_MAX_CONNS_PER_VM,
+        budgets: Budgets::default(),
     };
     // SAFETY: the bench runs in a single-threaded process; the child only runs the hub loop
     // and exits.
@@ -218,19 +219,8 @@ fn sender(
         (HubEvent::Connected { .. }, Some(fd)) => Channel::from_fd(fd),
         (other, _) => return Err(BenchError::Failed(format!("connect refused: {other:?}"))),
     };
-    let mut rights = heapless::Vec::new();
-    rights
-        .push(Rights::READ | Rights::MAP)
-        .map_err(|_| BenchError::Failed("rights".into()))?;
-    let mut seq = 0u32;
-    let mut hub_msg = |stamp: u64| {
-        seq = seq.wrapping_add(1);
-        ConnSend {
-            seq,
-            data: stamp.to_le_bytes().to_vec(),
-            rights: rights.clone(),
-        }
-    };
+    let mut conn = HubConn::from_fd(conn.into_fd()).map_err(fail("hub conn"))?;
+    let rights = [(memfd.as_fd(), Rights::READ | Rights::MAP)];
 
     // Throughput: ROUNDS alternating runs of each path; the median of each is reported, so
     // one burst of load from elsewhere on the machine does not decide the ratio.
@@ -247,9 +237,7 @@ fn sender(
         direct_rates.push(f64::from(opts.messages) / t.elapsed().as_secs_f64());
 
         let t = Instant::now();
-        for _ in 0..opts.messages {
-            conn.send(&hub_msg(0), &one).map_err(fail("hub send"))?;
-        }
+        pipeline(&mut conn, &rights, opts.messages)?;
         expect_side(side)?;
         hub_rates.push(f64::from(opts.messages) / t.elapsed().as_secs_f64());
     }
@@ -264,9 +252,29 @@ fn sender(
         expect_side(side)?;
     }
     for _ in 0..opts.samples {
-        conn.send(&hub_msg(mono_ns()), &one)
-            .map_err(fail("hub send"))?;
+        let stamp = mono_ns().to_le_bytes();
+        let seq = loop {
+            match conn.try_send(&stamp, &rights) {
+                Ok(seq) => break seq,
+                Err(ClientError::Channel(ChannelError::WouldBlock)) => {
+                    wait(conn.as_fd(), libc::POLLOUT)
+                }
+                Err(e) => return Err(BenchError::Failed(format!("hub send: {e}"))),
+            }
+        };
         expect_side(side)?;
+        // Its verdict (not part of the one-way latency).
+        loop {
+            match conn.try_recv() {
+                Ok(Incoming::Accepted { seq: s }) if s == seq => break,
+                Ok(Incoming::Ready) => {}
+                Ok(other) => return Err(BenchError::Failed(format!("verdict: {other:?}"))),
+                Err(ClientError::Channel(ChannelError::WouldBlock)) => {
+                    wait(conn.as_fd(), libc::POLLIN)
+                }
+                Err(e) => return Err(BenchError::Failed(format!("verdict: {e}"))),
+            }
+        }
     }
     let lat = |_: ()| -> Result<Vec<u32>, BenchError> {
         match expect_side(side)? {
@@ -305,14 +313,20 @@ fn receiver(
     }
     side.send(&Side::Ready, &[]).map_err(fail("side"))?;
     let (ev, mut fds) = vm.recv::<HubEvent>().map_err(fail("accept"))?;
-    let conn = match (ev, fds.pop()) {
-        (HubEvent::Accept { .. }, Some(fd)) => Channel::from_fd(fd),
+    let mut conn = match (ev, fds.pop()) {
+        (HubEvent::Accept { .. }, Some(fd)) => HubConn::from_fd(fd).map_err(fail("hub conn"))?,
         (other, _) => return Err(BenchError::Failed(format!("no accept: {other:?}"))),
     };
-    let recv_hub = |conn: &Channel| -> Result<u64, BenchError> {
-        match conn.recv::<ConnEvent>().map_err(fail("hub recv"))? {
-            (ConnEvent::Deliver { data, .. }, fds) if fds.len() == 1 => Ok(stamp(&data)),
-            (other, _) => Err(BenchError::Failed(format!("unexpected {other:?}"))),
+    let recv_hub = |conn: &mut HubConn| -> Result<u64, BenchError> {
+        loop {
+            match conn.try_recv() {
+                Ok(Incoming::Message { data, fds }) if fds.len() == 1 => return Ok(stamp(&data)),
+                Ok(other) => return Err(BenchError::Failed(format!("unexpected {other:?}"))),
+                Err(ClientError::Channel(ChannelError::WouldBlock)) => {
+                    wait(conn.as_fd(), libc::POLLIN)
+                }
+                Err(e) => return Err(BenchError::Failed(format!("hub recv: {e}"))),
+            }
         }
     };
     let recv_direct = || -> Result<u64, BenchError> {
@@ -328,7 +342,7 @@ fn receiver(
         }
         side.send(&Side::Done, &[]).map_err(fail("side"))?;
         for _ in 0..opts.messages {
-            recv_hub(&conn)?;
+            recv_hub(&mut conn)?;
         }
         side.send(&Side::Done, &[]).map_err(fail("side"))?;
     }
@@ -340,13 +354,84 @@ fn receiver(
     }
     let mut h = Vec::new();
     for _ in 0..opts.samples {
-        let s = recv_hub(&conn)?;
+        let s = recv_hub(&mut conn)?;
         h.push(u32::try_from(mono_ns().saturating_sub(s)).unwrap_or(u32::MAX));
         side.send(&Side::Ack, &[]).map_err(fail("side"))?;
     }
     side.send(&Side::Latencies(d), &[]).map_err(fail("side"))?;
     side.send(&Side::Latencies(h), &[]).map_err(fail("side"))?;
     Ok(())
+}
+
+/// Most sends without a verdict yet (the way a guest's sends overlap: several vfds, several
+/// VMs; one VMM's device waits for each).
+const WINDOW: u32 = 256;
+
+/// Sends `n` messages through the hub as fast as it takes them, each with one memfd,
+/// reading verdicts as they come; a `Busy` one is sent again. Returns when `n` were
+/// accepted.
+fn pipeline(
+    conn: &mut HubConn,
+    fds: &[(BorrowedFd<'_>, Rights)],
+    n: u32,
+) -> Result<(), BenchError> {
+    let stamp = 0u64.to_le_bytes();
+    let (mut to_send, mut outstanding, mut accepted) = (n, 0u32, 0u32);
+    while accepted < n {
+        let mut progress = false;
+        while to_send > 0 && outstanding < WINDOW {
+            match conn.try_send(&stamp, fds) {
+                Ok(_) => {
+                    to_send -= 1;
+                    outstanding += 1;
+                    progress = true;
+                }
+                Err(ClientError::Channel(ChannelError::WouldBlock)) => break,
+                Err(e) => return Err(BenchError::Failed(format!("hub send: {e}"))),
+            }
+        }
+        loop {
+            match conn.try_recv() {
+                Ok(Incoming::Accepted { .. }) => {
+                    accepted += 1;
+                    outstanding = outstanding.saturating_sub(1);
+                    progress = true;
+                }
+                Ok(Incoming::Refused {
+                    error: Refusal::Busy,
+                    ..
+                }) => {
+                    to_send += 1;
+                    outstanding = outstanding.saturating_sub(1);
+                    progress = true;
+                }
+                Ok(Incoming::Ready) => {}
+                Ok(other) => return Err(BenchError::Failed(format!("verdict: {other:?}"))),
+                Err(ClientError::Channel(ChannelError::WouldBlock)) => break,
+                Err(e) => return Err(BenchError::Failed(format!("verdict: {e}"))),
+            }
+        }
+        if !progress {
+            let ev = if to_send > 0 && outstanding < WINDOW {
+                libc::POLLIN | libc::POLLOUT
+            } else {
+                libc::POLLIN
+            };
+            wait(conn.as_fd(), ev);
+        }
+    }
+    Ok(())
+}
+
+/// Waits (up to a second) for `events` on `fd`.
+fn wait(fd: BorrowedFd<'_>, events: libc::c_short) {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, 1000) };
 }
 
 fn stamp(data: &[u8]) -> u64 {

@@ -7,6 +7,8 @@ pub mod bench;
 pub mod channel;
 pub mod classify;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzz; // the body of ipc/fuzz's target and of tests/fuzz_seeds.rs: a harness, not the hub
 pub mod hub;
 
 pub use channel::{

@@ -2,305 +2,20 @@
 //! NAME=FD`), driven from this process acting as the VMMs, with real memfds, pipes and
 //! sockets. These are policy.md's adversarial tests that do not need guests.
 
-use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+mod common;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 
 use bulkhead_ipc::channel::{Channel, ChannelError};
 use bulkhead_ipc::frame;
-use bulkhead_ipc::hub::protocol::{
-    ConnEvent, ConnId, ConnSend, FdInfo, HubEvent, Name, Refusal, VmRequest,
-};
-use bulkhead_policy::control::{HubClient, Request, Response};
+use bulkhead_ipc::hub::protocol::{ConnEvent, ConnSend, HubEvent, Refusal, VmRequest};
+use bulkhead_policy::control::{Request, Response};
 use bulkhead_policy::{FdType, PolicyTree, Rights, RootDir};
-use nix::sys::socket::{sendmsg, setsockopt, sockopt, ControlMessage, MsgFlags};
-
-const POLICY: &str = "version 1
-grant a provide inbox c2s=memfd:rw+transfer+dup,pipe:w+transfer max-fds=8
-grant b connect inbox@a
-grant c provide sink c2s=memfd:rw max-fds=8
-grant a connect sink@c
-grant d connect sink@c
-grant d provide noxfer c2s=memfd:ro max-fds=8
-grant b connect noxfer@d
-grant @any quota shm=64KiB shm-count=4 vfds=32
-";
-
-struct TestHub {
-    child: Child,
-    dir: tempfile::TempDir,
-    vms: HashMap<&'static str, Channel>,
-    control: PathBuf,
-    audit: PathBuf,
-    tag: u32,
-}
-
-/// `--allow-root` when this test runs as root (the hub refuses root without it).
-fn allow_root() -> Option<&'static str> {
-    nix::unistd::geteuid().is_root().then_some("--allow-root")
-}
-
-fn name(s: &str) -> Name {
-    Name::try_from(s).unwrap()
-}
-
-fn timeout(ch: &Channel) {
-    // A safety net against a hung test, not a timing assertion.
-    let tv = nix::sys::time::TimeVal::new(60, 0);
-    setsockopt(&ch.as_fd(), sockopt::ReceiveTimeout, &tv).unwrap();
-}
-
-impl TestHub {
-    fn start(policy: &str, vms: &[&'static str], extra: &[&str]) -> TestHub {
-        let dir = tempfile::tempdir().unwrap();
-        let pdir = dir.path().join("policy.d");
-        std::fs::create_dir(&pdir).unwrap();
-        std::fs::write(pdir.join("10-test.policy"), policy).unwrap();
-        let control = dir.path().join("hub.sock");
-        let audit = dir.path().join("audit.jsonl");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead-hub"));
-        cmd.arg("--policy-dir")
-            .arg(&pdir)
-            .arg("--control-socket")
-            .arg(&control)
-            .arg("--audit-log")
-            .arg(&audit)
-            .arg("--exit-when-idle")
-            .args(extra)
-            .args(allow_root())
-            .stdin(Stdio::null())
-            .env("RUST_LOG", "warn");
-        let mut mine = HashMap::new();
-        let mut theirs: Vec<Channel> = Vec::new();
-        for vm in vms {
-            let (v, h) = Channel::pair().unwrap();
-            timeout(&v);
-            cmd.arg("--vm").arg(format!("{vm}={}", h.as_raw_fd()));
-            mine.insert(*vm, v);
-            theirs.push(h);
-        }
-        let raws: Vec<RawFd> = theirs.iter().map(|c| c.as_raw_fd()).collect();
-        // SAFETY: the closure only calls fcntl, which is async-signal-safe, on fds that are
-        // open in the child (inherited from this process).
-        unsafe {
-            cmd.pre_exec(move || {
-                for fd in &raws {
-                    if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap();
-        drop(theirs);
-        let hub = TestHub {
-            child,
-            dir,
-            vms: mine,
-            control,
-            audit,
-            tag: 100,
-        };
-        // Wait until the control socket exists (readiness, not timing).
-        for _ in 0..2000 {
-            if hub.control.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert!(hub.control.exists(), "hub did not start");
-        hub
-    }
-
-    fn vm(&self, n: &str) -> &Channel {
-        &self.vms[n]
-    }
-
-    fn next_tag(&mut self) -> u32 {
-        self.tag += 1;
-        self.tag
-    }
-
-    fn request(&mut self, vm: &str, req: VmRequest) -> (HubEvent, Vec<OwnedFd>) {
-        self.vm(vm).send(&req, &[]).unwrap();
-        self.vm(vm).recv::<HubEvent>().unwrap()
-    }
-
-    fn provide(&mut self, vm: &str, svc: &str) -> HubEvent {
-        let tag = self.next_tag();
-        self.request(
-            vm,
-            VmRequest::Provide {
-                tag,
-                service: name(svc),
-            },
-        )
-        .0
-    }
-
-    /// Client side of a connect; the provider's Accept is collected too.
-    fn connect(
-        &mut self,
-        vm: &str,
-        svc: &str,
-        provider: &str,
-    ) -> Result<(ConnId, Channel, Channel), Refusal> {
-        let tag = self.next_tag();
-        let (ev, mut fds) = self.request(
-            vm,
-            VmRequest::Connect {
-                tag,
-                service: name(svc),
-                provider: Some(name(provider)),
-            },
-        );
-        match ev {
-            HubEvent::Connected { tag: t, conn } => {
-                assert_eq!(t, tag);
-                let client = Channel::from_fd(fds.pop().unwrap());
-                let (acc, mut pfds) = self.vm(provider).recv::<HubEvent>().unwrap();
-                match acc {
-                    HubEvent::Accept {
-                        conn: c,
-                        name: n,
-                        service,
-                    } => {
-                        assert_eq!(c, conn);
-                        assert_eq!(n.as_str(), format!("wl-conn-{conn}"));
-                        assert_eq!(service.as_str(), svc);
-                    }
-                    other => panic!("provider got {other:?}"),
-                }
-                let server = Channel::from_fd(pfds.pop().unwrap());
-                timeout(&client);
-                timeout(&server);
-                Ok((conn, client, server))
-            }
-            HubEvent::Refused { tag: t, error } => {
-                assert_eq!(t, tag);
-                Err(error)
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    fn alloc(&mut self, vm: &str, size: u64) -> Result<(OwnedFd, u64), Refusal> {
-        let tag = self.next_tag();
-        match self.request(vm, VmRequest::AllocShm { tag, size }) {
-            (HubEvent::ShmAllocated { size, .. }, mut fds) => Ok((fds.pop().unwrap(), size)),
-            (HubEvent::Refused { error, .. }, _) => Err(error),
-            (other, _) => panic!("unexpected {other:?}"),
-        }
-    }
-
-    fn audit_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn hub_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .unwrap()
-            .count()
-    }
-
-    /// The hub's fd count once it is quiet: unchanged across more than one sweep interval
-    /// (the hub sweeps memfds it watches at least once a second). A process another test
-    /// thread spawns holds copies of this process's fds between fork and exec, so a memfd the
-    /// hub watches may look held a moment longer than this test held it; and a probe for a
-    /// memfd nobody holds any more goes at the next sweep. Both settle here.
-    fn hub_fds_quiet(&self) -> usize {
-        let mut n = self.hub_fds();
-        for _ in 0..10 {
-            std::thread::sleep(std::time::Duration::from_millis(1300));
-            let m = self.hub_fds();
-            if m == n {
-                break;
-            }
-            n = m;
-        }
-        n
-    }
-
-    fn control(&self, req: &Request) -> Response {
-        HubClient::connect(&self.control)
-            .unwrap()
-            .request(req)
-            .unwrap()
-    }
-}
-
-impl Drop for TestHub {
-    fn drop(&mut self) {
-        self.vms.clear(); // closing every channel makes the hub exit (--exit-when-idle)
-        let _ = self.child.wait();
-    }
-}
-
-fn send(conn: &Channel, seq: u32, fds: &[(BorrowedFd<'_>, Rights)]) {
-    let msg = ConnSend {
-        seq,
-        data: seq.to_le_bytes().to_vec(),
-        rights: fds.iter().map(|(_, r)| *r).collect(),
-    };
-    let raw: Vec<BorrowedFd<'_>> = fds.iter().map(|(f, _)| *f).collect();
-    conn.send(&msg, &raw).unwrap();
-}
-
-fn recv(conn: &Channel) -> (ConnEvent, Vec<OwnedFd>) {
-    conn.recv::<ConnEvent>().unwrap()
-}
-
-fn expect_refused(conn: &Channel, seq: u32, error: Refusal) {
-    match recv(conn) {
-        (ConnEvent::Refused { seq: s, error: e }, fds) => {
-            assert_eq!((s, e), (seq, error));
-            assert!(fds.is_empty());
-        }
-        other => panic!("expected refusal of {seq}, got {other:?}"),
-    }
-}
-
-fn expect_deliver(conn: &Channel, seq: u32) -> (Vec<FdInfo>, Vec<OwnedFd>) {
-    match recv(conn) {
-        (ConnEvent::Deliver { data, fds: infos }, fds) => {
-            assert_eq!(data, seq.to_le_bytes().to_vec(), "wrong frame delivered");
-            assert_eq!(infos.len(), fds.len());
-            (infos.to_vec(), fds)
-        }
-        other => panic!("expected delivery of {seq}, got {other:?}"),
-    }
-}
-
-fn nothing_pending(conn: &Channel) {
-    assert!(matches!(
-        conn.try_recv_frame(),
-        Err(ChannelError::WouldBlock)
-    ));
-}
-
-fn memfd() -> OwnedFd {
-    // SAFETY: valid name and flags; checked below.
-    let raw =
-        unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    assert!(raw >= 0);
-    // SAFETY: fresh fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // The mode a VMM gives its memfds (the hub refuses group/other-writable ones).
-    nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-    nix::unistd::ftruncate(&fd, 4096).unwrap();
-    // SAFETY: F_ADD_SEALS with an int on our own memfd.
-    assert_eq!(unsafe { libc::fcntl(fd.as_raw_fd(), 1033, 0x2 | 0x4) }, 0);
-    fd
-}
-
-const RO: Rights = Rights::READ.union(Rights::MAP);
+use common::*;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 /// B gives A a read-only memfd with TRANSFER; A forwards it to C: asking for write is
 /// InvalidArgs and C gets nothing; asking read-only works and C gets no TRANSFER.
@@ -544,52 +259,9 @@ fn disallowed_type_in_an_otherwise_fine_frame_rejects_all() {
     nothing_pending(&a_from_b);
 }
 
-/// A contract that passes sockets both ways (`v ≠ c` and the socket cycle need one).
-const SOCKETS: &str = "version 1
-grant a provide socks c2s=socket:send+recv+transfer s2c=socket:send+recv+transfer max-fds=8
-grant b connect socks@a
-grant @any quota shm=64KiB shm-count=4 vfds=32
-";
-
-/// `v ≠ c`: a connection's own socket (either VMM-side end) is never carried over that
-/// connection, even when the contract passes sockets: InvalidId, the frame refused whole;
-/// another socket passes.
-#[test]
-fn a_connection_socket_over_itself_is_invalid_id() {
-    let mut h = TestHub::start(SOCKETS, &["a", "b"], &[]);
-    h.provide("a", "socks");
-    let (_, b_to_a, a_from_b) = h.connect("b", "socks", "a").unwrap();
-    send(&b_to_a, 1, &[(b_to_a.as_fd(), Rights::SEND)]);
-    expect_refused(&b_to_a, 1, Refusal::InvalidId);
-    send(&a_from_b, 2, &[(a_from_b.as_fd(), Rights::SEND)]);
-    expect_refused(&a_from_b, 2, Refusal::InvalidId);
-    let (s1, _s2) = Channel::pair().unwrap();
-    send(
-        &b_to_a,
-        3,
-        &[(s1.as_fd(), Rights::SEND), (b_to_a.as_fd(), Rights::SEND)],
-    );
-    expect_refused(&b_to_a, 3, Refusal::InvalidId);
-    send(&b_to_a, 4, &[(s1.as_fd(), Rights::SEND)]);
-    let (infos, _) = expect_deliver(&a_from_b, 4);
-    assert_eq!(infos[0].fd_type, FdType::Socket);
-    nothing_pending(&a_from_b);
-    let denied: Vec<_> = h
-        .audit_lines()
-        .into_iter()
-        .filter(|r| r["allowed"] == false && r["verb"] == "transfer")
-        .collect();
-    assert!(
-        denied
-            .iter()
-            .all(|r| r["reason"].as_str().unwrap().contains("own socket")),
-        "{denied:?}"
-    );
-}
-
-/// Memfds and sockets both ways (policy.md's re-sending and cycle tests).
+/// Memfds both ways (policy.md's re-sending test).
 const ECHO: &str = "version 1
-grant a provide echo c2s=memfd:rw+transfer+dup,socket:send+recv+transfer s2c=memfd:rw+transfer+dup,socket:send+recv+transfer max-fds=8
+grant a provide echo c2s=memfd:rw+transfer+dup s2c=memfd:rw+transfer+dup max-fds=8
 grant b connect echo@a
 grant @any quota shm=64KiB shm-count=4 vfds=32
 grant e quota shm=8GiB shm-count=4 vfds=32
@@ -619,47 +291,6 @@ fn a_readonly_buffer_sent_back_to_its_origin_stays_readonly() {
     let fl = unsafe { libc::fcntl(back.as_raw_fd(), libc::F_GETFL) };
     assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
     assert!(nix::unistd::write(&back, b"x").is_err());
-}
-
-/// A socket sent inside the connection it belongs to, by a VM that got it over another
-/// connection: B sends its end of connection 1 over connection 2; A gets it, and sending it
-/// back over connection 1 (a cycle: the connection inside itself) is InvalidId. When every
-/// fd is closed, both connections close and the hub holds no more fds than before.
-#[test]
-fn a_socket_cycle_is_refused_and_leaves_nothing() {
-    let mut h = TestHub::start(ECHO, &["a", "b"], &[]);
-    h.provide("a", "echo");
-    drop(h.alloc("a", 1).unwrap());
-    h.provide("a", "echo");
-    let before = h.hub_fds_quiet();
-    let (c1, b_to_a1, a_from_b1) = h.connect("b", "echo", "a").unwrap();
-    let (c2, b_to_a2, a_from_b2) = h.connect("b", "echo", "a").unwrap();
-    send(
-        &b_to_a2,
-        1,
-        &[(b_to_a1.as_fd(), Rights::SEND | Rights::TRANSFER)],
-    );
-    let (infos, mut fds) = expect_deliver(&a_from_b2, 1);
-    assert_eq!(infos[0].fd_type, FdType::Socket);
-    let c1_end = fds.pop().unwrap();
-    send(&a_from_b1, 2, &[(c1_end.as_fd(), Rights::SEND)]);
-    expect_refused(&a_from_b1, 2, Refusal::InvalidId);
-    nothing_pending(&b_to_a1);
-    drop((b_to_a1, a_from_b1, b_to_a2, a_from_b2, c1_end));
-    for vm in ["a", "b"] {
-        let mut closed = Vec::new();
-        for _ in 0..2 {
-            match h.vm(vm).recv::<HubEvent>().unwrap().0 {
-                HubEvent::Closed { conn, .. } => closed.push(conn),
-                other => panic!("{other:?}"),
-            }
-        }
-        closed.sort();
-        assert_eq!(closed, vec![c1, c2]);
-    }
-    drop(h.alloc("a", 1).unwrap());
-    h.provide("a", "echo");
-    assert_eq!(h.hub_fds_quiet(), before);
 }
 
 /// u32::MAX bytes from the memfd server: over a 64 KiB quota it is refused (OutOfMemory)
@@ -693,6 +324,8 @@ fn twenty_nine_fds_and_max_fds_plus_one() {
         seq: 1,
         data: vec![],
         rights: heapless::Vec::new(),
+        part: 0,
+        more: false,
     })
     .unwrap();
     let iov = [std::io::IoSlice::new(&bytes)];
@@ -788,8 +421,9 @@ fn memfd_server_quota_sizes() {
     assert_eq!(quota_denials, 5);
 }
 
-/// A receiver that never reads: its sender gets back-pressure (EAGAIN) after a bounded
-/// number of frames; another pair is unaffected; nothing is lost when the receiver drains.
+/// A receiver that never reads: once its queue is full, sends toward it are refused
+/// `Busy` (the sender hears it at once, nothing is half-sent); another pair is unaffected;
+/// when the receiver drains, the sender hears `Ready`, and every accepted send arrives.
 #[test]
 fn receiver_that_never_reads_blocks_only_its_sender() {
     let mut h = TestHub::start(POLICY, &["a", "b", "c", "d"], &["--queue", "8"]);
@@ -797,19 +431,23 @@ fn receiver_that_never_reads_blocks_only_its_sender() {
     h.provide("c", "sink");
     let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
     let (_, d_to_c, c_from_d) = h.connect("d", "sink", "c").unwrap();
-    let mut sent = 0u32;
+    let mut accepted = Vec::new();
+    let mut seq = 0u32;
     loop {
-        let msg = ConnSend {
-            seq: sent,
-            data: sent.to_le_bytes().to_vec(),
-            rights: heapless::Vec::new(),
-        };
-        match b_to_a.try_send(&msg, &[]) {
-            Ok(()) => sent += 1,
-            Err(ChannelError::WouldBlock) => break,
-            Err(e) => panic!("{e}"),
+        send(&b_to_a, seq, &[]);
+        match b_to_a.next_any().unwrap().0 {
+            ConnEvent::Accepted { seq: s } => accepted.push(s),
+            ConnEvent::Refused {
+                seq: s,
+                error: Refusal::Busy,
+            } => {
+                assert_eq!(s, seq);
+                break;
+            }
+            other => panic!("{other:?}"),
         }
-        assert!(sent < 1_000_000, "no back-pressure");
+        seq += 1;
+        assert!(seq < 1_000_000, "no back-pressure");
     }
     // Others are fine while A is stuck.
     let m = memfd();
@@ -817,9 +455,15 @@ fn receiver_that_never_reads_blocks_only_its_sender() {
     expect_deliver(&c_from_d, 77);
     // The hub still answers VM requests.
     assert!(matches!(h.provide("c", "sink"), HubEvent::Provided { .. }));
-    for seq in 0..sent {
-        expect_deliver(&a_from_b, seq);
+    for s in &accepted {
+        expect_deliver(&a_from_b, *s);
     }
+    nothing_pending(&a_from_b);
+    // A drained: B hears Ready, and may send again.
+    assert!(matches!(b_to_a.next_any().unwrap().0, ConnEvent::Ready));
+    send(&b_to_a, seq + 1, &[]);
+    b_to_a.expect_accepted(seq + 1);
+    expect_deliver(&a_from_b, seq + 1);
 }
 
 /// Apply racing sends: each frame is decided by exactly one generation: delivered (old) or
@@ -839,10 +483,11 @@ fn policy_reload_racing_a_send() {
     let hash = PolicyTree::load(&RootDir::staging(&new_dir)).hash;
     let m = memfd();
     let total = 200u32;
+    let b_chan: &Channel = &b_to_a;
     let sender = std::thread::scope(|s| {
         let t = s.spawn(|| {
             for seq in 0..100 {
-                send(&b_to_a, seq, &[(m.as_fd(), RO)]);
+                send(b_chan, seq, &[(m.as_fd(), RO)]);
             }
         });
         let r = h.control(&Request::Apply {
@@ -881,7 +526,7 @@ fn policy_reload_racing_a_send() {
         // SAFETY: two valid pollfds; 60 s is a hang guard, not a timing assertion.
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, 60_000) };
         assert!(n > 0, "hub stalled");
-        while let Ok((ev, _)) = a_from_b.try_recv::<ConnEvent>() {
+        while let Some((ev, _)) = a_from_b.try_next() {
             match ev {
                 ConnEvent::Deliver { data, .. } => {
                     delivered.push(u32::from_le_bytes(data[..4].try_into().unwrap()))
@@ -889,7 +534,7 @@ fn policy_reload_racing_a_send() {
                 other => panic!("{other:?}"),
             }
         }
-        while let Ok((ev, _)) = b_to_a.try_recv::<ConnEvent>() {
+        while let Some((ev, _)) = b_to_a.try_next() {
             match ev {
                 ConnEvent::Refused { seq, error } => {
                     assert_eq!(error, Refusal::PermissionDenied);
@@ -900,6 +545,10 @@ fn policy_reload_racing_a_send() {
         }
     }
     assert_eq!(delivered.len() + refused.len(), total as usize);
+    // Every delivered send was accepted, by a verdict to its sender.
+    for seq in &delivered {
+        b_to_a.expect_accepted(*seq);
+    }
     assert!(
         delivered.iter().all(|s| *s < 100),
         "a frame sent after the apply was delivered"
@@ -978,10 +627,7 @@ fn hub_fd_count_is_stable() {
             h.vm("a").recv::<HubEvent>().unwrap().0,
             HubEvent::Closed { .. }
         ));
-        assert!(matches!(
-            b_to_a.recv::<ConnEvent>(),
-            Err(ChannelError::Closed)
-        ));
+        assert_eq!(expect_closed(&b_to_a), vec![ConnEvent::Accepted { seq: i }]);
     }
     drop(h.alloc("a", 1).unwrap());
     h.provide("a", "inbox");
@@ -1199,8 +845,9 @@ fn bad_vm_arguments_are_refused() {
     }
 }
 
-/// The VMM-side helper: a send with a memfd and a pipe end, the paired delivery, a refusal
-/// by sequence number, and back-pressure as WouldBlock.
+/// The VMM-side helper: a send with a memfd and a pipe end, the paired delivery, the
+/// verdicts (accepted, and a refusal by sequence number), a send in parts, and
+/// back-pressure as WouldBlock.
 #[test]
 fn vmm_side_client_helper() {
     use bulkhead_ipc::hub::client::{ClientError, HubConn, Incoming};
@@ -1208,28 +855,21 @@ fn vmm_side_client_helper() {
     h.provide("a", "inbox");
     let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
     let mut b = HubConn::from_fd(b_to_a.into_fd()).unwrap();
-    let a = HubConn::from_fd(a_from_b.into_fd()).unwrap();
+    let mut a = HubConn::from_fd(a_from_b.into_fd()).unwrap();
     let m = memfd();
     let (_r, w) = nix::unistd::pipe().unwrap();
     let seq = b
         .try_send(b"hi", &[(m.as_fd(), RO), (w.as_fd(), Rights::WRITE)])
         .unwrap();
-    let wait = |c: &HubConn| loop {
+    let wait = |c: &mut HubConn| loop {
         match c.try_recv() {
             Err(ClientError::Channel(ChannelError::WouldBlock)) => {
-                let mut p = libc::pollfd {
-                    fd: c.as_fd().as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd; 60 s is a hang guard.
-                let n = unsafe { libc::poll(&mut p, 1, 60_000) };
-                assert!(n > 0, "hub stalled");
+                wait_readable(&[c.as_fd()]);
             }
             other => break other.unwrap(),
         }
     };
-    match wait(&a) {
+    match wait(&mut a) {
         Incoming::Message { data, fds } => {
             assert_eq!(data, b"hi");
             assert_eq!(fds.len(), 2);
@@ -1238,14 +878,48 @@ fn vmm_side_client_helper() {
         }
         other => panic!("{other:?}"),
     }
+    match wait(&mut b) {
+        Incoming::Accepted { seq: s } => assert_eq!(s, seq),
+        other => panic!("{other:?}"),
+    }
     let bad = b
         .try_send(b"no", &[(m.as_fd(), RO | Rights::WRITE | Rights::RESIZE)])
         .unwrap();
     assert_ne!(bad, seq);
-    match wait(&b) {
+    match wait(&mut b) {
         Incoming::Refused { seq, error } => assert_eq!((seq, error), (bad, Refusal::InvalidArgs)),
         other => panic!("{other:?}"),
     }
+    // A send of three parts: one verdict, named by its last part; the receiver gets it all.
+    let big: Vec<u8> = (0..150_000u32).map(|i| i as u8).collect();
+    let mut s = b.begin(big.len()).unwrap();
+    while !s.done() {
+        match b.send_next(&mut s, &big, &[(m.as_fd(), RO)]) {
+            Ok(()) => {}
+            Err(ClientError::Channel(ChannelError::WouldBlock)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let mut ready = false;
+    let verdict = loop {
+        if let Some(v) = b.take_verdict(&s, &mut ready).unwrap() {
+            break v;
+        }
+        wait_readable(&[b.as_fd()]);
+    };
+    assert_eq!(verdict, Ok(()));
+    let mut got = Vec::new();
+    let mut fds = 0;
+    while got.len() < big.len() {
+        match wait(&mut a) {
+            Incoming::Message { data, fds: f } => {
+                fds += f.len();
+                got.extend(data);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((got == big, fds), (true, 1));
     let mut sent = 0;
     loop {
         match b.try_send(b"x", &[]) {
@@ -1302,10 +976,9 @@ fn apply_lists_and_revokes_live_connections() {
         h.vm("a").recv::<HubEvent>().unwrap().0,
         HubEvent::Closed { tag: 0, conn }
     );
-    assert!(matches!(
-        b_to_a.recv::<ConnEvent>(),
-        Err(ChannelError::Closed)
-    ));
+    assert!(expect_closed(&b_to_a)
+        .iter()
+        .all(|e| !matches!(e, ConnEvent::Deliver { .. })));
 }
 
 /// A VM whose channel closes loses everything: its services, its connections (peers hear
@@ -1327,10 +1000,7 @@ fn vm_going_away_loses_its_services_and_connections() {
         h.vm("c").recv::<HubEvent>().unwrap().0,
         HubEvent::Closed { .. }
     ));
-    assert!(matches!(
-        c_from_a.recv::<ConnEvent>(),
-        Err(ChannelError::Closed)
-    ));
+    assert!(expect_closed(&c_from_a).is_empty());
     drop(a_to_c);
     assert_eq!(
         h.connect("b", "inbox", "a").unwrap_err(),
@@ -1367,38 +1037,34 @@ fn hello_on_a_kept_channel_forgets_the_vm() {
     assert!(h.connect("b", "inbox", "a").is_ok());
 }
 
-/// A sender that fills a stuck receiver's queue and then hangs up: the hub loses none of
-/// the frames still in the sender's socket; when the receiver drains, every frame arrives,
-/// then EOF. (While back-pressured, the hung-up socket is left out of the poll set so
-/// POLLHUP does not make the loop spin; that part is not observable without timing.)
+/// A sender that hangs up right after its sends, while the receiver reads nothing: every
+/// send it was told was accepted reaches the receiver, in order, and only then EOF (a
+/// sender's last frames are not lost when it closes).
 #[test]
 fn sender_hangs_up_under_back_pressure() {
     let mut h = TestHub::start(POLICY, &["a", "b"], &["--queue", "4"]);
     h.provide("a", "inbox");
     let (_, b_to_a, a_from_b) = h.connect("b", "inbox", "a").unwrap();
-    let mut sent = 0u32;
-    loop {
-        let msg = ConnSend {
-            seq: sent,
-            data: sent.to_le_bytes().to_vec(),
-            rights: heapless::Vec::new(),
-        };
-        match b_to_a.try_send(&msg, &[]) {
-            Ok(()) => sent += 1,
-            Err(ChannelError::WouldBlock) => break,
-            Err(e) => panic!("{e}"),
+    let mut accepted = Vec::new();
+    for seq in 0..64u32 {
+        send(&b_to_a, seq, &[]);
+        match b_to_a.next_any().unwrap().0 {
+            ConnEvent::Accepted { seq: s } => accepted.push(s),
+            ConnEvent::Refused {
+                error: Refusal::Busy,
+                ..
+            } => break,
+            other => panic!("{other:?}"),
         }
     }
+    assert!(!accepted.is_empty());
     drop(b_to_a);
     // The hub keeps serving other requests meanwhile.
     assert!(matches!(h.provide("a", "inbox"), HubEvent::Provided { .. }));
-    for seq in 0..sent {
-        expect_deliver(&a_from_b, seq);
+    for seq in &accepted {
+        expect_deliver(&a_from_b, *seq);
     }
-    assert!(matches!(
-        a_from_b.recv::<ConnEvent>(),
-        Err(ChannelError::Closed)
-    ));
+    assert!(expect_closed(&a_from_b).is_empty());
 }
 
 /// Garbage on the VM channel and on a connection socket (random bytes, empty datagrams,
@@ -1450,10 +1116,31 @@ fn garbage_frames_are_refused_and_change_nothing() {
         );
         assert!(fds.is_empty());
     }
-    // Each connection frame: refused to B, or (if the random bytes happened to be a valid
-    // fd-less ConnSend) delivered to A.
+    // Each connection frame gets one verdict when its send is complete: refused, or (if the
+    // random bytes happened to be a valid fd-less ConnSend) accepted and delivered to A. A
+    // frame that decodes as the first part of a longer send gets none until that send ends
+    // (and none at all if the next part 0 drops it): count what the protocol promises.
+    let mut expected = 0;
+    let mut open = false;
+    for blob in &blobs {
+        let mut framed = blob.clone();
+        framed.insert(0, frame::WIRE_VERSION);
+        match frame::decode::<ConnSend>(&framed) {
+            Err(_) => expected += 1,
+            Ok(m) if m.part == 0 => {
+                open = m.more;
+                expected += usize::from(!m.more);
+            }
+            Ok(m) if open => {
+                open = m.more;
+                expected += usize::from(!m.more);
+            }
+            Ok(_) => expected += 1,
+        }
+    }
     let mut outcomes = 0;
-    while outcomes < blobs.len() {
+    let mut delivered = 0;
+    while outcomes < expected {
         let mut pfds = [
             libc::pollfd {
                 fd: a_from_b.as_raw_fd(),
@@ -1469,22 +1156,24 @@ fn garbage_frames_are_refused_and_change_nothing() {
         // SAFETY: two valid pollfds; 60 s is a hang guard, not a timing assertion.
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, 60_000) };
         assert!(n > 0, "hub stalled");
-        while let Ok((ev, fds)) = a_from_b.try_recv::<ConnEvent>() {
+        while let Some((ev, fds)) = a_from_b.try_next() {
             assert!(
                 matches!(ev, ConnEvent::Deliver { .. }) && fds.is_empty(),
                 "{ev:?}"
             );
-            outcomes += 1;
+            delivered += 1;
         }
-        while let Ok((ev, fds)) = b_to_a.try_recv::<ConnEvent>() {
+        while let Some((ev, fds)) = b_to_a.try_next_any() {
             assert!(
-                matches!(ev, ConnEvent::Refused { .. }) && fds.is_empty(),
+                matches!(ev, ConnEvent::Refused { .. } | ConnEvent::Accepted { .. })
+                    && fds.is_empty(),
                 "{ev:?}"
             );
             outcomes += 1;
         }
     }
-    assert_eq!(outcomes, blobs.len());
+    assert_eq!(outcomes, expected);
+    assert!(delivered <= expected);
     let m = memfd();
     send(&b_to_a, 5, &[(m.as_fd(), RO)]);
     expect_deliver(&a_from_b, 5);
@@ -1646,6 +1335,8 @@ fn batched_frames_are_decided_one_by_one() {
                 seq,
                 data: seq.to_le_bytes().to_vec(),
                 rights: rights.into_iter().take(8).collect(),
+                part: 0,
+                more: false,
             };
             (frame::encode(&msg).unwrap(), fds)
         })

@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bulkhead_ipc::channel::{Channel, ChannelError};
+use bulkhead_ipc::hub::budget::Budgets;
 use bulkhead_ipc::hub::client::{ClientError, HubConn, Incoming};
 use bulkhead_ipc::hub::protocol::{FdInfo, HubEvent, Name, VmRequest};
 use bulkhead_ipc::hub::{Hub, HubConfig};
@@ -73,9 +74,8 @@ impl TestHub {
             }],
             audit: Some(audit.clone()),
             control_socket: None,
-            queue_limit: queue,
             exit_when_no_vms: true,
-            max_conns_per_vm: 16,
+            budgets: Budgets::new(queue, 16),
         };
         let mut hub = Hub::new(cfg, theirs).unwrap();
         let thread = std::thread::spawn(move || hub.run().unwrap());
@@ -192,7 +192,7 @@ fn key(fd: BorrowedFd<'_>) -> (u64, u64) {
 }
 
 /// The next event on a peer connection (hang guard 20 s).
-fn conn_recv(c: &HubConn) -> Result<Incoming, ClientError> {
+fn conn_recv(c: &mut HubConn) -> Result<Incoming, ClientError> {
     for _ in 0..20_000 {
         match c.try_recv() {
             Err(ClientError::Channel(ChannelError::WouldBlock)) => {
@@ -204,10 +204,15 @@ fn conn_recv(c: &HubConn) -> Result<Incoming, ClientError> {
     panic!("nothing arrived on the connection");
 }
 
-fn message(c: &HubConn) -> (Vec<u8>, Vec<(OwnedFd, FdInfo)>) {
-    match conn_recv(c).unwrap() {
-        Incoming::Message { data, fds } => (data, fds),
-        other => panic!("expected a message, got {other:?}"),
+/// The next message on a peer connection (the verdicts on the peer's own sends, and
+/// `Ready`, are passed over).
+fn message(c: &mut HubConn) -> (Vec<u8>, Vec<(OwnedFd, FdInfo)>) {
+    loop {
+        match conn_recv(c).unwrap() {
+            Incoming::Message { data, fds } => return (data, fds),
+            Incoming::Accepted { .. } | Incoming::Ready => {}
+            other => panic!("expected a message, got {other:?}"),
+        }
     }
 }
 
@@ -269,11 +274,11 @@ fn provider_device_faux_accepts_a_peer_and_exchanges_data_and_memfds_both_ways()
 
     // Guest → peer: data, then a guest-allocated buffer.
     assert_eq!(prov.code(&send(2, &[], b"ping")), RESP_OK);
-    let (data, fds) = message(&pc);
+    let (data, fds) = message(&mut pc);
     assert_eq!((data.as_slice(), fds.len()), (&b"ping"[..], 0));
     prov.new_vfd(&alloc(4, 4096));
     assert_eq!(prov.code(&send(2, &[4], b"buffer")), RESP_OK);
-    let (data, mut fds) = message(&pc);
+    let (data, mut fds) = message(&mut pc);
     assert_eq!(data, b"buffer");
     assert_eq!(fds.len(), 1);
     let (pfd, info) = fds.pop().unwrap();
@@ -538,10 +543,16 @@ fn a_read_only_grant_gives_the_guest_a_read_only_buffer() {
     assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
     assert_eq!(read_at(fd, 7), b"read me");
 
-    // Sending a pipe read end c2s is outside the contract: the hub drops the frame whole
-    // (the guest got RESP_OK; the VMM logs the refusal), and the connection still works.
+    // Sending a pipe read end c2s is outside the contract: the hub refuses the send whole,
+    // and the guest's SEND gets the hub's verdict, the uniform error (never OK); its pipe is
+    // not hung up (the VMM still holds the read end for a later send), the peer gets
+    // nothing, and the connection still works.
     client.new_vfd(&wl_rig::vfd_new(CMD_VFD_NEW_PIPE, 2, VFD_WRITE, 0, ""));
-    assert_eq!(client.code(&send(1, &[2], b"nope")), RESP_OK);
+    assert_eq!(client.code(&send(1, &[2], b"nope")), RESP_ERR);
+    assert!(
+        client.st.host_fd(2).is_some(),
+        "a refused send dropped the pipe's far end"
+    );
     client.pump_until(0);
     pc.try_send(b"still here", &[]).unwrap();
     client.pump_until(1);
@@ -649,6 +660,128 @@ grant client quota vfds=2
     hub.join();
 }
 
+/// A guest SEND larger than one frame goes to the hub in parts, and is delivered whole or
+/// not at all: a good one arrives complete and in order (its fd with the first part), and
+/// the guest's OK comes from the hub's verdict; one the hub refuses (its fd is outside the
+/// contract) is the guest's error, and the peer gets none of its parts.
+#[test]
+fn a_split_send_is_delivered_whole_or_not_at_all() {
+    let (hub, mut chans) = TestHub::start(POLICY, &["prov", "peer"], 64);
+    let peer = chans.pop().unwrap();
+    hang_guard(&peer);
+    let mut prov = device(chans.pop().unwrap());
+    prov.new_vfd(&named(1, "listen:svc"));
+    peer.send(
+        &VmRequest::Connect {
+            tag: 9,
+            service: name("svc"),
+            provider: Some(name("prov")),
+        },
+        &[],
+    )
+    .unwrap();
+    let (ev, mut fds) = peer.recv::<HubEvent>().unwrap();
+    assert!(matches!(ev, HubEvent::Connected { .. }), "{ev:?}");
+    let mut pc = HubConn::from_fd(fds.pop().unwrap()).unwrap();
+    prov.pump_until(1);
+    let line = match prov.drain_in(4).pop() {
+        Some(InMessage::Recv { data, .. }) => String::from_utf8(data).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let c = prov.new_vfd(&named(2, line.trim_end()));
+    assert_eq!(c.flags, VFD_READ | VFD_WRITE);
+
+    // 150 000 bytes and a buffer of the guest's own: three parts.
+    let big: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+    let shm = prov.new_vfd(&alloc(3, 4096));
+    assert_eq!(prov.code(&send(2, &[shm.id], &big)), RESP_OK);
+    let mut got = Vec::new();
+    let mut nfds = 0;
+    while got.len() < big.len() {
+        let (d, f) = message(&mut pc);
+        nfds += f.len();
+        got.extend(d);
+    }
+    assert_eq!((got == big, nfds), (true, 1));
+
+    // The same with a pipe's read end, which s2c does not allow: refused whole.
+    prov.new_vfd(&wl_rig::vfd_new(CMD_VFD_NEW_PIPE, 4, VFD_WRITE, 0, ""));
+    assert_eq!(prov.code(&send(2, &[4], &big)), RESP_ERR);
+    assert!(prov.st.host_fd(4).is_some(), "the refused pipe was hung up");
+    // A small send after it is the next thing the peer sees: no part of the refused one.
+    assert_eq!(prov.code(&send(2, &[], b"next")), RESP_OK);
+    let (d, f) = message(&mut pc);
+    assert_eq!((d, f.len()), (b"next".to_vec(), 0));
+    drop(pc);
+    drop(peer);
+    drop(prov);
+    hub.join();
+}
+
+/// A socket another VM passes arrives as a hub vfd, not as that socket: the guest's sends
+/// on it are checked by the hub under the grant's socket rights (here send and recv, no
+/// send-fds): data reaches the socket's peer, a send with a buffer is the guest's error and
+/// the peer gets nothing, and what the peer writes comes back as VFD_RECV.
+#[test]
+fn a_socket_from_another_vm_is_mediated_by_the_hub() {
+    let policy = "version 1
+grant peer provide sock s2c=socket:send+recv max-fds=8
+grant client connect sock@peer
+grant @any quota shm=1MiB shm-count=16 vfds=64
+";
+    let (hub, mut chans) = TestHub::start(policy, &["peer", "client"], 64);
+    let mut client = device(chans.pop().unwrap());
+    let peer = chans.pop().unwrap();
+    hang_guard(&peer);
+    peer.send(
+        &VmRequest::Provide {
+            tag: 1,
+            service: name("sock"),
+        },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        peer.recv::<HubEvent>().unwrap().0,
+        HubEvent::Provided { tag: 1 }
+    );
+    client.new_vfd(&named(1, "sock@peer"));
+    let (ev, mut fds) = peer.recv::<HubEvent>().unwrap();
+    assert!(matches!(ev, HubEvent::Accept { .. }), "{ev:?}");
+    let mut pc = HubConn::from_fd(fds.pop().unwrap()).unwrap();
+    let (x, p) = std::os::unix::net::UnixStream::pair().unwrap();
+    pc.try_send(
+        b"take this",
+        &[(x.as_fd(), Rights::SEND.union(Rights::RECV))],
+    )
+    .unwrap();
+    client.pump_until(2);
+    let msgs = client.drain_in(4);
+    let v = vfd_new_of(&msgs[0]);
+    assert!(
+        client.st.host_fd(v.id).is_none(),
+        "the guest's vfd is a hub connection (never passed on), not the socket"
+    );
+    let shm = client.new_vfd(&alloc(2, 4096));
+    assert_eq!(client.code(&send(v.id, &[shm.id], b"with fd")), RESP_ERR);
+    assert_eq!(client.code(&send(v.id, &[], b"plain")), RESP_OK);
+    let mut got = [0u8; 5];
+    (&p).read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"plain");
+    (&p).write_all(b"back").unwrap();
+    client.pump_until(1);
+    assert_eq!(
+        client.drain_in(2),
+        vec![InMessage::Recv {
+            id: v.id,
+            vfds: vec![],
+            data: b"back".to_vec()
+        }]
+    );
+    drop((pc, peer, client, x, p));
+    hub.join();
+}
+
 #[test]
 fn back_pressure_from_a_peer_that_never_reads_answers_out_of_memory() {
     let (hub, mut chans) = TestHub::start(POLICY, &["peer", "client"], 1);
@@ -670,7 +803,7 @@ fn back_pressure_from_a_peer_that_never_reads_answers_out_of_memory() {
     );
     client.new_vfd(&named(1, "rosvc@peer"));
     let (_, mut fds) = peer.recv::<HubEvent>().unwrap();
-    let pc = HubConn::from_fd(fds.pop().unwrap()).unwrap();
+    let mut pc = HubConn::from_fd(fds.pop().unwrap()).unwrap();
 
     // rosvc's c2s is none for fds, but data flows; the peer never reads.
     let chunk = vec![7u8; 60 * 1024];
@@ -691,7 +824,7 @@ fn back_pressure_from_a_peer_that_never_reads_answers_out_of_memory() {
     // The peer drains; everything that was answered OK arrives, and sending works again.
     let mut got = 0;
     while got < sent {
-        let (d, _) = message(&pc);
+        let (d, _) = message(&mut pc);
         assert_eq!(d.len(), chunk.len());
         got += 1;
     }

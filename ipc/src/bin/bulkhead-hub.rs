@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bulkhead_ipc::bench::{self, BenchOptions};
+use bulkhead_ipc::hub::budget::{
+    Budgets, DEFAULT_VM_BYTES, DEFAULT_VM_FDS, DEFAULT_VM_INFLIGHT, DEFAULT_VM_TOMBSTONES,
+};
 use bulkhead_ipc::hub::{Hub, HubConfig, DEFAULT_MAX_CONNS_PER_VM, DEFAULT_QUEUE};
 use bulkhead_ipc::Channel;
+use bulkhead_ipc::MAX_FDS;
 use bulkhead_policy::RootDir;
 use clap::{Parser, Subcommand};
 
@@ -32,12 +36,26 @@ struct Cli {
     /// A VM channel init made: NAME=FD (an inherited SOCK_SEQPACKET socket). Repeatable.
     #[arg(long = "vm", value_name = "NAME=FD")]
     vms: Vec<String>,
-    /// Frames queued per connection side before the sender gets back-pressure.
+    /// Events queued toward one side of a connection before sends toward it are refused
+    /// `Busy` (and 4 × this on a VM channel).
     #[arg(long, default_value_t = DEFAULT_QUEUE)]
     queue: usize,
-    /// Most connections one VM may open (each costs the hub two fds).
+    /// Most connections one VM may open, mediated sockets included (each costs the hub
+    /// two fds).
     #[arg(long, default_value_t = DEFAULT_MAX_CONNS_PER_VM)]
     max_conns_per_vm: usize,
+    /// Most fds the hub holds for one VM (queued toward it, in its unfinished sends).
+    #[arg(long, default_value_t = DEFAULT_VM_FDS)]
+    vm_fds: usize,
+    /// Most bytes the hub holds for one VM.
+    #[arg(long, default_value_t = DEFAULT_VM_BYTES)]
+    vm_bytes: usize,
+    /// Most fds in flight to one VM (sent, not yet received by its VMM).
+    #[arg(long, default_value_t = DEFAULT_VM_INFLIGHT)]
+    vm_inflight: usize,
+    /// Most tombstones charged to one VM.
+    #[arg(long, default_value_t = DEFAULT_VM_TOMBSTONES)]
+    vm_tombstones: usize,
     /// Exit when every VM channel has closed.
     #[arg(long)]
     exit_when_idle: bool,
@@ -156,11 +174,15 @@ fn main() -> ExitCode {
         roots,
         audit: cli.audit_log.clone(),
         control_socket: cli.control_socket.clone(),
-        queue_limit: cli.queue,
         exit_when_no_vms: cli.exit_when_idle,
-        max_conns_per_vm: cli.max_conns_per_vm,
+        budgets: Budgets {
+            fds: cli.vm_fds.max(MAX_FDS),
+            bytes: cli.vm_bytes,
+            inflight: cli.vm_inflight.max(MAX_FDS),
+            tombstones: cli.vm_tombstones,
+            ..Budgets::new(cli.queue, cli.max_conns_per_vm)
+        },
     };
-    raise_nofile_limit();
     let mut hub = match Hub::new(cfg, vms) {
         Ok(h) => h,
         Err(e) => {
@@ -212,19 +234,6 @@ fn run_bench(messages: u32, samples: u32) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// Raises the soft RLIMIT_NOFILE to the hard limit: the hub holds two fds per connection
-/// plus one per VM, and per-VM caps keep the total bounded.
-fn raise_nofile_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                log::warn!("cannot raise RLIMIT_NOFILE to {hard}: {e}");
-            }
         }
     }
 }

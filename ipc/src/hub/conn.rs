@@ -1,40 +1,25 @@
-//! Connections: the two hub-side sockets of each client ⇄ provider connection, connect and
-//! close, reading a side in `recvmmsg` batches (bounded by the queues: back-pressure), the
-//! per-side outbound queues, and the connection's standing under a policy generation.
+//! Connections: the two hub-side ends of each client ⇄ provider connection (`end.rs`),
+//! connect and close (with the faux accept), a half-closed connection's finish, and a
+//! connection's standing under a policy generation.
 
-use std::collections::VecDeque;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use bulkhead_policy::{ConnectionCaps, Direction};
 
-use crate::channel::{Channel, ChannelError};
+use crate::channel::Channel;
 use crate::classify::ObjKey;
-use crate::frame;
 
 use super::audit::Entry;
+use super::end::End;
 use super::handles::VmIdx;
-use super::protocol::{ConnEvent, ConnId, HubEvent, Name, Refusal};
-use super::queue::{flush, OutFd, Queued};
-use super::{reload, Hub, READ_BUDGET};
+use super::protocol::{ConnId, HubEvent, Name, Refusal};
+use super::{reload, Hub};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Side {
     Client,
     Provider,
-}
-
-pub(super) struct End {
-    pub(super) vm: VmIdx,
-    pub(super) sock: Channel,
-    /// Frames for this end's VMM not yet sent.
-    pub(super) out: VecDeque<Queued>,
-    /// The VMM hung up while back-pressure kept the hub from reading the rest: leave the
-    /// socket out of the poll set (POLLHUP would spin) until reading resumes.
-    pub(super) hung_up: bool,
-    /// The hub read EOF from this end: nothing more comes; the connection closes once the
-    /// frames queued toward the other end are delivered.
-    pub(super) eof: bool,
 }
 
 /// A connection's standing under one generation.
@@ -95,23 +80,28 @@ impl Hub {
         let d = gen.policy.check_connect(&name, service, provider);
         let mut rules: Vec<String> = d.rules.iter().map(|r| r.to_string()).collect();
         let obj = format!("{service}@{}", provider.unwrap_or("*"));
+        let mut refusal = Refusal::PermissionDenied;
         let result = match d.outcome {
             Err(den) => Err(format!("{:?}: {}", den.kind, den.reason)),
-            Ok(_)
-                if self.conns.values().filter(|c| c.client.vm == vm).count()
-                    >= self.max_conns_per_vm =>
-            {
-                Err(format!(
-                    "{name} has {} connections open (the hub's per-VM limit)",
-                    self.max_conns_per_vm
-                ))
-            }
+            Ok(_) if self.conns_of(vm) >= self.budgets.conns => Err(format!(
+                "{name} has {} connections open (the hub's per-VM limit)",
+                self.budgets.conns
+            )),
             Ok(caps) => match self.registry.provider_of(service) {
                 Some(p) if self.vm_name(p) == caps.provider => {
                     let live = self.conns.values().filter(|c| c.service == service).count();
                     match caps.max_conns {
                         Some(max) if u64::try_from(live).unwrap_or(u64::MAX) >= u64::from(max) => {
                             Err(format!("max-conns {max} reached for {service}"))
+                        }
+                        _ if !self.events_room(p) => {
+                            // The provider is not reading its channel: its Accept could not
+                            // be queued. The client may try again; nothing was made.
+                            refusal = Refusal::Busy;
+                            Err(format!(
+                                "{} is not reading its channel ({} events queued)",
+                                caps.provider, self.budgets.events
+                            ))
                         }
                         _ => Ok((p, caps)),
                     }
@@ -135,7 +125,7 @@ impl Hub {
                     reason: Some(reason),
                     ..Entry::default()
                 });
-                self.refuse_vm(vm, tag, Refusal::PermissionDenied);
+                self.refuse_vm(vm, tag, refusal);
                 return;
             }
         };
@@ -144,7 +134,7 @@ impl Hub {
             Ok(p) => p,
             Err(e) => {
                 log::error!("connect {obj}: socketpair: {e}");
-                self.refuse_vm(vm, tag, Refusal::OutOfMemory);
+                self.refuse_vm(vm, tag, Refusal::Busy);
                 return;
             }
         };
@@ -158,12 +148,11 @@ impl Hub {
             (Ok(c), Ok(p)) => [c, p],
             (Err(e), _) | (_, Err(e)) => {
                 log::error!("connect {obj}: fstat of a new socket: {e}");
-                self.refuse_vm(vm, tag, Refusal::OutOfMemory);
+                self.refuse_vm(vm, tag, Refusal::Busy);
                 return;
             }
         };
-        let id = self.next_conn;
-        self.next_conn = self.next_conn.wrapping_add(1).max(1);
+        let id = self.new_conn_id();
         rules.sort();
         rules.dedup();
         self.audit.record(Entry {
@@ -176,24 +165,15 @@ impl Hub {
             allowed: true,
             ..Entry::default()
         });
+        for key in vmm_ends {
+            self.hub_ends.insert(key, id);
+        }
         self.conns.insert(
             id,
             Conn {
                 service: service.to_string(),
-                client: End {
-                    vm,
-                    sock: client_hub,
-                    out: VecDeque::new(),
-                    hung_up: false,
-                    eof: false,
-                },
-                provider: End {
-                    vm: prov,
-                    sock: prov_hub,
-                    out: VecDeque::new(),
-                    hung_up: false,
-                    eof: false,
-                },
+                client: End::new(vm, client_hub),
+                provider: End::new(prov, prov_hub),
                 vmm_ends,
                 caps: None,
                 allowed_frames: 0,
@@ -217,10 +197,39 @@ impl Hub {
         );
     }
 
+    /// A fresh connection id (never 0, never one in use).
+    pub(super) fn new_conn_id(&mut self) -> ConnId {
+        loop {
+            let id = self.next_conn;
+            self.next_conn = self.next_conn.wrapping_add(1).max(1);
+            if !self.conns.contains_key(&id) && !self.meds.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Connections `vm` opened as a client, and sockets mediated for it.
+    pub(super) fn conns_of(&self, vm: VmIdx) -> usize {
+        self.conns.values().filter(|c| c.client.vm == vm).count()
+            + self.meds.values().filter(|m| m.end.vm == vm).count()
+    }
+
+    /// Takes what `end` held off its VM's budgets (the end is going away).
+    pub(super) fn discharge_end(&mut self, end: &End) {
+        let (fds, bytes) = end.held();
+        if let Some(slot) = self.vms.get_mut(end.vm) {
+            slot.usage.release(fds, bytes);
+            slot.usage.inflight = slot.usage.inflight.saturating_sub(end.inflight);
+        }
+    }
+
     pub(super) fn close_conn(&mut self, id: ConnId, tag: u32) {
         let Some(c) = self.conns.remove(&id) else {
             return;
         };
+        for key in c.vmm_ends {
+            self.hub_ends.remove(&key);
+        }
         if c.allowed_frames > 0 {
             let generation = self.store.current().number;
             self.audit.record(Entry {
@@ -237,24 +246,18 @@ impl Hub {
                 ..Entry::default()
             });
         }
+        self.discharge_end(&c.client);
+        self.discharge_end(&c.provider);
         let (a, b) = (c.client.vm, c.provider.vm);
         drop(c);
-        self.send_vm(a, &HubEvent::Closed { tag, conn: id }, Vec::new());
-        if b != a {
-            self.send_vm(b, &HubEvent::Closed { tag: 0, conn: id }, Vec::new());
+        if tag != 0 {
+            self.send_vm(a, &HubEvent::Closed { tag, conn: id }, Vec::new());
+        } else {
+            self.notify_closed(a, id);
         }
-    }
-
-    /// Reads a batch from one side; deliveries are flushed once after the batch (with
-    /// `sendmmsg`), so both VMMs see bursts rather than one wake-up per frame.
-    pub(super) fn read_conn(&mut self, id: ConnId, s: Side) {
-        self.defer_flush = true;
-        self.read_conn_batch(id, s);
-        self.defer_flush = false;
-        self.bury(); // on every path out of the read, before the deliveries go out
-        self.flush_conn(id, other(s));
-        self.flush_conn(id, s);
-        self.finish_if_drained(id);
+        if b != a {
+            self.notify_closed(b, id);
+        }
     }
 
     /// Closes a connection one side of which sent EOF, once everything queued toward the
@@ -269,106 +272,6 @@ impl Hub {
         }
     }
 
-    /// Reads frames from one side with `recvmmsg` batches until the socket is empty, the
-    /// queues are full (back-pressure: the rest stays in the sender's socket) or
-    /// `READ_BUDGET` frames were read. Each frame is still decided on its own (`route`);
-    /// after each batch the senders' fds it consumed are closed, and `read_conn` then
-    /// sends everything queued with `sendmmsg`.
-    pub(super) fn read_conn_batch(&mut self, id: ConnId, s: Side) {
-        let mut budget = READ_BUDGET;
-        while budget > 0 {
-            let limit = self.queue_limit;
-            let Some(c) = self.conns.get(&id) else {
-                return;
-            };
-            if c.end(s).eof {
-                return;
-            }
-            let queued = c.end(other(s)).out.len().max(c.end(s).out.len());
-            // Never read more than the queues can take: every frame read may queue one
-            // delivery (or one refusal), and the bound stays exact.
-            let room = limit.saturating_sub(queued).min(budget);
-            if room == 0 {
-                return; // back-pressure: leave it in the sender's socket
-            }
-            let mut got = std::mem::take(&mut self.rx_out);
-            got.clear();
-            let res = c.end(s).sock.try_recv_frames(&mut self.rx, room, &mut got);
-            let asked = room.min(crate::channel::RECV_BATCH);
-            match res {
-                Ok(()) => {}
-                Err(ChannelError::WouldBlock) => {
-                    self.rx_out = got;
-                    return;
-                }
-                Err(_) => {
-                    // Closed, or the socket failed: nothing more comes from this side.
-                    self.rx_out = got;
-                    self.end_eof(id, s);
-                    return;
-                }
-            }
-            let n = got.len();
-            budget = budget.saturating_sub(n.max(1));
-            let mut eof = false;
-            for outcome in got.drain(..) {
-                match outcome {
-                    Ok(raw) => self.route(id, s, raw.bytes, raw.fds),
-                    Err(ChannelError::Closed) | Err(ChannelError::Sys { .. }) => {
-                        eof = true;
-                        break;
-                    }
-                    Err(e) => {
-                        // Truncated / empty / oversize: consumed, fds closed. Refuse it.
-                        self.deny_frame(
-                            id,
-                            s,
-                            0,
-                            Refusal::InvalidArgs,
-                            e.to_string(),
-                            Vec::new(),
-                            Vec::new(),
-                        );
-                    }
-                }
-            }
-            self.rx_out = got;
-            if eof {
-                self.end_eof(id, s);
-                return;
-            }
-            // The senders' fds this batch replaced close now; the deliveries (and refusals)
-            // go out once the read is over (`read_conn`): one burst of up to the queue
-            // limit wakes the receiver once, where a flush per batch let it wake (and
-            // preempt the hub on a busy machine) twice as often, for more CPU per frame on
-            // both sides (measured, docs/ipc.md §7).
-            self.bury();
-            if n < asked {
-                return; // the socket was empty: no need for a call that says EAGAIN
-            }
-        }
-    }
-
-    /// The hub read EOF (or an error) from one side: nothing more comes from it.
-    pub(super) fn end_eof(&mut self, id: ConnId, s: Side) {
-        if let Some(c) = self.conns.get_mut(&id) {
-            let me = c.end_mut(s);
-            me.eof = true;
-            me.out.clear(); // refusals for a sender that left
-        }
-    }
-
-    pub(super) fn flush_conn(&mut self, id: ConnId, s: Side) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        let end = c.end_mut(s);
-        if let Err(e) = flush(&end.sock, &mut end.out) {
-            log::debug!("conn {id}: {e}; closing");
-            self.close_conn(id, 0);
-        }
-    }
-
     /// The standing of `id` under generation `gen`: the cached one if it is of `gen`, else
     /// computed (and not cached: [`Hub::conn_decision`] caches).
     pub(super) fn standing(&self, id: ConnId, gen: &reload::Generation) -> Option<ConnDecision> {
@@ -378,22 +281,33 @@ impl Hub {
                 return Some(d.clone());
             }
         }
-        let client = self.vm_name(c.client.vm);
-        let provider = self.vm_name(c.provider.vm);
+        Some(self.standing_of(c.client.vm, &c.service, c.provider.vm, gen))
+    }
+
+    /// The standing of a connection of `client` to `service` at `provider` under `gen`.
+    pub(super) fn standing_of(
+        &self,
+        client: VmIdx,
+        service: &str,
+        provider: VmIdx,
+        gen: &reload::Generation,
+    ) -> ConnDecision {
+        let client = self.vm_name(client);
+        let provider = self.vm_name(provider);
         let caps = gen
             .policy
-            .check_connect(&client, &c.service, Some(&provider))
+            .check_connect(&client, service, Some(&provider))
             .outcome
             .ok()
             .map(Arc::new);
-        Some(ConnDecision {
+        ConnDecision {
             generation: gen.number,
             caps,
             vfds: [
                 gen.policy.quota_for(&client).vfds.value,
                 gen.policy.quota_for(&provider).vfds.value,
             ],
-        })
+        }
     }
 
     /// The standing of `id` under generation `gen`, cached per generation.
@@ -416,22 +330,6 @@ impl Hub {
         gen: &reload::Generation,
     ) -> Option<Arc<ConnectionCaps>> {
         self.conn_decision(id, gen).and_then(|d| d.caps)
-    }
-
-    pub(super) fn queue_conn(&mut self, id: ConnId, s: Side, ev: &ConnEvent, fds: Vec<OutFd>) {
-        let bytes = match frame::encode(ev) {
-            Ok(b) => b,
-            Err(e) => {
-                log::error!("conn {id}: cannot encode an event: {e}");
-                return;
-            }
-        };
-        if let Some(c) = self.conns.get_mut(&id) {
-            c.end_mut(s).out.push_back((bytes, fds));
-        }
-        if !self.defer_flush {
-            self.flush_conn(id, s);
-        }
     }
 }
 

@@ -165,6 +165,27 @@ impl Hub {
                 }
             }
         }
+        let meds: Vec<ConnId> = self.meds.keys().copied().collect();
+        for id in meds {
+            if self.med_allowed(id) {
+                continue;
+            }
+            if let Some(m) = self.meds.get(&id) {
+                out.push(bulkhead_policy::control::LiveCap {
+                    kind: "mediated socket".into(),
+                    vm: self.vm_name(m.end.vm),
+                    description: format!(
+                        "a socket of {} passed over {}@{} (conn {id})",
+                        self.vm_name(m.owner),
+                        m.origin.0,
+                        self.vm_name(m.origin.2)
+                    ),
+                });
+            }
+            if revoke {
+                self.close_med(id);
+            }
+        }
         out
     }
 

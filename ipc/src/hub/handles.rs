@@ -8,6 +8,7 @@
 //! away when the VM releases them, when a transfer without DUP moves them, when the VM
 //! goes away, or when the memfd server sees the object's last holder close.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -47,9 +48,9 @@ impl Hasher for KeyHasher {
 /// A map with [`KeyHasher`].
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
-/// Most tombstones kept at once (see [`Handles`]). When full, a `Release` that would make
-/// one is not honoured (the VM keeps its entry, still counted against its `vfds`), so a VM
-/// that churns attenuated objects only exhausts its own quota.
+/// Most tombstones kept at once (see [`Handles`]), a backstop behind the per-VM budget: a
+/// tombstone made when a VM goes away (its entries must go) while the table is full is not
+/// kept (logged).
 pub const MAX_TOMBSTONES: usize = 16384;
 
 /// One object: who holds what, and what the hub ever delivered of it.
@@ -81,14 +82,56 @@ struct Obj {
 /// closed it); for others (pipes, sockets: no probe can be opened without
 /// becoming a reader or writer), when every VM that ever held an entry on it has gone away
 /// or restarted; and when the memfd server sees the last holder of its allocation close.
-#[derive(Debug, Default)]
+///
+/// **Tombstone budget.** A tombstone is charged to every VM that ever held the object (its
+/// `ever` list: those are the VMs that may still hold a description of it). A `Release`
+/// that would make a tombstone charged to a VM already at its budget is not honoured: the
+/// releasing VM keeps its entry, still counted against its `vfds`. So a VM that churns
+/// attenuated objects (and whoever helps it) exhausts only their own budgets and quotas.
+#[derive(Debug)]
 pub struct Handles {
     objects: FastMap<ObjKey, Obj>,
     tombs: FastMap<ObjKey, Obj>,
     per_vm: FastMap<VmIdx, u64>,
+    /// Tombstones charged to each VM.
+    tombs_of: FastMap<VmIdx, usize>,
+    /// Most tombstones charged to one VM.
+    tomb_budget: usize,
+}
+
+impl Default for Handles {
+    fn default() -> Handles {
+        Handles::new(MAX_TOMBSTONES)
+    }
 }
 
 impl Handles {
+    /// An empty table with at most `tomb_budget` tombstones charged to one VM.
+    pub fn new(tomb_budget: usize) -> Handles {
+        Handles {
+            objects: FastMap::default(),
+            tombs: FastMap::default(),
+            per_vm: FastMap::default(),
+            tombs_of: FastMap::default(),
+            tomb_budget,
+        }
+    }
+
+    /// Tombstones charged to `vm`.
+    pub fn tombstones_of(&self, vm: VmIdx) -> usize {
+        self.tombs_of.get(&vm).copied().unwrap_or(0)
+    }
+
+    fn charge_tomb(&mut self, ever: &[VmIdx]) {
+        for vm in ever {
+            *self.tombs_of.entry(*vm).or_insert(0) += 1;
+        }
+    }
+
+    fn discharge_tomb(&mut self, ever: &[VmIdx]) {
+        discharge(&mut self.tombs_of, ever);
+    }
+
     /// The rights `vm` has on `key`: its entry; or, if nobody holds the object, the
     /// `origin_rights` limited by what the hub ever delivered of it (a tombstone), and `vm`
     /// becomes a holder with them when the transfer commits; `None` if the object is held
@@ -123,11 +166,16 @@ impl Handles {
     /// Gives `vm` `rights` on `key` (union with what it has: both were granted). A
     /// tombstone comes back to life with what it knew.
     pub fn grant(&mut self, vm: VmIdx, key: ObjKey, rights: Rights) {
-        let tombs = &mut self.tombs;
-        let obj = self
-            .objects
-            .entry(key)
-            .or_insert_with(|| tombs.remove(&key).unwrap_or_default());
+        let obj = match self.objects.entry(key) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => v.insert(match self.tombs.remove(&key) {
+                Some(t) => {
+                    discharge(&mut self.tombs_of, &t.ever);
+                    t
+                }
+                None => Obj::default(),
+            }),
+        };
         if !obj.ever.contains(&vm) {
             obj.ever.push(vm);
         }
@@ -175,11 +223,18 @@ impl Handles {
             return true;
         }
         let last = obj.holders.len() == 1;
-        if last && obj.cap.is_some() && self.tombs.len() >= MAX_TOMBSTONES {
-            log::warn!(
-                "handle table: {MAX_TOMBSTONES} tombstones; vm {vm} keeps its entry on {key:?}"
-            );
-            return false;
+        if last && obj.cap.is_some() {
+            let full = obj
+                .ever
+                .iter()
+                .find(|v| self.tombs_of.get(*v).copied().unwrap_or(0) >= self.tomb_budget);
+            if let Some(full) = full {
+                log::info!(
+                    "handle table: vm {full} has {} tombstones (its budget); vm {vm} keeps its entry on {key:?}",
+                    self.tomb_budget
+                );
+                return false;
+            }
         }
         obj.holders.remove(&vm);
         self.dec(vm);
@@ -196,6 +251,11 @@ impl Handles {
             return;
         };
         if obj.cap.is_some() && (obj.probe.is_some() || !obj.ever.is_empty()) {
+            if self.tombs.len() >= MAX_TOMBSTONES {
+                log::warn!("handle table: {MAX_TOMBSTONES} tombstones; {key:?} is forgotten");
+                return;
+            }
+            self.charge_tomb(&obj.ever);
             self.tombs.insert(key, obj);
         }
     }
@@ -213,16 +273,24 @@ impl Handles {
         for key in empty {
             self.bury(key);
         }
+        let tombs_of = &mut self.tombs_of;
         self.tombs.retain(|_, t| {
             t.ever.retain(|v| *v != vm);
-            t.probe.is_some() || !t.ever.is_empty()
+            let keep = t.probe.is_some() || !t.ever.is_empty();
+            if !keep {
+                discharge(tombs_of, &t.ever);
+            }
+            keep
         });
+        self.tombs_of.remove(&vm);
         self.per_vm.remove(&vm);
     }
 
     /// Forgets an object entirely (its last holder closed it).
     pub fn forget_object(&mut self, key: ObjKey) {
-        self.tombs.remove(&key);
+        if let Some(t) = self.tombs.remove(&key) {
+            self.discharge_tomb(&t.ever);
+        }
         if let Some(obj) = self.objects.remove(&key) {
             for vm in obj.holders.keys() {
                 self.dec(*vm);
@@ -235,8 +303,14 @@ impl Handles {
     /// alike (as the memfd server releases a charge). Returns how many objects went.
     pub fn sweep_probes(&mut self, still_held: impl Fn(BorrowedFd<'_>) -> bool) -> usize {
         let before = self.tombs.len();
-        self.tombs
-            .retain(|_, t| t.probe.as_ref().is_none_or(|p| still_held(p.as_fd())));
+        let tombs_of = &mut self.tombs_of;
+        self.tombs.retain(|_, t| {
+            let keep = t.probe.as_ref().is_none_or(|p| still_held(p.as_fd()));
+            if !keep {
+                discharge(tombs_of, &t.ever);
+            }
+            keep
+        });
         let mut gone = before - self.tombs.len();
         let closed: Vec<ObjKey> = self
             .objects
@@ -254,6 +328,15 @@ impl Handles {
     fn dec(&mut self, vm: VmIdx) {
         if let Some(c) = self.per_vm.get_mut(&vm) {
             *c = c.saturating_sub(1);
+        }
+    }
+}
+
+/// Takes one tombstone's charge off each VM of `ever`.
+fn discharge(tombs_of: &mut FastMap<VmIdx, usize>, ever: &[VmIdx]) {
+    for vm in ever {
+        if let Some(n) = tombs_of.get_mut(vm) {
+            *n = n.saturating_sub(1);
         }
     }
 }
@@ -317,5 +400,34 @@ mod tests {
         h.release(1, k);
         h.forget_object(k);
         assert_eq!((h.tombstones(), h.count(0)), (0, 0));
+    }
+
+    #[test]
+    fn tombstones_are_charged_to_their_holders_and_bounded_per_vm() {
+        let ro = Rights::READ | Rights::MAP;
+        let mut h = Handles::new(2);
+        let tomb = |h: &mut Handles, ino: u64, a: VmIdx, b: VmIdx| {
+            let k = ObjKey { dev: 1, ino };
+            h.grant(a, k, Rights::ALL);
+            h.grant(b, k, ro);
+            h.delivered_attenuated(k, ro);
+            let first = h.release(b, k);
+            (first, h.release(a, k))
+        };
+        assert_eq!(tomb(&mut h, 1, 0, 1), (true, true));
+        assert_eq!(tomb(&mut h, 2, 0, 1), (true, true));
+        assert_eq!((h.tombstones_of(0), h.tombstones_of(1)), (2, 2));
+        // A third would go past vm 0's (and 1's) budget: the last release is not honoured.
+        assert_eq!(tomb(&mut h, 3, 0, 1), (true, false));
+        assert_eq!(h.tombstones(), 2);
+        // Other VMs are not affected.
+        assert_eq!(tomb(&mut h, 4, 2, 3), (true, true));
+        assert_eq!(h.tombstones_of(2), 1);
+        // A VM that goes away takes its charges with it.
+        h.forget_vm(1);
+        assert_eq!(h.tombstones_of(1), 0);
+        assert_eq!(h.tombstones_of(0), 2);
+        h.forget_vm(0);
+        assert_eq!(h.tombstones_of(0), 0);
     }
 }

@@ -5,14 +5,14 @@
 //! the [`memfd_server`] and the [`audit`] log, and serves the policy control socket
 //! ([`control`]). Everything runs in one `poll(2)` loop ([`Hub::run`], `event_loop.rs`); no
 //! threads. One file per mechanism: `vm.rs` (VM channels and their requests), `conn.rs`
-//! (connections, reading them, their queues), `route.rs` (one frame: a pure `decide`, then
-//! `commit`), `attenuate.rs` (read-only descriptions, locks and probes), `queue.rs` (outbound
-//! frames), `control.rs` (the policy control socket).
+//! (connections), `end.rs` (one VMM's end: reading it, its queue, verdicts), `route.rs` (one
+//! send: a pure `decide`, then `commit`), `mediate.rs` and `target.rs` (sockets in sends),
+//! `budget.rs` (per-VM budgets), `attenuate.rs` (read-only descriptions, locks and probes),
+//! `queue.rs` (outbound queues, packed), `control.rs` (the policy control socket).
 //!
-//! Back-pressure: each side of a connection has a bounded queue of frames the hub could not
-//! yet hand to that side's VMM. While it is full, the hub stops reading from the other side,
-//! so that sender's socket fills and its VMM gets `EAGAIN`; no other connection or VM is
-//! affected.
+//! Back-pressure: each VM has budgets (`budget.rs`); a send toward a VM past them, or whose
+//! queue is full, is refused `Busy` (and `Ready` follows when there is room), and a VM that
+//! does not read is sent nothing more; no other connection or VM is affected.
 
 pub mod audit;
 pub mod client;
@@ -24,40 +24,53 @@ pub mod registry;
 pub mod reload;
 pub mod router;
 
+pub mod budget;
+
 mod attenuate;
 mod conn;
+mod end;
 mod event_loop;
+mod mediate;
 mod queue;
 mod route;
+mod target;
 mod vm;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::os::fd::OwnedFd;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulkhead_policy::{RootDir, ValidateOptions};
 
-use crate::channel::{Channel, ChannelError, ChannelListener, RawFrame, RecvBatch};
+use crate::channel::{
+    peer_credentials, Channel, ChannelError, ChannelListener, PeerCredentials, RawFrame, RecvBatch,
+};
 use crate::classify::ObjKey;
 use audit::Audit;
+use budget::Budgets;
 use conn::Conn;
-use handles::Handles;
+use handles::{FastMap, Handles};
+use mediate::Mediated;
 use memfd_server::MemfdServer;
 use protocol::ConnId;
 use registry::Registry;
 use reload::PolicyStore;
 use vm::VmSlot;
 
-/// Frames queued per connection side (and per VM channel) before back-pressure.
+/// Events queued per connection side before sends toward it are `Busy` (and 4 × this per
+/// VM channel).
 pub const DEFAULT_QUEUE: usize = 64;
 /// How often the memfd server looks for released allocations while the hub is busy.
 pub(super) const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// Most frames read from one connection side per wake-up (then the others get a turn).
 pub(super) const READ_BUDGET: usize = 128;
-/// Default for [`HubConfig::max_conns_per_vm`].
+/// Default for [`Budgets::conns`].
 pub const DEFAULT_MAX_CONNS_PER_VM: usize = 256;
+/// The poll timeout while sends wait for fds in flight to be received (the kernel does not
+/// wake the hub for that).
+const STALL_RETRY: Duration = Duration::from_millis(5);
 /// Most control-socket clients at once.
 pub const MAX_CONTROL_CLIENTS: usize = 16;
 
@@ -70,12 +83,10 @@ pub struct HubConfig {
     pub audit: Option<PathBuf>,
     /// Policy control socket to listen on.
     pub control_socket: Option<PathBuf>,
-    /// Queue bound per side.
-    pub queue_limit: usize,
     /// Return from `run` when every VM channel has closed.
     pub exit_when_no_vms: bool,
-    /// Most connections one VM may open as a client (bounds the hub's fds per VM).
-    pub max_conns_per_vm: usize,
+    /// Per-VM budgets (the fd budgets are fitted to `RLIMIT_NOFILE` at start).
+    pub budgets: Budgets,
 }
 
 /// Errors that stop the hub.
@@ -116,13 +127,24 @@ pub struct Hub {
     handles: Handles,
     control: Option<ChannelListener>,
     clients: Vec<Channel>,
-    queue_limit: usize,
+    budgets: Budgets,
     exit_when_no_vms: bool,
+    /// Mediated sockets (`mediate.rs`), numbered with the connections.
+    meds: BTreeMap<ConnId, Mediated>,
+    /// The VMM-side ends of every connection and mediated socket: never passed.
+    hub_ends: FastMap<ObjKey, ConnId>,
+    /// `SO_PEERCRED` of the VM channels (whoever made them, init): a seqpacket socket they
+    /// made is never mediated (it may be a VM channel).
+    chan_makers: Vec<PeerCredentials>,
+    /// A send waits for fds in flight to be received, or for a kernel resource: poll with
+    /// a short timeout.
+    stalled: bool,
+    /// Ends owed a `Ready` (`conn::Hub::grant_ready`).
+    owed_ready: usize,
     /// Read-only descriptions of memfds recently delivered without WRITE (dup'ed for each
     /// delivery); emptied at every sweep so they never hold a charge.
     ro_cache: HashMap<ObjKey, Arc<OwnedFd>>,
     last_sweep: Instant,
-    max_conns_per_vm: usize,
     /// Set while a batch is read: deliveries are flushed after it.
     defer_flush: bool,
     /// Receive buffers for `recvmmsg` (one set, reused for every connection).
@@ -162,19 +184,23 @@ impl Hub {
             ),
             None => None,
         };
-        let vms = vms
+        let mut chan_makers = Vec::new();
+        let vms: Vec<VmSlot> = vms
             .into_iter()
             .map(|(name, chan)| {
                 if let Err(e) = chan.set_nonblocking(true) {
                     log::warn!("vm {name}: cannot make the channel non-blocking: {e}");
                 }
-                VmSlot {
-                    name,
-                    chan: Some(chan),
-                    out: VecDeque::new(),
+                if let Ok(c) = peer_credentials(chan.as_fd()) {
+                    if !chan_makers.contains(&c) {
+                        chan_makers.push(c);
+                    }
                 }
+                VmSlot::new(name, chan)
             })
             .collect();
+        let mut budgets = cfg.budgets;
+        fit_budgets(&mut budgets, vms.len());
         Ok(Hub {
             vms,
             conns: BTreeMap::new(),
@@ -183,14 +209,18 @@ impl Hub {
             store,
             audit,
             memfd: MemfdServer::new(),
-            handles: Handles::default(),
+            handles: Handles::new(budgets.tombstones),
             control,
             clients: Vec::new(),
-            queue_limit: cfg.queue_limit.max(1),
+            budgets,
             exit_when_no_vms: cfg.exit_when_no_vms,
+            meds: BTreeMap::new(),
+            hub_ends: FastMap::default(),
+            chan_makers,
+            stalled: false,
+            owed_ready: 0,
             ro_cache: HashMap::new(),
             last_sweep: Instant::now(),
-            max_conns_per_vm: cfg.max_conns_per_vm,
             defer_flush: false,
             rx: RecvBatch::new(),
             rx_out: Vec::new(),
@@ -201,5 +231,39 @@ impl Hub {
     /// The policy store (generations).
     pub fn store(&self) -> &PolicyStore {
         &self.store
+    }
+
+    /// The budgets in force (after fitting them to `RLIMIT_NOFILE`).
+    pub fn budgets(&self) -> &Budgets {
+        &self.budgets
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard one, and shrinks the fd budgets to fit it
+/// if they must (said loudly: init should give the hub more, docs/ipc.md §4).
+fn fit_budgets(b: &mut Budgets, vms: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let nofile = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(e) => {
+            log::warn!("getrlimit(RLIMIT_NOFILE): {e}");
+            return;
+        }
+    };
+    let nofile = usize::try_from(nofile).unwrap_or(usize::MAX);
+    let want = b.fds_needed(vms);
+    if b.fit(nofile, vms) {
+        log::warn!(
+            "RLIMIT_NOFILE is {nofile}, the default budgets for {vms} VMs need {want}: per VM now {} fds held, {} in flight, {} connections",
+            b.fds,
+            b.inflight,
+            b.conns
+        );
     }
 }

@@ -88,7 +88,9 @@ pub enum Refusal {
     PermissionDenied,
     /// A quota is exhausted.
     OutOfMemory,
-    /// The receiver's queue is full; retry later.
+    /// A budget is exhausted for now (the receiver's queues, the hub's fds held for a VM, a
+    /// provider's event queue): nothing was done; retry later (on a connection, `Ready`
+    /// says when there is room again).
     Busy,
 }
 
@@ -150,16 +152,31 @@ pub enum HubEvent {
     },
 }
 
+/// Most data bytes in one send (all its parts): the guest's largest `VFD_SEND`.
+pub const MAX_SEND: usize = 1 << 20;
+
+/// Most data bytes in one part of a send (a frame leaves room for the header and rights).
+pub const PART_DATA: usize = crate::frame::MAX_FRAME - 1024;
+
 /// VMM → hub, on a connection socket: data plus fds (attached by SCM_RIGHTS, in order),
 /// with the rights requested for each.
+///
+/// A send longer than one frame goes as parts `0, 1, 2, …`, each in its own frame, with
+/// `more` set on all but the last; only part 0 may carry fds. The hub decides on the whole
+/// send when its last part arrives and delivers all of it or nothing; part 0 always starts
+/// a new send (a send the VMM gave up on part-way is dropped whole).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnSend {
-    /// Echoed in a refusal.
+    /// Named in the verdict: the verdict on a send carries the `seq` of its last part.
     pub seq: u32,
     /// The bytes.
     pub data: Vec<u8>,
     /// Rights requested for each attached fd (same length as the fds).
     pub rights: heapless::Vec<Rights, MAX_FDS>,
+    /// This frame's index within its send (0: the first or only part).
+    pub part: u16,
+    /// More parts of this send follow.
+    pub more: bool,
 }
 
 /// One fd of a delivery: its type as the hub classified it and the receiver's rights.
@@ -173,23 +190,35 @@ pub struct FdInfo {
     pub rights: Rights,
 }
 
-/// hub → VMM, on a connection socket.
+/// hub → VMM, on a connection socket. One datagram carries one or more events (a
+/// [`ConnBatch`]); the fds of its `Deliver`s are attached in order, at most `MAX_FDS` in
+/// all.
 // The fd list is bounded in place (heapless) on purpose: a few hundred bytes per event.
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConnEvent {
-    /// A message from the peer, fds attached in order.
+    /// A message (or one part of a longer one) from the peer, its fds attached in order.
     Deliver {
         /// The bytes.
         data: Vec<u8>,
         /// One entry per attached fd.
         fds: heapless::Vec<FdInfo, MAX_FDS>,
     },
-    /// The frame `seq` was refused as a whole; nothing was delivered.
+    /// The send whose last part was `seq` was refused as a whole; nothing was delivered.
     Refused {
         /// Echoed.
         seq: u32,
         /// Uniform reason.
         error: Refusal,
     },
+    /// The send whose last part was `seq` was accepted: all of it is on its way to the peer.
+    Accepted {
+        /// Echoed.
+        seq: u32,
+    },
+    /// After a `Busy` refusal: there is room again, a retry may go through.
+    Ready,
 }
+
+/// What one hub → VMM datagram on a connection carries.
+pub type ConnBatch = Vec<ConnEvent>;

@@ -2,9 +2,10 @@
 //!
 //! For every fd of a frame, with the sender's requested rights:
 //! 1. the hub's own classification succeeded, the object is not twice in the frame, it is
-//!    not one of the connection's own sockets (`v ≠ c`: a connection carried inside itself),
-//!    and the sender holds an entry on it (or nobody does: it is the origin) — else
-//!    `InvalidId`;
+//!    not one of the connection's own sockets (`v ≠ c`: a connection carried inside itself)
+//!    nor any other hub connection's (connections are made by `connect` grants, never
+//!    passed on), and the sender holds an entry on it (or nobody does: it is the origin) —
+//!    else `InvalidId`;
 //! 2. the sender's rights include TRANSFER — else `PermissionDenied`;
 //! 3. requested ⊆ the sender's rights — else `InvalidArgs` (strict, no silent clamp);
 //! 4. the type is in the connection's caps for the direction — else `PermissionDenied`;
@@ -17,8 +18,8 @@
 use bulkhead_policy::{ConnectionCaps, Direction, Policy, Rights};
 
 use crate::classify::{Classified, ClassifyError, FdKind, ObjKey};
-use crate::hub::handles::{Handles, VmIdx};
-use crate::hub::protocol::Refusal;
+use crate::hub::handles::{FastMap, Handles, VmIdx};
+use crate::hub::protocol::{ConnId, Refusal};
 
 /// One fd as it arrived: the hub's classification and the rights the sender asked for.
 #[derive(Debug, Clone)]
@@ -76,6 +77,9 @@ pub struct Hop<'a> {
     pub sender_vfds: u64,
     /// The connection's own sockets (its VMM-side ends): never carried over it.
     pub conn_ends: &'a [ObjKey],
+    /// The VMM-side ends of every hub connection (mediated sockets included): never
+    /// carried anywhere.
+    pub hub_ends: &'a FastMap<ObjKey, ConnId>,
 }
 
 /// Checks a whole frame; `Ok` lists the final rights per fd, in order.
@@ -115,6 +119,14 @@ pub fn check_frame(
             return Err(reject(
                 Refusal::InvalidId,
                 format!("fd {i}: the connection's own socket, sent over the connection"),
+            ));
+        }
+        if let Some(other) = hop.hub_ends.get(&class.key) {
+            return Err(reject(
+                Refusal::InvalidId,
+                format!(
+                    "fd {i}: the socket of hub connection {other} (connections come from connect grants, never from another VM)"
+                ),
             ));
         }
         let Some(sender_rights) = handles.rights_of(hop.sender, class.key, class.max_rights) else {
@@ -271,7 +283,8 @@ mod tests {
             for (i, (cap, req)) in hops.iter().enumerate() {
                 let (sender, receiver) = (i, i + 1);
                 let c = caps(*cap, 28);
-                let hop = Hop { caps: &c, dir: Direction::C2s, sender, receiver, receiver_vfds: 100, sender_vfds: 100, conn_ends: &[] };
+                let ends = FastMap::default();
+                let hop = Hop { caps: &c, dir: Direction::C2s, sender, receiver, receiver_vfds: 100, sender_vfds: 100, conn_ends: &[], hub_ends: &ends };
                 let before = handles.rights_of(sender, key, class.max_rights);
                 let fds = [FdIn { class: Ok(class), requested: *req }];
                 match check_frame(&policy, hop, &handles, &fds) {
@@ -304,6 +317,7 @@ mod tests {
         let policy = Policy::deny_all();
         let handles = Handles::default();
         let c = caps(Rights::READ | Rights::MAP, 2);
+        let ends = FastMap::default();
         let hop = Hop {
             caps: &c,
             dir: Direction::C2s,
@@ -312,6 +326,7 @@ mod tests {
             receiver_vfds: 2,
             sender_vfds: 100,
             conn_ends: &[],
+            hub_ends: &ends,
         };
         let fds: Vec<FdIn> = (0..3)
             .map(|i| FdIn {

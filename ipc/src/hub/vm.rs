@@ -1,7 +1,13 @@
 //! VM channels: a VM's requests (provide, connect, close, shared memory, release, hello),
 //! the events queued toward its VMM, and what the hub forgets when a VM goes away.
+//!
+//! The event queue toward a VMM is bounded (`Budgets::events`) and nothing in it is ever
+//! dropped: answers to the VM's own requests fit because the hub reads no more requests
+//! than there is room for answers; an `Accept` for a VM whose queue is full is not made
+//! (the client's `Connect` is refused `Busy`); and `Closed` notices wait in a set (one per
+//! connection at most) until there is room.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
 
 use crate::channel::{Channel, ChannelError};
@@ -9,21 +15,43 @@ use crate::classify::ObjKey;
 use crate::frame;
 
 use super::audit::Entry;
+use super::budget::Usage;
 use super::handles::VmIdx;
 use super::memfd_server;
 use super::protocol::{ConnId, HubEvent, Refusal, VmRequest};
-use super::queue::{flush, own_all, Queued};
+use super::queue::{flush_frames, own_all, Out};
 use super::Hub;
 
 pub(super) struct VmSlot {
     pub(super) name: String,
     pub(super) chan: Option<Channel>,
-    pub(super) out: VecDeque<Queued>,
+    /// Events for its VMM not yet sent.
+    pub(super) out: VecDeque<Out>,
+    /// Connections closed (by the peer, or the hub) whose `Closed` notice waits for room.
+    pub(super) closed: BTreeSet<ConnId>,
+    /// What the hub spends on this VM (`budget.rs`).
+    pub(super) usage: Usage,
+}
+
+impl VmSlot {
+    pub(super) fn new(name: String, chan: Channel) -> VmSlot {
+        VmSlot {
+            name,
+            chan: Some(chan),
+            out: VecDeque::new(),
+            closed: BTreeSet::new(),
+            usage: Usage::default(),
+        }
+    }
 }
 
 impl Hub {
+    /// Reads the VM's requests, no more than its event queue has room to answer.
     pub(super) fn read_vm(&mut self, vm: VmIdx) {
         for _ in 0..64 {
+            if !self.events_room(vm) {
+                return;
+            }
             let Some(ch) = self.vms.get(vm).and_then(|v| v.chan.as_ref()) else {
                 return;
             };
@@ -71,6 +99,7 @@ impl Hub {
         if let Some(slot) = self.vms.get_mut(vm) {
             slot.chan = None;
             slot.out.clear();
+            slot.closed.clear();
         }
         self.forget_vm_state(vm);
     }
@@ -89,7 +118,35 @@ impl Hub {
         for id in ids {
             self.close_conn(id, 0);
         }
+        let meds: Vec<ConnId> = self
+            .meds
+            .iter()
+            .filter(|(_, m)| m.end.vm == vm || m.owner == vm)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in meds {
+            self.close_med(id);
+        }
         self.sweep_memfds();
+    }
+
+    /// Is there room for one more event toward `vm`?
+    pub(super) fn events_room(&self, vm: VmIdx) -> bool {
+        self.vms
+            .get(vm)
+            .is_some_and(|s| s.out.len() + s.closed.len() < self.budgets.events)
+    }
+
+    /// Tells `vm` that connection `conn` closed (queued as a notice, never dropped).
+    pub(super) fn notify_closed(&mut self, vm: VmIdx, conn: ConnId) {
+        let Some(slot) = self.vms.get_mut(vm) else {
+            return;
+        };
+        if slot.chan.is_none() {
+            return;
+        }
+        slot.closed.insert(conn);
+        self.flush_vm(vm);
     }
 
     pub(super) fn send_vm(&mut self, vm: VmIdx, ev: &HubEvent, fds: Vec<OwnedFd>) {
@@ -100,31 +157,51 @@ impl Hub {
                 return;
             }
         };
-        let limit = self.queue_limit;
         let Some(slot) = self.vms.get_mut(vm) else {
             return;
         };
         if slot.chan.is_none() {
             return;
         }
-        if slot.out.len() >= limit.saturating_mul(4) {
-            log::warn!("vm {}: not reading its channel; event dropped", slot.name);
-            return;
-        }
-        slot.out.push_back((bytes, own_all(fds)));
+        // Answers to the VM's own requests always fit (read_vm reads no more than there
+        // is room for), and Accepts are only made with room (`connect`).
+        slot.out.push_back(Out {
+            bytes,
+            fds: own_all(fds),
+        });
         self.flush_vm(vm);
     }
 
+    /// Sends what waits toward `vm`: `Closed` notices join the queue as room allows.
     pub(super) fn flush_vm(&mut self, vm: VmIdx) {
+        let limit = self.budgets.events;
         let Some(slot) = self.vms.get_mut(vm) else {
             return;
         };
         let Some(ch) = &slot.chan else {
             return;
         };
-        match flush(ch, &mut slot.out) {
-            Ok(()) | Err(ChannelError::Closed) => {}
-            Err(e) => log::warn!("vm {}: send failed: {e}", slot.name),
+        loop {
+            while slot.out.len() < limit {
+                let Some(conn) = slot.closed.pop_first() else {
+                    break;
+                };
+                match frame::encode(&HubEvent::Closed { tag: 0, conn }) {
+                    Ok(bytes) => slot.out.push_back(Out {
+                        bytes,
+                        fds: Vec::new(),
+                    }),
+                    Err(e) => log::error!("cannot encode Closed: {e}"),
+                }
+            }
+            let before = slot.out.len();
+            match flush_frames(ch, &mut slot.out) {
+                Ok(()) | Err(ChannelError::Closed) => {}
+                Err(e) => log::warn!("vm {}: send failed: {e}", slot.name),
+            }
+            if slot.closed.is_empty() || slot.out.len() == before {
+                return;
+            }
         }
     }
 
@@ -164,6 +241,7 @@ impl Hub {
                 );
                 if let Some(slot) = self.vms.get_mut(vm) {
                     slot.out.clear();
+                    slot.closed.clear();
                 }
                 self.forget_vm_state(vm);
             }

@@ -2,13 +2,12 @@
 //! names), NEW_PIPE, SEND (host sockets, pipes, hub connections) and CLOSE, each answered
 //! with one `Response`.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Instant;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
 use bulkhead_ipc::channel::ChannelError;
 use bulkhead_ipc::hub::client::{ClientError, HubConn};
-use bulkhead_ipc::MAX_FRAME;
-use bulkhead_policy::Rights;
+use bulkhead_ipc::hub::protocol::Refusal;
 
 use super::hub::{wait_for, Resolved};
 use super::protocol::{parse_command, Command, InMessage, Response, ResponseCode, VFD_READ};
@@ -17,9 +16,14 @@ use super::sockets::{Connected, SocketError};
 use super::state::WlState;
 use super::vfd::{page_align, Vfd, VfdKind};
 
-/// Data bytes per frame on a hub connection (a larger VFD_SEND is split; its fds go with
-/// the first frame). Leaves room for the frame's header and rights list.
-const HUB_CHUNK: usize = MAX_FRAME - 1024;
+/// How long a SEND on a hub connection waits for the hub's verdict once all of it went
+/// out. The hub decides each send as it reads it, so this bound is reached only if the hub
+/// is stuck; the guest then gets ERR (the outcome is unknown; logged).
+pub const VERDICT_WAIT: Duration = Duration::from_secs(10);
+
+/// After a `Busy` verdict without `Ready`, how long to wait before trying again (within
+/// the send wait).
+const BUSY_RETRY: Duration = Duration::from_millis(20);
 
 /// The mode of every memfd the device creates (see `memfd`): the hub's, for the same reason.
 pub use bulkhead_ipc::hub::memfd_server::MEMFD_MODE;
@@ -201,9 +205,13 @@ impl WlState {
         Ok(Response::Ok)
     }
 
-    /// One VFD_SEND on a hub connection: one frame (more if the data exceeds a frame; the
-    /// fds go with the first), each fd with the rights its vfd holds. Back-pressure
-    /// (`WouldBlock`) waits at most `send_wait` for room, then answers OUT_OF_MEMORY.
+    /// One VFD_SEND on a hub connection, answered with the hub's verdict: the send goes as
+    /// one frame (or several parts, for more data than a frame holds; the fds go with the
+    /// first), each fd with the rights its vfd holds, and the hub decides on the whole
+    /// (delivered all together, or not at all). `Accepted` is OK. `Busy` (the receiver or
+    /// its budget is full) is retried when the hub says `Ready`, for at most `send_wait`,
+    /// then OUT_OF_MEMORY (nothing was sent: try again), as is a socket toward the hub that
+    /// stays full that long. Any other refusal is ERR, the same for every reason.
     fn send_hub(
         &self,
         id: u32,
@@ -220,34 +228,84 @@ impl WlState {
         if data.is_empty() && fds.is_empty() {
             return Ok(()); // nothing to carry (a zero-length stream write)
         }
-        let mut chunks: Vec<&[u8]> = data.chunks(HUB_CHUNK).collect();
-        if chunks.is_empty() {
-            chunks.push(&[]);
-        }
-        for (n, chunk) in chunks.into_iter().enumerate() {
-            let these: &[(BorrowedFd<'_>, Rights)] = if n == 0 { &fds } else { &[] };
-            let deadline = Instant::now() + self.send_wait;
-            loop {
-                match conn.try_send(chunk, these) {
-                    Ok(_) => break,
+        let deadline = Instant::now() + self.send_wait;
+        let full = || {
+            log::info!(
+                "bulkhead-vmm: virtio-wl: send on hub vfd {id:#x}: the peer is not reading (back-pressure)"
+            );
+            ResponseCode::OutOfMemory
+        };
+        loop {
+            let mut s = conn.begin(data.len()).map_err(|e| {
+                log::info!("bulkhead-vmm: virtio-wl: send on hub vfd {id:#x}: {e}");
+                ResponseCode::InvalidCmd
+            })?;
+            while !s.done() {
+                match conn.send_next(&mut s, data, &fds) {
+                    Ok(()) => {}
                     Err(ClientError::Channel(ChannelError::WouldBlock)) => {
+                        // The parts sent so far are dropped by the hub when the next send
+                        // starts: nothing of this one is delivered.
                         let left = deadline.saturating_duration_since(Instant::now());
                         if left.is_zero() {
-                            log::info!(
-                                "bulkhead-vmm: virtio-wl: send on hub vfd {id:#x}: the peer is not reading (back-pressure)"
-                            );
-                            return Err(ResponseCode::OutOfMemory);
+                            return Err(full());
                         }
                         wait_for(conn.as_fd(), libc::POLLOUT, left);
                     }
                     Err(e) => {
-                        log::debug!("bulkhead-vmm: virtio-wl: send on hub vfd {id:#x}: {e}");
+                        log::info!("bulkhead-vmm: virtio-wl: send on hub vfd {id:#x}: {e}");
                         return Err(ResponseCode::Err);
                     }
                 }
             }
+            let mut ready = false;
+            let until = Instant::now() + VERDICT_WAIT;
+            let verdict = loop {
+                match conn.take_verdict(&s, &mut ready) {
+                    Ok(Some(v)) => break v,
+                    Ok(None) => {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            log::warn!(
+                                "bulkhead-vmm: virtio-wl: send on hub vfd {id:#x}: no verdict from the hub in time"
+                            );
+                            return Err(ResponseCode::Err);
+                        }
+                        wait_for(conn.as_fd(), libc::POLLIN, left);
+                    }
+                    Err(e) => {
+                        log::info!("bulkhead-vmm: virtio-wl: send on hub vfd {id:#x}: {e}");
+                        return Err(ResponseCode::Err);
+                    }
+                }
+            };
+            match verdict {
+                Ok(()) => return Ok(()),
+                Err(Refusal::Busy) => {
+                    // Wait for room: the hub says Ready; without it, try again after a
+                    // short while. Either way within the send wait.
+                    if !ready {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return Err(full());
+                        }
+                        wait_for(conn.as_fd(), libc::POLLIN, left.min(BUSY_RETRY));
+                        if conn.take_ready().is_err() {
+                            return Err(ResponseCode::Err);
+                        }
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(full());
+                    }
+                }
+                Err(error) => {
+                    log::info!(
+                        "bulkhead-vmm: virtio-wl: the hub refused the send on vfd {id:#x}: {error:?}"
+                    );
+                    return Err(ResponseCode::Err);
+                }
+            }
         }
-        Ok(())
     }
 
     fn sent_pipes(&mut self, ids: &[u32]) {

@@ -170,6 +170,8 @@ fn run(state: &Mutex<WlState>, activation: Activation, stop: &EventFd) {
                     notify(interrupt.as_ref(), OUT_QUEUE);
                 }
             }
+            // Deliveries a SEND read while it waited for its verdict.
+            st.read_buffered();
             if let Some(q) = queues.get_mut(in_pos) {
                 if st.process_in(&mut q.queue, &mem) {
                     notify(interrupt.as_ref(), IN_QUEUE);

@@ -5,7 +5,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use bulkhead_ipc::channel::ChannelError;
-use bulkhead_ipc::hub::client::{ClientError, Incoming};
+use bulkhead_ipc::hub::client::{ClientError, HubConn, Incoming};
 use bulkhead_ipc::hub::protocol::FdInfo;
 use bulkhead_policy::{FdType, Rights};
 
@@ -42,8 +42,31 @@ impl WlState {
             .collect()
     }
 
+    /// Hands on the events of hub vfds already read from their sockets (a SEND waiting for
+    /// its verdict reads what else arrives meanwhile; those sockets may not poll readable
+    /// again, so they are not left waiting for it). Already in memory and bounded by the
+    /// hub's queue toward this VM, so taken even while back-pressured. Returns the messages
+    /// queued.
+    pub fn read_buffered(&mut self) -> usize {
+        let before = self.pending.len();
+        let ids: Vec<u32> = self
+            .vfds
+            .iter()
+            .filter(|(_, v)| matches!(&v.kind, VfdKind::Hub(h) if h.has_buffered()))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            while matches!(self.vfds.get(&id).map(|v| &v.kind), Some(VfdKind::Hub(h)) if h.has_buffered())
+            {
+                self.read_hub_vfd(id);
+            }
+        }
+        self.pending.len() - before
+    }
+
     /// Reads every host fd that has input now, without blocking. Returns the messages queued.
     pub fn read_host(&mut self) -> usize {
+        self.read_buffered();
         let before = self.pending.len();
         let ready: Vec<u32> = self
             .vfds
@@ -156,18 +179,27 @@ impl WlState {
     /// hub's `FdInfo` (VFD_NEW each), then the data as VFD_RECV (split at `MAX_RECV_DATA`,
     /// the vfds with the first part). EOF is VFD_HUP; a refused frame is only logged.
     fn read_hub_vfd(&mut self, id: u32) {
-        let got = match self.vfds.get(&id).map(|v| &v.kind) {
+        let got = match self.vfds.get_mut(&id).map(|v| &mut v.kind) {
             Some(VfdKind::Hub(h)) => h.try_recv(),
             _ => return,
         };
         let (data, fds) = match got {
             Ok(Incoming::Message { data, fds }) => (data, fds),
+            // Verdicts belong to a SEND, which took its own; one left here is stale (its
+            // send gave up waiting), and Ready only matters to a send waiting for it.
             Ok(Incoming::Refused { seq, error }) => {
                 log::info!(
-                    "bulkhead-vmm: virtio-wl: the hub refused frame {seq} sent on vfd {id:#x}: {error:?} (dropped whole)"
+                    "bulkhead-vmm: virtio-wl: a late verdict on vfd {id:#x}: send {seq} refused ({error:?})"
                 );
                 return;
             }
+            Ok(Incoming::Accepted { seq }) => {
+                log::info!(
+                    "bulkhead-vmm: virtio-wl: a late verdict on vfd {id:#x}: send {seq} accepted"
+                );
+                return;
+            }
+            Ok(Incoming::Ready) => return,
             Err(ClientError::Channel(ChannelError::WouldBlock)) => return,
             Err(ClientError::Channel(ChannelError::Closed | ChannelError::Sys { .. })) => {
                 if let Some(v) = self.vfds.get_mut(&id) {
@@ -317,7 +349,11 @@ impl WlState {
                 remote: None,
                 guest_reads: !info.write_end,
             },
-            FdType::Socket => VfdKind::Socket(std::os::unix::net::UnixStream::from(fd)),
+            // A socket from the hub is never the socket another VM sent: it is this VM's end
+            // of a hub-mediated connection, which carries frames checked by the hub.
+            FdType::Socket => {
+                VfdKind::Hub(HubConn::from_fd(fd).map_err(|_| "cannot adopt a mediated socket")?)
+            }
             FdType::Memfd | FdType::Dmabuf | FdType::Fence => VfdKind::Opaque(fd),
         };
         let mut vfd = Vfd::new(kind);
