@@ -56,7 +56,9 @@ struct Args {
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 /// What the VMM logs at its first KVM_RUN.
-const FIRST_RUN: &str = "first KVM_RUN at CLOCK_MONOTONIC ";
+const FIRST_RUN: &str = "first KVM_RUN at ";
+/// What the VMM logs when its setup is done: `set up in T ms (steps) from CLOCK_MONOTONIC S s`.
+const SET_UP: &str = "set up in ";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -77,6 +79,9 @@ struct Run {
     uptime: Option<Duration>,
     /// Process start → first KVM_RUN (bulkhead-vmm only).
     first_run: Option<Duration>,
+    /// Process start → the VMM's `main`, and its setup steps (bulkhead-vmm only).
+    to_main: Option<Duration>,
+    setup: String,
     peak_rss_kib: u64,
     usage: ChildUsage,
     vmstat: BTreeMap<String, u64>,
@@ -96,11 +101,24 @@ fn parse_uptime(line: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(secs).ok()
 }
 
-/// The CLOCK_MONOTONIC time in the VMM's first-KVM_RUN log line.
-fn parse_first_run(line: &str) -> Option<Duration> {
-    let rest = line.split(FIRST_RUN).nth(1)?;
+/// The CLOCK_MONOTONIC time after `marker` in a VMM log line.
+fn parse_monotonic(line: &str, marker: &str) -> Option<Duration> {
+    let rest = line.split(marker).nth(1)?;
+    let rest = rest.split("CLOCK_MONOTONIC ").nth(1)?;
     let secs: f64 = rest.split_whitespace().next()?.parse().ok()?;
     Duration::try_from_secs_f64(secs).ok()
+}
+
+/// The CLOCK_MONOTONIC time in the VMM's first-KVM_RUN log line.
+fn parse_first_run(line: &str) -> Option<Duration> {
+    parse_monotonic(line, FIRST_RUN)
+}
+
+/// The setup line: when `run` began and the steps (`set up in … ms (…)`).
+fn parse_setup(line: &str) -> Option<(Duration, String)> {
+    let start = parse_monotonic(line, SET_UP)?;
+    let text = line.split(SET_UP).nth(1)?.split(" from ").next()?;
+    Some((start, text.to_string()))
 }
 
 fn command(p: &Peer, a: &Args) -> Command {
@@ -162,14 +180,18 @@ fn run_once(p: &Peer, a: &Args) -> Run {
             }
         })
     };
-    // The VMM's log: its first KVM_RUN.
+    // The VMM's log: its setup and its first KVM_RUN.
     let (first_tx, first_rx) = mpsc::channel();
+    let (setup_tx, setup_rx) = mpsc::channel();
     if let Some(err) = child.stderr.take() {
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
                 if let Some(t) = parse_first_run(&line) {
                     let _ = first_tx.send(t);
+                }
+                if let Some(s) = parse_setup(&line) {
+                    let _ = setup_tx.send(s);
                 }
             }
         });
@@ -204,6 +226,10 @@ fn run_once(p: &Peer, a: &Args) -> Run {
         .try_recv()
         .ok()
         .map(|t: Duration| t.saturating_sub(start_mono));
+    if let Ok((main, steps)) = setup_rx.try_recv() {
+        run.to_main = Some(main.saturating_sub(start_mono));
+        run.setup = steps;
+    }
     run.peak_rss_kib = peak.load(Ordering::Relaxed);
     run.usage = ChildUsage::now().since(&usage_before);
     let vm_after = vmstat();
@@ -255,6 +281,14 @@ fn print_run(round: u32, order: usize, p: &Peer, r: &Run) {
         counter(&r.kvm, "pages_4k"),
         counter(&r.kvm, "pages_2m"),
     );
+    if r.to_main.is_some() {
+        println!(
+            "bench:     {:<14} exec->main {} ms, set up in {}",
+            p.name,
+            ms(r.to_main),
+            r.setup
+        );
+    }
 }
 
 /// Median and range of one figure over runs, in ms.
@@ -395,6 +429,12 @@ mod tests {
             Some(Duration::from_millis(12500))
         );
         assert_eq!(parse_first_run("bulkhead-vmm: INFO: kernel loaded"), None);
+        assert_eq!(
+            parse_setup(
+                "bulkhead-vmm: INFO: set up in 12.5 ms (kvm 0.1, vm 2.0) from CLOCK_MONOTONIC 3.25 s"
+            ),
+            Some((Duration::from_millis(3250), "12.5 ms (kvm 0.1, vm 2.0)".into()))
+        );
     }
 
     #[test]

@@ -243,7 +243,7 @@ impl Vcpu {
 }
 
 /// CLOCK_MONOTONIC now (the clock another process on this host can compare with).
-fn monotonic_now() -> std::time::Duration {
+pub fn monotonic_now() -> std::time::Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
