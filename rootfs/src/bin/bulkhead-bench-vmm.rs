@@ -10,8 +10,9 @@
 //! - for bulkhead-vmm, exec → first KVM_RUN (the VMM logs its CLOCK_MONOTONIC then);
 //! - the VMM process's peak resident memory outside guest RAM (smaps, every 20 ms);
 //! - what the boot cost the host: the VMM's CPU time and page faults, transparent huge pages
-//!   and compaction stalls (`/proc/vmstat`), and KVM's counters at the marker (exits, NPT
-//!   faults fixed, pages mapped 4 KiB / 2 MiB).
+//!   and compaction stalls (`/proc/vmstat`), KVM's counters at the marker (exits, port I/O
+//!   and MMIO exits, NPT faults fixed, pages mapped 4 KiB / 2 MiB), and the time from the
+//!   guest's power-off line to the process's exit (tearing the VM down).
 //!
 //! Prints each boot, a table of medians and ranges, and one `BENCH vmm …` line.
 
@@ -83,6 +84,8 @@ struct Run {
     to_main: Option<Duration>,
     setup: String,
     peak_rss_kib: u64,
+    /// The guest's power-off line → the process has exited (tearing the VM down).
+    exit: Option<Duration>,
     usage: ChildUsage,
     vmstat: BTreeMap<String, u64>,
     kvm: BTreeMap<String, u64>,
@@ -211,12 +214,13 @@ fn run_once(p: &Peer, a: &Args) -> Run {
         }
     }
     // Give the VMM a moment to exit on its own after the guest powered off, then make sure.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
+    let powered_off = Instant::now();
+    while powered_off.elapsed() < Duration::from_secs(20) {
         if let Ok(Some(_)) = child.try_wait() {
+            run.exit = Some(powered_off.elapsed());
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -269,14 +273,17 @@ fn print_run(round: u32, order: usize, p: &Peer, r: &Run) {
         r.peak_rss_kib as f64 / 1024.0
     );
     println!(
-        "bench:     {:<14} cpu {:>6.0} ms  minflt {:>6}  thp {}/{} fallback  compact_stall {}  kvm exits {} pf_fixed {} pages_4k {} pages_2m {}",
+        "bench:     {:<14} cpu {:>6.0} ms  minflt {:>6}  thp {}/{} fallback  compact_stall {}  exit {} ms  kvm exits {} (io {} mmio {}) pf_fixed {} pages_4k {} pages_2m {}",
         p.name,
         r.usage.cpu.as_secs_f64() * 1e3,
         r.usage.minflt,
         counter(&r.vmstat, "thp_fault_alloc"),
         counter(&r.vmstat, "thp_fault_fallback"),
         counter(&r.vmstat, "compact_stall"),
+        ms(r.exit),
         counter(&r.kvm, "exits"),
+        counter(&r.kvm, "io_exits"),
+        counter(&r.kvm, "mmio_exits"),
         counter(&r.kvm, "pf_fixed"),
         counter(&r.kvm, "pages_4k"),
         counter(&r.kvm, "pages_2m"),
