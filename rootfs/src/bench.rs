@@ -13,6 +13,7 @@ use crate::qemu::{Machine, Outcome, QemuConfig};
 pub mod probe;
 pub mod vmm;
 pub mod wl;
+pub mod wl_peers;
 
 pub use vmm::{bench_vmm, qemu_files};
 pub use wl::bench_wl;
