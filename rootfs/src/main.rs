@@ -100,6 +100,10 @@ enum BenchCmd {
         /// Write/read repetitions of the shared buffer (the best counts).
         #[arg(long, default_value_t = 4)]
         reps: u8,
+        /// Another static bulkhead-vmm build whose writer guest joins the round trips, as
+        /// NAME=PATH (repeatable), e.g. the binary from before a change.
+        #[arg(long = "also-vmm", value_name = "NAME=PATH")]
+        also_vmm: Vec<String>,
     },
 }
 
@@ -176,16 +180,23 @@ fn run(cli: Cli) -> Result<u8, String> {
                     rounds,
                     shm_mib,
                     reps,
+                    also_vmm,
                 },
         } => {
             provision::provision(&cache).map_err(|e| e.to_string())?;
             let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
+            let also = also_vmm
+                .iter()
+                .map(|s| bulkhead_rootfs::bench::vmm::AlsoVmm::parse(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
             let opts = bulkhead_rootfs::bench::wl::WlBenchOptions {
                 rounds,
                 shm_mib,
                 reps,
+                also,
             };
-            let lines = bulkhead_rootfs::bench::bench_wl(&kernel, &workspace, opts)
+            let lines = bulkhead_rootfs::bench::bench_wl(&kernel, &workspace, &opts)
                 .map_err(|e| e.to_string())?;
             for l in lines {
                 println!("{l}");

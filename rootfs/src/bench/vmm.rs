@@ -93,8 +93,16 @@ impl AlsoVmm {
         })
     }
 
-    fn image_path(&self) -> String {
+    /// Where it goes in the bench image.
+    pub fn image_path(&self) -> String {
         format!("bin/bulkhead-vmm-{}", self.name)
+    }
+
+    /// Its image file (path, mode, contents).
+    pub fn image_file(&self) -> Result<(String, u32, Vec<u8>), BenchError> {
+        let data = std::fs::read(&self.path)
+            .map_err(|e| BenchError::Setup(format!("{}: {e}", self.path.display())))?;
+        Ok((self.image_path(), 0o755, data))
     }
 }
 
@@ -136,9 +144,7 @@ pub fn bench_vmm(
         extra.push(("bin/bulkhead-vmm".into(), 0o755, data));
     }
     for a in also {
-        let data = std::fs::read(&a.path)
-            .map_err(|e| BenchError::Setup(format!("{}: {e}", a.path.display())))?;
-        extra.push((a.image_path(), 0o755, data));
+        extra.push(a.image_file()?);
     }
     let image = dir.join("host.cpio.gz");
     HostImage {

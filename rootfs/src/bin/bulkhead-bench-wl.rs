@@ -61,6 +61,10 @@ struct Args {
     /// Write/read repetitions of the shared buffer (the best one counts).
     #[arg(long, default_value_t = 4)]
     reps: u8,
+    /// Another bulkhead-vmm build, as NAME=PATH (repeatable): a second writer guest under it
+    /// takes part in the same round-trip batches (a before/after comparison in one boot).
+    #[arg(long = "also-vmm", value_name = "NAME=PATH")]
+    also_vmm: Vec<String>,
 }
 
 const WARMUP: u32 = 20;
@@ -75,6 +79,8 @@ const TPUT_BATCHES: u32 = 3;
 const PEER_FACTOR: u32 = 10;
 /// The vsock guest's CID.
 const VSOCK_GUEST_CID: u32 = 3;
+/// How long the vsock guest may take to connect once the writers are up.
+const VSOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// One batch of round trips in the writer guest: asks for `n`, echoes them (closing any
 /// fds), returns the guest's mean in ns.
@@ -105,51 +111,65 @@ fn median(mut v: Vec<u128>) -> u128 {
 
 /// Median batch means of the round trips (ns).
 struct RoundTrips {
-    wl: u128,
-    vsock: u128,
+    /// Per writer (the primary first): without an fd, with one.
+    wl: Vec<(u128, u128)>,
+    /// None if the vsock guest never came up.
+    vsock: Option<u128>,
     socketpair: u128,
-    wl_fd: u128,
     socketpair_fd: u128,
 }
 
 fn round_trips(
-    writer: &UnixStream,
-    vsock: &mut VsockPeer,
+    writers: &[(String, UnixStream)],
+    mut vsock: Option<&mut VsockPeer>,
     rounds: u32,
 ) -> Result<RoundTrips, String> {
     let peer = SocketpairEcho::start()?;
     for with_fd in [false, true] {
-        guest_batch(writer, WARMUP, with_fd)?;
+        for (_, w) in writers {
+            guest_batch(w, WARMUP, with_fd)?;
+        }
         peer.batch(WARMUP, with_fd)?;
     }
-    vsock.batch(WARMUP)?;
+    if let Some(v) = vsock.as_deref_mut() {
+        v.batch(WARMUP)?;
+    }
     let n = (rounds / BATCHES).max(1);
     let m = n * PEER_FACTOR;
-    let mut samples: [Vec<u128>; 5] = Default::default();
+    let mut wl: Vec<[Vec<u128>; 2]> = writers.iter().map(|_| Default::default()).collect();
+    let (mut vs, mut sp, mut sp_fd) = (Vec::new(), Vec::new(), Vec::new());
     for b in 0..BATCHES {
-        let w = guest_batch(writer, n, false)?;
-        let v = vsock.batch(n)?;
-        let s = peer.batch(m, false)?;
-        println!(
-            "wl-bench: batch {b} without fd: virtio_wl {w} ns, vsock {v} ns (means of {n}), socketpair {s} ns (mean of {m})"
-        );
-        let wf = guest_batch(writer, n, true)?;
-        let sf = peer.batch(m, true)?;
-        println!(
-            "wl-bench: batch {b} with an fd: virtio_wl {wf} ns (mean of {n}), socketpair {sf} ns (mean of {m})"
-        );
-        for (v, x) in samples.iter_mut().zip([w, v, s, wf, sf]) {
-            v.push(x);
+        for ((name, w), samples) in writers.iter().zip(wl.iter_mut()) {
+            let t = guest_batch(w, n, false)?;
+            println!("wl-bench: batch {b} without fd: virtio_wl ({name}) {t} ns (mean of {n})");
+            samples[0].push(t);
         }
+        if let Some(v) = vsock.as_deref_mut() {
+            let t = v.batch(n)?;
+            println!("wl-bench: batch {b} without fd: vsock {t} ns (mean of {n})");
+            vs.push(t);
+        }
+        let t = peer.batch(m, false)?;
+        println!("wl-bench: batch {b} without fd: socketpair {t} ns (mean of {m})");
+        sp.push(t);
+        for ((name, w), samples) in writers.iter().zip(wl.iter_mut()) {
+            let t = guest_batch(w, n, true)?;
+            println!("wl-bench: batch {b} with an fd: virtio_wl ({name}) {t} ns (mean of {n})");
+            samples[1].push(t);
+        }
+        let t = peer.batch(m, true)?;
+        println!("wl-bench: batch {b} with an fd: socketpair {t} ns (mean of {m})");
+        sp_fd.push(t);
     }
     peer.finish()?;
-    let [w, v, s, wf, sf] = samples;
     Ok(RoundTrips {
-        wl: median(w),
-        vsock: median(v),
-        socketpair: median(s),
-        wl_fd: median(wf),
-        socketpair_fd: median(sf),
+        wl: wl
+            .into_iter()
+            .map(|[p, f]| (median(p), median(f)))
+            .collect(),
+        vsock: (!vs.is_empty()).then(|| median(vs)),
+        socketpair: median(sp),
+        socketpair_fd: median(sp_fd),
     })
 }
 
@@ -277,9 +297,15 @@ fn spawn(mut cmd: Command, role: &'static str) -> Result<Child, String> {
     Ok(child)
 }
 
-fn spawn_vmm(a: &Args, role: &'static str, initramfs: &str, socket: &str) -> Result<Child, String> {
-    let mut cmd = Command::new(&a.vmm);
-    cmd.args(["--kernel", &a.kernel, "--initramfs", initramfs])
+fn spawn_vmm(
+    vmm: &str,
+    role: &'static str,
+    kernel: &str,
+    initramfs: &str,
+    socket: &str,
+) -> Result<Child, String> {
+    let mut cmd = Command::new(vmm);
+    cmd.args(["--kernel", kernel, "--initramfs", initramfs])
         .args(["--cmdline", "console=ttyS0 panic=-1 quiet"])
         .args(["--memory", "192M", "--vcpus", "1"])
         .args(["--wl-socket", socket]);
@@ -327,13 +353,22 @@ fn accept(listener: &UnixListener, vms: &mut [Child], what: &str) -> Result<Unix
     }
 }
 
-fn accept_vsock(listener: &VsockListener, vms: &mut [Child]) -> Result<VsockPeer, String> {
+/// The vsock guest, if it connects within `VSOCK_WAIT` and its QEMU keeps running; the
+/// figures without it are still measured.
+fn accept_vsock(listener: &VsockListener, qemu: &mut Child) -> Result<VsockPeer, String> {
+    let end = std::time::Instant::now() + VSOCK_WAIT;
     loop {
         if let Some(peer) = listener.accept_within_a_second()? {
             return Ok(peer);
         }
-        if any_exited(vms) {
-            return Err("a VM exited before the vsock guest connected".into());
+        if let Ok(Some(status)) = qemu.try_wait() {
+            return Err(format!("its QEMU exited ({status})"));
+        }
+        if std::time::Instant::now() > end {
+            return Err(format!(
+                "it did not connect within {} s",
+                VSOCK_WAIT.as_secs()
+            ));
         }
     }
 }
@@ -349,6 +384,8 @@ fn mib_per_s(bytes: usize, ns: u128) -> f64 {
 
 /// Everything measured.
 struct Figures {
+    /// The writers' VMM names (the primary first).
+    names: Vec<String>,
     rtt: RoundTrips,
     tputs: [[u128; 2]; 2],
     write_ns: u128,
@@ -358,39 +395,92 @@ struct Figures {
 }
 
 fn run(a: &Args) -> Result<(), String> {
-    let (wpath, rpath) = ("/run/wl-bench-writer.sock", "/run/wl-bench-reader.sock");
-    let wl_writer = bind(wpath)?;
+    let mut writer_vmms = vec![("bulkhead-vmm".to_string(), a.vmm.clone())];
+    for spec in &a.also_vmm {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--also-vmm {spec:?}: expected NAME=PATH"))?;
+        writer_vmms.push((name.to_string(), path.to_string()));
+    }
+    let mut listeners = Vec::new();
+    let mut vms = Vec::new();
+    let kill_all = |vms: &mut Vec<Child>| {
+        for v in vms.iter_mut() {
+            let _ = v.kill();
+            let _ = v.wait();
+        }
+    };
+    for (i, (name, vmm)) in writer_vmms.iter().enumerate() {
+        let path = format!("/run/wl-bench-writer-{i}.sock");
+        listeners.push((name.clone(), bind(&path)?));
+        match spawn_vmm(
+            vmm,
+            "writer",
+            &a.kernel,
+            &a.writer_initramfs,
+            &format!("bench={path}"),
+        ) {
+            Ok(c) => vms.push(c),
+            Err(e) => {
+                kill_all(&mut vms);
+                return Err(e);
+            }
+        }
+    }
+    let rpath = "/run/wl-bench-reader.sock";
     let wl_reader = bind(rpath)?;
     let vsock_listener = VsockListener::bind(a.vsock_port)?;
-    let mut vms = vec![
-        spawn_vmm(a, "writer", &a.writer_initramfs, &format!("bench={wpath}"))?,
-        spawn_vmm(a, "reader", &a.reader_initramfs, &format!("bench={rpath}"))?,
-    ];
-    match spawn_vsock_guest(a) {
+    match spawn_vmm(
+        &a.vmm,
+        "reader",
+        &a.kernel,
+        &a.reader_initramfs,
+        &format!("bench={rpath}"),
+    ) {
         Ok(c) => vms.push(c),
         Err(e) => {
-            for v in vms.iter_mut() {
-                let _ = v.kill();
-                let _ = v.wait();
-            }
+            kill_all(&mut vms);
             return Err(e);
         }
     }
+    let mut qemu = match spawn_vsock_guest(a) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            println!("wl-bench: the vsock peer cannot start: {e}");
+            None
+        }
+    };
     let result = (|| {
-        let writer = accept(&wl_writer, &mut vms, "writer")?;
+        let mut writers = Vec::new();
+        for (name, l) in &listeners {
+            writers.push((name.clone(), accept(l, &mut vms, "writer")?));
+        }
         let reader = accept(&wl_reader, &mut vms, "reader")?;
-        let mut vsock = accept_vsock(&vsock_listener, &mut vms)?;
+        let mut vsock = match qemu.as_mut().map(|q| accept_vsock(&vsock_listener, q)) {
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                println!("wl-bench: no vsock peer: {e}");
+                None
+            }
+            None => None,
+        };
         // Every guest is up (and now waits idle) before anything is measured.
-        let rtt = round_trips(&writer, &mut vsock, a.rounds)?;
-        vsock.done()?;
-        let tputs = throughputs(&writer)?;
+        let rtt = round_trips(&writers, vsock.as_mut(), a.rounds)?;
+        if let Some(v) = vsock {
+            v.done()?;
+        }
+        let writer = &writers.first().ok_or("no writer")?.1;
+        let tputs = throughputs(writer)?;
         let bytes = a.shm_mib << 20;
-        let guest_copy_ns = guest_memcpy(&writer, a.reps)?;
-        let (write_ns, read_ns) = shared_memory(&writer, &reader, bytes, a.reps)?;
+        let guest_copy_ns = guest_memcpy(writer, a.reps)?;
+        let (write_ns, read_ns) = shared_memory(writer, &reader, bytes, a.reps)?;
         let l1_copy_ns = memcpy_ns(bytes, a.reps);
-        send_text(&writer, "done")?;
+        for (_, w) in &writers {
+            send_text(w, "done")?;
+        }
         send_text(&reader, "done")?;
         Ok::<_, String>(Figures {
+            names: writers.iter().map(|(n, _)| n.clone()).collect(),
             rtt,
             tputs,
             write_ns,
@@ -399,6 +489,7 @@ fn run(a: &Args) -> Result<(), String> {
             l1_copy_ns,
         })
     })();
+    vms.extend(qemu);
     for v in vms.iter_mut() {
         if result.is_err() {
             let _ = v.kill();
@@ -412,34 +503,46 @@ fn run(a: &Args) -> Result<(), String> {
 fn print_results(a: &Args, f: &Figures) {
     let ratio = |x: u128, y: u128| x as f64 / y.max(1) as f64;
     let r = &f.rtt;
+    let vsock = r.vsock.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    let vs_ratio = |x: u128| {
+        r.vsock
+            .map(|v| format!("{:.2}", ratio(x, v)))
+            .unwrap_or_else(|| "-".into())
+    };
     println!(
-        "wl-bench: {:<42} {:>12} {:>12} {:>12} {:>9} {:>9}",
-        "round trips, median of 5 batch means",
+        "wl-bench: {:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
+        "round trips (ns), median of 5 batch means",
         "virtio_wl",
         "vsock",
         "socketpair",
         "/vsock",
         "/sockpair"
     );
-    for (label, wl, sp) in [
-        ("64 bytes", r.wl, r.socketpair),
-        ("64 bytes + 1 fd (vsock: without)", r.wl_fd, r.socketpair_fd),
-    ] {
-        println!(
-            "wl-bench: {:<42} {:>9} ns {:>9} ns {:>9} ns {:>9.2} {:>9.1}",
-            label,
-            wl,
-            r.vsock,
-            sp,
-            ratio(wl, r.vsock),
-            ratio(wl, sp)
-        );
+    for (name, (plain, fd)) in f.names.iter().zip(&r.wl) {
+        for (label, wl, sp) in [
+            (format!("64 bytes, {name}"), *plain, r.socketpair),
+            (
+                format!("64 bytes + 1 fd, {name} (vsock: no fd)"),
+                *fd,
+                r.socketpair_fd,
+            ),
+        ] {
+            println!(
+                "wl-bench: {:<44} {:>12} {:>12} {:>12} {:>9} {:>9.1}",
+                label,
+                wl,
+                vsock,
+                sp,
+                vs_ratio(wl),
+                ratio(wl, sp)
+            );
+        }
     }
     let tput_bytes = TPUT_MESSAGES as usize * TPUT_BYTES;
     for ([wl, sp], label) in f.tputs.into_iter().zip(["", " + 1 fd each"]) {
         let (wl_bw, sp_bw) = (mib_per_s(tput_bytes, wl), mib_per_s(tput_bytes, sp));
         println!(
-            "wl-bench: {:<42} {:>6.1} MiB/s socketpair {:>6.1} MiB/s ratio {:.3}",
+            "wl-bench: {:<44} {:>6.1} MiB/s socketpair {:>6.1} MiB/s ratio {:.3}",
             format!("{TPUT_BYTES}-byte SENDs{label}, median"),
             wl_bw,
             sp_bw,
@@ -451,8 +554,8 @@ fn print_results(a: &Args, f: &Figures) {
     let guest_bw = mib_per_s(bytes, f.guest_copy_ns);
     let l1_bw = mib_per_s(bytes, f.l1_copy_ns);
     println!(
-        "wl-bench: {:<42} {:>12} {:>12} {:>12} {:>9} {:>9}",
-        format!("{} MiB, best of {}", a.shm_mib, a.reps),
+        "wl-bench: {:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
+        format!("{} MiB, best of {} (MiB/s)", a.shm_mib, a.reps),
         "shm g->g",
         "guest memcpy",
         "L1 memcpy",
@@ -460,7 +563,7 @@ fn print_results(a: &Args, f: &Figures) {
         "/L1"
     );
     println!(
-        "wl-bench: {:<42} {:>6.1} MiB/s {:>6.1} MiB/s {:>6.1} MiB/s {:>9.3} {:>9.3}",
+        "wl-bench: {:<44} {:>12.1} {:>12.1} {:>12.1} {:>9.3} {:>9.3}",
         "bandwidth",
         shm_bw,
         guest_bw,
@@ -480,14 +583,23 @@ fn print_results(a: &Args, f: &Figures) {
     println!(
         "wl-bench: ratios: for times, virtio_wl / peer (below 1 is faster); for bandwidth, the fraction of the peer's reached"
     );
+    let (plain, fd) = r.wl.first().copied().unwrap_or_default();
+    let vsock_keys = r
+        .vsock
+        .map(|v| {
+            format!(
+                "rtt_ratio_vs_vsock={:.2} fd_rtt_ratio_vs_vsock={:.2} ",
+                ratio(plain, v),
+                ratio(fd, v)
+            )
+        })
+        .unwrap_or_default();
     println!(
-        "BENCH wl rtt_ratio_vs_vsock={:.2} fd_rtt_ratio_vs_vsock={:.2} shm_bw_ratio_vs_guest_memcpy={:.3} \
-         rtt_ratio_vs_socketpair={:.2} fd_rtt_ratio_vs_socketpair={:.2} shm_bw_ratio_vs_memcpy={:.3}",
-        ratio(r.wl, r.vsock),
-        ratio(r.wl_fd, r.vsock),
+        "BENCH wl {vsock_keys}shm_bw_ratio_vs_guest_memcpy={:.3} rtt_ratio_vs_socketpair={:.2} \
+         fd_rtt_ratio_vs_socketpair={:.2} shm_bw_ratio_vs_memcpy={:.3}",
         shm_bw / guest_bw,
-        ratio(r.wl, r.socketpair),
-        ratio(r.wl_fd, r.socketpair_fd),
+        ratio(plain, r.socketpair),
+        ratio(fd, r.socketpair_fd),
         shm_bw / l1_bw
     );
 }
