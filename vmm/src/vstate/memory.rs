@@ -41,8 +41,9 @@ struct OwnedMmap {
 
 impl Drop for OwnedMmap {
     fn drop(&mut self) {
-        // SAFETY: [addr, addr + len) is a mapping this process made in `map_aligned` and that
-        // only the `MmapRegion` now being dropped used; nothing refers to it any more.
+        // SAFETY: [addr, addr + len) is a mapping this process made in `map_aligned` (the guard
+        // page and the RAM) that only the `MmapRegion` now being dropped used; nothing refers
+        // to it any more.
         unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }
@@ -61,11 +62,20 @@ impl Bitmap for RamMapping {
     fn slice_at(&self, _offset: usize) {}
 }
 
+/// A page of the host.
+const PAGE: usize = 4096;
+
 /// Maps `len` bytes of private anonymous memory (no swap reservation) at a host address that
-/// is a multiple of [`HUGE_PAGE`]: maps `len + HUGE_PAGE` and gives back the head and tail.
-fn map_aligned(len: usize) -> std::io::Result<usize> {
+/// is a multiple of [`HUGE_PAGE`], with one inaccessible page right below it: maps
+/// `len + HUGE_PAGE + PAGE` and gives back the rest. Returns (guard page, RAM) addresses.
+///
+/// The guard page keeps the host from placing the next mapping (a thread's 2 MiB stack, say)
+/// so that it ends exactly at the RAM's 2 MiB boundary: such a stack would be 2 MiB-aligned
+/// and, with transparent huge pages on, take a whole huge page at its first touch (seen: the
+/// VMM's memory beyond guest RAM went from 2.3 to 4.3 MiB).
+fn map_aligned(len: usize) -> std::io::Result<(usize, usize)> {
     let total = len
-        .checked_add(HUGE_PAGE)
+        .checked_add(HUGE_PAGE + PAGE)
         .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
     // SAFETY: a new anonymous mapping at an address the kernel chooses; it touches no
     // existing memory.
@@ -83,11 +93,12 @@ fn map_aligned(len: usize) -> std::io::Result<usize> {
         return Err(std::io::Error::last_os_error());
     }
     let start = raw as usize;
-    let aligned = (start + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
-    let head = aligned - start;
-    let tail = total - head - len;
-    // SAFETY: both ranges lie inside the mapping just made and outside [aligned, aligned+len),
-    // which is all that is kept; nothing else uses them.
+    let aligned = (start + PAGE + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+    let guard = aligned - PAGE;
+    let head = guard - start;
+    let tail = start + total - (aligned + len);
+    // SAFETY: every range lies inside the mapping just made, which nothing else uses; what
+    // is kept is [guard, aligned + len).
     unsafe {
         if head > 0 {
             libc::munmap(raw, head);
@@ -95,8 +106,9 @@ fn map_aligned(len: usize) -> std::io::Result<usize> {
         if tail > 0 {
             libc::munmap((aligned + len) as *mut libc::c_void, tail);
         }
+        libc::mprotect(guard as *mut libc::c_void, PAGE, libc::PROT_NONE);
     }
-    Ok(aligned)
+    Ok((guard, aligned))
 }
 
 /// One RAM range at `guest`, `len` bytes, mapped at a 2 MiB-aligned host address.
@@ -104,9 +116,12 @@ fn aligned_region(
     guest: GuestAddress,
     len: usize,
 ) -> Result<vm_memory::GuestRegionMmap<RamMapping>, MemoryError> {
-    let addr = map_aligned(len).map_err(MemoryError::Map)?;
+    let (guard, addr) = map_aligned(len).map_err(MemoryError::Map)?;
     let owner = RamMapping {
-        _owned: Some(OwnedMmap { addr, len }),
+        _owned: Some(OwnedMmap {
+            addr: guard,
+            len: len + PAGE,
+        }),
     };
     // SAFETY: [addr, addr + len) is the readable and writable mapping just made; the region
     // keeps its owner, which unmaps it only when the region itself is dropped.
@@ -237,9 +252,16 @@ mod tests {
         let size = (3u64 << 30) + (64 << 20); // both sides of the MMIO gap
         let mem = create_guest_memory(size).unwrap();
         assert_eq!(mem.num_regions(), 2);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         for region in mem.iter() {
             let host = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
             assert_eq!(host % HUGE_PAGE, 0, "region at {:?}", region.start_addr());
+            // An inaccessible page right below: nothing else can end at the boundary.
+            let guard = format!("{:x}-{host:x} ---p", host - PAGE);
+            assert!(
+                maps.lines().any(|l| l.starts_with(&guard)),
+                "{guard} in\n{maps}"
+            );
         }
         let top = GuestAddress(MMIO_GAP_END + (64 << 20) - 8);
         mem.write_obj(0x1234_5678_u64, top).unwrap();
@@ -268,8 +290,10 @@ mod tests {
         let clone = mem.clone();
         drop(mem);
         assert!(mapped(host));
+        assert!(mapped(host - PAGE));
         drop(clone);
         assert!(!mapped(host));
+        assert!(!mapped(host - PAGE));
     }
 
     #[test]
