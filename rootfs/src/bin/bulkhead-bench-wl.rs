@@ -139,7 +139,12 @@ fn round_trips(
     let mut wl: Vec<[Vec<u128>; 2]> = writers.iter().map(|_| Default::default()).collect();
     let (mut vs, mut sp, mut sp_fd) = (Vec::new(), Vec::new(), Vec::new());
     for b in 0..BATCHES {
-        for ((name, w), samples) in writers.iter().zip(wl.iter_mut()) {
+        // Each batch starts with the next writer: no VMM build always goes first.
+        let order: Vec<usize> = (0..writers.len())
+            .map(|i| (i + b as usize) % writers.len())
+            .collect();
+        for &i in &order {
+            let ((name, w), samples) = (&writers[i], &mut wl[i]);
             let t = guest_batch(w, n, false)?;
             println!("wl-bench: batch {b} without fd: virtio_wl ({name}) {t} ns (mean of {n})");
             samples[0].push(t);
@@ -152,7 +157,8 @@ fn round_trips(
         let t = peer.batch(m, false)?;
         println!("wl-bench: batch {b} without fd: socketpair {t} ns (mean of {m})");
         sp.push(t);
-        for ((name, w), samples) in writers.iter().zip(wl.iter_mut()) {
+        for &i in &order {
+            let ((name, w), samples) = (&writers[i], &mut wl[i]);
             let t = guest_batch(w, n, true)?;
             println!("wl-bench: batch {b} with an fd: virtio_wl ({name}) {t} ns (mean of {n})");
             samples[1].push(t);
