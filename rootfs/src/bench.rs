@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use crate::qemu::{Machine, Outcome, QemuConfig};
 
+pub mod probe;
 pub mod vmm;
 pub mod wayland;
 pub mod wl;
+pub mod wl_peers;
 
 pub use vmm::{bench_vmm, qemu_files};
 pub use wl::bench_wl;

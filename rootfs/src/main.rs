@@ -97,9 +97,13 @@ enum BenchCmd {
     /// Boot time to the guest's init and VMM memory beyond guest RAM: bulkhead-vmm against
     /// QEMU `-M microvm -accel kvm`, same kernel and initramfs, inside one L1 host.
     Vmm {
-        /// Boots per VMM.
-        #[arg(long, default_value_t = 3)]
+        /// Boots per VMM (interleaved).
+        #[arg(long, default_value_t = 5)]
         runs: u32,
+        /// Another static bulkhead-vmm build to measure in the same boot, as NAME=PATH
+        /// (repeatable), e.g. the binary from before a change.
+        #[arg(long = "also-vmm", value_name = "NAME=PATH")]
+        also_vmm: Vec<String>,
     },
     /// Wayland: a shm client committing 640x480 frames with full damage through the proxies
     /// from an app VM, against the same client directly on weston in the GUI VM.
@@ -121,6 +125,10 @@ enum BenchCmd {
         /// Write/read repetitions of the shared buffer (the best counts).
         #[arg(long, default_value_t = 4)]
         reps: u8,
+        /// Another static bulkhead-vmm build whose writer guest joins the round trips, as
+        /// NAME=PATH (repeatable), e.g. the binary from before a change.
+        #[arg(long = "also-vmm", value_name = "NAME=PATH")]
+        also_vmm: Vec<String>,
     },
 }
 
@@ -263,12 +271,17 @@ fn run(cli: Cli) -> Result<u8, String> {
             Ok(0)
         }
         Cmd::Bench {
-            which: BenchCmd::Vmm { runs },
+            which: BenchCmd::Vmm { runs, also_vmm },
         } => {
             provision::provision(&cache, &[KernelChoice::default()], false)
                 .map_err(|e| e.to_string())?;
             let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
-            let lines = bulkhead_rootfs::bench::bench_vmm(&kernel, &workspace, runs)
+            let also = also_vmm
+                .iter()
+                .map(|s| bulkhead_rootfs::bench::vmm::AlsoVmm::parse(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            let lines = bulkhead_rootfs::bench::bench_vmm(&kernel, &workspace, runs, &also)
                 .map_err(|e| e.to_string())?;
             for l in lines {
                 println!("{l}");
@@ -299,17 +312,24 @@ fn run(cli: Cli) -> Result<u8, String> {
                     rounds,
                     shm_mib,
                     reps,
+                    also_vmm,
                 },
         } => {
             provision::provision(&cache, &[KernelChoice::default()], false)
                 .map_err(|e| e.to_string())?;
             let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
+            let also = also_vmm
+                .iter()
+                .map(|s| bulkhead_rootfs::bench::vmm::AlsoVmm::parse(s))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
             let opts = bulkhead_rootfs::bench::wl::WlBenchOptions {
                 rounds,
                 shm_mib,
                 reps,
+                also,
             };
-            let lines = bulkhead_rootfs::bench::bench_wl(&kernel, &workspace, opts)
+            let lines = bulkhead_rootfs::bench::bench_wl(&kernel, &workspace, &opts)
                 .map_err(|e| e.to_string())?;
             for l in lines {
                 println!("{l}");

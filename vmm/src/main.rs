@@ -2,6 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 
@@ -19,6 +20,7 @@ use bulkhead_vmm::devices::virtio::wl::sockets::{WlSocket, WlSockets};
 use bulkhead_vmm::seccomp::{self, ThreadKind};
 use bulkhead_vmm::vm::Vm;
 use bulkhead_vmm::vstate::exit::ExitReason;
+use bulkhead_vmm::vstate::vcpu::monotonic_now;
 
 fn init_logging(level: log::LevelFilter) {
     struct Stderr(log::LevelFilter);
@@ -75,7 +77,49 @@ fn forbid_filesystem() {
     }
 }
 
+/// How long each setup step took, logged once before the vCPUs start (with the
+/// CLOCK_MONOTONIC time `run` began: `bulkhead-rootfs bench vmm` reads both).
+struct SetupTimer {
+    start: Duration,
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl SetupTimer {
+    fn new() -> Self {
+        Self {
+            start: monotonic_now(),
+            last: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    /// The step `name` ended now.
+    fn step(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.steps.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self) {
+        let total: Duration = self.steps.iter().map(|(_, d)| *d).sum();
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .map(|(n, d)| format!("{n} {:.1}", d.as_secs_f64() * 1e3))
+            .collect();
+        log::info!(
+            "bulkhead-vmm: set up in {:.1} ms ({}) from CLOCK_MONOTONIC {}.{:09} s",
+            total.as_secs_f64() * 1e3,
+            steps.join(", "),
+            self.start.as_secs(),
+            self.start.subsec_nanos()
+        );
+    }
+}
+
 fn run(cfg: VmConfig) -> Result<ExitReason, String> {
+    let mut timer = SetupTimer::new();
     log::info!("bulkhead-vmm: running as {}", credentials());
     seccomp::enable(cfg.seccomp);
     if let Some(attempt) = &cfg.test_escape {
@@ -95,6 +139,7 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         }
         None => kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?,
     };
+    timer.step("kvm");
     // The serial device writes a line at a time (`serial::LineOut`), byte by byte to a
     // terminal, from its own thread behind a bounded queue (`serial::SerialOut`): a
     // destination that takes nothing never holds up a vCPU.
@@ -119,6 +164,7 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
     };
 
     let mut vm = Vm::new(&kvm, cfg.memory, cfg.vcpus, serial_out).map_err(|e| e.to_string())?;
+    timer.step("vm");
     if cfg.rng {
         vm.add_virtio_device(Box::new(Rng::new()))
             .map_err(|e| e.to_string())?;
@@ -179,10 +225,12 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
             &mut vm, req,
         )?)
     };
+    timer.step("devices");
     vm.load_linux(&mut kernel, initramfs.as_mut(), &cfg.cmdline)
         .map_err(|e| e.to_string())?;
     drop(kernel);
     drop(initramfs);
+    timer.step("kernel");
 
     // Every file is open: from here on, none by path.
     forbid_filesystem();
@@ -201,6 +249,8 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         Some(fd) => Some(Channel::from_fd(fds.take(fd).map_err(|e| e.to_string())?)),
         None => None,
     };
+    timer.step("other");
+    timer.log();
     let running = vm.start(input).map_err(|e| e.to_string())?;
     {
         let button = running.control_target();

@@ -1,6 +1,7 @@
 //! `bulkhead-rootfs bench vmm`: one L1 boot in which `bulkhead-bench-vmm` runs the same
 //! kernel and initramfs under bulkhead-vmm and under QEMU microvm (QEMU and its libraries are
-//! copied into the image) and prints a table and a `BENCH vmm …` line.
+//! copied into the image), and under any other bulkhead-vmm builds given (before/after a
+//! change, in the same boot), and prints a table and a `BENCH vmm …` line.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -62,21 +63,74 @@ when_idle = "poweroff"
 [[service]]
 name = "bench"
 exec = ["/bin/bulkhead-bench-vmm", "--runs", "RUNS", "--kernel", "/var/lib/bulkhead/vmlinuz",
-        "--initramfs", "/var/lib/bulkhead/guests/tiny.cpio.gz", "--qemu", "/usr/bin/qemu-system-x86_64"]
+        "--initramfs", "/var/lib/bulkhead/guests/tiny.cpio.gz", "--qemu", "/usr/bin/qemu-system-x86_64"ALSO]
 restart = "never"
 "#;
+
+/// Another bulkhead-vmm build measured in the same boot (`--also-vmm NAME=PATH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlsoVmm {
+    /// Its name in the table (letters, digits, `-`, `_`).
+    pub name: String,
+    /// A static binary on this machine.
+    pub path: PathBuf,
+}
+
+impl AlsoVmm {
+    /// Parses `NAME=PATH`.
+    pub fn parse(spec: &str) -> Result<Self, BenchError> {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| BenchError::Setup(format!("--also-vmm {spec:?}: expected NAME=PATH")))?;
+        let good = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if name.is_empty() || !name.chars().all(good) || name == "bulkhead-vmm" {
+            return Err(BenchError::Setup(format!(
+                "--also-vmm {spec:?}: the name must be letters, digits, - or _ (and not bulkhead-vmm)"
+            )));
+        }
+        Ok(Self {
+            name: name.into(),
+            path: path.into(),
+        })
+    }
+
+    /// Where it goes in the bench image.
+    pub fn image_path(&self) -> String {
+        format!("bin/bulkhead-vmm-{}", self.name)
+    }
+
+    /// Its image file (path, mode, contents).
+    pub fn image_file(&self) -> Result<(String, u32, Vec<u8>), BenchError> {
+        let data = std::fs::read(&self.path)
+            .map_err(|e| BenchError::Setup(format!("{}: {e}", self.path.display())))?;
+        Ok((self.image_path(), 0o755, data))
+    }
+}
+
+/// The host system file for `runs` boots per VMM and the extra builds.
+fn host_system(runs: u32, also: &[AlsoVmm]) -> String {
+    let extra: String = also
+        .iter()
+        .map(|a| format!(r#", "--also-vmm", "{}=/{}""#, a.name, a.image_path()))
+        .collect();
+    HOST_SYSTEM
+        .replace("RUNS", &runs.to_string())
+        .replace("ALSO", &extra)
+}
 
 const GUEST_SYSTEM: &str = r#"# The benchmark guest: the guest init, no modules, no programs; it powers off at once.
 modules = []
 "#;
 
 /// Builds the bench image and boots it; returns the table lines and the BENCH line.
-pub fn bench_vmm(kernel: &Kernel, workspace: &Path, runs: u32) -> Result<Vec<String>, BenchError> {
+pub fn bench_vmm(
+    kernel: &Kernel,
+    workspace: &Path,
+    runs: u32,
+    also: &[AlsoVmm],
+) -> Result<Vec<String>, BenchError> {
     let dir = workspace.join("target/bulkhead/bench-vmm");
-    write_file(
-        &dir.join("system.toml"),
-        &HOST_SYSTEM.replace("RUNS", &runs.to_string()),
-    )?;
+    write_file(&dir.join("system.toml"), &host_system(runs, also))?;
     write_file(&dir.join("guests/tiny/guest.toml"), GUEST_SYSTEM)?;
     let sys = SystemDir::load(&dir).map_err(|e| BenchError::Setup(e.to_string()))?;
     let mut bins = sys.all_binaries();
@@ -89,6 +143,9 @@ pub fn bench_vmm(kernel: &Kernel, workspace: &Path, runs: u32) -> Result<Vec<Str
         let data =
             std::fs::read(vmm).map_err(|e| BenchError::Setup(format!("{}: {e}", vmm.display())))?;
         extra.push(("bin/bulkhead-vmm".into(), 0o755, data));
+    }
+    for a in also {
+        extra.push(a.image_file()?);
     }
     let image = dir.join("host.cpio.gz");
     HostImage {
@@ -103,4 +160,28 @@ pub fn bench_vmm(kernel: &Kernel, workspace: &Path, runs: u32) -> Result<Vec<Str
     let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, crate::HOST_CMDLINE);
     cfg.memory_mib = 3072;
     boot_and_collect(&cfg, Duration::from_secs(1800), "BENCH vmm ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn also_vmm_builds_go_on_the_bench_command_line() {
+        let also = [AlsoVmm::parse("before=/tmp/vmm-old").unwrap()];
+        assert_eq!(also[0].path, PathBuf::from("/tmp/vmm-old"));
+        let sys = host_system(5, &also);
+        assert!(sys.contains(
+            r#""/usr/bin/qemu-system-x86_64", "--also-vmm", "before=/bin/bulkhead-vmm-before"]"#
+        ));
+        assert!(sys.contains(r#""--runs", "5""#));
+        let dir = tempfile::tempdir().unwrap();
+        write_file(&dir.path().join("system.toml"), &sys).unwrap();
+        write_file(&dir.path().join("guests/tiny/guest.toml"), GUEST_SYSTEM).unwrap();
+        let loaded = SystemDir::load(dir.path()).unwrap();
+        assert_eq!(loaded.binaries, ["bulkhead-bench-vmm"]);
+        for bad in ["before", "=/x", "a b=/x", "bulkhead-vmm=/x"] {
+            assert!(AlsoVmm::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

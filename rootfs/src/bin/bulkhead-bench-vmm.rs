@@ -1,14 +1,32 @@
 //! Runs inside a Bulkhead host (L1) for `bulkhead-rootfs bench vmm`: boots the same kernel and
-//! initramfs under bulkhead-vmm and under QEMU (`-M microvm -accel kvm`) several times each,
-//! and measures (1) the time from process start to the guest init's first line and (2) the
-//! VMM process's peak resident memory outside guest RAM, sampled from /proc/<pid>/smaps.
+//! initramfs under bulkhead-vmm and under QEMU (`-M microvm -accel kvm`), interleaved, and
+//! measures for each boot:
+//!
+//! - wall: process start to the guest init's first line (`started, uptime U s`) on the
+//!   serial console;
+//! - the guest's uptime U in that line (CLOCK_BOOTTIME: counts from the guest kernel's clock
+//!   start, early in its setup), and wall − U: the VMM's own part (process start, setup,
+//!   kernel load, the guest's decompressor and early setup before its clock starts);
+//! - for bulkhead-vmm, exec → first KVM_RUN (the VMM logs its CLOCK_MONOTONIC then);
+//! - the VMM process's peak resident memory outside guest RAM (smaps, every 20 ms);
+//! - what the boot cost the host: the VMM's CPU time and page faults, transparent huge pages
+//!   and compaction stalls (`/proc/vmstat`), KVM's counters at the marker (exits, port I/O
+//!   and MMIO exits, NPT faults fixed, pages mapped 4 KiB / 2 MiB), and the time from the
+//!   guest's power-off line to the process's exit (tearing the VM down).
+//!
+//! Prints each boot, a table of medians and ranges, and one `BENCH vmm …` line.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use bulkhead_rootfs::bench::probe::{
+    delta, ensure_debugfs, kvm_counters, median_min_max, monotonic_now,
+    process_rss_outside_guest_kib, vmstat, ChildUsage,
+};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -20,65 +38,135 @@ struct Args {
     initramfs: String,
     #[arg(long, default_value = "/bin/bulkhead-vmm")]
     vmm: String,
+    /// Another bulkhead-vmm build measured in the same run, as NAME=PATH (repeatable): a
+    /// before/after comparison of a change in one boot.
+    #[arg(long = "also-vmm", value_name = "NAME=PATH")]
+    also_vmm: Vec<String>,
     #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
     qemu: String,
-    #[arg(long, default_value_t = 3)]
+    /// Boots per VMM.
+    #[arg(long, default_value_t = 5)]
     runs: u32,
-    /// Guest memory in MiB (both VMMs).
+    /// Guest memory in MiB (every VMM).
     #[arg(long, default_value_t = 256)]
     memory_mib: u64,
-    /// The guest console line that marks "the guest's init is running".
+    /// The guest console line that marks "the guest's init is running"; its uptime follows.
     #[arg(long, default_value = "bulkhead-guest-init: started")]
     marker: String,
 }
 
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+/// What the VMM logs at its first KVM_RUN.
+const FIRST_RUN: &str = "first KVM_RUN at ";
+/// What the VMM logs when its setup is done: `set up in T ms (steps) from CLOCK_MONOTONIC S s`.
+const SET_UP: &str = "set up in ";
 
-/// Resident KiB of a process outside its guest-RAM mapping (any mapping at least 3/4 of the
-/// guest memory size is taken to be guest RAM).
-fn rss_outside_guest_kib(pid: u32, guest_bytes: u64) -> Option<u64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut total, mut in_guest, mut cur_is_guest) = (0u64, 0u64, false);
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or("");
-        if let Some((lo, hi)) = first.split_once('-') {
-            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
-                cur_is_guest = hi.saturating_sub(lo) >= guest_bytes / 4 * 3;
-                continue;
-            }
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Bulkhead,
+    Qemu,
+}
+
+struct Peer {
+    name: String,
+    kind: Kind,
+    path: String,
+}
+
+/// One boot.
+#[derive(Default)]
+struct Run {
+    wall: Option<Duration>,
+    uptime: Option<Duration>,
+    /// Process start → first KVM_RUN (bulkhead-vmm only).
+    first_run: Option<Duration>,
+    /// Process start → the VMM's `main`, and its setup steps (bulkhead-vmm only).
+    to_main: Option<Duration>,
+    setup: String,
+    peak_rss_kib: u64,
+    /// The guest's power-off line → the process has exited (tearing the VM down).
+    exit: Option<Duration>,
+    usage: ChildUsage,
+    vmstat: BTreeMap<String, u64>,
+    kvm: BTreeMap<String, u64>,
+}
+
+impl Run {
+    fn own(&self) -> Option<Duration> {
+        Some(self.wall?.saturating_sub(self.uptime?))
+    }
+}
+
+/// The uptime in a marker line: `… started, uptime 2.345 s`.
+fn parse_uptime(line: &str) -> Option<Duration> {
+    let rest = line.split("uptime ").nth(1)?;
+    let secs: f64 = rest.split_whitespace().next()?.parse().ok()?;
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// The CLOCK_MONOTONIC time after `marker` in a VMM log line.
+fn parse_monotonic(line: &str, marker: &str) -> Option<Duration> {
+    let rest = line.split(marker).nth(1)?;
+    let rest = rest.split("CLOCK_MONOTONIC ").nth(1)?;
+    let secs: f64 = rest.split_whitespace().next()?.parse().ok()?;
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// The CLOCK_MONOTONIC time in the VMM's first-KVM_RUN log line.
+fn parse_first_run(line: &str) -> Option<Duration> {
+    parse_monotonic(line, FIRST_RUN)
+}
+
+/// The setup line: when `run` began and the steps (`set up in … ms (…)`).
+fn parse_setup(line: &str) -> Option<(Duration, String)> {
+    let start = parse_monotonic(line, SET_UP)?;
+    let text = line.split(SET_UP).nth(1)?.split(" from ").next()?;
+    Some((start, text.to_string()))
+}
+
+fn command(p: &Peer, a: &Args) -> Command {
+    let mem = format!("{}M", a.memory_mib);
+    match p.kind {
+        Kind::Bulkhead => {
+            let mut c = Command::new(&p.path);
+            c.args(["--kernel", &a.kernel, "--initramfs", &a.initramfs])
+                .args(["--cmdline", CMDLINE, "--memory", &mem, "--vcpus", "1"])
+                .args(["--serial-input", "false"]);
+            c
         }
-        if first == "Rss:" {
-            let kib: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-            total += kib;
-            if cur_is_guest {
-                in_guest += kib;
-            }
+        Kind::Qemu => {
+            let mut c = Command::new(&p.path);
+            c.args(["-M", "microvm", "-accel", "kvm", "-cpu", "host"])
+                .args(["-m", &mem, "-smp", "1", "-nodefaults", "-no-user-config"])
+                .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+                .args(["-kernel", &a.kernel, "-initrd", &a.initramfs])
+                .args(["-append", CMDLINE]);
+            c
         }
     }
-    Some(total - in_guest)
 }
 
-struct Run {
-    to_marker: Option<Duration>,
-    peak_rss_kib: u64,
-}
-
-fn run_once(name: &str, mut cmd: Command, marker: &str, guest_bytes: u64) -> Run {
+fn run_once(p: &Peer, a: &Args) -> Run {
+    let guest_bytes = a.memory_mib << 20;
+    let mut cmd = command(p, a);
+    let usage_before = ChildUsage::now();
+    let vm_before = vmstat();
+    let start_mono = monotonic_now();
     let start = Instant::now();
-    let mut child = match cmd
+    let spawned = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-    {
+        .stderr(if p.kind == Kind::Bulkhead {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .spawn();
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            println!("bench: {name}: cannot start: {e}");
-            return Run {
-                to_marker: None,
-                peak_rss_kib: 0,
-            };
+            println!("bench: {}: cannot start: {e}", p.name);
+            return Run::default();
         }
     };
     let pid = child.id();
@@ -88,19 +176,37 @@ fn run_once(name: &str, mut cmd: Command, marker: &str, guest_bytes: u64) -> Run
         let (peak, done) = (Arc::clone(&peak), Arc::clone(&done));
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
-                if let Some(kib) = rss_outside_guest_kib(pid, guest_bytes) {
+                if let Some(kib) = process_rss_outside_guest_kib(pid, guest_bytes) {
                     peak.fetch_max(kib, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         })
     };
-    let mut to_marker = None;
+    // The VMM's log: its setup and its first KVM_RUN.
+    let (first_tx, first_rx) = mpsc::channel();
+    let (setup_tx, setup_rx) = mpsc::channel();
+    if let Some(err) = child.stderr.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if let Some(t) = parse_first_run(&line) {
+                    let _ = first_tx.send(t);
+                }
+                if let Some(s) = parse_setup(&line) {
+                    let _ = setup_tx.send(s);
+                }
+            }
+        });
+    }
+    let mut run = Run::default();
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
-            if to_marker.is_none() && line.contains(marker) {
-                to_marker = Some(start.elapsed());
+            if run.wall.is_none() && line.contains(&a.marker) {
+                run.wall = Some(start.elapsed());
+                run.uptime = parse_uptime(&line);
+                run.kvm = kvm_counters();
             }
             if line.contains("reboot: Power down") || start.elapsed() > Duration::from_secs(300) {
                 break;
@@ -108,132 +214,251 @@ fn run_once(name: &str, mut cmd: Command, marker: &str, guest_bytes: u64) -> Run
         }
     }
     // Give the VMM a moment to exit on its own after the guest powered off, then make sure.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
+    let powered_off = Instant::now();
+    while powered_off.elapsed() < Duration::from_secs(20) {
         if let Ok(Some(_)) = child.try_wait() {
+            run.exit = Some(powered_off.elapsed());
             break;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let _ = child.kill();
     let _ = child.wait();
     done.store(true, Ordering::Relaxed);
     let _ = sampler.join();
-    Run {
-        to_marker,
-        peak_rss_kib: peak.load(Ordering::Relaxed),
+    run.first_run = first_rx
+        .try_recv()
+        .ok()
+        .map(|t: Duration| t.saturating_sub(start_mono));
+    if let Ok((main, steps)) = setup_rx.try_recv() {
+        run.to_main = Some(main.saturating_sub(start_mono));
+        run.setup = steps;
+    }
+    run.peak_rss_kib = peak.load(Ordering::Relaxed);
+    run.usage = ChildUsage::now().since(&usage_before);
+    let vm_after = vmstat();
+    run.vmstat = [
+        "thp_fault_alloc",
+        "thp_fault_fallback",
+        "compact_stall",
+        "pgfault",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), delta(&vm_before, &vm_after, k)))
+    .collect();
+    run
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn counter(m: &BTreeMap<String, u64>, k: &str) -> String {
+    m.get(k)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_run(round: u32, order: usize, p: &Peer, r: &Run) {
+    println!(
+        "bench: round {} #{} {:<14} wall {:>6} ms  uptime {:>6} ms  own {:>6} ms  exec->KVM_RUN {:>5} ms  rss+ {:>5.1} MiB",
+        round + 1,
+        order + 1,
+        p.name,
+        ms(r.wall),
+        ms(r.uptime),
+        ms(r.own()),
+        ms(r.first_run),
+        r.peak_rss_kib as f64 / 1024.0
+    );
+    println!(
+        "bench:     {:<14} cpu {:>6.0} ms  minflt {:>6}  thp {}/{} fallback  compact_stall {}  exit {} ms  kvm exits {} (io {} mmio {}) pf_fixed {} pages_4k {} pages_2m {}",
+        p.name,
+        r.usage.cpu.as_secs_f64() * 1e3,
+        r.usage.minflt,
+        counter(&r.vmstat, "thp_fault_alloc"),
+        counter(&r.vmstat, "thp_fault_fallback"),
+        counter(&r.vmstat, "compact_stall"),
+        ms(r.exit),
+        counter(&r.kvm, "exits"),
+        counter(&r.kvm, "io_exits"),
+        counter(&r.kvm, "mmio_exits"),
+        counter(&r.kvm, "pf_fixed"),
+        counter(&r.kvm, "pages_4k"),
+        counter(&r.kvm, "pages_2m"),
+    );
+    if r.to_main.is_some() {
+        println!(
+            "bench:     {:<14} exec->main {} ms, set up in {}",
+            p.name,
+            ms(r.to_main),
+            r.setup
+        );
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
+/// Median and range of one figure over runs, in ms.
+fn stat(runs: &[Run], f: impl Fn(&Run) -> Option<Duration>) -> Option<(f64, f64, f64)> {
+    let v: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| f(r).map(|d| d.as_secs_f64() * 1e3))
+        .collect();
+    median_min_max(&v)
+}
+
+fn cell(s: Option<(f64, f64, f64)>) -> String {
+    s.map(|(m, lo, hi)| format!("{m:.0} ({lo:.0}-{hi:.0})"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn median_rss_mib(runs: &[Run]) -> Option<f64> {
+    let v: Vec<f64> = runs
+        .iter()
+        .map(|r| r.peak_rss_kib as f64 / 1024.0)
+        .collect();
+    median_min_max(&v).map(|(m, _, _)| m)
+}
+
+fn peers(a: &Args) -> Result<Vec<Peer>, String> {
+    let mut peers = vec![Peer {
+        name: "bulkhead-vmm".into(),
+        kind: Kind::Bulkhead,
+        path: a.vmm.clone(),
+    }];
+    for spec in &a.also_vmm {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--also-vmm {spec:?}: expected NAME=PATH"))?;
+        peers.push(Peer {
+            name: name.into(),
+            kind: Kind::Bulkhead,
+            path: path.into(),
+        });
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(v[v.len() / 2])
+    peers.push(Peer {
+        name: "qemu-microvm".into(),
+        kind: Kind::Qemu,
+        path: a.qemu.clone(),
+    });
+    Ok(peers)
 }
 
 fn main() -> ExitCode {
     let a = Args::parse();
-    let guest_bytes = a.memory_mib << 20;
-    let mem = format!("{}M", a.memory_mib);
-    let mut results: Vec<(&str, Vec<Run>)> =
-        vec![("bulkhead-vmm", Vec::new()), ("qemu-microvm", Vec::new())];
-    for i in 0..a.runs {
-        // Alternate so that drift on a noisy machine hits both alike.
-        for (name, runs) in results.iter_mut() {
-            let cmd = if *name == "bulkhead-vmm" {
-                let mut c = Command::new(&a.vmm);
-                c.args([
-                    "--kernel",
-                    &a.kernel,
-                    "--initramfs",
-                    &a.initramfs,
-                    "--cmdline",
-                    CMDLINE,
-                ])
-                .args(["--memory", &mem, "--vcpus", "1"]);
-                c
-            } else {
-                let mut c = Command::new(&a.qemu);
-                c.args([
-                    "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", &mem, "-smp", "1",
-                ])
-                .args([
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-display",
-                    "none",
-                    "-serial",
-                    "stdio",
-                ])
-                .args([
-                    "-no-reboot",
-                    "-kernel",
-                    &a.kernel,
-                    "-initrd",
-                    &a.initramfs,
-                    "-append",
-                    CMDLINE,
-                ]);
-                c
-            };
-            let r = run_once(name, cmd, &a.marker, guest_bytes);
-            println!(
-                "bench: run {} {:<13} to init {:>8} ms  peak rss beyond guest memory {:>7.1} MiB",
-                i + 1,
-                name,
-                r.to_marker
-                    .map(|d| d.as_millis().to_string())
-                    .unwrap_or_else(|| "-".into()),
-                r.peak_rss_kib as f64 / 1024.0
-            );
-            runs.push(r);
+    let peers = match peers(&a) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !ensure_debugfs() {
+        println!("bench: KVM's debugfs counters are not available; those columns stay empty");
+    }
+    let mut results: Vec<Vec<Run>> = peers.iter().map(|_| Vec::new()).collect();
+    for round in 0..a.runs {
+        // Interleaved, and each round starts with the next VMM, so that drift on a noisy
+        // machine and whatever one boot leaves behind hit every VMM alike.
+        for order in 0..peers.len() {
+            let i = (order + round as usize) % peers.len();
+            let r = run_once(&peers[i], &a);
+            print_run(round, order, &peers[i], &r);
+            results[i].push(r);
         }
     }
-    let summary = |runs: &Vec<Run>| {
-        let t = median(
-            runs.iter()
-                .filter_map(|r| r.to_marker.map(|d| d.as_secs_f64()))
-                .collect(),
-        );
-        let m = median(
-            runs.iter()
-                .map(|r| r.peak_rss_kib as f64 / 1024.0)
-                .collect(),
-        );
-        (t, m)
-    };
-    let (ours_t, ours_m) = summary(&results[0].1);
-    let (qemu_t, qemu_m) = summary(&results[1].1);
     println!(
-        "bench: {:<13} {:>16} {:>28}",
-        "vmm", "median to init", "median rss beyond guest"
+        "bench: {} boots each, {} MiB, 1 vCPU; median (min-max) in ms",
+        a.runs, a.memory_mib
     );
-    for (name, t, m) in [
-        ("bulkhead-vmm", ours_t, ours_m),
-        ("qemu-microvm", qemu_t, qemu_m),
-    ] {
+    println!(
+        "bench: {:<14} {:>20} {:>20} {:>20} {:>20} {:>10}",
+        "vmm", "wall to init", "guest uptime", "wall - uptime", "exec -> KVM_RUN", "rss+ MiB"
+    );
+    for (p, runs) in peers.iter().zip(&results) {
         println!(
-            "bench: {:<13} {:>14} s {:>24} MiB",
-            name,
-            t.map(|t| format!("{t:.2}")).unwrap_or_else(|| "-".into()),
-            m.map(|m| format!("{m:.1}")).unwrap_or_else(|| "-".into())
+            "bench: {:<14} {:>20} {:>20} {:>20} {:>20} {:>10}",
+            p.name,
+            cell(stat(runs, |r| r.wall)),
+            cell(stat(runs, |r| r.uptime)),
+            cell(stat(runs, Run::own)),
+            cell(stat(runs, |r| r.first_run)),
+            median_rss_mib(runs)
+                .map(|m| format!("{m:.1}"))
+                .unwrap_or_else(|| "-".into())
         );
     }
-    match (ours_t, qemu_t, ours_m, qemu_m) {
-        (Some(o), Some(q), Some(om), Some(qm)) if q > 0.0 => {
+    let ours = &results[0];
+    let qemu = &results[peers.len() - 1];
+    let med = |runs: &[Run], f: fn(&Run) -> Option<Duration>| stat(runs, f).map(|s| s.0);
+    let figures = (
+        med(ours, |r| r.wall),
+        med(qemu, |r| r.wall),
+        med(ours, Run::own),
+        med(qemu, Run::own),
+        med(ours, |r| r.first_run),
+        median_rss_mib(ours),
+        median_rss_mib(qemu),
+    );
+    match figures {
+        (Some(o), Some(q), Some(oo), Some(qo), Some(e), Some(om), Some(qm)) if q > 0.0 => {
             println!(
-                "BENCH vmm boot_ratio_vs_qemu={:.2} rss_overhead_mib={:.1} qemu_rss_overhead_mib={:.1}",
+                "BENCH vmm boot_ratio_vs_qemu={:.2} vmm_own_ms={oo:.0} qemu_own_ms={qo:.0} \
+                 exec_to_run_ms={e:.0} own_ratio_vs_qemu={:.2} rss_overhead_mib={om:.1} \
+                 qemu_rss_overhead_mib={qm:.1}",
                 o / q,
-                om,
-                qm
+                oo / qo.max(1.0)
             );
             ExitCode::SUCCESS
         }
         _ => {
-            println!("bench: a VMM never reached the guest's init; no ratio");
+            println!("bench: a VMM never reached the guest's init (or no uptime); no ratio");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_uptime_and_first_run_lines_parse() {
+        assert_eq!(
+            parse_uptime("bulkhead-guest-init: started, uptime 2.345 s"),
+            Some(Duration::from_millis(2345))
+        );
+        assert_eq!(parse_uptime("bulkhead-guest-init: started"), None);
+        assert_eq!(
+            parse_first_run(
+                "bulkhead-vmm: INFO: vCPU 0: first KVM_RUN at CLOCK_MONOTONIC 12.500000000 s"
+            ),
+            Some(Duration::from_millis(12500))
+        );
+        assert_eq!(parse_first_run("bulkhead-vmm: INFO: kernel loaded"), None);
+        assert_eq!(
+            parse_setup(
+                "bulkhead-vmm: INFO: set up in 12.5 ms (kvm 0.1, vm 2.0) from CLOCK_MONOTONIC 3.25 s"
+            ),
+            Some((Duration::from_millis(3250), "12.5 ms (kvm 0.1, vm 2.0)".into()))
+        );
+    }
+
+    #[test]
+    fn also_vmm_needs_a_name_and_a_path() {
+        let a = Args::parse_from([
+            "b",
+            "--kernel",
+            "k",
+            "--initramfs",
+            "i",
+            "--also-vmm",
+            "before=/bin/old",
+        ]);
+        let p = peers(&a).unwrap();
+        let names: Vec<_> = p.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["bulkhead-vmm", "before", "qemu-microvm"]);
+        let bad = Args::parse_from(["b", "--kernel", "k", "--initramfs", "i", "--also-vmm", "x"]);
+        assert!(peers(&bad).is_err());
     }
 }

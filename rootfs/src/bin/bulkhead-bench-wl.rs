@@ -1,31 +1,37 @@
 //! Runs inside a Bulkhead host (L1) for `bulkhead-rootfs bench wl`. Starts two bulkhead-vmm
 //! guests running `bulkhead-wl-bench` (a writer and a reader) with a virtio_wl socket each,
-//! and measures, in the same run:
+//! and a third guest under QEMU with `vhost-vsock-pci` (the vsock peer), and measures, in the
+//! same run:
 //!
-//! 1. round trips of a 64-byte SEND/RECV between the writer guest and this program (an echo),
+//! 1. round trips of a 64-byte message between the writer guest and this program (an echo),
 //!    without an fd and with one (a 4096-byte shared-memory vfd), against the same exchange
-//!    over a plain Unix socketpair between two threads here (with a memfd for the fd case),
-//!    in alternating batches so that both see the same background load (medians count);
+//!    over virtio-vsock between the QEMU guest and this program (what a user would pick for a
+//!    VM-to-host channel; it cannot carry fds, so the fd case is compared with its plain
+//!    round trip) and over a plain Unix socketpair between two threads here (with a memfd for
+//!    the fd case), in alternating batches so that all see the same background load
+//!    (medians count);
 //! 2. SEND throughput: the writer guest sends 4 KiB messages back to back (without and with
 //!    an fd) and this program reads them all, against the same over a socketpair here;
 //! 3. shared-memory bandwidth between the two guests: the writer fills a buffer that this
 //!    program passed on to the reader, the reader reads all of it and checks it, against a
-//!    memcpy of the same size here.
+//!    memcpy between two private buffers inside the writer guest (the VM's own memory) and
+//!    a memcpy of the same size here.
 //!
 //! Prints a table (`wl-bench: …`) and one `BENCH wl …` line.
 
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::Instant;
 
+use bulkhead_rootfs::bench::wl_peers::{
+    memcpy_ns, recv_msg, recv_text, send_msg, send_text, sink, socketpair_tput, SocketpairEcho,
+    VsockListener, VsockPeer,
+};
 use clap::Parser;
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 #[derive(Parser)]
 #[command(
-    about = "virtio_wl round trips and guest-to-guest shared memory against socketpair and memcpy"
+    about = "virtio_wl round trips and guest-to-guest shared memory against vsock, socketpair and memcpy"
 )]
 struct Args {
     #[arg(long, default_value = "/bin/bulkhead-vmm")]
@@ -38,6 +44,14 @@ struct Args {
     /// Initramfs of the reader guest (runs `bulkhead-wl-bench reader`).
     #[arg(long)]
     reader_initramfs: String,
+    /// Initramfs of the vsock guest (runs `bulkhead-wl-bench vsock`), booted under QEMU.
+    #[arg(long)]
+    vsock_initramfs: String,
+    #[arg(long, default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: String,
+    /// The AF_VSOCK port this program listens on for the vsock guest.
+    #[arg(long, default_value_t = 5000)]
+    vsock_port: u32,
     /// Round trips per kind (in 5 batches).
     #[arg(long, default_value_t = 300)]
     rounds: u32,
@@ -47,6 +61,10 @@ struct Args {
     /// Write/read repetitions of the shared buffer (the best one counts).
     #[arg(long, default_value_t = 4)]
     reps: u8,
+    /// Another bulkhead-vmm build, as NAME=PATH (repeatable): a second writer guest under it
+    /// takes part in the same round-trip batches (a before/after comparison in one boot).
+    #[arg(long = "also-vmm", value_name = "NAME=PATH")]
+    also_vmm: Vec<String>,
 }
 
 const WARMUP: u32 = 20;
@@ -59,69 +77,10 @@ const TPUT_BATCHES: u32 = 3;
 /// more often), so that they last about as long and average over the same kind of
 /// scheduling noise; results are per message.
 const PEER_FACTOR: u32 = 10;
-const MSG: [u8; 64] = [7; 64];
-const MAX_FDS: usize = 28;
-
-fn err<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
-    move |e| format!("{what}: {e}")
-}
-
-/// One message and the fds it carried (owned; dropping them closes them).
-fn recv_msg(sock: BorrowedFd<'_>) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
-    let mut buf = vec![0u8; 4096];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(err("recvmsg"))?;
-    let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(err("cmsgs"))? {
-        if let ControlMessageOwned::ScmRights(list) = c {
-            // SAFETY: fds received by SCM_RIGHTS are new and owned by nobody else.
-            fds.extend(
-                list.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
-    let n = msg.bytes;
-    buf.truncate(n);
-    Ok((buf, fds))
-}
-
-fn send_msg(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), String> {
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let rights = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
-    let n = sendmsg::<()>(
-        sock.as_raw_fd(),
-        &[IoSlice::new(data)],
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map_err(err("sendmsg"))?;
-    if n != data.len() {
-        return Err(format!("short send: {n} of {}", data.len()));
-    }
-    Ok(())
-}
-
-fn recv_text(sock: &UnixStream) -> Result<(String, Vec<OwnedFd>), String> {
-    let (data, fds) = recv_msg(sock.as_fd())?;
-    if data.is_empty() && fds.is_empty() {
-        return Err("the guest hung up".into());
-    }
-    Ok((String::from_utf8_lossy(&data).into_owned(), fds))
-}
-
-fn send_text(sock: &UnixStream, text: &str) -> Result<(), String> {
-    send_msg(sock.as_fd(), text.as_bytes(), &[])
-}
+/// The vsock guest's CID.
+const VSOCK_GUEST_CID: u32 = 3;
+/// How long the vsock guest may take to connect once the writers are up.
+const VSOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// One batch of round trips in the writer guest: asks for `n`, echoes them (closing any
 /// fds), returns the guest's mean in ns.
@@ -145,133 +104,79 @@ fn guest_batch(writer: &UnixStream, n: u32, with_fd: bool) -> Result<u128, Strin
     }
 }
 
-/// Puts this thread on CPU 0 only. The socketpair peers' two threads share one CPU: under
-/// emulation a wake-up across vCPUs costs milliseconds and varies tenfold from run to run,
-/// while on one CPU the figure is stable (and closer to what the same exchange costs on real
-/// hardware either way).
-fn pin_to_cpu0() {
-    use nix::sched::{sched_setaffinity, CpuSet};
-    let mut set = CpuSet::new();
-    if set.set(0).is_ok() {
-        let _ = sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-    }
-}
-
-/// Runs `f` with this thread on CPU 0, then gives it back its CPUs.
-fn on_cpu0<T>(f: impl FnOnce() -> T) -> T {
-    use nix::sched::{sched_getaffinity, sched_setaffinity};
-    let me = nix::unistd::Pid::from_raw(0);
-    let before = sched_getaffinity(me).ok();
-    pin_to_cpu0();
-    let result = f();
-    if let Some(set) = before {
-        let _ = sched_setaffinity(me, &set);
-    }
-    result
-}
-
-/// The L1 peer: an echo thread on one end of a socketpair.
-struct SocketpairEcho {
-    ours: UnixStream,
-    memfd: OwnedFd,
-    echo: std::thread::JoinHandle<Result<(), String>>,
-}
-
-impl SocketpairEcho {
-    fn start() -> Result<Self, String> {
-        let (ours, theirs) = UnixStream::pair().map_err(err("socketpair"))?;
-        let echo = std::thread::spawn(move || -> Result<(), String> {
-            pin_to_cpu0();
-            loop {
-                let (data, fds) = recv_msg(theirs.as_fd())?;
-                drop(fds);
-                if data.is_empty() {
-                    return Ok(());
-                }
-                send_msg(theirs.as_fd(), &data, &[])?;
-            }
-        });
-        let memfd = nix::sys::memfd::memfd_create(c"bench", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .map_err(err("memfd_create"))?;
-        nix::unistd::ftruncate(&memfd, 4096).map_err(err("ftruncate"))?;
-        Ok(Self { ours, memfd, echo })
-    }
-
-    /// `n` round trips; the mean in ns.
-    fn batch(&self, n: u32, with_fd: bool) -> Result<u128, String> {
-        let fds: Vec<BorrowedFd<'_>> = if with_fd {
-            vec![self.memfd.as_fd()]
-        } else {
-            Vec::new()
-        };
-        on_cpu0(|| {
-            let start = Instant::now();
-            for _ in 0..n {
-                send_msg(self.ours.as_fd(), &MSG, &fds)?;
-                let (data, _) = recv_msg(self.ours.as_fd())?;
-                if data.len() != MSG.len() {
-                    return Err(format!("echo of {} bytes", data.len()));
-                }
-            }
-            Ok(start.elapsed().as_nanos() / u128::from(n.max(1)))
-        })
-    }
-
-    fn finish(self) -> Result<(), String> {
-        drop(self.ours);
-        self.echo
-            .join()
-            .map_err(|_| "the echo thread panicked".to_string())?
-    }
-}
-
 fn median(mut v: Vec<u128>) -> u128 {
     v.sort_unstable();
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-/// Median batch means: [[virtio_wl, socketpair] without an fd, [virtio_wl, socketpair] with].
-fn round_trips(writer: &UnixStream, rounds: u32) -> Result<[[u128; 2]; 2], String> {
-    let peer = SocketpairEcho::start()?;
-    for with_fd in [false, true] {
-        guest_batch(writer, WARMUP, with_fd)?;
-        peer.batch(WARMUP, with_fd)?;
-    }
-    let n = (rounds / BATCHES).max(1);
-    let mut samples: [[Vec<u128>; 2]; 2] = Default::default();
-    for b in 0..BATCHES {
-        for (kind, with_fd) in samples.iter_mut().zip([false, true]) {
-            let wl = guest_batch(writer, n, with_fd)?;
-            let sp = peer.batch(n * PEER_FACTOR, with_fd)?;
-            println!(
-                "wl-bench: batch {b} {}: round trip virtio_wl {wl} ns (mean of {n}), socketpair {sp} ns (mean of {})",
-                if with_fd { "with an fd" } else { "without fd" },
-                n * PEER_FACTOR
-            );
-            kind[0].push(wl);
-            kind[1].push(sp);
-        }
-    }
-    peer.finish()?;
-    let [[pw, ps], [fw, fs]] = samples;
-    Ok([[median(pw), median(ps)], [median(fw), median(fs)]])
+/// Median batch means of the round trips (ns).
+struct RoundTrips {
+    /// Per writer (the primary first): without an fd, with one.
+    wl: Vec<(u128, u128)>,
+    /// None if the vsock guest never came up.
+    vsock: Option<u128>,
+    socketpair: u128,
+    socketpair_fd: u128,
 }
 
-/// Reads `total` bytes (closing any fds) from `from`, then answers `got`.
-fn sink(from: &UnixStream, total: usize) -> Result<(), String> {
-    let mut got = 0;
-    while got < total {
-        let (data, fds) = recv_msg(from.as_fd())?;
-        drop(fds);
-        if data.is_empty() {
-            return Err(format!("hung up after {got} of {total} bytes"));
+fn round_trips(
+    writers: &[(String, UnixStream)],
+    mut vsock: Option<&mut VsockPeer>,
+    rounds: u32,
+) -> Result<RoundTrips, String> {
+    let peer = SocketpairEcho::start()?;
+    for with_fd in [false, true] {
+        for (_, w) in writers {
+            guest_batch(w, WARMUP, with_fd)?;
         }
-        got += data.len();
+        peer.batch(WARMUP, with_fd)?;
     }
-    if got != total {
-        return Err(format!("{got} bytes, expected {total}"));
+    if let Some(v) = vsock.as_deref_mut() {
+        v.batch(WARMUP)?;
     }
-    send_text(from, "got")
+    let n = (rounds / BATCHES).max(1);
+    let m = n * PEER_FACTOR;
+    let mut wl: Vec<[Vec<u128>; 2]> = writers.iter().map(|_| Default::default()).collect();
+    let (mut vs, mut sp, mut sp_fd) = (Vec::new(), Vec::new(), Vec::new());
+    for b in 0..BATCHES {
+        // Each batch starts with the next writer: no VMM build always goes first.
+        let order: Vec<usize> = (0..writers.len())
+            .map(|i| (i + b as usize) % writers.len())
+            .collect();
+        for &i in &order {
+            let ((name, w), samples) = (&writers[i], &mut wl[i]);
+            let t = guest_batch(w, n, false)?;
+            println!("wl-bench: batch {b} without fd: virtio_wl ({name}) {t} ns (mean of {n})");
+            samples[0].push(t);
+        }
+        if let Some(v) = vsock.as_deref_mut() {
+            let t = v.batch(n)?;
+            println!("wl-bench: batch {b} without fd: vsock {t} ns (mean of {n})");
+            vs.push(t);
+        }
+        let t = peer.batch(m, false)?;
+        println!("wl-bench: batch {b} without fd: socketpair {t} ns (mean of {m})");
+        sp.push(t);
+        for &i in &order {
+            let ((name, w), samples) = (&writers[i], &mut wl[i]);
+            let t = guest_batch(w, n, true)?;
+            println!("wl-bench: batch {b} with an fd: virtio_wl ({name}) {t} ns (mean of {n})");
+            samples[1].push(t);
+        }
+        let t = peer.batch(m, true)?;
+        println!("wl-bench: batch {b} with an fd: socketpair {t} ns (mean of {m})");
+        sp_fd.push(t);
+    }
+    peer.finish()?;
+    Ok(RoundTrips {
+        wl: wl
+            .into_iter()
+            .map(|[p, f]| (median(p), median(f)))
+            .collect(),
+        vsock: (!vs.is_empty()).then(|| median(vs)),
+        socketpair: median(sp),
+        socketpair_fd: median(sp_fd),
+    })
 }
 
 /// One throughput batch in the writer guest; the guest's time in ns.
@@ -285,47 +190,15 @@ fn guest_tput(writer: &UnixStream, with_fd: bool) -> Result<u128, String> {
         .ok_or_else(|| format!("expected tput-done, got {done:?}"))
 }
 
-/// The same batch over a socketpair between two threads here, `PEER_FACTOR` times over; the
-/// time per `TPUT_MESSAGES` messages in ns.
-fn socketpair_tput(with_fd: bool) -> Result<u128, String> {
-    let (ours, theirs) = UnixStream::pair().map_err(err("socketpair"))?;
-    let messages = TPUT_MESSAGES * PEER_FACTOR;
-    let reader = std::thread::spawn(move || {
-        pin_to_cpu0();
-        sink(&theirs, messages as usize * TPUT_BYTES)
-    });
-    let memfd = nix::sys::memfd::memfd_create(c"bench", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-        .map_err(err("memfd_create"))?;
-    let fds: Vec<BorrowedFd<'_>> = if with_fd {
-        vec![memfd.as_fd()]
-    } else {
-        Vec::new()
-    };
-    let data = vec![9u8; TPUT_BYTES];
-    let (got, ns) = on_cpu0(|| {
-        let start = Instant::now();
-        for _ in 0..messages {
-            send_msg(ours.as_fd(), &data, &fds)?;
-        }
-        let (got, _) = recv_text(&ours)?;
-        Ok::<_, String>((got, start.elapsed().as_nanos() / u128::from(PEER_FACTOR)))
-    })?;
-    reader
-        .join()
-        .map_err(|_| "the sink thread panicked".to_string())??;
-    if got != "got" {
-        return Err(format!("expected got, got {got:?}"));
-    }
-    Ok(ns)
-}
-
 /// Median batch times: [[virtio_wl, socketpair] without an fd, [virtio_wl, socketpair] with].
+/// The socketpair's batches are `PEER_FACTOR` times longer; its time is per `TPUT_MESSAGES`.
 fn throughputs(writer: &UnixStream) -> Result<[[u128; 2]; 2], String> {
     let mut samples: [[Vec<u128>; 2]; 2] = Default::default();
     for b in 0..TPUT_BATCHES {
         for (kind, with_fd) in samples.iter_mut().zip([false, true]) {
             let wl = guest_tput(writer, with_fd)?;
-            let sp = socketpair_tput(with_fd)?;
+            let sp = socketpair_tput(TPUT_MESSAGES * PEER_FACTOR, TPUT_BYTES, with_fd)?
+                / u128::from(PEER_FACTOR);
             println!(
                 "wl-bench: batch {b} {}: {TPUT_MESSAGES} x {TPUT_BYTES} bytes virtio_wl {wl} ns, socketpair {sp} ns (mean of {PEER_FACTOR})",
                 if with_fd { "with an fd" } else { "without fd" }
@@ -338,18 +211,14 @@ fn throughputs(writer: &UnixStream) -> Result<[[u128; 2]; 2], String> {
     Ok([[median(pw), median(ps)], [median(fw), median(fs)]])
 }
 
-/// The best of `reps` memcpys of `bytes` (ns).
-fn memcpy_ns(bytes: usize, reps: u8) -> u128 {
-    let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    let mut best = u128::MAX;
-    for _ in 0..reps.max(1) {
-        let start = Instant::now();
-        dst.copy_from_slice(std::hint::black_box(&src));
-        std::hint::black_box(&mut dst);
-        best = best.min(start.elapsed().as_nanos());
-    }
-    best
+/// The writer guest's memcpy between two private buffers of the shared buffer's size: the
+/// best of `reps` (ns).
+fn guest_memcpy(writer: &UnixStream, reps: u8) -> Result<u128, String> {
+    send_text(writer, &format!("memcpy {reps}"))?;
+    let (done, _) = recv_text(writer)?;
+    done.strip_prefix("memcpy-done ")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("expected memcpy-done, got {done:?}"))
 }
 
 /// Moves the shared buffer from the writer to the reader and times `reps` write/read
@@ -405,8 +274,8 @@ fn shared_memory(
     best.ok_or_else(|| "no repetitions".to_string())
 }
 
-/// Prints a child's output line by line as `vm-<role>: …`, so the two VMMs' consoles never
-/// mix with each other or with our own lines.
+/// Prints a child's output line by line as `vm-<role>: …`, so the consoles never mix with
+/// each other or with our own lines.
 fn forward_lines(from: impl std::io::Read + Send + 'static, role: &'static str) {
     std::thread::spawn(move || {
         use std::io::BufRead;
@@ -417,17 +286,14 @@ fn forward_lines(from: impl std::io::Read + Send + 'static, role: &'static str) 
     });
 }
 
-fn spawn_vmm(a: &Args, role: &'static str, initramfs: &str, socket: &str) -> Result<Child, String> {
-    let mut child = Command::new(&a.vmm)
-        .args(["--kernel", &a.kernel, "--initramfs", initramfs])
-        .args(["--cmdline", "console=ttyS0 panic=-1 quiet"])
-        .args(["--memory", "192M", "--vcpus", "1"])
-        .args(["--wl-socket", socket])
+fn spawn(mut cmd: Command, role: &'static str) -> Result<Child, String> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("{}: {e}", a.vmm))?;
+        .map_err(|e| format!("{program}: {e}"))?;
     if let Some(out) = child.stdout.take() {
         forward_lines(out, role);
     }
@@ -437,21 +303,78 @@ fn spawn_vmm(a: &Args, role: &'static str, initramfs: &str, socket: &str) -> Res
     Ok(child)
 }
 
-/// Accepts one connection, giving up if a VMM has exited (a guest that failed before
+fn spawn_vmm(
+    vmm: &str,
+    role: &'static str,
+    kernel: &str,
+    initramfs: &str,
+    socket: &str,
+) -> Result<Child, String> {
+    let mut cmd = Command::new(vmm);
+    cmd.args(["--kernel", kernel, "--initramfs", initramfs])
+        .args(["--cmdline", "console=ttyS0 panic=-1 quiet"])
+        .args(["--memory", "192M", "--vcpus", "1"])
+        .args(["--wl-socket", socket]);
+    spawn(cmd, role)
+}
+
+/// The vsock peer: QEMU microvm with a PCIe bus, the guest's vsock device backed by the host
+/// kernel's vhost-vsock.
+fn spawn_vsock_guest(a: &Args) -> Result<Child, String> {
+    let mut cmd = Command::new(&a.qemu);
+    cmd.args(["-M", "microvm,pcie=on", "-accel", "kvm", "-cpu", "host"])
+        .args(["-m", "192M", "-smp", "1", "-nodefaults", "-no-user-config"])
+        .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+        .args(["-kernel", &a.kernel, "-initrd", &a.vsock_initramfs])
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .args([
+            "-device",
+            &format!("vhost-vsock-pci,guest-cid={VSOCK_GUEST_CID},disable-legacy=on"),
+        ]);
+    spawn(cmd, "vsock")
+}
+
+fn any_exited(children: &mut [Child]) -> bool {
+    children
+        .iter_mut()
+        .any(|v| matches!(v.try_wait(), Ok(Some(_))))
+}
+
+/// Accepts one connection, giving up if a VM has exited (a guest that failed before
 /// connecting would otherwise leave us waiting forever).
-fn accept(listener: &UnixListener, vmms: &mut [Child], what: &str) -> Result<UnixStream, String> {
+fn accept(listener: &UnixListener, vms: &mut [Child], what: &str) -> Result<UnixStream, String> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     loop {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        let ready = poll(&mut fds, PollTimeout::from(1000u16)).map_err(err("poll"))?;
+        let ready = poll(&mut fds, PollTimeout::from(1000u16)).map_err(|e| format!("poll: {e}"))?;
         if ready > 0 {
             return listener
                 .accept()
                 .map(|(s, _)| s)
                 .map_err(|e| format!("accept the {what}: {e}"));
         }
-        if vmms.iter_mut().any(|v| matches!(v.try_wait(), Ok(Some(_)))) {
-            return Err(format!("a VMM exited before the {what} guest connected"));
+        if any_exited(vms) {
+            return Err(format!("a VM exited before the {what} guest connected"));
+        }
+    }
+}
+
+/// The vsock guest, if it connects within `VSOCK_WAIT` and its QEMU keeps running; the
+/// figures without it are still measured.
+fn accept_vsock(listener: &VsockListener, qemu: &mut Child) -> Result<VsockPeer, String> {
+    let end = std::time::Instant::now() + VSOCK_WAIT;
+    loop {
+        if let Some(peer) = listener.accept_within_a_second()? {
+            return Ok(peer);
+        }
+        if let Ok(Some(status)) = qemu.try_wait() {
+            return Err(format!("its QEMU exited ({status})"));
+        }
+        if std::time::Instant::now() > end {
+            return Err(format!(
+                "it did not connect within {} s",
+                VSOCK_WAIT.as_secs()
+            ));
         }
     }
 }
@@ -465,92 +388,226 @@ fn mib_per_s(bytes: usize, ns: u128) -> f64 {
     bytes as f64 / (1 << 20) as f64 / (ns.max(1) as f64 / 1e9)
 }
 
+/// Everything measured.
+struct Figures {
+    /// The writers' VMM names (the primary first).
+    names: Vec<String>,
+    rtt: RoundTrips,
+    tputs: [[u128; 2]; 2],
+    write_ns: u128,
+    read_ns: u128,
+    guest_copy_ns: u128,
+    l1_copy_ns: u128,
+}
+
 fn run(a: &Args) -> Result<(), String> {
-    let (wpath, rpath) = ("/run/wl-bench-writer.sock", "/run/wl-bench-reader.sock");
-    let wl_writer = bind(wpath)?;
+    let mut writer_vmms = vec![("bulkhead-vmm".to_string(), a.vmm.clone())];
+    for spec in &a.also_vmm {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--also-vmm {spec:?}: expected NAME=PATH"))?;
+        writer_vmms.push((name.to_string(), path.to_string()));
+    }
+    let mut listeners = Vec::new();
+    let mut vms = Vec::new();
+    let kill_all = |vms: &mut Vec<Child>| {
+        for v in vms.iter_mut() {
+            let _ = v.kill();
+            let _ = v.wait();
+        }
+    };
+    for (i, (name, vmm)) in writer_vmms.iter().enumerate() {
+        let path = format!("/run/wl-bench-writer-{i}.sock");
+        listeners.push((name.clone(), bind(&path)?));
+        match spawn_vmm(
+            vmm,
+            "writer",
+            &a.kernel,
+            &a.writer_initramfs,
+            &format!("bench={path}"),
+        ) {
+            Ok(c) => vms.push(c),
+            Err(e) => {
+                kill_all(&mut vms);
+                return Err(e);
+            }
+        }
+    }
+    let rpath = "/run/wl-bench-reader.sock";
     let wl_reader = bind(rpath)?;
-    let mut vmms = [
-        spawn_vmm(a, "writer", &a.writer_initramfs, &format!("bench={wpath}"))?,
-        spawn_vmm(a, "reader", &a.reader_initramfs, &format!("bench={rpath}"))?,
-    ];
+    let vsock_listener = VsockListener::bind(a.vsock_port)?;
+    match spawn_vmm(
+        &a.vmm,
+        "reader",
+        &a.kernel,
+        &a.reader_initramfs,
+        &format!("bench={rpath}"),
+    ) {
+        Ok(c) => vms.push(c),
+        Err(e) => {
+            kill_all(&mut vms);
+            return Err(e);
+        }
+    }
+    let mut qemu = match spawn_vsock_guest(a) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            println!("wl-bench: the vsock peer cannot start: {e}");
+            None
+        }
+    };
     let result = (|| {
-        let writer = accept(&wl_writer, &mut vmms, "writer")?;
-        let reader = accept(&wl_reader, &mut vmms, "reader")?;
-        // Both guests are up (and now wait idle) before anything is measured.
-        let rtts = round_trips(&writer, a.rounds)?;
-        let tputs = throughputs(&writer)?;
+        let mut writers = Vec::new();
+        for (name, l) in &listeners {
+            writers.push((name.clone(), accept(l, &mut vms, "writer")?));
+        }
+        let reader = accept(&wl_reader, &mut vms, "reader")?;
+        let mut vsock = match qemu.as_mut().map(|q| accept_vsock(&vsock_listener, q)) {
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                println!("wl-bench: no vsock peer: {e}");
+                None
+            }
+            None => None,
+        };
+        // Every guest is up (and now waits idle) before anything is measured.
+        let rtt = round_trips(&writers, vsock.as_mut(), a.rounds)?;
+        if let Some(v) = vsock {
+            v.done()?;
+        }
+        let writer = &writers.first().ok_or("no writer")?.1;
+        let tputs = throughputs(writer)?;
         let bytes = a.shm_mib << 20;
-        let (write_ns, read_ns) = shared_memory(&writer, &reader, bytes, a.reps)?;
-        let copy_ns = memcpy_ns(bytes, a.reps);
-        send_text(&writer, "done")?;
+        let guest_copy_ns = guest_memcpy(writer, a.reps)?;
+        let (write_ns, read_ns) = shared_memory(writer, &reader, bytes, a.reps)?;
+        let l1_copy_ns = memcpy_ns(bytes, a.reps);
+        for (_, w) in &writers {
+            send_text(w, "done")?;
+        }
         send_text(&reader, "done")?;
-        Ok::<_, String>((rtts, tputs, write_ns, read_ns, copy_ns))
+        Ok::<_, String>(Figures {
+            names: writers.iter().map(|(n, _)| n.clone()).collect(),
+            rtt,
+            tputs,
+            write_ns,
+            read_ns,
+            guest_copy_ns,
+            l1_copy_ns,
+        })
     })();
-    for v in vmms.iter_mut() {
+    vms.extend(qemu);
+    for v in vms.iter_mut() {
         if result.is_err() {
             let _ = v.kill();
         }
         let _ = v.wait();
     }
-    let ([[rtt, sp_rtt], [fd_rtt, sp_fd_rtt]], tputs, write_ns, read_ns, copy_ns) = result?;
-    let bytes = a.shm_mib << 20;
-    let shm_ns = write_ns + read_ns;
+    print_results(a, &result?);
+    Ok(())
+}
+
+fn print_results(a: &Args, f: &Figures) {
     let ratio = |x: u128, y: u128| x as f64 / y.max(1) as f64;
+    let r = &f.rtt;
+    let vsock = r.vsock.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    let vs_ratio = |x: u128| {
+        r.vsock
+            .map(|v| format!("{:.2}", ratio(x, v)))
+            .unwrap_or_else(|| "-".into())
+    };
     println!(
-        "wl-bench: {:<50} {:>14} {:>14} {:>8}",
-        "measure", "virtio_wl", "L1 peer", "ratio"
+        "wl-bench: {:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
+        "round trips (ns), median of 5 batch means",
+        "virtio_wl",
+        "vsock",
+        "socketpair",
+        "/vsock",
+        "/sockpair"
     );
-    println!(
-        "wl-bench: {:<50} {:>11} ns {:>11} ns {:>8.1}",
-        "64-byte round trip, median (vs socketpair)",
-        rtt,
-        sp_rtt,
-        ratio(rtt, sp_rtt)
-    );
-    println!(
-        "wl-bench: {:<50} {:>11} ns {:>11} ns {:>8.1}",
-        "64-byte round trip + 1 fd, median (vs socketpair)",
-        fd_rtt,
-        sp_fd_rtt,
-        ratio(fd_rtt, sp_fd_rtt)
-    );
+    for (name, (plain, fd)) in f.names.iter().zip(&r.wl) {
+        for (label, wl, sp) in [
+            (format!("64 bytes, {name}"), *plain, r.socketpair),
+            (
+                format!("64 bytes + 1 fd, {name} (vsock: no fd)"),
+                *fd,
+                r.socketpair_fd,
+            ),
+        ] {
+            println!(
+                "wl-bench: {:<44} {:>12} {:>12} {:>12} {:>9} {:>9.1}",
+                label,
+                wl,
+                vsock,
+                sp,
+                vs_ratio(wl),
+                ratio(wl, sp)
+            );
+        }
+    }
     let tput_bytes = TPUT_MESSAGES as usize * TPUT_BYTES;
-    for ([wl, sp], label) in tputs.into_iter().zip(["", " + 1 fd each"]) {
+    for ([wl, sp], label) in f.tputs.into_iter().zip(["", " + 1 fd each"]) {
         let (wl_bw, sp_bw) = (mib_per_s(tput_bytes, wl), mib_per_s(tput_bytes, sp));
         println!(
-            "wl-bench: {:<50} {:>8.1} MiB/s {:>8.1} MiB/s {:>8.3}",
-            format!("{TPUT_BYTES}-byte SENDs{label}, median (vs socketpair)"),
+            "wl-bench: {:<44} {:>6.1} MiB/s socketpair {:>6.1} MiB/s ratio {:.3}",
+            format!("{TPUT_BYTES}-byte SENDs{label}, median"),
             wl_bw,
             sp_bw,
             wl_bw / sp_bw
         );
     }
-    let (shm_bw, copy_bw) = (mib_per_s(bytes, shm_ns), mib_per_s(bytes, copy_ns));
+    let bytes = a.shm_mib << 20;
+    let shm_bw = mib_per_s(bytes, f.write_ns + f.read_ns);
+    let guest_bw = mib_per_s(bytes, f.guest_copy_ns);
+    let l1_bw = mib_per_s(bytes, f.l1_copy_ns);
     println!(
-        "wl-bench: {:<50} {:>8.1} MiB/s {:>8.1} MiB/s {:>8.3}",
-        format!("{} MiB guest->guest shm (vs memcpy)", a.shm_mib),
+        "wl-bench: {:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
+        format!("{} MiB, best of {} (MiB/s)", a.shm_mib, a.reps),
+        "shm g->g",
+        "guest memcpy",
+        "L1 memcpy",
+        "/guest",
+        "/L1"
+    );
+    println!(
+        "wl-bench: {:<44} {:>12.1} {:>12.1} {:>12.1} {:>9.3} {:>9.3}",
+        "bandwidth",
         shm_bw,
-        copy_bw,
-        shm_bw / copy_bw
+        guest_bw,
+        l1_bw,
+        shm_bw / guest_bw,
+        shm_bw / l1_bw
     );
     println!(
-        "wl-bench: shm: writer fill {} ns ({:.1} MiB/s), reader read {} ns ({:.1} MiB/s); memcpy {} ns",
-        write_ns,
-        mib_per_s(bytes, write_ns),
-        read_ns,
-        mib_per_s(bytes, read_ns),
-        copy_ns
+        "wl-bench: shm: writer fill {} ns ({:.1} MiB/s), reader read {} ns ({:.1} MiB/s); guest memcpy {} ns; L1 memcpy {} ns",
+        f.write_ns,
+        mib_per_s(bytes, f.write_ns),
+        f.read_ns,
+        mib_per_s(bytes, f.read_ns),
+        f.guest_copy_ns,
+        f.l1_copy_ns
     );
     println!(
-        "wl-bench: ratio = virtio_wl / L1 peer: for times, how many times slower; for MiB/s, the fraction reached"
+        "wl-bench: ratios: for times, virtio_wl / peer (below 1 is faster); for bandwidth, the fraction of the peer's reached"
     );
+    let (plain, fd) = r.wl.first().copied().unwrap_or_default();
+    let vsock_keys = r
+        .vsock
+        .map(|v| {
+            format!(
+                "rtt_ratio_vs_vsock={:.2} fd_rtt_ratio_vs_vsock={:.2} ",
+                ratio(plain, v),
+                ratio(fd, v)
+            )
+        })
+        .unwrap_or_default();
     println!(
-        "BENCH wl rtt_ratio_vs_socketpair={:.2} fd_rtt_ratio_vs_socketpair={:.2} shm_bw_ratio_vs_memcpy={:.3}",
-        ratio(rtt, sp_rtt),
-        ratio(fd_rtt, sp_fd_rtt),
-        shm_bw / copy_bw
+        "BENCH wl {vsock_keys}shm_bw_ratio_vs_guest_memcpy={:.3} rtt_ratio_vs_socketpair={:.2} \
+         fd_rtt_ratio_vs_socketpair={:.2} shm_bw_ratio_vs_memcpy={:.3}",
+        shm_bw / guest_bw,
+        ratio(plain, r.socketpair),
+        ratio(fd, r.socketpair_fd),
+        shm_bw / l1_bw
     );
-    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -21,6 +21,11 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 /// Feature bit: virtio 1.0 or later (required by the modern transport).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_EVENT_IDX`: the driver says in `used_event` when it wants the next
+/// interrupt, the device in `avail_event` when it wants the next notification. A device that
+/// offers it must re-arm notifications itself (`Queue::enable_notification`); the transport
+/// turns it on for the queues when the driver accepts it.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Device status bits.
 pub mod status {
     /// The guest noticed the device.

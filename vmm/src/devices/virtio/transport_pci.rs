@@ -34,7 +34,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
     status, Activation, ActiveQueue, ShmRegion, ShmRegionSpec, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::pci::bar_allocator::{BarAllocError, BarAllocator};
 use crate::devices::pci::config_space::{BarKind, BarMove, PciBar, PciConfigSpace, PciHeader};
@@ -556,9 +556,10 @@ impl VirtioPciDevice {
                 Some(Ok(e)) => e,
                 _ => continue,
             };
-            let Ok(queue) = Queue::try_from(q.state()) else {
+            let Ok(mut queue) = Queue::try_from(q.state()) else {
                 continue;
             };
+            queue.set_event_idx(self.common.driver_features & VIRTIO_RING_F_EVENT_IDX != 0);
             queues.push(ActiveQueue {
                 index: i,
                 queue,

@@ -5,14 +5,20 @@
 //!   with L1's echo, without an fd or with one (a 4096-byte shared-memory vfd), and reports
 //!   `rtt-done <mean ns>`. On `tput plain|fd <n> <bytes>` it sends n messages of that size
 //!   (each with the shared-memory vfd, or none) without waiting, waits for L1's `got`, and
-//!   reports `tput-done <ns>`. On `shm` it allocates a shared buffer and sends it to L1 (which
-//!   passes it to the reader guest); then on each `go <rep>` it fills the whole buffer with
-//!   the byte `rep + 1` and reports `written <rep> <ns>`.
+//!   reports `tput-done <ns>`. On `memcpy <reps>` it copies one private buffer of the shared
+//!   buffer's size into another `reps` times and reports `memcpy-done <best ns>`: this VM's
+//!   own memory bandwidth, the figure zero copy is measured against. On `shm` it allocates a
+//!   shared buffer and sends it to L1 (which passes it to the reader guest); then on each
+//!   `go <rep>` it fills the whole buffer with the byte `rep + 1` and reports
+//!   `written <rep> <ns>`.
 //! - `reader`: receives that buffer (`shm <bytes>` with the fd), answers `ready`, and on each
 //!   `written <rep>` reads the whole buffer, checks every byte and reports
 //!   `read <rep> <ns> ok|bad`.
+//! - `vsock` (the peer, in a guest under QEMU with `vhost-vsock-pci`): connects to L1 over
+//!   AF_VSOCK (CID 2, `--vsock-port`) and on each line `rtt <n>` does n round trips of the
+//!   same 64-byte message with L1's echo and answers the line `rtt-done <mean ns>`.
 //!
-//! L1 drives both; both end on `done`. Every message waits for its answer, so messages
+//! L1 drives all of them; they end on `done`. Every message waits for its answer, so messages
 //! never merge.
 
 use std::os::fd::OwnedFd;
@@ -28,6 +34,8 @@ enum Role {
     Writer,
     /// Reads the shared buffer the writer fills.
     Reader,
+    /// Round trips over virtio-vsock (the peer the virtio_wl ones are compared with).
+    Vsock,
 }
 
 /// virtio_wl benchmark guest (see `bulkhead-rootfs bench wl`).
@@ -41,6 +49,9 @@ struct Args {
     /// The virtio_wl socket name to connect to.
     #[arg(long, default_value = "bench")]
     socket: String,
+    /// The AF_VSOCK port L1 listens on (role vsock).
+    #[arg(long, default_value_t = 5000)]
+    vsock_port: u32,
 }
 
 const MSG: [u8; 64] = [7; 64];
@@ -92,6 +103,20 @@ fn throughput(
     Ok(start.elapsed().as_nanos())
 }
 
+/// The best of `reps` copies of one private buffer of `bytes` into another (ns).
+fn memcpy_ns(bytes: usize, reps: u32) -> u128 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let mut best = u128::MAX;
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&mut dst);
+        best = best.min(start.elapsed().as_nanos());
+    }
+    best
+}
+
 fn fill_rounds(conn: &WlStream, shm: &mut SharedMemory) -> Result<(), String> {
     loop {
         let (msg, _) = recv_text(conn)?;
@@ -130,6 +155,12 @@ fn writer(conn: &WlStream, wl: &Wl, a: &Args) -> Result<(), String> {
                 let ns = throughput(conn, n, size.min(1 << 20), fd)?;
                 conn.send(format!("tput-done {ns}").as_bytes(), &[])
                     .map_err(err("send tput-done"))?;
+            }
+            ["memcpy", reps] => {
+                let reps: u32 = reps.parse().map_err(|_| format!("bad {msg:?}"))?;
+                let ns = memcpy_ns(a.shm_mib << 20, reps);
+                conn.send(format!("memcpy-done {ns}").as_bytes(), &[])
+                    .map_err(err("send memcpy-done"))?;
             }
             ["shm"] => {
                 let bytes = a.shm_mib << 20;
@@ -187,12 +218,65 @@ fn reader(conn: &WlStream) -> Result<(), String> {
     }
 }
 
+/// The vsock peer: line commands from L1, 64-byte round trips with its echo.
+fn vsock(a: &Args) -> Result<(), String> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    use std::io::{BufRead, BufReader, Read, Write};
+    const VMADDR_CID_HOST: u32 = 2;
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(err("socket(AF_VSOCK)"))?;
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &VsockAddr::new(VMADDR_CID_HOST, a.vsock_port),
+    )
+    .map_err(err("connect to the host over vsock"))?;
+    let mut conn = std::fs::File::from(fd);
+    let mut lines = BufReader::new(conn.try_clone().map_err(err("dup"))?);
+    let mut echo = [0u8; 64];
+    loop {
+        let mut line = String::new();
+        if lines.read_line(&mut line).map_err(err("read"))? == 0 {
+            return Err("the host hung up".into());
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["rtt", n] => {
+                let n: u32 = n.parse().map_err(|_| format!("bad {line:?}"))?;
+                let start = Instant::now();
+                for _ in 0..n {
+                    conn.write_all(&MSG).map_err(err("send"))?;
+                    // The echo is the only thing L1 sends until rtt-done, so the buffered
+                    // reader holds nothing of it.
+                    lines.read_exact(&mut echo).map_err(err("recv"))?;
+                    if echo != MSG {
+                        return Err("the echo differs".into());
+                    }
+                }
+                let ns = start.elapsed().as_nanos() / u128::from(n.max(1));
+                conn.write_all(format!("rtt-done {ns}\n").as_bytes())
+                    .map_err(err("send rtt-done"))?;
+            }
+            ["done"] => return Ok(()),
+            _ => return Err(format!("unexpected {line:?}")),
+        }
+    }
+}
+
 fn run(a: &Args) -> Result<(), String> {
+    if let Role::Vsock = a.role {
+        return vsock(a);
+    }
     let wl = Wl::open().map_err(err("open /dev/wl0"))?;
     let conn = wl.connect(&a.socket).map_err(err("connect"))?;
     match a.role {
         Role::Writer => writer(&conn, &wl, a),
         Role::Reader => reader(&conn),
+        Role::Vsock => Ok(()),
     }
 }
 

@@ -5,6 +5,19 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use super::protocol::MAX_VFDS_PER_MESSAGE;
 
+/// Whether this kernel takes RWF_NOWAIT on pipes (6.3 and later; 6.1 refuses it with
+/// EOPNOTSUPP before doing anything). Learnt at the first refusal, so an older kernel costs
+/// no failing call per message.
+static PIPE_NOWAIT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn pipe_nowait() -> bool {
+    PIPE_NOWAIT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn no_pipe_nowait() {
+    PIPE_NOWAIT.store(false, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Room for `MAX_VFDS_PER_MESSAGE` fds in one control message (CMSG_SPACE, rounded up).
 const CMSG_BUF: usize = 256;
 
@@ -134,8 +147,11 @@ pub fn send_all_with_fds(
 
 /// Writes all of `data` to a pipe, bounded by `wait` as [`send_all_with_fds`] (a pipe cannot
 /// be shut down: when cut, the guest is told that the write failed). The pipe may be a peer's, shared
-/// with it, so its mode is left alone: each write waits for POLLOUT (room for at least one
-/// page) and then writes at most `PIPE_BUF` bytes, which never blocks.
+/// with it, so its mode is left alone: every write is `pwritev2(RWF_NOWAIT)`, which takes as
+/// much as fits now and never blocks, so a message that fits is one system call; only when
+/// the pipe is full does it wait for POLLOUT. On a kernel without RWF_NOWAIT for pipes it
+/// waits for POLLOUT (room for at least one page) before each write of at most `PIPE_BUF`
+/// bytes, which never blocks either.
 pub fn write_all_bounded(
     pipe: BorrowedFd<'_>,
     data: &[u8],
@@ -143,7 +159,31 @@ pub fn write_all_bounded(
 ) -> Result<(), SendError> {
     let deadline = std::time::Instant::now() + wait;
     let mut done = 0;
+    let mut nowait = pipe_nowait();
     while done < data.len() {
+        let rest = data.get(done..).unwrap_or_default();
+        if nowait {
+            let iov = libc::iovec {
+                iov_base: rest.as_ptr() as *mut libc::c_void,
+                iov_len: rest.len(),
+            };
+            // SAFETY: `iov` points into `data`, which lives for the call; the kernel only reads.
+            let n = unsafe { libc::pwritev2(pipe.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+            if n >= 0 {
+                done += n as usize;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP | libc::EINVAL) => {
+                    no_pipe_nowait();
+                    nowait = false;
+                }
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => {}
+                _ => return Err(e.into()),
+            }
+        }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if !poll_writable(pipe, left)? {
             return Err(if done == 0 {
@@ -155,11 +195,14 @@ pub fn write_all_bounded(
                 }
             });
         }
-        let rest = data.get(done..).unwrap_or_default();
+        if nowait {
+            continue;
+        }
         let chunk = rest
             .get(..rest.len().min(libc::PIPE_BUF))
             .unwrap_or_default();
-        // SAFETY: a write(2) from a live buffer of `chunk.len()` bytes.
+        // SAFETY: writes from a live slice; after POLLOUT a write of at most PIPE_BUF bytes
+        // to a pipe does not block.
         let n = unsafe { libc::write(pipe.as_raw_fd(), chunk.as_ptr().cast(), chunk.len()) };
         if n >= 0 {
             done += n as usize;
@@ -178,11 +221,40 @@ pub fn write_all_bounded(
 
 /// Reads what a pipe holds now without ever blocking, and without touching its mode (the
 /// pipe may be shared with a peer, so O_NONBLOCK is left alone): another reader may have
-/// drained it between the caller's poll and this read. FIONREAD says how many bytes are
-/// there and at most that many are read, with RWF_NOWAIT where the kernel supports it on
-/// pipes (so even a reader racing between the two cannot make it wait). `Ok(0)` is end of
+/// drained it between the caller's poll and this read. One `preadv2(RWF_NOWAIT)` (which
+/// never waits, even for a reader racing with us); on a kernel without RWF_NOWAIT for pipes,
+/// FIONREAD says how many bytes are there and at most that many are read. `Ok(0)` is end of
 /// file (empty, no writer left); `WouldBlock` means nothing to read now.
 pub fn read_pipe_now(pipe: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
+    if !pipe_nowait() {
+        return read_pipe_measured(pipe, buf);
+    }
+    let fd = pipe.as_raw_fd();
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    loop {
+        // SAFETY: `iov` points into `buf`, which lives for the call.
+        let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP | libc::EINVAL) => {
+                no_pipe_nowait();
+                return read_pipe_measured(pipe, buf);
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
+/// [`read_pipe_now`] for kernels without RWF_NOWAIT on pipes: FIONREAD, then a read of at
+/// most that much.
+fn read_pipe_measured(pipe: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<usize> {
     let fd = pipe.as_raw_fd();
     let mut avail: libc::c_int = 0;
     // SAFETY: FIONREAD writes one c_int into `avail`.
@@ -205,21 +277,6 @@ pub fn read_pipe_now(pipe: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<us
         return Err(std::io::ErrorKind::WouldBlock.into());
     }
     let want = avail.min(buf.len());
-    let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: want,
-    };
-    // SAFETY: one iovec over `want` <= `buf.len()` writable bytes; offset -1 reads at the
-    // current position, as read(2) does (a pipe has no offset).
-    let n = unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
-    if n >= 0 {
-        return Ok(n as usize);
-    }
-    let e = std::io::Error::last_os_error();
-    if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) {
-        return Err(e);
-    }
-    // A kernel without RWF_NOWAIT on pipes: at most what FIONREAD saw.
     // SAFETY: reads into `buf`, which has at least `want` writable bytes.
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), want) };
     if n < 0 {
@@ -371,5 +428,50 @@ mod tests {
             assert!(n < 1_000_000);
         };
         assert!(matches!(err, SendError::Full), "{err}");
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two fds pipe2 writes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: pipe2 returned two new fds that nothing else owns.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// Both ways of reading a pipe now (RWF_NOWAIT where the kernel has it, FIONREAD and a
+    /// sized read where not) never block, read what is there, and see end of file.
+    #[test]
+    fn pipe_reads_never_block_either_way() {
+        for measured in [false, true] {
+            let read = |p: BorrowedFd<'_>, b: &mut [u8]| {
+                if measured {
+                    read_pipe_measured(p, b)
+                } else {
+                    read_pipe_now(p, b)
+                }
+            };
+            let (r, w) = pipe();
+            let mut buf = [0u8; 64];
+            let e = read(r.as_fd(), &mut buf).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+            write_all_bounded(w.as_fd(), b"hello", Duration::from_millis(10)).unwrap();
+            assert_eq!(read(r.as_fd(), &mut buf).unwrap(), 5);
+            assert_eq!(&buf[..5], b"hello");
+            drop(w);
+            assert_eq!(read(r.as_fd(), &mut buf).unwrap(), 0);
+        }
+    }
+
+    /// A write larger than the pipe holds goes in as far as it fits, then is cut when the
+    /// reader takes nothing; a full pipe takes nothing and says so.
+    #[test]
+    fn pipe_writes_are_bounded() {
+        let (r, w) = pipe();
+        let big = vec![1u8; 1 << 20];
+        let e = write_all_bounded(w.as_fd(), &big, Duration::from_millis(10)).unwrap_err();
+        assert!(matches!(e, SendError::Cut { .. }), "{e}");
+        let e = write_all_bounded(w.as_fd(), b"x", Duration::from_millis(10)).unwrap_err();
+        assert!(matches!(e, SendError::Full), "{e}");
+        drop(r);
     }
 }
