@@ -415,6 +415,59 @@ restart = "never"
     assert_eq!(init.wait_exit(), 0);
 }
 
+/// The hub's jail holds what its memfd server needs: `/proc/self/fd`, through which it makes
+/// a second (read-only) description of each memfd it hands out. Before, the hub's root had
+/// no `/proc`, and every shared-memory allocation in a jailed hub failed (the example
+/// desktop's windows never came: "hub refused 4096 bytes of shared memory").
+#[test]
+fn the_hubs_jail_lets_it_reopen_its_own_descriptors_through_proc() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("hub-run");
+    let mut init = Init::start(
+        &format!(
+            r#"
+[host]
+when_idle = "poweroff"
+
+[hub]
+user = 65532
+# The machine running the tests may not let root raise the hard limit to the hub's 65536.
+nofile = 1024
+runtime_dir = "{run}"
+read_only = ["/bin", "/lib", "/lib64", "/usr"]
+exec = ["/bin/sh", "-c", "echo uid=$(id -u); exec 8</bin/sh; if [ \"$(head -c 4 /proc/self/fd/8 2>&- | wc -c)\" = 4 ]; then echo reopened-through-proc; fi; if touch /proc/x 2>&-; then echo proc-writable; else echo proc-read-only; fi; echo done; sleep 30"]
+
+[[service]]
+name = "waiter"
+exec = ["/bin/sleep", "30"]
+restart = "never"
+"#,
+            run = run.display()
+        ),
+        false,
+    );
+    for want in [
+        "hub: uid=65532",
+        "hub: reopened-through-proc",
+        "hub: proc-read-only",
+        "hub: done",
+    ] {
+        if !init.seen.iter().any(|l| l.ends_with(want)) {
+            init.expect(want);
+        }
+    }
+    let jailed = init
+        .seen
+        .iter()
+        .find(|l| l.contains("hub jailed: "))
+        .cloned()
+        .unwrap_or_else(|| panic!("no jailed line: {:?}", init.seen));
+    assert!(
+        jailed.contains("CapEff 0x0 CapPrm 0x0 CapBnd 0x0 CapAmb 0x0"),
+        "{jailed}"
+    );
+}
+
 /// A VM's service whose jail cannot be built does not start: a path it names that does not
 /// exist is refused with the path, counted as a failed start.
 #[test]
