@@ -1,6 +1,8 @@
-//! `bulkhead-screens`: a host service of a Bulkhead system with a GUI VM. It listens on a
-//! Unix socket that the GUI VM's VMM names as a virtio_wl socket (`--wl-socket
-//! screens=PATH`), takes the screenshot frames the GUI VM's agent sends (checked with
+//! `bulkhead-screens`: a host service of a Bulkhead system with a GUI VM. It serves a
+//! stream the GUI VM's VMM names as a virtio_wl socket: one init hands it (`--fd N`, the
+//! other end of a socketpair whose end the jailed VMM gets as `--wl-socket-fd screens=N`),
+//! or a Unix socket it listens on (`--socket PATH`, for a VMM that can reach it by path,
+//! `--wl-socket screens=PATH`). It takes the screenshot frames the GUI VM's agent sends (checked with
 //! `bulkhead_desktop::frame`, never interpreted), and writes each one unchanged to a serial
 //! port (the emulated host's second one, a file on the build machine) for the build machine
 //! to decode. After a picture has been passed on it can run commands named for it
@@ -8,7 +10,8 @@
 //! off, once a picture exists.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixListener;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -22,8 +25,12 @@ use clap::Parser;
 )]
 struct Cli {
     /// The socket to listen on (its directory is created).
+    #[arg(long, required_unless_present = "fd", conflicts_with = "fd")]
+    socket: Option<PathBuf>,
+    /// A connected stream handed over by init (a socketpair end), served instead of a
+    /// socket: the GUI VM's agent keeps one connection for all its pictures.
     #[arg(long)]
-    socket: PathBuf,
+    fd: Option<i32>,
     /// Where frames go (a serial port is put in raw mode).
     #[arg(long)]
     serial: PathBuf,
@@ -114,25 +121,51 @@ fn main() {
         }
     };
     raw_mode(&serial);
-    if let Some(dir) = cli.socket.parent() {
-        let _ = std::fs::create_dir_all(dir);
-        // VMMs run as their own users: they need to reach the socket.
-        let _ = std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755));
-    }
-    let _ = std::fs::remove_file(&cli.socket);
-    let listener = match UnixListener::bind(&cli.socket) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {}: {e}", cli.socket.display());
-            std::process::exit(1);
+    let conns: Box<dyn Iterator<Item = std::io::Result<UnixStream>>> = match (&cli.socket, cli.fd) {
+        (_, Some(fd)) => {
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                eprintln!("error: --fd {fd}: not an open descriptor");
+                std::process::exit(1);
+            }
+            // SAFETY: an fd init handed this process for it alone (checked open above);
+            // owned from here on.
+            let stream = unsafe { UnixStream::from_raw_fd(fd) };
+            println!("serving the stream on fd {fd}");
+            Box::new(std::iter::once(Ok(stream)))
+        }
+        (Some(socket), None) => {
+            if let Some(dir) = socket.parent() {
+                let _ = std::fs::create_dir_all(dir);
+                // VMMs run as their own users: they need to reach the socket.
+                let _ = std::fs::set_permissions(
+                    dir,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                );
+            }
+            let _ = std::fs::remove_file(socket);
+            let listener = match UnixListener::bind(socket) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", socket.display());
+                    std::process::exit(1);
+                }
+            };
+            let _ = std::fs::set_permissions(
+                socket,
+                std::os::unix::fs::PermissionsExt::from_mode(0o666),
+            );
+            println!("listening on {}", socket.display());
+            Box::new(std::iter::from_fn(move || {
+                Some(listener.accept().map(|(c, _)| c))
+            }))
+        }
+        (None, None) => {
+            eprintln!("error: --socket or --fd is needed");
+            std::process::exit(2);
         }
     };
-    let _ = std::fs::set_permissions(
-        &cli.socket,
-        std::os::unix::fs::PermissionsExt::from_mode(0o666),
-    );
-    println!("listening on {}", cli.socket.display());
-    for conn in listener.incoming() {
+    for conn in conns {
         let mut conn = match conn {
             Ok(c) => c,
             Err(e) => {
