@@ -22,7 +22,7 @@ while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ]; do
 done
 case $role in
   app)
-    busybox ping -c 3 -W 5 $peer | grep -E "transmitted|round-trip"
+    busybox ping -c 3 -W 5 $peer | busybox grep -E "transmitted|round-trip"
     # Fetch the page every 2 s; print each change between working and failing.
     state=
     n=0
@@ -56,7 +56,7 @@ case $role in
     touch /run/net-done
     ;;
   measure)
-    busybox ping -c 3 -W 5 $peer | grep -E "transmitted|round-trip"
+    busybox ping -c 3 -W 5 $peer | busybox grep -E "transmitted|round-trip"
     if page=$(busybox wget -q -T 10 -O - http://$peer/page 2>/dev/null); then echo "fetched: $page"; else echo "fetch failed"; fi
     $probe measure $peer:9000 --label app --seconds 10
     touch /run/net-done
