@@ -66,6 +66,10 @@ enum Scenario {
         /// The service to SIGKILL (net-vm's VMM).
         #[arg(long)]
         kill: String,
+        /// The flooding VM's service: the kill waits until it has ended (so netd reports
+        /// its counters first).
+        #[arg(long)]
+        flood_service: String,
         /// The VM whose refusals the hub's audit log is asked for.
         #[arg(long)]
         audit_vm: String,
@@ -149,6 +153,17 @@ fn kill_service(service: &str) -> Result<i32, String> {
     Ok(pid)
 }
 
+/// Has init's service `service` no running process (it ran and ended)?
+fn service_ended(service: &str) -> bool {
+    use bulkhead_init::control::{Request, Response};
+    match control(&Request::Status) {
+        Ok(Response::Status { services }) => services
+            .iter()
+            .any(|s| s.name == service && s.pid.is_none() && s.starts > 0),
+        _ => false,
+    }
+}
+
 fn poweroff() {
     println!("powering off");
     if let Err(e) = control(&bulkhead_init::control::Request::Poweroff) {
@@ -178,6 +193,7 @@ fn e2e(
     app: Ipv4Addr,
     flood: Mac,
     kill: &str,
+    flood_service: &str,
     step: Duration,
 ) -> Result<(), String> {
     let (at, n) = wait_for(step, || fetch_during_flood(shared, app, &flood)).ok_or(format!(
@@ -212,7 +228,10 @@ fn e2e(
         mac_text(&flood)
     );
     // Let the flooding VM power off and net-vm's netd report it.
-    std::thread::sleep(Duration::from_secs(5));
+    wait_for(step, || service_ended(flood_service).then_some(()))
+        .ok_or(format!("{flood_service} did not end after its flood"))?;
+    println!("{flood_service} has ended");
+    std::thread::sleep(Duration::from_secs(2));
     let killed_at = shared.start.elapsed();
     let pid = kill_service(kill)?;
     println!("killed {kill} (pid {pid})");
@@ -288,6 +307,7 @@ fn run(cli: Cli) -> Result<(), String> {
             app_ip,
             flood_mac,
             kill,
+            flood_service,
             audit_vm,
             policyctl,
             step_timeout,
@@ -298,6 +318,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 app_ip,
                 flood,
                 &kill,
+                &flood_service,
                 Duration::from_secs(step_timeout),
             );
             if let Err(e) = &r {
