@@ -3,6 +3,8 @@
 //! - `measure PEER:PORT --label L`: the client of the test peer's measurement (the peer
 //!   times everything): sends the label, echoes each `1` byte the peer sends, and after the
 //!   `0` byte streams for `--seconds`, then shuts its side down.
+//! - `fetch http://ADDR/PATH`: an HTTP/1.0 GET of the peer's page (no resolver: Debian's
+//!   busybox wget crashed in our root filesystems, which have no NSS configuration).
 //! - `flood --iface eth0`: fault injection: sends malformed and hostile frames from an app
 //!   VM as fast as its paced loop allows for `--seconds`: frames with forged source MACs
 //!   (netd drops them), IPv4 frames with garbage headers, runt frames of a bare Ethernet
@@ -39,6 +41,14 @@ enum Cmd {
         /// How long to keep trying to connect.
         #[arg(long, default_value_t = 300)]
         connect_for: u64,
+    },
+    /// Fetch `http://ADDR[:PORT]/PATH` (HTTP/1.0, an IP address, no resolver) and print the
+    /// body; exits non-zero on any failure.
+    Fetch {
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
     },
     /// Send malformed and hostile frames (fault injection).
     Flood {
@@ -88,6 +98,41 @@ fn measure(peer: &str, label: &str, seconds: u64, connect_for: u64) -> Result<St
     Ok(format!(
         "measured as {label}: {rounds} round trips, {sent} bytes streamed"
     ))
+}
+
+fn fetch(url: &str, timeout: u64) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or(format!("{url}: only http:// URLs"))?;
+    let (host, path) = match rest.split_once('/') {
+        Some((h, p)) => (h, format!("/{p}")),
+        None => (rest, "/".to_string()),
+    };
+    let addr: std::net::SocketAddr = if host.contains(':') {
+        host.parse()
+    } else {
+        format!("{host}:80").parse()
+    }
+    .map_err(|e| format!("{host}: {e} (an IP address is needed)"))?;
+    let t = Duration::from_secs(timeout.max(1));
+    let mut s = TcpStream::connect_timeout(&addr, t).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(t)).map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .map_err(|e| format!("request: {e}"))?;
+    let mut answer = Vec::new();
+    s.take(1 << 20)
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("answer: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("an answer without a header")?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        return Err(format!("{url}: {status}"));
+    }
+    Ok(body.trim_end().to_string())
 }
 
 fn own_mac(iface: &str) -> Result<[u8; 6], String> {
@@ -224,6 +269,7 @@ fn main() -> ExitCode {
             seconds,
             connect_for,
         } => measure(&peer, &label, seconds, connect_for),
+        Cmd::Fetch { url, timeout } => fetch(&url, timeout),
         Cmd::Flood {
             iface,
             seconds,

@@ -16,7 +16,7 @@ while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ]; do
 done
 echo "eth0 is up: $(ip -brief address show eth0)"
 busybox ping -c 3 -W 5 $peer | busybox grep -E "transmitted|round-trip"
-if page=$(busybox wget -q -T 10 -O - http://$peer/page 2>/dev/null); then
+if page=$($probe fetch --timeout 10 http://$peer/page 2>/dev/null); then
   echo "fetched: $page"
 else
   echo "fetch failed"

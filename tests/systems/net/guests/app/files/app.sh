@@ -27,7 +27,7 @@ case $role in
     state=
     n=0
     while [ $n -lt 900 ]; do
-      if page=$(busybox wget -q -T 5 -O - http://$peer/page 2>/dev/null); then
+      if page=$($probe fetch --timeout 5 http://$peer/page 2>/dev/null); then
         [ "$state" = ok ] || echo "fetched: $page"
         state=ok
       else
@@ -44,7 +44,7 @@ case $role in
     while [ $n -lt 60 ]; do
       $probe flood --iface eth0 --seconds 5
       n=$((n + 1))
-      r=$(busybox wget -q -T 5 -O - http://$peer/flood 2>/dev/null)
+      r=$($probe fetch --timeout 5 http://$peer/flood 2>/dev/null)
       [ "$r" = stop ] && break
     done
     echo "flood over after $n rounds"
@@ -52,12 +52,12 @@ case $role in
     ;;
   nogrant)
     if busybox ping -c 3 -W 2 $peer >/dev/null 2>&1; then echo "ping answered"; else echo "ping unanswered"; fi
-    if busybox wget -q -T 5 -O - http://$peer/page >/dev/null 2>&1; then echo "fetch worked"; else echo "fetch failed"; fi
+    if $probe fetch --timeout 5 http://$peer/page >/dev/null 2>&1; then echo "fetch worked"; else echo "fetch failed"; fi
     touch /run/net-done
     ;;
   measure)
     busybox ping -c 3 -W 5 $peer | busybox grep -E "transmitted|round-trip"
-    if page=$(busybox wget -q -T 10 -O - http://$peer/page 2>/dev/null); then echo "fetched: $page"; else echo "fetch failed"; fi
+    if page=$($probe fetch --timeout 10 http://$peer/page 2>/dev/null); then echo "fetched: $page"; else echo "fetch failed"; fi
     $probe measure $peer:9000 --label app --seconds 10
     touch /run/net-done
     ;;
