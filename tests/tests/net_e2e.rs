@@ -114,7 +114,7 @@ fn app_vms_reach_the_peer_only_through_net_vm_with_a_grant_and_survive_its_resta
     ] {
         assert!(!saw(needle), "{needle}\n{}", h.context());
     }
-    line("nogrant-vm: net: no carrier after 60 s");
+    line("nogrant-vm: net: no carrier after 30 s");
     line("nogrant-vm: net: fetch failed");
     assert!(
         lines

@@ -194,6 +194,7 @@ fn e2e(
     flood: Mac,
     kill: &str,
     flood_service: &str,
+    audit_vm: &str,
     step: Duration,
 ) -> Result<(), String> {
     let (at, n) = wait_for(step, || fetch_during_flood(shared, app, &flood)).ok_or(format!(
@@ -248,6 +249,10 @@ fn e2e(
         "served {app} after {kill}'s restart: at {again:.1} s, {:.1} s after the kill",
         again - killed_at.as_secs_f64()
     );
+    // The VM without a grant has its own checks to finish before the audit log is read.
+    wait_for(step, || service_ended(audit_vm).then_some(()))
+        .ok_or(format!("{audit_vm} did not end"))?;
+    println!("{audit_vm} has ended");
     Ok(())
 }
 
@@ -319,6 +324,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 flood,
                 &kill,
                 &flood_service,
+                &audit_vm,
                 Duration::from_secs(step_timeout),
             );
             if let Err(e) = &r {

@@ -11,11 +11,14 @@ done
 ip link set eth0 up
 ip addr add "$addr" dev eth0
 echo "eth0 is $addr ($(cat /sys/class/net/eth0/address)), role $role"
+# Up to 120 s for a carrier (30 s for the VM without a grant, which waits for none).
+limit=600
+[ "$role" = nogrant ] && limit=150
 i=0
 while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ]; do
   i=$((i + 1))
-  if [ $i -ge 300 ]; then
-    echo "no carrier after 60 s"
+  if [ $i -ge $limit ]; then
+    echo "no carrier after $((limit / 5)) s"
     break
   fi
   sleep 0.2
