@@ -215,11 +215,14 @@ impl JailSpec {
     }
 
     /// The hub's jail: cgroup `hub`, its runtime directory the one writable place, the
-    /// files and directories its command line names (policy directories) read-only.
+    /// files and directories its command line names (policy directories) read-only, and
+    /// `/proc` read-only: the memfd server makes the read-only descriptions it hands out, and
+    /// its probes, by reopening a memfd through `/proc/self/fd` (there is no other way to a
+    /// second description of a memfd). Without it every shared-memory allocation failed.
     pub fn for_hub(hub: &crate::config::HubConfig) -> Option<JailSpec> {
         let uid = hub.user?;
         let read_write: Vec<PathBuf> = hub.runtime_dir.iter().cloned().collect();
-        let mut read_only: Vec<PathBuf> = Vec::new();
+        let mut read_only: Vec<PathBuf> = vec![PathBuf::from(HUB_PROC)];
         for p in files_named_in(&hub.exec)
             .into_iter()
             .chain(dirs_named_in(&hub.exec))
@@ -250,6 +253,9 @@ impl JailSpec {
         })
     }
 }
+
+/// The procfs the hub's jail binds read-only (see [`JailSpec::for_hub`]).
+const HUB_PROC: &str = "/proc";
 
 /// The directories a command line names by absolute path (the hub's policy directories).
 fn dirs_named_in(exec: &[String]) -> Vec<PathBuf> {

@@ -4,85 +4,17 @@
 //! here asserts on how fast the machine is.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
-const INIT: &str = env!("CARGO_BIN_EXE_bulkhead-init");
-const CTL: &str = env!("CARGO_BIN_EXE_bulkhead-ctl");
-const DEADLINE: Duration = Duration::from_secs(60);
+mod common;
+use common::{Init, DEADLINE};
 
-struct Init {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
+const CTL: &str = env!("CARGO_BIN_EXE_bulkhead-ctl");
 
 impl Init {
-    fn start(system_toml: &str, read_socket: bool) -> Init {
-        let dir = tempfile::tempdir().unwrap();
-        let system = dir.path().join("system.toml");
-        std::fs::write(&system, system_toml).unwrap();
-        let socket = dir.path().join("init.sock");
-        let mut cmd = Command::new(INIT);
-        cmd.arg("supervise")
-            .arg("--system")
-            .arg(&system)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--loglevel")
-            .arg("debug");
-        if read_socket {
-            cmd.arg("--read-socket")
-                .arg(dir.path().join("ro/init.sock"));
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Init {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-            dir,
-            socket,
-        }
-    }
-
-    fn expect(&mut self, needle: &str) -> String {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no line containing {needle:?}; output so far:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
     /// Runs bulkhead-ctl against this init's root-only socket.
     fn ctl(&self, args: &[&str]) -> (i32, String, String) {
         ctl_at(&self.socket, args, None)
@@ -118,13 +50,6 @@ impl Init {
             assert!(Instant::now() < end, "{name} never {state}: {e}");
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-impl Drop for Init {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

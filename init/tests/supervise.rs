@@ -3,120 +3,19 @@
 //! services. Waits are for log lines, each with a generous deadline; nothing here
 //! depends on how fast the machine is.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-init");
-const DEADLINE: Duration = Duration::from_secs(60);
+mod common;
+use common::Init;
 
-struct Init {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-}
+const BIN: &str = common::INIT;
 
-impl Init {
-    fn start(system_toml: &str) -> Init {
-        let dir = tempfile::tempdir().unwrap();
-        let system = dir.path().join("system.toml");
-        std::fs::write(&system, system_toml).unwrap();
-        let socket = dir.path().join("init.sock");
-        let mut child = Command::new(BIN)
-            .arg("supervise")
-            .arg("--system")
-            .arg(&system)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--loglevel")
-            .arg("debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Init {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-            _dir: dir,
-            socket,
-        }
-    }
-
-    /// Waits for a line containing `needle`; returns it.
-    fn expect(&mut self, needle: &str) -> String {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "no line containing {needle:?}; output so far:\n{}",
-                        self.seen.join("\n")
-                    )
-                }
-            }
-        }
-    }
-
-    fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    /// Waits for the process to exit (it must, within the deadline) and returns its code.
-    fn wait_exit(&mut self) -> i32 {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Collect the remaining output for later assertions.
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-                    self.seen.push(line);
-                }
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < end,
-                "init did not exit:\n{}",
-                self.seen.join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn client(&self, cmd: &str) -> (i32, String, String) {
-        client(cmd, &self.socket)
-    }
-}
-
-impl Drop for Init {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Runs one of init's client commands against `init`'s socket.
+fn client_of(init: &Init, cmd: &str) -> (i32, String, String) {
+    client(cmd, &init.socket)
 }
 
 fn client(cmd: &str, socket: &Path) -> (i32, String, String) {
@@ -149,6 +48,7 @@ restart_delay_max_ms = 1000
 burst = 3
 burst_interval_ms = 600000
 "#,
+        false,
     );
     init.expect("bulkhead-init: ready");
     init.expect("bulkhead-init: started crashy pid");
@@ -180,6 +80,7 @@ stop_timeout_ms = 300
 name = "polite"
 exec = ["/bin/sleep", "1000"]
 "#,
+        false,
     );
     // Both start lines come before any output is drained.
     init.expect("started polite");
@@ -205,7 +106,7 @@ fn signals_map_to_actions() {
         (Signal::SIGUSR1, "halting"),
         (Signal::SIGINT, "rebooting"),
     ] {
-        let mut init = Init::start("");
+        let mut init = Init::start("", false);
         init.expect("bulkhead-init: ready");
         // SIGHUP means nothing to init.
         init.signal(Signal::SIGHUP);
@@ -238,6 +139,7 @@ exec = ["/usr/bin/env"]
 restart = "never"
 env = { A = "1", B = "two words" }
 "#,
+        false,
     );
     init.expect("bulkhead-init: all services ended");
     assert_eq!(init.wait_exit(), 0);
@@ -274,6 +176,7 @@ fn control_socket_status_and_poweroff() {
 name = "sleeper"
 exec = ["/bin/sleep", "1000"]
 "#,
+        false,
     );
     let started = init.expect("bulkhead-init: started sleeper pid");
     let pid = started
@@ -282,12 +185,12 @@ exec = ["/bin/sleep", "1000"]
         .and_then(|s| s.split_whitespace().next())
         .unwrap()
         .to_string();
-    let (code, out, err) = init.client("status");
+    let (code, out, err) = client_of(&init, "status");
     assert_eq!(code, 0, "{err}");
     let row = out.lines().find(|l| l.starts_with("sleeper")).unwrap();
     assert!(row.contains("running"), "{out}");
     assert!(row.contains(&pid), "{out}");
-    let (code, _, err) = init.client("poweroff");
+    let (code, _, err) = client_of(&init, "poweroff");
     assert_eq!(code, 0, "{err}");
     init.expect("bulkhead-init: control socket: Poweroff requested");
     init.expect("bulkhead-init: shutdown started (poweroff)");
@@ -295,7 +198,7 @@ exec = ["/bin/sleep", "1000"]
     init.expect("bulkhead-init: powering off");
     assert_eq!(init.wait_exit(), 0);
     // The socket is gone with its server: the client reports an error.
-    let (code, _, err) = init.client("status");
+    let (code, _, err) = client_of(&init, "status");
     assert_eq!(code, 1);
     assert!(err.contains("init.sock"), "{err}");
 }
@@ -309,6 +212,7 @@ name = "x"
 exec = ["/bin/true"]
 restrat = "never"
 "#,
+        false,
     );
     let e = init.expect("restrat");
     assert!(e.starts_with("bulkhead-init: "), "{e}");
@@ -316,7 +220,7 @@ restrat = "never"
     init.expect("bulkhead-init: ready");
     init.expect("bulkhead-init: all services ended");
     // Stays up (when_idle defaults to "stay") and still answers.
-    let (code, out, _) = init.client("status");
+    let (code, out, _) = client_of(&init, "status");
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 1, "{out}");
     init.signal(Signal::SIGUSR2);
@@ -337,6 +241,7 @@ exec = ["/nonexistent/prog"]
 restart_delay_ms = 1
 burst = 2
 "#,
+        false,
     );
     init.expect("bulkhead-init: ghost could not start");
     init.expect("bulkhead-init: ghost restarting in 1 ms");
@@ -394,6 +299,7 @@ name = "plain"
 exec = ["/bin/sh", "-c", "if [ -e /dev/fd/3 ]; then echo has-fd-3; else echo no-fd-3; fi; echo hub-fd=${BULKHEAD_HUB_FD:-unset}"]
 restart = "never"
 "#,
+        false,
     );
     init.expect("hub: eof-b");
     for want in [
@@ -424,7 +330,7 @@ restart = "never"
     if !init.seen.iter().any(|l| l.ends_with("all services ended")) {
         init.expect("bulkhead-init: all services ended");
     }
-    init.client("poweroff");
+    client_of(&init, "poweroff");
     assert_eq!(init.wait_exit(), 0);
 }
 
@@ -440,8 +346,9 @@ fn a_vm_service_runs_jailed_with_only_what_it_was_given() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, "DISK-CONTENTS\n").unwrap();
-    let mut init = Init::start(&format!(
-        r#"
+    let mut init = Init::start(
+        &format!(
+            r#"
 [host]
 when_idle = "poweroff"
 
@@ -461,8 +368,10 @@ fds = [{{ socketpair = "link", arg = "{{fd}}" }}]
 exec = ["/bin/sh", "-c", "head -n 1 <&$1", "peer"]
 restart = "never"
 "#,
-        disk = disk.display()
-    ));
+            disk = disk.display()
+        ),
+        false,
+    );
     for want in [
         "vmm: args=--disk-fd=4 --link=5",
         "vmm: uid=65534 gid=65533 groups=65533",
@@ -506,6 +415,59 @@ restart = "never"
     assert_eq!(init.wait_exit(), 0);
 }
 
+/// The hub's jail holds what its memfd server needs: `/proc/self/fd`, through which it makes
+/// a second (read-only) description of each memfd it hands out. Before, the hub's root had
+/// no `/proc`, and every shared-memory allocation in a jailed hub failed (the example
+/// desktop's windows never came: "hub refused 4096 bytes of shared memory").
+#[test]
+fn the_hubs_jail_lets_it_reopen_its_own_descriptors_through_proc() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("hub-run");
+    let mut init = Init::start(
+        &format!(
+            r#"
+[host]
+when_idle = "poweroff"
+
+[hub]
+user = 65532
+# The machine running the tests may not let root raise the hard limit to the hub's 65536.
+nofile = 1024
+runtime_dir = "{run}"
+read_only = ["/bin", "/lib", "/lib64", "/usr"]
+exec = ["/bin/sh", "-c", "echo uid=$(id -u); exec 8</bin/sh; if [ \"$(head -c 4 /proc/self/fd/8 2>&- | wc -c)\" = 4 ]; then echo reopened-through-proc; fi; if touch /proc/x 2>&-; then echo proc-writable; else echo proc-read-only; fi; echo done; sleep 30"]
+
+[[service]]
+name = "waiter"
+exec = ["/bin/sleep", "30"]
+restart = "never"
+"#,
+            run = run.display()
+        ),
+        false,
+    );
+    for want in [
+        "hub: uid=65532",
+        "hub: reopened-through-proc",
+        "hub: proc-read-only",
+        "hub: done",
+    ] {
+        if !init.seen.iter().any(|l| l.ends_with(want)) {
+            init.expect(want);
+        }
+    }
+    let jailed = init
+        .seen
+        .iter()
+        .find(|l| l.contains("hub jailed: "))
+        .cloned()
+        .unwrap_or_else(|| panic!("no jailed line: {:?}", init.seen));
+    assert!(
+        jailed.contains("CapEff 0x0 CapPrm 0x0 CapBnd 0x0 CapAmb 0x0"),
+        "{jailed}"
+    );
+}
+
 /// A VM's service whose jail cannot be built does not start: a path it names that does not
 /// exist is refused with the path, counted as a failed start.
 #[test]
@@ -523,6 +485,7 @@ read_only = ["/does/not/exist"]
 exec = ["/bin/true"]
 restart = "never"
 "#,
+        false,
     );
     init.expect("vmm could not start: jail: /does/not/exist");
     assert_eq!(init.wait_exit(), 0);

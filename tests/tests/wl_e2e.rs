@@ -26,7 +26,8 @@ fn wl_exchange(over: KernelOverrides) {
             ..Default::default()
         },
     );
-    h.expect("peer: testprog: wl-peer listening on /run/wl-peer.sock");
+    // The VMM is jailed; its "socket" is a socketpair end init handed to it and the peer.
+    h.expect("peer: testprog: wl-peer serving the handed-over fd=");
     h.expect("vm: bulkhead-guest-init: loaded module virtio_wl");
     h.expect(&format!(
         "vm: check: testprog: kernel {}",
@@ -51,7 +52,11 @@ fn wl_exchange(over: KernelOverrides) {
         "{}",
         h.context()
     );
+    assert!(saw(JAILED_VM), "the VMM ran unjailed\n{}", h.context());
 }
+
+/// Init's line for the wl system's VMM, entered into its jail.
+const JAILED_VM: &str = "bulkhead-init: vm jailed: uid 1020 gid 1020, CapEff 0x0 CapPrm 0x0 CapBnd 0x0 CapAmb 0x0, NoNewPrivs 1, own mnt ipc uts net namespaces, cgroup /bulkhead/vm";
 
 /// Every `PASS` line the faux-accept system must print, by the service that prints it.
 const FAUX_PASSES: &[&str] = &[
@@ -72,7 +77,8 @@ const FAUX_PASSES: &[&str] = &[
 #[test]
 fn faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add() {
     let mut h = Host::boot("wl-faux");
-    h.expect("relay: testprog: wl-faux-relay listening on /run/wl-listen.sock");
+    // Both VMMs are jailed; the relay's sockets are socketpair ends init handed over.
+    h.expect("relay: testprog: wl-faux-relay serving fd=");
     // Two nested guests boot side by side under software emulation: allow each step long.
     let step = std::time::Duration::from_secs(300);
     let finals = FAUX_PASSES.iter().filter(|p| p.contains("wl-faux "));
@@ -95,11 +101,16 @@ fn faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add() {
         assert!(h.saw(want), "missing {want:?}\n{}", h.context());
     }
     h.assert_never_saw("FAIL:");
-    for vm in ["server-vm", "client-vm"] {
+    for (vm, uid, cgroup) in [("server-vm", 1030, "server"), ("client-vm", 1031, "client")] {
         assert!(
             h.saw(&format!("bulkhead-init: {vm} exited with status 0")),
             "{vm} did not exit cleanly\n{}",
             h.context()
         );
+        let jailed = format!(
+            "bulkhead-init: {vm} jailed: uid {uid} gid {uid}, CapEff 0x0 CapPrm 0x0 CapBnd 0x0 \
+             CapAmb 0x0, NoNewPrivs 1, own mnt ipc uts net namespaces, cgroup /bulkhead/{cgroup}"
+        );
+        assert!(h.saw(&jailed), "{vm} ran unjailed\n{}", h.context());
     }
 }

@@ -79,6 +79,12 @@ pub struct Cli {
     /// --wl. More are added at run time with the control socket's `wl add`.
     #[arg(long, value_parser = parse_wl_socket)]
     pub wl_socket: Vec<(String, PathBuf)>,
+    /// A virtio_wl socket NAME=FD: an inherited, already-connected stream socket (one end of
+    /// a socketpair init made for this VMM and a host service): the guest's first
+    /// NEW_CTX_NAMED NAME gets it; later ones find no such name. For a jailed VMM, which
+    /// cannot reach a host path. Repeatable; implies --wl.
+    #[arg(long, value_parser = parse_wl_socket_fd)]
+    pub wl_socket_fd: Vec<(String, RawFd)>,
     /// virtio_wl: most vfds alive at once, guest and host ids together (default 1024). A
     /// guest request over it gets ENOMEM; an fd a host socket sends over it is dropped.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -236,6 +242,8 @@ pub struct VmConfig {
     pub wl: bool,
     /// virtio_wl sockets at start (name, listening path).
     pub wl_sockets: Vec<(String, PathBuf)>,
+    /// virtio_wl sockets at start (name, inherited connected stream).
+    pub wl_socket_fds: Vec<(String, RawFd)>,
     /// virtio_wl per-VM limits (`--wl-max-*`; defaults where not given).
     pub wl_limits: WlLimits,
     /// The hub's VM channel (inherited descriptor).
@@ -300,8 +308,9 @@ impl From<Cli> for VmConfig {
             disks,
             disk_read_only: c.disk_read_only,
             rng: c.rng,
-            wl: c.wl || !c.wl_socket.is_empty() || c.hub_fd.is_some(),
+            wl: c.wl || !c.wl_socket.is_empty() || !c.wl_socket_fd.is_empty() || c.hub_fd.is_some(),
             wl_sockets: c.wl_socket,
+            wl_socket_fds: c.wl_socket_fd,
             wl_limits,
             hub_fd: c.hub_fd,
             net: c.net.zip(c.net_mac),
@@ -329,6 +338,22 @@ pub fn parse_wl_socket(s: &str) -> Result<(String, PathBuf), String> {
         return Err("empty wl socket path".into());
     }
     Ok((name.to_string(), PathBuf::from(path)))
+}
+
+/// Parses `--wl-socket-fd NAME=FD`.
+pub fn parse_wl_socket_fd(s: &str) -> Result<(String, RawFd), String> {
+    let Some((name, fd)) = s.split_once('=') else {
+        return Err(format!("{s:?}: expected NAME=FD"));
+    };
+    if name.is_empty() || name.len() > 32 || name.contains('%') || name.contains('\0') {
+        return Err(format!(
+            "bad wl socket name {name:?} (1 to 32 bytes, no % or NUL)"
+        ));
+    }
+    let fd: RawFd = fd
+        .parse()
+        .map_err(|_| format!("{fd:?}: not a descriptor number"))?;
+    Ok((name.to_string(), fd))
 }
 
 /// Takes ownership of inherited descriptors, each at most once.
@@ -382,6 +407,30 @@ mod tests {
         assert!(parse_size("M").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn wl_socket_fds_parse_and_imply_wl() {
+        assert_eq!(parse_wl_socket_fd("peer=5"), Ok(("peer".to_string(), 5)));
+        assert!(parse_wl_socket_fd("peer").is_err());
+        assert!(parse_wl_socket_fd("=5").is_err());
+        assert!(parse_wl_socket_fd("wl-conn-%d=5").is_err());
+        assert!(parse_wl_socket_fd("peer=x").is_err());
+        let c = Cli::try_parse_from([
+            "bulkhead-vmm",
+            "--kernel",
+            "/k",
+            "--wl-socket-fd",
+            "peer=5",
+            "--wl-socket-fd",
+            "listen=6",
+        ]);
+        let cfg = VmConfig::from(c.unwrap_or_else(|e| panic!("{e}")));
+        assert!(cfg.wl);
+        assert_eq!(
+            cfg.wl_socket_fds,
+            vec![("peer".to_string(), 5), ("listen".to_string(), 6)]
+        );
     }
 
     #[test]

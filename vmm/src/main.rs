@@ -1,6 +1,7 @@
 //! `bulkhead-vmm`: boots one Linux VM and exits with a status that says how it ended.
 
 use std::io::{IsTerminal, Write};
+use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -174,6 +175,16 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
         for (name, path) in &cfg.wl_sockets {
             sockets
                 .add(name, WlSocket::Listening(path.clone()))
+                .map_err(|e| e.to_string())?;
+        }
+        for (name, fd) in &cfg.wl_socket_fds {
+            let owned = fds
+                .take(*fd)
+                .map_err(|e| format!("--wl-socket-fd {name}={fd}: {e}"))?;
+            bulkhead_vmm::control::check_stream_socket(&owned)
+                .map_err(|e| format!("--wl-socket-fd {name}={fd}: {e}"))?;
+            sockets
+                .add(name, WlSocket::NonListening(UnixStream::from(owned)))
                 .map_err(|e| e.to_string())?;
         }
         let mut wl = Wl::new(

@@ -288,3 +288,31 @@ fn wl_add_refuses_fds_that_are_not_stream_sockets() {
         ControlResponse::WlAdded("wl-conn-0".into())
     );
 }
+
+/// `--wl-socket-fd NAME=FD` (a jailed VMM's host socket, handed over by init): a descriptor
+/// that is not a connected stream socket stops the VMM at start with a message naming it,
+/// before the guest runs.
+#[test]
+fn a_wl_socket_fd_that_is_not_a_stream_socket_stops_the_vmm() {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) writes two descriptors into `fds`; no O_CLOEXEC, so the child inherits
+    // them.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead-vmm"))
+        .args(["--kernel", "/proc/self/exe", "--serial", "none"])
+        .arg("--wl-socket-fd")
+        .arg(format!("peer={}", fds[0]))
+        .output()
+        .unwrap();
+    // SAFETY: both ends are ours and used no more.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains(&format!("--wl-socket-fd peer={}", fds[0])) && stderr.contains("socket"),
+        "{stderr}"
+    );
+}

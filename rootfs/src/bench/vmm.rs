@@ -96,7 +96,7 @@ impl AlsoVmm {
 
     /// Where it goes in the bench image.
     pub fn image_path(&self) -> String {
-        format!("bin/bulkhead-vmm-{}", self.name)
+        format!("usr/libexec/bulkhead-vmm-{}", self.name)
     }
 
     /// Its image file (path, mode, contents).
@@ -172,14 +172,14 @@ mod tests {
         assert_eq!(also[0].path, PathBuf::from("/tmp/vmm-old"));
         let sys = host_system(5, &also);
         assert!(sys.contains(
-            r#""/usr/bin/qemu-system-x86_64", "--also-vmm", "before=/bin/bulkhead-vmm-before"]"#
+            r#""/usr/bin/qemu-system-x86_64", "--also-vmm", "before=/usr/libexec/bulkhead-vmm-before"]"#
         ));
         assert!(sys.contains(r#""--runs", "5""#));
         let dir = tempfile::tempdir().unwrap();
         write_file(&dir.path().join("system.toml"), &sys).unwrap();
         write_file(&dir.path().join("guests/tiny/guest.toml"), GUEST_SYSTEM).unwrap();
         let loaded = SystemDir::load(dir.path()).unwrap();
-        assert_eq!(loaded.binaries, ["bulkhead-bench-vmm"]);
+        assert_eq!(loaded.binaries, ["bulkhead-bench-vmm", "bulkhead-ctl"]);
         for bad in ["before", "=/x", "a b=/x", "bulkhead-vmm=/x"] {
             assert!(AlsoVmm::parse(bad).is_err(), "{bad}");
         }

@@ -142,8 +142,11 @@ mod tests {
         let sys = write_system(dir.path(), &opts).unwrap();
         assert!(sys
             .system_toml
-            .contains(r#""--also-vmm", "before=/bin/bulkhead-vmm-before"]"#));
-        assert_eq!(sys.binaries, ["bulkhead-bench-wl", "bulkhead-vmm"]);
+            .contains(r#""--also-vmm", "before=/usr/libexec/bulkhead-vmm-before"]"#));
+        assert_eq!(
+            sys.binaries,
+            ["bulkhead-bench-wl", "bulkhead-vmm", "bulkhead-ctl"]
+        );
         let guests: Vec<_> = sys.guests.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(guests, ["reader", "vsock", "writer"]);
         for (name, g) in &sys.guests {

@@ -234,12 +234,38 @@ pub fn recv_with_fds(sock: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
     Ok((buf, fds))
 }
 
-/// The L1 host side: listens on `path`, serves one guest connection.
+/// `fd=N`: a descriptor init handed over (`fds` in system.toml), owned from here on; any
+/// other argument is a path (`None`).
+pub fn inherited_fd(arg: &str) -> Option<Result<OwnedFd, String>> {
+    let n = arg.strip_prefix("fd=")?;
+    let Ok(fd) = n.parse::<RawFd>() else {
+        return Some(Err(format!("{arg:?}: not a descriptor number")));
+    };
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Some(Err(format!("{arg:?}: not an open descriptor")));
+    }
+    // SAFETY: init handed this descriptor to this process for this one use; nothing else in
+    // the process refers to it.
+    Some(Ok(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// The L1 host side: serves one guest connection, accepted on a socket it listens on at
+/// `path`, or (`fd=N`) the connected socketpair end init handed over, whose other end is the
+/// jailed VMM's `--wl-socket-fd`.
 pub fn peer(path: &str) -> Res {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(e("bind"))?;
-    println!("testprog: wl-peer listening on {path}");
-    let (conn, _) = listener.accept().map_err(e("accept"))?;
+    let conn = match inherited_fd(path) {
+        Some(fd) => {
+            println!("testprog: wl-peer serving the handed-over {path}");
+            std::os::unix::net::UnixStream::from(fd?)
+        }
+        None => {
+            let _ = std::fs::remove_file(path);
+            let listener = UnixListener::bind(path).map_err(e("bind"))?;
+            println!("testprog: wl-peer listening on {path}");
+            listener.accept().map_err(e("accept"))?.0
+        }
+    };
     let (data, fds) = recv_with_fds(conn.as_raw_fd())?;
     if data != b"hello from guest" || fds.len() != 3 {
         return Err(format!(

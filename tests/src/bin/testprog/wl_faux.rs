@@ -25,7 +25,7 @@ use bulkhead_wl::{Listener, SharedMemory, Wl};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
-use crate::testprog_wl::{e, put_cstr, recv_with_fds, Res};
+use crate::testprog_wl::{e, inherited_fd, put_cstr, recv_with_fds, Res};
 
 const SHM_SIZE: usize = 4096;
 
@@ -137,26 +137,29 @@ fn bind(path: &str) -> Result<UnixListener, String> {
 }
 
 /// Connects to the VMM's control socket, waiting for the VMM to create it (it starts as a
-/// service next to us).
-fn control(ctl: &Path) -> Result<Channel, String> {
+/// service next to us); `fd=N` is a connected SOCK_SEQPACKET socketpair end init handed over
+/// (the jailed VMM's `--control-fd`): requests wait in it until the VMM reads them.
+fn control(ctl: &str) -> Result<Channel, String> {
+    if let Some(fd) = inherited_fd(ctl) {
+        return Ok(Channel::from_fd(fd?));
+    }
     let mut last = String::new();
     for _ in 0..1200 {
-        match Channel::connect(ctl) {
+        match Channel::connect(Path::new(ctl)) {
             Ok(c) => return Ok(c),
             Err(err) => last = err.to_string(),
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!("control socket {}: {last}", ctl.display()))
+    Err(format!("control socket {ctl}: {last}"))
 }
 
 fn wl_add(
-    ctl: &Path,
+    chan: &Channel,
     name: &str,
     path: Option<PathBuf>,
     fd: Option<BorrowedFd<'_>>,
 ) -> Result<String, String> {
-    let chan = control(ctl)?;
     let req = ControlRequest::WlAdd {
         name: name.into(),
         path,
@@ -166,6 +169,47 @@ fn wl_add(
     match chan.recv::<ControlResponse>().map_err(e("recv wl add"))? {
         (ControlResponse::WlAdded(chosen), _) => Ok(chosen),
         (other, _) => Err(format!("wl add {name}: {other:?}")),
+    }
+}
+
+/// Where a guest's connection comes from: a socket we listen on, or (`fd=N`) the connected
+/// socketpair end init handed over, whose other end is a jailed VMM's `--wl-socket-fd`.
+enum Incoming {
+    Listening(UnixListener),
+    Connected(UnixStream),
+}
+
+impl Incoming {
+    fn open(arg: &str) -> Result<Incoming, String> {
+        match inherited_fd(arg) {
+            Some(fd) => Ok(Incoming::Connected(UnixStream::from(fd?))),
+            None => Ok(Incoming::Listening(bind(arg)?)),
+        }
+    }
+
+    /// The connection, if it has come (never waits).
+    fn ready(&mut self) -> Result<Option<UnixStream>, String> {
+        match self {
+            Incoming::Connected(_) => Ok(None),
+            Incoming::Listening(l) => {
+                l.set_nonblocking(true).map_err(e("nonblocking"))?;
+                let r = match l.accept() {
+                    Ok((conn, _)) => Ok(Some(conn)),
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+                    Err(err) => Err(format!("accept: {err}")),
+                };
+                l.set_nonblocking(false).map_err(e("blocking"))?;
+                r
+            }
+        }
+    }
+
+    /// The connection (waits for it on a listening socket).
+    fn accept(self) -> Result<UnixStream, String> {
+        match self {
+            Incoming::Connected(s) => Ok(s),
+            Incoming::Listening(l) => Ok(l.accept().map_err(e("accept"))?.0),
+        }
     }
 }
 
@@ -217,29 +261,23 @@ fn relay(a: &UnixStream, b: &UnixStream) -> Result<[usize; 2], String> {
     }
 }
 
-/// The L1 relay: the hub's part of the faux accept.
+/// The L1 relay: the hub's part of the faux accept. Each argument is a path (a socket we
+/// listen on, the VMM's control socket) or `fd=N`, a socketpair end init handed over (the
+/// jailed VMMs' `--wl-socket-fd` and `--control-fd`).
 pub fn relay_main(listen: &str, svc: &str, ctl: &str) -> Res {
-    let listen_sock = bind(listen)?;
-    let svc_sock = bind(svc)?;
-    println!("testprog: wl-faux-relay listening on {listen} and {svc}");
-    let ctl = Path::new(ctl);
+    let mut listen_sock = Incoming::open(listen)?;
+    let svc_sock = Incoming::open(svc)?;
+    println!("testprog: wl-faux-relay serving {listen} and {svc}");
+    let chan = control(ctl)?;
     // `wl add` is answered however far the server VM has got (typically it is still
     // booting: its guest has not connected its listener, nor activated the device).
-    listen_sock
-        .set_nonblocking(true)
-        .map_err(e("nonblocking"))?;
     let early = wl_add(
-        ctl,
+        &chan,
         "early-%d",
         Some("/run/wl-faux-unused.sock".into()),
         None,
     )?;
-    let already = match listen_sock.accept() {
-        Ok((conn, _)) => Some(conn),
-        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => None,
-        Err(err) => return Err(format!("accept the listener: {err}")),
-    };
-    listen_sock.set_nonblocking(false).map_err(e("blocking"))?;
+    let already = listen_sock.ready()?;
     if early != "early-0" {
         return Err(format!("early wl add chose {early:?}"));
     }
@@ -253,13 +291,15 @@ pub fn relay_main(listen: &str, svc: &str, ctl: &str) -> Res {
     ));
     let mut listener_conn = match already {
         Some(conn) => conn,
-        None => listen_sock.accept().map_err(e("accept the listener"))?.0,
+        None => listen_sock
+            .accept()
+            .map_err(|m| format!("the listener: {m}"))?,
     };
     pass("relay: the server guest's listener context connected");
-    let (client, _) = svc_sock.accept().map_err(e("accept the client"))?;
+    let client = svc_sock.accept().map_err(|m| format!("the client: {m}"))?;
     pass("relay: the client guest connected to svc");
     let (ours, theirs) = UnixStream::pair().map_err(e("socketpair"))?;
-    let name = wl_add(ctl, "wl-conn-%d", None, Some(theirs.as_fd()))?;
+    let name = wl_add(&chan, "wl-conn-%d", None, Some(theirs.as_fd()))?;
     drop(theirs);
     if name != "wl-conn-0" {
         return Err(format!("wl add chose {name:?}, expected wl-conn-0"));
