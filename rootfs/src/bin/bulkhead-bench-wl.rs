@@ -109,12 +109,30 @@ fn median(mut v: Vec<u128>) -> u128 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
+/// The median of per-batch ratios `x[i] / y[i]`: each batch's virtio_wl time against the
+/// peer's time in the same batch, so that a load change between batches (this machine is
+/// shared) cancels out instead of skewing one median against the other.
+fn paired_ratio(x: &[u128], y: &[u128]) -> Option<f64> {
+    let mut r: Vec<f64> = x
+        .iter()
+        .zip(y)
+        .map(|(a, b)| *a as f64 / (*b).max(1) as f64)
+        .collect();
+    if r.is_empty() {
+        return None;
+    }
+    r.sort_by(f64::total_cmp);
+    Some(r[r.len() / 2])
+}
+
 /// Median batch means of the round trips (ns).
 struct RoundTrips {
     /// Per writer (the primary first): without an fd, with one.
     wl: Vec<(u128, u128)>,
     /// None if the vsock guest never came up.
     vsock: Option<u128>,
+    /// Per writer: the median of per-batch ratios to vsock, without an fd and with one.
+    vsock_paired: Vec<Option<(f64, f64)>>,
     socketpair: u128,
     socketpair_fd: u128,
 }
@@ -168,7 +186,12 @@ fn round_trips(
         sp_fd.push(t);
     }
     peer.finish()?;
+    let vsock_paired = wl
+        .iter()
+        .map(|[p, f]| Some((paired_ratio(p, &vs)?, paired_ratio(f, &vs)?)))
+        .collect();
     Ok(RoundTrips {
+        vsock_paired,
         wl: wl
             .into_iter()
             .map(|[p, f]| (median(p), median(f)))
@@ -219,6 +242,22 @@ fn guest_memcpy(writer: &UnixStream, reps: u8) -> Result<u128, String> {
     done.strip_prefix("memcpy-done ")
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| format!("expected memcpy-done, got {done:?}"))
+}
+
+/// The writer guest's fill + read of a private buffer of the shared buffer's size (the same
+/// code as for the shared one): the best of `reps`, (fill ns, read ns).
+fn guest_private(writer: &UnixStream, reps: u8) -> Result<(u128, u128), String> {
+    send_text(writer, &format!("private {reps}"))?;
+    let (done, _) = recv_text(writer)?;
+    let mut words = done
+        .strip_prefix("private-done ")
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|w| w.parse::<u128>().ok());
+    match (words.next().flatten(), words.next().flatten()) {
+        (Some(f), Some(r)) => Ok((f, r)),
+        _ => Err(format!("expected private-done, got {done:?}")),
+    }
 }
 
 /// Moves the shared buffer from the writer to the reader and times `reps` write/read
@@ -397,6 +436,8 @@ struct Figures {
     write_ns: u128,
     read_ns: u128,
     guest_copy_ns: u128,
+    /// The writer guest's fill + read of a private buffer (the shared buffer's work).
+    private_ns: (u128, u128),
     l1_copy_ns: u128,
 }
 
@@ -479,6 +520,7 @@ fn run(a: &Args) -> Result<(), String> {
         let tputs = throughputs(writer)?;
         let bytes = a.shm_mib << 20;
         let guest_copy_ns = guest_memcpy(writer, a.reps)?;
+        let private_ns = guest_private(writer, a.reps)?;
         let (write_ns, read_ns) = shared_memory(writer, &reader, bytes, a.reps)?;
         let l1_copy_ns = memcpy_ns(bytes, a.reps);
         for (_, w) in &writers {
@@ -492,6 +534,7 @@ fn run(a: &Args) -> Result<(), String> {
             write_ns,
             read_ns,
             guest_copy_ns,
+            private_ns,
             l1_copy_ns,
         })
     })();
@@ -510,27 +553,29 @@ fn print_results(a: &Args, f: &Figures) {
     let ratio = |x: u128, y: u128| x as f64 / y.max(1) as f64;
     let r = &f.rtt;
     let vsock = r.vsock.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-    let vs_ratio = |x: u128| {
-        r.vsock
-            .map(|v| format!("{:.2}", ratio(x, v)))
-            .unwrap_or_else(|| "-".into())
-    };
+    let paired = |x: Option<f64>| x.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
     println!(
         "wl-bench: {:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
         "round trips (ns), median of 5 batch means",
         "virtio_wl",
         "vsock",
         "socketpair",
-        "/vsock",
+        "/vsock*",
         "/sockpair"
     );
-    for (name, (plain, fd)) in f.names.iter().zip(&r.wl) {
-        for (label, wl, sp) in [
-            (format!("64 bytes, {name}"), *plain, r.socketpair),
+    for ((name, (plain, fd)), vp) in f.names.iter().zip(&r.wl).zip(&r.vsock_paired) {
+        for (label, wl, sp, vr) in [
+            (
+                format!("64 bytes, {name}"),
+                *plain,
+                r.socketpair,
+                vp.map(|v| v.0),
+            ),
             (
                 format!("64 bytes + 1 fd, {name} (vsock: no fd)"),
                 *fd,
                 r.socketpair_fd,
+                vp.map(|v| v.1),
             ),
         ] {
             println!(
@@ -539,11 +584,14 @@ fn print_results(a: &Args, f: &Figures) {
                 wl,
                 vsock,
                 sp,
-                vs_ratio(wl),
+                paired(vr),
                 ratio(wl, sp)
             );
         }
     }
+    println!(
+        "wl-bench: * /vsock is the median of per-batch ratios (each batch's virtio_wl mean over the same batch's vsock mean)"
+    );
     let tput_bytes = TPUT_MESSAGES as usize * TPUT_BYTES;
     for ([wl, sp], label) in f.tputs.into_iter().zip(["", " + 1 fd each"]) {
         let (wl_bw, sp_bw) = (mib_per_s(tput_bytes, wl), mib_per_s(tput_bytes, sp));
@@ -559,23 +607,36 @@ fn print_results(a: &Args, f: &Figures) {
     let shm_bw = mib_per_s(bytes, f.write_ns + f.read_ns);
     let guest_bw = mib_per_s(bytes, f.guest_copy_ns);
     let l1_bw = mib_per_s(bytes, f.l1_copy_ns);
+    let private_bw = mib_per_s(bytes, f.private_ns.0 + f.private_ns.1);
     println!(
-        "wl-bench: {:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
+        "wl-bench: {:<44} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9} {:>9}",
         format!("{} MiB, best of {} (MiB/s)", a.shm_mib, a.reps),
         "shm g->g",
         "guest memcpy",
+        "guest private",
         "L1 memcpy",
         "/guest",
+        "/private",
         "/L1"
     );
     println!(
-        "wl-bench: {:<44} {:>12.1} {:>12.1} {:>12.1} {:>9.3} {:>9.3}",
+        "wl-bench: {:<44} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>9.3} {:>9.3} {:>9.3}",
         "bandwidth",
         shm_bw,
         guest_bw,
+        private_bw,
         l1_bw,
         shm_bw / guest_bw,
+        shm_bw / private_bw,
         shm_bw / l1_bw
+    );
+    println!(
+        "wl-bench: guest private: the writer fills a private {} MiB buffer in {} ns ({:.1} MiB/s) and reads it back in {} ns ({:.1} MiB/s), the same code as for the shared buffer",
+        a.shm_mib,
+        f.private_ns.0,
+        mib_per_s(bytes, f.private_ns.0),
+        f.private_ns.1,
+        mib_per_s(bytes, f.private_ns.1)
     );
     println!(
         "wl-bench: shm: writer fill {} ns ({:.1} MiB/s), reader read {} ns ({:.1} MiB/s); guest memcpy {} ns; L1 memcpy {} ns",
@@ -591,19 +652,17 @@ fn print_results(a: &Args, f: &Figures) {
     );
     let (plain, fd) = r.wl.first().copied().unwrap_or_default();
     let vsock_keys = r
-        .vsock
-        .map(|v| {
-            format!(
-                "rtt_ratio_vs_vsock={:.2} fd_rtt_ratio_vs_vsock={:.2} ",
-                ratio(plain, v),
-                ratio(fd, v)
-            )
-        })
+        .vsock_paired
+        .first()
+        .copied()
+        .flatten()
+        .map(|(p, f)| format!("rtt_ratio_vs_vsock={p:.2} fd_rtt_ratio_vs_vsock={f:.2} "))
         .unwrap_or_default();
     println!(
-        "BENCH wl {vsock_keys}shm_bw_ratio_vs_guest_memcpy={:.3} rtt_ratio_vs_socketpair={:.2} \
-         fd_rtt_ratio_vs_socketpair={:.2} shm_bw_ratio_vs_memcpy={:.3}",
+        "BENCH wl {vsock_keys}shm_bw_ratio_vs_guest_memcpy={:.3} shm_bw_ratio_vs_guest_private={:.3} \
+         rtt_ratio_vs_socketpair={:.2} fd_rtt_ratio_vs_socketpair={:.2} shm_bw_ratio_vs_memcpy={:.3}",
         shm_bw / guest_bw,
+        shm_bw / private_bw,
         ratio(plain, r.socketpair),
         ratio(fd, r.socketpair_fd),
         shm_bw / l1_bw
@@ -618,5 +677,22 @@ fn main() -> ExitCode {
             println!("wl-bench: FAIL {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_ratio_is_the_median_of_per_batch_ratios() {
+        // The load drops after two batches: the ratio of medians (4000/1400 = 2.9) would say
+        // virtio_wl is far slower; batch by batch it is 1.1-1.4x.
+        let wl = [4700, 4100, 3800, 1600, 1400];
+        let vs = [3500, 3700, 1100, 1400, 1130];
+        let r = paired_ratio(&wl, &vs).unwrap();
+        assert!((r - 1400.0 / 1130.0).abs() < 1e-9, "{r}");
+        assert_eq!(paired_ratio(&[], &[]), None);
+        assert_eq!(paired_ratio(&[10], &[0]), Some(10.0));
     }
 }

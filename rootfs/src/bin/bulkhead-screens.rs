@@ -8,7 +8,8 @@
 //! off, once a picture exists.
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixListener;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -22,8 +23,16 @@ use clap::Parser;
 )]
 struct Cli {
     /// The socket to listen on (its directory is created).
+    #[arg(
+        long,
+        required_unless_present = "socket_fd",
+        conflicts_with = "socket_fd"
+    )]
+    socket: Option<PathBuf>,
+    /// An inherited, already-connected stream socket to serve instead (one end of a
+    /// socketpair init made; the other end is the jailed GUI VMM's `--wl-socket-fd`).
     #[arg(long)]
-    socket: PathBuf,
+    socket_fd: Option<i32>,
     /// Where frames go (a serial port is put in raw mode).
     #[arg(long)]
     serial: PathBuf,
@@ -106,7 +115,7 @@ fn main() {
         };
         kills.push((name.to_string(), service.to_string()));
     }
-    let mut serial = match std::fs::OpenOptions::new().write(true).open(&cli.serial) {
+    let serial = match std::fs::OpenOptions::new().write(true).open(&cli.serial) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {}: {e}", cli.serial.display());
@@ -114,32 +123,62 @@ fn main() {
         }
     };
     raw_mode(&serial);
-    if let Some(dir) = cli.socket.parent() {
+    let mut ctx = Ctx {
+        serial,
+        hooks,
+        kills,
+    };
+    if let Some(fd) = cli.socket_fd {
+        // SAFETY: F_GETFD only inspects the descriptor table.
+        if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            eprintln!("error: --socket-fd {fd}: not an open descriptor");
+            std::process::exit(2);
+        }
+        // SAFETY: init handed this descriptor to us for this one use; nothing else in the
+        // process refers to it.
+        let conn = UnixStream::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        println!("serving the handed-over socket (fd {fd})");
+        ctx.serve(conn, &cli.serial);
+        return;
+    }
+    let Some(socket) = cli.socket.clone() else {
+        eprintln!("error: --socket or --socket-fd");
+        std::process::exit(2);
+    };
+    if let Some(dir) = socket.parent() {
         let _ = std::fs::create_dir_all(dir);
         // VMMs run as their own users: they need to reach the socket.
         let _ = std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755));
     }
-    let _ = std::fs::remove_file(&cli.socket);
-    let listener = match UnixListener::bind(&cli.socket) {
+    let _ = std::fs::remove_file(&socket);
+    let listener = match UnixListener::bind(&socket) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: {}: {e}", cli.socket.display());
+            eprintln!("error: {}: {e}", socket.display());
             std::process::exit(1);
         }
     };
-    let _ = std::fs::set_permissions(
-        &cli.socket,
-        std::os::unix::fs::PermissionsExt::from_mode(0o666),
-    );
-    println!("listening on {}", cli.socket.display());
+    let _ = std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    println!("listening on {}", socket.display());
     for conn in listener.incoming() {
-        let mut conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("accept: {e}");
-                continue;
-            }
-        };
+        match conn {
+            Ok(c) => ctx.serve(c, &cli.serial),
+            Err(e) => eprintln!("accept: {e}"),
+        }
+    }
+}
+
+/// Where frames go and what runs after them.
+struct Ctx {
+    serial: std::fs::File,
+    hooks: Vec<(String, Vec<String>)>,
+    kills: Vec<(String, String)>,
+}
+
+impl Ctx {
+    /// Passes on the frames of one connection until it ends or breaks the framing.
+    fn serve(&mut self, mut conn: UnixStream, serial_path: &std::path::Path) {
+        let (serial, hooks, kills) = (&mut self.serial, &self.hooks, &self.kills);
         let mut dec = Decoder::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -169,7 +208,7 @@ fn main() {
                         f.name,
                         f.body.len()
                     ),
-                    (Err(e), _) => println!("{}: {e}", cli.serial.display()),
+                    (Err(e), _) => println!("{}: {e}", serial_path.display()),
                 }
                 if f.kind == Kind::Png {
                     for (_, service) in kills.iter().filter(|(n, _)| *n == f.name) {
@@ -181,7 +220,7 @@ fn main() {
                             Err(e) => println!("after {}: cannot kill {service}: {e}", f.name),
                         }
                     }
-                    run_hooks(&hooks, &f.name);
+                    run_hooks(hooks, &f.name);
                 }
             }
         }

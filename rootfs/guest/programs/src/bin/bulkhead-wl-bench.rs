@@ -7,7 +7,10 @@
 //!   (each with the shared-memory vfd, or none) without waiting, waits for L1's `got`, and
 //!   reports `tput-done <ns>`. On `memcpy <reps>` it copies one private buffer of the shared
 //!   buffer's size into another `reps` times and reports `memcpy-done <best ns>`: this VM's
-//!   own memory bandwidth, the figure zero copy is measured against. On `shm` it allocates a
+//!   own memory bandwidth, the figure zero copy is measured against. On `private <reps>` it
+//!   fills a private buffer of that size and reads it back with the same code the shared
+//!   buffer gets (a fill, then [`read_all`]) and reports `private-done <fill ns> <read ns>`
+//!   (the best rep by their sum). On `shm` it allocates a
 //!   shared buffer and sends it to L1 (which passes it to the reader guest); then on each
 //!   `go <rep>` it fills the whole buffer with the byte `rep + 1` and reports
 //!   `written <rep> <ns>`.
@@ -117,6 +120,26 @@ fn memcpy_ns(bytes: usize, reps: u32) -> u128 {
     best
 }
 
+/// The best of `reps` fill + read rounds over a private buffer of `bytes`: the same work
+/// the shared buffer gets, on this VM's own memory. Returns (fill ns, read ns).
+fn private_ns(bytes: usize, reps: u32) -> (u128, u128) {
+    let mut buf = vec![0u8; bytes];
+    let mut best = (u128::MAX / 2, u128::MAX / 2);
+    for rep in 0..reps.max(1) {
+        let want = (rep as u8).wrapping_add(1);
+        let start = Instant::now();
+        std::hint::black_box(&mut buf).fill(want);
+        let fill = start.elapsed().as_nanos();
+        let start = Instant::now();
+        let ok = read_all(std::hint::black_box(&buf), want);
+        let read = start.elapsed().as_nanos();
+        if ok && fill + read < best.0 + best.1 {
+            best = (fill, read);
+        }
+    }
+    best
+}
+
 fn fill_rounds(conn: &WlStream, shm: &mut SharedMemory) -> Result<(), String> {
     loop {
         let (msg, _) = recv_text(conn)?;
@@ -161,6 +184,12 @@ fn writer(conn: &WlStream, wl: &Wl, a: &Args) -> Result<(), String> {
                 let ns = memcpy_ns(a.shm_mib << 20, reps);
                 conn.send(format!("memcpy-done {ns}").as_bytes(), &[])
                     .map_err(err("send memcpy-done"))?;
+            }
+            ["private", reps] => {
+                let reps: u32 = reps.parse().map_err(|_| format!("bad {msg:?}"))?;
+                let (fill, read) = private_ns(a.shm_mib << 20, reps);
+                conn.send(format!("private-done {fill} {read}").as_bytes(), &[])
+                    .map_err(err("send private-done"))?;
             }
             ["shm"] => {
                 let bytes = a.shm_mib << 20;
