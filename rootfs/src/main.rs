@@ -87,6 +87,11 @@ enum Cmd {
         /// Extra kernel command line arguments (e.g. `bulkhead.loglevel=debug`).
         #[arg(long, default_value = "")]
         append: String,
+        /// Two NICs on one closed QEMU hub: one behind a PCIe root port for a net VM
+        /// (0000:02:00.0) and a test peer's (0000:00:12.0). On by itself for a system whose
+        /// policy grants a VM 0000:02:00.0 (rootfs/examples/netvm).
+        #[arg(long)]
+        net_hub: bool,
         /// Boot the way a real machine does: UEFI firmware (Debian's OVMF) starts the
         /// system's EFI executable (`build --efi`) from an EFI system partition, instead of
         /// QEMU loading the kernel and initramfs itself.
@@ -123,6 +128,9 @@ enum BenchCmd {
         #[arg(long = "also-vmm", value_name = "NAME=PATH")]
         also_vmm: Vec<String>,
     },
+    /// Networking: TCP throughput and round trips from an app VM through net-vm to the test
+    /// peer, against net-vm itself to the peer (rootfs/examples/netvm, one boot).
+    Net,
     /// Wayland: a shm client committing 640x480 frames with full damage through the proxies
     /// from an app VM, against the same client directly on weston in the GUI VM.
     Wayland {
@@ -197,6 +205,17 @@ impl KernelArgs {
             guests: parse(&self.guest_flavour, &self.guest_suite)?,
         })
     }
+}
+
+/// Does the system's policy give a VM the net hub's NIC (0000:02:00.0)?
+fn wants_net_hub(system: &std::path::Path) -> bool {
+    SystemDir::load(system).is_ok_and(|sys| {
+        sys.policy_files.iter().any(|(_, text)| {
+            String::from_utf8_lossy(text).lines().any(|l| {
+                l.trim_start().starts_with("grant") && l.contains("device pci:0000:02:00.0")
+            })
+        })
+    })
 }
 
 fn default_system() -> PathBuf {
@@ -340,6 +359,19 @@ fn run(cli: Cli) -> Result<u8, String> {
             Ok(0)
         }
         Cmd::Bench {
+            which: BenchCmd::Net,
+        } => {
+            provision::provision(&cache, &[KernelChoice::default()], false)
+                .map_err(|e| e.to_string())?;
+            let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
+            let lines = bulkhead_rootfs::bench::net::bench_net(&kernel, cache.dir(), &workspace)
+                .map_err(|e| e.to_string())?;
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(0)
+        }
+        Cmd::Bench {
             which: BenchCmd::Wayland { frames },
         } => {
             provision::provision(&cache, &[KernelChoice::default()], false)
@@ -420,6 +452,7 @@ fn run(cli: Cli) -> Result<u8, String> {
             system,
             timeout,
             append,
+            net_hub,
             efi,
             kernels,
         } => {
@@ -445,6 +478,7 @@ fn run(cli: Cli) -> Result<u8, String> {
                 QemuConfig::host(&kernels.host.vmlinuz, &image, cmdline.trim())
             };
             cfg.disks = disks;
+            cfg.net_hub = net_hub || wants_net_hub(&system);
             // The emulated host's second serial port: screenshots from a GUI VM, if any.
             let screens = out_dir.join("screens.bin");
             let _ = std::fs::remove_file(&screens);
