@@ -4,6 +4,8 @@
 //! - `vmm` (`bench/vmm.rs`): bulkhead-vmm against QEMU microvm, boot time and memory.
 //! - `wl` (`bench/wl.rs`): virtio_wl round trips against a socketpair, guest-to-guest shared
 //!   memory against memcpy.
+//! - `net` (`bench/net.rs`): TCP throughput and round trips from an app VM through net-vm
+//!   against net-vm itself, both to the test peer.
 //! - `wayland` (`bench/wayland.rs`): a full-damage shm client through the Wayland proxies
 //!   against the same client directly on weston.
 
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use crate::qemu::{Machine, Outcome, QemuConfig};
 
+pub mod net;
 pub mod probe;
 pub mod vmm;
 pub mod wayland;

@@ -6,6 +6,7 @@ pub mod apt;
 pub mod bench;
 pub mod compressed;
 pub mod cpio;
+pub mod efi;
 pub mod guest_root;
 pub mod image;
 pub mod kernel;

@@ -8,7 +8,7 @@ use bulkhead_rootfs::image::{build_system_image, SystemDir};
 use bulkhead_rootfs::kernel::plan::{KernelOverrides, SystemKernels};
 use bulkhead_rootfs::kernel::{Cache, ChoiceOverride, Kernel, KernelChoice};
 use bulkhead_rootfs::qemu::{Disk, Machine, Outcome, QemuConfig};
-use bulkhead_rootfs::{provision, workspace_dir, HOST_CMDLINE};
+use bulkhead_rootfs::{efi, provision, workspace_dir, HOST_CMDLINE};
 use clap::{Parser, Subcommand};
 
 /// Exit statuses of `boot`.
@@ -59,6 +59,19 @@ enum Cmd {
         /// Output file (default target/bulkhead/<system>/host.cpio.gz).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also write one EFI executable for real machines, `bulkhead.efi` beside the
+        /// initramfs: a unified kernel image of Debian's systemd-stub (fetched by
+        /// `provision`), the host kernel, the initramfs and the kernel command line
+        /// (docs/real-hardware.md).
+        #[arg(long)]
+        efi: bool,
+        /// The EFI image's whole kernel command line (default: the QEMU host's, plus
+        /// --append).
+        #[arg(long, requires = "efi")]
+        cmdline: Option<String>,
+        /// Extra kernel command line arguments for the EFI image.
+        #[arg(long, default_value = "", requires = "efi")]
+        append: String,
         #[command(flatten)]
         kernels: KernelArgs,
     },
@@ -74,6 +87,16 @@ enum Cmd {
         /// Extra kernel command line arguments (e.g. `bulkhead.loglevel=debug`).
         #[arg(long, default_value = "")]
         append: String,
+        /// Two NICs on one closed QEMU hub: one behind a PCIe root port for a net VM
+        /// (0000:02:00.0) and a test peer's (0000:00:12.0). On by itself for a system whose
+        /// policy grants a VM 0000:02:00.0 (rootfs/examples/netvm).
+        #[arg(long)]
+        net_hub: bool,
+        /// Boot the way a real machine does: UEFI firmware (Debian's OVMF) starts the
+        /// system's EFI executable (`build --efi`) from an EFI system partition, instead of
+        /// QEMU loading the kernel and initramfs itself.
+        #[arg(long)]
+        efi: bool,
         #[command(flatten)]
         kernels: KernelArgs,
     },
@@ -105,6 +128,9 @@ enum BenchCmd {
         #[arg(long = "also-vmm", value_name = "NAME=PATH")]
         also_vmm: Vec<String>,
     },
+    /// Networking: TCP throughput and round trips from an app VM through net-vm to the test
+    /// peer, against net-vm itself to the peer (rootfs/examples/netvm, one boot).
+    Net,
     /// Wayland: a shm client committing 640x480 frames with full damage through the proxies
     /// from an app VM, against the same client directly on weston in the GUI VM.
     Wayland {
@@ -181,6 +207,17 @@ impl KernelArgs {
     }
 }
 
+/// Does the system's policy give a VM the net hub's NIC (0000:02:00.0)?
+fn wants_net_hub(system: &std::path::Path) -> bool {
+    SystemDir::load(system).is_ok_and(|sys| {
+        sys.policy_files.iter().any(|(_, text)| {
+            String::from_utf8_lossy(text).lines().any(|l| {
+                l.trim_start().starts_with("grant") && l.contains("device pci:0000:02:00.0")
+            })
+        })
+    })
+}
+
 fn default_system() -> PathBuf {
     workspace_dir().join("rootfs/examples/demo")
 }
@@ -242,6 +279,39 @@ fn build(
     Ok((kernels, out, disks))
 }
 
+/// Writes the system's EFI executable (`bulkhead.efi` beside its initramfs `image`).
+fn write_uki(
+    cache: &Cache,
+    kernels: &SystemKernels,
+    image: &std::path::Path,
+    cmdline: &str,
+    system: &std::path::Path,
+) -> Result<PathBuf, String> {
+    let out = image
+        .parent()
+        .map(|d| d.join("bulkhead.efi"))
+        .unwrap_or_else(|| PathBuf::from("bulkhead.efi"));
+    let layout = efi::host_uki(
+        cache,
+        &kernels.host,
+        image,
+        cmdline,
+        &system_name(system),
+        &out,
+    )
+    .map_err(|e| e.to_string())?;
+    for s in &layout.sections {
+        log::debug!(
+            "{}: {} at {:#x}, {:#x} bytes",
+            out.display(),
+            s.name,
+            s.rva,
+            s.virtual_size
+        );
+    }
+    Ok(out)
+}
+
 fn run(cli: Cli) -> Result<u8, String> {
     let cache = cli
         .cache
@@ -282,6 +352,19 @@ fn run(cli: Cli) -> Result<u8, String> {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;
             let lines = bulkhead_rootfs::bench::bench_vmm(&kernel, &workspace, runs, &also)
+                .map_err(|e| e.to_string())?;
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(0)
+        }
+        Cmd::Bench {
+            which: BenchCmd::Net,
+        } => {
+            provision::provision(&cache, &[KernelChoice::default()], false)
+                .map_err(|e| e.to_string())?;
+            let kernel = Kernel::current(&cache).map_err(|e| e.to_string())?;
+            let lines = bulkhead_rootfs::bench::net::bench_net(&kernel, cache.dir(), &workspace)
                 .map_err(|e| e.to_string())?;
             for l in lines {
                 println!("{l}");
@@ -345,30 +428,58 @@ fn run(cli: Cli) -> Result<u8, String> {
         Cmd::Build {
             system,
             out,
+            efi,
+            cmdline,
+            append,
             kernels,
-        } => build(
-            &cache,
-            &workspace,
-            &system,
-            out,
-            &kernels.overrides()?,
-            false,
-        )
-        .map(|_| 0),
+        } => {
+            let (kernels, image, _) = build(
+                &cache,
+                &workspace,
+                &system,
+                out,
+                &kernels.overrides()?,
+                false,
+            )?;
+            if efi {
+                let cmdline = cmdline.unwrap_or_else(|| format!("{HOST_CMDLINE} {append}"));
+                let uki = write_uki(&cache, &kernels, &image, cmdline.trim(), &system)?;
+                eprintln!("bulkhead-rootfs: wrote {}", uki.display());
+            }
+            Ok(0)
+        }
         Cmd::Boot {
             system,
             timeout,
             append,
+            net_hub,
+            efi,
             kernels,
         } => {
             // Install what is missing (QEMU, the kernels); quick when all is there.
             let over = kernels.overrides()?;
             let (kernels, image, disks) = build(&cache, &workspace, &system, None, &over, true)?;
             let cmdline = format!("{HOST_CMDLINE} {append}");
-            let mut cfg = QemuConfig::host(&kernels.host.vmlinuz, &image, cmdline.trim());
-            cfg.disks = disks;
-            // The emulated host's second serial port: screenshots from a GUI VM, if any.
             let out_dir = image.parent().map(PathBuf::from).unwrap_or_default();
+            let mut cfg = if efi {
+                let uki = write_uki(&cache, &kernels, &image, cmdline.trim(), &system)?;
+                let esp = out_dir.join("esp.img");
+                efi::esp::write_esp(&uki, &esp).map_err(|e| e.to_string())?;
+                let fw = efi::esp::Firmware::ovmf(&esp, &out_dir.join("ovmf-vars.fd"))
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "bulkhead-rootfs: booting {} from {} with {}",
+                    uki.display(),
+                    esp.display(),
+                    fw.code.display()
+                );
+                QemuConfig::host_firmware(fw)
+            } else {
+                QemuConfig::host(&kernels.host.vmlinuz, &image, cmdline.trim())
+            };
+            cfg.disks = disks;
+            cfg.net_hub = net_hub || wants_net_hub(&system);
+            // The emulated host's second serial port: screenshots from a GUI VM, if any.
             let screens = out_dir.join("screens.bin");
             let _ = std::fs::remove_file(&screens);
             cfg.second_serial = Some(screens.clone());

@@ -15,6 +15,10 @@ pub const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     // mkfs.ext4 -d: guests' Debian root filesystems (`boot` builds the example's).
     "e2fsprogs",
+    // objcopy: `build --efi` adds the kernel, initramfs and command line to systemd-stub.
+    "binutils",
+    // OVMF: UEFI firmware that `boot --efi` and the EFI test boot the unified image with.
+    "ovmf",
 ];
 
 /// What building an out-of-tree module against unpacked headers needs on the build
@@ -373,13 +377,15 @@ pub fn provision_kernel(
     Ok(Kernel::in_cache(cache, &abi)?)
 }
 
-/// The whole `provision` command: QEMU, then every kernel in `choices` (each once).
+/// The whole `provision` command: QEMU and the EFI tools, systemd-stub (into the cache),
+/// then every kernel in `choices` (each once).
 pub fn provision(
     cache: &Cache,
     choices: &[KernelChoice],
     refresh: bool,
 ) -> Result<Vec<Kernel>, ProvisionError> {
     ensure_packages(PACKAGES)?;
+    crate::efi::stub::ensure(cache)?;
     let mut done: Vec<&KernelChoice> = Vec::new();
     let mut kernels = Vec::new();
     for c in choices {

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
+pub use crate::efi::esp::Firmware;
+
 /// What the kernel prints when the machine powers off / restarts / panics.
 pub const POWER_DOWN: &str = "reboot: Power down";
 pub const RESTARTING: &str = "reboot: Restarting system";
@@ -196,6 +198,10 @@ pub struct QemuConfig {
     pub qmp: Option<PathBuf>,
     /// Disks with serials (a host image's guest root filesystems).
     pub disks: Vec<Disk>,
+    /// Boot through UEFI firmware (OVMF) from an EFI system partition instead of
+    /// `-kernel`: `kernel`, `initrd` and `append` are then unused (the ESP's unified kernel
+    /// image carries all three).
+    pub firmware: Option<Firmware>,
     /// Extra raw arguments.
     pub extra: Vec<String>,
 }
@@ -219,8 +225,16 @@ impl QemuConfig {
             second_serial: None,
             qmp: None,
             disks: Vec::new(),
+            firmware: None,
             extra: Vec::new(),
         }
+    }
+
+    /// The default host machine booted by UEFI firmware from an ESP (see [`Firmware`]).
+    pub fn host_firmware(firmware: Firmware) -> Self {
+        let mut c = Self::host(Path::new(""), Path::new(""), "");
+        c.firmware = Some(firmware);
+        c
     }
 
     /// The arguments after the program name.
@@ -311,14 +325,33 @@ impl QemuConfig {
                 d.serial
             ));
         }
-        a.extend([
-            "-kernel".into(),
-            self.kernel.display().to_string(),
-            "-initrd".into(),
-            self.initrd.display().to_string(),
-            "-append".into(),
-            self.append.clone(),
-        ]);
+        match &self.firmware {
+            None => a.extend([
+                "-kernel".into(),
+                self.kernel.display().to_string(),
+                "-initrd".into(),
+                self.initrd.display().to_string(),
+                "-append".into(),
+                self.append.clone(),
+            ]),
+            Some(fw) => a.extend([
+                "-drive".into(),
+                format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    fw.code.display()
+                ),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=1,file={}", fw.vars.display()),
+                "-drive".into(),
+                format!(
+                    "file={},format=raw,if=none,id=esp,readonly=on",
+                    fw.esp.display()
+                ),
+                // The only boot option: no time spent on PXE or the UEFI shell first.
+                "-device".into(),
+                "virtio-blk-pci,drive=esp,bootindex=0".into(),
+            ]),
+        }
         a.extend(self.extra.iter().cloned());
         a
     }
@@ -918,6 +951,30 @@ mod tests {
             assert!(!line.contains(&format!("-netdev {backend}")), "{line}");
         }
         assert_eq!(line.matches("-netdev ").count(), 2);
+    }
+
+    #[test]
+    fn a_firmware_boot_has_ovmf_and_the_esp_and_no_kernel() {
+        let fw = Firmware {
+            code: PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+            vars: PathBuf::from("/t/vars.fd"),
+            esp: PathBuf::from("/t/esp.img"),
+        };
+        let line = QemuConfig::host_firmware(fw).command_line();
+        for want in [
+            "-drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "-drive if=pflash,format=raw,unit=1,file=/t/vars.fd",
+            "-drive file=/t/esp.img,format=raw,if=none,id=esp,readonly=on",
+            "-device virtio-blk-pci,drive=esp,bootindex=0",
+            "-machine q35",
+            "-device intel-iommu,intremap=on",
+            "-no-reboot",
+        ] {
+            assert!(line.contains(want), "{want:?} missing from {line}");
+        }
+        for never in ["-kernel", "-initrd", "-append"] {
+            assert!(!line.contains(never), "{never} in {line}");
+        }
     }
 
     #[test]

@@ -181,6 +181,11 @@ pub struct BootOptions {
     pub kernels: KernelOverrides,
     /// Two NICs on a closed QEMU hub (`QemuConfig::net_hub`): the net VM's and a peer's.
     pub net_hub: bool,
+    /// Boot as a real machine does: OVMF starts the system's unified kernel image (the
+    /// host kernel, the image and the command line in one EFI executable, what
+    /// `bulkhead-rootfs build --efi` writes) from an EFI system partition, instead of
+    /// QEMU's `-kernel`.
+    pub efi: bool,
 }
 
 /// One restart init made: the service and how its run before ended
@@ -241,7 +246,11 @@ impl Host {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let append = format!("{HOST_CMDLINE} {}", opts.append);
-        let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, append.trim());
+        let mut cfg = if opts.efi {
+            QemuConfig::host_firmware(efi_firmware(system, kernel, &image, append.trim(), &dir))
+        } else {
+            QemuConfig::host(&kernel.vmlinuz, &image, append.trim())
+        };
         cfg.qmp = Some(dir.join("qmp.sock"));
         cfg.disks = disks;
         let screens = dir.join("screens.bin");
@@ -359,6 +368,11 @@ impl Host {
         self.machine.lines()
     }
 
+    /// The QEMU command line the host runs under.
+    pub fn command_line(&self) -> &str {
+        self.machine.command_line()
+    }
+
     /// The command line and recent console output, for assertion messages.
     pub fn context(&self) -> String {
         self.machine.context()
@@ -387,6 +401,33 @@ impl Host {
             panic!("unexpected console line {l:?}\n{}", self.context());
         }
     }
+}
+
+/// Writes the unified kernel image of `system` (beside its host image) and an EFI system
+/// partition holding it, and returns OVMF booting that partition with its variables in
+/// `dir`.
+fn efi_firmware(
+    system: &str,
+    kernel: &Kernel,
+    image: &Path,
+    cmdline: &str,
+    dir: &Path,
+) -> bulkhead_rootfs::qemu::Firmware {
+    use bulkhead_rootfs::efi;
+    let out = image.parent().unwrap_or(dir);
+    let uki = out.join("bulkhead.efi");
+    efi::host_uki(
+        &Cache::default_location(),
+        kernel,
+        image,
+        cmdline,
+        system,
+        &uki,
+    )
+    .unwrap_or_else(|e| panic!("the EFI image of {system}: {e}"));
+    let esp = out.join("esp.img");
+    efi::esp::write_esp(&uki, &esp).unwrap_or_else(|e| panic!("{e}"));
+    efi::esp::Firmware::ovmf(&esp, &dir.join("ovmf-vars.fd")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The `uptime_ms=<n>` value `bulkhead-testprog crash` prints.

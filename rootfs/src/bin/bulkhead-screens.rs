@@ -1,8 +1,6 @@
-//! `bulkhead-screens`: a host service of a Bulkhead system with a GUI VM. It serves a
-//! stream the GUI VM's VMM names as a virtio_wl socket: one init hands it (`--fd N`, the
-//! other end of a socketpair whose end the jailed VMM gets as `--wl-socket-fd screens=N`),
-//! or a Unix socket it listens on (`--socket PATH`, for a VMM that can reach it by path,
-//! `--wl-socket screens=PATH`). It takes the screenshot frames the GUI VM's agent sends (checked with
+//! `bulkhead-screens`: a host service of a Bulkhead system with a GUI VM. It listens on a
+//! Unix socket that the GUI VM's VMM names as a virtio_wl socket (`--wl-socket
+//! screens=PATH`), takes the screenshot frames the GUI VM's agent sends (checked with
 //! `bulkhead_desktop::frame`, never interpreted), and writes each one unchanged to a serial
 //! port (the emulated host's second one, a file on the build machine) for the build machine
 //! to decode. After a picture has been passed on it can run commands named for it
@@ -25,12 +23,16 @@ use clap::Parser;
 )]
 struct Cli {
     /// The socket to listen on (its directory is created).
-    #[arg(long, required_unless_present = "fd", conflicts_with = "fd")]
+    #[arg(
+        long,
+        required_unless_present = "socket_fd",
+        conflicts_with = "socket_fd"
+    )]
     socket: Option<PathBuf>,
-    /// A connected stream handed over by init (a socketpair end), served instead of a
-    /// socket: the GUI VM's agent keeps one connection for all its pictures.
+    /// An inherited, already-connected stream socket to serve instead (one end of a
+    /// socketpair init made; the other end is the jailed GUI VMM's `--wl-socket-fd`).
     #[arg(long)]
-    fd: Option<i32>,
+    socket_fd: Option<i32>,
     /// Where frames go (a serial port is put in raw mode).
     #[arg(long)]
     serial: PathBuf,
@@ -113,7 +115,7 @@ fn main() {
         };
         kills.push((name.to_string(), service.to_string()));
     }
-    let mut serial = match std::fs::OpenOptions::new().write(true).open(&cli.serial) {
+    let serial = match std::fs::OpenOptions::new().write(true).open(&cli.serial) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {}: {e}", cli.serial.display());
@@ -121,58 +123,62 @@ fn main() {
         }
     };
     raw_mode(&serial);
-    let conns: Box<dyn Iterator<Item = std::io::Result<UnixStream>>> = match (&cli.socket, cli.fd) {
-        (_, Some(fd)) => {
-            // SAFETY: F_GETFD only reads the descriptor's flags.
-            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-                eprintln!("error: --fd {fd}: not an open descriptor");
-                std::process::exit(1);
-            }
-            // SAFETY: an fd init handed this process for it alone (checked open above);
-            // owned from here on.
-            let stream = unsafe { UnixStream::from_raw_fd(fd) };
-            println!("serving the stream on fd {fd}");
-            Box::new(std::iter::once(Ok(stream)))
-        }
-        (Some(socket), None) => {
-            if let Some(dir) = socket.parent() {
-                let _ = std::fs::create_dir_all(dir);
-                // VMMs run as their own users: they need to reach the socket.
-                let _ = std::fs::set_permissions(
-                    dir,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o755),
-                );
-            }
-            let _ = std::fs::remove_file(socket);
-            let listener = match UnixListener::bind(socket) {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("error: {}: {e}", socket.display());
-                    std::process::exit(1);
-                }
-            };
-            let _ = std::fs::set_permissions(
-                socket,
-                std::os::unix::fs::PermissionsExt::from_mode(0o666),
-            );
-            println!("listening on {}", socket.display());
-            Box::new(std::iter::from_fn(move || {
-                Some(listener.accept().map(|(c, _)| c))
-            }))
-        }
-        (None, None) => {
-            eprintln!("error: --socket or --fd is needed");
+    let mut ctx = Ctx {
+        serial,
+        hooks,
+        kills,
+    };
+    if let Some(fd) = cli.socket_fd {
+        // SAFETY: F_GETFD only inspects the descriptor table.
+        if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            eprintln!("error: --socket-fd {fd}: not an open descriptor");
             std::process::exit(2);
         }
+        // SAFETY: init handed this descriptor to us for this one use; nothing else in the
+        // process refers to it.
+        let conn = UnixStream::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        println!("serving the handed-over socket (fd {fd})");
+        ctx.serve(conn, &cli.serial);
+        return;
+    }
+    let Some(socket) = cli.socket.clone() else {
+        eprintln!("error: --socket or --socket-fd");
+        std::process::exit(2);
     };
-    for conn in conns {
-        let mut conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("accept: {e}");
-                continue;
-            }
-        };
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::create_dir_all(dir);
+        // VMMs run as their own users: they need to reach the socket.
+        let _ = std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener = match UnixListener::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {}: {e}", socket.display());
+            std::process::exit(1);
+        }
+    };
+    let _ = std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    println!("listening on {}", socket.display());
+    for conn in listener.incoming() {
+        match conn {
+            Ok(c) => ctx.serve(c, &cli.serial),
+            Err(e) => eprintln!("accept: {e}"),
+        }
+    }
+}
+
+/// Where frames go and what runs after them.
+struct Ctx {
+    serial: std::fs::File,
+    hooks: Vec<(String, Vec<String>)>,
+    kills: Vec<(String, String)>,
+}
+
+impl Ctx {
+    /// Passes on the frames of one connection until it ends or breaks the framing.
+    fn serve(&mut self, mut conn: UnixStream, serial_path: &std::path::Path) {
+        let (serial, hooks, kills) = (&mut self.serial, &self.hooks, &self.kills);
         let mut dec = Decoder::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -202,7 +208,7 @@ fn main() {
                         f.name,
                         f.body.len()
                     ),
-                    (Err(e), _) => println!("{}: {e}", cli.serial.display()),
+                    (Err(e), _) => println!("{}: {e}", serial_path.display()),
                 }
                 if f.kind == Kind::Png {
                     for (_, service) in kills.iter().filter(|(n, _)| *n == f.name) {
@@ -214,7 +220,7 @@ fn main() {
                             Err(e) => println!("after {}: cannot kill {service}: {e}", f.name),
                         }
                     }
-                    run_hooks(&hooks, &f.name);
+                    run_hooks(hooks, &f.name);
                 }
             }
         }

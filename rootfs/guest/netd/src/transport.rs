@@ -43,6 +43,9 @@ fn wl_io(e: WlError) -> std::io::Error {
     }
 }
 
+/// Most connections one `accept` call skips (their clients had left) before it returns.
+const MAX_SKIPPED_PER_ACCEPT: usize = 64;
+
 /// The virtio_wl service: a listener context on `/dev/wl0`.
 pub struct WlAccept {
     listener: Listener<'static>,
@@ -66,19 +69,31 @@ impl Accept for WlAccept {
         self.listener.fd()
     }
     fn accept(&mut self) -> std::io::Result<Option<(Box<dyn Conn>, String)>> {
-        match self.listener.accept() {
-            Ok((stream, name)) => {
-                stream.set_nonblocking(true).map_err(wl_io)?;
-                Ok(Some((Box::new(WlConn { stream }), name)))
+        // A connection its client closed before we took it cannot be opened (the name is
+        // gone): that one is skipped, the next is tried; only the listener's own failures
+        // end the service.
+        for _ in 0..MAX_SKIPPED_PER_ACCEPT {
+            match self.listener.accept() {
+                Ok((stream, name)) => {
+                    stream.set_nonblocking(true).map_err(wl_io)?;
+                    return Ok(Some((Box::new(WlConn { stream }), name)));
+                }
+                Err(WlError::Io { err, .. }) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Ok(None)
+                }
+                Err(WlError::ListenerClosed) => {
+                    return Err(std::io::Error::other("the listener context closed"))
+                }
+                Err(
+                    e @ WlError::Io {
+                        what: "VIRTWL_IOCTL_NEW",
+                        ..
+                    },
+                ) => println!("netd: a connection could not be taken (its client left?): {e}"),
+                Err(e) => return Err(wl_io(e)),
             }
-            Err(WlError::Io { err, .. }) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                Ok(None)
-            }
-            Err(WlError::ListenerClosed) => {
-                Err(std::io::Error::other("the listener context closed"))
-            }
-            Err(e) => Err(wl_io(e)),
         }
+        Ok(None)
     }
 }
 
@@ -97,7 +112,10 @@ impl Conn for WlConn {
             Err(WlError::Io { err, .. }) if err.kind() == std::io::ErrorKind::WouldBlock => {
                 Ok(Recv::Nothing)
             }
-            Err(_) => Ok(Recv::Hangup),
+            Err(e) => {
+                println!("netd: a connection failed: {e}");
+                Ok(Recv::Hangup)
+            }
         }
     }
     fn kick(&mut self) -> std::io::Result<bool> {

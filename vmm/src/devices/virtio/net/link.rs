@@ -192,8 +192,9 @@ impl Shared {
     }
 }
 
-/// How long a hello waits for the hub's verdict.
-const HELLO_VERDICT_WAIT: Duration = Duration::from_secs(5);
+/// How long a hello waits for the hub's verdict (the net VM's guest must take the
+/// connection first; under nested emulation with several guests booting that takes seconds).
+const HELLO_VERDICT_WAIT: Duration = Duration::from_secs(30);
 /// Pauses between connection attempts.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(2);
@@ -317,6 +318,7 @@ fn run(shared: &Shared, hub: &mut dyn HubAccess, stop: &EventFd) {
     let mut generation = 0u64;
     let mut pause = FIRST_RETRY;
     let mut failures = 0u64;
+    let mut last_error = String::new();
     loop {
         generation += 1;
         match connect_once(hub, &shared.service, shared.mac, generation) {
@@ -334,6 +336,7 @@ fn run(shared: &Shared, hub: &mut dyn HubAccess, stop: &EventFd) {
                     }
                 );
                 failures = 0;
+                last_error.clear();
                 pause = FIRST_RETRY;
                 shared.install(link);
                 let _ = shared.link_lost.read();
@@ -371,11 +374,14 @@ fn run(shared: &Shared, hub: &mut dyn HubAccess, stop: &EventFd) {
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 {
+                // Each new reason once at info (a refusal before net-vm provides `net`, then
+                // perhaps another), repeats at debug.
+                if e != last_error {
                     log::info!(
                         "bulkhead-vmm: virtio-net: no link to {}: {e}; trying again",
                         shared.service
                     );
+                    last_error = e;
                 } else {
                     log::debug!("bulkhead-vmm: virtio-net: {}: {e}", shared.service);
                 }

@@ -1,0 +1,146 @@
+//! `bulkhead-rootfs bench net`: one L1 boot of `rootfs/examples/netvm` (net-vm owning a NIC
+//! by VFIO, one app VM, the test peer in its own network namespace on the other NIC of the
+//! same closed QEMU hub). The peer measures, from the emulated host, TCP round trips (a
+//! one-byte ping-pong) and the throughput of a 10 s stream: first from the app VM (virtio-net
+//! → its VMM → the ring → netd → TAP → bridge → the NIC), then from net-vm itself (bridge →
+//! the NIC), the peer. Prints a table and ends with
+//! `BENCH net tcp_ratio_vs_netvm=<x> rtt_ratio_vs_netvm=<x>` (throughput: app / net-vm,
+//! higher is better; round trip: app / net-vm, lower is better).
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::BenchError;
+use crate::image::build_system_image;
+use crate::kernel::plan::SystemKernels;
+use crate::kernel::Kernel;
+use crate::qemu::{Machine, Outcome, QemuConfig};
+
+/// One measurement the peer printed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    pub rtt_us_median: f64,
+    pub rtt_us_p90: f64,
+    pub mbit_s: f64,
+    pub bytes: u64,
+}
+
+/// Parses the peer's `measured <label> from <ip>: key=value …` line (after `peer: `) for
+/// `label`.
+pub fn parse_measured(line: &str, label: &str) -> Option<Measured> {
+    let rest = line.strip_prefix(&format!("measured {label} from "))?;
+    let (_, kv) = rest.split_once(": ")?;
+    let get = |k: &str| {
+        kv.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+    };
+    Some(Measured {
+        rtt_us_median: get("rtt_us_median")?.parse().ok()?,
+        rtt_us_p90: get("rtt_us_p90")?.parse().ok()?,
+        mbit_s: get("tcp_mbit_s")?.parse().ok()?,
+        bytes: get("bytes")?.parse().ok()?,
+    })
+}
+
+/// The table and the BENCH line.
+pub fn report(app: &Measured, netvm: &Measured) -> Vec<String> {
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let row = |what: &str, m: &Measured| {
+        format!(
+            "{what:<46} {:>10.2} {:>12.0} {:>12.0} {:>12}",
+            m.mbit_s,
+            m.rtt_us_median,
+            m.rtt_us_p90,
+            m.bytes / (1024 * 1024)
+        )
+    };
+    vec![
+        format!(
+            "{:<46} {:>10} {:>12} {:>12} {:>12}",
+            "TCP to the peer (measured by the peer)",
+            "Mbit/s",
+            "RTT µs p50",
+            "RTT µs p90",
+            "MiB sent"
+        ),
+        row("app VM → VMM → ring → netd → bridge → NIC", app),
+        row("net-vm itself → bridge → NIC", netvm),
+        "(10 s streams, 200 one-byte round trips each; under nested emulation)".to_string(),
+        format!(
+            "BENCH net tcp_ratio_vs_netvm={:.2} rtt_ratio_vs_netvm={:.2}",
+            ratio(app.mbit_s, netvm.mbit_s),
+            ratio(app.rtt_us_median, netvm.rtt_us_median)
+        ),
+    ]
+}
+
+/// Builds `rootfs/examples/netvm`, boots it with the net hub and reports.
+pub fn bench_net(
+    kernel: &Kernel,
+    cache_dir: &Path,
+    workspace: &Path,
+) -> Result<Vec<String>, BenchError> {
+    let src = workspace.join("rootfs/examples/netvm");
+    let dir = workspace.join("target/bulkhead/bench-net");
+    let image = dir.join("host.cpio.gz");
+    let kernels = SystemKernels::all(kernel.clone());
+    let disks = build_system_image(&kernels, cache_dir, workspace, &src, &image)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, crate::HOST_CMDLINE);
+    cfg.disks = disks;
+    cfg.net_hub = true;
+    let mut m = Machine::spawn(&cfg, false).map_err(|e| BenchError::Run(e.to_string()))?;
+    let end = m
+        .wait_end(Duration::from_secs(2400))
+        .map_err(|e| BenchError::Run(e.to_string()))?;
+    if end != Outcome::PowerOff {
+        return Err(BenchError::Run(format!(
+            "the bench host ended with {end:?}\n{}",
+            m.context()
+        )));
+    }
+    let find = |label: &str| {
+        m.lines().iter().find_map(|l| {
+            l.strip_prefix("peer: ")
+                .and_then(|r| parse_measured(r, label))
+        })
+    };
+    match (find("app"), find("net-vm")) {
+        (Some(a), Some(n)) => Ok(report(&a, &n)),
+        _ => Err(BenchError::Run(format!(
+            "the peer did not measure both\n{}",
+            m.context()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peers_lines_parse_and_the_report_ends_with_the_bench_line() {
+        let app = parse_measured(
+            "measured app from 198.51.100.10: rtt_us_median=900 rtt_us_p90=1500 tcp_mbit_s=40.00 bytes=52428800 seconds=10.00",
+            "app",
+        )
+        .unwrap();
+        let netvm = parse_measured(
+            "measured net-vm from 198.51.100.2: rtt_us_median=300 rtt_us_p90=400 tcp_mbit_s=80.00 bytes=104857600 seconds=10.00",
+            "net-vm",
+        )
+        .unwrap();
+        assert!(parse_measured("measured app from 1.2.3.4: rtt_us_median=x", "app").is_none());
+        assert!(parse_measured(
+            "measured net-vm from 198.51.100.2: rtt_us_median=1 rtt_us_p90=1 tcp_mbit_s=1 bytes=1",
+            "app"
+        )
+        .is_none());
+        let r = report(&app, &netvm);
+        assert_eq!(
+            r.last().unwrap(),
+            "BENCH net tcp_ratio_vs_netvm=0.50 rtt_ratio_vs_netvm=3.00"
+        );
+        assert!(r[1].contains("40.00") && r[1].contains("50"), "{}", r[1]);
+    }
+}
