@@ -649,13 +649,13 @@ pub fn build_system_image(
 mod tests {
     use super::*;
 
-    /// Every system in the repository (the example and the test systems) passes init's and
+    /// Every system in the repository (the example, the test and the bench systems) passes init's and
     /// the guest init's parsers, so no boot is spent on a configuration mistake.
     #[test]
     fn every_system_in_the_repository_loads() {
         let ws = crate::workspace_dir();
         let mut dirs: Vec<PathBuf> = Vec::new();
-        for parent in ["tests/systems", "rootfs/examples"] {
+        for parent in ["tests/systems", "rootfs/examples", "rootfs/bench"] {
             for e in std::fs::read_dir(ws.join(parent)).unwrap() {
                 dirs.push(e.unwrap().path());
             }

@@ -102,7 +102,11 @@ fn readme_first_command_boots_the_example_desktop() {
     assert!(console.contains("reboot: Power down"));
     assert!(!console.lines().any(|l| l.contains("FAIL")), "{console}");
     // The pictures, as `boot` wrote and named them.
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bulkhead/demo");
+    // As `boot` names them: the workspace's target directory, without `..` in the path.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("rootfs/ has a parent")
+        .join("target/bulkhead/demo");
     for name in ["desktop", "granted"] {
         let line = format!(
             "picture {name}: {}",

@@ -103,7 +103,9 @@ pub fn bench_wayland(
     let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, crate::HOST_CMDLINE);
     cfg.disks = disks;
     cfg.second_serial = Some(dir.join("screens.bin"));
-    let mut m = Machine::spawn(&cfg, false).map_err(|e| BenchError::Run(e.to_string()))?;
+    // BULKHEAD_TEST_ECHO=1 streams the console, as in the tests.
+    let echo = std::env::var_os("BULKHEAD_TEST_ECHO").is_some();
+    let mut m = Machine::spawn(&cfg, echo).map_err(|e| BenchError::Run(e.to_string()))?;
     let end = m
         .wait_end(Duration::from_secs(2400))
         .map_err(|e| BenchError::Run(e.to_string()))?;

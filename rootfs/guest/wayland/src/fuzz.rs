@@ -61,3 +61,33 @@ fn memfd() -> std::io::Result<OwnedFd> {
     f.set_len(64 * 1024)?;
     Ok(OwnedFd::from(f))
 }
+
+/// The GUI proxy's registry filter over arbitrary bytes: the first 4 bytes choose, bit by
+/// bit, whether each chunk goes in as requests (0) or events (1); the rest is cut into
+/// chunks whose lengths are the next byte each (so messages split anywhere). Whatever the
+/// bytes, the result is forwarded bytes, a refusal or an error: never a panic. Returns the
+/// bytes forwarded before the end or the first refusal or error.
+pub fn exercise_gui_filter(data: &[u8]) -> usize {
+    let (Some(head), Some(mut rest)) = (data.get(..4), data.get(4..)) else {
+        return 0;
+    };
+    let dirs = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let mut filter = crate::gui::registry::RegistryFilter::new();
+    let (mut i, mut forwarded) = (0u32, 0usize);
+    while let Some((&len, tail)) = rest.split_first() {
+        let n = usize::from(len).min(tail.len());
+        let (chunk, next) = tail.split_at(n);
+        let r = if (dirs >> (i % 32)) & 1 == 0 {
+            filter.requests(chunk).map_err(|_| ())
+        } else {
+            filter.events(chunk).map_err(|_| ())
+        };
+        match r {
+            Ok(out) => forwarded += out.len(),
+            Err(()) => break,
+        }
+        rest = next;
+        i += 1;
+    }
+    forwarded
+}

@@ -5,7 +5,7 @@
 //!  app VM                                                   gui-vm
 //!  client ─► $XDG_RUNTIME_DIR/wayland-0                     listen:wayland (faux accept)
 //!            bulkhead-wl-app-proxy ══ virtio_wl (hub) ════ bulkhead-wl-gui-proxy ─► weston
-//!            (protocol-aware: app/)                         (bytes and fds: gui.rs)
+//!            (protocol-aware: app/)                         (registry filter, bytes, fds: gui/)
 //! ```
 //!
 //! - [`app`]: the app-side proxy. It decodes every message against the tables generated
@@ -14,7 +14,9 @@
 //!   commit with only the damaged bytes ([`region`], `app/shm.rs`), keymaps are copied,
 //!   clipboard pipes are spliced ([`pipes`]). It hides globals it cannot serve and answers a
 //!   bad request with `wl_display.error` to that client alone.
-//! - [`gui`]: the GUI-side proxy: bytes and vfds as they are; weston's own fds translated.
+//! - [`gui`]: the GUI-side proxy: bytes and vfds as they are, except the registry, whose
+//!   globals it filters with the app proxy's allow-list (a connection from the hub never
+//!   binds weston's privileged globals); weston's own fds translated.
 //! - [`transport`]: virtio_wl behind a trait: the device ([`transport::virtio`]) or the
 //!   test stand-in of socketpairs and memfds ([`transport::standin`]).
 //!

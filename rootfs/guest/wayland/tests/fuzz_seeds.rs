@@ -58,3 +58,42 @@ fn wayland_fuzz_seeds_and_corpus_do_not_panic() {
     run_dir(&fuzz.join("corpus/wl_message"));
     run_dir(&fuzz.join("artifacts/wl_message"));
 }
+
+#[test]
+fn gui_registry_seeds_and_corpus_do_not_panic() {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let seeds = fuzz.join("seeds-gui");
+    let run = |name: &str| {
+        let data = std::fs::read(seeds.join(name)).unwrap();
+        bulkhead_wayland::fuzz::exercise_gui_filter(&data)
+    };
+    // The valid flow forwards everything up to the refused bind of weston_screenshooter:
+    // get_registry and sync (24 bytes), the served global and the callback (36 + 12 of
+    // the events: weston_debug_v1's global and global_remove, and the screenshooter's
+    // global, are dropped), the bind of wl_compositor and a request on it (40 + 12).
+    assert_eq!(run("registry_flow"), 24 + 36 + 12 + 40 + 12);
+    assert_eq!(run("split_event"), 12 + 36 + 40 + 12);
+    // A bind before its global, a bad size, a malformed global: nothing or only what came
+    // before.
+    assert_eq!(run("bind_before_global"), 0);
+    assert_eq!(run("bad_size"), 0);
+    assert_eq!(run("malformed_global"), 12);
+    let n = run_dir_gui(&seeds);
+    assert!(n >= 5, "expected the checked-in seeds, found {n}");
+    run_dir_gui(&fuzz.join("corpus/gui_registry"));
+    run_dir_gui(&fuzz.join("artifacts/gui_registry"));
+}
+
+fn run_dir_gui(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        if let Ok(data) = std::fs::read(e.path()) {
+            bulkhead_wayland::fuzz::exercise_gui_filter(&data);
+            n += 1;
+        }
+    }
+    n
+}

@@ -1,0 +1,132 @@
+//! Fds from weston as vfds. Only vfds cross virtio_wl: a vfd weston got from a client goes
+//! back as it is; a memory file (the keymap) becomes a shared-memory vfd with the same
+//! bytes; the write end of a pipe weston made (its clipboard manager reading a selection)
+//! becomes a virtio_wl pipe whose data the proxy splices into it. Anything else is dropped
+//! and logged.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::pipes;
+use crate::transport::Transport;
+
+/// Bytes copied for fds weston sent that were not vfds (keymaps).
+pub static BLOB_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// An fd from weston as a vfd: as it is if it is one, else translated; `None` if it
+/// cannot cross.
+pub fn to_vfd(fd: OwnedFd, t: &dyn Transport) -> Option<OwnedFd> {
+    if t.is_vfd(fd.as_fd()) {
+        return Some(fd);
+    }
+    let st = match nix::sys::stat::fstat(fd.as_fd()) {
+        Ok(st) => st,
+        Err(e) => {
+            log::warn!("dropping an fd from weston: fstat: {e}");
+            return None;
+        }
+    };
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => {
+            let size = usize::try_from(st.st_size).unwrap_or(0).max(1);
+            if size > crate::app::state::MAX_BLOB {
+                log::warn!("dropping a {size}-byte file from weston (too large to copy)");
+                return None;
+            }
+            let (vfd, map) = match t.alloc(size) {
+                Ok(x) => x,
+                Err(e) => {
+                    log::warn!("dropping a {size}-byte file from weston: no shared memory: {e}");
+                    return None;
+                }
+            };
+            match map.fill_from(0, size, fd.as_fd(), 0) {
+                Ok(n) => {
+                    BLOB_BYTES.fetch_add(n as u64, Ordering::Relaxed);
+                    Some(vfd)
+                }
+                Err(e) => {
+                    log::warn!("dropping a file from weston: {e}");
+                    None
+                }
+            }
+        }
+        libc::S_IFIFO => {
+            // SAFETY: F_GETFL on an fd we own.
+            let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+            if fl >= 0 && fl & libc::O_ACCMODE == libc::O_WRONLY {
+                match t.pipe_from_peer() {
+                    Ok(p) => {
+                        pipes::splice(
+                            "transfer to weston",
+                            p.local,
+                            Box::new(std::fs::File::from(fd)),
+                        );
+                        Some(p.remote)
+                    }
+                    Err(e) => {
+                        log::warn!("dropping a pipe from weston: no virtio_wl pipe: {e}");
+                        None
+                    }
+                }
+            } else {
+                log::warn!("dropping the read end of a pipe from weston (only write ends cross)");
+                None
+            }
+        }
+        other => {
+            log::warn!("dropping an fd of type {other:o} from weston");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sock;
+    use crate::transport::standin::StandIn;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    fn memfd_with(bytes: &[u8]) -> OwnedFd {
+        // SAFETY: a static NUL-terminated name; checked.
+        let fd = unsafe { libc::memfd_create(c"weston-keymap".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new fd nothing else owns.
+        let mut f =
+            std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        f.write_all(bytes).unwrap();
+        OwnedFd::from(f)
+    }
+
+    #[test]
+    fn weston_fds_become_vfds() {
+        let t = StandIn::new();
+        // A keymap memfd: a new vfd with the same bytes.
+        let v = to_vfd(memfd_with(b"xkb_keymap {};"), &t).unwrap();
+        assert!(t.is_vfd(v.as_fd()));
+        let m = crate::transport::Mapping::new_backed(v.as_fd(), 14, false).unwrap();
+        let mut b = [0u8; 14];
+        m.read_at(0, &mut b).unwrap();
+        assert_eq!(&b, b"xkb_keymap {};");
+        // weston's own pipe write end: a pipe vfd whose data reaches weston's pipe.
+        let (r, w) = sock::pipe().unwrap();
+        let v = to_vfd(w, &t).unwrap();
+        assert!(t.is_vfd(v.as_fd()));
+        std::fs::File::from(v).write_all(b"selection").unwrap();
+        let mut got = String::new();
+        std::fs::File::from(r).read_to_string(&mut got).unwrap();
+        assert_eq!(got, "selection");
+        // A read end, a socket: dropped.
+        let (r, _w) = sock::pipe().unwrap();
+        assert!(to_vfd(r, &t).is_none());
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(to_vfd(OwnedFd::from(a), &t).is_none());
+        // A vfd: itself.
+        let (v, _m) = t.alloc(10).unwrap();
+        let ino = nix::sys::stat::fstat(v.as_fd()).unwrap().st_ino;
+        let same = to_vfd(v, &t).unwrap();
+        assert_eq!(nix::sys::stat::fstat(same.as_fd()).unwrap().st_ino, ino);
+    }
+}
