@@ -802,6 +802,19 @@ fn unreachable_outcome() -> Result<Outcome, QemuError> {
     ))
 }
 
+impl Machine {
+    /// Ends this machine (QEMU killed, the machine lock released) and starts `cfg` in its
+    /// place: for a boot the emulator broke before any of our code ran. The new machine's
+    /// lines start afresh.
+    pub fn respawn(&mut self, cfg: &QemuConfig, echo: bool) -> Result<(), QemuError> {
+        self.kill();
+        self._lock = None;
+        let fresh = Machine::spawn(cfg, echo)?;
+        *self = fresh;
+        Ok(())
+    }
+}
+
 impl Drop for Machine {
     fn drop(&mut self) {
         self.kill();

@@ -22,7 +22,7 @@ use std::time::Duration;
 use bulkhead_rootfs::image::{build_system_image, SystemDir};
 use bulkhead_rootfs::kernel::plan::{KernelOverrides, SystemKernels};
 use bulkhead_rootfs::kernel::{Cache, ChoiceOverride, Kernel, KernelChoice};
-use bulkhead_rootfs::qemu::{Disk, Machine, Outcome, QemuConfig, Qmp};
+use bulkhead_rootfs::qemu::{Disk, Machine, Outcome, QemuConfig, QemuError, Qmp};
 use bulkhead_rootfs::{workspace_dir, HOST_CMDLINE};
 
 pub use bulkhead_rootfs::qemu::{POWER_DOWN, RESTARTING};
@@ -151,6 +151,11 @@ fn boot_lock() -> MutexGuard<'static, ()> {
 /// A booted host under test. Dropping it kills QEMU.
 pub struct Host {
     machine: Machine,
+    /// How the machine was started, for one new start when the emulated host's kernel
+    /// panicked before init ran (see [`Host::expect_line_within`]).
+    cfg: QemuConfig,
+    echo: bool,
+    respawned: bool,
     system: String,
     /// The emulated host's second serial port (a GUI VM's pictures, if any).
     screens: PathBuf,
@@ -266,6 +271,9 @@ impl Host {
         let machine = Machine::spawn(&cfg, echo).unwrap_or_else(|e| panic!("{e}"));
         Host {
             machine,
+            cfg,
+            echo,
+            respawned: false,
             system: system.to_string(),
             screens,
             restarts_allowed: opts.restarts_allowed.clone(),
@@ -282,9 +290,7 @@ impl Host {
 
     /// Waits for a console line that starts with `needle`, for up to `timeout`.
     pub fn expect_within(&mut self, needle: &str, timeout: Duration) -> String {
-        self.machine
-            .wait_until(needle, timeout, |l| l.starts_with(needle))
-            .unwrap_or_else(|e| panic!("{e}"))
+        self.expect_line_within(needle, timeout, |l| l.starts_with(needle))
     }
 
     /// Has a line that starts with `needle` been seen?
@@ -316,11 +322,30 @@ impl Host {
         &mut self,
         what: &str,
         timeout: Duration,
-        pred: impl FnMut(&str) -> bool,
+        mut pred: impl FnMut(&str) -> bool,
     ) -> String {
-        self.machine
-            .wait_until(what, timeout, pred)
-            .unwrap_or_else(|e| panic!("{e}"))
+        loop {
+            match self.machine.wait_until(what, timeout, &mut pred) {
+                Ok(line) => return line,
+                // The emulated host's own kernel panicked before init said anything: none
+                // of Bulkhead's code has run, so this is the emulator (QEMU TCG with nested
+                // SVM, README's known flakes). Said on stderr, and booted again, once.
+                Err(e @ QemuError::Panic { .. })
+                    if !self.respawned && !self.saw("bulkhead-init: ") =>
+                {
+                    eprintln!(
+                        "EMULATOR FLAKE: the emulated host's kernel panicked before init ran; \
+                         booting {} again (once):\n{e}",
+                        self.system
+                    );
+                    self.respawned = true;
+                    self.machine
+                        .respawn(&self.cfg, self.echo)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     /// Waits until QEMU exits and checks how the machine ended, then accounts for the
