@@ -47,24 +47,16 @@ impl RootError {
     }
 }
 
-/// Runs `cmd`, returning its stdout; a failure carries its stderr.
+/// Runs `cmd`, returning its stdout; a failure carries its stderr (`apt::run`'s, with
+/// this module's error).
 fn run(cmd: &mut Command) -> Result<String, RootError> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd.output().map_err(|e| RootError::Command {
-        command: shown.clone(),
-        detail: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(RootError::Command {
-            command: shown,
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::apt::run(cmd).map_err(|e| match e {
+        crate::apt::AptError::Command { command, detail } => RootError::Command { command, detail },
+        other => RootError::Command {
+            command: String::new(),
+            detail: other.to_string(),
+        },
+    })
 }
 
 /// A built root image.
