@@ -9,21 +9,18 @@
 //! the link, and a VM without the grant never gets a link while the audit log names why.
 
 mod common;
+use common::hub::TestHub;
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bulkhead_ipc::channel::{Channel, ChannelError};
-use bulkhead_ipc::hub::budget::Budgets;
 use bulkhead_ipc::hub::client::{ClientError, HubConn, Incoming};
 use bulkhead_ipc::hub::protocol::{HubEvent, Name, VmRequest};
-use bulkhead_ipc::hub::{Hub, HubConfig};
 use bulkhead_netring::{attach, features, Consumer, Hello, Mapping, Producer, Side, KICK};
-use bulkhead_policy::{FdType, Rights, RootDir};
+use bulkhead_policy::{FdType, Rights};
 use bulkhead_vmm::devices::virtio::net::device::{Net, FEATURES};
 use bulkhead_vmm::devices::virtio::net::header::{VnetHdr, HDR_LEN};
 use bulkhead_vmm::devices::virtio::net::hub::WlHub;
@@ -50,58 +47,6 @@ const TXQ: u64 = 0x2_0000;
 const RXBUF: u64 = 0x10_0000;
 const TXBUF: u64 = 0x20_0000;
 const HANG_GUARD: Duration = Duration::from_secs(30);
-
-struct TestHub {
-    _dir: tempfile::TempDir,
-    audit: PathBuf,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl TestHub {
-    fn start(vms: &[&str]) -> (TestHub, Vec<Channel>) {
-        let dir = tempfile::tempdir().unwrap();
-        let pdir = dir.path().join("policy.d");
-        std::fs::create_dir(&pdir).unwrap();
-        std::fs::write(pdir.join("10-test.policy"), POLICY).unwrap();
-        let audit = dir.path().join("audit.jsonl");
-        let mut mine = Vec::new();
-        let mut theirs = Vec::new();
-        for vm in vms {
-            let (v, h) = Channel::pair().unwrap();
-            mine.push(v);
-            theirs.push((vm.to_string(), h));
-        }
-        let cfg = HubConfig {
-            roots: vec![RootDir {
-                path: pdir,
-                prefix: String::new(),
-                required: true,
-            }],
-            audit: Some(audit.clone()),
-            control_socket: None,
-            exit_when_no_vms: true,
-            budgets: Budgets::new(64, 16),
-        };
-        let mut hub = Hub::new(cfg, theirs).unwrap();
-        let thread = std::thread::spawn(move || hub.run().unwrap());
-        (
-            TestHub {
-                _dir: dir,
-                audit,
-                thread: Some(thread),
-            },
-            mine,
-        )
-    }
-    fn audit(&self) -> String {
-        std::fs::read_to_string(&self.audit).unwrap_or_default()
-    }
-    fn join(mut self) {
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
 
 fn until(what: &str, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + HANG_GUARD;
@@ -351,7 +296,7 @@ impl Client {
 #[test]
 fn frames_cross_both_rings_and_the_link_follows_the_net_vms_connection() {
     let mem = common::memory();
-    let (hub, mut chans) = TestHub::start(&["netvm", "app"]);
+    let (hub, mut chans) = TestHub::start(POLICY, &["netvm", "app"], 64);
     let app_chan = chans.pop().unwrap();
     let netvm = NetVm::provide(chans.pop().unwrap());
     let mut app = App::new(app_chan);
@@ -425,7 +370,7 @@ fn frames_cross_both_rings_and_the_link_follows_the_net_vms_connection() {
 #[test]
 fn a_net_vm_that_breaks_the_ring_costs_the_link_not_the_vmm() {
     let mem = common::memory();
-    let (hub, mut chans) = TestHub::start(&["netvm", "app"]);
+    let (hub, mut chans) = TestHub::start(POLICY, &["netvm", "app"], 64);
     let app_chan = chans.pop().unwrap();
     let netvm = NetVm::provide(chans.pop().unwrap());
     let mut app = App::new(app_chan);
@@ -456,7 +401,7 @@ fn a_net_vm_that_breaks_the_ring_costs_the_link_not_the_vmm() {
 
 #[test]
 fn a_vm_without_the_grant_gets_no_link_and_the_audit_log_names_the_missing_grant() {
-    let (hub, mut chans) = TestHub::start(&["netvm", "stranger"]);
+    let (hub, mut chans) = TestHub::start(POLICY, &["netvm", "stranger"], 64);
     let stranger = chans.pop().unwrap();
     let netvm = NetVm::provide(chans.pop().unwrap());
     let app = App::new(stranger);

@@ -6,20 +6,17 @@
 //! they inject faults (a hub that is gone, one that answers late).
 
 mod common;
+use common::hub::TestHub;
 mod wl_rig;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bulkhead_ipc::channel::{Channel, ChannelError};
-use bulkhead_ipc::hub::budget::Budgets;
 use bulkhead_ipc::hub::client::{ClientError, HubConn, Incoming};
 use bulkhead_ipc::hub::protocol::{FdInfo, HubEvent, Name, VmRequest};
-use bulkhead_ipc::hub::{Hub, HubConfig};
-use bulkhead_policy::{FdType, Rights, RootDir};
+use bulkhead_policy::{FdType, Rights};
 use bulkhead_vmm::devices::virtio::wl::device::{Wl, IN_QUEUE, OUT_QUEUE};
 use bulkhead_vmm::devices::virtio::wl::hub::HubLink;
 use bulkhead_vmm::devices::virtio::wl::protocol::*;
@@ -44,62 +41,6 @@ grant peer provide rosvc s2c=memfd:ro max-fds=8
 grant client connect rosvc@peer
 grant @any quota shm=1MiB shm-count=16 vfds=64
 ";
-
-struct TestHub {
-    _dir: tempfile::TempDir,
-    audit: PathBuf,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl TestHub {
-    /// Starts a hub with `policy` and one channel per VM; returns the VMM ends.
-    fn start(policy: &str, vms: &[&str], queue: usize) -> (TestHub, Vec<Channel>) {
-        let dir = tempfile::tempdir().unwrap();
-        let pdir = dir.path().join("policy.d");
-        std::fs::create_dir(&pdir).unwrap();
-        std::fs::write(pdir.join("10-test.policy"), policy).unwrap();
-        let audit = dir.path().join("audit.jsonl");
-        let mut mine = Vec::new();
-        let mut theirs = Vec::new();
-        for vm in vms {
-            let (v, h) = Channel::pair().unwrap();
-            mine.push(v);
-            theirs.push((vm.to_string(), h));
-        }
-        let cfg = HubConfig {
-            roots: vec![RootDir {
-                path: pdir,
-                prefix: String::new(),
-                required: true,
-            }],
-            audit: Some(audit.clone()),
-            control_socket: None,
-            exit_when_no_vms: true,
-            budgets: Budgets::new(queue, 16),
-        };
-        let mut hub = Hub::new(cfg, theirs).unwrap();
-        let thread = std::thread::spawn(move || hub.run().unwrap());
-        (
-            TestHub {
-                _dir: dir,
-                audit,
-                thread: Some(thread),
-            },
-            mine,
-        )
-    }
-
-    fn audit(&self) -> String {
-        std::fs::read_to_string(&self.audit).unwrap_or_default()
-    }
-
-    /// Waits until every channel closed and the hub returned.
-    fn join(mut self) {
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
 
 fn name(s: &str) -> Name {
     Name::try_from(s).unwrap()

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod hub;
+
 use std::os::fd::AsRawFd;
 
 use bulkhead_vmm::vstate::memory::{create_guest_memory, GuestMemoryMmap};
