@@ -89,10 +89,17 @@ pub fn bench_net(
     let mut cfg = QemuConfig::host(&kernel.vmlinuz, &image, crate::HOST_CMDLINE);
     cfg.disks = disks;
     cfg.net_hub = true;
-    let mut m = Machine::spawn(&cfg, false).map_err(|e| BenchError::Run(e.to_string()))?;
-    let end = m
-        .wait_end(Duration::from_secs(2400))
-        .map_err(|e| BenchError::Run(e.to_string()))?;
+    // BULKHEAD_TEST_ECHO=1 streams the console, as in the tests.
+    let echo = std::env::var_os("BULKHEAD_TEST_ECHO").is_some();
+    let mut m = Machine::spawn(&cfg, echo).map_err(|e| BenchError::Run(e.to_string()))?;
+    let end = m.wait_end(Duration::from_secs(2400));
+    // The whole console, whatever the end, for reading after the run.
+    let console = dir.join("console.txt");
+    match std::fs::write(&console, m.lines().join("\n")) {
+        Ok(()) => eprintln!("the console is in {}", console.display()),
+        Err(e) => eprintln!("{}: {e}", console.display()),
+    }
+    let end = end.map_err(|e| BenchError::Run(e.to_string()))?;
     if end != Outcome::PowerOff {
         return Err(BenchError::Run(format!(
             "the bench host ended with {end:?}\n{}",
