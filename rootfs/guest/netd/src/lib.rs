@@ -9,10 +9,12 @@
 //! - `tap`: TAP devices with virtio-net headers and offloads.
 //! - `bridge`: the bridge, the uplink, the ports (iproute2).
 //! - `server`: the loop.
+//! - `carrier`: waiting for an interface's carrier by the clock (`bulkhead-netprobe carrier`).
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod bridge;
+pub mod carrier;
 pub mod client;
 pub mod server;
 pub mod tap;

@@ -5,6 +5,9 @@
 //!   `0` byte streams for `--seconds`, then shuts its side down.
 //! - `fetch http://ADDR/PATH`: an HTTP/1.0 GET of the peer's page (no resolver: Debian's
 //!   busybox wget crashed in our root filesystems, which have no NSS configuration).
+//! - `carrier eth0 --timeout 30`: waits for the interface's carrier by the monotonic clock
+//!   (not by a count of polls, whose cost depends on the machine's load) and says how long
+//!   it waited; exits 1 without a carrier.
 //! - `flood --iface eth0`: fault injection: sends malformed and hostile frames from an app
 //!   VM as fast as its paced loop allows for `--seconds`: frames with forged source MACs
 //!   (netd drops them), IPv4 frames with garbage headers, runt frames of a bare Ethernet
@@ -48,6 +51,13 @@ enum Cmd {
         url: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Wait for an interface's carrier, up to `--timeout` seconds by the monotonic clock;
+    /// prints how long it waited; exits 1 if none came.
+    Carrier {
+        iface: String,
+        #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
     /// Send malformed and hostile frames (fault injection).
@@ -260,6 +270,24 @@ fn flood(iface: &str, seconds: u64, burst: u32) -> Result<String, String> {
     ))
 }
 
+/// Prints its line on stdout either way (the scripts print nothing else about it).
+fn carrier(iface: &str, timeout: u64) -> ExitCode {
+    use bulkhead_netd::carrier::{read_carrier, wait_for_carrier, CarrierWait};
+    let origin = Instant::now();
+    let r = wait_for_carrier(
+        Duration::from_secs(timeout),
+        Duration::from_millis(200),
+        || origin.elapsed(),
+        || read_carrier(iface).unwrap_or(false),
+        std::thread::sleep,
+    );
+    println!("{}", r.line(iface));
+    match r {
+        CarrierWait::Up { .. } => ExitCode::SUCCESS,
+        CarrierWait::NoCarrier { .. } => ExitCode::FAILURE,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -270,6 +298,7 @@ fn main() -> ExitCode {
             connect_for,
         } => measure(&peer, &label, seconds, connect_for),
         Cmd::Fetch { url, timeout } => fetch(&url, timeout),
+        Cmd::Carrier { iface, timeout } => return carrier(&iface, timeout),
         Cmd::Flood {
             iface,
             seconds,
