@@ -1,9 +1,21 @@
 # app-vm of the net VM example: configure eth0 (static: the peer's network has no DHCP
 # server), wait for the link, ping the peer, fetch its page, be measured. $1 is
 # bulkhead-netprobe. Every loop is bounded.
+#
+# virtio_net's TX NAPI is turned off (`ethtool -C eth0 tx-frames 0`, allowed only while the
+# interface is down): the driver then frees each sent frame at once instead of when the
+# device has completed it, so TCP's small-queue limit (about two TSO frames below the socket
+# until they are freed) no longer waits for the round trip to the VMM's worker thread. The
+# benchmark measures the app VM both ways (docs/net.md, Measured).
 probe=$1
 peer=198.51.100.1
-ip link set eth0 up
+napi() {
+  ip link set eth0 down
+  ethtool -C eth0 tx-frames "$1" || echo "ethtool -C eth0 tx-frames $1 failed"
+  ip link set eth0 up
+  echo "TX NAPI: $(ethtool -c eth0 | busybox grep -m1 tx-frames:)"
+}
+napi 0
 ip addr add 198.51.100.10/24 dev eth0
 # Up to 120 s for the link, by the clock.
 if ! $probe carrier eth0 --timeout 120; then
@@ -18,3 +30,7 @@ else
   echo "fetch failed"
 fi
 $probe measure $peer:9000 --label app --seconds 10
+# For comparison, after net-vm's own measurement (the peer takes them in order): the same
+# with the driver's default, TX NAPI on.
+napi 1
+$probe carrier eth0 --timeout 120 && $probe measure $peer:9000 --label app-napi-tx --seconds 10
