@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+#[path = "netpeer/audit.rs"]
+mod audit;
 #[path = "netpeer/netns.rs"]
 mod netns;
 #[path = "netpeer/servers.rs"]
@@ -70,7 +72,7 @@ enum Scenario {
         /// its counters first).
         #[arg(long)]
         flood_service: String,
-        /// The VM whose refusals the hub's audit log is asked for.
+        /// The VM without a grant: the audit log is read once it has ended.
         #[arg(long)]
         audit_vm: String,
         /// The policy tool that prints the audit log.
@@ -347,13 +349,20 @@ fn run(cli: Cli) -> Result<(), String> {
             if let Err(e) = &r {
                 println!("FAIL: {e}");
             }
-            // The hub's audit log, printed by policyctl on the host: one line per record.
-            match Command::new(&policyctl)
-                .args(["log", "--denied", "--vm", &audit_vm])
-                .status()
-            {
-                Ok(s) if s.success() => {}
-                Ok(s) => println!("policyctl log ended with {s}"),
+            // The hub's denied records of every VM, read by policyctl on the host: the
+            // first of each VM and kind verbatim, then a count (a line per record was a
+            // burst the console dropped lines of; `netpeer/audit.rs`).
+            match Command::new(&policyctl).args(["log", "--denied"]).output() {
+                Ok(o) if o.status.success() => {
+                    for l in audit::lines(&String::from_utf8_lossy(&o.stdout)) {
+                        println!("{l}");
+                    }
+                }
+                Ok(o) => println!(
+                    "policyctl log ended with {}: {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
                 Err(e) => println!("policyctl log: {e}"),
             }
             for (mac, (total, _)) in &shared.lock().frames {
