@@ -22,18 +22,22 @@ pub struct Count {
     pub first: Vec<String>,
 }
 
-/// The VM and the kind of a record line (`… DENY <vm> … — <Kind>: …`).
+/// The VM and the kind of a record line (`… DENY <vm> … — <Kind>: …`). A reason that is
+/// not a policy kind (`— net: provider net-vm is not running or has not registered`, a
+/// connect while the provider is away) is its whole text, without `(+n similar)`.
 pub fn parse_record(line: &str) -> Option<(String, String)> {
     let rest = line.split_once(" DENY ")?.1;
     let vm = rest.split_whitespace().next()?.to_string();
-    let kind = rest
-        .split_once("— ")?
-        .1
-        .split(':')
-        .next()?
-        .trim()
-        .to_string();
-    (!kind.is_empty()).then_some((vm, kind))
+    let reason = rest.split_once("— ")?.1.trim();
+    let reason = match reason.rsplit_once(" (+") {
+        Some((r, tail)) if tail.ends_with(" similar)") => r,
+        _ => reason,
+    };
+    let first = reason.split(':').next()?.trim();
+    let is_kind = first.starts_with(|c: char| c.is_ascii_uppercase())
+        && first.chars().all(|c| c.is_ascii_alphanumeric());
+    let kind = if is_kind { first } else { reason };
+    (!kind.is_empty()).then(|| (vm, kind.to_string()))
 }
 
 /// Counts per (VM, kind) of `policyctl log --denied`'s output; lines that are not
@@ -85,7 +89,7 @@ mod tests {
     const LOG: &str =
         "#6 gen 1 DENY nogrant-vm connect net@net-vm  — NoGrant: no connect grant matches
 #8 gen 1 DENY nogrant-vm connect net@net-vm  — NoGrant: no connect grant matches (+1 similar)
-#9 gen 1 DENY app-vm connect net@net-vm  — NoProvider: no VM provides net
+#9 gen 1 DENY app-vm connect net@net-vm  — net: provider net-vm is not running or has not registered (+2 similar)
 #10 gen 1 DENY nogrant-vm connect net@net-vm  — NoGrant: no connect grant matches (+3 similar)
 ";
 
@@ -95,8 +99,8 @@ mod tests {
         assert_eq!(
             l,
             vec![
-                "#9 gen 1 DENY app-vm connect net@net-vm  — NoProvider: no VM provides net",
-                "audit: app-vm NoProvider: 1 records (+0 similar)",
+                "#9 gen 1 DENY app-vm connect net@net-vm  — net: provider net-vm is not running or has not registered (+2 similar)",
+                "audit: app-vm net: provider net-vm is not running or has not registered: 1 records (+2 similar)",
                 "#6 gen 1 DENY nogrant-vm connect net@net-vm  — NoGrant: no connect grant matches",
                 "#8 gen 1 DENY nogrant-vm connect net@net-vm  — NoGrant: no connect grant matches (+1 similar)",
                 "audit: nogrant-vm NoGrant: 3 records (+4 similar)",
