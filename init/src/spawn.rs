@@ -186,7 +186,7 @@ impl Services {
     }
 }
 
-// ── The hub's runtime directory (the rest of what limits a child is in jail.rs) ─────────
+// ── The hub's runtime directory (the rest of what limits a child is in jail/) ─────────
 
 /// Creates `dir` (and its parents) and gives it to `user` with mode 0750.
 fn make_runtime_dir(dir: &std::path::Path, user: Option<(u32, u32)>) -> Result<(), String> {
