@@ -56,8 +56,6 @@ fn pos_after(lines: &[String], from: usize, needle: &str) -> Option<usize> {
 }
 
 #[test]
-#[ignore = "since this wave's merges the driver never reaches its verdict (the VMs tick on for \
-            10 minutes), and one run ended in a reset of the emulated host: see README, not done"]
 fn operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel() {
     let scratch = tempfile_dir();
     let disk = log_disk(&scratch);
@@ -77,7 +75,11 @@ fn operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel() {
     });
     h.expect("bulkhead-init: shutdown started (poweroff)");
     h.expect_end(End::PowerOff);
-    h.assert_never_saw("FAIL");
+    // No test program failed (the driver, or a guest's hub probe: `vm-a: probe: testprog:
+    // FAIL`), and no jailed process was killed by its seccomp filter. Not a bare "FAIL":
+    // init's own `THE HUB HAS FAILED` is expected here.
+    h.assert_never_saw("testprog: FAIL");
+    h.assert_never_saw("killed by seccomp");
     let lines = h.lines().to_vec();
     let saw = |needle: &str| lines.iter().any(|l| l.starts_with(needle));
     let need = |needle: &str| {
