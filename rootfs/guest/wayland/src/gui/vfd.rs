@@ -17,7 +17,27 @@ pub static BLOB_BYTES: AtomicU64 = AtomicU64::new(0);
 /// cannot cross.
 pub fn to_vfd(fd: OwnedFd, t: &dyn Transport) -> Option<OwnedFd> {
     if t.is_vfd(fd.as_fd()) {
-        return Some(fd);
+        if !is_write_only(&fd) {
+            return Some(fd);
+        }
+        // The write end of a pipe a peer sent (wl-paste's, given to the selection's owner
+        // by weston): the device cannot pass a received pipe on (Bulkhead's VMM and crosvm
+        // answer INVALID_TYPE), so a new pipe vfd goes out and its data is written into the
+        // received one.
+        return match t.pipe_from_peer() {
+            Ok(p) => {
+                pipes::splice(
+                    "transfer to a peer's pipe",
+                    p.local,
+                    t.received_pipe_writer(fd),
+                );
+                Some(p.remote)
+            }
+            Err(e) => {
+                log::warn!("dropping a peer's pipe from weston: no virtio_wl pipe: {e}");
+                None
+            }
+        };
     }
     let st = match nix::sys::stat::fstat(fd.as_fd()) {
         Ok(st) => st,
@@ -52,9 +72,7 @@ pub fn to_vfd(fd: OwnedFd, t: &dyn Transport) -> Option<OwnedFd> {
             }
         }
         libc::S_IFIFO => {
-            // SAFETY: F_GETFL on an fd we own.
-            let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-            if fl >= 0 && fl & libc::O_ACCMODE == libc::O_WRONLY {
+            if is_write_only(&fd) {
                 match t.pipe_from_peer() {
                     Ok(p) => {
                         pipes::splice(
@@ -79,6 +97,14 @@ pub fn to_vfd(fd: OwnedFd, t: &dyn Transport) -> Option<OwnedFd> {
             None
         }
     }
+}
+
+/// Whether `fd` was opened write-only (a pipe's write end; the driver gives a write pipe
+/// vfd O_WRONLY, as ChromiumOS's does).
+fn is_write_only(fd: &OwnedFd) -> bool {
+    // SAFETY: F_GETFL on an fd we own.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    fl >= 0 && fl & libc::O_ACCMODE == libc::O_WRONLY
 }
 
 #[cfg(test)]
@@ -128,5 +154,30 @@ mod tests {
         let ino = nix::sys::stat::fstat(v.as_fd()).unwrap().st_ino;
         let same = to_vfd(v, &t).unwrap();
         assert_eq!(nix::sys::stat::fstat(same.as_fd()).unwrap().st_ino, ino);
+    }
+
+    /// wl-paste in one VM, wl-copy in another: weston hands the paster's pipe (a vfd the
+    /// proxy received) to the copier's connection. The device refuses to send a received
+    /// pipe on (INVALID_TYPE, which closed the copier's connection), so a new pipe vfd must
+    /// go instead, its data reaching the paster's pipe.
+    #[test]
+    fn a_peers_pipe_from_weston_goes_on_as_a_new_pipe_into_it() {
+        let t = StandIn::new();
+        let received = t.pipe_from_peer().unwrap();
+        let mut paster = received.local;
+        let ino = nix::sys::stat::fstat(received.remote.as_fd())
+            .unwrap()
+            .st_ino;
+        let v = to_vfd(received.remote, &t).unwrap();
+        assert!(t.is_vfd(v.as_fd()));
+        assert_ne!(
+            nix::sys::stat::fstat(v.as_fd()).unwrap().st_ino,
+            ino,
+            "the received pipe itself would go back out"
+        );
+        std::fs::File::from(v).write_all(b"token").unwrap();
+        let mut got = String::new();
+        paster.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "token");
     }
 }
