@@ -118,6 +118,7 @@ impl Ctl {
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Result<serde_json::Value, String> {
         let end = Instant::now() + LONG;
+        let mut progress = Progress::new();
         loop {
             let e = self.entry(name)?;
             if pred(&e) {
@@ -125,6 +126,11 @@ impl Ctl {
             }
             if Instant::now() > end {
                 return Err(format!("{name} never {what}: {e}"));
+            }
+            if let Some(secs) = progress.due() {
+                say(&format!(
+                    "still waiting after {secs} s: {name} {what}; ls: {e}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -164,19 +170,62 @@ impl Ctl {
     /// Waits until `name`'s guest ticks in its current run.
     fn ticking(&self, name: &str) -> Result<(), String> {
         let end = Instant::now() + LONG;
+        let mut progress = Progress::new();
         while self.ticks(name)?.0.len() < 2 {
             if Instant::now() > end {
-                return Err(format!("{name}'s guest never ticked in its current run"));
+                return Err(format!(
+                    "{name}'s guest never ticked in its current run; its log ends: {}",
+                    self.last_line(name)?
+                ));
+            }
+            if let Some(secs) = progress.due() {
+                say(&format!(
+                    "still waiting after {secs} s: {name}'s guest to tick; its log ends: {}",
+                    self.last_line(name)?
+                ));
             }
             std::thread::sleep(Duration::from_millis(500));
         }
         Ok(())
     }
 
+    /// The last line of `name`'s log as `bulkhead-ctl log` prints it.
+    fn last_line(&self, name: &str) -> Result<String, String> {
+        Ok(self.ok(&["log", name, "-n", "1"])?.trim().to_string())
+    }
+
     fn pid(&self, name: &str) -> Result<i64, String> {
         self.entry(name)?["pid"]
             .as_i64()
             .ok_or_else(|| format!("{name} has no pid"))
+    }
+}
+
+/// When a wait is slow, says so once a minute (what it waits for and what it sees), so a
+/// stuck run shows where it is stuck on the console instead of only at the step's end.
+struct Progress {
+    start: Instant,
+    next: Duration,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            next: Self::EVERY,
+        }
+    }
+
+    /// The seconds waited so far, once each [`Self::EVERY`].
+    fn due(&mut self) -> Option<u64> {
+        let waited = self.start.elapsed();
+        if waited < self.next {
+            return None;
+        }
+        self.next = waited + Self::EVERY;
+        Some(waited.as_secs())
     }
 }
 
