@@ -59,6 +59,9 @@ fn pos_after(lines: &[String], from: usize, needle: &str) -> Option<usize> {
 fn operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel() {
     let scratch = tempfile_dir();
     let disk = log_disk(&scratch);
+    // Kept when the test fails: the services' logs on it tell where a run got stuck
+    // (`debugfs -R 'cat /driver.log' DISK`).
+    eprintln!("the host's log disk: {}", disk.display());
     let mut h = Host::boot_with(
         "ops",
         BootOptions {
@@ -223,6 +226,7 @@ fn operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel() {
             "{vm}: {refused} refused requests in the audit log, want one per hub run:\n{audit}"
         );
     }
+    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 fn tempfile_dir() -> std::path::PathBuf {
