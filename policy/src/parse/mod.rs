@@ -1,9 +1,20 @@
 //! Parser: checked text → typed [`ParsedFile`]. Every error has a line, a column and a help.
 
-use crate::ast::{Action, Bdf, DeviceId, Effect, Item, Line, ParsedFile, Reset, Rule, Subject};
+use crate::ast::{Effect, Item, Line, ParsedFile, Rule, Subject};
 use crate::diag::Diagnostic;
 use crate::lex::{check_bytes, tokenize, Token};
-use crate::rights::{FdCaps, FdType, Rights};
+
+mod device;
+mod quota;
+mod service;
+
+pub use device::parse_bdf;
+pub use quota::parse_size;
+pub use service::parse_caps;
+
+use device::parse_device;
+use quota::parse_quota;
+use service::{parse_connect, parse_provide};
 
 /// Most errors reported per file (the rest are summarized).
 pub const MAX_ERRORS_PER_FILE: usize = 50;
@@ -16,15 +27,15 @@ pub const VERSION: u32 = 1;
 
 /// A parse error inside one line: column, message, help.
 #[derive(Debug)]
-struct LineError {
-    col: u32,
-    msg: String,
-    help: Option<String>,
+pub(super) struct LineError {
+    pub(super) col: u32,
+    pub(super) msg: String,
+    pub(super) help: Option<String>,
 }
 
-type LResult<T> = Result<T, LineError>;
+pub(super) type LResult<T> = Result<T, LineError>;
 
-fn err<T>(col: u32, msg: impl Into<String>, help: impl Into<String>) -> LResult<T> {
+pub(super) fn err<T>(col: u32, msg: impl Into<String>, help: impl Into<String>) -> LResult<T> {
     Err(LineError {
         col,
         msg: msg.into(),
@@ -115,7 +126,7 @@ pub fn parse_rule_text(text: &str) -> Result<Rule, Diagnostic> {
     }
 }
 
-fn end_col(tokens: &[Token<'_>]) -> u32 {
+pub(super) fn end_col(tokens: &[Token<'_>]) -> u32 {
     tokens.last().map_or(1, |t| {
         t.col
             .saturating_add(u32::try_from(t.text.chars().count()).unwrap_or(u32::MAX))
@@ -166,7 +177,7 @@ fn parse_line(raw: &str) -> LResult<Option<Item>> {
 }
 
 /// A token shortened and escaped for messages.
-fn printable(s: &str) -> String {
+pub(super) fn printable(s: &str) -> String {
     let short: String = s.chars().take(40).collect();
     let mut out = short.escape_debug().to_string();
     if s.chars().count() > 40 {
@@ -204,11 +215,11 @@ fn parse_version(first: &Token<'_>, rest: &[Token<'_>]) -> LResult<Item> {
 }
 
 /// Check a VM / group / service name. `dots` allows `.` (service names).
-fn check_name(tok: &Token<'_>, what: &str, dots: bool) -> LResult<String> {
+pub(super) fn check_name(tok: &Token<'_>, what: &str, dots: bool) -> LResult<String> {
     check_name_str(tok.text, tok.col, what, dots)
 }
 
-fn check_name_str(s: &str, col: u32, what: &str, dots: bool) -> LResult<String> {
+pub(super) fn check_name_str(s: &str, col: u32, what: &str, dots: bool) -> LResult<String> {
     let help = if dots {
         "names use a-z, 0-9, `-`, `_` and `.`, start with a letter or digit, at most 64 characters"
     } else {
@@ -343,7 +354,7 @@ fn parse_rule(effect: Effect, tokens: &[Token<'_>]) -> LResult<Rule> {
 }
 
 /// Split `key=value` parameters; reject repeats and (for denies) any parameter.
-fn params<'a>(
+pub(super) fn params<'a>(
     effect: Effect,
     toks: &[Token<'a>],
     allowed: &[&str],
@@ -390,453 +401,6 @@ fn params<'a>(
         out.push((k, v, vcol));
     }
     Ok(out)
-}
-
-fn hex_u(s: &str, digits: usize) -> Option<u32> {
-    if s.len() != digits || !s.chars().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
-    u32::from_str_radix(s, 16).ok()
-}
-
-/// Parse `pci:DDDD:BB:DD.F`.
-pub fn parse_bdf(s: &str) -> Result<Bdf, String> {
-    let help = "write the full address as pci:DDDD:BB:DD.F, e.g. pci:0000:03:00.0 (see lspci -D)";
-    let Some(addr) = s.strip_prefix("pci:") else {
-        return Err(format!("device must start with `pci:`; {help}"));
-    };
-    let parts: Vec<&str> = addr.split(':').collect();
-    let [dom, bus, devfn] = parts.as_slice() else {
-        return Err(format!(
-            "bad PCI address `{}` (missing domain?); {help}",
-            printable(addr)
-        ));
-    };
-    let Some((dev, func)) = devfn.split_once('.') else {
-        return Err(format!(
-            "bad PCI address `{}` (missing .function); {help}",
-            printable(addr)
-        ));
-    };
-    let (Some(domain), Some(bus), Some(device), Some(function)) =
-        (hex_u(dom, 4), hex_u(bus, 2), hex_u(dev, 2), hex_u(func, 1))
-    else {
-        return Err(format!("bad PCI address `{}`; {help}", printable(addr)));
-    };
-    if device > 0x1f {
-        return Err(format!(
-            "PCI device number {device:#x} is above 0x1f; {help}"
-        ));
-    }
-    if function > 7 {
-        return Err(format!("PCI function {function} is above 7; {help}"));
-    }
-    Ok(Bdf {
-        domain: u16::try_from(domain).map_err(|_| help.to_string())?,
-        bus: u8::try_from(bus).map_err(|_| help.to_string())?,
-        device: u8::try_from(device).map_err(|_| help.to_string())?,
-        function: u8::try_from(function).map_err(|_| help.to_string())?,
-    })
-}
-
-fn parse_device(effect: Effect, all: &[Token<'_>], after: &[Token<'_>]) -> LResult<Action> {
-    let Some((obj, rest)) = after.split_first() else {
-        return err(
-            end_col(all),
-            "missing device",
-            "e.g. `device pci:0000:03:00.0 id=8086:2723`",
-        );
-    };
-    let bdf = match parse_bdf(obj.text) {
-        Ok(b) => b,
-        Err(m) => {
-            let (msg, help) = m.split_once("; ").unwrap_or((m.as_str(), ""));
-            return err(obj.col, msg, help);
-        }
-    };
-    let mut id = None;
-    let mut reset = None;
-    let mut shared = false;
-    for (k, v, col) in params(effect, rest, &["id", "reset", "shared"])? {
-        match k {
-            "id" => {
-                id = Some(if v == "any" {
-                    DeviceId::Any
-                } else {
-                    let parsed = v
-                        .split_once(':')
-                        .and_then(|(a, b)| Some((hex_u(a, 4)?, hex_u(b, 4)?)));
-                    match parsed {
-                        Some((vendor, device)) => DeviceId::Pinned {
-                            vendor: u16::try_from(vendor).unwrap_or(0),
-                            device: u16::try_from(device).unwrap_or(0),
-                        },
-                        None => {
-                            return err(
-                                col,
-                                format!("bad device id `{}`", printable(v)),
-                                "write id=VVVV:DDDD in hex (see lspci -nn) or id=any",
-                            )
-                        }
-                    }
-                })
-            }
-            "reset" => {
-                reset = Some(match v {
-                    "required" => Reset::Required,
-                    "optional" => Reset::Optional,
-                    _ => {
-                        return err(
-                            col,
-                            format!("bad reset `{}`", printable(v)),
-                            "reset=required (default) or reset=optional",
-                        )
-                    }
-                })
-            }
-            _ => {
-                if v != "exclusive-run" {
-                    return err(
-                        col,
-                        format!("bad shared `{}`", printable(v)),
-                        "the only sharing mode is shared=exclusive-run",
-                    );
-                }
-                shared = true;
-            }
-        }
-    }
-    if effect == Effect::Grant && id.is_none() {
-        return err(
-            obj.col,
-            format!("device grant for pci:{bdf} has no id="),
-            "pin the device with id=VVVV:DDDD (lspci -nn) or write id=any explicitly",
-        );
-    }
-    Ok(Action::Device {
-        bdf,
-        id,
-        reset,
-        shared,
-    })
-}
-
-fn parse_service_obj(
-    after: &[Token<'_>],
-    all: &[Token<'_>],
-    allow_provider: bool,
-) -> LResult<(String, Option<String>, u32)> {
-    let Some(obj) = after.first() else {
-        return err(
-            end_col(all),
-            "missing service name",
-            "e.g. `connect wayland@gpu-vm`",
-        );
-    };
-    if obj.text.contains('=') {
-        return err(
-            obj.col,
-            "missing service name",
-            "the service comes before key=value parameters",
-        );
-    }
-    match obj.text.split_once('@') {
-        Some((s, p)) if allow_provider => {
-            let service = check_name_str(s, obj.col, "service", true)?;
-            let pcol = obj
-                .col
-                .saturating_add(u32::try_from(s.chars().count() + 1).unwrap_or(0));
-            let provider = check_name_str(p, pcol, "VM", false)?;
-            Ok((service, Some(provider), obj.col))
-        }
-        Some(_) => err(
-            obj.col,
-            "`provide` takes a bare service name",
-            "the provider is the subject of the rule",
-        ),
-        None => Ok((check_name(obj, "service", true)?, None, obj.col)),
-    }
-}
-
-/// Parse a `LIST`: `none` or `TYPE:RIGHT(+RIGHT)*` joined by commas.
-pub fn parse_caps(s: &str) -> Result<FdCaps, (usize, String, String)> {
-    if s == "none" {
-        return Ok(FdCaps::NONE);
-    }
-    let mut caps = FdCaps::NONE;
-    let mut off = 0usize;
-    for item in s.split(',') {
-        let here = off;
-        off += item.chars().count() + 1;
-        let Some((ty, rights)) = item.split_once(':') else {
-            return Err((
-                here,
-                format!("`{}` is not TYPE:RIGHTS", printable(item)),
-                "e.g. memfd:ro,pipe:w (types: memfd, pipe, dmabuf, socket, fence) or none".into(),
-            ));
-        };
-        let Some(t) = FdType::from_name(ty) else {
-            return Err((
-                here,
-                format!("unknown fd type `{}`", printable(ty)),
-                "types are memfd, pipe, dmabuf, socket, fence".into(),
-            ));
-        };
-        if !caps.get(t).is_empty() {
-            return Err((
-                here,
-                format!("`{t}` listed twice"),
-                format!("combine the rights with +, e.g. {t}:read+write"),
-            ));
-        }
-        let mut r = Rights::NONE;
-        let mut roff = here + ty.chars().count() + 1;
-        for name in rights.split('+') {
-            let Some(bits) = Rights::from_name(name) else {
-                return Err((
-                    roff,
-                    format!("unknown right `{}`", printable(name)),
-                    rights_help(t),
-                ));
-            };
-            if bits.contains(Rights::EXEC) {
-                return Err((
-                    roff,
-                    "`exec` is reserved and never granted in v1".into(),
-                    rights_help(t),
-                ));
-            }
-            if bits.contains(Rights::RESIZE) {
-                return Err((
-                    roff,
-                    "`resize` is never granted (shared memory is sealed against grow and shrink)"
-                        .into(),
-                    rights_help(t),
-                ));
-            }
-            let bad = bits.difference(t.valid_rights());
-            if !bad.is_empty() {
-                return Err((
-                    roff,
-                    format!("`{t}:{name}`: {bad} is not a right of {t}"),
-                    rights_help(t),
-                ));
-            }
-            r = r | bits;
-            roff += name.chars().count() + 1;
-        }
-        caps.set(t, r);
-    }
-    Ok(caps)
-}
-
-fn rights_help(t: FdType) -> String {
-    let names: Vec<&str> = t.grantable_rights().names().collect();
-    format!(
-        "rights of {t}: {} (aliases: ro = read+map, rw = read+write+map, r = read, w = write)",
-        names.join(", ")
-    )
-}
-
-fn caps_param(v: &str, col: u32) -> LResult<FdCaps> {
-    parse_caps(v).map_err(|(off, msg, help)| LineError {
-        col: col.saturating_add(u32::try_from(off).unwrap_or(0)),
-        msg,
-        help: Some(help),
-    })
-}
-
-fn count_param(k: &str, v: &str, col: u32) -> LResult<u64> {
-    if v.starts_with('-') {
-        return err(
-            col,
-            format!("`{k}` cannot be negative"),
-            format!("write {k}=N with N ≥ 0"),
-        );
-    }
-    if !v.chars().all(|c| c.is_ascii_digit()) {
-        return err(
-            col,
-            format!("`{k}={}` is not a whole number", printable(v)),
-            format!("write {k}=N, e.g. {k}=256"),
-        );
-    }
-    v.parse::<u64>().or_else(|_| {
-        err(
-            col,
-            format!("`{k}={}` is too large", printable(v)),
-            "the value must fit in 64 bits",
-        )
-    })
-}
-
-/// Parse a `SIZE`: an integer with a binary unit (`B`, `KiB`, `MiB`, `GiB`, `TiB`).
-pub fn parse_size(v: &str) -> Result<u64, (String, String)> {
-    let units: [(&str, u64); 5] = [
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("B", 1),
-    ];
-    if v.starts_with('-') {
-        return Err((
-            "sizes cannot be negative".into(),
-            "write e.g. shm=64MiB".into(),
-        ));
-    }
-    let digits_end = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (num, unit) = v.split_at(digits_end);
-    if num.is_empty() {
-        return Err((
-            format!("`{}` is not a size", printable(v)),
-            "write an integer with a binary unit, e.g. 64MiB".into(),
-        ));
-    }
-    if unit.starts_with('.') {
-        return Err((
-            "fractional sizes are not allowed".into(),
-            "use a smaller unit, e.g. 1536MiB instead of 1.5GiB".into(),
-        ));
-    }
-    if unit.is_empty() {
-        return Err((
-            "size has no unit".into(),
-            format!("write {num}B for bytes, or use KiB, MiB, GiB"),
-        ));
-    }
-    let Some(mult) = units.iter().find(|(u, _)| *u == unit).map(|(_, m)| *m) else {
-        let hint = match unit {
-            "KB" | "kB" | "K" | "k" => format!("binary units only: did you mean {num}KiB?"),
-            "MB" | "M" | "m" => format!("binary units only: did you mean {num}MiB?"),
-            "GB" | "G" | "g" => format!("binary units only: did you mean {num}GiB?"),
-            "TB" | "T" => format!("binary units only: did you mean {num}TiB?"),
-            _ => "units are B, KiB, MiB, GiB, TiB".into(),
-        };
-        return Err((format!("unknown size unit `{}`", printable(unit)), hint));
-    };
-    let n: u64 = num.parse().map_err(|_| {
-        (
-            "size does not fit in 64 bits".to_string(),
-            "use a smaller value".to_string(),
-        )
-    })?;
-    n.checked_mul(mult).ok_or_else(|| {
-        (
-            "size does not fit in 64 bits".to_string(),
-            "use a smaller value".to_string(),
-        )
-    })
-}
-
-fn parse_provide(effect: Effect, all: &[Token<'_>], after: &[Token<'_>]) -> LResult<Action> {
-    let (service, _, _) = parse_service_obj(after, all, false)?;
-    let mut a = Action::Provide {
-        service,
-        c2s: None,
-        s2c: None,
-        max_fds: None,
-        max_conns: None,
-    };
-    let Action::Provide {
-        c2s,
-        s2c,
-        max_fds,
-        max_conns,
-        ..
-    } = &mut a
-    else {
-        return err(1, "internal parser error", "report a bug");
-    };
-    for (k, v, col) in params(
-        effect,
-        after.get(1..).unwrap_or(&[]),
-        &["c2s", "s2c", "max-fds", "max-conns"],
-    )? {
-        match k {
-            "c2s" => *c2s = Some(caps_param(v, col)?),
-            "s2c" => *s2c = Some(caps_param(v, col)?),
-            "max-fds" => {
-                let n = count_param(k, v, col)?;
-                if n == 0 || n > u64::from(MAX_FDS_PER_MESSAGE) {
-                    return err(
-                        col,
-                        format!("max-fds={n} is out of range"),
-                        format!("virtio_wl carries 1 to {MAX_FDS_PER_MESSAGE} fds per message"),
-                    );
-                }
-                *max_fds = u32::try_from(n).ok();
-            }
-            _ => {
-                let n = count_param(k, v, col)?;
-                if n == 0 {
-                    return err(
-                        col,
-                        "max-conns=0 would make the service unusable",
-                        "omit max-conns for no limit, or deny the connects",
-                    );
-                }
-                *max_conns = Some(u32::try_from(n).unwrap_or(u32::MAX));
-            }
-        }
-    }
-    Ok(a)
-}
-
-fn parse_connect(effect: Effect, all: &[Token<'_>], after: &[Token<'_>]) -> LResult<Action> {
-    let (service, provider, _) = parse_service_obj(after, all, true)?;
-    let mut c2s = None;
-    let mut s2c = None;
-    for (k, v, col) in params(effect, after.get(1..).unwrap_or(&[]), &["c2s", "s2c"])? {
-        if k == "c2s" {
-            c2s = Some(caps_param(v, col)?);
-        } else {
-            s2c = Some(caps_param(v, col)?);
-        }
-    }
-    Ok(Action::Connect {
-        service,
-        provider,
-        c2s,
-        s2c,
-    })
-}
-
-fn parse_quota(effect: Effect, verb: &Token<'_>, after: &[Token<'_>]) -> LResult<Action> {
-    if effect == Effect::Deny {
-        return err(verb.col, "a quota cannot be denied", "quotas are settings, not permissions: grant a smaller quota (the most specific one wins)");
-    }
-    if let Some(t) = after.first() {
-        if !t.text.contains('=') {
-            return err(
-                t.col,
-                "`quota` takes no object",
-                "write e.g. `grant browser quota shm=64MiB vfds=256`",
-            );
-        }
-    }
-    let mut shm = None;
-    let mut shm_count = None;
-    let mut vfds = None;
-    for (k, v, col) in params(effect, after, &["shm", "shm-count", "vfds"])? {
-        match k {
-            "shm" => shm = Some(parse_size(v).or_else(|(m, h)| err(col, m, h))?),
-            "shm-count" => shm_count = Some(count_param(k, v, col)?),
-            _ => vfds = Some(count_param(k, v, col)?),
-        }
-    }
-    if shm.is_none() && shm_count.is_none() && vfds.is_none() {
-        return err(
-            verb.col,
-            "`quota` sets nothing",
-            "give at least one of shm=SIZE, shm-count=N, vfds=N",
-        );
-    }
-    Ok(Action::Quota {
-        shm,
-        shm_count,
-        vfds,
-    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,304 @@
+//! A machine's description and its QEMU command line: q35 with an IOMMU and QEMU's `edu`
+//! device, the net hub, disks with serials, QMP, a second serial port, UEFI firmware.
+
+use std::path::{Path, PathBuf};
+
+use super::cpu::{cpu_model, QemuVersion};
+use super::Firmware;
+
+/// A disk image given to the machine as a virtio-blk device with a serial (the emulated
+/// host finds it as `/dev/disk/by-id/virtio-<serial>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// At most 20 bytes (virtio-blk's id field).
+    pub serial: String,
+    pub read_only: bool,
+}
+
+/// A QEMU machine description.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub qemu: PathBuf,
+    /// `-cpu` (see [`cpu_model`]), and why it was chosen.
+    pub cpu: String,
+    pub cpu_reason: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    pub memory_mib: u32,
+    pub smp: u32,
+    /// q35 with `intel-iommu`, one `edu` device (00:03.0) and a `virtio-rng-pci` behind a
+    /// PCIe root port (01:00.0: MSI-X, FLR).
+    pub iommu_and_edu: bool,
+    /// Two NICs on one QEMU network hub with nothing else on it, so no packet leaves the
+    /// QEMU process: a `virtio-net-pci` alone behind a PCIe root port ([`NETVM_NIC`](super::NETVM_NIC): its
+    /// own IOMMU group, for a net VM by VFIO) and one on the root bus ([`PEER_NIC`](super::PEER_NIC), for a
+    /// test peer in its own network namespace). Only with `iommu_and_edu` (q35, the IOMMU).
+    pub net_hub: bool,
+    /// A second serial port (the guest's ttyS1) written to this file.
+    pub second_serial: Option<PathBuf>,
+    /// A QMP socket.
+    pub qmp: Option<PathBuf>,
+    /// Disks with serials (a host image's guest root filesystems).
+    pub disks: Vec<Disk>,
+    /// Boot through UEFI firmware (OVMF) from an EFI system partition instead of
+    /// `-kernel`: `kernel`, `initrd` and `append` are then unused (the ESP's unified kernel
+    /// image carries all three).
+    pub firmware: Option<Firmware>,
+    /// Extra raw arguments.
+    pub extra: Vec<String>,
+}
+
+impl QemuConfig {
+    /// The default Bulkhead host machine: 2 vCPUs, 2 GiB, q35 + intel-iommu + edu.
+    pub fn host(kernel: &Path, initrd: &Path, append: &str) -> Self {
+        let qemu = PathBuf::from("qemu-system-x86_64");
+        let (cpu, cpu_reason) = cpu_model(QemuVersion::of(&qemu));
+        Self {
+            qemu,
+            cpu,
+            cpu_reason,
+            kernel: kernel.to_path_buf(),
+            initrd: initrd.to_path_buf(),
+            append: append.to_string(),
+            memory_mib: 2048,
+            smp: 2,
+            iommu_and_edu: true,
+            net_hub: false,
+            second_serial: None,
+            qmp: None,
+            disks: Vec::new(),
+            firmware: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The default host machine booted by UEFI firmware from an ESP (see [`Firmware`]).
+    pub fn host_firmware(firmware: Firmware) -> Self {
+        let mut c = Self::host(Path::new(""), Path::new(""), "");
+        c.firmware = Some(firmware);
+        c
+    }
+
+    /// The arguments after the program name.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "-accel".into(),
+            "tcg,thread=multi".into(),
+            "-cpu".into(),
+            self.cpu.clone(),
+            "-smp".into(),
+            self.smp.to_string(),
+            "-m".into(),
+            self.memory_mib.to_string(),
+        ];
+        if self.iommu_and_edu {
+            a.extend(
+                [
+                    "-machine",
+                    "q35",
+                    "-device",
+                    "intel-iommu,intremap=on",
+                    "-device",
+                    "edu,addr=03.0",
+                    // A device with MSI-X and a function reset (FLR), alone behind a PCIe
+                    // root port (its own IOMMU group, bus 1): 0000:01:00.0 in the guest.
+                    // iommu_platform=on: without it QEMU's virtio devices DMA to physical
+                    // addresses, bypassing intel-iommu (and a VM's IOVAs).
+                    "-device",
+                    "pcie-root-port,id=rp1,chassis=1,addr=10.0",
+                    "-device",
+                    "virtio-rng-pci,bus=rp1,addr=00.0,iommu_platform=on",
+                ]
+                .map(String::from),
+            );
+        }
+        if self.iommu_and_edu && self.net_hub {
+            a.extend(
+                [
+                    "-device",
+                    "pcie-root-port,id=rp2,chassis=2,addr=11.0",
+                    "-netdev",
+                    "hubport,id=netvm-nic,hubid=0",
+                    "-device",
+                    // iommu_platform=on: its DMA goes through intel-iommu (a VM's IOVAs).
+                    "virtio-net-pci,netdev=netvm-nic,bus=rp2,addr=00.0,iommu_platform=on,mac=52:54:00:b0:00:01",
+                    "-netdev",
+                    "hubport,id=peer-nic,hubid=0",
+                    "-device",
+                    "virtio-net-pci,netdev=peer-nic,addr=12.0,mac=52:54:00:b0:00:02",
+                ]
+                .map(String::from),
+            );
+        }
+        a.extend(
+            [
+                "-display",
+                "none",
+                "-vga",
+                "none",
+                "-nic",
+                "none",
+                "-monitor",
+                "none",
+                "-no-reboot",
+                "-serial",
+                "stdio",
+            ]
+            .map(String::from),
+        );
+        if let Some(p) = &self.second_serial {
+            a.push("-serial".into());
+            a.push(format!("file:{}", p.display()));
+        }
+        if let Some(p) = &self.qmp {
+            a.push("-qmp".into());
+            a.push(format!("unix:{},server=on,wait=off", p.display()));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            a.push("-drive".into());
+            a.push(format!(
+                "file={},format=raw,if=none,id=bhdisk{i}{}",
+                d.path.display(),
+                if d.read_only { ",readonly=on" } else { "" }
+            ));
+            a.push("-device".into());
+            a.push(format!(
+                "virtio-blk-pci,drive=bhdisk{i},serial={}",
+                d.serial
+            ));
+        }
+        match &self.firmware {
+            None => a.extend([
+                "-kernel".into(),
+                self.kernel.display().to_string(),
+                "-initrd".into(),
+                self.initrd.display().to_string(),
+                "-append".into(),
+                self.append.clone(),
+            ]),
+            Some(fw) => a.extend([
+                "-drive".into(),
+                format!(
+                    "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                    fw.code.display()
+                ),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=1,file={}", fw.vars.display()),
+                "-drive".into(),
+                format!(
+                    "file={},format=raw,if=none,id=esp,readonly=on",
+                    fw.esp.display()
+                ),
+                // The only boot option: no time spent on PXE or the UEFI shell first.
+                "-device".into(),
+                "virtio-blk-pci,drive=esp,bootindex=0".into(),
+            ]),
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+
+    /// The command line as a shell would show it.
+    pub fn command_line(&self) -> String {
+        let mut s = self.qemu.display().to_string();
+        for a in self.args() {
+            s.push(' ');
+            if a.contains(' ') {
+                s.push('\'');
+                s.push_str(&a);
+                s.push('\'');
+            } else {
+                s.push_str(&a);
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_machine_has_iommu_edu_and_nested_virtualisation() {
+        let mut c = QemuConfig::host(Path::new("/k"), Path::new("/i"), "console=ttyS0 quiet");
+        c.qmp = Some(PathBuf::from("/tmp/q.sock"));
+        c.second_serial = Some(PathBuf::from("/tmp/s1"));
+        c.disks.push(Disk {
+            path: PathBuf::from("/c/root.ext4"),
+            serial: "bh-0123456789ab".into(),
+            read_only: true,
+        });
+        let line = c.command_line();
+        for want in [
+            "-accel tcg,thread=multi",
+            "-machine q35",
+            "-device intel-iommu,intremap=on",
+            "-device edu,addr=03.0",
+            "-device pcie-root-port,id=rp1,chassis=1,addr=10.0",
+            "-device virtio-rng-pci,bus=rp1,addr=00.0,iommu_platform=on",
+            "-no-reboot",
+            "-serial stdio",
+            "-serial file:/tmp/s1",
+            "-qmp unix:/tmp/q.sock,server=on,wait=off",
+            "-append 'console=ttyS0 quiet'",
+            "-drive file=/c/root.ext4,format=raw,if=none,id=bhdisk0,readonly=on",
+            "-device virtio-blk-pci,drive=bhdisk0,serial=bh-0123456789ab",
+        ] {
+            assert!(line.contains(want), "{want:?} missing from {line}");
+        }
+    }
+
+    #[test]
+    fn the_net_hub_adds_two_nics_on_one_closed_hub_and_only_when_asked() {
+        let mut c = QemuConfig::host(Path::new("/k"), Path::new("/i"), "quiet");
+        let plain = c.command_line();
+        assert!(!plain.contains("virtio-net-pci") && !plain.contains("-netdev"));
+        assert!(plain.contains("-nic none"), "no default NIC");
+        c.net_hub = true;
+        let line = c.command_line();
+        for want in [
+            "-device pcie-root-port,id=rp2,chassis=2,addr=11.0",
+            "-netdev hubport,id=netvm-nic,hubid=0",
+            "virtio-net-pci,netdev=netvm-nic,bus=rp2,addr=00.0,iommu_platform=on",
+            "-netdev hubport,id=peer-nic,hubid=0",
+            "virtio-net-pci,netdev=peer-nic,addr=12.0",
+            "-nic none",
+        ] {
+            assert!(line.contains(want), "{want:?} missing from {line}");
+        }
+        // Nothing but the two hub ports: no user, tap, socket or bridge backend.
+        for backend in [
+            "user", "tap,", "socket", "stream", "dgram", "bridge", "vde", "l2tpv3",
+        ] {
+            assert!(!line.contains(&format!("-netdev {backend}")), "{line}");
+        }
+        assert_eq!(line.matches("-netdev ").count(), 2);
+    }
+
+    #[test]
+    fn a_firmware_boot_has_ovmf_and_the_esp_and_no_kernel() {
+        let fw = Firmware {
+            code: PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+            vars: PathBuf::from("/t/vars.fd"),
+            esp: PathBuf::from("/t/esp.img"),
+        };
+        let line = QemuConfig::host_firmware(fw).command_line();
+        for want in [
+            "-drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "-drive if=pflash,format=raw,unit=1,file=/t/vars.fd",
+            "-drive file=/t/esp.img,format=raw,if=none,id=esp,readonly=on",
+            "-device virtio-blk-pci,drive=esp,bootindex=0",
+            "-machine q35",
+            "-device intel-iommu,intremap=on",
+            "-no-reboot",
+        ] {
+            assert!(line.contains(want), "{want:?} missing from {line}");
+        }
+        for never in ["-kernel", "-initrd", "-append"] {
+            assert!(!line.contains(never), "{never} in {line}");
+        }
+    }
+}
