@@ -21,6 +21,9 @@ pub struct Assignment {
     pub id: DeviceId,
     /// Whether the function must have a reset method (required if any grant says so).
     pub reset: Reset,
+    /// `boot-display=take` in every grant: the boot VGA device may go to the VM, and init
+    /// stops using it for its console first.
+    pub boot_display: bool,
 }
 
 /// The functions `policy` grants, one entry per function, sorted by address.
@@ -33,12 +36,14 @@ pub fn assignments(policy: &Policy) -> Vec<Assignment> {
                 if grant.reset == Reset::Required {
                     a.reset = Reset::Required;
                 }
+                a.boot_display &= grant.boot_display;
             })
             .or_insert_with(|| Assignment {
                 bdf: grant.bdf,
                 vms: Vec::new(),
                 id: grant.id,
                 reset: grant.reset,
+                boot_display: grant.boot_display,
             })
             .vms
             .push(vm.to_string());
@@ -136,7 +141,14 @@ pub fn bind_granted(sys: &SysfsRoot) -> VmGroups {
                 continue;
             }
         }
-        match bind_to_vfio_pci(sys, bdf, BindOptions::default()) {
+        if a.boot_display {
+            release_framebuffer_console(sys);
+        }
+        let options = BindOptions {
+            boot_display: a.boot_display,
+            ..BindOptions::default()
+        };
+        match bind_to_vfio_pci(sys, bdf, options) {
             Ok(report) => {
                 info!(
                     "bound {bdf} to vfio-pci (group {}) for {who}{}",
@@ -159,6 +171,41 @@ pub fn bind_granted(sys: &SysfsRoot) -> VmGroups {
     bound
 }
 
+/// Stops the kernel's framebuffer console (fbcon) on every virtual terminal, before a grant
+/// with `boot-display=take` hands the boot display to a VM: the host's text console then no
+/// longer draws on a screen a VM owns (init's own console is the serial line). Returns how
+/// many consoles were unbound; failures are logged.
+pub fn release_framebuffer_console(sys: &SysfsRoot) -> usize {
+    let dir = sys.sys().join("class/vtconsole");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    let mut released = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = std::fs::read_to_string(path.join("name")).unwrap_or_default();
+        let bound = std::fs::read_to_string(path.join("bind")).unwrap_or_default();
+        if !name.contains("frame buffer") || bound.trim() != "1" {
+            continue;
+        }
+        match std::fs::write(path.join("bind"), "0") {
+            Ok(()) => {
+                info!(
+                    "stopped the framebuffer console {} ({}) for a boot-display grant",
+                    e.file_name().to_string_lossy(),
+                    name.trim()
+                );
+                released += 1;
+            }
+            Err(err) => warn!(
+                "cannot stop the framebuffer console {}: {err}",
+                path.display()
+            ),
+        }
+    }
+    released
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +215,38 @@ mod tests {
             .compile(&ValidateOptions::default())
             .unwrap()
             .policy
+    }
+
+    /// A shared boot display is taken only if every grant says so; a `boot-display=take`
+    /// grant stops the framebuffer console and nothing else.
+    #[test]
+    fn boot_display_takes_need_every_grant_and_release_only_fbcon() {
+        let p = compile(
+            "version 1\n\
+             grant gui-vm device pci:0000:00:02.0 id=any boot-display=take\n\
+             grant a device pci:0000:00:05.0 id=any shared=exclusive-run boot-display=take\n\
+             grant b device pci:0000:00:05.0 id=any shared=exclusive-run\n",
+        );
+        let a = assignments(&p);
+        assert!(a[0].boot_display);
+        assert!(!a[1].boot_display, "{:?}", a[1]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let vt = dir.path().join("class/vtconsole");
+        for (n, name, bind) in [
+            ("vtcon0", "(S) dummy device", "0"),
+            ("vtcon1", "(M) frame buffer device", "1"),
+        ] {
+            std::fs::create_dir_all(vt.join(n)).unwrap();
+            std::fs::write(vt.join(n).join("name"), format!("{name}\n")).unwrap();
+            std::fs::write(vt.join(n).join("bind"), format!("{bind}\n")).unwrap();
+        }
+        let sys = SysfsRoot::new(dir.path());
+        assert_eq!(release_framebuffer_console(&sys), 1);
+        let bind = |n: &str| std::fs::read_to_string(vt.join(n).join("bind")).unwrap();
+        assert_eq!(bind("vtcon1").trim(), "0");
+        assert_eq!(bind("vtcon0").trim(), "0");
+        assert_eq!(release_framebuffer_console(&sys), 0, "already released");
     }
 
     #[test]

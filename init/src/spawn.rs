@@ -153,8 +153,15 @@ impl Services {
         let pid = i32::try_from(child.id()).map_err(|_| "pid out of range".to_string())?;
         if recipe.jail.is_some() {
             // What the kernel says of it, once exec has succeeded (spawn waited for that).
-            match jail::observe(pid) {
-                Some(seen) => info!("{} jailed: {seen}", recipe.name),
+            // The process init started is the jail's keeper; the service is its child,
+            // PID 1 of its own PID namespace (see `jail::keeper`).
+            match jail::keeper::service_of(pid).and_then(|s| Some((s, jail::observe(s)?))) {
+                Some((service, seen)) => {
+                    info!(
+                        "{} jailed: {seen} (pid {service}; its keeper {pid})",
+                        recipe.name
+                    )
+                }
                 None => warn!("{} jailed, but gone before init could look", recipe.name),
             }
             if let Some(i) = self.recipes.iter().position(|r| r.name == recipe.name) {
@@ -179,7 +186,7 @@ impl Services {
     }
 }
 
-// ── The hub's runtime directory (the rest of what limits a child is in jail.rs) ─────────
+// ── The hub's runtime directory (the rest of what limits a child is in jail/) ─────────
 
 /// Creates `dir` (and its parents) and gives it to `user` with mode 0750.
 fn make_runtime_dir(dir: &std::path::Path, user: Option<(u32, u32)>) -> Result<(), String> {

@@ -359,13 +359,13 @@ user = 65534
 group = 65533
 read_only = ["/bin", "/lib", "/lib64", "/usr"]
 fds = [{{ open = "{disk}", arg = "--disk-fd={{fd}}" }}, {{ socketpair = "link", arg = "--link={{fd}}" }}]
-exec = ["/bin/sh", "-c", "echo args=$*; echo uid=$(id -u) gid=$(id -g) groups=$(id -G); for d in /etc /proc /sys /dev /tmp /run /bin; do [ -e $d ] && echo has $d; done; echo host=$(hostname); echo kvm=$BULKHEAD_KVM_FD; echo nofile=$(ulimit -n) core=$(ulimit -c) memlock=$(ulimit -l); if touch /x 2>&-; then echo root-writable; else echo root-read-only; fi; if [ -e {disk} ]; then echo disk-path-visible; else echo disk-path-hidden; fi; cat <&4; echo hello-from-the-jail >&5; echo done", "vmm"]
+exec = ["/bin/sh", "-c", "echo args=$*; echo uid=$(id -u) gid=$(id -g) groups=$(id -G); for d in /etc /proc /sys /dev /tmp /run /bin; do [ -e $d ] && echo has $d; done; echo host=$(hostname); echo kvm=$BULKHEAD_KVM_FD; echo nofile=$(ulimit -n) core=$(ulimit -c) memlock=$(ulimit -l); if touch /x 2>&-; then echo root-writable; else echo root-read-only; fi; if [ -e {disk} ]; then echo disk-path-visible; else echo disk-path-hidden; fi; cat <&4; echo pid=$$; read p <&5; echo \"signal the peer: $(kill -0 $p 2>&1 || true)\"; echo hello-from-the-jail >&5; echo done", "vmm"]
 restart = "never"
 
 [[service]]
 name = "peer"
 fds = [{{ socketpair = "link", arg = "{{fd}}" }}]
-exec = ["/bin/sh", "-c", "head -n 1 <&$1", "peer"]
+exec = ["/bin/sh", "-c", "echo $$ >&$1; head -n 1 <&$1", "peer"]
 restart = "never"
 "#,
             disk = disk.display()
@@ -382,14 +382,20 @@ restart = "never"
         "vmm: root-read-only",
         "vmm: disk-path-hidden",
         "vmm: DISK-CONTENTS",
+        // PID 1 of its own PID namespace; another process's pid (the peer sent its own)
+        // names nothing there: ESRCH, where before it was EPERM (the process was visible,
+        // only the uid check refused).
+        "vmm: pid=1",
+        "vmm: signal the peer: vmm: 1: kill: No such process",
         "peer: hello-from-the-jail",
     ] {
         if !init.seen.iter().any(|l| l.ends_with(want)) {
             init.expect(want);
         }
     }
+    assert_whole_line(&init, "vmm: pid=", "vmm: pid=1");
     // Init's own view of the child, from /proc: every capability set empty (bounding and
-    // ambient included), no_new_privs, and the four namespaces of its own.
+    // ambient included), no_new_privs, the five namespaces of its own, PID 1 in its own.
     let jailed = init
         .seen
         .iter()
@@ -401,10 +407,18 @@ restart = "never"
         "gid 65533",
         "CapEff 0x0 CapPrm 0x0 CapBnd 0x0 CapAmb 0x0",
         "NoNewPrivs 1",
-        "own mnt ipc uts net namespaces",
+        "own mnt ipc uts net pid namespaces",
     ] {
         assert!(jailed.contains(want), "{want} not in {jailed}");
     }
+    let nspid: Vec<&str> = jailed
+        .split("NSpid ")
+        .nth(1)
+        .and_then(|r| r.split(" (").next())
+        .map(|r| r.split(' ').collect())
+        .unwrap_or_default();
+    assert_eq!(nspid.len(), 2, "{jailed}");
+    assert_eq!(nspid.get(1), Some(&"1"), "{jailed}");
     if !init.seen.iter().any(|l| l.ends_with("vmm: done")) {
         init.expect("vmm: done");
     }
@@ -415,8 +429,120 @@ restart = "never"
     assert_eq!(init.wait_exit(), 0);
 }
 
+/// The line seen with `prefix` ends with `want` (not merely contains it: `pid=1` is in
+/// `pid=1234`).
+fn assert_whole_line(init: &Init, prefix: &str, want: &str) {
+    let line = init
+        .seen
+        .iter()
+        .find(|l| l.contains(prefix))
+        .cloned()
+        .unwrap_or_default();
+    assert!(line.ends_with(want), "{line:?} is not {want:?}");
+}
+
+/// A jailed service is PID 1 of its own PID namespace, and init supervises it as before
+/// through its keeper (`jail::keeper`): at init's SIGTERM (the shutdown's stop), a service
+/// that leaves SIGTERM at its default action (the hub; here `sleep`) ends at once, killed
+/// by SIGTERM as init reports it (the kernel drops that signal for a namespace's PID 1, so
+/// without the keeper it would have waited for its stop timeout's SIGKILL, longer than
+/// this test waits); one that catches it (a VMM presses its guest's power button; here a
+/// shell's trap) gets it and its exit status reaches init; an exit status and a death by
+/// signal reach init as the service's own.
+#[test]
+fn jailed_services_in_their_own_pid_namespace_are_supervised_as_before() {
+    let mut init = Init::start(
+        r#"
+[host]
+when_idle = "poweroff"
+
+[[service]]
+name = "quiet"
+vm = "quiet"
+user = 65531
+read_only = ["/bin", "/lib", "/lib64", "/usr"]
+exec = ["/bin/sh", "-c", "echo pid=$$; exec sleep 600"]
+restart = "never"
+stop_timeout_ms = 600000
+
+[[service]]
+name = "trapper"
+vm = "trapper"
+user = 65530
+read_only = ["/bin", "/lib", "/lib64", "/usr"]
+exec = ["/bin/sh", "-c", "trap 'echo got-term; exit 3' TERM; echo pid=$$; while :; do sleep 0.1; done"]
+restart = "never"
+stop_timeout_ms = 600000
+
+[[service]]
+name = "ends"
+vm = "ends"
+user = 65529
+read_only = ["/bin", "/lib", "/lib64", "/usr"]
+exec = ["/bin/sh", "-c", "echo pid=$$; exit 7"]
+restart = "never"
+
+[[service]]
+name = "killed"
+vm = "killed"
+user = 65528
+read_only = ["/bin", "/lib", "/lib64", "/usr"]
+exec = ["/bin/sh", "-c", "echo pid=$$; exec sleep 600"]
+restart = "never"
+"#,
+        false,
+    );
+    for want in [
+        "quiet: pid=1",
+        "trapper: pid=1",
+        "ends: pid=1",
+        "killed: pid=1",
+    ] {
+        if !init.seen.iter().any(|l| l.ends_with(want)) {
+            init.expect(want);
+        }
+        let (prefix, _) = want.split_at(want.len() - 1);
+        assert_whole_line(&init, prefix, want);
+    }
+    if !init
+        .seen
+        .iter()
+        .any(|l| l.contains("bulkhead-init: ends exited with status 7"))
+    {
+        init.expect("bulkhead-init: ends exited with status 7");
+    }
+    // A signal from outside that the keeper does not stand in for (SIGKILL reaches a
+    // namespace's PID 1 from an ancestor): init sees the service's death by it.
+    let killed = init
+        .seen
+        .iter()
+        .find(|l| l.contains("killed jailed: "))
+        .cloned()
+        .unwrap_or_else(|| panic!("no jailed line: {:?}", init.seen));
+    let pid: i32 = killed
+        .split("NSpid ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no NSpid in {killed}"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    init.expect("bulkhead-init: killed killed by signal SIGKILL");
+    init.signal(Signal::SIGTERM);
+    init.expect("trapper: got-term");
+    for want in [
+        "bulkhead-init: quiet killed by signal SIGTERM",
+        "bulkhead-init: trapper exited with status 3",
+    ] {
+        if !init.seen.iter().any(|l| l.contains(want)) {
+            init.expect(want);
+        }
+    }
+    assert_eq!(init.wait_exit(), 0);
+}
+
 /// The hub's jail holds what its memfd server needs: `/proc/self/fd`, through which it makes
-/// a second (read-only) description of each memfd it hands out. Before, the hub's root had
+/// a second (read-only) description of each memfd it hands out, from a procfs of its own
+/// PID namespace (where it is alone). Before, the hub's root had
 /// no `/proc`, and every shared-memory allocation in a jailed hub failed (the example
 /// desktop's windows never came: "hub refused 4096 bytes of shared memory").
 #[test]
@@ -435,7 +561,7 @@ user = 65532
 nofile = 1024
 runtime_dir = "{run}"
 read_only = ["/bin", "/lib", "/lib64", "/usr"]
-exec = ["/bin/sh", "-c", "echo uid=$(id -u); exec 8</bin/sh; if [ \"$(head -c 4 /proc/self/fd/8 2>&- | wc -c)\" = 4 ]; then echo reopened-through-proc; fi; if touch /proc/x 2>&-; then echo proc-writable; else echo proc-read-only; fi; echo done; sleep 30"]
+exec = ["/bin/sh", "-c", "echo uid=$(id -u); exec 8</bin/sh; if [ \"$(head -c 4 /proc/self/fd/8 2>&- | wc -c)\" = 4 ]; then echo reopened-through-proc; fi; if touch /proc/x 2>&-; then echo proc-writable; else echo proc-read-only; fi; set -- /proc/[0-9]*; echo proc-pids=$*; echo done; sleep 30"]
 
 [[service]]
 name = "waiter"
@@ -456,6 +582,14 @@ restart = "never"
             init.expect(want);
         }
     }
+    // Its /proc is its own PID namespace's: itself, PID 1, and nothing else of the host.
+    let pids = init
+        .seen
+        .iter()
+        .find(|l| l.contains("hub: proc-pids="))
+        .cloned()
+        .unwrap_or_default();
+    assert!(pids.ends_with("hub: proc-pids=/proc/1"), "{pids}");
     let jailed = init
         .seen
         .iter()

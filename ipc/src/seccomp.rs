@@ -43,10 +43,13 @@ pub enum SeccompError {
 }
 
 /// An allow-list: system call number → the rules (any of them) under which it is allowed;
-/// an empty list allows it whatever its arguments.
+/// an empty list allows it whatever its arguments. A few calls may instead be answered
+/// `ENOENT` without running ([`AllowList::enoent_if32`]): what the C library tries on its
+/// own and copes with when it fails.
 #[derive(Debug, Default, Clone)]
 pub struct AllowList {
     rules: BTreeMap<i64, Vec<SeccompRule>>,
+    enoent: BTreeMap<i64, Vec<SeccompRule>>,
 }
 
 /// One argument condition: (argument index, operator, value), compared as 64 bits unless
@@ -59,15 +62,16 @@ impl AllowList {
         Self::default()
     }
 
-    /// Allows each call whatever its arguments.
+    /// Allows each call whatever its arguments (an `ENOENT` answer for it is dropped).
     pub fn allow(&mut self, calls: &[libc::c_long]) -> &mut Self {
         for c in calls {
             self.rules.insert(*c, Vec::new());
+            self.enoent.remove(c);
         }
         self
     }
 
-    fn add_rule(&mut self, call: libc::c_long, len: SeccompCmpArgLen, conds: &[Cond]) {
+    fn rule(len: SeccompCmpArgLen, conds: &[Cond]) -> Option<SeccompRule> {
         let conditions: Vec<SeccompCondition> = conds
             .iter()
             .filter_map(|(arg, op, v)| {
@@ -75,9 +79,13 @@ impl AllowList {
             })
             .collect();
         if conditions.len() != conds.len() {
-            return; // a malformed condition allows nothing
+            return None; // a malformed condition allows nothing
         }
-        let Ok(rule) = SeccompRule::new(conditions) else {
+        SeccompRule::new(conditions).ok()
+    }
+
+    fn add_rule(&mut self, call: libc::c_long, len: SeccompCmpArgLen, conds: &[Cond]) {
+        let Some(rule) = Self::rule(len, conds) else {
             return;
         };
         // An unconditional allow stays unconditional.
@@ -103,9 +111,37 @@ impl AllowList {
         self
     }
 
+    /// Answers `call` with `ENOENT`, without running it, when every condition holds
+    /// (32-bit compares); other arguments stay as the list says (killed if it is not on
+    /// it). Never for a call the list allows whatever its arguments. For what the C
+    /// library tries by itself and does without when it fails (see
+    /// [`glibc_heap_trim_probe`]): no file is ever opened that way.
+    pub fn enoent_if32(&mut self, call: libc::c_long, conds: &[Cond]) -> &mut Self {
+        if conds.is_empty() || self.unconditional(call) {
+            return self;
+        }
+        if let Some(rule) = Self::rule(SeccompCmpArgLen::Dword, conds) {
+            self.enoent.entry(call).or_default().push(rule);
+        }
+        self
+    }
+
+    /// Takes `call` off the list entirely (allowed or answered `ENOENT`): for tests that
+    /// show what a rule is for.
+    pub fn without(&mut self, call: libc::c_long) -> &mut Self {
+        self.rules.remove(&call);
+        self.enoent.remove(&call);
+        self
+    }
+
     /// Is `call` on the list (under some condition)?
     pub fn contains(&self, call: libc::c_long) -> bool {
         self.rules.contains_key(&call)
+    }
+
+    /// Is `call` answered `ENOENT` under some condition?
+    pub fn answers_enoent(&self, call: libc::c_long) -> bool {
+        self.enoent.contains_key(&call)
     }
 
     /// The list's calls, for documentation and tests.
@@ -113,31 +149,53 @@ impl AllowList {
         self.rules.keys().copied().collect()
     }
 
-    /// Compiles the list: allowed calls pass, everything else kills the process (or is
-    /// logged, in `Log` mode).
-    pub fn compile(&self, mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
-        let mismatch = match mode {
-            SeccompMode::Kill => SeccompAction::KillProcess,
-            SeccompMode::Log => SeccompAction::Log,
-        };
-        let filter = SeccompFilter::new(
-            self.rules.clone(),
-            mismatch,
-            SeccompAction::Allow,
-            TargetArch::x86_64,
-        )
-        .map_err(|e| SeccompError::Filter(e.to_string()))?;
+    fn program(
+        rules: BTreeMap<i64, Vec<SeccompRule>>,
+        mismatch: SeccompAction,
+        matched: SeccompAction,
+    ) -> Result<BpfProgram, SeccompError> {
+        let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
+            .map_err(|e| SeccompError::Filter(e.to_string()))?;
         filter
             .try_into()
             .map_err(|e: seccompiler::BackendError| SeccompError::Filter(e.to_string()))
     }
 
-    /// Compiles and installs the filter on the calling thread (threads it starts later
-    /// inherit it; filters stack, so a thread's allowed calls are those of every filter it
-    /// carries). Sets no_new_privs.
+    /// Compiles the filters, in the order [`AllowList::install`] installs them: first (if
+    /// the list answers any call `ENOENT`) one that answers those and lets everything else
+    /// through, then the allow-list itself, where allowed calls (and the `ENOENT` ones,
+    /// which the first filter answers: the kernel takes the strictest verdict of a
+    /// thread's filters) pass and everything else kills the process (or is logged, in
+    /// `Log` mode).
+    pub fn compile_all(&self, mode: SeccompMode) -> Result<Vec<BpfProgram>, SeccompError> {
+        let mismatch = match mode {
+            SeccompMode::Kill => SeccompAction::KillProcess,
+            SeccompMode::Log => SeccompAction::Log,
+        };
+        let mut rules = self.rules.clone();
+        for (call, r) in &self.enoent {
+            rules.entry(*call).or_default().extend(r.iter().cloned());
+        }
+        let mut progs = Vec::new();
+        if !self.enoent.is_empty() {
+            progs.push(Self::program(
+                self.enoent.clone(),
+                SeccompAction::Allow,
+                SeccompAction::Errno(libc::ENOENT as u32),
+            )?);
+        }
+        progs.push(Self::program(rules, mismatch, SeccompAction::Allow)?);
+        Ok(progs)
+    }
+
+    /// Compiles and installs the filters on the calling thread (threads it starts later
+    /// inherit them; filters stack, so a thread's allowed calls are those of every filter
+    /// it carries). Sets no_new_privs.
     pub fn install(&self, mode: SeccompMode) -> Result<(), SeccompError> {
-        let prog = self.compile(mode)?;
-        seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Filter(e.to_string()))
+        for prog in self.compile_all(mode)? {
+            seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Filter(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// `fcntl` for every command but the record locks (`F_SETLK`, `F_SETLKW`,
@@ -265,6 +323,26 @@ pub fn thread_creation(l: &mut AllowList) -> &mut AllowList {
     )
 }
 
+/// What glibc's malloc does the first time it gives part of a thread's heap back to the
+/// kernel (a `free` in an arena other than the main thread's that leaves more than the trim
+/// threshold free at the heap's top, which happens to a VMM's threads when they drop a
+/// lot at once, as when a VM is torn down): it reads whether memory overcommit is strict,
+/// `openat(AT_FDCWD, "/proc/sys/vm/overcommit_memory", O_RDONLY|O_CLOEXEC)`
+/// (`check_may_shrink_heap`), and if that fails it trims with `madvise(MADV_DONTNEED)`
+/// and never asks again. Without this rule that call killed the process. It is answered
+/// `ENOENT` (never run, so nothing is opened); any other `openat` still kills (a plain
+/// `open(path, O_RDONLY)`, for one, passes no `O_CLOEXEC`).
+pub fn glibc_heap_trim_probe(l: &mut AllowList) -> &mut AllowList {
+    l.enoent_if32(
+        libc::SYS_openat,
+        &[(
+            2,
+            SeccompCmpOp::Eq,
+            (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+        )],
+    )
+}
+
 /// Unix-socket traffic on descriptors and paths (connect to a path, accept, send and
 /// receive with descriptors attached).
 pub fn unix_traffic(l: &mut AllowList) -> &mut AllowList {
@@ -290,16 +368,14 @@ pub fn unix_traffic(l: &mut AllowList) -> &mut AllowList {
 /// child does nothing but the install, the attempt and `_exit`.
 #[cfg(test)]
 pub(crate) fn run_filtered(list: &AllowList, attempt: fn() -> i32) -> nix::sys::wait::WaitStatus {
-    let prog = list.compile(SeccompMode::Kill).unwrap_or_default();
+    let progs = list.compile_all(SeccompMode::Kill).unwrap_or_default();
     // SAFETY: the child only calls async-signal-safe functions (prctl/seccomp through
     // apply_filter, the attempt's raw system calls) and _exit.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
-            let code = if seccompiler::apply_filter(&prog).is_ok() {
-                attempt()
-            } else {
-                99
-            };
+            let installed =
+                !progs.is_empty() && progs.iter().all(|p| seccompiler::apply_filter(p).is_ok());
+            let code = if installed { attempt() } else { 99 };
             // SAFETY: _exit ends the child without running the parent's atexit handlers.
             unsafe { libc::_exit(code) }
         }
@@ -352,6 +428,48 @@ mod tests {
             run_filtered(&l, || {
                 // SAFETY: socket takes integers.
                 let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+                (fd >= 0) as i32
+            }),
+            WaitStatus::Exited(_, 1)
+        ));
+    }
+
+    /// The glibc heap-trim probe is answered ENOENT (nothing opened, the process lives);
+    /// an `openat` with other flags is still killed; a list that allows `openat` outright
+    /// (the hub's) keeps it allowed.
+    #[test]
+    fn the_heap_trim_probe_is_answered_enoent_and_other_opens_killed() {
+        fn probe() -> i32 {
+            // SAFETY: openat on a NUL-terminated literal; the result is only compared.
+            let fd = unsafe {
+                libc::openat(
+                    libc::AT_FDCWD,
+                    c"/proc/sys/vm/overcommit_memory".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                )
+            };
+            // 1: refused with ENOENT, as glibc copes with.
+            (fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT)) as i32
+        }
+        let mut l = base();
+        glibc_heap_trim_probe(&mut l);
+        assert!(matches!(run_filtered(&l, probe), WaitStatus::Exited(_, 1)));
+        assert!(killed(run_filtered(&l, || {
+            // SAFETY: open on a NUL-terminated literal.
+            unsafe { libc::open(c"/proc/sys/vm/overcommit_memory".as_ptr(), libc::O_RDONLY) }
+        })));
+        l.allow(&[libc::SYS_openat]);
+        assert!(!l.answers_enoent(libc::SYS_openat));
+        assert!(matches!(
+            run_filtered(&l, || {
+                // SAFETY: openat on a NUL-terminated literal.
+                let fd = unsafe {
+                    libc::openat(
+                        libc::AT_FDCWD,
+                        c"/proc/sys/vm/overcommit_memory".as_ptr(),
+                        libc::O_RDONLY | libc::O_CLOEXEC,
+                    )
+                };
                 (fd >= 0) as i32
             }),
             WaitStatus::Exited(_, 1)

@@ -118,7 +118,7 @@ pub enum Reset {
 /// What a rule grants or denies.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Action {
-    /// `device pci:BDF [id=…] [reset=…] [shared=exclusive-run]`.
+    /// `device pci:BDF [id=…] [reset=…] [shared=exclusive-run] [boot-display=take]`.
     Device {
         /// The PCI function.
         bdf: Bdf,
@@ -128,6 +128,9 @@ pub enum Action {
         reset: Option<Reset>,
         /// `shared=exclusive-run`: several VMs may own it, one running at a time.
         shared: bool,
+        /// `boot-display=take`: the grant takes the boot VGA device (the firmware's screen)
+        /// on purpose; without it such a device is refused as host-critical.
+        boot_display: bool,
     },
     /// `provide SERVICE [c2s=…] [s2c=…] [max-fds=N] [max-conns=N]`.
     Provide {
@@ -195,7 +198,11 @@ impl Action {
         let mut out = Vec::new();
         match self {
             Action::Device {
-                id, reset, shared, ..
+                id,
+                reset,
+                shared,
+                boot_display,
+                ..
             } => {
                 if let Some(id) = id {
                     out.push(format!("id={id}"));
@@ -207,6 +214,9 @@ impl Action {
                 }
                 if *shared {
                     out.push("shared=exclusive-run".into());
+                }
+                if *boot_display {
+                    out.push("boot-display=take".into());
                 }
             }
             Action::Provide {

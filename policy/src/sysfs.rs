@@ -56,14 +56,33 @@ fn read_hex(path: &Path) -> Option<u32> {
     u32::from_str_radix(s.strip_prefix("0x").unwrap_or(s), 16).ok()
 }
 
+/// Why the host needs a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCritical {
+    /// The host bridge (class 0x0600): never given away.
+    HostBridge,
+    /// The boot VGA device (`boot_vga` = 1): given only by a grant with `boot-display=take`.
+    BootDisplay,
+}
+
+impl HostCritical {
+    /// What the device is, for a diagnostic.
+    pub fn what(self) -> &'static str {
+        match self {
+            HostCritical::HostBridge => "the host bridge",
+            HostCritical::BootDisplay => "the boot display (console)",
+        }
+    }
+}
+
 /// Why a device is host-critical, if it is: the host bridge, or the boot display.
-pub fn host_critical(root: &Path, bdf: Bdf) -> Option<&'static str> {
+pub fn host_critical(root: &Path, bdf: Bdf) -> Option<HostCritical> {
     let d = dev_dir(root, bdf);
     if read_hex(&d.join("class")).is_some_and(|c| c >> 8 == 0x0600) {
-        return Some("the host bridge");
+        return Some(HostCritical::HostBridge);
     }
     if std::fs::read_to_string(d.join("boot_vga")).is_ok_and(|s| s.trim() == "1") {
-        return Some("the boot display (console)");
+        return Some(HostCritical::BootDisplay);
     }
     None
 }
@@ -129,10 +148,28 @@ pub fn check_devices(policy: &Policy, root: &Path, force: bool) -> Vec<Diagnosti
                 );
             }
         }
-        if let Some(why) = host_critical(root, d.bdf) {
-            if !force {
-                out.push(Diagnostic::error(&file, line, 0, format!("pci:{} is {why}", d.bdf)).with_help("giving it to a VM takes it from the host; pass --force if you really mean it"));
-            }
+        match host_critical(root, d.bdf) {
+            Some(HostCritical::BootDisplay) if d.boot_display => {}
+            Some(HostCritical::BootDisplay) if !force => out.push(
+                Diagnostic::error(
+                    &file,
+                    line,
+                    0,
+                    format!("pci:{} is {}", d.bdf, HostCritical::BootDisplay.what()),
+                )
+                .with_help(
+                    "giving it to a VM takes the host's screen; add boot-display=take to the \
+                     grant if you mean it (init then stops using it for its console)",
+                ),
+            ),
+            Some(why) if !force => out.push(
+                Diagnostic::error(&file, line, 0, format!("pci:{} is {}", d.bdf, why.what()))
+                    .with_help(
+                        "giving it to a VM takes it from the host; pass --force if you really \
+                         mean it",
+                    ),
+            ),
+            _ => {}
         }
         let group = match iommu_group(root, d.bdf) {
             Ok(g) => g,
@@ -318,6 +355,47 @@ mod tests {
         assert!(check_devices(&p, s.path(), true)
             .iter()
             .all(|d| !d.is_error()));
+    }
+
+    /// The boot VGA device goes to a VM only by a grant that says so (`boot-display=take`);
+    /// without it the check refuses it and names the keyword.
+    #[test]
+    fn the_boot_display_needs_boot_display_take_in_its_grant() {
+        let s = fake();
+        std::fs::write(
+            s.path().join("bus/pci/devices/0000:03:00.0/boot_vga"),
+            "1\n",
+        )
+        .unwrap();
+        let p = policy(&[("a.policy", "grant gui-vm device pci:0000:03:00.0 id=any\n")]);
+        let d = check_devices(&p, s.path(), false);
+        assert!(
+            d.iter().any(|d| d.is_error()
+                && d.message.contains("boot display")
+                && d.help
+                    .as_deref()
+                    .is_some_and(|h| h.contains("boot-display=take"))),
+            "{:?}",
+            msgs(&d)
+        );
+        let p = policy(&[(
+            "a.policy",
+            "grant gui-vm device pci:0000:03:00.0 id=any boot-display=take\n",
+        )]);
+        let d = check_devices(&p, s.path(), false);
+        assert!(d.iter().all(|d| !d.is_error()), "{:?}", msgs(&d));
+        // The keyword takes the boot display only: the host bridge still needs --force.
+        let p = policy(&[(
+            "a.policy",
+            "grant gui-vm device pci:0000:00:00.0 id=any boot-display=take\n",
+        )]);
+        let d = check_devices(&p, s.path(), false);
+        assert!(
+            d.iter()
+                .any(|d| d.is_error() && d.message.contains("host bridge")),
+            "{:?}",
+            msgs(&d)
+        );
     }
 
     #[test]

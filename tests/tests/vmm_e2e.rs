@@ -40,7 +40,7 @@ fn vmm_boots(over: KernelOverrides) {
     h.assert_never_saw("Kernel panic");
     // The VMM ran jailed, with the host disk handed over as a descriptor.
     assert!(
-        h.saw("bulkhead-init: vm jailed: uid 1010 gid 1010, CapEff 0x0 CapPrm 0x0 CapBnd 0x0 CapAmb 0x0, NoNewPrivs 1, own mnt ipc uts net namespaces, cgroup /bulkhead/vm"),
+        h.saw("bulkhead-init: vm jailed: uid 1010 gid 1010, CapEff 0x0 CapPrm 0x0 CapBnd 0x0 CapAmb 0x0, NoNewPrivs 1, own mnt ipc uts net pid namespaces, cgroup /bulkhead/vm"),
         "the VMM ran unjailed\n{}",
         h.context()
     );

@@ -56,7 +56,7 @@ fn wl_exchange(over: KernelOverrides) {
 }
 
 /// Init's line for the wl system's VMM, entered into its jail.
-const JAILED_VM: &str = "bulkhead-init: vm jailed: uid 1020 gid 1020, CapEff 0x0 CapPrm 0x0 CapBnd 0x0 CapAmb 0x0, NoNewPrivs 1, own mnt ipc uts net namespaces, cgroup /bulkhead/vm";
+const JAILED_VM: &str = "bulkhead-init: vm jailed: uid 1020 gid 1020, CapEff 0x0 CapPrm 0x0 CapBnd 0x0 CapAmb 0x0, NoNewPrivs 1, own mnt ipc uts net pid namespaces, cgroup /bulkhead/vm";
 
 /// Every `PASS` line the faux-accept system must print, by the service that prints it.
 const FAUX_PASSES: &[&str] = &[
@@ -109,7 +109,7 @@ fn faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add() {
         );
         let jailed = format!(
             "bulkhead-init: {vm} jailed: uid {uid} gid {uid}, CapEff 0x0 CapPrm 0x0 CapBnd 0x0 \
-             CapAmb 0x0, NoNewPrivs 1, own mnt ipc uts net namespaces, cgroup /bulkhead/{cgroup}"
+             CapAmb 0x0, NoNewPrivs 1, own mnt ipc uts net pid namespaces, cgroup /bulkhead/{cgroup}"
         );
         assert!(h.saw(&jailed), "{vm} ran unjailed\n{}", h.context());
     }

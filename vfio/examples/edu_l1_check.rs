@@ -165,17 +165,22 @@ fn run() -> Res<()> {
     let host_bridge: Bdf = "0000:00:00.0"
         .parse()
         .map_err(|e: VfioError| e.to_string())?;
-    match bind_to_vfio_pci(&root, host_bridge, BindOptions { force: true }) {
+    match bind_to_vfio_pci(
+        &root,
+        host_bridge,
+        BindOptions {
+            force: true,
+            ..Default::default()
+        },
+    ) {
         Err(VfioError::HostCritical { reason, .. }) => println!("host bridge refused: {reason}"),
         other => return Err(format!("host bridge not refused: {other:?}")),
     }
 
-    let report =
-        bind_to_vfio_pci(&root, bdf, BindOptions { force: false }).map_err(|e| e.to_string())?;
+    let report = bind_to_vfio_pci(&root, bdf, BindOptions::default()).map_err(|e| e.to_string())?;
     println!("bind: {report:?}");
     ensure(report.changed, "first bind changed nothing")?;
-    let again =
-        bind_to_vfio_pci(&root, bdf, BindOptions { force: false }).map_err(|e| e.to_string())?;
+    let again = bind_to_vfio_pci(&root, bdf, BindOptions::default()).map_err(|e| e.to_string())?;
     ensure(!again.changed, "second bind was not idempotent")?;
     group_viable(&root, report.group).map_err(|e| e.to_string())?;
 
@@ -359,7 +364,7 @@ fn run() -> Res<()> {
     println!("release: {rel:?}");
     ensure(rel.was_bound && rel.new_driver.is_none(), "release report")?;
     let rebound =
-        bind_to_vfio_pci(&root, bdf, BindOptions { force: false }).map_err(|e| e.to_string())?;
+        bind_to_vfio_pci(&root, bdf, BindOptions::default()).map_err(|e| e.to_string())?;
     ensure(rebound.changed, "rebind after release")?;
     Ok(())
 }

@@ -34,6 +34,10 @@ pub struct BindOptions {
     /// display controllers bound to a host driver, the boot VGA device). Never
     /// overrides the refusal of bridges or of devices holding mounted filesystems.
     pub force: bool,
+    /// The policy's grant says `boot-display=take`: a display controller (class 0x03xx)
+    /// may be taken although it is the boot VGA device or bound to a host display driver.
+    /// Nothing else is skipped (serial consoles, bridges, mounted disks).
+    pub boot_display: bool,
 }
 
 /// What [`bind_to_vfio_pci`] did.
@@ -137,7 +141,8 @@ pub fn bind_to_vfio_pci_with(
     if !vfio_dir.is_dir() {
         return Err(VfioError::VfioPciMissing { path: vfio_dir });
     }
-    if let Some(reason) = host_critical_reason(root, &func, options.force)? {
+    let display_taken = options.boot_display && func.base_class() == 0x03;
+    if let Some(reason) = host_critical_reason(root, &func, options.force || display_taken)? {
         return Err(VfioError::HostCritical { bdf, reason });
     }
 

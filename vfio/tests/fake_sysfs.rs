@@ -14,8 +14,19 @@ use support::{bdf, FakeKernel, FakeSysfs};
 
 const EDU: &str = "0000:00:03.0";
 const NIC: &str = "0000:00:04.0";
-const NO_FORCE: BindOptions = BindOptions { force: false };
-const FORCE: BindOptions = BindOptions { force: true };
+const NO_FORCE: BindOptions = BindOptions {
+    force: false,
+    boot_display: false,
+};
+const FORCE: BindOptions = BindOptions {
+    force: true,
+    boot_display: false,
+};
+/// A grant with `boot-display=take`.
+const TAKE_DISPLAY: BindOptions = BindOptions {
+    force: false,
+    boot_display: true,
+};
 
 /// A q35-like machine: host bridge (group 0), `edu` (group 3, no driver),
 /// a NIC bound to e1000e (group 4), with vfio-pci loaded.
@@ -489,6 +500,22 @@ fn fake_sysfs_console_devices_are_refused_without_force() {
     fake.add_function(efifb, 0x1234, 0x1111, 0x030000, Some(11), None);
     fake.set_attr(efifb, "boot_vga", "1\n");
     assert_refused(&fake, efifb, NO_FORCE, "boot VGA");
+
+    // boot-display=take takes display controllers only: the serial console stays refused.
+    assert_refused(
+        &fake,
+        uart2,
+        TAKE_DISPLAY,
+        "communication (serial) controller",
+    );
+    for addr in [vga, efifb] {
+        let mut kernel = FakeKernel::new(&fake);
+        let report =
+            bind_to_vfio_pci_with(&fake.root(), bdf(addr), TAKE_DISPLAY, &mut kernel).unwrap();
+        assert!(report.changed, "{addr}");
+        assert_eq!(fake.driver_of(addr).as_deref(), Some("vfio-pci"));
+        release_with(&fake.root(), bdf(addr), &mut kernel).unwrap();
+    }
 
     // force overrides these heuristics.
     for addr in [uart, vga, efifb] {

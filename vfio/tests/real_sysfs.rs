@@ -75,7 +75,7 @@ fn real_sysfs_without_iommu_bind_refuses_before_writing() {
         panic!("this test needs at least one PCI function in /sys/bus/pci/devices; there is none");
     };
     let before = fs::read_to_string(func.path.join("driver_override")).ok();
-    let err = bind_to_vfio_pci(&root, func.bdf, BindOptions { force: false }).unwrap_err();
+    let err = bind_to_vfio_pci(&root, func.bdf, BindOptions::default()).unwrap_err();
     assert!(matches!(err, VfioError::NoIommu { .. }), "{err:?}");
     assert_eq!(
         fs::read_to_string(func.path.join("driver_override")).ok(),

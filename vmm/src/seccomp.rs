@@ -36,12 +36,22 @@
 //!    commands, `open`/`openat` (a VMM gets descriptors), `bpf`, `perf_event_open`,
 //!    `userfaultfd`, `io_uring_*`, `keyctl`, `process_vm_*`.
 //!
+//! One call is answered rather than allowed or killed: glibc's malloc, the first time it
+//! gives part of a thread's heap back to the kernel, opens
+//! `/proc/sys/vm/overcommit_memory` (`openat` with exactly `O_RDONLY|O_CLOEXEC`); every
+//! list answers that `ENOENT` without running it
+//! (`bulkhead_ipc::seccomp::glibc_heap_trim_probe`). It had killed gui-vm's VMM with
+//! SIGSYS as the VM was torn down (a worker freeing its state at once); any other
+//! `openat` is still killed.
+//!
 //! `tests/seccomp.rs` installs each list in a child and checks that the forbidden calls
 //! kill it and the allowed ones do not.
 
 use std::sync::OnceLock;
 
-use bulkhead_ipc::seccomp::{base, thread_creation, unix_traffic, AllowList};
+use bulkhead_ipc::seccomp::{
+    base, glibc_heap_trim_probe, thread_creation, unix_traffic, AllowList,
+};
 pub use bulkhead_ipc::seccomp::{SeccompError, SeccompMode};
 
 /// The kinds of thread a VMM runs.
@@ -100,6 +110,14 @@ fn worker_list() -> AllowList {
 
 /// The allow-list of one kind.
 pub fn allow_list(kind: ThreadKind) -> AllowList {
+    let mut l = kind_list(kind);
+    // Every kind: a `free` trims the heap the memory came from, whichever thread frees it
+    // (a vCPU dropping the devices, a worker clearing its state, main at the end).
+    glibc_heap_trim_probe(&mut l);
+    l
+}
+
+fn kind_list(kind: ThreadKind) -> AllowList {
     match kind {
         ThreadKind::Worker => worker_list(),
         ThreadKind::Vcpu => {

@@ -206,6 +206,9 @@ pub struct DeviceGrant {
     pub reset: Reset,
     /// `shared=exclusive-run`.
     pub shared: bool,
+    /// `boot-display=take`: the grant may take the boot VGA device.
+    #[serde(default)]
+    pub boot_display: bool,
     /// The grant.
     pub at: RuleRef,
 }

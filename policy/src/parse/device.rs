@@ -73,7 +73,8 @@ pub(super) fn parse_device(
     let mut id = None;
     let mut reset = None;
     let mut shared = false;
-    for (k, v, col) in params(effect, rest, &["id", "reset", "shared"])? {
+    let mut boot_display = false;
+    for (k, v, col) in params(effect, rest, &["id", "reset", "shared", "boot-display"])? {
         match k {
             "id" => {
                 id = Some(if v == "any" {
@@ -110,6 +111,17 @@ pub(super) fn parse_device(
                     }
                 })
             }
+            "boot-display" => {
+                if v != "take" {
+                    return err(
+                        col,
+                        format!("bad boot-display `{}`", printable(v)),
+                        "boot-display=take gives the VM the boot VGA device (the host then stops \
+                         using it for its console)",
+                    );
+                }
+                boot_display = true;
+            }
             _ => {
                 if v != "exclusive-run" {
                     return err(
@@ -134,5 +146,6 @@ pub(super) fn parse_device(
         id,
         reset,
         shared,
+        boot_display,
     })
 }

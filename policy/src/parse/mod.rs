@@ -443,6 +443,7 @@ mod tests {
             "grant net-vm device pci:0000:03:00.0 id=8086:2723",
             "grant usb-vm device pci:0000:00:14.0 id=8086:7ae0 reset=optional",
             "grant a device pci:0000:00:14.1 id=any shared=exclusive-run",
+            "grant gui-vm device pci:0000:00:02.0 id=8086:4680 boot-display=take",
             "deny @any device pci:0000:00:14.0",
             "grant gpu-vm provide wayland c2s=memfd:read+map,pipe:write,dmabuf:read+map s2c=memfd:read+map max-fds=8",
             "grant clip-vm provide clipboard c2s=pipe:write s2c=pipe:write max-fds=1 max-conns=4",
@@ -494,6 +495,11 @@ mod tests {
     #[test]
     fn each_error_is_located() {
         fails("gront a connect b", 1, "unknown keyword");
+        fails(
+            "grant a device pci:0000:00:02.0 id=any boot-display=yes",
+            53,
+            "bad boot-display",
+        );
         fails("ask a connect b", 1, "reserved");
         fails("grant Browser connect b", 7, "invalid character");
         fails("grant a fly b", 9, "unknown verb");

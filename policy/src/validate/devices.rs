@@ -71,7 +71,11 @@ pub(super) fn devices(
             let (
                 Subject::Vm(vm),
                 Action::Device {
-                    id, reset, shared, ..
+                    id,
+                    reset,
+                    shared,
+                    boot_display,
+                    ..
                 },
             ) = (&e.rule.subject, &e.rule.action)
             else {
@@ -91,6 +95,7 @@ pub(super) fn devices(
                     id: id.unwrap_or(crate::ast::DeviceId::Any),
                     reset: reset.unwrap_or_default(),
                     shared: *shared,
+                    boot_display: *boot_display,
                     at: e.at.clone(),
                 });
         }

@@ -1,13 +1,16 @@
 //! The jail, checked from the emulated host (L1) and attacked from inside:
 //!
 //! - `jail-check NAME…` (runs as root on L1, unjailed): for each NAME (a VM's name, or
-//!   `hub`), finds the process in cgroup `/bulkhead/NAME` that init started, and reads the
-//!   kernel's view of it: `/proc/<pid>/status` of every thread (CapEff, CapPrm, CapBnd,
-//!   CapAmb 0, NoNewPrivs 1, Seccomp 2, its uid, not root, not another's), its namespaces
-//!   against init's, its cgroup. Waits (bounded) until each has installed its filters.
+//!   `hub`), finds the jailed process in cgroup `/bulkhead/NAME`: the child of the keeper
+//!   init started (`init/src/jail/keeper.rs`), PID 1 of its own PID namespace; and reads
+//!   the kernel's view of it: `/proc/<pid>/status` of every thread (CapEff, CapPrm, CapBnd,
+//!   CapAmb 0, NoNewPrivs 1, Seccomp 2, its uid, not root, not another's, `NSpid` ending in
+//!   1), its namespaces (pid included) against init's, its cgroup. Waits (bounded) until
+//!   each has installed its filters.
 //! - `escape-probe` (runs under the same jail init builds for a VMM, without a VMM's seccomp
 //!   filter: the jail's layers on their own): tries to open host files, reach the network,
-//!   ptrace every process it can see, mount, fork past pids.max, and finally allocate past
+//!   find (kill -0 on every pid) and ptrace every process it can see (none: it is PID 1 of
+//!   its own PID namespace), mount, fork past pids.max, and finally allocate past
 //!   memory.max (init reports the OOM kill).
 
 use std::collections::BTreeMap;
@@ -23,8 +26,8 @@ fn status_field(status: &str, name: &str) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// pid → cgroup path, for every process init started directly (ppid 1).
-fn children_of_init() -> BTreeMap<i32, String> {
+/// pid → (cgroup path, status), for every process.
+fn processes() -> BTreeMap<i32, (String, String)> {
     let mut out = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -34,15 +37,26 @@ fn children_of_init() -> BTreeMap<i32, String> {
             continue;
         };
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        if status_field(&status, "PPid:") != "1" {
-            continue;
-        }
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         if let Some(path) = cg.lines().find_map(|l| l.strip_prefix("0::")) {
-            out.insert(pid, path.to_string());
+            out.insert(pid, (path.to_string(), status));
         }
     }
     out
+}
+
+/// The jailed process of cgroup `want`: the child of a process init started (its keeper,
+/// ppid 1) in the same cgroup.
+fn jailed_in(procs: &BTreeMap<i32, (String, String)>, want: &str) -> Option<i32> {
+    let keepers: Vec<String> = procs
+        .iter()
+        .filter(|(_, (cg, st))| cg == want && status_field(st, "PPid:") == "1")
+        .map(|(pid, _)| pid.to_string())
+        .collect();
+    procs
+        .iter()
+        .find(|(_, (cg, st))| cg == want && keepers.contains(&status_field(st, "PPid:")))
+        .map(|(pid, _)| *pid)
 }
 
 /// One process's jail as the kernel reports it; Err names what is wrong (or not yet there).
@@ -80,8 +94,20 @@ fn inspect(name: &str, pid: i32) -> Result<(u32, String), String> {
             return Err(format!("task {tid}: runs as root"));
         }
     }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("status: {e}"))?;
+    let nspid: Vec<String> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    if nspid.len() != 2 || nspid.last().map(String::as_str) != Some("1") {
+        return Err(format!(
+            "NSpid {nspid:?}: not PID 1 of a namespace of its own"
+        ));
+    }
     let mut own = Vec::new();
-    for ns in ["mnt", "ipc", "uts", "net"] {
+    for ns in ["mnt", "ipc", "uts", "net", "pid"] {
         let init = std::fs::read_link(format!("/proc/1/ns/{ns}")).map_err(|e| e.to_string())?;
         let it = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).map_err(|e| e.to_string())?;
         if init == it {
@@ -93,9 +119,10 @@ fn inspect(name: &str, pid: i32) -> Result<(u32, String), String> {
     Ok((
         uid,
         format!(
-            "uid {uid}, CapEff/CapPrm/CapBnd/CapAmb/CapInh 0, NoNewPrivs 1, Seccomp 2 on all {} threads, own {} namespaces, cgroup {want}",
+            "uid {uid}, CapEff/CapPrm/CapBnd/CapAmb/CapInh 0, NoNewPrivs 1, Seccomp 2 on all {} threads, own {} namespaces, NSpid {}, cgroup {want}",
             tasks.len(),
-            own.join(" ")
+            own.join(" "),
+            nspid.join(" ")
         ),
     ))
 }
@@ -106,14 +133,17 @@ pub fn check(names: &[String]) -> Res {
     let mut done: BTreeMap<String, (u32, String)> = BTreeMap::new();
     let mut last: BTreeMap<String, String> = BTreeMap::new();
     while done.len() < names.len() && Instant::now() < deadline {
-        let procs = children_of_init();
+        let procs = processes();
         for name in names {
             if done.contains_key(name) {
                 continue;
             }
             let want = format!("/bulkhead/{name}");
-            let Some((&pid, _)) = procs.iter().find(|(_, cg)| **cg == want) else {
-                last.insert(name.clone(), format!("no process in cgroup {want} yet"));
+            let Some(pid) = jailed_in(&procs, &want) else {
+                last.insert(
+                    name.clone(),
+                    format!("no keeper's child in cgroup {want} yet"),
+                );
                 continue;
             };
             match inspect(name, pid) {
@@ -202,7 +232,8 @@ pub fn probe() -> Res {
             libc::close(fd);
         }
     }
-    // 3. ptrace every process it can see (no PID namespace: every VMM is there).
+    // 3. Find every other process (kill -0: ESRCH is "no such process here"), ptrace each.
+    //    In its own PID namespace it is PID 1 and there is none.
     let mut seen = 0;
     let mut attached = 0;
     for pid in 1..32768 {
@@ -225,6 +256,16 @@ pub fn probe() -> Res {
     }
     if attached > 0 {
         escaped.push(format!("ptrace-attached {attached} processes"));
+    }
+    if seen > 0 || std::process::id() != 1 {
+        escaped.push(format!(
+            "sees {seen} other processes as pid {} (no PID namespace of its own)",
+            std::process::id()
+        ));
+    } else {
+        println!(
+            "testprog: escape-probe: pid namespace: it is pid 1 and no other pid answers kill -0"
+        );
     }
     println!("testprog: escape-probe: ptrace: attached to {attached} of the {seen} other processes it can see");
     // 4. mount.

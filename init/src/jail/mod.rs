@@ -10,18 +10,23 @@
 //! 1. `setsid` (its own session and process group);
 //! 2. joins the cgroup (writes `0` to `cgroup.procs`, opened by the parent);
 //! 3. rlimits: `NOFILE` explicit, `MEMLOCK` unlimited only with VFIO, `CORE` 0;
-//! 4. new mount, IPC, UTS and network namespaces;
-//! 5. an empty tmpfs as the new root (`pivot_root`; on an initramfs root, which cannot be
+//! 4. a new PID namespace: the child forks once more; the new process is PID 1 there and
+//!    goes on with the steps below, the child stays outside as its keeper (init's child:
+//!    it ends the way the service ends; see [`keeper`]);
+//! 5. new mount, IPC, UTS and network namespaces;
+//! 6. an empty tmpfs as the new root (`pivot_root`; on an initramfs root, which cannot be
 //!    pivoted, moved over `/` and chrooted into, as switch_root does) holding only the program and the paths it
-//!    opens by name, bind-mounted read-only (the hub's runtime directory read-write), then
-//!    the tmpfs itself read-only; the VM's name as hostname;
-//! 6. every capability dropped from the bounding and ambient sets (with the `caps` crate),
+//!    opens by name, bind-mounted read-only (the hub's runtime directory read-write), for
+//!    the hub a procfs of its own PID namespace (read-only), then the tmpfs itself
+//!    read-only; the VM's name as hostname;
+//! 7. every capability dropped from the bounding and ambient sets (with the `caps` crate),
 //!    no supplementary groups, gid and uid switched (the kernel clears permitted and
-//!    effective), inheritable cleared;
-//! 7. `no_new_privs`;
-//! 8. every descriptor above the handed-over ones marked close-on-exec;
-//! 9. Landlock, where the kernel has it: file access only beneath the bound paths, no TCP,
-//!    no abstract sockets or signals outside the jail.
+//!    effective), inheritable cleared; then the parent-death signal (SIGKILL when the
+//!    keeper dies);
+//! 8. `no_new_privs`;
+//! 9. every descriptor above the handed-over ones marked close-on-exec;
+//! 10. Landlock, where the kernel has it: file access only beneath the bound paths (and the
+//!     hub's own `/proc`), no TCP, no abstract sockets or signals outside the jail.
 //!
 //! seccomp is the process's own business (the VMM and the hub install their filters after
 //! setup, before reading any input): init cannot know which thread does what.
@@ -143,6 +148,10 @@ pub struct JailSpec {
     pub nofile: u64,
     /// RLIMIT_MEMLOCK unlimited (VFIO pins all guest memory), else [`defaults::MEMLOCK`].
     pub memlock_unlimited: bool,
+    /// A procfs of its own PID namespace at `/proc`, read-only (the hub's memfd server
+    /// reopens its own descriptors through `/proc/self/fd`); it shows only the process
+    /// itself. Without it the jail has no `/proc`.
+    pub own_proc: bool,
 }
 
 /// The regular files a command line names by absolute path (`/x` or `--opt=/x`): what a
@@ -211,18 +220,21 @@ impl JailSpec {
             },
             nofile: svc.nofile.unwrap_or(defaults::VMM_NOFILE),
             memlock_unlimited: vfio,
+            own_proc: false,
         })
     }
 
     /// The hub's jail: cgroup `hub`, its runtime directory the one writable place, the
-    /// files and directories its command line names (policy directories) read-only, and
-    /// `/proc` read-only: the memfd server makes the read-only descriptions it hands out, and
-    /// its probes, by reopening a memfd through `/proc/self/fd` (there is no other way to a
-    /// second description of a memfd). Without it every shared-memory allocation failed.
+    /// files and directories its command line names (policy directories) read-only, and a
+    /// procfs of its own PID namespace, read-only: the memfd server makes the read-only
+    /// descriptions it hands out, and its probes, by reopening a memfd through
+    /// `/proc/self/fd` (there is no other way to a second description of a memfd). Without
+    /// a `/proc` every shared-memory allocation failed; init's own (bound before the PID
+    /// namespace) showed the hub every process of the host.
     pub fn for_hub(hub: &crate::config::HubConfig) -> Option<JailSpec> {
         let uid = hub.user?;
         let read_write: Vec<PathBuf> = hub.runtime_dir.iter().cloned().collect();
-        let mut read_only: Vec<PathBuf> = vec![PathBuf::from(HUB_PROC)];
+        let mut read_only: Vec<PathBuf> = Vec::new();
         for p in files_named_in(&hub.exec)
             .into_iter()
             .chain(dirs_named_in(&hub.exec))
@@ -250,12 +262,13 @@ impl JailSpec {
             },
             nofile: hub.nofile.unwrap_or(defaults::HUB_NOFILE),
             memlock_unlimited: false,
+            own_proc: true,
         })
     }
 }
 
-/// The procfs the hub's jail binds read-only (see [`JailSpec::for_hub`]).
-const HUB_PROC: &str = "/proc";
+/// Where a jail's own procfs goes (see [`JailSpec::own_proc`]).
+const PROC: &str = "/proc";
 
 /// The directories a command line names by absolute path (the hub's policy directories).
 fn dirs_named_in(exec: &[String]) -> Vec<PathBuf> {
@@ -294,6 +307,8 @@ pub struct Prepared {
     gid: u32,
     bounding: Vec<Capability>,
     landlock: Option<RulesetCreated>,
+    /// Where its own procfs is mounted (below the staging directory), if it has one.
+    proc_target: Option<CString>,
     /// Descriptors from this number up are closed at exec.
     close_from: u32,
 }
@@ -387,7 +402,7 @@ impl JailSpec {
             });
         }
         // Parents before children (BTreeSet order sorts a path before what is below it).
-        let dirs = dirs
+        let mut dirs = dirs
             .iter()
             .map(|d| cstring(d.as_os_str().as_bytes()))
             .collect::<Result<Vec<_>, _>>()?;
@@ -396,6 +411,14 @@ impl JailSpec {
             .map(|f| cstring(f.as_os_str().as_bytes()))
             .collect::<Result<Vec<_>, _>>()?;
         let bounding = caps::runtime::thread_all_supported().into_iter().collect();
+        let proc_target = if self.own_proc {
+            let target = paths.staging.join(PROC.trim_start_matches('/'));
+            let c = cstring(target.as_os_str().as_bytes())?;
+            dirs.push(c.clone());
+            Some(c)
+        } else {
+            None
+        };
         Ok(Prepared {
             cgroup_procs,
             rlimits,
@@ -408,6 +431,7 @@ impl JailSpec {
             gid: self.gid,
             bounding,
             landlock: landlock_ruleset(&self.name, landlock_rules),
+            proc_target,
             close_from: u32::try_from(first_free).unwrap_or(3),
         })
     }
@@ -507,6 +531,9 @@ impl Prepared {
             // SAFETY: setrlimit reads one rlimit from a live local.
             step("setrlimit", check(unsafe { libc::setrlimit(*res, &lim) }))?;
         }
+        // From here on this is the service, PID 1 of its own PID namespace (the keeper,
+        // outside, never returns).
+        step("new PID namespace", keeper::enter())?;
         let flags =
             libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET;
         // SAFETY: unshare has no memory arguments.
@@ -516,6 +543,7 @@ impl Prepared {
         let r = unsafe { libc::sethostname(self.hostname.as_ptr().cast(), self.hostname.len()) };
         step("sethostname", check(r))?;
         step("capabilities", self.drop_privileges())?;
+        step("parent-death signal", keeper::die_with_keeper())?;
         // SAFETY: prctl with integer arguments only.
         let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
         step("no_new_privs", check(r))?;
@@ -529,118 +557,22 @@ impl Prepared {
             )
         };
         step("close_range", check(if r < 0 { -1 } else { 0 }))?;
-        if let Some(ruleset) = self.landlock.take() {
+        if let Some(mut ruleset) = self.landlock.take() {
+            if self.proc_target.is_some() {
+                // Its own procfs was mounted here, after the parent made the rules.
+                let rule = PathFd::new(PROC).map(|fd| {
+                    PathBeneath::new(fd, AccessFs::from_read(ABI::V6) & !AccessFs::Execute)
+                });
+                ruleset = match rule {
+                    Ok(r) => ruleset
+                        .add_rule(r)
+                        .map_err(|e| std::io::Error::other(format!("landlock: {e}")))?,
+                    Err(e) => return Err(std::io::Error::other(format!("landlock: {e}"))),
+                };
+            }
             if let Err(e) = ruleset.restrict_self() {
                 return Err(std::io::Error::other(format!("landlock: {e}")));
             }
-        }
-        Ok(())
-    }
-
-    fn mount_root(&self) -> std::io::Result<()> {
-        let none = std::ptr::null::<libc::c_char>();
-        // SAFETY: every mount/mkdir/open/chdir below gets NUL-terminated strings that live in
-        // `self` (or are literals) for the whole call; the null pointers are the documented
-        // "none" arguments.
-        unsafe {
-            step(
-                "make / private",
-                check(libc::mount(
-                    none,
-                    c"/".as_ptr(),
-                    none,
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                )),
-            )?;
-            step(
-                "mount the tmpfs root",
-                check(libc::mount(
-                    c"tmpfs".as_ptr(),
-                    self.staging.as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV,
-                    c"mode=0755,size=256k,nr_inodes=4096".as_ptr().cast(),
-                )),
-            )?;
-            for d in &self.dirs {
-                step("mkdir", check(libc::mkdir(d.as_ptr(), 0o755)))?;
-            }
-            for f in &self.files {
-                let fd = libc::open(
-                    f.as_ptr(),
-                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
-                    0o444,
-                );
-                step("create a file", check(fd))?;
-                libc::close(fd);
-            }
-            for b in &self.binds {
-                step(
-                    "bind",
-                    check(libc::mount(
-                        b.src_proc.as_ptr(),
-                        b.target.as_ptr(),
-                        none,
-                        libc::MS_BIND,
-                        std::ptr::null(),
-                    )),
-                )?;
-                step(
-                    "remount a bind",
-                    check(libc::mount(
-                        none,
-                        b.target.as_ptr(),
-                        none,
-                        b.flags,
-                        std::ptr::null(),
-                    )),
-                )?;
-            }
-            step(
-                "chdir to the new root",
-                check(libc::chdir(self.staging.as_ptr())),
-            )?;
-            let pivoted = libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0;
-            if pivoted {
-                step(
-                    "detach the old root",
-                    check(libc::umount2(c".".as_ptr(), libc::MNT_DETACH)),
-                )?;
-            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-                // Init runs from the initramfs (rootfs), which cannot be pivoted away: move
-                // the new root over / and chroot into it, as switch_root does. The old root
-                // stays below, covered, reachable by no path (and chroot, the way out of a
-                // chroot, needs a capability the jail drops).
-                step(
-                    "move the new root over /",
-                    check(libc::mount(
-                        c".".as_ptr(),
-                        c"/".as_ptr(),
-                        none,
-                        libc::MS_MOVE,
-                        std::ptr::null(),
-                    )),
-                )?;
-                step("chroot", check(libc::chroot(c".".as_ptr())))?;
-            } else {
-                step("pivot_root", check(-1))?;
-            }
-            step("chdir /", check(libc::chdir(c"/".as_ptr())))?;
-            step(
-                "remount / read-only",
-                check(libc::mount(
-                    none,
-                    c"/".as_ptr(),
-                    none,
-                    libc::MS_BIND
-                        | libc::MS_REMOUNT
-                        | libc::MS_RDONLY
-                        | libc::MS_NOSUID
-                        | libc::MS_NODEV,
-                    std::ptr::null(),
-                )),
-            )?;
         }
         Ok(())
     }
@@ -665,157 +597,9 @@ impl Prepared {
     }
 }
 
-/// The cgroup of one jail.
-pub mod cgroup {
-    use super::*;
+pub mod cgroup;
+pub mod keeper;
+mod report;
+mod root;
 
-    fn err(path: &Path) -> impl FnOnce(std::io::Error) -> JailError + '_ {
-        move |source| JailError::Cgroup {
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-
-    fn write(path: &Path, value: &str) -> Result<(), JailError> {
-        std::fs::write(path, value).map_err(err(path))
-    }
-
-    /// `<root>/bulkhead/<name>`.
-    pub fn dir(root: &Path, name: &str) -> PathBuf {
-        root.join(CGROUP_PARENT).join(name)
-    }
-
-    /// Enables the memory, pids and cpu controllers for `<root>/bulkhead` and its children.
-    pub fn setup(root: &Path) -> Result<(), JailError> {
-        let parent = root.join(CGROUP_PARENT);
-        std::fs::create_dir_all(&parent).map_err(err(&parent))?;
-        for dir in [root, parent.as_path()] {
-            write(&dir.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
-        }
-        Ok(())
-    }
-
-    /// Makes (or reuses) the jail's cgroup, kills what an earlier run left in it, writes
-    /// its limits and opens its `cgroup.procs` for the child to join.
-    pub fn prepare(root: &Path, name: &str, limits: &Limits) -> Result<OwnedFd, JailError> {
-        if !root
-            .join(CGROUP_PARENT)
-            .join("cgroup.subtree_control")
-            .exists()
-        {
-            setup(root)?;
-        }
-        let dir = dir(root, name);
-        std::fs::create_dir_all(&dir).map_err(err(&dir))?;
-        let procs = dir.join("cgroup.procs");
-        let leftovers = std::fs::read_to_string(&procs).map_err(err(&procs))?;
-        if !leftovers.trim().is_empty() {
-            warn!("cgroup of {name} still has processes from an earlier run: killing them");
-            write(&dir.join("cgroup.kill"), "1")?;
-        }
-        write(&dir.join("memory.max"), &limits.memory_max.to_string())?;
-        write(&dir.join("memory.swap.max"), "0")?;
-        write(&dir.join("memory.oom.group"), "1")?;
-        write(&dir.join("pids.max"), &limits.pids_max.to_string())?;
-        write(&dir.join("cpu.weight"), &limits.cpu_weight.to_string())?;
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&procs)
-            .map(OwnedFd::from)
-            .map_err(err(&procs))
-    }
-
-    /// `oom_kill` of the cgroup's memory.events (0 when it cannot be read).
-    pub fn oom_kills(root: &Path, name: &str) -> u64 {
-        let path = dir(root, name).join("memory.events");
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("oom_kill "))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0)
-    }
-}
-
-/// What init says about a jailed child's end, beyond "exited"/"killed by": a seccomp kill
-/// (SIGSYS) or an OOM kill in its cgroup (`oom_kills_before` from its start).
-pub fn exit_note(
-    vm: &str,
-    signal: Option<&str>,
-    paths: &JailPaths,
-    oom_kills_before: u64,
-    memory_max: u64,
-) -> Option<String> {
-    if signal == Some("SIGSYS") {
-        return Some(format!(
-            "killed by seccomp (SIGSYS): vm {vm} made a system call its filter forbids"
-        ));
-    }
-    let root = paths.cgroup_root.as_ref()?;
-    let now = cgroup::oom_kills(root, vm);
-    if now > oom_kills_before {
-        return Some(format!(
-            "killed by the OOM killer: vm {vm} reached its cgroup's memory.max ({} MiB; \
-             {} OOM kill(s) in /{CGROUP_PARENT}/{vm})",
-            memory_max >> 20,
-            now - oom_kills_before
-        ));
-    }
-    None
-}
-
-/// How a running child is jailed, as the kernel reports it (`/proc/<pid>`): its uid and
-/// gid, capability sets, no_new_privs, seccomp mode, which namespaces differ from init's,
-/// and its cgroup. `None` if the process is gone.
-pub fn observe(pid: i32) -> Option<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> String {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.split_whitespace().next().unwrap_or("?").to_string())
-            .unwrap_or_else(|| "?".into())
-    };
-    let cap = |name: &str| -> String {
-        let v = field(name);
-        match u64::from_str_radix(&v, 16) {
-            Ok(n) => format!("{n:#x}"),
-            Err(_) => v,
-        }
-    };
-    let own: Vec<&str> = ["mnt", "ipc", "uts", "net"]
-        .into_iter()
-        .filter(|ns| {
-            let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
-            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
-            mine.is_some() && theirs.is_some() && mine != theirs
-        })
-        .collect();
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-        })
-        .unwrap_or_else(|| "?".into());
-    Some(format!(
-        "uid {} gid {}, CapEff {} CapPrm {} CapBnd {} CapAmb {}, NoNewPrivs {}, own {} \
-         namespaces, cgroup {cgroup}",
-        field("Uid:"),
-        field("Gid:"),
-        cap("CapEff:"),
-        cap("CapPrm:"),
-        cap("CapBnd:"),
-        cap("CapAmb:"),
-        field("NoNewPrivs:"),
-        if own.is_empty() {
-            "no".to_string()
-        } else {
-            own.join(" ")
-        },
-    ))
-}
+pub use report::{exit_note, observe};
