@@ -14,6 +14,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -292,11 +293,34 @@ pub fn reopen() {
         }
         sinks.console = Some(console);
     }
+    if let Some(level) = std::fs::read_to_string("/proc/sys/kernel/printk")
+        .ok()
+        .and_then(|t| parse_console_loglevel(&t))
+    {
+        CONSOLE_LOGLEVEL.store(level, Ordering::Relaxed);
+    }
     if let Some(mut kmsg) = kmsg {
         if let Some(old) = &sinks.kmsg {
             kmsg.dropped = old.dropped;
         }
         sinks.kmsg = Some(kmsg);
+    }
+}
+
+/// The kernel's console log level (`/proc/sys/kernel/printk`'s first field) as read when
+/// kmsg was last (re)opened; 0 while not known.
+static CONSOLE_LOGLEVEL: AtomicU8 = AtomicU8::new(0);
+
+/// The console log level in `/proc/sys/kernel/printk`'s text (its first field): the kernel
+/// prints a record on the console when the record's level is below it.
+pub fn parse_console_loglevel(printk: &str) -> Option<u8> {
+    printk.split_whitespace().next()?.parse().ok()
+}
+
+fn console_loglevel() -> Option<u8> {
+    match CONSOLE_LOGLEVEL.load(Ordering::Relaxed) {
+        0 => None,
+        l => Some(l),
     }
 }
 
@@ -323,8 +347,25 @@ pub fn console_line(msg: &str) -> String {
     out
 }
 
-/// The kmsg record for a message: one line, bounded.
-pub fn kmsg_record(level: Level, msg: &str) -> String {
+/// The priority of init's kmsg copy of a message of `level`, when the kernel prints records
+/// below `console_loglevel` on the console: never below that level. Init has written the
+/// line to the console itself; a record the kernel printed too would be a second copy, and
+/// the kernel writes to the serial port past the tty, in the middle of init's own line
+/// (seen: `bulkhead-init: THE HUB HAS FAILE[   63.862139] bulkhead-init: THE HUB HAS
+/// FAILED…`). So under `quiet` (4) an error is recorded at 4, with `loglevel=7` everything
+/// at 7. A console that prints every level (8 and up: `ignore_loglevel`), or a level not
+/// known, leaves the level as it is.
+pub fn kmsg_priority_beside_console(level: Level, console_loglevel: Option<u8>) -> u8 {
+    let priority = kmsg_priority(level);
+    match console_loglevel {
+        Some(console) if console <= 7 => priority.max(console),
+        _ => priority,
+    }
+}
+
+/// The kmsg record for a message: one line, bounded, at the priority
+/// [`kmsg_priority_beside_console`] gives.
+pub fn kmsg_record(level: Level, msg: &str, console_loglevel: Option<u8>) -> String {
     let mut one_line: String = msg
         .chars()
         .map(|c| if c == '\n' { ' ' } else { c })
@@ -336,7 +377,11 @@ pub fn kmsg_record(level: Level, msg: &str) -> String {
         }
         one_line.truncate(cut);
     }
-    format!("<{}>{}: {one_line}\n", kmsg_priority(level), tag())
+    format!(
+        "<{}>{}: {one_line}\n",
+        kmsg_priority_beside_console(level, console_loglevel),
+        tag()
+    )
 }
 
 impl Log for InitLogger {
@@ -360,7 +405,7 @@ impl Log for InitLogger {
             }
         }
         if let Some(k) = sinks.kmsg.as_mut() {
-            k.write_line(kmsg_record(record.level(), &msg).as_bytes());
+            k.write_line(kmsg_record(record.level(), &msg, console_loglevel()).as_bytes());
         }
     }
 
@@ -405,7 +450,7 @@ pub fn emergency(msg: &str) {
         }
     }
     if let Some(mut k) = open_write(Path::new("/dev/kmsg")) {
-        let _ = k.write(kmsg_record(Level::Error, msg).as_bytes());
+        let _ = k.write(kmsg_record(Level::Error, msg, console_loglevel()).as_bytes());
     }
 }
 
@@ -414,16 +459,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_kernel_does_not_print_inits_kmsg_copy_on_the_console_a_second_time() {
+        // `quiet`: /proc/sys/kernel/printk reads "4\t4\t1\t7"; the kernel prints records
+        // below 4. An error must not be one of them: init's console has the line already.
+        let quiet = parse_console_loglevel("4\t4\t1\t7\n");
+        assert_eq!(quiet, Some(4));
+        assert_eq!(
+            kmsg_record(Level::Error, "THE HUB HAS FAILED", quiet),
+            "<4>bulkhead-init: THE HUB HAS FAILED\n"
+        );
+        for level in [Level::Error, Level::Warn, Level::Info, Level::Debug] {
+            for console in 1..=7 {
+                let p = kmsg_priority_beside_console(level, Some(console));
+                assert!(p >= console, "{level} at {p} with console level {console}");
+                assert!(
+                    p >= kmsg_priority(level),
+                    "never more severe than its own level"
+                );
+            }
+        }
+        // Levels the console would not print anyway keep their level.
+        assert_eq!(kmsg_priority_beside_console(Level::Info, Some(4)), 6);
+        // A console that prints everything, or one not known: the level as it is.
+        assert_eq!(kmsg_priority_beside_console(Level::Error, Some(8)), 3);
+        assert_eq!(kmsg_priority_beside_console(Level::Error, None), 3);
+        assert_eq!(parse_console_loglevel(""), None);
+    }
+
+    #[test]
     fn formats() {
         assert_eq!(console_line("ready"), "bulkhead-init: ready\n");
         assert_eq!(console_line("a\nb"), "bulkhead-init: a\nbulkhead-init: b\n");
         assert_eq!(
-            kmsg_record(Level::Info, "ready"),
+            kmsg_record(Level::Info, "ready", None),
             "<6>bulkhead-init: ready\n"
         );
-        assert_eq!(kmsg_record(Level::Error, "a\nb"), "<3>bulkhead-init: a b\n");
+        assert_eq!(
+            kmsg_record(Level::Error, "a\nb", None),
+            "<3>bulkhead-init: a b\n"
+        );
         let long = "é".repeat(1000);
-        let rec = kmsg_record(Level::Warn, &long);
+        let rec = kmsg_record(Level::Warn, &long, None);
         assert!(rec.len() <= MAX_KMSG + 32);
         assert!(rec.starts_with("<4>bulkhead-init: é"));
     }

@@ -56,11 +56,12 @@ fn pos_after(lines: &[String], from: usize, needle: &str) -> Option<usize> {
 }
 
 #[test]
-#[ignore = "since this wave's merges the driver never reaches its verdict (the VMs tick on for \
-            10 minutes), and one run ended in a reset of the emulated host: see README, not done"]
 fn operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel() {
     let scratch = tempfile_dir();
     let disk = log_disk(&scratch);
+    // Kept when the test fails: the services' logs on it tell where a run got stuck
+    // (`debugfs -R 'cat /driver.log' DISK`).
+    eprintln!("the host's log disk: {}", disk.display());
     let mut h = Host::boot_with(
         "ops",
         BootOptions {
@@ -77,7 +78,15 @@ fn operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel() {
     });
     h.expect("bulkhead-init: shutdown started (poweroff)");
     h.expect_end(End::PowerOff);
-    h.assert_never_saw("FAIL");
+    // No test program failed (the driver, or a guest's hub probe: `vm-a: probe: testprog:
+    // FAIL`), and no jailed process was killed by its seccomp filter. Not a bare "FAIL":
+    // init's own `THE HUB HAS FAILED` is expected here.
+    h.assert_never_saw("testprog: FAIL");
+    h.assert_never_saw("killed by seccomp");
+    // Init's kmsg copy of its lines is not printed by the kernel as well: that copy came
+    // out in the middle of init's own console line (`bulkhead-init: THE HUB HAS FAILE[
+    // 63.862139] bulkhead-init: THE HUB HAS FAILED…`), and the line was not found.
+    h.assert_never_saw("] bulkhead-init: ");
     let lines = h.lines().to_vec();
     let saw = |needle: &str| lines.iter().any(|l| l.starts_with(needle));
     let need = |needle: &str| {
@@ -221,6 +230,7 @@ fn operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel() {
             "{vm}: {refused} refused requests in the audit log, want one per hub run:\n{audit}"
         );
     }
+    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 fn tempfile_dir() -> std::path::PathBuf {

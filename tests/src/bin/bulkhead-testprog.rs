@@ -248,7 +248,19 @@ fn main() -> ExitCode {
         "escape-probe" => report(testprog_jail::probe()),
         "ops-tick" => testprog_ops::tick(),
         "ops-drive" => match args.get(1) {
-            Some(ctl) => report(testprog_ops::drive(ctl)),
+            // The verdict is printed before the power-off is asked for: init stops this
+            // service too (SIGTERM) as soon as it has taken the request, so a line printed
+            // after the request may never come.
+            Some(ctl) => match testprog_ops::drive(ctl) {
+                Ok(verdict) => {
+                    say(&verdict);
+                    match testprog_ops::power_off(ctl) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => report(Err(e)),
+                    }
+                }
+                Err(e) => report(Err(e)),
+            },
             None => usage(),
         },
         "run-after" => {

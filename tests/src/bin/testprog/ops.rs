@@ -6,8 +6,10 @@
 //!   timeout) and the host's init must SIGKILL the VMM.
 //! - `ops-drive CTL` (as root on the emulated host): drives `bulkhead-ctl` (the real binary,
 //!   with `--json`) through the scenario of tests/tests/ops_e2e.rs and prints each step;
-//!   any surprise is a `FAIL:` line and exit status 1. The test reads init's own lines and
-//!   the persistent log disk for its verdicts; these lines say which step the driver is at.
+//!   any surprise is a `FAIL:` line and exit status 1. Its PASS line comes before it asks
+//!   for the power-off (init stops it with everything else). The test reads init's own
+//!   lines and the persistent log disk for its verdicts; these lines say which step the
+//!   driver is at.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -38,6 +40,23 @@ pub fn tick() -> std::process::ExitCode {
         println!("tick {n}");
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// The program name the guest's init puts before each of the ticker's lines
+/// (`tests/systems/ops/guests/tick/guest.toml`): a VM's log holds the guest's console,
+/// `tick: tick 7`, not the program's bare `tick 7`.
+const TICK_LINE: &str = "tick: tick ";
+
+/// The tick number of one `bulkhead-ctl log --json` record of a VM, if it is a line of the
+/// guest's ticker (never one of init's own lines about the service).
+fn tick_of_record(v: &serde_json::Value) -> Option<u64> {
+    if v["from_init"] == true {
+        return None;
+    }
+    v["text"]
+        .as_str()
+        .and_then(|t| t.strip_prefix(TICK_LINE))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 fn say(msg: &str) {
@@ -99,6 +118,7 @@ impl Ctl {
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Result<serde_json::Value, String> {
         let end = Instant::now() + LONG;
+        let mut progress = Progress::new();
         loop {
             let e = self.entry(name)?;
             if pred(&e) {
@@ -106,6 +126,11 @@ impl Ctl {
             }
             if Instant::now() > end {
                 return Err(format!("{name} never {what}: {e}"));
+            }
+            if let Some(secs) = progress.due() {
+                say(&format!(
+                    "still waiting after {secs} s: {name} {what}; ls: {e}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(300));
         }
@@ -123,15 +148,7 @@ impl Ctl {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        let tick = |v: &serde_json::Value| -> Option<u64> {
-            if v["from_init"] == true {
-                return None;
-            }
-            v["text"]
-                .as_str()
-                .and_then(|t| t.strip_prefix("tick "))
-                .and_then(|n| n.trim().parse().ok())
-        };
+        let tick = tick_of_record;
         let newest = lines.iter().rev().find_map(tick).unwrap_or(0);
         let start = lines
             .iter()
@@ -153,19 +170,62 @@ impl Ctl {
     /// Waits until `name`'s guest ticks in its current run.
     fn ticking(&self, name: &str) -> Result<(), String> {
         let end = Instant::now() + LONG;
+        let mut progress = Progress::new();
         while self.ticks(name)?.0.len() < 2 {
             if Instant::now() > end {
-                return Err(format!("{name}'s guest never ticked in its current run"));
+                return Err(format!(
+                    "{name}'s guest never ticked in its current run; its log ends: {}",
+                    self.last_line(name)?
+                ));
+            }
+            if let Some(secs) = progress.due() {
+                say(&format!(
+                    "still waiting after {secs} s: {name}'s guest to tick; its log ends: {}",
+                    self.last_line(name)?
+                ));
             }
             std::thread::sleep(Duration::from_millis(500));
         }
         Ok(())
     }
 
+    /// The last line of `name`'s log as `bulkhead-ctl log` prints it.
+    fn last_line(&self, name: &str) -> Result<String, String> {
+        Ok(self.ok(&["log", name, "-n", "1"])?.trim().to_string())
+    }
+
     fn pid(&self, name: &str) -> Result<i64, String> {
         self.entry(name)?["pid"]
             .as_i64()
             .ok_or_else(|| format!("{name} has no pid"))
+    }
+}
+
+/// When a wait is slow, says so once a minute (what it waits for and what it sees), so a
+/// stuck run shows where it is stuck on the console instead of only at the step's end.
+struct Progress {
+    start: Instant,
+    next: Duration,
+}
+
+impl Progress {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            next: Self::EVERY,
+        }
+    }
+
+    /// The seconds waited so far, once each [`Self::EVERY`].
+    fn due(&mut self) -> Option<u64> {
+        let waited = self.start.elapsed();
+        if waited < self.next {
+            return None;
+        }
+        self.next = waited + Self::EVERY;
+        Some(waited.as_secs())
     }
 }
 
@@ -231,7 +291,7 @@ pub fn drive(ctl_path: &str) -> Res {
     // 3. log -f shows vm-b's new console lines.
     let before = ctl.last_tick("vm-b")?;
     let mut f = Command::new(&ctl.path)
-        .args(["log", "vm-b", "-f", "-n", "0"])
+        .args(["log", "vm-b", "-f", "-n", "0", "--json"])
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("log -f: {e}"))?;
@@ -239,16 +299,13 @@ pub fn drive(ctl_path: &str) -> Res {
     let mut newer = Vec::new();
     for line in BufReader::new(out).lines() {
         let line = line.map_err(|e| format!("log -f: {e}"))?;
-        if let Some(n) = line
-            .rsplit("tick ")
-            .next()
-            .and_then(|n| n.trim().parse::<u64>().ok())
-        {
+        let record = serde_json::from_str(&line).unwrap_or_default();
+        if let Some(n) = tick_of_record(&record) {
             if n <= before {
                 let _ = f.kill();
                 return Err(format!("log -f -n 0 printed an old line: {line}"));
             }
-            newer.push(line);
+            newer.push(record["text"].as_str().unwrap_or_default().to_string());
             if newer.len() == 3 {
                 break;
             }
@@ -325,7 +382,46 @@ pub fn drive(ctl_path: &str) -> Res {
     }
     say("step revived: reset-failed hub; the hub and every VM run again");
 
-    // 8. Power off: every VM's power button at once.
-    ctl.ok(&["poweroff"])?;
     Ok("ops-drive PASS: every step done; powering off".into())
+}
+
+/// The scenario's last step: power off (every VM's power button at once). Init stops this
+/// service with the rest, so the caller prints the verdict before this.
+pub fn power_off(ctl_path: &str) -> Result<(), String> {
+    let ctl = Ctl {
+        path: ctl_path.to_string(),
+    };
+    ctl.ok(&["poweroff"]).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tick_is_read_from_the_guests_console_line_in_a_vms_log() {
+        // A record as `bulkhead-ctl log vm-b --json` prints it: the guest's console line as
+        // the VM's log holds it (seen on the ops system's log disk: `tick: tick 873`).
+        let record = |from_init: bool, text: &str| {
+            let line = bulkhead_init::ring::LogLine {
+                seq: 12,
+                boot_ms: 468_458,
+                unix_ms: 1_796_609_517_912,
+                from_init,
+                text: text.into(),
+            };
+            serde_json::from_str(&serde_json::to_string(&line).unwrap()).unwrap()
+        };
+        assert_eq!(tick_of_record(&record(false, "tick: tick 873")), Some(873));
+        assert_eq!(
+            tick_of_record(&record(false, "probe: tick 3")),
+            None,
+            "another program's line"
+        );
+        assert_eq!(
+            tick_of_record(&record(true, "tick: tick 3")),
+            None,
+            "init's own line"
+        );
+    }
 }
