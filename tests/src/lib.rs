@@ -148,6 +148,31 @@ fn boot_lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What a test's panic message starts with when the emulated host's CPU reset itself
+/// ([`retry_once_on_emulator_reset`]).
+pub const EMULATOR_RESET: &str = "EMULATOR RESET";
+
+/// Runs an end-to-end test, and once more if it failed because the emulated host's CPU
+/// reset itself (QEMU TCG's nested SVM, README's known flakes: no line from the host
+/// kernel or init, so none of Bulkhead's code could have caused it). Said on stderr
+/// (`EMULATOR FLAKE`); any other failure, and a second reset, fails the test.
+pub fn retry_once_on_emulator_reset(test: &str, f: impl Fn()) {
+    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&f));
+    let Err(payload) = first else { return };
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("");
+    if !msg.starts_with(EMULATOR_RESET) {
+        std::panic::resume_unwind(payload);
+    }
+    eprintln!(
+        "EMULATOR FLAKE: {test}: the emulated host reset itself; running the test again (once)"
+    );
+    f();
+}
+
 /// A booted host under test. Dropping it kills QEMU.
 pub struct Host {
     machine: Machine,
@@ -343,9 +368,33 @@ impl Host {
                         .respawn(&self.cfg, self.echo)
                         .unwrap_or_else(|e| panic!("{e}"));
                 }
+                Err(e @ QemuError::Exited { .. }) if self.reset_silently() => {
+                    panic!(
+                        "{EMULATOR_RESET}: the emulated host's CPU reset itself (QEMU's SHUTDOWN \
+                            said guest-reset, with no host kernel panic or restart line and no \
+                            shutdown by init before it)\n{e}"
+                    )
+                }
                 Err(e) => panic!("{e}"),
             }
         }
+    }
+
+    /// QEMU ended the machine by a reset that nothing in it asked for: its `SHUTDOWN` event
+    /// says `guest-reset`, and neither the host kernel (a panic, `reboot: Restarting
+    /// system`) nor init (`shutdown started`) said a word of it. User space (init, the
+    /// VMMs) cannot reset a CPU; the emulated CPU triple-faulted (README's known flakes).
+    fn reset_silently(&mut self) -> bool {
+        if self.machine.shutdown_reason() != Some(bulkhead_rootfs::qemu::ShutdownReason::GuestReset)
+        {
+            return false;
+        }
+        !self.lines().iter().any(|l| {
+            let msg = bulkhead_rootfs::qemu::host_kernel_message(l);
+            msg.starts_with(RESTARTING)
+                || bulkhead_rootfs::qemu::is_host_kernel_panic(l)
+                || l.starts_with("bulkhead-init: shutdown started")
+        })
     }
 
     /// Waits until QEMU exits and checks how the machine ended, then accounts for the
@@ -355,6 +404,12 @@ impl Host {
             .machine
             .wait_end(BOOT_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e}"));
+        if got == Outcome::Reboot && want != Outcome::Reboot && self.reset_silently() {
+            panic!(
+                "{EMULATOR_RESET}: the emulated host's CPU reset itself instead of {want:?}\n{}",
+                self.machine.context()
+            );
+        }
         assert_eq!(
             got,
             want,
@@ -475,6 +530,41 @@ pub use bulkhead_rootfs::qemu::Outcome as End;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A test that failed by an emulator reset runs once more; any other failure, or a
+    /// second reset, fails it.
+    #[test]
+    fn only_an_emulator_reset_runs_a_test_again_and_only_once() {
+        use std::cell::Cell;
+        let runs = Cell::new(0);
+        retry_once_on_emulator_reset("t", || {
+            runs.set(runs.get() + 1);
+            if runs.get() == 1 {
+                panic!("{EMULATOR_RESET}: the CPU reset itself");
+            }
+        });
+        assert_eq!(runs.get(), 2);
+
+        let runs = Cell::new(0);
+        let other = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            retry_once_on_emulator_reset("t", || {
+                runs.set(runs.get() + 1);
+                panic!("no line starting \"x\"");
+            })
+        }));
+        assert!(other.is_err());
+        assert_eq!(runs.get(), 1, "another failure is not run again");
+
+        let runs = Cell::new(0);
+        let twice = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            retry_once_on_emulator_reset("t", || {
+                runs.set(runs.get() + 1);
+                panic!("{EMULATOR_RESET}: again");
+            })
+        }));
+        assert!(twice.is_err());
+        assert_eq!(runs.get(), 2, "a second reset fails the test");
+    }
 
     #[test]
     fn restarts_are_read_from_inits_own_lines_with_how_the_run_before_ended() {

@@ -21,6 +21,13 @@ const PASSES: &[&str] = &[
 
 #[test]
 fn provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_refused() {
+    bulkhead_tests::retry_once_on_emulator_reset(
+        "provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_refused",
+        provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_refused_once,
+    );
+}
+
+fn provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_refused_once() {
     let mut h = Host::boot("hub");
     h.expect("bulkhead-init: started hub pid");
     // L1's init, not a guest's (theirs are prefixed with the service name). Three nested

@@ -92,6 +92,13 @@ fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
 
 #[test]
 fn example_system_runs_jailed_and_every_escape_from_a_jailed_vmm_or_test_program_fails() {
+    bulkhead_tests::retry_once_on_emulator_reset(
+        "example_system_runs_jailed_and_every_escape_from_a_jailed_vmm_or_test_program_fails",
+        example_system_runs_jailed_and_every_escape_from_a_jailed_vmm_or_test_program_fails_once,
+    );
+}
+
+fn example_system_runs_jailed_and_every_escape_from_a_jailed_vmm_or_test_program_fails_once() {
     let dir = system();
     let mut h = Host::boot(dir.to_str().unwrap());
     // The example powers the host off itself once its second picture is out.

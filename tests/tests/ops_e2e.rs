@@ -57,6 +57,13 @@ fn pos_after(lines: &[String], from: usize, needle: &str) -> Option<usize> {
 
 #[test]
 fn operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel() {
+    bulkhead_tests::retry_once_on_emulator_reset(
+        "operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel",
+        operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel_once,
+    );
+}
+
+fn operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel_once() {
     let scratch = tempfile_dir();
     let disk = log_disk(&scratch);
     // Kept when the test fails: the services' logs on it tell where a run got stuck

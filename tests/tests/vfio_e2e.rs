@@ -16,6 +16,13 @@ const RNG: &str = "0000:01:00.0";
 
 #[test]
 fn edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vm_is_refused() {
+    bulkhead_tests::retry_once_on_emulator_reset(
+        "edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vm_is_refused",
+        edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vm_is_refused_once,
+    );
+}
+
+fn edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vm_is_refused_once() {
     let mut h = Host::boot("vfio");
     h.expect("bulkhead-init: started edu-vm pid");
     // The L2 guest runs both checks at once; their lines interleave, so wait for the VM's end

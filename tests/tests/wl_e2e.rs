@@ -9,11 +9,25 @@ use bulkhead_tests::{guests_on_second_kernel, kernels, BootOptions, End, Host};
 
 #[test]
 fn l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name() {
+    bulkhead_tests::retry_once_on_emulator_reset(
+        "l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name",
+        l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name_once,
+    );
+}
+
+fn l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name_once() {
     wl_exchange(KernelOverrides::default());
 }
 
 #[test]
 fn l2_guest_on_the_second_kernel_exchanges_with_a_host_socket_inside_a_default_host() {
+    bulkhead_tests::retry_once_on_emulator_reset(
+        "l2_guest_on_the_second_kernel_exchanges_with_a_host_socket_inside_a_default_host",
+        l2_guest_on_the_second_kernel_exchanges_with_a_host_socket_inside_a_default_host_once,
+    );
+}
+
+fn l2_guest_on_the_second_kernel_exchanges_with_a_host_socket_inside_a_default_host_once() {
     wl_exchange(guests_on_second_kernel());
 }
 
@@ -76,6 +90,13 @@ const FAUX_PASSES: &[&str] = &[
 
 #[test]
 fn faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add() {
+    bulkhead_tests::retry_once_on_emulator_reset(
+        "faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add",
+        faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add_once,
+    );
+}
+
+fn faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add_once() {
     let mut h = Host::boot("wl-faux");
     // Both VMMs are jailed; the relay's sockets are socketpair ends init handed over.
     h.expect("relay: testprog: wl-faux-relay serving fd=");

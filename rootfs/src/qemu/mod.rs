@@ -297,6 +297,15 @@ impl Machine {
         self.wait_until(needle, timeout, |l| l.contains(needle))
     }
 
+    /// After QEMU exited: the reason its `SHUTDOWN` event gave, if it sent one (waits for
+    /// the event monitor's thread, which ends at the socket's EOF).
+    pub fn shutdown_reason(&mut self) -> Option<ShutdownReason> {
+        if let Some(events) = self.events.take() {
+            let _ = events.join();
+        }
+        self.shutdown.lock().ok().and_then(|s| s.clone())
+    }
+
     /// Reads the console until QEMU exits and says how the machine ended: from QEMU's
     /// `SHUTDOWN` event (power-off or reset), a reset preceded by the host kernel's own
     /// panic line being a panic. Only if the event monitor could not be reached do the
