@@ -368,6 +368,16 @@ impl Host {
                         .respawn(&self.cfg, self.echo)
                         .unwrap_or_else(|e| panic!("{e}"));
                 }
+                // The emulated host's kernel crashed after init started, and not because init
+                // died: user space cannot crash a kernel (the crashes seen are TCG's nested
+                // SVM: stack-guard hits in the page-fault handler right after a guest entry).
+                Err(QemuError::Panic { line, context, .. })
+                    if !line.contains("Attempted to kill init") =>
+                {
+                    panic!(
+                        "{EMULATOR_RESET}: the emulated host's kernel crashed: {line}\n{context}"
+                    )
+                }
                 Err(e @ QemuError::Exited { .. }) if self.reset_silently() => {
                     panic!(
                         "{EMULATOR_RESET}: the emulated host's CPU reset itself (QEMU's SHUTDOWN \
