@@ -143,34 +143,28 @@ pub fn join(far: &dyn Channel, weston: &UnixStream, t: &dyn Transport) -> String
     }
 }
 
-/// Sends `data` to weston with the `held` fds (all of them, at most 28 per `sendmsg`, the
-/// excess with the first bytes; a stream carries fds only with data). With no data the fds
-/// stay held.
+/// Sends `data` to weston with the `held` fds (a stream carries fds only with data).
 fn to_weston(weston: &UnixStream, data: &[u8], held: &mut Vec<OwnedFd>) -> std::io::Result<()> {
-    let mut at = 0;
-    while held.len() > MAX_FDS && at + 1 < data.len() {
-        let group: Vec<OwnedFd> = held.drain(..MAX_FDS).collect();
-        let b: Vec<BorrowedFd<'_>> = group.iter().map(|f| f.as_fd()).collect();
-        sock::send_all(weston.as_fd(), data.get(at..at + 1).unwrap_or_default(), &b)?;
-        at += 1;
-    }
-    let rest = data.get(at..).unwrap_or_default();
-    if rest.is_empty() {
-        return Ok(());
-    }
-    let group: Vec<OwnedFd> = held.drain(..held.len().min(MAX_FDS)).collect();
-    let b: Vec<BorrowedFd<'_>> = group.iter().map(|f| f.as_fd()).collect();
-    sock::send_all(weston.as_fd(), rest, &b)
+    send_in_groups(data, held, |bytes, fds| sock::send_all(weston.as_fd(), bytes, fds))
 }
 
-/// Sends `data` to the app side with the `held` vfds, at most 28 per send (the excess
-/// with the first bytes, one byte each); with no data the fds stay held.
+/// Sends `data` to the app side with the `held` vfds.
 fn to_far(far: &dyn Channel, data: &[u8], held: &mut Vec<OwnedFd>) -> std::io::Result<()> {
+    send_in_groups(data, held, |bytes, fds| far.send(bytes, fds))
+}
+
+/// Sends `data` with all the `held` fds through `send`, at most 28 fds per call: the excess
+/// goes with the first bytes, one byte each. With no data the fds stay held.
+fn send_in_groups(
+    data: &[u8],
+    held: &mut Vec<OwnedFd>,
+    mut send: impl FnMut(&[u8], &[BorrowedFd<'_>]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let mut at = 0;
     while held.len() > MAX_FDS && at + 1 < data.len() {
         let group: Vec<OwnedFd> = held.drain(..MAX_FDS).collect();
         let b: Vec<BorrowedFd<'_>> = group.iter().map(|f| f.as_fd()).collect();
-        far.send(data.get(at..at + 1).unwrap_or_default(), &b)?;
+        send(data.get(at..at + 1).unwrap_or_default(), &b)?;
         at += 1;
     }
     let rest = data.get(at..).unwrap_or_default();
@@ -179,24 +173,14 @@ fn to_far(far: &dyn Channel, data: &[u8], held: &mut Vec<OwnedFd>) -> std::io::R
     }
     let group: Vec<OwnedFd> = held.drain(..held.len().min(MAX_FDS)).collect();
     let b: Vec<BorrowedFd<'_>> = group.iter().map(|f| f.as_fd()).collect();
-    far.send(rest, &b)
+    send(rest, &b)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::vfd::tests::memfd_with;
     use super::*;
-    use std::io::Write;
 
-    fn memfd_with(bytes: &[u8]) -> OwnedFd {
-        // SAFETY: a static NUL-terminated name; checked.
-        let fd = unsafe { libc::memfd_create(c"weston-keymap".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a new fd nothing else owns.
-        let mut f =
-            std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-        f.write_all(bytes).unwrap();
-        OwnedFd::from(f)
-    }
 
     #[test]
     fn fds_without_data_wait_and_more_than_28_go_in_several_sends() {

@@ -108,14 +108,15 @@ fn is_write_only(fd: &OwnedFd) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::sock;
     use crate::transport::standin::StandIn;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
-    fn memfd_with(bytes: &[u8]) -> OwnedFd {
+    /// A memory file holding `bytes` (what weston sends as a keymap).
+    pub(in crate::gui) fn memfd_with(bytes: &[u8]) -> OwnedFd {
         // SAFETY: a static NUL-terminated name; checked.
         let fd = unsafe { libc::memfd_create(c"weston-keymap".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);
