@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use super::{overlap, Ctx, Entries};
 use crate::ast::{Action, Effect, Subject};
 use crate::diag::Severity;
-use crate::eval::{ConnectGrant, ConnectItem, FastMap, GroupDef, Provider, SubjectIndex};
+use crate::eval::{
+    ConnectGrant, ConnectItem, FastMap, GroupDef, Provider, RuleEntry, SubjectIndex,
+};
 use crate::parse::MAX_FDS_PER_MESSAGE;
 use crate::rights::{FdCaps, FdType};
 
@@ -45,14 +47,7 @@ pub(super) fn connects(
                 "add `grant VM provide SERVICE …`, or check the spelling (fine for staged policy)",
             );
             if e.rule.effect == Effect::Deny {
-                connects.insert(
-                    &e.rule.subject,
-                    service,
-                    ConnectItem::Deny {
-                        at: e.at.clone(),
-                        provider: provider.clone(),
-                    },
-                );
+                connects.insert(&e.rule.subject, service, deny(e, provider));
             }
             continue;
         };
@@ -77,14 +72,7 @@ pub(super) fn connects(
             }
         }
         if e.rule.effect == Effect::Deny {
-            connects.insert(
-                &e.rule.subject,
-                service,
-                ConnectItem::Deny {
-                    at: e.at.clone(),
-                    provider: provider.clone(),
-                },
-            );
+            connects.insert(&e.rule.subject, service, deny(e, provider));
             continue;
         }
         let Some(prov) = providers.get(service).cloned().or_else(|| {
@@ -171,4 +159,12 @@ fn widening(narrow: &FdCaps, contract: &FdCaps) -> Option<String> {
         })
         .collect();
     (!extra.is_empty()).then(|| extra.join(","))
+}
+
+/// The index entry of a `deny … connect` rule.
+fn deny(e: &RuleEntry, provider: &Option<String>) -> ConnectItem {
+    ConnectItem::Deny {
+        at: e.at.clone(),
+        provider: provider.clone(),
+    }
 }

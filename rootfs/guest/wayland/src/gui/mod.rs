@@ -145,7 +145,9 @@ pub fn join(far: &dyn Channel, weston: &UnixStream, t: &dyn Transport) -> String
 
 /// Sends `data` to weston with the `held` fds (a stream carries fds only with data).
 fn to_weston(weston: &UnixStream, data: &[u8], held: &mut Vec<OwnedFd>) -> std::io::Result<()> {
-    send_in_groups(data, held, |bytes, fds| sock::send_all(weston.as_fd(), bytes, fds))
+    send_in_groups(data, held, |bytes, fds| {
+        sock::send_all(weston.as_fd(), bytes, fds)
+    })
 }
 
 /// Sends `data` to the app side with the `held` vfds.
@@ -180,7 +182,6 @@ fn send_in_groups(
 mod tests {
     use super::vfd::tests::memfd_with;
     use super::*;
-
 
     #[test]
     fn fds_without_data_wait_and_more_than_28_go_in_several_sends() {
