@@ -145,6 +145,26 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ClientError> {
     Ok(resp)
 }
 
+/// SIGKILLs the running process of init's service `service`, found through init's control
+/// socket (fault injection for tests: a VM's VMM killed mid-run). Returns its pid.
+pub fn kill_service(service: &str) -> Result<i32, String> {
+    let answer = request(Path::new(SOCKET_PATH), &Request::Status).map_err(|e| e.to_string())?;
+    let Response::Status { services } = answer else {
+        return Err(format!("init answered {answer:?}"));
+    };
+    let pid = services
+        .iter()
+        .find(|s| s.name == service)
+        .and_then(|s| s.pid)
+        .ok_or_else(|| format!("{service} is not running"))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(|e| format!("kill {pid}: {e}"))?;
+    Ok(pid)
+}
+
 /// One listening socket and who is admitted there.
 #[derive(Debug)]
 struct Listener {

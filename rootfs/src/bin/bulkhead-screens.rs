@@ -47,27 +47,6 @@ struct Cli {
     kill_after: Vec<String>,
 }
 
-/// SIGKILLs the running process of init's service `service`.
-fn kill_service(service: &str) -> Result<i32, String> {
-    use bulkhead_init::control::{request, Request, Response, SOCKET_PATH};
-    let answer =
-        request(std::path::Path::new(SOCKET_PATH), &Request::Status).map_err(|e| e.to_string())?;
-    let Response::Status { services } = answer else {
-        return Err(format!("init answered {answer:?}"));
-    };
-    let pid = services
-        .iter()
-        .find(|s| s.name == service)
-        .and_then(|s| s.pid)
-        .ok_or_else(|| format!("{service} is not running"))?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .map_err(|e| format!("kill {pid}: {e}"))?;
-    Ok(pid)
-}
-
 fn raw_mode(f: &std::fs::File) {
     use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
     if let Ok(mut t) = tcgetattr(f) {
@@ -212,7 +191,7 @@ impl Ctx {
                 }
                 if f.kind == Kind::Png {
                     for (_, service) in kills.iter().filter(|(n, _)| *n == f.name) {
-                        match kill_service(service) {
+                        match bulkhead_init::control::kill_service(service) {
                             Ok(pid) => println!(
                                 "after {}: killed {service} (pid {pid}) with SIGKILL",
                                 f.name

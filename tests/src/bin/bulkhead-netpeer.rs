@@ -136,25 +136,6 @@ fn control(
     .map_err(|e| e.to_string())
 }
 
-/// SIGKILLs the running process of init's service `service`.
-fn kill_service(service: &str) -> Result<i32, String> {
-    use bulkhead_init::control::{Request, Response};
-    let Response::Status { services } = control(&Request::Status)? else {
-        return Err("init did not answer with a status".into());
-    };
-    let pid = services
-        .iter()
-        .find(|s| s.name == service)
-        .and_then(|s| s.pid)
-        .ok_or_else(|| format!("{service} is not running"))?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .map_err(|e| format!("kill {pid}: {e}"))?;
-    Ok(pid)
-}
-
 /// Does init's service `service` run again, with another pid than `old`?
 fn service_restarted(service: &str, old: i32) -> bool {
     use bulkhead_init::control::{Request, Response};
@@ -247,7 +228,7 @@ fn e2e(
     println!("{flood_service} has ended");
     std::thread::sleep(Duration::from_secs(2));
     let killed_at = shared.start.elapsed();
-    let pid = kill_service(kill)?;
+    let pid = bulkhead_init::control::kill_service(kill)?;
     println!("killed {kill} (pid {pid})");
     // Only a page served once init has started net-vm again counts (one in flight at the
     // kill does not).
