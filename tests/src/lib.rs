@@ -275,7 +275,10 @@ impl Host {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let append = format!("{HOST_CMDLINE} {}", opts.append);
+        // BULKHEAD_TEST_APPEND adds kernel parameters to every test host (for diagnosis,
+        // e.g. `softlockup_panic=1 loglevel=5`).
+        let extra = std::env::var("BULKHEAD_TEST_APPEND").unwrap_or_default();
+        let append = format!("{HOST_CMDLINE} {} {extra}", opts.append);
         let mut cfg = if opts.efi {
             QemuConfig::host_firmware(efi_firmware(system, kernel, &image, append.trim(), &dir))
         } else {

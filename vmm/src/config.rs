@@ -145,6 +145,11 @@ pub struct Cli {
     /// memory) and report it; the jail and the filter should stop each.
     #[arg(long, hide = true)]
     pub test_escape: Option<String>,
+    /// Fault injection, tests only: the virtio_wl device drops its first N queue
+    /// interrupts (the buffers are used, the guest is not told), as a lost interrupt under
+    /// nested emulation does; the guest driver's sweep must find them.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub test_drop_wl_interrupts: u32,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
@@ -266,6 +271,8 @@ pub struct VmConfig {
     pub seccomp: bulkhead_ipc::seccomp::SeccompMode,
     /// Test only: an escape attempt instead of the VM.
     pub test_escape: Option<String>,
+    /// Test only: virtio_wl interrupts to drop (fault injection).
+    pub test_drop_wl_interrupts: u32,
 }
 
 impl From<Cli> for VmConfig {
@@ -322,6 +329,7 @@ impl From<Cli> for VmConfig {
             control_fd: c.control_fd,
             seccomp: c.seccomp,
             test_escape: c.test_escape,
+            test_drop_wl_interrupts: c.test_drop_wl_interrupts,
         }
     }
 }

@@ -193,6 +193,13 @@ fn run(cfg: VmConfig) -> Result<ExitReason, String> {
             cfg.wl_limits,
         )
         .map_err(|e| e.to_string())?;
+        if cfg.test_drop_wl_interrupts > 0 {
+            log::warn!(
+                "bulkhead-vmm: virtio-wl: fault injection: dropping its first {} interrupts",
+                cfg.test_drop_wl_interrupts
+            );
+            wl.drop_interrupts(cfg.test_drop_wl_interrupts);
+        }
         if let Some(fd) = cfg.hub_fd {
             let fd = fds.take(fd).map_err(|e| format!("--hub-fd: {e}"))?;
             let link = HubLink::new(fd, sockets.clone()).map_err(|e| format!("--hub-fd: {e}"))?;

@@ -60,6 +60,12 @@ struct virtwl_info {
 	struct mutex vq_locks[VIRTWL_QUEUE_COUNT];
 	struct work_struct in_work;
 	struct work_struct out_work;
+	/* The lost-interrupt sweep (see virtwl_sweep), per queue. */
+	struct delayed_work sweep;
+	unsigned long taken[VIRTWL_QUEUE_COUNT];	/* used buffers the works took */
+	unsigned long taken_seen[VIRTWL_QUEUE_COUNT];	/* `taken` at the last sweep */
+	bool suspect[VIRTWL_QUEUE_COUNT];	/* used buffers waiting at the last sweep */
+	unsigned long lost[VIRTWL_QUEUE_COUNT];	/* interrupts found lost */
 	wait_queue_head_t out_waitq;
 	void **in_bufs;
 	unsigned int in_buf_count;
@@ -259,6 +265,7 @@ static void virtwl_in_work(struct work_struct *work)
 		mutex_unlock(&vi->vq_locks[VIRTWL_VQ_IN]);
 		if (!hdr)
 			break;
+		WRITE_ONCE(vi->taken[VIRTWL_VQ_IN], vi->taken[VIRTWL_VQ_IN] + 1);
 		if (len > VIRTWL_IN_BUFFER_SIZE)
 			len = VIRTWL_IN_BUFFER_SIZE;
 		keep = false;
@@ -304,6 +311,7 @@ static void virtwl_out_work(struct work_struct *work)
 		mutex_unlock(&vi->vq_locks[VIRTWL_VQ_OUT]);
 		if (!done)
 			break;
+		WRITE_ONCE(vi->taken[VIRTWL_VQ_OUT], vi->taken[VIRTWL_VQ_OUT] + 1);
 		complete(done);
 	}
 	wake_up_interruptible_all(&vi->out_waitq);
@@ -324,6 +332,71 @@ static bool virtwl_out_has_room(struct virtwl_info *vi)
 	room = vi->vqs[VIRTWL_VQ_OUT]->num_free > 0;
 	mutex_unlock(&vi->vq_locks[VIRTWL_VQ_OUT]);
 	return room;
+}
+
+#define VIRTWL_ANSWER_CHECK (10 * HZ)
+#define VIRTWL_ANSWER_STUCK_CHECKS 3
+#define VIRTWL_SWEEP_PERIOD HZ
+
+/*
+ * Waits for a command's answer. The device answers every command (a hub verdict within
+ * 10 s), so 30 s without one is a stuck device (a lost interrupt is the sweep's to find):
+ * said once on the console.
+ */
+static void virtwl_wait_answer(struct virtwl_info *vi, struct completion *done, u32 type)
+{
+	unsigned int checks = 0;
+
+	while (!wait_for_completion_timeout(done, VIRTWL_ANSWER_CHECK)) {
+		if (++checks == VIRTWL_ANSWER_STUCK_CHECKS)
+			dev_err(&vi->vdev->dev, "no answer to command %#x for %u s\n", type,
+				VIRTWL_ANSWER_STUCK_CHECKS * VIRTWL_ANSWER_CHECK / HZ);
+	}
+}
+
+/*
+ * The lost-interrupt sweep, once a second. Under nested emulation a queue's interrupt can
+ * go missing (the device put buffers in the used ring and signalled, and no callback ran):
+ * a command's caller would then wait forever, or a message would sit unread. A queue whose
+ * used buffers waited a whole period, with nothing taken meanwhile and its work neither
+ * queued nor running, lost its interrupt: its work is run from here and the loss is said
+ * on the console (rate-limited). A driver merely slow to take them is left alone.
+ */
+static void virtwl_sweep_queue(struct virtwl_info *vi, int q, struct work_struct *work)
+{
+	unsigned long taken = READ_ONCE(vi->taken[q]);
+	bool pending;
+
+	mutex_lock(&vi->vq_locks[q]);
+	pending = !virtqueue_enable_cb(vi->vqs[q]);
+	mutex_unlock(&vi->vq_locks[q]);
+	if (!pending) {
+		vi->suspect[q] = false;
+		return;
+	}
+	if (vi->suspect[q] && vi->taken_seen[q] == taken && !work_busy(work)) {
+		vi->lost[q]++;
+		dev_err_ratelimited(&vi->vdev->dev,
+				    "%s queue: used buffers without an interrupt for %u ms (lost interrupt %lu): taking them\n",
+				    q == VIRTWL_VQ_IN ? "in" : "out",
+				    jiffies_to_msecs(VIRTWL_SWEEP_PERIOD), vi->lost[q]);
+		vi->suspect[q] = false;
+		schedule_work(work);
+		return;
+	}
+	vi->suspect[q] = true;
+	vi->taken_seen[q] = taken;
+}
+
+static void virtwl_sweep(struct work_struct *work)
+{
+	struct virtwl_info *vi = container_of(to_delayed_work(work), struct virtwl_info, sweep);
+
+	if (READ_ONCE(vi->removed))
+		return;
+	virtwl_sweep_queue(vi, VIRTWL_VQ_IN, &vi->in_work);
+	virtwl_sweep_queue(vi, VIRTWL_VQ_OUT, &vi->out_work);
+	schedule_delayed_work(&vi->sweep, VIRTWL_SWEEP_PERIOD);
 }
 
 /* Fills `sgl` (of `max` entries) for `len` bytes at `buf` (kmalloc'd or vmalloc'd). */
@@ -392,8 +465,13 @@ static int virtwl_command(struct virtwl_info *vi, void *req, size_t req_len, voi
 	}
 	if (ret)
 		goto out;
-	/* Buffers the device owns must outlive the command: wait uninterruptibly. */
-	wait_for_completion(&done);
+	/*
+	 * Buffers the device owns must outlive the command: wait uninterruptibly. The device
+	 * answers every command (a hub verdict within 10 s), so a long wait is either a stuck
+	 * device or an interrupt that never came (seen under nested emulation): every 5 s the
+	 * used ring is looked at directly, and each case is said once on the console.
+	 */
+	virtwl_wait_answer(vi, &done, le32_to_cpu(((struct virtio_wl_ctrl_hdr *)req)->type));
 out:
 	kfree(out_sg);
 	return ret;
@@ -969,6 +1047,7 @@ static int virtwl_probe(struct virtio_device *vdev)
 		mutex_init(&vi->vq_locks[i]);
 	INIT_WORK(&vi->in_work, virtwl_in_work);
 	INIT_WORK(&vi->out_work, virtwl_out_work);
+	INIT_DELAYED_WORK(&vi->sweep, virtwl_sweep);
 	init_waitqueue_head(&vi->out_waitq);
 	mutex_init(&vi->vfds_lock);
 	idr_init(&vi->vfds);
@@ -1026,6 +1105,7 @@ static int virtwl_probe(struct virtio_device *vdev)
 		goto err_reset;
 	dev_info(&vdev->dev, "/dev/%s ready (%u in buffers)\n", vi->misc.name,
 		 vi->in_buf_count);
+	schedule_delayed_work(&vi->sweep, VIRTWL_SWEEP_PERIOD);
 	return 0;
 
 err_reset:
@@ -1049,7 +1129,8 @@ static void virtwl_remove(struct virtio_device *vdev)
 	int id;
 
 	misc_deregister(&vi->misc);
-	vi->removed = true;
+	WRITE_ONCE(vi->removed, true);
+	cancel_delayed_work_sync(&vi->sweep);
 	virtio_reset_device(vdev);
 	cancel_work_sync(&vi->in_work);
 	cancel_work_sync(&vi->out_work);

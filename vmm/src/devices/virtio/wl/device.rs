@@ -9,6 +9,7 @@
 //! move of BAR 2 is handed to the worker when the lock is busy.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -56,6 +57,8 @@ pub struct Wl {
     state: Arc<Mutex<WlState>>,
     worker: WorkerSlot,
     window_move: Arc<WindowMove>,
+    /// Fault injection: interrupts still to drop (see [`Wl::drop_interrupts`]).
+    dropped: Arc<AtomicU32>,
 }
 
 fn lock(state: &Mutex<WlState>) -> MutexGuard<'_, WlState> {
@@ -80,6 +83,7 @@ impl Wl {
                 base: Mutex::new(None),
                 wake: EventFd::new(EFD_NONBLOCK)?,
             }),
+            dropped: Arc::new(AtomicU32::new(0)),
         })
     }
 
@@ -91,6 +95,12 @@ impl Wl {
     /// Resolves names the registry does not have through the hub (`--hub-fd`).
     pub fn set_hub(&mut self, hub: super::hub::HubLink) {
         lock(&self.state).set_hub(hub);
+    }
+
+    /// Fault injection (tests only): the next `n` interrupts of either queue are not sent,
+    /// though their buffers are used, as when an interrupt is lost on its way to the guest.
+    pub fn drop_interrupts(&mut self, n: u32) {
+        self.dropped.store(n, Ordering::Relaxed);
     }
 
     /// The state (tests inspect it).
@@ -160,9 +170,10 @@ impl VirtioDevice for Wl {
         }
         let state = self.state.clone();
         let window_move = self.window_move.clone();
+        let dropped = self.dropped.clone();
         let thread = WorkerThread::spawn("virtio-wl", move |stop| {
             crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Worker);
-            run(&state, &window_move, activation, &stop);
+            run(&state, &window_move, &dropped, activation, &stop);
             // Whatever ended the loop (a reset, mostly), the guest's vfds go with it.
             lock(&state).clear();
         })
@@ -180,10 +191,25 @@ impl VirtioDevice for Wl {
 }
 
 /// Interrupts the driver for queue `index` unless it said (`used_event`, with EVENT_IDX) it
-/// does not want to hear of these buffers yet.
-fn notify(interrupt: &dyn VirtioInterrupt, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) {
+/// does not want to hear of these buffers yet, or a fault injection drops it.
+fn notify(
+    interrupt: &dyn VirtioInterrupt,
+    dropped: &AtomicU32,
+    index: usize,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) {
     if queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.notify_queue(index);
+        let drop = dropped
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if drop {
+            log::warn!(
+                "bulkhead-vmm: virtio-wl: fault injection: queue {index}'s interrupt dropped"
+            );
+        } else {
+            interrupt.notify_queue(index);
+        }
     }
 }
 
@@ -197,6 +223,7 @@ fn rearm(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
 fn run(
     state: &Mutex<WlState>,
     window_move: &WindowMove,
+    dropped: &AtomicU32,
     activation: Activation,
     stop: &StopSignal,
 ) {
@@ -226,7 +253,7 @@ fn run(
                 };
                 loop {
                     if st.process_out_while(&mut q.queue, &mem, go_on) {
-                        notify(interrupt.as_ref(), OUT_QUEUE, &mut q.queue, &mem);
+                        notify(interrupt.as_ref(), dropped, OUT_QUEUE, &mut q.queue, &mem);
                     }
                     if stop.requested() || !rearm(&mut q.queue, &mem) {
                         break;
@@ -244,7 +271,7 @@ fn run(
             if let Some(q) = queues.get_mut(in_pos) {
                 loop {
                     if st.process_in(&mut q.queue, &mem) {
-                        notify(interrupt.as_ref(), IN_QUEUE, &mut q.queue, &mem);
+                        notify(interrupt.as_ref(), dropped, IN_QUEUE, &mut q.queue, &mem);
                     }
                     if !(st.backpressured() && rearm(&mut q.queue, &mem)) {
                         break;
