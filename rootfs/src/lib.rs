@@ -27,5 +27,9 @@ pub fn workspace_dir() -> PathBuf {
 /// The kernel command line every Bulkhead host boots with under QEMU. `no_timer_check`:
 /// under software emulation on a loaded machine the kernel's IO-APIC timer check can fail
 /// ("timer doesn't work through Interrupt-remapped IO-APIC") and panic at boot.
+/// `softlockup_panic=1`: a CPU stuck in the kernel for over 20 s panics (the panic prints
+/// that CPU's stack even under `quiet`) and, with `panic=-1`, the machine restarts, where it
+/// would otherwise hang with every service stalled behind it; seen twice in the emulated
+/// host (both CPUs at once, as init spawned a jailed service), never with a stack before.
 pub const HOST_CMDLINE: &str =
-    "console=ttyS0 panic=-1 quiet intel_iommu=on printk.devkmsg=on no_timer_check";
+    "console=ttyS0 panic=-1 softlockup_panic=1 quiet intel_iommu=on printk.devkmsg=on no_timer_check";
