@@ -216,6 +216,9 @@ pub struct BootOptions {
     /// `bulkhead-rootfs build --efi` writes) from an EFI system partition, instead of
     /// QEMU's `-kernel`.
     pub efi: bool,
+    /// A screen ([`QemuConfig::display`]): a `bochs-display` for a VM by VFIO, read with
+    /// [`Host::screendump`].
+    pub display: bool,
 }
 
 /// One restart init made: the service and how its run before ended
@@ -289,6 +292,7 @@ impl Host {
         let screens = dir.join("screens.bin");
         cfg.second_serial = Some(screens.clone());
         cfg.net_hub = opts.net_hub;
+        cfg.display = opts.display;
         if let Some(disk) = &opts.disk {
             cfg.extra.extend([
                 "-drive".to_string(),
@@ -485,6 +489,23 @@ impl Host {
             .join("pictures");
         bulkhead_rootfs::screens::extract(&self.screens, &out)
             .unwrap_or_else(|e| panic!("the pictures: {e}\n{}", self.context()))
+    }
+
+    /// What the emulated host's screen ([`BootOptions::display`]) shows now, from QEMU
+    /// itself (QMP `screendump` with the machine paused), written to
+    /// `target/bulkhead-tests/<system>/<name>.png` and decoded.
+    pub fn screendump(&self, name: &str) -> bulkhead_rootfs::screens::Image {
+        let dir = workspace_dir()
+            .join("target/bulkhead-tests")
+            .join(&self.system);
+        let _ = std::fs::create_dir_all(&dir);
+        let png = dir.join(format!("{name}.png"));
+        self.qmp()
+            .screendump(bulkhead_rootfs::qemu::DISPLAY_ID, &png)
+            .unwrap_or_else(|e| panic!("screendump {name}: {e}\n{}", self.context()));
+        let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+        bulkhead_rootfs::screens::decode_png(name, &bytes)
+            .unwrap_or_else(|e| panic!("screendump {name}: {e}"))
     }
 
     /// Asserts that no line seen so far contains `needle` (anywhere: stricter than the

@@ -17,6 +17,9 @@ pub struct Disk {
 }
 
 /// A QEMU machine description.
+/// The QEMU id of the emulated host's screen ([`QemuConfig::display`]).
+pub const DISPLAY_ID: &str = "screen0";
+
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
     pub qemu: PathBuf,
@@ -36,6 +39,12 @@ pub struct QemuConfig {
     /// own IOMMU group, for a net VM by VFIO) and one on the root bus ([`PEER_NIC`](super::PEER_NIC), for a
     /// test peer in its own network namespace). Only with `iommu_and_edu` (q35, the IOMMU).
     pub net_hub: bool,
+    /// A screen: QEMU's `bochs-display` (1234:1111, a 16 MiB prefetchable framebuffer BAR 0
+    /// and a 4 KiB register BAR 2, no reset of its own) alone behind a PCIe root port
+    /// ([`DISPLAY_ID`], its own IOMMU group: for a GUI VM by VFIO), on the bus after the
+    /// other root ports' (0000:02:00.0 without `net_hub`). `-display none` still: QMP's
+    /// `screendump` ([`super::Qmp::screendump`]) reads it. Only with `iommu_and_edu`.
+    pub display: bool,
     /// A second serial port (the guest's ttyS1) written to this file.
     pub second_serial: Option<PathBuf>,
     /// A QMP socket.
@@ -66,6 +75,7 @@ impl QemuConfig {
             smp: 2,
             iommu_and_edu: true,
             net_hub: false,
+            display: false,
             second_serial: None,
             qmp: None,
             disks: Vec::new(),
@@ -131,6 +141,19 @@ impl QemuConfig {
                 ]
                 .map(String::from),
             );
+        }
+        if self.iommu_and_edu && self.display {
+            a.extend(
+                [
+                    "-device",
+                    "pcie-root-port,id=rp3,chassis=3,addr=13.0",
+                    "-device",
+                ]
+                .map(String::from),
+            );
+            a.push(format!(
+                "bochs-display,id={DISPLAY_ID},bus=rp3,addr=00.0,xres=640,yres=480"
+            ));
         }
         a.extend(
             [
@@ -246,6 +269,22 @@ mod tests {
             "-append 'console=ttyS0 quiet'",
             "-drive file=/c/root.ext4,format=raw,if=none,id=bhdisk0,readonly=on",
             "-device virtio-blk-pci,drive=bhdisk0,serial=bh-0123456789ab",
+        ] {
+            assert!(line.contains(want), "{want:?} missing from {line}");
+        }
+    }
+
+    #[test]
+    fn a_screen_is_a_bochs_display_alone_behind_its_own_root_port_and_only_when_asked() {
+        let mut c = QemuConfig::host(Path::new("/k"), Path::new("/i"), "quiet");
+        assert!(!c.command_line().contains("bochs-display"));
+        c.display = true;
+        let line = c.command_line();
+        for want in [
+            "-device pcie-root-port,id=rp3,chassis=3,addr=13.0",
+            "-device bochs-display,id=screen0,bus=rp3,addr=00.0,xres=640,yres=480",
+            // No window: QMP's screendump reads it.
+            "-display none",
         ] {
             assert!(line.contains(want), "{want:?} missing from {line}");
         }

@@ -25,7 +25,7 @@ mod qmp;
 mod verdict;
 
 pub use crate::efi::esp::Firmware;
-pub use config::{Disk, QemuConfig};
+pub use config::{Disk, QemuConfig, DISPLAY_ID};
 pub use cpu::{cpu_model, QemuVersion};
 pub use qmp::Qmp;
 pub use verdict::{host_kernel_message, is_host_kernel_panic, ShutdownReason};

@@ -126,6 +126,33 @@ impl Qmp {
             .map(|_| ())
     }
 
+    /// Writes what screen `device` (a QEMU device id) shows to `png`, with the machine
+    /// paused around it (`stop`, `screendump`, `cont`): the picture of one moment, not of a
+    /// guest halfway through a redraw.
+    pub fn screendump(&mut self, device: &str, png: &Path) -> Result<(), QemuError> {
+        let _ = std::fs::remove_file(png);
+        self.execute("stop", None)?;
+        let shot = self.execute(
+            "screendump",
+            Some(serde_json::json!({
+                "filename": png.display().to_string(),
+                "format": "png",
+                "device": device,
+            })),
+        );
+        let cont = self.execute("cont", None);
+        shot?;
+        cont?;
+        if png.is_file() {
+            Ok(())
+        } else {
+            Err(QemuError::Qmp(format!(
+                "screendump of {device}: QEMU wrote no {}",
+                png.display()
+            )))
+        }
+    }
+
     /// Presses the ACPI power button.
     pub fn power_button(&mut self) -> Result<(), QemuError> {
         self.execute("system_powerdown", None).map(|_| ())

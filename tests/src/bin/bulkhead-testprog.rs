@@ -12,6 +12,8 @@ mod testprog_hub;
 mod testprog_jail;
 #[path = "testprog/ops.rs"]
 mod testprog_ops;
+#[path = "testprog/screen.rs"]
+mod testprog_screen;
 #[path = "testprog/wl.rs"]
 mod testprog_wl;
 #[path = "testprog/wl_faux.rs"]
@@ -50,7 +52,7 @@ fn usage() -> ExitCode {
          stop-console SERVICE COUNT | \
          check-kvm | check-vfio BDF | vm-check | wl-guest | wl-peer PATH | \
          wl-faux-server | wl-faux-client | wl-faux-relay LISTEN SVC CTL | hub-guest | hub-audit PATH VM | ops-tick | ops-drive CTL | run-after MS PROGRAM [ARGS...] | \
-         run-when FILE NEEDLE PROGRAM [ARGS...]"
+         run-when FILE NEEDLE PROGRAM [ARGS...] | screen-draw HOLD_SECS | screen-killer SERVICE"
     );
     ExitCode::from(2)
 }
@@ -234,6 +236,14 @@ fn main() -> ExitCode {
                 report(testprog_wl_faux::relay_main(listen, svc, ctl))
             }
             _ => usage(),
+        },
+        "screen-draw" => {
+            let hold = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            report(testprog_screen::draw(hold))
+        }
+        "screen-killer" => match args.get(1) {
+            Some(service) => report(testprog_screen::killer(service)),
+            None => usage(),
         },
         "hub-guest" => report(testprog_hub::guest()),
         "hub-audit" => match (args.get(1), args.get(2)) {

@@ -92,6 +92,8 @@ struct Intx {
 pub struct VfioPciDevice {
     name: String,
     device: Arc<Device>,
+    /// A display controller's memory, wiped at VM start and end.
+    memory: Memory,
     /// Only the BAR registers of this header are used: sizing and placement semantics.
     bar_regs: PciConfigSpace,
     bars: Vec<Bar>,
@@ -185,6 +187,7 @@ impl VfioPciDevice {
             None => None,
         };
         let mut bars = Vec::new();
+        let mut wipe = Vec::new();
         let mut index = 0usize;
         while index < 6 {
             let raw = device.read_config_u32((0x10 + 4 * index) as u64)?;
@@ -212,6 +215,7 @@ impl VfioPciDevice {
                 bar_alloc.allocate_mmio32(alloc)
             }
             .map_err(|e| bad(e.to_string()))?;
+            let prefetchable = raw & 8 != 0;
             bar_regs
                 .add_bar(PciBar {
                     index,
@@ -222,9 +226,12 @@ impl VfioPciDevice {
                     } else {
                         BarKind::Mmio32
                     },
-                    prefetchable: raw & 8 != 0,
+                    prefetchable,
                 })
                 .map_err(|e| bad(e.to_string()))?;
+            if prefetchable && is_display(class) {
+                wipe.push(index);
+            }
             let region = device
                 .region(index as u32)
                 .cloned()
@@ -265,6 +272,13 @@ impl VfioPciDevice {
             index += if is_64bit { 2 } else { 1 };
         }
 
+        let device_memory = Memory {
+            device: device.clone(),
+            bars: wipe,
+        };
+        // Before the guest runs: nothing a previous owner left on the screen reaches it.
+        device_memory.wipe("at VM start");
+
         let msi = match caps.iter().find(|(_, id)| *id == CAP_ID_MSI) {
             Some(&(at, _)) => Some(
                 Msi::new(at, read_u16(&device, at + 2)?, routing.clone()).map_err(|e| {
@@ -301,6 +315,7 @@ impl VfioPciDevice {
         Ok(Self {
             name: format!("vfio-{bdf}"),
             device,
+            memory: device_memory,
             bar_regs,
             bars,
             slots: slots.clone(),
@@ -453,6 +468,37 @@ impl VfioPciDevice {
             }
         } else {
             log::info!("bulkhead-vmm: vfio {bdf}: no reset method; not reset at VM end");
+        }
+        // A reset keeps video memory (real GPUs' and bochs-display's alike).
+        self.memory.wipe("at VM end");
+    }
+}
+
+/// Whether a PCI class register (class, subclass, prog-if, revision) is a display
+/// controller's (base class 0x03: VGA, XGA, 3D, other).
+pub fn is_display(class_reg: u32) -> bool {
+    class_reg >> 24 == 0x03
+}
+
+/// A display controller's memory that the VMM wipes between owners: its prefetchable
+/// memory BARs (framebuffer, video memory). Register BARs are never written: zeros there
+/// could make a device do anything.
+struct Memory {
+    device: Arc<Device>,
+    bars: Vec<usize>,
+}
+
+impl Memory {
+    /// Writes zeros over each BAR and says so (or why not) in the VMM's log.
+    fn wipe(&self, when: &str) {
+        let bdf = self.device.bdf();
+        for &index in &self.bars {
+            match self.device.zero_region(index as u32) {
+                Ok(n) => log::info!(
+                    "bulkhead-vmm: vfio {bdf}: BAR {index} wiped {when} ({n:#x} bytes of display memory)"
+                ),
+                Err(e) => log::warn!("bulkhead-vmm: vfio {bdf}: BAR {index} not wiped {when}: {e}"),
+            }
         }
     }
 }
