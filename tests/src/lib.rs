@@ -392,8 +392,26 @@ impl Host {
                             shutdown by init before it)\n{e}"
                     )
                 }
-                Err(e) => panic!("{e}"),
+                Err(e) => panic!("{e}{}", self.keep_console()),
             }
+        }
+    }
+
+    /// Writes every console line seen so far to
+    /// `target/bulkhead-tests/<system>/console-failed.txt` (a failure shows only the last
+    /// ones) and says where, for the failure's message.
+    fn keep_console(&self) -> String {
+        let dir = workspace_dir()
+            .join("target/bulkhead-tests")
+            .join(&self.system);
+        let path = dir.join("console-failed.txt");
+        let _ = std::fs::create_dir_all(&dir);
+        match std::fs::write(&path, self.lines().join("\n")) {
+            Ok(()) => format!("\n--- the whole console: {}", path.display()),
+            Err(e) => format!(
+                "\n--- the whole console was not kept: {}: {e}",
+                path.display()
+            ),
         }
     }
 
