@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::config::{RestartParams, RestartPolicy};
+use crate::config::{RestartParams, RestartPolicy, VMM_REBOOT_STATUS};
 
 /// Index of a child in its supervisor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -271,6 +271,7 @@ impl Supervisor {
 
     fn ended(c: &mut Child, kind: ExitKind, now: Duration) -> Decision {
         let failure = kind.is_failure();
+        let rebooted = matches!(kind, ExitKind::Exited(s) if s == VMM_REBOOT_STATUS);
         c.last_exit = Some(kind);
         let since = match c.state {
             State::Stopping { then, .. } => {
@@ -297,6 +298,7 @@ impl Supervisor {
             RestartPolicy::Never => false,
             RestartPolicy::OnFailure => failure,
             RestartPolicy::Always => true,
+            RestartPolicy::OnReboot => rebooted,
         };
         if !restart {
             c.state = State::Done;
@@ -605,6 +607,55 @@ mod tests {
         );
         assert!(s.all_ended());
         assert_eq!(s.exited(99, ExitKind::Exited(0), ms(1)), None);
+    }
+
+    /// A VM restarted only when its guest rebooted (VMM status 3): not when it was killed,
+    /// failed otherwise, or powered off.
+    #[test]
+    fn on_reboot_restarts_only_after_a_guest_reboot() {
+        let mut s = Supervisor::new();
+        let id = s.add("vm", params(RestartPolicy::OnReboot));
+        let mut pid = 10;
+        let mut now = ms(0);
+        let mut start = |s: &mut Supervisor, now: Duration| -> i32 {
+            let due = s.due(now);
+            assert_eq!(due, vec![id]);
+            pid += 1;
+            s.started(id, pid, now);
+            pid
+        };
+        let p = start(&mut s, now);
+        now += ms(10);
+        assert!(
+            matches!(
+                s.exited(p, ExitKind::Exited(3), now),
+                Some((got, Decision::Restart { .. })) if got == id
+            ),
+            "a guest reboot restarts the VM"
+        );
+        now += ms(60_000);
+        let p = start(&mut s, now);
+        now += ms(10);
+        assert_eq!(
+            s.exited(p, ExitKind::Signaled("SIGKILL".into()), now),
+            Some((id, Decision::Ended))
+        );
+        for end in [
+            ExitKind::Exited(0),
+            ExitKind::Exited(1),
+            ExitKind::Exited(4),
+        ] {
+            let mut s = Supervisor::new();
+            let id = s.add("vm", params(RestartPolicy::OnReboot));
+            assert_eq!(s.due(ms(0)), vec![id]);
+            s.started(id, 7, ms(0));
+            let what = format!("{end:?}");
+            assert_eq!(
+                s.exited(7, end, ms(5)),
+                Some((id, Decision::Ended)),
+                "{what}"
+            );
+        }
     }
 
     #[test]

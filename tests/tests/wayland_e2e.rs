@@ -54,10 +54,6 @@ fn differences(a: &Image, b: &Image) -> Vec<(u32, u32)> {
 }
 
 #[test]
-#[ignore = "gui-vm can stay unreachable (2026-12-07: it never provided `wayland` for 25 \
-            minutes in a full suite run, after 8 clean passes alone; before, stalls in about \
-            one boot in three): cause not found (README), so it would fail CI by chance; run \
-            it with --ignored"]
 fn stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub() {
     bulkhead_tests::retry_once_on_emulator_reset(
         "stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub",

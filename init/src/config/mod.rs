@@ -452,6 +452,12 @@ impl SystemConfig {
                     s.restart_delay_max_ms, s.restart_delay_ms
                 ));
             }
+            if s.restart == RestartPolicy::OnReboot && s.vm.is_none() {
+                return Err(format!(
+                    "{at}: restart = \"on-reboot\" is for VMs (a VMM's status 3 says its guest \
+                     rebooted); this service has no vm"
+                ));
+            }
             check_jail_knobs(&at, &s.read_only, s.cpu_weight, s.pids_max, s.nofile)?;
             if let Some(m) = &s.memory_overhead {
                 parse_size(m).map_err(|e| format!("{at}: memory_overhead: {e}"))?;
@@ -596,6 +602,7 @@ restart = "always"
             "restart_delay_ms = 5000\nrestart_delay_max_ms = 10"
         ))
         .contains("restart_delay_max_ms"));
+        assert!(err(&svc("a", "\"/a\"", "restart = \"on-reboot\"")).contains("for VMs"));
         let dup = format!("{}{}", svc("a", "\"/a\"", ""), svc("a", "\"/b\"", ""));
         assert!(err(&dup).contains("duplicate"));
         assert!(err("[host]\nmodules = [\"../evil\"]\n").contains("module name"));

@@ -18,7 +18,15 @@ pub enum RestartPolicy {
     OnFailure,
     /// Whenever it ends.
     Always,
+    /// Only when its guest rebooted: bulkhead-vmm's exit status 3 ([`VMM_REBOOT_STATUS`]:
+    /// the ACPI reset register, the 8042 reset line or a triple fault), as a machine comes
+    /// back after a reboot; a VM that was stopped, killed or powered off stays down. For
+    /// services with `vm =` only.
+    OnReboot,
 }
+
+/// bulkhead-vmm's exit status when its guest rebooted (`bulkhead-vmm --help`).
+pub const VMM_REBOOT_STATUS: i32 = 3;
 
 /// One `[[service]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
