@@ -187,6 +187,58 @@ fn readme_first_command_boots_the_example_desktop() {
         w.x1,
         w.y1
     );
+
+    // The screen gui-vm drives (by VFIO, weston's DRM backend), as QEMU itself shows it:
+    // `boot` takes a screendump as each picture is passed on; the last one, at `granted`,
+    // is display.png. All three app VMs' windows are on it with their clients' colours, and
+    // weston-flower's window (it draws once) is pixel for pixel what weston rendered.
+    let png = dir.join("display.png");
+    let line = format!("the screen at picture granted: {}", png.display());
+    assert!(err.contains(&line), "no {line:?} in:\n{err}");
+    let bytes = std::fs::read(&png).expect("read display.png");
+    let screen =
+        bulkhead_rootfs::screens::decode_png("display", &bytes).expect("decode display.png");
+    assert_eq!(
+        (screen.width, screen.height),
+        (640, 480),
+        "the screen's mode"
+    );
+    for t in ["simple-shm", "Flower", "simple-damage"] {
+        let w = granted.scene.window(t).expect("checked above");
+        let share = coloured_share(&screen, w);
+        assert!(
+            share > 0.05,
+            "display.png: window {t:?} at ({}, {}) is not on the screen ({share:.3} coloured)",
+            w.x1,
+            w.y1
+        );
+    }
+    // (Only where no other window may lie over it: the other two redraw all the time.)
+    let w = granted.scene.window("Flower").expect("checked above");
+    let others: Vec<_> = ["simple-shm", "simple-damage"]
+        .iter()
+        .filter_map(|t| granted.scene.window(t))
+        .collect();
+    let mut differ = 0u64;
+    for y in w.y1.max(0)..w.y2.min(480) {
+        for x in w.x1.max(0)..w.x2.min(640) {
+            if others
+                .iter()
+                .any(|o| x >= o.x1 && x < o.x2 && y >= o.y1 && y < o.y2)
+            {
+                continue;
+            }
+            let (x, y) = (i64::from(x), i64::from(y));
+            let rgb = |p: Option<[u8; 4]>| p.map(|p| [p[0], p[1], p[2]]);
+            if rgb(screen.pixel(x, y)) != rgb(granted.image.pixel(x, y)) {
+                differ += 1;
+            }
+        }
+    }
+    assert_eq!(
+        differ, 0,
+        "display.png: {differ} pixels of weston-flower's window differ from weston's picture"
+    );
 }
 
 #[test]
