@@ -77,8 +77,7 @@ fn not_black(img: &Image) -> usize {
 fn last_picture(h: &Host, name: &str) -> Picture {
     h.pictures()
         .into_iter()
-        .filter(|p| p.name == name)
-        .next_back()
+        .rfind(|p| p.name == name)
         .unwrap_or_else(|| panic!("no picture {name} from gui-vm's agent\n{}", h.context()))
 }
 
