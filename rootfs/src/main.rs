@@ -486,6 +486,12 @@ fn run(cli: Cli) -> Result<u8, String> {
             cfg.disks = disks;
             cfg.net_hub = net_hub || grants_slot(&system, "1af4:1041");
             cfg.display = !cfg.net_hub && (display || grants_slot(&system, "1234:1111"));
+            if cfg.display {
+                // For the screendumps (a short path: a Unix socket's is limited).
+                cfg.qmp = Some(
+                    std::env::temp_dir().join(format!("bulkhead-boot-{}.qmp", std::process::id())),
+                );
+            }
             // The emulated host's second serial port: screenshots from a GUI VM, if any.
             let screens = out_dir.join("screens.bin");
             let _ = std::fs::remove_file(&screens);

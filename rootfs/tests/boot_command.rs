@@ -190,8 +190,8 @@ fn readme_first_command_boots_the_example_desktop() {
 
     // The screen gui-vm drives (by VFIO, weston's DRM backend), as QEMU itself shows it:
     // `boot` takes a screendump as each picture is passed on; the last one, at `granted`,
-    // is display.png. All three app VMs' windows are on it with their clients' colours, and
-    // weston-flower's window (it draws once) is pixel for pixel what weston rendered.
+    // is display.png. The app VMs' windows are on it, and everything but the windows that
+    // redraw all the time is pixel for pixel what weston rendered in `granted`.
     let png = dir.join("display.png");
     let line = format!("the screen at picture granted: {}", png.display());
     assert!(err.contains(&line), "no {line:?} in:\n{err}");
@@ -203,7 +203,7 @@ fn readme_first_command_boots_the_example_desktop() {
         (640, 480),
         "the screen's mode"
     );
-    for t in ["simple-shm", "Flower", "simple-damage"] {
+    for t in ["simple-shm", "Flower"] {
         let w = granted.scene.window(t).expect("checked above");
         let share = coloured_share(&screen, w);
         assert!(
@@ -213,31 +213,54 @@ fn readme_first_command_boots_the_example_desktop() {
             w.y1
         );
     }
-    // (Only where no other window may lie over it: the other two redraw all the time.)
-    let w = granted.scene.window("Flower").expect("checked above");
-    let others: Vec<_> = ["simple-shm", "simple-damage"]
+    let rgb = |p: Option<[u8; 4]>| p.map(|p| [p[0], p[1], p[2]]);
+    let damage = granted
+        .scene
+        .window("simple-damage")
+        .expect("checked above");
+    let (mut n, mut changed) = (0u64, 0u64);
+    for y in damage.y1.max(0)..damage.y2.min(480) {
+        for x in damage.x1.max(0)..damage.x2.min(640) {
+            n += 1;
+            let (x, y) = (i64::from(x), i64::from(y));
+            if rgb(screen.pixel(x, y)) != rgb(desktop.image.pixel(x, y)) {
+                changed += 1;
+            }
+        }
+    }
+    assert!(
+        changed * 2 > n,
+        "display.png: app3's window at ({}, {}) is not on the screen ({changed} of {n} pixels \
+         differ from the desktop before it)",
+        damage.x1,
+        damage.y1
+    );
+    // (Skipped: the two windows that redraw every frame, and the panel, whose clock may
+    // tick between weston's picture and QEMU's.)
+    let moving: Vec<_> = ["simple-shm", "simple-damage"]
         .iter()
         .filter_map(|t| granted.scene.window(t))
         .collect();
-    let mut differ = 0u64;
-    for y in w.y1.max(0)..w.y2.min(480) {
-        for x in w.x1.max(0)..w.x2.min(640) {
-            if others
+    let (mut compared, mut differ) = (0u64, 0u64);
+    for y in 32..480 {
+        for x in 0..640 {
+            if moving
                 .iter()
                 .any(|o| x >= o.x1 && x < o.x2 && y >= o.y1 && y < o.y2)
             {
                 continue;
             }
+            compared += 1;
             let (x, y) = (i64::from(x), i64::from(y));
-            let rgb = |p: Option<[u8; 4]>| p.map(|p| [p[0], p[1], p[2]]);
             if rgb(screen.pixel(x, y)) != rgb(granted.image.pixel(x, y)) {
                 differ += 1;
             }
         }
     }
+    assert!(compared > 0, "nothing left to compare");
     assert_eq!(
         differ, 0,
-        "display.png: {differ} pixels of weston-flower's window differ from weston's picture"
+        "display.png: {differ} of {compared} pixels differ from weston's picture `granted`"
     );
 }
 
