@@ -19,7 +19,6 @@ const WIPE_AT_START: &str =
     "gui-vm: bulkhead-vmm: INFO: vfio 0000:02:00.0: BAR 0 wiped at VM start";
 const SHOT_DESKTOP: &str = "screens: passed on png desktop";
 const SHOT_BOTH: &str = "screens: passed on png both";
-const KILLED: &str = "bulkhead-init: gui-vm killed by signal SIGKILL";
 
 fn inside(v: &View, x: i64, y: i64) -> bool {
     x >= i64::from(v.x1) && x < i64::from(v.x2) && y >= i64::from(v.y1) && y < i64::from(v.y2)
@@ -61,17 +60,6 @@ fn differences(screen: &Image, shot: &Image, skip: &[&View]) -> usize {
         }
     }
     n
-}
-
-/// Pixels of `img` that are not black (a picture of no pixels counts as lit).
-fn not_black(img: &Image) -> usize {
-    if img.width == 0 || img.height == 0 {
-        return 1;
-    }
-    img.rgba
-        .chunks(4)
-        .filter(|p| p.get(..3) != Some(&[0, 0, 0][..]))
-        .count()
 }
 
 fn last_picture(h: &Host, name: &str) -> Picture {
@@ -155,18 +143,7 @@ fn weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wipe
     );
 
     // 2. SIGKILL gui-vm's VMM: its own end (reset, wipe) never runs.
-    h.qmp()
-        .execute(
-            "send-key",
-            Some(serde_json::json!({ "keys": [{"type": "qcode", "data": "k"}] })),
-        )
-        .unwrap_or_else(|e| panic!("send-key: {e}"));
-    h.expect_line("the kill", |l| {
-        l.starts_with(KILLED) || l.starts_with("killer: testprog: screen-killer: killed gui-vm")
-    });
-    if !h.saw(KILLED) {
-        h.expect(KILLED);
-    }
+    h.kill_by_key("gui-vm");
     let left = h.screendump("2-after-kill");
     assert_eq!(
         pattern_mismatches(&left, w),
@@ -178,7 +155,7 @@ fn weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wipe
     // 3. init's next gui-vm: its VMM wipes the screen before its guest runs.
     h.expect(WIPE_AT_START);
     let next = h.screendump("3-next-owner");
-    let lit = not_black(&next);
+    let lit = next.lit_pixels();
     assert_eq!(
         lit,
         0,
@@ -191,7 +168,7 @@ fn weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wipe
     // 4. ... and its weston draws on it again.
     h.expect_within(SHOT_DESKTOP, std::time::Duration::from_secs(900));
     let again = h.screendump("4-weston-again");
-    let lit = not_black(&again);
+    let lit = again.lit_pixels();
     assert!(
         lit * 2 > (again.width * again.height) as usize,
         "weston of the restarted gui-vm did not draw on the screen ({lit} pixels lit)"
