@@ -89,9 +89,15 @@ enum Cmd {
         append: String,
         /// Two NICs on one closed QEMU hub: one behind a PCIe root port for a net VM
         /// (0000:02:00.0) and a test peer's (0000:00:12.0). On by itself for a system whose
-        /// policy grants a VM 0000:02:00.0 (rootfs/examples/netvm).
+        /// policy grants a VM 0000:02:00.0 id=1af4:1041 (rootfs/examples/netvm).
         #[arg(long)]
         net_hub: bool,
+        /// A screen: QEMU's bochs-display behind a PCIe root port (0000:02:00.0), for a GUI
+        /// VM to own by VFIO; a picture of it (QMP screendump) is written to `display.png`
+        /// after each picture the GUI VM sends. On by itself for a system whose policy
+        /// grants a VM 0000:02:00.0 id=1234:1111 (the example desktop).
+        #[arg(long)]
+        display: bool,
         /// Boot the way a real machine does: UEFI firmware (Debian's OVMF) starts the
         /// system's EFI executable (`build --efi`) from an EFI system partition, instead of
         /// QEMU loading the kernel and initramfs itself.
@@ -207,13 +213,12 @@ impl KernelArgs {
     }
 }
 
-/// Does the system's policy give a VM the net hub's NIC (0000:02:00.0)?
-fn wants_net_hub(system: &std::path::Path) -> bool {
+/// Does the system's policy grant a VM the function at 0000:02:00.0 with this `id=`
+/// (the net hub's NIC, `1af4:1041`, or the screen, `1234:1111`)?
+fn grants_slot(system: &std::path::Path, id: &str) -> bool {
     SystemDir::load(system).is_ok_and(|sys| {
         sys.policy_files.iter().any(|(_, text)| {
-            String::from_utf8_lossy(text).lines().any(|l| {
-                l.trim_start().starts_with("grant") && l.contains("device pci:0000:02:00.0")
-            })
+            bulkhead_rootfs::qemu::grants_device(&String::from_utf8_lossy(text), "0000:02:00.0", id)
         })
     })
 }
@@ -453,6 +458,7 @@ fn run(cli: Cli) -> Result<u8, String> {
             timeout,
             append,
             net_hub,
+            display,
             efi,
             kernels,
         } => {
@@ -478,14 +484,43 @@ fn run(cli: Cli) -> Result<u8, String> {
                 QemuConfig::host(&kernels.host.vmlinuz, &image, cmdline.trim())
             };
             cfg.disks = disks;
-            cfg.net_hub = net_hub || wants_net_hub(&system);
+            cfg.net_hub = net_hub || grants_slot(&system, "1af4:1041");
+            cfg.display = !cfg.net_hub && (display || grants_slot(&system, "1234:1111"));
+            if cfg.display {
+                // For the screendumps (a short path: a Unix socket's is limited).
+                cfg.qmp = Some(
+                    std::env::temp_dir().join(format!("bulkhead-boot-{}.qmp", std::process::id())),
+                );
+            }
             // The emulated host's second serial port: screenshots from a GUI VM, if any.
             let screens = out_dir.join("screens.bin");
             let _ = std::fs::remove_file(&screens);
             cfg.second_serial = Some(screens.clone());
             eprintln!("bulkhead-rootfs: {}", cfg.command_line());
             let mut m = Machine::spawn(&cfg, true).map_err(|e| e.to_string())?;
-            let outcome = m.wait_end(Duration::from_secs(timeout));
+            let screen = out_dir.join("display.png");
+            let _ = std::fs::remove_file(&screen);
+            let mut qmp = if cfg.display {
+                Some(m.qmp().map_err(|e| e.to_string())?)
+            } else {
+                None
+            };
+            // The screen as the GUI VM's picture was taken: QEMU's own screendump, right
+            // when the screens service passed a picture on (the last one stays).
+            let outcome = m.wait_end_watching(Duration::from_secs(timeout), |line| {
+                let Some(q) = qmp.as_mut() else { return };
+                let Some(name) = line.strip_prefix("screens: passed on png ") else {
+                    return;
+                };
+                let name = name.split_whitespace().next().unwrap_or_default();
+                match q.screendump(bulkhead_rootfs::qemu::DISPLAY_ID, &screen) {
+                    Ok(()) => eprintln!(
+                        "bulkhead-rootfs: the screen at picture {name}: {}",
+                        screen.display()
+                    ),
+                    Err(e) => eprintln!("bulkhead-rootfs: screendump: {e}"),
+                }
+            });
             match bulkhead_rootfs::screens::extract(&screens, &out_dir) {
                 Ok(pictures) => {
                     for p in pictures {

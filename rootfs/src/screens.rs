@@ -42,6 +42,18 @@ impl Image {
         let p = self.rgba.get(i..i + 4)?;
         Some([p[0], p[1], p[2], p[3]])
     }
+
+    /// How many pixels are not black (RGB); a picture of no pixels counts as one lit
+    /// pixel, so "nothing lit" is never said of an empty picture.
+    pub fn lit_pixels(&self) -> usize {
+        if self.width == 0 || self.height == 0 {
+            return 1;
+        }
+        self.rgba
+            .chunks(4)
+            .filter(|p| p.get(..3) != Some(&[0, 0, 0][..]))
+            .count()
+    }
 }
 
 /// Decodes a PNG (any bit depth and colour type the crate expands to 8-bit RGB(A) or grey)

@@ -498,6 +498,26 @@ impl Host {
         self.machine.qmp().unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Presses `k` on the emulated host's keyboard (QMP `send-key`), for a host service
+    /// (`bulkhead-testprog screen-killer SERVICE`) to SIGKILL `service`, and waits until init
+    /// said the service was killed (its line and the killer's may come in either order).
+    pub fn kill_by_key(&mut self, service: &str) {
+        self.qmp()
+            .execute(
+                "send-key",
+                Some(serde_json::json!({ "keys": [{"type": "qcode", "data": "k"}] })),
+            )
+            .unwrap_or_else(|e| panic!("send-key: {e}"));
+        let killed = format!("bulkhead-init: {service} killed by signal SIGKILL");
+        let killer = format!("killer: testprog: screen-killer: killed {service}");
+        self.expect_line("the kill", |l| {
+            l.starts_with(&killed) || l.starts_with(&killer)
+        });
+        if !self.saw(&killed) {
+            self.expect(&killed);
+        }
+    }
+
     /// The pictures a GUI VM sent so far (decoded; written under
     /// `target/bulkhead-tests/<system>/pictures/`).
     pub fn pictures(&self) -> Vec<bulkhead_rootfs::screens::Picture> {

@@ -47,17 +47,6 @@ fn not_bars(img: &Image) -> usize {
     bad
 }
 
-/// Pixels of `img` that are not black (a picture of no pixels counts as all wrong).
-fn not_black(img: &Image) -> usize {
-    if img.width == 0 || img.height == 0 {
-        return 1;
-    }
-    img.rgba
-        .chunks(4)
-        .filter(|p| p.get(..3) != Some(&[0, 0, 0][..]))
-        .count()
-}
-
 #[test]
 fn a_screen_passed_through_is_wiped_before_its_next_owner_even_after_a_killed_vmm() {
     bulkhead_tests::retry_once_on_emulator_reset(
@@ -89,20 +78,7 @@ fn a_screen_passed_through_is_wiped_before_its_next_owner_even_after_a_killed_vm
     );
 
     // SIGKILL: the VMM's own end (reset, wipe) never runs.
-    h.qmp()
-        .execute(
-            "send-key",
-            Some(serde_json::json!({ "keys": [{"type": "qcode", "data": "k"}] })),
-        )
-        .unwrap_or_else(|e| panic!("send-key: {e}"));
-    // init's own word, which may come before or after the killer's.
-    const KILLED: &str = "bulkhead-init: screen-vm killed by signal SIGKILL";
-    h.expect_line("the kill", |l| {
-        l.starts_with(KILLED) || l.starts_with("killer: testprog: screen-killer: killed screen-vm")
-    });
-    if !h.saw(KILLED) {
-        h.expect(KILLED);
-    }
+    h.kill_by_key("screen-vm");
     let left = h.screendump("2-after-kill");
     assert_eq!(
         not_bars(&left),
@@ -114,7 +90,7 @@ fn a_screen_passed_through_is_wiped_before_its_next_owner_even_after_a_killed_vm
     // The next owner: its VMM wipes before its guest runs.
     h.expect(WIPE_AT_START);
     let next = h.screendump("3-next-owner");
-    let lit = not_black(&next);
+    let lit = next.lit_pixels();
     assert_eq!(
         lit,
         0,
@@ -129,7 +105,7 @@ fn a_screen_passed_through_is_wiped_before_its_next_owner_even_after_a_killed_vm
     h.expect(DREW);
     h.expect(WIPE_AT_END);
     let ended = h.screendump("4-ended");
-    let lit = not_black(&ended);
+    let lit = ended.lit_pixels();
     assert_eq!(lit, 0, "{lit} pixels left after the VMM's orderly end");
     h.expect_end(End::PowerOff);
 }

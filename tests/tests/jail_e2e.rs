@@ -18,7 +18,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bulkhead_tests::{workspace_path, End, Host};
+use bulkhead_tests::{workspace_path, BootOptions, End, Host};
 
 /// The example's jailed processes: the hub and its four VMs.
 const EXAMPLE: [&str; 5] = ["hub", "gui-vm", "app1-vm", "app2-vm", "app3-vm"];
@@ -100,7 +100,14 @@ fn example_system_runs_jailed_and_every_escape_from_a_jailed_vmm_or_test_program
 
 fn example_system_runs_jailed_and_every_escape_from_a_jailed_vmm_or_test_program_fails_once() {
     let dir = system();
-    let mut h = Host::boot(dir.to_str().unwrap());
+    // The example's gui-vm owns the emulated host's screen.
+    let mut h = Host::boot_with(
+        dir.to_str().unwrap(),
+        BootOptions {
+            display: true,
+            ..Default::default()
+        },
+    );
     // The example powers the host off itself once its second picture is out.
     h.expect_line_within("the example's power-off", Duration::from_secs(900), |l| {
         l.starts_with("bulkhead-init: powering off")

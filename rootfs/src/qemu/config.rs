@@ -240,6 +240,26 @@ impl QemuConfig {
     }
 }
 
+/// Whether a policy file's text grants some VM the PCI function `bdf` pinned to `id`
+/// (`grant <vm> device pci:<bdf> id=<id> …`): how `boot` knows a system wants the net hub's
+/// NIC or the screen in the emulated host's 0000:02:00.0.
+pub fn grants_device(policy: &str, bdf: &str, id: &str) -> bool {
+    let slot = format!("pci:{bdf}");
+    let pin = format!("id={id}");
+    policy.lines().any(|l| {
+        let words: Vec<&str> = l
+            .split('#')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        words.first() == Some(&"grant")
+            && words.get(2) == Some(&"device")
+            && words.get(3) == Some(&slot.as_str())
+            && words.iter().skip(4).any(|w| *w == pin)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,5 +359,24 @@ mod tests {
         for never in ["-kernel", "-initrd", "-append"] {
             assert!(!line.contains(never), "{never} in {line}");
         }
+    }
+
+    #[test]
+    fn a_grant_of_the_slot_with_its_id_is_found_and_nothing_else() {
+        let p = "version 1\n# grant x device pci:0000:02:00.0 id=1234:1111\n\
+                 grant gui-vm  device pci:0000:02:00.0 id=1234:1111 reset=optional\n";
+        assert!(grants_device(p, "0000:02:00.0", "1234:1111"));
+        assert!(!grants_device(p, "0000:02:00.0", "1af4:1041"));
+        assert!(!grants_device(p, "0000:03:00.0", "1234:1111"));
+        assert!(!grants_device(
+            "grant a connect pci:0000:02:00.0 id=1234:1111",
+            "0000:02:00.0",
+            "1234:1111"
+        ));
+        assert!(!grants_device(
+            "# grant a device pci:0000:02:00.0 id=1234:1111",
+            "0000:02:00.0",
+            "1234:1111"
+        ));
     }
 }

@@ -25,7 +25,7 @@ mod qmp;
 mod verdict;
 
 pub use crate::efi::esp::Firmware;
-pub use config::{Disk, QemuConfig, DISPLAY_ID};
+pub use config::{grants_device, Disk, QemuConfig, DISPLAY_ID};
 pub use cpu::{cpu_model, QemuVersion};
 pub use qmp::Qmp;
 pub use verdict::{host_kernel_message, is_host_kernel_panic, ShutdownReason};
@@ -312,8 +312,18 @@ impl Machine {
     /// host kernel's own `reboot:` lines decide. A host kernel panic ends the wait at
     /// once (QEMU is killed).
     pub fn wait_end(&mut self, timeout: Duration) -> Result<Outcome, QemuError> {
+        self.wait_end_watching(timeout, |_| {})
+    }
+
+    /// [`Machine::wait_end`], showing every console line to `watch` on the way.
+    pub fn wait_end_watching(
+        &mut self,
+        timeout: Duration,
+        mut watch: impl FnMut(&str),
+    ) -> Result<Outcome, QemuError> {
         let mut saw = None;
         let res = self.wait_until("the machine to power off", timeout, |l| {
+            watch(l);
             let msg = host_kernel_message(l);
             if msg.starts_with(POWER_DOWN) {
                 saw = Some(Outcome::PowerOff);

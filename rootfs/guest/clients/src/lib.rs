@@ -56,6 +56,11 @@ pub struct Window {
 pub type Res<T> = Result<T, String>;
 
 impl Window {
+    /// Whether the window has a pointer (`open` asked for one and the compositor has a seat).
+    pub fn has_pointer(&self) -> bool {
+        self.state.pointer.is_some()
+    }
+
     /// Connects to `$WAYLAND_DISPLAY`, makes the window and waits for its first configure.
     pub fn open(title: &str, width: u32, height: u32, with_seat: bool) -> Res<Window> {
         let conn = connect()?;
@@ -75,11 +80,12 @@ impl Window {
             events: Events::default(),
             pointer: None,
         };
+        // A compositor without input devices (weston on a screen with none) has no seat:
+        // the window still maps, it just cannot be clicked.
         if with_seat {
-            let seat: wl_seat::WlSeat = globals
-                .bind(&qh, 1..=5, ())
-                .map_err(|e| format!("wl_seat: {e}"))?;
-            state.pointer = Some(seat.get_pointer(&qh, ()));
+            if let Ok(seat) = globals.bind::<wl_seat::WlSeat, _, _>(&qh, 1..=5, ()) {
+                state.pointer = Some(seat.get_pointer(&qh, ()));
+            }
         }
         let stride = width * 4;
         let size = stride * height;

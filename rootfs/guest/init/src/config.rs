@@ -63,7 +63,11 @@ pub const PROGRAM_PATH: &str = "/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin";
 pub const ROOT_DEVICE: &str = "/dev/vda";
 
 /// A guest with packages: the modules that reach its root disk, loaded before its own.
-pub const ROOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "ext4"];
+/// `crc32c_generic` is ext4's checksum: ext4 names it only by the crypto alias `crc32c`
+/// (a soft dependency no image builder can resolve without an alias table); the cloud
+/// kernel has it built in, the generic kernel as a module, without which its ext4 cannot
+/// mount the root ("Cannot load crc32c driver").
+pub const ROOT_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
 
 /// A guest with packages: where its programs find Bulkhead's binaries (from the initramfs).
 pub const LOCAL_BIN: &str = "/usr/local/bin";

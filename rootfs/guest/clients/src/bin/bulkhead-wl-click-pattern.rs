@@ -29,6 +29,13 @@ fn run(cli: &Cli) -> Res<()> {
     let mut w = Window::open(TITLE, WIDTH, HEIGHT, true)?;
     w.write(0, &pattern::xrgb8888(false))?;
     w.commit_and_wait((0, 0, WIDTH, HEIGHT))?;
+    if !w.has_pointer() {
+        println!("mapped {WIDTH}x{HEIGHT}; the compositor has no seat, so no click can come");
+        while !w.state.events.close {
+            w.dispatch()?;
+        }
+        return Ok(());
+    }
     println!("mapped {WIDTH}x{HEIGHT}, waiting for a click");
     while w.state.events.clicks == 0 {
         if w.state.events.close {

@@ -5,8 +5,8 @@
 //! screenshots with `weston-screenshooter`, each sent with the scene at that moment over a
 //! virtio_wl connection to a host socket (see `bulkhead_desktop::frame`).
 //!
-//! Steps (each one argument): `mapped:T1,T2` (desktop-shell is up and windows with these
-//! titles are mapped),
+//! Steps (each one argument): `ready` (desktop-shell is up: background and panel drawn),
+//! `mapped:T1,T2` (desktop-shell is up and windows with these titles are mapped),
 //! `gone:T` (no window titled T), `shot:NAME`, `changed:NAME` (screenshots until one differs
 //! from the last one sent, which is then sent), `point:T` (pointer to the middle of T's
 //! window), `click`, `sleep:MS`, `run:COMMAND ARGS` (its output printed). Every wait has a deadline (`--timeout`); a step that fails
@@ -45,6 +45,7 @@ struct Cli {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
+    Ready,
     Mapped(Vec<String>),
     Gone(String),
     Shot(String),
@@ -65,6 +66,7 @@ fn parse_step(s: &str) -> Result<Step, String> {
         }
     };
     match verb {
+        "ready" if arg.is_empty() => Ok(Step::Ready),
         "mapped" if !arg.is_empty() => Ok(Step::Mapped(arg.split(',').map(String::from).collect())),
         "gone" if !arg.is_empty() => Ok(Step::Gone(arg.to_string())),
         "shot" => Ok(Step::Shot(name(arg)?)),
@@ -243,6 +245,12 @@ impl Agent {
 
     fn step(&mut self, step: &Step) -> Result<(), String> {
         match step {
+            Step::Ready => {
+                self.wait_scene("desktop-shell up", |s| s.shell_ready())?;
+                println!("ready");
+                // Its first frame reaches the output at the next repaint.
+                std::thread::sleep(Duration::from_secs(1));
+            }
             Step::Mapped(titles) => {
                 self.wait_scene(&format!("windows {titles:?} mapped"), |s| {
                     s.shell_ready() && titles.iter().all(|t| s.window(t).is_some())
@@ -377,6 +385,8 @@ mod tests {
             Step::Shot("desktop".into())
         );
         assert_eq!(parse_step("click").unwrap(), Step::Click);
+        assert_eq!(parse_step("ready").unwrap(), Step::Ready);
+        assert!(parse_step("ready:x").is_err());
         assert_eq!(parse_step("sleep:250").unwrap(), Step::Sleep(250));
         assert!(parse_step("shot:../x")
             .unwrap_err()
