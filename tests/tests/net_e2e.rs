@@ -235,13 +235,30 @@ fn app_vms_reach_the_peer_only_through_net_vm_with_a_grant_and_survive_its_resta
 
     // 4. net-vm's VMM killed: init restarted it, app-vm's link went down (its VMM and its
     //    guest say so), came back, and a new fetch reached the peer.
-    let kill = index_of(
+    // What the kill causes is looked for from the peer's line before it ("flood-vm has
+    // ended", 2 s before the kill): init kills for the peer (its control socket) and its own
+    // lines, and app-vm's, can come before the peer's "killed" line (seen once: init's
+    // "killed by signal" did).
+    let ended = index_of(
         &lines,
+        "flood-vm has ended",
+        |l| l.starts_with("peer: flood-vm has ended"),
+        &h,
+    );
+    index_of(
+        &lines[ended..],
         "the kill",
         |l| l.starts_with("peer: killed net-vm (pid "),
         &h,
     );
-    let after = &lines[kill..];
+    assert!(
+        !lines[..ended]
+            .iter()
+            .any(|l| l.starts_with("bulkhead-init: net-vm killed by signal")),
+        "net-vm killed before the peer killed it\n{}",
+        h.context()
+    );
+    let after = &lines[ended..];
     let pos = |what: &str, pred: &dyn Fn(&str) -> bool| -> usize {
         after
             .iter()

@@ -1,11 +1,12 @@
 //! `bulkhead-rootfs bench net`: one L1 boot of `rootfs/examples/netvm` (net-vm owning a NIC
 //! by VFIO, one app VM, the test peer in its own network namespace on the other NIC of the
 //! same closed QEMU hub). The peer measures, from the emulated host, TCP round trips (a
-//! one-byte ping-pong) and the throughput of a 10 s stream: first from the app VM (virtio-net
-//! → its VMM → the ring → netd → TAP → bridge → the NIC), then from net-vm itself (bridge →
-//! the NIC), the peer. Prints a table and ends with
-//! `BENCH net tcp_ratio_vs_netvm=<x> rtt_ratio_vs_netvm=<x>` (throughput: app / net-vm,
-//! higher is better; round trip: app / net-vm, lower is better).
+//! one-byte ping-pong) and the throughput of a 10 s stream: from the app VM (virtio-net → its
+//! VMM → the ring → netd → TAP → bridge → the NIC) and from net-vm itself (bridge → the NIC),
+//! in turn, [`ROUNDS`] times; then from the app VM with virtio_net's default TX NAPI. Prints a
+//! table and ends with `BENCH net tcp_ratio_vs_netvm=<x> rtt_ratio_vs_netvm=<x>`, the
+//! medians of the rounds' ratios (throughput: app / net-vm, higher is better; round trip:
+//! app / net-vm, lower is better).
 
 use std::path::Path;
 use std::time::Duration;
@@ -42,9 +43,24 @@ pub fn parse_measured(line: &str, label: &str) -> Option<Measured> {
     })
 }
 
-/// The table and the BENCH line (app-vm as the example ships it against net-vm;
-/// `app_napi_tx`, app-vm with virtio_net's default TX NAPI, is a row for comparison).
-pub fn report(app: &Measured, netvm: &Measured, app_napi_tx: Option<&Measured>) -> Vec<String> {
+/// Rounds of the comparison: app-vm and net-vm measured in turn (`app-1`, `net-vm-1`,
+/// `app-2`, …; the labels in `rootfs/examples/netvm`), so that a change in the machine's
+/// load between measurements moves both sides of a round alike.
+pub const ROUNDS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The table and the BENCH line: `rounds` of (app-vm as the example ships it, net-vm), the
+/// ratios the median of the rounds' ratios; `app_napi_tx`, app-vm with virtio_net's default
+/// TX NAPI, is a row for comparison.
+pub fn report(rounds: &[(Measured, Measured)], app_napi_tx: Option<&Measured>) -> Vec<String> {
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let row = |what: &str, m: &Measured| {
         format!(
@@ -55,18 +71,22 @@ pub fn report(app: &Measured, netvm: &Measured, app_napi_tx: Option<&Measured>) 
             m.bytes / (1024 * 1024)
         )
     };
-    let mut out = vec![
-        format!(
-            "{:<46} {:>10} {:>12} {:>12} {:>12}",
-            "TCP to the peer (measured by the peer)",
-            "Mbit/s",
-            "RTT µs p50",
-            "RTT µs p90",
-            "MiB sent"
-        ),
-        row("app VM → VMM → ring → netd → bridge → NIC", app),
-        row("net-vm itself → bridge → NIC", netvm),
-    ];
+    let mut out = vec![format!(
+        "{:<46} {:>10} {:>12} {:>12} {:>12}",
+        "TCP to the peer (measured by the peer)", "Mbit/s", "RTT µs p50", "RTT µs p90", "MiB sent"
+    )];
+    let mut tcp = Vec::new();
+    let mut rtt = Vec::new();
+    for (i, (app, netvm)) in rounds.iter().enumerate() {
+        let n = i + 1;
+        out.push(row(
+            &format!("{n}: app VM → VMM → ring → netd → bridge → NIC"),
+            app,
+        ));
+        out.push(row(&format!("{n}: net-vm itself → bridge → NIC"), netvm));
+        tcp.push(ratio(app.mbit_s, netvm.mbit_s));
+        rtt.push(ratio(app.rtt_us_median, netvm.rtt_us_median));
+    }
     if let Some(m) = app_napi_tx {
         out.push(row("app VM again, virtio_net's TX NAPI on", m));
     }
@@ -75,17 +95,28 @@ pub fn report(app: &Measured, netvm: &Measured, app_napi_tx: Option<&Measured>) 
          nested emulation)"
             .to_string(),
     );
-    if let Some(m) = app_napi_tx {
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    out.push(format!(
+        "app VM / net-vm by round: throughput {}, round trip {}",
+        list(&tcp),
+        list(&rtt)
+    ));
+    if let (Some(m), Some((_, netvm))) = (app_napi_tx, rounds.last()) {
         out.push(format!(
-            "app VM with TX NAPI on / net-vm: throughput {:.2}, round trip {:.2}",
+            "app VM with TX NAPI on / net-vm of the last round: throughput {:.2}, round trip {:.2}",
             ratio(m.mbit_s, netvm.mbit_s),
             ratio(m.rtt_us_median, netvm.rtt_us_median)
         ));
     }
     out.push(format!(
         "BENCH net tcp_ratio_vs_netvm={:.2} rtt_ratio_vs_netvm={:.2}",
-        ratio(app.mbit_s, netvm.mbit_s),
-        ratio(app.rtt_us_median, netvm.rtt_us_median)
+        median(tcp),
+        median(rtt)
     ));
     out
 }
@@ -128,13 +159,19 @@ pub fn bench_net(
                 .and_then(|r| parse_measured(r, label))
         })
     };
-    match (find("app"), find("net-vm")) {
-        (Some(a), Some(n)) => Ok(report(&a, &n, find("app-napi-tx").as_ref())),
-        _ => Err(BenchError::Run(format!(
-            "the peer did not measure both\n{}",
-            m.context()
-        ))),
+    let mut rounds = Vec::new();
+    for n in 1..=ROUNDS {
+        match (find(&format!("app-{n}")), find(&format!("net-vm-{n}"))) {
+            (Some(a), Some(v)) => rounds.push((a, v)),
+            _ => {
+                return Err(BenchError::Run(format!(
+                    "the peer did not measure both sides of round {n}\n{}",
+                    m.context()
+                )))
+            }
+        }
     }
+    Ok(report(&rounds, find("app-napi-tx").as_ref()))
 }
 
 #[cfg(test)]
@@ -159,28 +196,49 @@ mod tests {
             "app"
         )
         .is_none());
-        let r = report(&app, &netvm, None);
+        let slow = Measured {
+            mbit_s: 20.0,
+            rtt_us_median: 600.0,
+            ..netvm.clone()
+        };
+        let rounds = [
+            (app.clone(), netvm.clone()),
+            (app.clone(), slow.clone()),
+            (slow.clone(), netvm.clone()),
+        ];
+        // Ratios by round: 0.50, 2.00, 0.25 (throughput); 3.00, 1.50, 2.00 (round trip).
+        let r = report(&rounds, None);
         assert_eq!(
             r.last().unwrap(),
-            "BENCH net tcp_ratio_vs_netvm=0.50 rtt_ratio_vs_netvm=3.00"
+            "BENCH net tcp_ratio_vs_netvm=0.50 rtt_ratio_vs_netvm=2.00"
         );
-        assert!(r[1].contains("40.00") && r[1].contains("50"), "{}", r[1]);
+        assert!(
+            r[1].starts_with("1: app VM") && r[1].contains("40.00"),
+            "{}",
+            r[1]
+        );
+        assert!(r
+            .iter()
+            .any(|l| l.ends_with("throughput 0.50 2.00 0.25, round trip 3.00 1.50 2.00")));
         // The comparison row does not change the BENCH line, which stays last.
         let napi = parse_measured(
             "measured app-napi-tx from 198.51.100.10: rtt_us_median=1200 rtt_us_p90=2000 tcp_mbit_s=20.00 bytes=1 seconds=10.00",
             "app-napi-tx",
         )
         .unwrap();
-        let r = report(&app, &netvm, Some(&napi));
-        assert_eq!(
-            r.last().unwrap(),
-            "BENCH net tcp_ratio_vs_netvm=0.50 rtt_ratio_vs_netvm=3.00"
-        );
-        assert!(r
+        let r2 = report(&rounds, Some(&napi));
+        assert_eq!(r2.last(), r.last());
+        assert!(r2
             .iter()
             .any(|l| l.contains("TX NAPI on") && l.contains("20.00")));
-        assert!(r
+        assert!(r2
             .iter()
             .any(|l| l.ends_with("throughput 0.25, round trip 4.00")));
+        // An even number of rounds: the mean of the middle two.
+        let r = report(&rounds[..2], None);
+        assert_eq!(
+            r.last().unwrap(),
+            "BENCH net tcp_ratio_vs_netvm=1.25 rtt_ratio_vs_netvm=2.25"
+        );
     }
 }

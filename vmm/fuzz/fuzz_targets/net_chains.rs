@@ -1,9 +1,9 @@
 //! Fuzz virtio-net's request parsing: arbitrary bytes as a guest's memory (descriptor
-//! tables, available rings, buffers) and as the RX ring a hostile net VM wrote. The TX pass
-//! and the RX deliveries must never panic, and every frame put in the TX ring must carry a
-//! checked header. The body is `net::fuzz::exercise`, compiled from the VMM's own source
-//! files; the main test suite also runs it over the seeds in ../seeds/net_chains
-//! (vmm/tests/net_fuzz_seeds.rs).
+//! tables, available rings, buffers) and as the RX ring a hostile net VM wrote. The TX and
+//! RX passes (with EVENT_IDX or without) must never panic or spin, and every frame put in
+//! the TX ring must carry a checked header. The body is `net::fuzz::exercise`, compiled
+//! from the VMM's own source files; the main test suite also runs it over the seeds in
+//! ../seeds/net_chains (vmm/tests/net_fuzz_seeds.rs).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,7 +14,7 @@ mod vstate {
     }
 }
 
-// The VMM's own files: src/devices/virtio/net/{fuzz,header,rx,stats,tx}.rs.
+// The VMM's own files: src/devices/virtio/net/{fuzz,header,queues,rx,stats,tx}.rs.
 #[allow(dead_code)]
 #[path = "../../src/devices"]
 mod devices {
@@ -22,6 +22,7 @@ mod devices {
         pub mod net {
             pub mod fuzz;
             pub mod header;
+            pub mod queues;
             pub mod rx;
             pub mod stats;
             pub mod tx;

@@ -15,6 +15,7 @@ use super::worker::NetWorker;
 use super::{RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// virtio device type of a network card.
@@ -23,9 +24,12 @@ pub const VIRTIO_ID_NET: u32 = 1;
 const RING_INDIRECT_DESC: u64 = 1 << 28;
 const QUEUE_SIZES: [u16; 2] = [256, 256];
 
-/// What the device offers.
+/// What the device offers. `EVENT_IDX`: the guest kicks only when the worker is about to
+/// wait and is interrupted only when its driver asked to be (`queues.rs`); each kick and
+/// interrupt is a VM exit or an injection, very dear under nested virtualisation.
 pub const FEATURES: u64 = VIRTIO_F_VERSION_1
     | RING_INDIRECT_DESC
+    | VIRTIO_RING_F_EVENT_IDX
     | bit(vn::VIRTIO_NET_F_MAC)
     | bit(vn::VIRTIO_NET_F_STATUS)
     | bit(vn::VIRTIO_NET_F_MTU)

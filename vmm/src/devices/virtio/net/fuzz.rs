@@ -1,10 +1,11 @@
 //! The body of the `net_chains` fuzz target (vmm/fuzz), also run over the seeds by the test
 //! suite: arbitrary bytes become a small guest's memory — descriptor tables, available
 //! rings, buffers — and the RX ring as a hostile net VM would write it. The device's TX
-//! pass and RX deliveries must never panic, never write outside what they were given, and
-//! every TX record they produce must carry a header that passes the TX check.
+//! pass and RX pass (`queues.rs`, with the notification handling) must never panic, never
+//! write outside what they were given, never loop on a lying available index, and every TX
+//! record they produce must carry a header that passes the TX check.
 //!
-//! Input: byte 0 picks the negotiated offloads, then 0x4000 bytes of guest memory, then
+//! Input: byte 0 picks the negotiated offloads (bits 0-1) and EVENT_IDX (bit 2), then 0x4000 bytes of guest memory, then
 //! 0x100 bytes over the ring's control blocks (0x40..0x140: both rings' positions and
 //! wake-up marks) and up to 0x2000 bytes over the start of its RX data.
 
@@ -14,10 +15,11 @@ use bulkhead_netring::{
     attach, create, ring_len, Consumer, Mem, Producer, Side, HEADER_SIZE, MIN_DATA_SIZE,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::header::{bit, VnetHdr, HDR_LEN, OFFLOADS};
-use super::rx::{Delivery, RxBuffers};
+use super::queues::{serve_rx, serve_tx};
+use super::rx::RxBuffers;
 use super::stats::NetStats;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -30,8 +32,9 @@ const QSIZE: u16 = 16;
 const TXQ: (u64, u64, u64) = (0x000, 0x100, 0x200);
 const RXQ: (u64, u64, u64) = (0x400, 0x500, 0x600);
 
-fn queue(at: (u64, u64, u64)) -> Option<Queue> {
+fn queue(at: (u64, u64, u64), event_idx: bool) -> Option<Queue> {
     let mut q = Queue::new(QSIZE).ok()?;
+    q.set_event_idx(event_idx);
     q.set_size(QSIZE);
     q.set_desc_table_address(Some(at.0 as u32), Some(0));
     q.set_avail_ring_address(Some(at.1 as u32), Some(0));
@@ -54,6 +57,7 @@ pub fn exercise(data: &[u8]) -> NetStats {
         2 => mrg,
         _ => OFFLOADS | mrg,
     };
+    let event_idx = sel & 4 != 0;
     let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]) else {
         return stats;
     };
@@ -73,9 +77,9 @@ pub fn exercise(data: &[u8]) -> NetStats {
     };
 
     // TX: whatever chains the bytes describe; every record must be a checked frame.
-    if let Some(mut txq) = queue(TXQ) {
+    if let Some(mut txq) = queue(TXQ, event_idx) {
         let mut p = Producer::new(ring, &info, Side::Tx);
-        let _ = super::tx::process(&mut txq, &mem, Some(&mut p), features, &stats);
+        let _ = serve_tx(&mut txq, &mem, Some(&mut p), features, &stats);
         let mut c = Consumer::new(ring, &info, Side::Tx);
         while let Ok(Some(r)) = c.peek() {
             let rec = r.to_vec();
@@ -105,27 +109,12 @@ pub fn exercise(data: &[u8]) -> NetStats {
     let Ok(seen) = attach(ring) else {
         return stats;
     };
-    let Some(mut rxq) = queue(RXQ) else {
+    let Some(mut rxq) = queue(RXQ, event_idx) else {
         return stats;
     };
     let mut c = Consumer::new(ring, &seen, Side::Rx);
     let mut bufs = RxBuffers::default();
-    let mut used = 0u32;
-    for _ in 0..64 {
-        let Ok(Some(r)) = c.peek() else {
-            break;
-        };
-        // SAFETY: the record lies inside `buf` (the consumer checked it).
-        let src = unsafe { VolatileSlice::new(r.ptr() as *mut u8, r.len()) };
-        match bufs.deliver(&mut rxq, &mem, &src, features, &stats, &mut used) {
-            Delivery::NoBuffers => break,
-            Delivery::Done(_) | Delivery::Dropped => {
-                if c.pop(r).is_err() {
-                    break;
-                }
-            }
-        }
-    }
+    let used = serve_rx(&mut rxq, &mem, &mut c, &mut bufs, features, &stats).map_or(0, |s| s.used);
     if used > u32::from(QSIZE) {
         std::process::abort(); // more buffers used than the guest could have posted
     }

@@ -6,6 +6,7 @@
 //! - `header`: the `virtio_net_hdr_v1`, offload features, the checks of both directions.
 //! - `tx`: TX chains into the TX ring (every chain checked; malformed ones dropped, counted).
 //! - `rx`: RX ring records into the guest's buffers (mergeable buffers, a stash).
+//! - `queues`: a pass over each queue, with notification suppression (EVENT_IDX).
 //! - `link`: the hub connection and the ring; the thread that (re)connects.
 //! - `hub`: the hub, reached through the virtio_wl device's VM channel.
 //! - `worker`: the data thread while the guest has the device activated.
@@ -20,6 +21,7 @@ pub mod fuzz;
 pub mod header;
 pub mod hub;
 pub mod link;
+pub mod queues;
 pub mod rx;
 pub mod stats;
 pub mod tx;

@@ -7,14 +7,14 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use bulkhead_netring::{RingError, MAX_PAYLOAD};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::VolatileSlice;
+use bulkhead_netring::RingError;
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::link::{lock, Shared};
-use super::rx::{Delivery, RxBuffers};
+use super::queues::{serve_rx, serve_tx};
+use super::rx::RxBuffers;
 use super::{RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::{Activation, VirtioInterrupt};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -88,12 +88,6 @@ struct Queues<'a> {
     features: u64,
 }
 
-fn notify(mem: &GuestMemoryMmap, interrupt: &dyn VirtioInterrupt, q: &mut Queue, index: usize) {
-    if q.needs_notification(mem).unwrap_or(true) {
-        interrupt.notify_queue(index);
-    }
-}
-
 /// One pass: returns whether a doorbell waits to be retried, or the ring broke.
 fn pass(
     shared: &Shared,
@@ -105,9 +99,9 @@ fn pass(
     let Some(link) = guard.as_mut() else {
         // Link down: the guest's frames go nowhere; they are returned, not kept.
         if let Some(tx) = qs.tx.as_deref_mut() {
-            if let Ok(p) = super::tx::process(tx, qs.mem, None, qs.features, stats) {
-                if p.used > 0 {
-                    notify(qs.mem, qs.interrupt, tx, TX_QUEUE);
+            if let Ok(served) = serve_tx(tx, qs.mem, None, qs.features, stats) {
+                if served.interrupt {
+                    qs.interrupt.notify_queue(TX_QUEUE);
                 }
             }
         }
@@ -120,49 +114,18 @@ fn pass(
     }
     let mut kick = false;
     if let Some(tx) = qs.tx.as_deref_mut() {
-        let _ = tx.disable_notification(qs.mem);
-        let mut used = 0;
-        loop {
-            let p = super::tx::process(tx, qs.mem, Some(&mut link.tx), qs.features, stats)
-                .map_err(broken)?;
-            used += p.used;
-            if p.ring_full {
-                if link.tx.wait_for_space(MAX_PAYLOAD).map_err(broken)? {
-                    continue;
-                }
-                break; // the net VM's doorbell restarts this
-            }
-            match tx.enable_notification(qs.mem) {
-                Ok(true) => {
-                    let _ = tx.disable_notification(qs.mem);
-                }
-                _ => break,
-            }
-        }
-        if used > 0 {
-            notify(qs.mem, qs.interrupt, tx, TX_QUEUE);
+        let served =
+            serve_tx(tx, qs.mem, Some(&mut link.tx), qs.features, stats).map_err(broken)?;
+        if served.interrupt {
+            qs.interrupt.notify_queue(TX_QUEUE);
         }
         kick |= link.tx.kick_needed().map_err(broken)?;
     }
     if let Some(rx) = qs.rx.as_deref_mut() {
-        let mut used = 0u32;
-        loop {
-            let Some(rec) = link.rx.peek().map_err(broken)? else {
-                if link.rx.prepare_sleep().map_err(broken)? {
-                    break;
-                }
-                continue;
-            };
-            // SAFETY: the record is inside the ring's mapping, which the link (held locked
-            // here) keeps alive; only the consumer reads it until it is popped.
-            let src = unsafe { VolatileSlice::new(rec.ptr() as *mut u8, rec.len()) };
-            match rxbufs.deliver(rx, qs.mem, &src, qs.features, stats, &mut used) {
-                Delivery::Done(_) | Delivery::Dropped => link.rx.pop(rec).map_err(broken)?,
-                Delivery::NoBuffers => break,
-            }
-        }
-        if used > 0 {
-            notify(qs.mem, qs.interrupt, rx, RX_QUEUE);
+        let served =
+            serve_rx(rx, qs.mem, &mut link.rx, rxbufs, qs.features, stats).map_err(broken)?;
+        if served.interrupt {
+            qs.interrupt.notify_queue(RX_QUEUE);
         }
         kick |= link.rx.space_kick_needed().map_err(broken)?;
     }

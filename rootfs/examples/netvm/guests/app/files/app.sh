@@ -29,8 +29,12 @@ if page=$($probe fetch --timeout 10 http://$peer/page 2>/dev/null); then
 else
   echo "fetch failed"
 fi
-$probe measure $peer:9000 --label app --seconds 10
-# For comparison, after net-vm's own measurement (the peer takes them in order): the same
-# with the driver's default, TX NAPI on.
+# Three rounds, each after net-vm's own measurement of the round before (the peer takes
+# them in order: app-1, net-vm-1, app-2, …).
+for round in 1 2 3; do
+  $probe measure $peer:9000 --label app-$round --seconds 10
+done
+# For comparison, after net-vm's last measurement: the same with the driver's default, TX
+# NAPI on.
 napi 1
 $probe carrier eth0 --timeout 120 && $probe measure $peer:9000 --label app-napi-tx --seconds 10
