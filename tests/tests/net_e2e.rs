@@ -29,10 +29,6 @@ fn number_before(line: &str, word: &str) -> Option<u64> {
 }
 
 #[test]
-#[ignore = "an L2 guest can fall silent in the net systems (three of nine boots on 2026-12-06/07, \
-            none in five the next session; they printed nothing and ended no VMM, so the VMs' \
-            restart after a guest reboot is not their cure): cause not found (README), so it would fail CI by chance; \
-            run it with --ignored"]
 fn app_vms_reach_the_peer_only_through_net_vm_with_a_grant_and_survive_its_restart_and_a_flood_fault_injected(
 ) {
     bulkhead_tests::retry_once_on_emulator_reset(
