@@ -31,5 +31,8 @@ pub fn workspace_dir() -> PathBuf {
 /// that CPU's stack even under `quiet`) and, with `panic=-1`, the machine restarts, where it
 /// would otherwise hang with every service stalled behind it; seen twice in the emulated
 /// host (both CPUs at once, as init spawned a jailed service), never with a stack before.
-pub const HOST_CMDLINE: &str =
-    "console=ttyS0 panic=-1 softlockup_panic=1 quiet intel_iommu=on printk.devkmsg=on no_timer_check";
+/// `hung_task_panic=1`: a task stuck in uninterruptible sleep for over 120 s (the kernel's
+/// hung-task timeout) panics the same way; seen on 2026-12-07 with a VMM's `virtio-wl`
+/// thread blocked in the host kernel for 15 minutes while its guest's Wayland proxy waited
+/// on it (cause not found), which otherwise stalls the whole desktop until a test's deadline.
+pub const HOST_CMDLINE: &str = "console=ttyS0 panic=-1 softlockup_panic=1 hung_task_panic=1 quiet intel_iommu=on printk.devkmsg=on no_timer_check";
