@@ -10,11 +10,10 @@
 
 mod common;
 
-use std::ptr::NonNull;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bulkhead_netring::{attach, create, ring_len, Consumer, Mem, Producer, Side, MIN_DATA_SIZE};
+use bulkhead_netring::{Producer, Side};
 use bulkhead_vmm::devices::virtio::net::device::Net;
 use bulkhead_vmm::devices::virtio::net::header::VnetHdr;
 use bulkhead_vmm::devices::virtio::net::queues::{serve_rx, serve_tx, Served};
@@ -22,6 +21,7 @@ use bulkhead_vmm::devices::virtio::net::rx::RxBuffers;
 use bulkhead_vmm::devices::virtio::net::stats::{get, NetStats};
 use bulkhead_vmm::devices::virtio::{VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use bulkhead_vmm::vstate::memory::GuestMemoryMmap;
+use common::netring::TestRing as NetRing;
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -35,34 +35,6 @@ const RXBUF_LEN: u32 = 2048;
 const MRG: u64 = 1 << vn::VIRTIO_NET_F_MRG_RXBUF;
 /// The used ring's flag "do not notify me" (the driver's side of it without EVENT_IDX).
 const VRING_USED_F_NO_NOTIFY: u16 = 1;
-
-/// A ring in plain memory (both ends in this process).
-struct NetRing {
-    buf: Vec<u64>,
-}
-
-impl NetRing {
-    fn new() -> Self {
-        let mut r = NetRing {
-            buf: vec![0u64; ring_len(MIN_DATA_SIZE) / 8],
-        };
-        create(r.mem(), MIN_DATA_SIZE, [2, 0, 0, 0, 0, 1]).unwrap();
-        r
-    }
-    fn mem(&mut self) -> Mem {
-        let p = NonNull::new(self.buf.as_mut_ptr().cast::<u8>()).unwrap();
-        // SAFETY: the buffer lives as long as the test's NetRing and is 8-aligned.
-        unsafe { Mem::new(p, self.buf.len() * 8) }
-    }
-    fn ends(&mut self, side: Side) -> (Producer, Consumer) {
-        let mem = self.mem();
-        let info = attach(mem).unwrap();
-        (
-            Producer::new(mem, &info, side),
-            Consumer::new(mem, &info, side),
-        )
-    }
-}
 
 /// A split virtqueue laid out in guest memory the way a driver lays it out, filled like a
 /// driver fills it.

@@ -7,14 +7,13 @@
 
 mod common;
 
-use std::ptr::NonNull;
-
-use bulkhead_netring::{attach, create, ring_len, Consumer, Mem, Producer, Side, MIN_DATA_SIZE};
+use bulkhead_netring::{Consumer, Side};
 use bulkhead_vmm::devices::virtio::net::header::{bit, VnetHdr, HDR_LEN, OFFLOADS};
 use bulkhead_vmm::devices::virtio::net::rx::{Delivery, RxBuffers};
 use bulkhead_vmm::devices::virtio::net::stats::{get, NetStats};
 use bulkhead_vmm::devices::virtio::net::tx;
 use bulkhead_vmm::vstate::memory::GuestMemoryMmap;
+use common::netring::TestRing as Ring;
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
@@ -25,34 +24,6 @@ use vm_memory::{Bytes, GuestAddress, VolatileSlice};
 const QUEUE: u64 = 0x1_0000;
 const BUF: u64 = 0x10_0000;
 const MRG: u64 = 1 << vn::VIRTIO_NET_F_MRG_RXBUF;
-
-/// A ring in plain memory (both ends in this process).
-struct Ring {
-    buf: Vec<u64>,
-}
-
-impl Ring {
-    fn new() -> Self {
-        let mut r = Ring {
-            buf: vec![0u64; ring_len(MIN_DATA_SIZE) / 8],
-        };
-        create(r.mem(), MIN_DATA_SIZE, [2, 0, 0, 0, 0, 1]).unwrap();
-        r
-    }
-    fn mem(&mut self) -> Mem {
-        let p = NonNull::new(self.buf.as_mut_ptr().cast::<u8>()).unwrap();
-        // SAFETY: the buffer lives as long as the test's Ring and is 8-aligned.
-        unsafe { Mem::new(p, self.buf.len() * 8) }
-    }
-    fn ends(&mut self, side: Side) -> (Producer, Consumer) {
-        let mem = self.mem();
-        let info = attach(mem).unwrap();
-        (
-            Producer::new(mem, &info, side),
-            Consumer::new(mem, &info, side),
-        )
-    }
-}
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
     let mut f: Vec<u8> = (0..len)

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod hub;
+pub mod netring;
 
 use std::os::fd::AsRawFd;
 
