@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::driver_queue::{DriverQueue as Vq, QSIZE, VRING_USED_F_NO_NOTIFY};
+
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -23,114 +25,14 @@ use bulkhead_vmm::devices::virtio::{VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use bulkhead_vmm::vstate::memory::GuestMemoryMmap;
 use common::netring::TestRing as NetRing;
 use virtio_bindings::virtio_net as vn;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-const QSIZE: u16 = 16;
 const TXQ: u64 = 0x1_0000;
 const RXQ: u64 = 0x2_0000;
 const TXBUF: u64 = 0x10_0000;
 const RXBUF: u64 = 0x20_0000;
 const RXBUF_LEN: u32 = 2048;
 const MRG: u64 = 1 << vn::VIRTIO_NET_F_MRG_RXBUF;
-/// The used ring's flag "do not notify me" (the driver's side of it without EVENT_IDX).
-const VRING_USED_F_NO_NOTIFY: u16 = 1;
-
-/// A split virtqueue laid out in guest memory the way a driver lays it out, filled like a
-/// driver fills it.
-struct Vq<'a> {
-    mem: &'a GuestMemoryMmap,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    /// Next descriptor index to write.
-    next_desc: u16,
-}
-
-impl<'a> Vq<'a> {
-    fn new(mem: &'a GuestMemoryMmap, base: u64) -> Self {
-        let v = Vq {
-            mem,
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            next_desc: 0,
-        };
-        for a in [v.avail, v.used] {
-            mem.write_slice(&[0u8; 0x1000], GuestAddress(a)).unwrap();
-        }
-        v
-    }
-
-    fn queue(&self, event_idx: bool) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(self.desc as u32), Some(0));
-        q.set_avail_ring_address(Some(self.avail as u32), Some(0));
-        q.set_used_ring_address(Some(self.used as u32), Some(0));
-        q.set_event_idx(event_idx);
-        q.set_ready(true);
-        q
-    }
-
-    fn read16(&self, addr: u64) -> u16 {
-        u16::from_le(self.mem.read_obj(GuestAddress(addr)).unwrap())
-    }
-
-    fn write16(&self, addr: u64, v: u16) {
-        self.mem.write_obj(v.to_le(), GuestAddress(addr)).unwrap();
-    }
-
-    /// Makes one single-descriptor chain available. Returns whether the driver would
-    /// notify the device for it (Linux's `virtqueue_kick_prepare`).
-    fn post(&mut self, addr: u64, len: u32, writable: bool, event_idx: bool) -> bool {
-        let idx = self.next_desc % QSIZE;
-        self.next_desc = self.next_desc.wrapping_add(1);
-        let d = self.desc + 16 * u64::from(idx);
-        self.mem.write_obj(addr.to_le(), GuestAddress(d)).unwrap();
-        self.mem
-            .write_obj(len.to_le(), GuestAddress(d + 8))
-            .unwrap();
-        self.write16(d + 12, u16::from(writable) * common::WRITE);
-        self.write16(d + 14, 0);
-        let old = self.avail_idx();
-        self.write16(self.avail + 4 + 2 * u64::from(old % QSIZE), idx);
-        let new = old.wrapping_add(1);
-        self.set_avail_idx(new);
-        if event_idx {
-            // vring_need_event(avail_event, new, old)
-            new.wrapping_sub(self.avail_event()).wrapping_sub(1) < new.wrapping_sub(old)
-        } else {
-            self.used_flags() & VRING_USED_F_NO_NOTIFY == 0
-        }
-    }
-
-    fn avail_idx(&self) -> u16 {
-        self.read16(self.avail + 2)
-    }
-
-    fn set_avail_idx(&self, v: u16) {
-        self.write16(self.avail + 2, v);
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.read16(self.used + 2)
-    }
-
-    fn used_flags(&self) -> u16 {
-        self.read16(self.used)
-    }
-
-    /// `used_event`: the driver's "interrupt me when you use this entry".
-    fn set_used_event(&self, v: u16) {
-        self.write16(self.avail + 4 + 2 * u64::from(QSIZE), v);
-    }
-
-    /// `avail_event`: the device's "notify me when you make this entry available".
-    fn avail_event(&self) -> u16 {
-        self.read16(self.used + 4 + 8 * u64::from(QSIZE))
-    }
-}
 
 /// A 60-byte frame with a plain header in guest memory at `at`; returns the chain's length.
 fn tx_frame(mem: &GuestMemoryMmap, at: u64) -> u32 {
@@ -147,7 +49,7 @@ fn tx_frame(mem: &GuestMemoryMmap, at: u64) -> u32 {
 fn post_tx(q: &mut Vq<'_>, mem: &GuestMemoryMmap, n: u16, event_idx: bool) -> usize {
     (0..n)
         .filter(|_| {
-            let at = TXBUF + 0x1000 * u64::from(q.next_desc % QSIZE);
+            let at = TXBUF + 0x1000 * u64::from(q.next_desc() % QSIZE);
             let len = tx_frame(mem, at);
             q.post(at, len, false, event_idx)
         })
@@ -158,7 +60,7 @@ fn post_tx(q: &mut Vq<'_>, mem: &GuestMemoryMmap, n: u16, event_idx: bool) -> us
 fn post_rx(q: &mut Vq<'_>, n: u16, event_idx: bool) -> usize {
     (0..n)
         .filter(|_| {
-            let at = RXBUF + 0x1000 * u64::from(q.next_desc % QSIZE);
+            let at = RXBUF + 0x1000 * u64::from(q.next_desc() % QSIZE);
             q.post(at, RXBUF_LEN, true, event_idx)
         })
         .count()

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::driver_queue::DriverQueue as Ring;
+
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
@@ -20,8 +22,6 @@ use bulkhead_vmm::devices::virtio::{
     Activation, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
-use bulkhead_vmm::vstate::memory::GuestMemoryMmap;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -35,93 +35,7 @@ impl VirtioInterrupt for Irq {
     fn notify_config(&self) {}
 }
 
-const QSIZE: u16 = 16;
 const IN_BUFS: u64 = 0x40_0000;
-
-/// A split virtqueue laid out in guest memory the way a driver lays it out (the rings'
-/// `used_event` and `avail_event` fields included), filled like a driver fills it.
-struct Ring<'a> {
-    mem: &'a GuestMemoryMmap,
-    desc: u64,
-    avail: u64,
-    used: u64,
-}
-
-impl<'a> Ring<'a> {
-    fn new(mem: &'a GuestMemoryMmap, base: u64) -> Self {
-        let r = Ring {
-            mem,
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-        };
-        for a in [r.avail, r.used] {
-            mem.write_slice(&[0u8; 0x1000], GuestAddress(a)).unwrap();
-        }
-        r
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(self.desc as u32), Some(0));
-        q.set_avail_ring_address(Some(self.avail as u32), Some(0));
-        q.set_used_ring_address(Some(self.used as u32), Some(0));
-        q.set_event_idx(true);
-        q.set_ready(true);
-        q
-    }
-
-    fn read16(&self, addr: u64) -> u16 {
-        u16::from_le(self.mem.read_obj(GuestAddress(addr)).unwrap())
-    }
-
-    fn write16(&self, addr: u64, v: u16) {
-        self.mem.write_obj(v.to_le(), GuestAddress(addr)).unwrap();
-    }
-
-    /// Writes descriptors `first..` as one chain of (addr, len, device-writable) and makes it
-    /// available.
-    fn add(&self, first: u16, parts: &[(u64, u32, bool)]) {
-        for (i, (addr, len, w)) in parts.iter().enumerate() {
-            let idx = first + i as u16;
-            let last = i + 1 == parts.len();
-            let flags = u16::from(*w) * common::WRITE + u16::from(!last) * common::NEXT;
-            let d = self.desc + 16 * u64::from(idx);
-            self.mem.write_obj(addr.to_le(), GuestAddress(d)).unwrap();
-            self.mem
-                .write_obj(len.to_le(), GuestAddress(d + 8))
-                .unwrap();
-            self.write16(d + 12, flags);
-            self.write16(d + 14, if last { 0 } else { idx + 1 });
-        }
-        let idx = self.read16(self.avail + 2);
-        self.write16(self.avail + 4 + 2 * u64::from(idx % QSIZE), first);
-        self.write16(self.avail + 2, idx.wrapping_add(1));
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.read16(self.used + 2)
-    }
-
-    /// Used entry `i`: (descriptor id, length).
-    fn used_elem(&self, i: u16) -> (u32, u32) {
-        let e = self.used + 4 + 8 * u64::from(i % QSIZE);
-        let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
-        let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
-        (u32::from_le(id), u32::from_le(len))
-    }
-
-    /// `used_event`: the driver's "interrupt me when you use this entry".
-    fn set_used_event(&self, v: u16) {
-        self.write16(self.avail + 4 + 2 * u64::from(QSIZE), v);
-    }
-
-    /// `avail_event`: the device's "notify me when you make this entry available".
-    fn avail_event(&self) -> u16 {
-        self.read16(self.used + 4 + 8 * u64::from(QSIZE))
-    }
-}
 
 /// Waits (a hang guard, not a timing assertion) until `f` holds.
 fn eventually(what: &str, f: impl Fn() -> bool) {
@@ -164,8 +78,8 @@ fn with_event_idx_commands_rearm_and_in_buffers_notify_only_when_a_message_waits
         EventFd::new(EFD_NONBLOCK).unwrap(),
         EventFd::new(EFD_NONBLOCK).unwrap(),
     ]));
-    let in_q = inq.queue();
-    let out_q = out.queue();
+    let in_q = inq.queue(true);
+    let out_q = out.queue(true);
     let in_notify = EventFd::new(EFD_NONBLOCK).unwrap();
     let in_kick = in_notify.try_clone().unwrap();
     wl.activate(Activation {

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod driver_queue;
 pub mod hub;
 pub mod netring;
 
