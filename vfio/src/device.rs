@@ -265,10 +265,9 @@ impl Device {
     /// mapping's accesses then) and put back as it was; otherwise through the device file,
     /// a MiB at a time (vfio-pci turns decoding on for each access itself).
     pub fn zero_region(&self, index: u32) -> Result<u64> {
-        let size = self.region(index).map(|r| r.size).unwrap_or(0);
-        let whole = self
-            .region(index)
-            .is_some_and(|r| r.writable && r.mmap_areas.contains(&(0, size)));
+        let (size, whole) = self.region(index).map_or((0, false), |r| {
+            (r.size, r.writable && r.mmap_areas.contains(&(0, r.size)))
+        });
         if size > 0 && whole {
             let mut cmd = [0u8; 2];
             self.read_region(CONFIG_REGION, PCI_COMMAND, &mut cmd)?;

@@ -92,8 +92,8 @@ struct Intx {
 pub struct VfioPciDevice {
     name: String,
     device: Arc<Device>,
-    /// A display controller's memory, wiped at VM start and end.
-    memory: Memory,
+    /// A display controller's prefetchable BARs, wiped at VM start and end ([`wipe`]).
+    display_bars: Vec<usize>,
     /// Only the BAR registers of this header are used: sizing and placement semantics.
     bar_regs: PciConfigSpace,
     bars: Vec<Bar>,
@@ -187,7 +187,7 @@ impl VfioPciDevice {
             None => None,
         };
         let mut bars = Vec::new();
-        let mut wipe = Vec::new();
+        let mut display_bars = Vec::new();
         let mut index = 0usize;
         while index < 6 {
             let raw = device.read_config_u32((0x10 + 4 * index) as u64)?;
@@ -230,7 +230,7 @@ impl VfioPciDevice {
                 })
                 .map_err(|e| bad(e.to_string()))?;
             if prefetchable && is_display(class) {
-                wipe.push(index);
+                display_bars.push(index);
             }
             let region = device
                 .region(index as u32)
@@ -272,12 +272,8 @@ impl VfioPciDevice {
             index += if is_64bit { 2 } else { 1 };
         }
 
-        let device_memory = Memory {
-            device: device.clone(),
-            bars: wipe,
-        };
         // Before the guest runs: nothing a previous owner left on the screen reaches it.
-        device_memory.wipe("at VM start");
+        wipe(&device, &display_bars, "at VM start");
 
         let msi = match caps.iter().find(|(_, id)| *id == CAP_ID_MSI) {
             Some(&(at, _)) => Some(
@@ -315,7 +311,7 @@ impl VfioPciDevice {
         Ok(Self {
             name: format!("vfio-{bdf}"),
             device,
-            memory: device_memory,
+            display_bars,
             bar_regs,
             bars,
             slots: slots.clone(),
@@ -470,35 +466,28 @@ impl VfioPciDevice {
             log::info!("bulkhead-vmm: vfio {bdf}: no reset method; not reset at VM end");
         }
         // A reset keeps video memory (real GPUs' and bochs-display's alike).
-        self.memory.wipe("at VM end");
+        wipe(&self.device, &self.display_bars, "at VM end");
     }
 }
 
 /// Whether a PCI class register (class, subclass, prog-if, revision) is a display
 /// controller's (base class 0x03: VGA, XGA, 3D, other).
-pub fn is_display(class_reg: u32) -> bool {
+fn is_display(class_reg: u32) -> bool {
     class_reg >> 24 == 0x03
 }
 
-/// A display controller's memory that the VMM wipes between owners: its prefetchable
-/// memory BARs (framebuffer, video memory). Register BARs are never written: zeros there
-/// could make a device do anything.
-struct Memory {
-    device: Arc<Device>,
-    bars: Vec<usize>,
-}
-
-impl Memory {
-    /// Writes zeros over each BAR and says so (or why not) in the VMM's log.
-    fn wipe(&self, when: &str) {
-        let bdf = self.device.bdf();
-        for &index in &self.bars {
-            match self.device.zero_region(index as u32) {
-                Ok(n) => log::info!(
-                    "bulkhead-vmm: vfio {bdf}: BAR {index} wiped {when} ({n:#x} bytes of display memory)"
-                ),
-                Err(e) => log::warn!("bulkhead-vmm: vfio {bdf}: BAR {index} not wiped {when}: {e}"),
-            }
+/// Writes zeros over a display controller's memory that the VMM wipes between owners: its
+/// prefetchable memory BARs `bars` (framebuffer, video memory; register BARs are never
+/// written: zeros there could make a device do anything), and says so (or why not) in the
+/// VMM's log.
+fn wipe(device: &Device, bars: &[usize], when: &str) {
+    let bdf = device.bdf();
+    for &index in bars {
+        match device.zero_region(index as u32) {
+            Ok(n) => log::info!(
+                "bulkhead-vmm: vfio {bdf}: BAR {index} wiped {when} ({n:#x} bytes of display memory)"
+            ),
+            Err(e) => log::warn!("bulkhead-vmm: vfio {bdf}: BAR {index} not wiped {when}: {e}"),
         }
     }
 }
