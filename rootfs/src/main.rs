@@ -213,14 +213,18 @@ impl KernelArgs {
     }
 }
 
-/// Does the system's policy grant a VM the function at 0000:02:00.0 with this `id=`
-/// (the net hub's NIC, `1af4:1041`, or the screen, `1234:1111`)?
-fn grants_slot(system: &std::path::Path, id: &str) -> bool {
-    SystemDir::load(system).is_ok_and(|sys| {
-        sys.policy_files.iter().any(|(_, text)| {
-            bulkhead_rootfs::qemu::grants_device(&String::from_utf8_lossy(text), "0000:02:00.0", id)
+/// The system's policy files, as one text (empty if the system cannot be read: `build`
+/// has said why by then).
+fn policy_text(system: &std::path::Path) -> String {
+    SystemDir::load(system)
+        .map(|sys| {
+            sys.policy_files
+                .iter()
+                .map(|(_, text)| String::from_utf8_lossy(text).into_owned())
+                .collect::<Vec<_>>()
+                .join("\n")
         })
-    })
+        .unwrap_or_default()
 }
 
 fn default_system() -> PathBuf {
@@ -484,8 +488,12 @@ fn run(cli: Cli) -> Result<u8, String> {
                 QemuConfig::host(&kernels.host.vmlinuz, &image, cmdline.trim())
             };
             cfg.disks = disks;
-            cfg.net_hub = net_hub || grants_slot(&system, "1af4:1041");
-            cfg.display = !cfg.net_hub && (display || grants_slot(&system, "1234:1111"));
+            // The emulated host's 0000:02:00.0 is the net hub's NIC or the screen, whichever
+            // the policy grants a VM (by its `id=`).
+            let policy = policy_text(&system);
+            let grants = |id| bulkhead_rootfs::qemu::grants_device(&policy, "0000:02:00.0", id);
+            cfg.net_hub = net_hub || grants("1af4:1041");
+            cfg.display = !cfg.net_hub && (display || grants("1234:1111"));
             if cfg.display {
                 // For the screendumps (a short path: a Unix socket's is limited).
                 cfg.qmp = Some(
@@ -521,6 +529,10 @@ fn run(cli: Cli) -> Result<u8, String> {
                     Err(e) => eprintln!("bulkhead-rootfs: screendump: {e}"),
                 }
             });
+            drop(qmp);
+            if let Some(sock) = &cfg.qmp {
+                let _ = std::fs::remove_file(sock);
+            }
             match bulkhead_rootfs::screens::extract(&screens, &out_dir) {
                 Ok(pictures) => {
                     for p in pictures {

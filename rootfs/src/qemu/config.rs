@@ -16,10 +16,10 @@ pub struct Disk {
     pub read_only: bool,
 }
 
-/// A QEMU machine description.
 /// The QEMU id of the emulated host's screen ([`QemuConfig::display`]).
 pub const DISPLAY_ID: &str = "screen0";
 
+/// A QEMU machine description.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
     pub qemu: PathBuf,
