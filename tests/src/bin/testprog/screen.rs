@@ -11,9 +11,12 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use bulkhead_init::input::{decode_event, EV_KEY, INPUT_EVENT_SIZE};
+use vm_memory::{Bytes, FileOffset, MmapRegion, VolatileMemory};
 
 /// The screen's mode.
 pub const WIDTH: usize = 640;
@@ -45,66 +48,17 @@ const DISPI_Y_OFFSET: usize = 9;
 /// ENABLED | LFB_ENABLED.
 const DISPI_ON: u16 = 0x41;
 
-/// A shared mapping of a sysfs PCI resource file.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapping {
-    fn of(path: &Path, len: usize) -> Result<Self, String> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        // SAFETY: maps `len` bytes of an open resource file; the result is checked and only
-        // used through this struct, which unmaps it on drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    fn write_u16(&self, at: usize, v: u16) {
-        if at + 2 > self.len {
-            return;
-        }
-        // SAFETY: in bounds (checked above) of a live mapping; device memory wants volatile.
-        unsafe { std::ptr::write_volatile(self.ptr.add(at).cast::<u16>(), v) }
-    }
-
-    fn write_u32(&self, at: usize, v: u32) {
-        if at + 4 > self.len {
-            return;
-        }
-        // SAFETY: as in `write_u16`.
-        unsafe { std::ptr::write_volatile(self.ptr.add(at).cast::<u32>(), v) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `of` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
+/// A shared mapping of `len` bytes of a sysfs PCI resource file (vm-memory's `MmapRegion`:
+/// it unmaps on drop, and its volatile accessors do each access with one load or store of
+/// the given width, which device registers need).
+fn map_resource(path: &Path, len: usize) -> Result<MmapRegion, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    MmapRegion::from_file(FileOffset::new(file, 0), len)
+        .map_err(|e| format!("mmap {}: {e}", path.display()))
 }
 
 /// The sysfs directory of the bochs-display.
@@ -126,23 +80,35 @@ pub fn draw(hold: u64) -> Result<String, String> {
     let dev = find_screen()?;
     // Memory decoding on (no driver enables the device).
     std::fs::write(dev.join("enable"), "1").map_err(|e| format!("enable: {e}"))?;
-    let regs = Mapping::of(&dev.join("resource2"), 4096)?;
-    let reg = |i: usize, v: u16| regs.write_u16(DISPI + 2 * i, v);
-    reg(DISPI_ENABLE, 0);
-    reg(DISPI_XRES, WIDTH as u16);
-    reg(DISPI_YRES, HEIGHT as u16);
-    reg(DISPI_BPP, 32);
-    reg(DISPI_VIRT_WIDTH, WIDTH as u16);
-    reg(DISPI_VIRT_HEIGHT, HEIGHT as u16);
-    reg(DISPI_X_OFFSET, 0);
-    reg(DISPI_Y_OFFSET, 0);
-    reg(DISPI_ENABLE, DISPI_ON);
-    let fb = Mapping::of(&dev.join("resource0"), WIDTH * HEIGHT * 4)?;
+    let regs = map_resource(&dev.join("resource2"), 4096)?;
+    let regs = regs.as_volatile_slice();
+    for (i, v) in [
+        (DISPI_ENABLE, 0),
+        (DISPI_XRES, WIDTH as u16),
+        (DISPI_YRES, HEIGHT as u16),
+        (DISPI_BPP, 32),
+        (DISPI_VIRT_WIDTH, WIDTH as u16),
+        (DISPI_VIRT_HEIGHT, HEIGHT as u16),
+        (DISPI_X_OFFSET, 0),
+        (DISPI_Y_OFFSET, 0),
+        (DISPI_ENABLE, DISPI_ON),
+    ] {
+        regs.store(v, DISPI + 2 * i, Ordering::SeqCst)
+            .map_err(|e| format!("DISPI register {i}: {e}"))?;
+    }
+    let fb = map_resource(&dev.join("resource0"), WIDTH * HEIGHT * 4)?;
+    let row: Vec<u8> = (0..WIDTH)
+        .flat_map(|x| {
+            BARS.get(x / (WIDTH / BARS.len()))
+                .copied()
+                .unwrap_or(0)
+                .to_le_bytes()
+        })
+        .collect();
     for y in 0..HEIGHT {
-        for x in 0..WIDTH {
-            let colour = BARS.get(x / (WIDTH / BARS.len())).copied().unwrap_or(0);
-            fb.write_u32((y * WIDTH + x) * 4, colour);
-        }
+        fb.as_volatile_slice()
+            .write_slice(&row, y * WIDTH * 4)
+            .map_err(|e| format!("framebuffer row {y}: {e}"))?;
     }
     println!(
         "testprog: screen: drew {} bars at {WIDTH}x{HEIGHT} on {}",
@@ -169,7 +135,6 @@ fn find_keyboard() -> Option<PathBuf> {
     None
 }
 
-const EV_KEY: u16 = 1;
 const KEY_K: u16 = 37;
 
 /// Waits for `k` on the keyboard, then SIGKILLs `service` (its jail's keeper; the service
@@ -186,11 +151,11 @@ pub fn killer(service: &str) -> Result<String, String> {
         "testprog: screen-killer: waiting for k on {}",
         path.display()
     );
-    let mut ev = [0u8; 24];
+    let mut ev = [0u8; INPUT_EVENT_SIZE];
     loop {
         kbd.read_exact(&mut ev)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        if bulkhead_init::input::decode_event(&ev) == Some((EV_KEY, KEY_K, 1)) {
+        if decode_event(&ev) == Some((EV_KEY, KEY_K, 1)) {
             break;
         }
     }
