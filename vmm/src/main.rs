@@ -31,15 +31,27 @@ fn init_logging(level: log::LevelFilter) {
         }
         fn log(&self, r: &log::Record) {
             if self.enabled(r.metadata()) {
-                let msg = r.args().to_string();
-                let msg = msg.strip_prefix("bulkhead-vmm: ").unwrap_or(&msg);
-                let _ = writeln!(std::io::stderr(), "bulkhead-vmm: {}: {msg}", r.level());
+                let _ = write_log_line(&mut std::io::stderr(), r.level(), r.args());
             }
         }
         fn flush(&self) {}
     }
     let _ = log::set_logger(Box::leak(Box::new(Stderr(level))));
     log::set_max_level(level);
+}
+
+/// Writes one log line (`bulkhead-vmm: LEVEL: message`) with a single `write`: stderr is
+/// unbuffered, and `writeln!` would hand it the line in pieces, between which the guest's
+/// serial console (stdout, the same pipe to init) could land a line of its own, so that a
+/// guest line got this VMM's prefix and the log line lost it (seen in a test run).
+fn write_log_line(
+    out: &mut impl Write,
+    level: log::Level,
+    args: &std::fmt::Arguments,
+) -> std::io::Result<()> {
+    let msg = args.to_string();
+    let msg = msg.strip_prefix("bulkhead-vmm: ").unwrap_or(&msg);
+    out.write_all(format!("bulkhead-vmm: {level}: {msg}\n").as_bytes())
 }
 
 /// Who this VMM runs as: uid, gid, its effective capabilities and no_new_privs, asked of
@@ -329,4 +341,39 @@ fn main() -> ExitCode {
     }
     let _ = std::io::stdout().flush();
     ExitCode::from(reason.exit_code() as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that keeps each `write` call apart.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_log_line_is_one_write_so_the_guests_console_cannot_land_inside_it() {
+        let mut w = Writes::default();
+        let n = 3;
+        write_log_line(
+            &mut w,
+            log::Level::Warn,
+            &format_args!("bulkhead-vmm: virtio-wl: queue {n}'s interrupt dropped"),
+        )
+        .unwrap();
+        assert_eq!(
+            w.0,
+            vec![b"bulkhead-vmm: WARN: virtio-wl: queue 3's interrupt dropped\n".to_vec()]
+        );
+    }
 }
