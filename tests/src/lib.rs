@@ -392,9 +392,28 @@ impl Host {
                             shutdown by init before it)\n{e}"
                     )
                 }
+                // A wait that timed out after a VM's guest crashed (VMM status 3: the
+                // nested-emulation triple fault, README's known flakes): init restarted the
+                // VM, but what the test waited for may have died with it (the example's
+                // clients end when their compositor goes). Run once more, like a crash of
+                // the emulated host.
+                Err(e @ QemuError::Timeout { .. }) if self.a_guest_crashed() => {
+                    panic!(
+                        "{EMULATOR_RESET}: a VM's guest crashed (triple fault) before this                          wait timed out\n{e}{}",
+                        self.keep_console()
+                    )
+                }
                 Err(e) => panic!("{e}{}", self.keep_console()),
             }
         }
+    }
+
+    /// Whether init said a VMM ended because its guest crashed (status 3).
+    fn a_guest_crashed(&self) -> bool {
+        self.lines().iter().any(|l| {
+            l.strip_prefix("bulkhead-init: ")
+                .is_some_and(|r| r.ends_with(VMM_GUEST_CRASH_STATUS))
+        })
     }
 
     /// Writes every console line seen so far to
