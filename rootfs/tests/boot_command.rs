@@ -58,6 +58,46 @@ fn coloured_share(img: &bulkhead_rootfs::screens::Image, w: &bulkhead_desktop::s
     coloured as f64 / n.max(1) as f64
 }
 
+/// How many times the example boots again after the emulator crashed (as the harness's
+/// `EMULATOR_RERUNS`: this crate cannot depend on the tests crate).
+const EMULATOR_RERUNS: usize = 2;
+
+/// Why a run of `boot` failed by the emulator and not by Bulkhead (README's known flakes),
+/// read only from the exit status, the host kernel's own lines and init's own lines (a
+/// guest's console cannot make any of them: they would carry its VM's prefix).
+fn emulator_flake(out: &std::process::Output) -> Option<&'static str> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match out.status.code() {
+        // Exit 2 is a kernel panic of the emulated host. Unless it is init dying, user
+        // space cannot cause one.
+        Some(2)
+            if stdout
+                .lines()
+                .find(|l| bulkhead_rootfs::qemu::is_host_kernel_panic(l))
+                .is_some_and(|l| !l.contains("Attempted to kill init")) =>
+        {
+            Some("the emulated host's kernel crashed")
+        }
+        // Exit 3 is a reset; the example never asks for one, and init did not start a
+        // shutdown: the emulated CPU reset itself.
+        Some(3) if !stdout.contains("bulkhead-init: shutdown started") => {
+            Some("the emulated host reset itself")
+        }
+        // Exit 4 is a timeout: after a VM's guest crashed (VMM status 3, the
+        // nested-emulation triple fault), the example's clients ended with their
+        // compositor, so the demo cannot finish; init's own line says so.
+        Some(4)
+            if stdout.lines().any(|l| {
+                l.strip_prefix("bulkhead-init: ")
+                    .is_some_and(|r| r.ends_with("exited with status 3"))
+            }) =>
+        {
+            Some("a VM's guest crashed and the example timed out")
+        }
+        _ => None,
+    }
+}
+
 /// README's first command as it stands (`bulkhead-rootfs boot`, the example system): gui-vm
 /// shows the windows of stock clients from two app VMs through the hub; a third app VM is
 /// refused (the hub's audit log names the missing grant) until the host runs `policyctl
@@ -75,38 +115,12 @@ fn readme_first_command_boots_the_example_desktop() {
             .expect("run bulkhead-rootfs")
     };
     let mut out = boot();
-    // Exit 2 is a kernel panic of the emulated host. Unless it is init dying, user space
-    // cannot cause one: it is the emulator (README's known flakes), so the example boots
-    // once more, said on stderr; a second crash fails the test.
-    // Only the host kernel's own panic line decides (a guest's console cannot make it).
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let host_panic = stdout
-        .lines()
-        .find(|l| bulkhead_rootfs::qemu::is_host_kernel_panic(l));
-    // Exit 4 is a timeout: after a VM's guest crashed (VMM status 3, the nested-emulation
-    // triple fault), the example's clients ended with their compositor, so the demo cannot
-    // finish; init's own line says so, and the example boots once more too.
-    let guest_crash = stdout.lines().any(|l| {
-        l.strip_prefix("bulkhead-init: ")
-            .is_some_and(|r| r.ends_with("exited with status 3"))
-    });
-    if out.status.code() == Some(2)
-        && host_panic.is_some_and(|l| !l.contains("Attempted to kill init"))
-    {
+    for rerun in 1..=EMULATOR_RERUNS {
+        let Some(why) = emulator_flake(&out) else {
+            break;
+        };
         eprintln!(
-            "EMULATOR FLAKE: the emulated host's kernel crashed; booting the example again (once)"
-        );
-        out = boot();
-    } else if out.status.code() == Some(3) && !stdout.contains("bulkhead-init: shutdown started") {
-        // Exit 3 is a reset; the example never asks for one, and init did not start a
-        // shutdown: the emulated CPU reset itself (README's known flakes).
-        eprintln!(
-            "EMULATOR FLAKE: the emulated host reset itself; booting the example again (once)"
-        );
-        out = boot();
-    } else if out.status.code() == Some(4) && guest_crash {
-        eprintln!(
-            "EMULATOR FLAKE: a VM's guest crashed and the example timed out; booting it again (once)"
+            "EMULATOR FLAKE: {why}; booting the example again ({rerun} of {EMULATOR_RERUNS})"
         );
         out = boot();
     }

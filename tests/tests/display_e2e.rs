@@ -49,7 +49,7 @@ fn not_bars(img: &Image) -> usize {
 
 #[test]
 fn a_screen_passed_through_is_wiped_before_its_next_owner_even_after_a_killed_vmm() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "a_screen_passed_through_is_wiped_before_its_next_owner_even_after_a_killed_vmm",
         a_screen_passed_through_is_wiped_before_its_next_owner_even_after_a_killed_vmm_once,
     );

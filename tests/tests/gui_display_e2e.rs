@@ -71,7 +71,7 @@ fn last_picture(h: &Host, name: &str) -> Picture {
 
 #[test]
 fn weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wiped() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wiped",
         weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wiped_once,
     );

@@ -21,7 +21,7 @@ const PASSES: &[&str] = &[
 
 #[test]
 fn provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_refused() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_refused",
         provider_and_client_share_a_buffer_through_the_hub_and_an_ungranted_vm_is_refused_once,
     );

@@ -92,7 +92,7 @@ fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
 
 #[test]
 fn example_system_runs_jailed_and_every_escape_from_a_jailed_vmm_or_test_program_fails() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "example_system_runs_jailed_and_every_escape_from_a_jailed_vmm_or_test_program_fails",
         example_system_runs_jailed_and_every_escape_from_a_jailed_vmm_or_test_program_fails_once,
     );

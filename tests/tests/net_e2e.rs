@@ -31,7 +31,7 @@ fn number_before(line: &str, word: &str) -> Option<u64> {
 #[test]
 fn app_vms_reach_the_peer_only_through_net_vm_with_a_grant_and_survive_its_restart_and_a_flood_fault_injected(
 ) {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "app_vms_reach_the_peer_only_through_net_vm_with_a_grant_and_survive_its_restart_and_a_flood_fault_injected",
         app_vms_reach_the_peer_only_through_net_vm_with_a_grant_and_survive_its_restart_and_a_flood_fault_injected_once,
     );

@@ -57,7 +57,7 @@ fn pos_after(lines: &[String], from: usize, needle: &str) -> Option<usize> {
 
 #[test]
 fn operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel",
         operate_vms_with_bulkhead_ctl_survive_the_hub_and_shut_down_in_parallel_once,
     );

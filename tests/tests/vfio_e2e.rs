@@ -16,7 +16,7 @@ const RNG: &str = "0000:01:00.0";
 
 #[test]
 fn edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vm_is_refused() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vm_is_refused",
         edu_and_virtio_rng_driver_vm_intx_msi_msix_dma_reset_and_a_second_vm_is_refused_once,
     );

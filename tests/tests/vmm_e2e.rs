@@ -9,7 +9,7 @@ use bulkhead_tests::{all_on_second_kernel, kernels, BootOptions, End, Host};
 
 #[test]
 fn vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back",
         vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back_once,
     );
@@ -21,7 +21,7 @@ fn vmm_boots_debian_with_two_cpus_rng_and_a_disk_the_host_reads_back_once() {
 
 #[test]
 fn vmm_boots_debian_on_the_second_kernel_inside_a_host_on_the_second_kernel() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "vmm_boots_debian_on_the_second_kernel_inside_a_host_on_the_second_kernel",
         vmm_boots_debian_on_the_second_kernel_inside_a_host_on_the_second_kernel_once,
     );

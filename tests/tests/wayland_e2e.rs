@@ -55,7 +55,7 @@ fn differences(a: &Image, b: &Image) -> Vec<(u32, u32)> {
 
 #[test]
 fn stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub",
         stock_clients_in_app_vms_show_on_weston_in_gui_vm_through_the_hub_once,
     );

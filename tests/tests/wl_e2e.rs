@@ -9,7 +9,7 @@ use bulkhead_tests::{guests_on_second_kernel, kernels, BootOptions, End, Host};
 
 #[test]
 fn l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name",
         l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name_once,
     );
@@ -21,7 +21,7 @@ fn l2_guest_exchanges_data_shared_memory_and_pipes_with_a_host_socket_by_name_on
 
 #[test]
 fn l2_guest_on_the_second_kernel_exchanges_with_a_host_socket_inside_a_default_host() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "l2_guest_on_the_second_kernel_exchanges_with_a_host_socket_inside_a_default_host",
         l2_guest_on_the_second_kernel_exchanges_with_a_host_socket_inside_a_default_host_once,
     );
@@ -38,7 +38,7 @@ fn l2_guest_on_the_second_kernel_exchanges_with_a_host_socket_inside_a_default_h
 /// first command's caller waits forever; with it the whole exchange ends as usual.
 #[test]
 fn fault_injected_lost_wl_interrupts_are_found_by_the_guest_drivers_sweep() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "fault_injected_lost_wl_interrupts_are_found_by_the_guest_drivers_sweep",
         fault_injected_lost_wl_interrupts_are_found_by_the_guest_drivers_sweep_once,
     );
@@ -119,7 +119,7 @@ const FAUX_PASSES: &[&str] = &[
 
 #[test]
 fn faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add() {
-    bulkhead_tests::retry_once_on_emulator_reset(
+    bulkhead_tests::retry_on_emulator_reset(
         "faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add",
         faux_accept_two_l2_guests_talk_through_an_l1_relay_with_wl_add_once,
     );
