@@ -8,7 +8,8 @@
 //! windows are and when to look (a guest could lie about those; it cannot change what QEMU
 //! shows). Then gui-vm's VMM is killed (a key on the emulated host's keyboard, for the
 //! `killer` service), and the screen must be black when init's next gui-vm takes it, before
-//! its weston draws again.
+//! its weston draws again; app-vm's clients, whose VM was not restarted, then come back to
+//! that weston by themselves.
 
 use bulkhead_desktop::pattern;
 use bulkhead_desktop::scene::View;
@@ -70,14 +71,16 @@ fn last_picture(h: &Host, name: &str) -> Picture {
 }
 
 #[test]
-fn weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wiped() {
+fn weston_in_gui_vm_drives_the_passed_through_screen_a_restart_finds_it_wiped_and_the_windows_come_back(
+) {
     bulkhead_tests::retry_on_emulator_reset(
-        "weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wiped",
-        weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wiped_once,
+        "weston_in_gui_vm_drives_the_passed_through_screen_a_restart_finds_it_wiped_and_the_windows_come_back",
+        weston_in_gui_vm_drives_the_passed_through_screen_a_restart_finds_it_wiped_and_the_windows_come_back_once,
     );
 }
 
-fn weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wiped_once() {
+fn weston_in_gui_vm_drives_the_passed_through_screen_a_restart_finds_it_wiped_and_the_windows_come_back_once(
+) {
     let mut h = Host::boot_with(
         "gui-display",
         BootOptions {
@@ -172,5 +175,33 @@ fn weston_in_gui_vm_drives_the_passed_through_screen_and_a_restart_finds_it_wipe
     assert!(
         lit * 2 > (again.width * again.height) as usize,
         "weston of the restarted gui-vm did not draw on the screen ({lit} pixels lit)"
+    );
+
+    // 5. app-vm's clients come back to the new weston by themselves (their VM was never
+    //    restarted): both windows on the screen again, the pattern pixel for pixel.
+    h.expect_within(SHOT_BOTH, std::time::Duration::from_secs(600));
+    let back = h.screendump("5-windows-back");
+    let both = last_picture(&h, "both");
+    let w = both
+        .scene
+        .window(pattern::TITLE)
+        .unwrap_or_else(|| panic!("no pattern window after the restart:\n{}", both.scene_text));
+    let bad = pattern_mismatches(&back, w);
+    assert_eq!(
+        bad, 0,
+        "{bad} pixels of the pattern window at ({}, {}) on the restarted gui-vm's screen are \
+         wrong",
+        w.x1, w.y1
+    );
+    let shm = both.scene.window("simple-shm").unwrap_or_else(|| {
+        panic!(
+            "no simple-shm window after the restart:\n{}",
+            both.scene_text
+        )
+    });
+    let diff = differences(&back, &both.image, &[shm]);
+    assert_eq!(
+        diff, 0,
+        "{diff} pixels of the restarted gui-vm's screen are not its weston's picture"
     );
 }
