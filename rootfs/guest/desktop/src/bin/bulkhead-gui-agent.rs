@@ -290,9 +290,35 @@ impl Agent {
             Step::Point(t) => {
                 let s =
                     self.wait_scene(&format!("window {t:?} mapped"), |s| s.window(t).is_some())?;
-                let w = s.window(t).ok_or("the window went")?;
+                let w = s.window(t).ok_or("the window went")?.clone();
                 let (x, y) = (w.x1 + w.width() / 2, w.y1 + w.height() / 2);
-                self.xdotool(&["mousemove".into(), x.to_string(), y.to_string()])?;
+                // weston must have taken the motion before a click: an X motion can be
+                // lost (seen once: weston's pointer stayed at (0, 0), and the click opened
+                // the panel's terminal launcher instead). So the move is made again, from one
+                // pixel off so that each try is a real motion, until weston's own scene
+                // shows the pointer in the window.
+                let end = Instant::now() + Duration::from_secs(self.cli.timeout);
+                for attempt in 1.. {
+                    for (px, py) in [(x - 1, y), (x, y)] {
+                        self.xdotool(&["mousemove".into(), px.to_string(), py.to_string()])?;
+                    }
+                    let seen = Instant::now() + Duration::from_secs(5);
+                    let mut inside = false;
+                    while !inside && Instant::now() < seen {
+                        std::thread::sleep(Duration::from_millis(500));
+                        inside = matches!(self.scene(), Ok((s, _)) if pointer_in(&s, &w));
+                    }
+                    if inside {
+                        break;
+                    }
+                    if Instant::now() >= end {
+                        return Err(format!(
+                            "point {t:?}: weston's pointer not in the window within {} s",
+                            self.cli.timeout
+                        ));
+                    }
+                    println!("pointer not in {t:?} yet (try {attempt}); moving it again");
+                }
                 println!("pointer at ({x}, {y}) in {t:?}");
                 std::thread::sleep(Duration::from_secs(1));
             }
@@ -314,6 +340,14 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// Whether weston's pointer is in window `w` (as the scene in it shows it): the cursor view,
+/// drawn at the pointer, is over the window, or is gone (a client may hide the cursor over
+/// its window, as the pattern client does; the shell's cursor elsewhere is always drawn).
+fn pointer_in(s: &Scene, w: &bulkhead_desktop::scene::View) -> bool {
+    s.cursor()
+        .is_none_or(|c| c.x2 > w.x1 && c.x1 < w.x2 && c.y2 > w.y1 && c.y1 < w.y2)
 }
 
 /// The views of a scene in a few words (for progress lines).
@@ -393,5 +427,35 @@ mod tests {
             .contains("a picture's name"));
         assert!(parse_step("mapped:").is_err());
         assert!(parse_step("explode").unwrap_err().contains("unknown step"));
+    }
+
+    /// The scene of the run where the motion was lost (wayland_e2e, 2026-12-07): the shell's
+    /// cursor at (0, 0) is not in the pattern window; moved over the window, or hidden by
+    /// the pattern client, it is.
+    #[test]
+    fn the_pointer_is_in_a_window_only_where_westons_scene_draws_it() {
+        let scene = |cursor: &str| {
+            Scene::parse(&format!(
+                "Layer 1 (pos 0xfffffffe):\n{cursor}\
+                 Layer 5 (pos 0x50000000):\n\
+                 \tView 0 (role xdg_toplevel, PID 81, surface ID 10, top-level window \
+                 'bulkhead-pattern' of org.bulkhead.bulkhead-pattern, 0x1):\n\
+                 \t\tposition: (249, 121) -> (489, 301)\n"
+            ))
+        };
+        let cursor_at = |x: i32, y: i32| {
+            format!(
+                "\tView 0 (role wl_pointer-cursor, PID 82, surface ID 22, cursor, 0x2):\n\
+                 \t\tposition: ({x}, {y}) -> ({}, {})\n",
+                x + 10,
+                y + 16
+            )
+        };
+        let lost = scene(&cursor_at(-1, -1));
+        let w = lost.window("bulkhead-pattern").unwrap().clone();
+        assert!(lost.cursor().is_some());
+        assert!(!pointer_in(&lost, &w));
+        assert!(pointer_in(&scene(&cursor_at(368, 210)), &w));
+        assert!(pointer_in(&scene(""), &w));
     }
 }
