@@ -213,17 +213,11 @@ impl KernelArgs {
     }
 }
 
-/// The system's policy files, as one text (empty if the system cannot be read: `build`
+/// The system's policy files, (name, contents) (none if the system cannot be read: `build`
 /// has said why by then).
-fn policy_text(system: &std::path::Path) -> String {
+fn policy_files(system: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     SystemDir::load(system)
-        .map(|sys| {
-            sys.policy_files
-                .iter()
-                .map(|(_, text)| String::from_utf8_lossy(text).into_owned())
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
+        .map(|sys| sys.policy_files)
         .unwrap_or_default()
 }
 
@@ -490,7 +484,7 @@ fn run(cli: Cli) -> Result<u8, String> {
             cfg.disks = disks;
             // The emulated host's 0000:02:00.0 is the net hub's NIC or the screen, whichever
             // the policy grants a VM (by its `id=`).
-            let policy = policy_text(&system);
+            let policy = policy_files(&system);
             let grants = |id| bulkhead_rootfs::qemu::grants_device(&policy, "0000:02:00.0", id);
             cfg.net_hub = net_hub || grants("1af4:1041");
             cfg.display = !cfg.net_hub && (display || grants("1234:1111"));

@@ -240,23 +240,20 @@ impl QemuConfig {
     }
 }
 
-/// Whether a policy file's text grants some VM the PCI function `bdf` pinned to `id`
-/// (`grant <vm> device pci:<bdf> id=<id> …`): how `boot` knows a system wants the net hub's
-/// NIC or the screen in the emulated host's 0000:02:00.0.
-pub fn grants_device(policy: &str, bdf: &str, id: &str) -> bool {
-    let slot = format!("pci:{bdf}");
-    let pin = format!("id={id}");
-    policy.lines().any(|l| {
-        let words: Vec<&str> = l
-            .split('#')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        words.first() == Some(&"grant")
-            && words.get(2) == Some(&"device")
-            && words.get(3) == Some(&slot.as_str())
-            && words.iter().skip(4).any(|w| *w == pin)
+/// Whether the policy files (name, contents) grant some VM the PCI function `bdf` pinned to
+/// `id` (`grant <vm> device pci:<bdf> id=<id> …`), read with the policy language's own
+/// parser: how `boot` knows a system wants the net hub's NIC or the screen in the emulated
+/// host's 0000:02:00.0. Lines that do not parse grant nothing (init reports them).
+pub fn grants_device(policy_files: &[(String, Vec<u8>)], bdf: &str, id: &str) -> bool {
+    use bulkhead_policy::ast::Item;
+    use bulkhead_policy::{Action, Effect};
+    policy_files.iter().any(|(name, bytes)| {
+        let (file, _) = bulkhead_policy::parse::parse_bytes(name, name, bytes);
+        file.lines.iter().any(|l| {
+            matches!(&l.item, Item::Rule(r) if r.effect == Effect::Grant
+                && matches!(&r.action, Action::Device { bdf: b, id: Some(i), .. }
+                    if b.to_string() == bdf && i.to_string() == id))
+        })
     })
 }
 
@@ -363,20 +360,41 @@ mod tests {
 
     #[test]
     fn a_grant_of_the_slot_with_its_id_is_found_and_nothing_else() {
-        let p = "version 1\n# grant x device pci:0000:02:00.0 id=1234:1111\n\
-                 grant gui-vm  device pci:0000:02:00.0 id=1234:1111 reset=optional\n";
-        assert!(grants_device(p, "0000:02:00.0", "1234:1111"));
-        assert!(!grants_device(p, "0000:02:00.0", "1af4:1041"));
-        assert!(!grants_device(p, "0000:03:00.0", "1234:1111"));
+        let files = |text: &str| vec![("10-base.policy".to_string(), text.as_bytes().to_vec())];
+        let p = files(
+            "version 1\n# grant x device pci:0000:02:00.0 id=1234:1111\n\
+             grant gui-vm  device pci:0000:02:00.0 id=1234:1111 reset=optional\n",
+        );
+        assert!(grants_device(&p, "0000:02:00.0", "1234:1111"));
+        assert!(!grants_device(&p, "0000:02:00.0", "1af4:1041"));
+        assert!(!grants_device(&p, "0000:03:00.0", "1234:1111"));
         assert!(!grants_device(
-            "grant a connect pci:0000:02:00.0 id=1234:1111",
+            &files("version 1\ngrant a connect pci:0000:02:00.0 id=1234:1111\n"),
             "0000:02:00.0",
             "1234:1111"
         ));
         assert!(!grants_device(
-            "# grant a device pci:0000:02:00.0 id=1234:1111",
+            &files("version 1\n# grant a device pci:0000:02:00.0 id=1234:1111\n"),
             "0000:02:00.0",
             "1234:1111"
         ));
+        assert!(!grants_device(
+            &files("version 1\ndeny a device pci:0000:02:00.0\n"),
+            "0000:02:00.0",
+            "1234:1111"
+        ));
+        // The two examples `boot` runs: the desktop takes the screen, netvm the NIC.
+        let example = |name: &str| {
+            crate::image::SystemDir::load(
+                &crate::workspace_dir().join("rootfs/examples").join(name),
+            )
+            .unwrap()
+            .policy_files
+        };
+        let (demo, netvm) = (example("demo"), example("netvm"));
+        assert!(grants_device(&demo, "0000:02:00.0", "1234:1111"));
+        assert!(!grants_device(&demo, "0000:02:00.0", "1af4:1041"));
+        assert!(grants_device(&netvm, "0000:02:00.0", "1af4:1041"));
+        assert!(!grants_device(&netvm, "0000:02:00.0", "1234:1111"));
     }
 }
