@@ -58,10 +58,6 @@ fn coloured_share(img: &bulkhead_rootfs::screens::Image, w: &bulkhead_desktop::s
     coloured as f64 / n.max(1) as f64
 }
 
-/// How many times the example boots again after the emulator crashed (as the harness's
-/// `EMULATOR_RERUNS`: this crate cannot depend on the tests crate).
-const EMULATOR_RERUNS: usize = 2;
-
 /// Why a run of `boot` failed by the emulator and not by Bulkhead (README's known flakes),
 /// read only from the exit status, the host kernel's own lines and init's own lines (a
 /// guest's console cannot make any of them: they would carry its VM's prefix).
@@ -74,7 +70,7 @@ fn emulator_flake(out: &std::process::Output) -> Option<&'static str> {
             if stdout
                 .lines()
                 .find(|l| bulkhead_rootfs::qemu::is_host_kernel_panic(l))
-                .is_some_and(|l| !l.contains("Attempted to kill init")) =>
+                .is_some_and(bulkhead_rootfs::qemu::is_emulator_crash) =>
         {
             Some("the emulated host's kernel crashed")
         }
@@ -83,15 +79,10 @@ fn emulator_flake(out: &std::process::Output) -> Option<&'static str> {
         Some(3) if !stdout.contains("bulkhead-init: shutdown started") => {
             Some("the emulated host reset itself")
         }
-        // Exit 4 is a timeout: after a VM's guest crashed (VMM status 3, the
-        // nested-emulation triple fault), the example's clients ended with their
-        // compositor, so the demo cannot finish; init's own line says so.
-        Some(4)
-            if stdout.lines().any(|l| {
-                l.strip_prefix("bulkhead-init: ")
-                    .is_some_and(|r| r.ends_with("exited with status 3"))
-            }) =>
-        {
+        // Exit 4 is a timeout after a VM's guest crashed (VMM status 3, the
+        // nested-emulation triple fault; init's own line says so): init restarts the VM,
+        // but the demo may not have got back on its feet within the deadline.
+        Some(4) if stdout.lines().any(bulkhead_rootfs::qemu::is_guest_crash) => {
             Some("a VM's guest crashed and the example timed out")
         }
         _ => None,
@@ -115,12 +106,13 @@ fn readme_first_command_boots_the_example_desktop() {
             .expect("run bulkhead-rootfs")
     };
     let mut out = boot();
-    for rerun in 1..=EMULATOR_RERUNS {
+    for rerun in 1..=bulkhead_rootfs::qemu::EMULATOR_RERUNS {
         let Some(why) = emulator_flake(&out) else {
             break;
         };
         eprintln!(
-            "EMULATOR FLAKE: {why}; booting the example again ({rerun} of {EMULATOR_RERUNS})"
+            "EMULATOR FLAKE: {why}; booting the example again ({rerun} of {})",
+            bulkhead_rootfs::qemu::EMULATOR_RERUNS
         );
         out = boot();
     }

@@ -152,10 +152,7 @@ fn boot_lock() -> MutexGuard<'static, ()> {
 /// ([`retry_on_emulator_reset`]).
 pub const EMULATOR_RESET: &str = "EMULATOR RESET";
 
-/// How many times an end-to-end test is run again after the emulated host crashed or reset
-/// itself ([`retry_on_emulator_reset`]). Two, because one test met two different crashes of
-/// QEMU TCG's nested SVM in a row in CI (a stack-guard hit, then a soft lockup).
-pub const EMULATOR_RERUNS: usize = 2;
+pub use bulkhead_rootfs::qemu::EMULATOR_RERUNS;
 
 /// Runs an end-to-end test, and again (up to [`EMULATOR_RERUNS`] times) while it fails
 /// because the emulated host's CPU or kernel crashed (QEMU TCG's nested SVM, README's known
@@ -240,9 +237,7 @@ pub struct Restart {
     pub how: String,
 }
 
-/// The VMM's exit status when its guest's vCPU hit a triple fault or shutdown: under
-/// software emulation this happens now and then (README's known flakes).
-pub const VMM_GUEST_CRASH_STATUS: &str = "exited with status 3";
+pub use bulkhead_rootfs::qemu::VMM_GUEST_CRASH_STATUS;
 
 /// Every restart init announced in `lines` (`bulkhead-init: <svc> restarting in …`), each
 /// with how the run before it ended.
@@ -390,7 +385,7 @@ impl Host {
                 // died: user space cannot crash a kernel (the crashes seen are TCG's nested
                 // SVM: stack-guard hits in the page-fault handler right after a guest entry).
                 Err(QemuError::Panic { line, context, .. })
-                    if !line.contains("Attempted to kill init") =>
+                    if bulkhead_rootfs::qemu::is_emulator_crash(&line) =>
                 {
                     panic!(
                         "{EMULATOR_RESET}: the emulated host's kernel crashed: {line}\n{context}"
@@ -405,10 +400,14 @@ impl Host {
                 }
                 // A wait that timed out after a VM's guest crashed (VMM status 3: the
                 // nested-emulation triple fault, README's known flakes): init restarted the
-                // VM, but what the test waited for may have died with it (the example's
-                // clients end when their compositor goes). Run once more, like a crash of
-                // the emulated host.
-                Err(e @ QemuError::Timeout { .. }) if self.a_guest_crashed() => {
+                // VM, but what the test waited for may have died with it. Run again, like a
+                // crash of the emulated host.
+                Err(e @ QemuError::Timeout { .. })
+                    if self
+                        .lines()
+                        .iter()
+                        .any(|l| bulkhead_rootfs::qemu::is_guest_crash(l)) =>
+                {
                     panic!(
                         "{EMULATOR_RESET}: a VM's guest crashed (triple fault) before this wait \
                          timed out\n{e}{}",
@@ -418,14 +417,6 @@ impl Host {
                 Err(e) => panic!("{e}{}", self.keep_console()),
             }
         }
-    }
-
-    /// Whether init said a VMM ended because its guest crashed (status 3).
-    fn a_guest_crashed(&self) -> bool {
-        self.lines().iter().any(|l| {
-            l.strip_prefix("bulkhead-init: ")
-                .is_some_and(|r| r.ends_with(VMM_GUEST_CRASH_STATUS))
-        })
     }
 
     /// Writes every console line seen so far to
@@ -476,10 +467,10 @@ impl Host {
                 self.machine.context()
             );
         }
-        // The host kernel's own panic line, and not init dying: user space cannot crash a
-        // kernel, so this is the emulator (as in `expect_line_within`).
+        // The host kernel's own panic line, and not init dying: the emulator (as in
+        // `expect_line_within`).
         if let Outcome::Panic(line) = &got {
-            if want != got && !line.contains("Attempted to kill init") {
+            if want != got && bulkhead_rootfs::qemu::is_emulator_crash(line) {
                 panic!(
                     "{EMULATOR_RESET}: the emulated host's kernel crashed instead of {want:?}: \
                      {line}\n{}",

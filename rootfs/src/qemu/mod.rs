@@ -28,7 +28,10 @@ pub use crate::efi::esp::Firmware;
 pub use config::{grants_device, Disk, QemuConfig, DISPLAY_ID};
 pub use cpu::{cpu_model, QemuVersion};
 pub use qmp::Qmp;
-pub use verdict::{host_kernel_message, is_host_kernel_panic, ShutdownReason};
+pub use verdict::{
+    host_kernel_message, is_emulator_crash, is_guest_crash, is_host_kernel_panic, ShutdownReason,
+    EMULATOR_RERUNS, VMM_GUEST_CRASH_STATUS,
+};
 
 use lock::{machine_lock, ScratchDir};
 use qmp::watch_events;
