@@ -579,6 +579,21 @@ impl Host {
             .unwrap_or_else(|e| panic!("screendump {name}: {e}"))
     }
 
+    /// Takes a screendump named `name` ([`Host::screendump`]) and asserts that the screen is
+    /// black: not one pixel lit. `what` says, for a failure, whose pixels those would be.
+    pub fn assert_screen_black(&self, name: &str, what: &str) {
+        let img = self.screendump(name);
+        let lit = img.lit_pixels();
+        assert_eq!(
+            lit,
+            0,
+            "{lit} pixels {what} ({}x{})\n{}",
+            img.width,
+            img.height,
+            self.context()
+        );
+    }
+
     /// Asserts that no line seen so far contains `needle` (anywhere: stricter than the
     /// start-of-line matches above).
     pub fn assert_never_saw(&self, needle: &str) {

@@ -89,23 +89,15 @@ fn a_screen_passed_through_is_wiped_before_its_next_owner_even_after_a_killed_vm
 
     // The next owner: its VMM wipes before its guest runs.
     h.expect(WIPE_AT_START);
-    let next = h.screendump("3-next-owner");
-    let lit = next.lit_pixels();
-    assert_eq!(
-        lit,
-        0,
-        "{lit} pixels of the last owner's picture reached the next ({}x{})\n{}",
-        next.width,
-        next.height,
-        h.context()
+    h.assert_screen_black(
+        "3-next-owner",
+        "of the last owner's picture reached the next",
     );
     // (Had the new guest drawn before this picture, it would show its bars, not black.)
 
     // Its guest draws, ends in order, and the VMM wipes at its end.
     h.expect(DREW);
     h.expect(WIPE_AT_END);
-    let ended = h.screendump("4-ended");
-    let lit = ended.lit_pixels();
-    assert_eq!(lit, 0, "{lit} pixels left after the VMM's orderly end");
+    h.assert_screen_black("4-ended", "left after the VMM's orderly end");
     h.expect_end(End::PowerOff);
 }

@@ -140,7 +140,20 @@ impl Agent {
 
     /// Polls the scene until `done` holds.
     fn wait_scene(&self, what: &str, done: impl Fn(&Scene) -> bool) -> Result<Scene, String> {
-        let end = Instant::now() + Duration::from_secs(self.cli.timeout);
+        self.wait_scene_until(
+            what,
+            Instant::now() + Duration::from_secs(self.cli.timeout),
+            done,
+        )
+    }
+
+    /// [`Agent::wait_scene`], until `end` instead of the agent's deadline.
+    fn wait_scene_until(
+        &self,
+        what: &str,
+        end: Instant,
+        done: impl Fn(&Scene) -> bool,
+    ) -> Result<Scene, String> {
         let mut last_err = String::new();
         let mut next_report = Instant::now() + Duration::from_secs(30);
         loop {
@@ -302,22 +315,15 @@ impl Agent {
                     for (px, py) in [(x - 1, y), (x, y)] {
                         self.xdotool(&["mousemove".into(), px.to_string(), py.to_string()])?;
                     }
-                    let seen = Instant::now() + Duration::from_secs(5);
-                    let mut inside = false;
-                    while !inside && Instant::now() < seen {
-                        std::thread::sleep(Duration::from_millis(500));
-                        inside = matches!(self.scene(), Ok((s, _)) if pointer_in(&s, &w));
+                    let this_try = (Instant::now() + Duration::from_secs(5)).min(end);
+                    let what = format!("weston's pointer in {t:?}");
+                    match self.wait_scene_until(&what, this_try, |s| pointer_in(s, &w)) {
+                        Ok(_) => break,
+                        Err(e) if Instant::now() >= end => return Err(e),
+                        Err(_) => {
+                            println!("pointer not in {t:?} yet (try {attempt}); moving it again")
+                        }
                     }
-                    if inside {
-                        break;
-                    }
-                    if Instant::now() >= end {
-                        return Err(format!(
-                            "point {t:?}: weston's pointer not in the window within {} s",
-                            self.cli.timeout
-                        ));
-                    }
-                    println!("pointer not in {t:?} yet (try {attempt}); moving it again");
                 }
                 println!("pointer at ({x}, {y}) in {t:?}");
                 std::thread::sleep(Duration::from_secs(1));
