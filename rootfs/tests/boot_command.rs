@@ -58,6 +58,27 @@ fn coloured_share(img: &bulkhead_rootfs::screens::Image, w: &bulkhead_desktop::s
     coloured as f64 / n.max(1) as f64
 }
 
+/// How many pixels of `w`'s rectangle (within the 640x480 screen) differ in colour (RGB)
+/// between `a` and `b`, and how many it has.
+fn differing_in(
+    a: &bulkhead_rootfs::screens::Image,
+    b: &bulkhead_rootfs::screens::Image,
+    w: &bulkhead_desktop::scene::View,
+) -> (u64, u64) {
+    let rgb = |p: Option<[u8; 4]>| p.map(|p| [p[0], p[1], p[2]]);
+    let (mut changed, mut n) = (0u64, 0u64);
+    for y in w.y1.max(0)..w.y2.min(480) {
+        for x in w.x1.max(0)..w.x2.min(640) {
+            n += 1;
+            let (x, y) = (i64::from(x), i64::from(y));
+            if rgb(a.pixel(x, y)) != rgb(b.pixel(x, y)) {
+                changed += 1;
+            }
+        }
+    }
+    (changed, n)
+}
+
 /// Why a run of `boot` failed by the emulator and not by Bulkhead (README's known flakes),
 /// read only from the exit status, the host kernel's own lines and init's own lines (a
 /// guest's console cannot make any of them: they would carry its VM's prefix).
@@ -196,16 +217,7 @@ fn readme_first_command_boots_the_example_desktop() {
         .scene
         .window("simple-damage")
         .unwrap_or_else(|| panic!("granted: no app3 window:\n{}", granted.scene_text));
-    let (mut n, mut changed) = (0u64, 0u64);
-    for y in w.y1.max(0)..w.y2.min(480) {
-        for x in w.x1.max(0)..w.x2.min(640) {
-            n += 1;
-            let (x, y) = (i64::from(x), i64::from(y));
-            if desktop.image.pixel(x, y) != granted.image.pixel(x, y) {
-                changed += 1;
-            }
-        }
-    }
+    let (changed, n) = differing_in(&desktop.image, &granted.image, w);
     assert!(
         changed * 2 > n,
         "granted: app3's window at ({}, {}) changed only {changed} of {n} pixels",
@@ -243,16 +255,7 @@ fn readme_first_command_boots_the_example_desktop() {
         .scene
         .window("simple-damage")
         .expect("checked above");
-    let (mut n, mut changed) = (0u64, 0u64);
-    for y in damage.y1.max(0)..damage.y2.min(480) {
-        for x in damage.x1.max(0)..damage.x2.min(640) {
-            n += 1;
-            let (x, y) = (i64::from(x), i64::from(y));
-            if rgb(screen.pixel(x, y)) != rgb(desktop.image.pixel(x, y)) {
-                changed += 1;
-            }
-        }
-    }
+    let (changed, n) = differing_in(&screen, &desktop.image, damage);
     assert!(
         changed * 2 > n,
         "display.png: app3's window at ({}, {}) is not on the screen ({changed} of {n} pixels \
